@@ -1,0 +1,182 @@
+"""The learner: fp32 master weights, log-prob recompute in the train dtype, steps through the precision module,
+and weight export to the rollout engine with verification.
+
+Each (prompt, response) pair is laid out as one right-padded row [prompt, response, pad...] and run through one
+full-sequence causal forward (no KV cache); only the response positions go through the LM head, and their logits
+are upcast to fp32 before the log-softmax (`unison.sampling`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from unison.precision import (
+    LossScaler,
+    MasterWeights,
+    PrecisionPolicy,
+    StepResult,
+    backward_and_step,
+    checksum,
+    matmul_mode,
+    set_matmul,
+)
+from unison.rollout.base import Rollouts
+from unison.sampling import entropy as entropy_of
+from unison.sampling import token_logprobs
+
+
+class WeightSyncError(RuntimeError):
+    """The rollout engine does not hold exactly the learner's weights after a sync."""
+
+
+@dataclass
+class SequenceBatch:
+    """Rows of [prompt, response] ready for a forward. B rows, L = longest row, T = longest response.
+
+    input_ids  [B, L]  right-padded
+    gather     [B, T]  for response token j of row i, the position whose logits predict it
+    targets    [B, T]  the response tokens (pad after the end)
+    mask       [B, T]  True on real response tokens
+    """
+
+    input_ids: torch.Tensor
+    gather: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def from_rollouts(cls, rollouts: Rollouts, pad_token_id: int, device) -> "SequenceBatch":
+        B, T = rollouts.response_ids.shape
+        plens = [len(p) for p in rollouts.prompt_ids]
+        lengths = rollouts.lengths.tolist()
+        L = max(pl + n for pl, n in zip(plens, lengths))
+        ids = torch.full((B, max(L, 1)), pad_token_id, dtype=torch.long)
+        for i, (p, n) in enumerate(zip(rollouts.prompt_ids, lengths)):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+            ids[i, len(p) : len(p) + n] = rollouts.response_ids[i, :n]
+        offsets = torch.tensor(plens, dtype=torch.long)[:, None] - 1
+        gather = (offsets + torch.arange(T)[None, :]).clamp(max=ids.shape[1] - 1)
+        return cls(ids.to(device), gather.to(device), rollouts.response_ids.to(device), rollouts.mask.to(device))
+
+
+class Learner:
+    """Trains a causal LM with fp32 master weights; forward/backward in the train dtype."""
+
+    def __init__(
+        self,
+        model,
+        policy: PrecisionPolicy,
+        device,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        max_grad_norm: float | None = 1.0,
+        pad_token_id: int = 0,
+        loss_scaling: bool | None = None,
+        scaler_kwargs: dict | None = None,
+        matmul: str = "auto",
+    ):
+        self.device = torch.device(device)
+        self.policy = policy
+        self.model = model.to(self.device)
+        self.model.train()
+        if hasattr(self.model.config, "use_cache"):
+            self.model.config.use_cache = False
+        self.weights = MasterWeights(self.model, policy.train)
+        self.matmul = matmul_mode(matmul, self.device, policy.train)
+        set_matmul(self.model, self.matmul)
+        self.optimizer = torch.optim.AdamW(self.weights.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        enabled = policy.needs_loss_scaling if loss_scaling is None else loss_scaling
+        self.scaler = LossScaler(enabled=enabled, **(scaler_kwargs or {}))
+        self.max_grad_norm = max_grad_norm
+        self.pad_token_id = pad_token_id
+
+    @classmethod
+    def from_pretrained(cls, model_dir, policy: PrecisionPolicy, device, **kwargs) -> "Learner":
+        from unison.models import load_model, load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+        model = load_model(model_dir, device=device, dtype=torch.float32)
+        return cls(model, policy, device, pad_token_id=tok.pad_token_id or 0, **kwargs)
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def batch(self, rollouts: Rollouts) -> SequenceBatch:
+        return SequenceBatch.from_rollouts(rollouts, self.pad_token_id, self.device)
+
+    def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        """Logits at the response positions, in the train dtype. -> [B, T, V]"""
+        hidden = self.model.base_model(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [B, L, H]
+        index = batch.gather[..., None].expand(-1, -1, hidden.shape[-1])
+        return self.model.get_output_embeddings()(hidden.gather(1, index))  # [B, T, V]
+
+    def logprobs(self, batch: SequenceBatch, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 with_entropy: bool = False):
+        """log pi of each response token (fp32, 0 on padding), with gradient. -> [B, T] (and entropy [B, T])"""
+        logits = self.response_logits(batch)
+        logp = token_logprobs(logits, batch.targets, temperature, top_k, top_p).masked_fill(~batch.mask, 0.0)
+        if not with_entropy:
+            return logp
+        with torch.no_grad():
+            ent = entropy_of(logits, temperature).masked_fill(~batch.mask, 0.0)
+        return logp, ent
+
+    @torch.no_grad()
+    def recompute(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, with_entropy: bool = False):
+        """log pi_old for a whole rollout batch, in micro-batches, without gradient. -> [B, T] on the CPU"""
+        was_training = self.model.training
+        self.model.eval()
+        out, ents = [], []
+        T = rollouts.response_ids.shape[1]
+        for start in range(0, len(rollouts), micro_batch_size):
+            part = rollouts.select(list(range(start, min(start + micro_batch_size, len(rollouts)))))
+            res = self.logprobs(self.batch(part), temperature, top_k, top_p, with_entropy=with_entropy)
+            logp, ent = res if with_entropy else (res, None)
+            out.append(torch.nn.functional.pad(logp.float().cpu(), (0, T - logp.shape[1])))
+            if with_entropy:
+                ents.append(torch.nn.functional.pad(ent.float().cpu(), (0, T - ent.shape[1])))
+        self.model.train(was_training)
+        logp = torch.cat(out)
+        return (logp, torch.cat(ents)) if with_entropy else logp
+
+    # ---- update ---------------------------------------------------------------------------------------------
+    def step(self, micro_losses) -> StepResult:
+        """One optimizer step over micro-batch losses (callables), through the precision module."""
+        return backward_and_step(micro_losses, self.weights, self.optimizer, self.scaler, self.max_grad_norm)
+
+    # ---- weight sync ----------------------------------------------------------------------------------------
+    def export_weights(self, dtype: torch.dtype | None = None):
+        """(name, master weight cast to `dtype`) for every parameter; the rollout dtype by default."""
+        dtype = dtype or self.policy.rollout
+        return [(name, t.to(dtype)) for name, t in self.weights.named_master()]
+
+    def sync(self, engine) -> dict:
+        """Load the master weights, cast to the engine's dtype, into the engine, then verify the engine's checksum."""
+        t0 = time.perf_counter()
+        exported = self.export_weights(engine.dtype)
+        engine.load_weights(exported)
+        expected = checksum(exported)
+        got = engine.weights_checksum()
+        if got != expected:
+            raise WeightSyncError(
+                f"weight sync failed: the rollout engine's checksum {got} differs from the learner's {expected} "
+                "(weights cast to the rollout dtype); the engine is not sampling from the policy being trained"
+            )
+        return {"sync/seconds": time.perf_counter() - t0, "sync/checksum_ok": 1.0}
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "master": {n: t.clone() for n, t in self.weights.named_master()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights.load_master(state["master"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,242 @@
+"""The train-inference mismatch: how far the learner's token probabilities (pi) sit from the sampler's (mu).
+
+Paper "Defeating the Training-Inference Mismatch via FP16" (Qi et al. 2025), figure "offline mismatch" and the
+metrics the public code logs (oat: k1, k2, max/min of the probability gap; verl: |pi - mu|, k3, chi2).
+
+Every function takes the same three tensors:
+
+    logp_pi  [B, T]  log pi(y_t): the learner's log-prob of each sampled token
+    logp_mu  [B, T]  log mu(y_t): the sampler's log-prob of the same token
+    mask     [B, T]  bool, True on response tokens; what sits elsewhere (padding, NaN, -inf) is never read
+
+with r_t = log pi_t - log mu_t, rho_t = exp(r_t) and, per sequence, s_i = sum_t r_t = log(pi(y_i) / mu(y_i)).
+The samples come from mu, so the KL estimators below estimate KL(mu || pi). Everything is computed in float64 and
+returned as Python floats. Rows without tokens are left out of the sequence statistics; a batch without any token
+gives zeros (never NaN) and num_tokens 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+METRIC_KEYS = (
+    "prob_abs_diff_mean", "prob_abs_diff_max", "prob_diff_max", "prob_diff_min",
+    "log_ratio_mean", "log_ratio_min", "log_ratio_max", "abs_log_ratio_mean",
+    "k1", "k2", "k3", "chi2_token",
+    "seq_log_ratio_mean", "seq_log_ratio_abs_mean", "seq_log_ratio_min", "seq_log_ratio_max", "seq_kl", "chi2_seq",
+    "num_tokens", "num_seqs",
+)  # fmt: skip
+
+
+def _prepare(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor):
+    if logp_pi.shape != logp_mu.shape or logp_pi.shape != mask.shape:
+        raise ValueError(f"shapes differ: logp_pi {tuple(logp_pi.shape)}, logp_mu {tuple(logp_mu.shape)}, "
+                         f"mask {tuple(mask.shape)}")  # fmt: skip
+    return logp_pi.detach().double(), logp_mu.detach().double(), mask.bool()
+
+
+def _tokens(logp_pi, logp_mu, mask) -> torch.Tensor:
+    """r_t on the response tokens only, flattened: float64 [N]."""
+    lp, lm, m = _prepare(logp_pi, logp_mu, mask)
+    return (lp - lm)[m]
+
+
+def _mean(values: torch.Tensor) -> float:
+    return values.mean().item() if values.numel() else 0.0
+
+
+def _expm1_or_inf(x: float) -> float:
+    """exp(x) - 1, accurate near 0, and inf (never NaN, never an exception) when exp(x) overflows."""
+    try:
+        return math.expm1(x)
+    except OverflowError:
+        return math.inf
+
+
+def _chi2(log_values: torch.Tensor) -> float:
+    """mean(exp(2 v)) - 1 over a flat float64 tensor, computed in log space: inf on overflow, 0 when empty."""
+    if log_values.numel() == 0:
+        return 0.0
+    log_mean = torch.logsumexp(2.0 * log_values, dim=0).item() - math.log(log_values.numel())
+    return _expm1_or_inf(log_mean)
+
+
+def token_log_ratio(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """r_t = log pi_t - log mu_t on response tokens, 0 elsewhere. float64 [B, T]."""
+    lp, lm, m = _prepare(logp_pi, logp_mu, mask)
+    return torch.where(m, lp - lm, 0.0)  # [B, T]
+
+
+def prob_abs_diff(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """|pi_t - mu_t| in probability space on response tokens, 0 elsewhere (verl's probs diff). float64 [B, T]."""
+    lp, lm, m = _prepare(logp_pi, logp_mu, mask)
+    return torch.where(m, (lp.exp() - lm.exp()).abs(), 0.0)  # [B, T]
+
+
+def seq_log_ratio(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """s_i = sum_t r_t = log(pi(y_i) / mu(y_i)), the paper's sequence-level mismatch; 0 for empty rows. float64 [B]."""
+    return token_log_ratio(logp_pi, logp_mu, mask).sum(dim=-1)  # [B]
+
+
+def kl_k1(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
+    """k1 = mean_t(log mu_t - log pi_t): unbiased for KL(mu || pi), high variance, can be negative (oat)."""
+    return -_mean(_tokens(logp_pi, logp_mu, mask))
+
+
+def kl_k2(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
+    """k2 = 0.5 * mean_t((log mu_t - log pi_t)^2): biased, low variance, never negative (oat)."""
+    return 0.5 * _mean(_tokens(logp_pi, logp_mu, mask).square())
+
+
+def kl_k3(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
+    """k3 = mean_t(exp(r_t) - r_t - 1): unbiased for KL(mu || pi) and never negative (verl)."""
+    r = _tokens(logp_pi, logp_mu, mask)
+    return _mean(torch.expm1(r) - r)
+
+
+def chi2_token(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
+    """chi2_token = mean_t(rho_t^2) - 1, the chi-square divergence of pi from mu per token (verl)."""
+    return _chi2(_tokens(logp_pi, logp_mu, mask))
+
+
+def _seq_values(logp_pi, logp_mu, mask) -> torch.Tensor:
+    """s_i of the rows that have at least one token: float64 [n]."""
+    return seq_log_ratio(logp_pi, logp_mu, mask)[mask.bool().any(dim=-1)]
+
+
+def seq_kl(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
+    """seq_kl = mean_i(-s_i): sequence-level KL(mu || pi), the paper's "KL[mu||pi]" (7.64 in BF16, 0.32 in FP16)."""
+    return -_mean(_seq_values(logp_pi, logp_mu, mask))
+
+
+def chi2_seq(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
+    """chi2_seq = mean_i(exp(2 s_i)) - 1 = E[(prod_t rho_t)^2] - 1 (verl); inf when it overflows float64."""
+    return _chi2(_seq_values(logp_pi, logp_mu, mask))
+
+
+def length_slope(seq_log_ratio: Sequence[float] | torch.Tensor, lengths: Sequence[float] | torch.Tensor):
+    """Least-squares line s_i = a * length_i + b; returns (a * 1000, b): the slope per 1K response tokens.
+
+    The paper's figure "offline mismatch" fits this line: about -1.01 per 1K tokens in BF16, -0.07 in FP16. Fewer
+    than two points, or all lengths equal, give slope 0 and the mean of s as the intercept.
+    """
+    y = torch.as_tensor(seq_log_ratio, dtype=torch.float64).flatten()  # [n]
+    x = torch.as_tensor(lengths, dtype=torch.float64).flatten()  # [n]
+    if x.shape != y.shape:
+        raise ValueError(f"{y.numel()} sequence log-ratios but {x.numel()} lengths")
+    if y.numel() == 0:
+        return 0.0, 0.0
+    dx = x - x.mean()
+    var = dx.square().sum().item()
+    if y.numel() < 2 or var == 0.0:
+        return 0.0, y.mean().item()
+    slope = (dx * (y - y.mean())).sum().item() / var
+    return slope * 1000.0, y.mean().item() - slope * x.mean().item()
+
+
+# Token statistics kept by the accumulator: how each one merges across batches.
+_SUMS = ("n", "abs_pdiff_sum", "r_sum", "abs_r_sum", "r2_sum", "k3_sum")
+_MAXES = ("abs_pdiff_max", "pdiff_max", "r_max")
+_MINS = ("pdiff_min", "r_min")
+
+
+def _logaddexp(a: float, b: float) -> float:
+    top = max(a, b)
+    if top == -math.inf:
+        return -math.inf
+    return top + math.log(math.exp(a - top) + math.exp(b - top))
+
+
+class MismatchAccumulator:
+    """Mismatch metrics over several batches, equal to one `mismatch_metrics` call on their concatenation.
+
+    Keeps float64 sums, minima and maxima of the token statistics, log-sum-exp of 2 r_t for chi2_token, and every
+    non-empty sequence's s_i and length (`seq_log_ratios`, `lengths`) for the sequence statistics and the slope.
+    """
+
+    def __init__(self) -> None:
+        self.stats = {k: 0.0 for k in _SUMS} | {k: -math.inf for k in _MAXES} | {k: math.inf for k in _MINS}
+        self.lse_2r = -math.inf  # log sum_t exp(2 r_t)
+        self.seq_log_ratios: list[float] = []
+        self.lengths: list[int] = []
+
+    def add(self, logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> None:
+        lp, lm, m = _prepare(logp_pi, logp_mu, mask)
+        lengths = m.sum(dim=-1)  # [B]
+        keep = lengths > 0  # [B]
+        self.seq_log_ratios += torch.where(m, lp - lm, 0.0).sum(dim=-1)[keep].tolist()
+        self.lengths += lengths[keep].tolist()
+        if not bool(keep.any()):
+            return
+        lp, lm = lp[m], lm[m]  # [N]
+        r = lp - lm  # [N]
+        pdiff = lp.exp() - lm.exp()  # [N]
+        values = torch.stack([
+            torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
+            pdiff.abs().sum(), r.sum(), r.abs().sum(), r.square().sum(), (torch.expm1(r) - r).sum(),
+            pdiff.abs().max(), pdiff.max(), r.max(), pdiff.min(), r.min(), torch.logsumexp(2.0 * r, dim=0),
+        ]).tolist()  # fmt: skip
+        batch = dict(zip(_SUMS + _MAXES + _MINS, values[:-1]))
+        for key in _SUMS:
+            self.stats[key] += batch[key]
+        for key in _MAXES:
+            self.stats[key] = max(self.stats[key], batch[key])
+        for key in _MINS:
+            self.stats[key] = min(self.stats[key], batch[key])
+        self.lse_2r = _logaddexp(self.lse_2r, values[-1])
+
+    def length_slope(self) -> tuple[float, float]:
+        """(slope per 1K tokens, intercept) of s_i against response length over every sequence added."""
+        return length_slope(self.seq_log_ratios, self.lengths)
+
+    def result(self) -> dict[str, float]:
+        """The metrics of everything added so far; keys in `METRIC_KEYS`."""
+        out = dict.fromkeys(METRIC_KEYS, 0.0)
+        st = self.stats
+        n = st["n"]
+        if n > 0:
+            out |= {
+                "prob_abs_diff_mean": st["abs_pdiff_sum"] / n,
+                "prob_abs_diff_max": st["abs_pdiff_max"],
+                "prob_diff_max": st["pdiff_max"],
+                "prob_diff_min": st["pdiff_min"],
+                "log_ratio_mean": st["r_sum"] / n,
+                "log_ratio_min": st["r_min"],
+                "log_ratio_max": st["r_max"],
+                "abs_log_ratio_mean": st["abs_r_sum"] / n,
+                "k1": -st["r_sum"] / n,
+                "k2": 0.5 * st["r2_sum"] / n,
+                "k3": st["k3_sum"] / n,
+                "chi2_token": _expm1_or_inf(self.lse_2r - math.log(n)),
+                "num_tokens": float(n),
+            }
+        if self.seq_log_ratios:
+            s = torch.tensor(self.seq_log_ratios, dtype=torch.float64)  # [n_seqs]
+            mean = s.mean().item()
+            out |= {
+                "seq_log_ratio_mean": mean,
+                "seq_log_ratio_abs_mean": s.abs().mean().item(),
+                "seq_log_ratio_min": s.min().item(),
+                "seq_log_ratio_max": s.max().item(),
+                "seq_kl": -mean,
+                "chi2_seq": _chi2(s),
+                "num_seqs": float(s.numel()),
+            }
+        return out
+
+
+def mismatch_metrics(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Every mismatch metric of one batch, keys in `METRIC_KEYS` (unprefixed; callers namespace them `mismatch/`).
+
+    prob_abs_diff_mean/max  |pi_t - mu_t|              prob_diff_max/min  pi_t - mu_t (probability space)
+    log_ratio_mean/min/max  r_t                        abs_log_ratio_mean mean_t |r_t| (token-level headline)
+    k1, k2, k3              KL(mu || pi) per token     chi2_token         mean_t rho_t^2 - 1
+    seq_log_ratio_mean/abs_mean/min/max  s_i           seq_kl             mean_i(-s_i), the paper's KL[mu||pi]
+    chi2_seq                mean_i exp(2 s_i) - 1      num_tokens, num_seqs  counts (rows without tokens skipped)
+    """
+    acc = MismatchAccumulator()
+    acc.add(logp_pi, logp_mu, mask)
+    return acc.result()

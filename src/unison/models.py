@@ -1,0 +1,157 @@
+"""Models: a local Hugging Face causal-LM checkpoint with its tokenizer (offline), or the built-in tiny one.
+
+The built-in model is a small Qwen2-architecture network with a character-level tokenizer, both created locally
+(`build_tokenizer`, `random_model`); the warm-started checkpoint shipped in `unison/assets/countdown-tiny` was
+trained from them by `unison.warmstart` on the built-in task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from unison.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+BUILTIN = "builtin"
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_DIR = ASSETS / "countdown-tiny"
+
+PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
+SPECIAL_TOKENS = [PAD, EOS, UNK, "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 272  # 5 special tokens + 256 byte tokens, rounded up to a multiple of 16
+
+BUILTIN_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
+
+def build_tokenizer():
+    """The built-in byte-level tokenizer: one token per byte (no merges) plus special tokens.
+
+    Byte-level BPE without merges is what Qwen2's tokenizer class expects, so every loader (transformers 4 and 5,
+    vLLM) reads it the same way; each character of the built-in task is one token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + [byte_chars[b] for b in range(256)])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=1024
+    )
+
+
+def random_model(seed: int = 0, **overrides):
+    """A random-initialised Qwen2 causal LM with the built-in tokenizer's vocabulary (fp32)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = dict(BUILTIN_CONFIG, **overrides)
+    config = Qwen2Config(vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=1, pad_token_id=0, **cfg)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save a model (safetensors) and tokenizer as a Hugging Face checkpoint directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def resolve_model_dir(name: str | Path) -> Path:
+    """`builtin` (or empty) to the shipped checkpoint; otherwise a local checkpoint directory, checked."""
+    if name in (None, "", BUILTIN):
+        if not (BUILTIN_DIR / "config.json").exists():
+            raise UserError(f"the built-in model is missing from {BUILTIN_DIR}; rebuild it with: python -m unison.warmstart")
+        return BUILTIN_DIR
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise UserError(f"model directory {str(path)!r} does not exist; give a local Hugging Face checkpoint directory or 'builtin'")
+    if not path.is_dir():
+        raise UserError(f"model path {str(path)!r} is a file; give the checkpoint's directory (with config.json)")
+    if not (path / "config.json").exists():
+        raise UserError(f"{str(path)!r} has no config.json, so it is not a Hugging Face checkpoint; give the checkpoint's directory")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({exc}); re-save the checkpoint") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(f"{path / 'config.json'} has no model_type; re-save the checkpoint with save_pretrained")
+    return path
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer saved in a checkpoint directory (offline); a missing one is a user error."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_dir(model_dir)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((path / n).exists() for n in names):
+        raise UserError(f"{str(path)!r} has no tokenizer (tokenizer.json or tokenizer_config.json); save it beside the model with tokenizer.save_pretrained")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+        raise UserError(f"cannot load the tokenizer in {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A causal LM from a local checkpoint directory (offline), on `device`, in `dtype`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from unison.precision import cast_module
+
+    path = resolve_model_dir(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=torch.float32, attn_implementation="sdpa"
+        )
+    except ValueError as exc:
+        raise UserError(f"cannot load {str(path)!r} as a causal LM: {str(exc).splitlines()[0]}") from None
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise UserError(f"cannot load the checkpoint in {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    cast_module(model, dtype)
+    return model.to(device).eval()
+
+
+def eos_token_ids(tokenizer, model=None) -> tuple[int, ...]:
+    """The ids that end a response: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    eos = getattr(gen, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    return tuple(sorted(ids))

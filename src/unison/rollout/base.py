@@ -1,0 +1,89 @@
+"""What every rollout engine takes and returns.
+
+Log-prob semantics (the same for every engine, and what the learner recomputes):
+    the log-prob reported for a sampled token y_t is log q(y_t | y_<t), where q is the distribution the engine
+    actually sampled from: logits upcast to fp32, divided by the temperature, then restricted to the top-k tokens
+    and to the smallest set of tokens whose probability reaches top-p (ties at the boundary kept), and renormalised
+    over that support. With temperature 1, top_k 0 and top_p 1 (the paper's setting) q is the plain softmax.
+    `unison.sampling.logprobs_of` computes the same q from full-sequence logits, so the learner's log pi refers to
+    the same distribution as the sampler's log mu. The support is chosen from each engine's own logits, so a token
+    at the top-p boundary can be inside the support for one engine and outside for the other; the trainer uses the
+    untruncated distribution (q with top_k 0, top_p 1) unless asked otherwise, which is why the paper samples with
+    top-p 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `max_new_tokens` bounds every response; `stop_token_ids` end a response (EOS by default)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k truncation
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Rollouts:
+    """A batch of sampled responses, right-padded. B sequences, T = the longest response.
+
+    response_ids   [B, T] long   sampled tokens, pad_token_id after the end
+    logprobs       [B, T] fp32   log mu(y_t): the sampler's log-prob of each sampled token (0 after the end)
+    mask           [B, T] bool   True on real response tokens
+    lengths        [B]    long   number of response tokens (the stop token included)
+    finished       [B]    bool   True where the response ended with a stop token, False where it was truncated
+    prompt_ids     list of B lists of prompt token ids (unpadded)
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def responses(self) -> list[list[int]]:
+        """Response token ids per sequence, unpadded."""
+        return [row[:n].tolist() for row, n in zip(self.response_ids, self.lengths.tolist())]
+
+    def select(self, index) -> "Rollouts":
+        """A sub-batch (index: list of ints or a 1-D long tensor)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return Rollouts(
+            prompt_ids=[self.prompt_ids[i] for i in idx.tolist()],
+            response_ids=self.response_ids[idx],
+            logprobs=self.logprobs[idx],
+            mask=self.mask[idx],
+            lengths=self.lengths[idx],
+            finished=self.finished[idx],
+        )
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """A sampler holding a copy of the policy's weights in the rollout dtype."""
+
+    dtype: torch.dtype
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False) -> Rollouts:
+        """Sample one response per prompt (repeat a prompt G times for a group)."""
+        ...
+
+    def load_weights(self, named_tensors) -> None:
+        """Replace the engine's weights in place with `(name, tensor)` pairs, cast to the engine's dtype."""
+        ...
+
+    def weights_checksum(self) -> str:
+        """A checksum over every parameter the engine holds, as stored (see `unison.precision.checksum`)."""
+        ...

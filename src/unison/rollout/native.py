@@ -1,0 +1,201 @@
+"""The native rollout engine: batched sampling with a preallocated KV cache on a Hugging Face model's weights.
+
+The decode loop runs its own attention over a static cache (one SDPA call per layer per token, the new key/value
+written in place), so its kernels differ from the learner's full-sequence forward exactly the way an inference
+engine's do: same weights, other reduction orders. Llama-family decoders (Qwen2, Qwen3, Llama, Mistral) take this
+path; any other causal LM falls back to the model's own forward with its dynamic cache.
+
+Prompts are left-padded to a common length; a finished row keeps its slot (its tokens are ignored) until every
+row is done or `max_new_tokens` is reached. Log-probs: see `unison.rollout.base` and `unison.sampling`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from unison.precision import cast_module, checksum, matmul_mode, set_matmul
+from unison.rollout.base import Rollouts, SamplingParams
+from unison.sampling import sample
+
+FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
+
+
+class StaticKVCache:
+    """Keys and values for every layer, preallocated: [layers, B, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (layers, batch, kv_heads, max_len, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, kv_heads, S, D] at positions start..start+S and return the cache up to there."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class NativeEngine:
+    """Samples from a copy of the policy held in the rollout dtype."""
+
+    def __init__(self, model, dtype: torch.dtype, device: torch.device, seed: int = 0, pad_token_id: int = 0,
+                 matmul: str = "auto"):
+        self.model = cast_module(model, dtype).to(device).eval()
+        self.matmul = matmul_mode(matmul, torch.device(device), dtype)
+        set_matmul(self.model, self.matmul)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.pad_token_id = pad_token_id
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        cfg = model.config
+        self.fast = cfg.model_type in FAST_PATH_TYPES
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype: torch.dtype, device, seed: int = 0, matmul: str = "auto", **_):
+        from unison.models import load_model, load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+        model = load_model(model_dir, device=device, dtype=dtype)
+        return cls(model, dtype=dtype, device=device, seed=seed, pad_token_id=tok.pad_token_id or 0, matmul=matmul)
+
+    # ---- weights -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, named_tensors) -> None:
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            params[name].copy_(tensor)
+
+    def weights_checksum(self) -> str:
+        return checksum(self.model.named_parameters())
+
+    def rng_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    # ---- the model, layer by layer ----------------------------------------------------------------------
+    def _attention(self, layer, x, cos, sin, cache: StaticKVCache, index: int, start: int, mask):
+        attn = layer.self_attn
+        B, S, _ = x.shape
+        q = attn.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = attn.k_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = attn.v_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = cache.write(index, start, k, v)  # [B, Hkv, start+S, D]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        return attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+    def _forward(self, ids, positions, cache: StaticKVCache, start: int, mask) -> torch.Tensor:
+        """Logits of the last position. ids, positions [B, S]; mask [B, 1, S, start+S] bool."""
+        inner = self.model.model
+        x = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(x, positions)
+        for i, layer in enumerate(inner.layers):
+            x = x + self._attention(layer, layer.input_layernorm(x), cos, sin, cache, i, start, mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = inner.norm(x[:, -1:])
+        return self.model.lm_head(x)[:, -1]  # [B, V] in the rollout dtype
+
+    # ---- sampling ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False) -> Rollouts:
+        if not prompt_ids:
+            raise ValueError("generate() needs at least one prompt")
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token")
+        B, N = len(prompt_ids), params.max_new_tokens
+        P = max(len(p) for p in prompt_ids)
+        dev = self.device
+        prompts = torch.full((B, P), self.pad_token_id, dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            prompts[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompts = prompts.to(dev)
+        pad_left = torch.tensor([P - len(p) for p in prompt_ids], device=dev)  # [B]
+        stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=dev)
+
+        tokens = torch.full((B, N), self.pad_token_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros((B, N), dtype=torch.float32, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        lengths = torch.full((B,), N, dtype=torch.long, device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        step_fn = self._fast_steps if self.fast else self._hf_steps
+        bar = tqdm(total=N, desc="sampling", unit="tok", leave=False, disable=not progress)
+        for t, logits in enumerate(step_fn(prompts, pad_left, N, tokens)):
+            tok, lp = sample(logits, self.generator, params.temperature, params.top_k, params.top_p)
+            tok = torch.where(done, self.pad_token_id, tok)
+            tokens[:, t] = tok
+            logprobs[:, t] = torch.where(done, 0.0, lp)
+            hit = ~done & torch.isin(tok, stop)
+            lengths = torch.where(hit, t + 1, lengths)
+            finished |= hit
+            done |= hit
+            bar.update(1)
+            if (t % 8 == 7 or dev.type == "cpu") and bool(done.all()):
+                break
+        bar.close()
+        T = int(lengths.max().item())
+        mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]
+        return Rollouts(
+            prompt_ids=[list(p) for p in prompt_ids],
+            response_ids=tokens[:, :T].masked_fill(~mask, self.pad_token_id).cpu(),
+            logprobs=logprobs[:, :T].masked_fill(~mask, 0.0).cpu(),
+            mask=mask.cpu(),
+            lengths=lengths.cpu(),
+            finished=finished.cpu(),
+        )
+
+    def _fast_steps(self, prompts, pad_left, max_new: int, tokens):
+        """Yield the logits for each new position; `tokens[:, t]` must be filled before the next is asked."""
+        B, P = prompts.shape
+        dev = prompts.device
+        cache = StaticKVCache(self.num_layers, B, self.kv_heads, P + max_new, self.head_dim, self.dtype, dev)
+        key_pos = torch.arange(P + max_new, device=dev)
+        valid = key_pos[None, :] >= pad_left[:, None]  # [B, P+N] real tokens (prompt left padding excluded)
+        q_pos = torch.arange(P, device=dev)
+        causal = key_pos[None, :P] <= q_pos[:, None]  # [P, P]
+        # padded query rows attend to themselves only, so no row is empty (an empty row gives NaN)
+        mask = (causal[None] & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
+        positions = (q_pos[None, :] - pad_left[:, None]).clamp(min=0)  # [B, P]
+        yield self._forward(prompts, positions, cache, 0, mask[:, None])
+        for t in range(max_new - 1):
+            cur = P + t
+            step_mask = valid[:, None, None, : cur + 1]  # [B, 1, 1, cur+1]
+            pos = (cur - pad_left)[:, None]  # [B, 1]
+            yield self._forward(tokens[:, t : t + 1], pos, cache, cur, step_mask)
+
+    def _hf_steps(self, prompts, pad_left, max_new: int, tokens):
+        """Fallback for architectures without the fast path: the model's own forward and cache."""
+        B, P = prompts.shape
+        attn = (torch.arange(P, device=prompts.device)[None, :] >= pad_left[:, None]).long()
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=prompts, attention_mask=attn, position_ids=positions, use_cache=True)
+        past = out.past_key_values
+        yield out.logits[:, -1]
+        for t in range(max_new - 1):
+            attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
+            pos = positions[:, -1:] + t + 1
+            out = self.model(
+                input_ids=tokens[:, t : t + 1], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True
+            )
+            past = out.past_key_values
+            yield out.logits[:, -1]

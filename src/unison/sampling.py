@@ -1,0 +1,60 @@
+"""The sampling distribution, shared by the rollout engine (which samples from it) and the learner (which
+recomputes it), so that log mu and log pi refer to the same distribution.
+
+    q(. | y_<t) = renormalise( restrict_{top-k, top-p}( softmax(fp32(logits) / temperature) ) )
+
+Logits are always upcast to fp32 before the softmax, in both engines.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """fp32 logits / temperature, with tokens outside the top-k and top-p support set to -inf. [..., V] -> [..., V]
+
+    Top-p keeps the smallest set of most likely tokens whose probability sum reaches `top_p` (the token that
+    crosses the threshold is kept). Top-k is applied first, as in vLLM and Hugging Face.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / max(temperature, 1e-6)
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability mass strictly above each token
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """log q(token) under the processed distribution. logits [..., V], tokens [...] -> [...] fp32."""
+    processed = process_logits(logits, temperature, top_k, top_p)
+    return processed.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(fp32(logits) / temperature). [..., V] -> [...]"""
+    logp = (logits.float() / max(temperature, 1e-6)).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None, temperature: float, top_k: int, top_p: float):
+    """Draw one token per row and return (tokens [B], log q(tokens) [B]); greedy when temperature is 0."""
+    if temperature <= 0.0:
+        logp = logits.float().log_softmax(-1)
+        tokens = logp.argmax(-1)
+        return tokens, torch.zeros_like(tokens, dtype=torch.float32)
+    logp = process_logits(logits, temperature, top_k, top_p).log_softmax(-1)  # [B, V]
+    # exponential-race sampling: argmax(p / E) with E ~ Exp(1) is a draw from p, with no host synchronisation
+    noise = torch.empty_like(logp).exponential_(generator=generator)
+    tokens = (logp - noise.log()).argmax(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,47 @@
+"""Prompt sets and verifiable rewards: the built-in countdown task and prompt files (JSONL/Parquet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from unison.errors import UserError
+from unison.tasks.base import Example, Task
+
+__all__ = ["Example", "Task", "load_task", "BUILTIN_TASKS"]
+
+BUILTIN_TASKS = ("builtin", "countdown")
+
+
+def load_task(
+    source: str | Path = "builtin",
+    *,
+    prompt_key: str = "prompt",
+    answer_key: str = "answer",
+    reward: str | Callable | None = None,
+    test_path: str | Path | None = None,
+    require_answer: bool = True,
+) -> Task:
+    """The built-in countdown task (`builtin` or `countdown`) or a `FileTask` over a JSONL/Parquet prompt file.
+
+    `reward` (default `math` for files) picks a file task's reward; the built-in task has its own.
+    """
+    if str(source) in BUILTIN_TASKS or source in (None, ""):
+        if reward not in (None, "countdown"):
+            raise UserError(
+                f"the built-in countdown task has its own reward, so reward={reward!r} cannot be used with it; "
+                "drop the reward setting or give a prompt file (.jsonl or .parquet)"
+            )
+        from unison.tasks.countdown import CountdownTask
+
+        return CountdownTask()
+    from unison.tasks.files import FileTask
+
+    return FileTask(
+        source,
+        prompt_key=prompt_key,
+        answer_key=answer_key,
+        reward="math" if reward is None else reward,
+        test_path=test_path,
+        require_answer=require_answer,
+    )

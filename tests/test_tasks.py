@@ -1,0 +1,281 @@
+"""Tasks: math answers, the countdown task, prompt files and their errors, prompt templates, reward loading."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from unison.errors import UserError
+from unison.models import EOS, build_tokenizer
+from unison.tasks import Example, load_task
+from unison.tasks.countdown import CountdownTask
+from unison.tasks.files import FileTask
+from unison.tasks.math import extract_boxed, math_reward
+from unison.tasks.rewards import load_reward
+from unison.tasks.templates import encode_prompt
+
+# ---------------------------------------------------------------------------------------------- math answers
+
+
+@pytest.mark.parametrize(
+    "response, answer",
+    [
+        (r"so \boxed{\frac{1}{2}}", "0.5"),
+        (r"\boxed{0.5}", r"\frac{1}{2}"),
+        (r"\boxed{1/2}", r"\frac12"),
+        (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}"),
+        (r"\boxed{\tfrac{3}{4}}", "0.75"),
+        (r"\boxed{1\,000}", "1000"),
+        (r"\boxed{\!-\!4}", "-4"),
+        (r"\boxed{5\text{ cm}}", "5"),
+        (r"\boxed{5}", r"5 \text{ cm}"),
+        (r"\boxed{50\%}", "50"),
+        (r"\boxed{-3}", "-3"),
+        (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}"),
+        (r"\boxed{\{1, 2\}}", r"\{2,1\}"),
+        (r"\boxed{[1, 2)}", "[1,2)"),
+        (r"\boxed{x = 3}", "3"),
+        (r"first \boxed{1}, no wait: \boxed{2}", "2"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed 7.", "7"),
+        (r"$\boxed{\left(1,\, 2\right)}$", "(1,2)"),
+        (r"\boxed{\frac{1}{2}}", r"\boxed{0.5}"),
+    ],
+)
+def test_math_reward_accepts_equivalent_answers(response, answer):
+    assert math_reward(response, answer) == 1.0
+
+
+@pytest.mark.parametrize(
+    "response, answer",
+    [
+        (r"\boxed{3}", "-3"),
+        (r"\boxed{2} then \boxed{1}", "2"),  # the last box counts
+        ("the answer is 2", "2"),  # no box
+        (r"\boxed{2", "2"),  # cut off inside the box
+        (r"\boxed{(1, 2)}", "[1,2]"),
+        (r"\boxed{\frac{1}{3}}", "0.5"),
+        (r"\boxed{}}{{\frac{", "1"),
+        (r"\boxed{9^{9^{9^{9}}}}", "1"),  # would run SymPy for ever
+        (r"\boxed{10!!!}", "1"),
+        ("\x00\xff" * 50, "1"),
+        (None, "1"),
+        (r"\boxed{1}", ""),
+    ],
+)
+def test_math_reward_rejects_wrong_or_garbage(response, answer):
+    assert math_reward(response, answer) == 0.0
+
+
+def test_extract_boxed_nested_and_escaped_braces():
+    assert extract_boxed(r"\boxed{\frac{1}{\sqrt{2}}} and more") == r"\frac{1}{\sqrt{2}}"
+    assert extract_boxed(r"\boxed{\{1,2\}}") == r"\{1,2\}"
+    assert extract_boxed(r"\boxed{a} \fbox{b}") == "b"
+    assert extract_boxed("none") is None
+    assert extract_boxed(r"\boxed{a} \boxed{b") is None
+
+
+def test_math_reward_works_off_the_main_thread():
+    out = []
+    thread = threading.Thread(target=lambda: out.append(math_reward(r"\boxed{0.5}", r"\frac{1}{2}")))
+    thread.start()
+    thread.join(timeout=30)
+    assert out == [1.0]
+
+
+# ---------------------------------------------------------------------------------------------- countdown
+
+
+def test_countdown_reference_truncated_and_wrong():
+    task = CountdownTask()
+    ex = task.examples("train", n=3, seed=0)[0]
+    ref = task.reference(ex)
+    assert task.reward(ref, ex, finished=True) == 1.0
+    assert task.reward(ref, ex, finished=False) == 0.0
+    assert task.reward(ref[: len(ref) // 2], ex, finished=False) == 0.0
+    wrong = ref.rsplit("#", 1)[0] + f"#{int(ex.answer) + 1}"
+    assert task.reward(wrong, ex, finished=True) == 0.0
+
+
+def test_countdown_splits_disjoint_and_seeded():
+    task = CountdownTask()
+    train, test = task.all_examples("train"), task.all_examples("test")
+    assert train and test
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    assert task.examples("train", 20, seed=1) == task.examples("train", 20, seed=1)
+    assert task.examples("train", 20, seed=1) != task.examples("train", 20, seed=2)
+
+
+# ---------------------------------------------------------------------------------------------- prompt files
+
+ROWS = [
+    {"prompt": "What is 1/2 + 1/4?", "answer": r"\frac{3}{4}", "level": 1},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "answer": 4},
+    {"prompt": "3*3?", "answer": "9"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_file_task_jsonl(tmp_path):
+    task = FileTask(write_jsonl(tmp_path / "p.jsonl", ROWS))
+    exs = task.examples("train", seed=0)
+    assert len(exs) == 3 and task.examples("train", seed=0) == exs
+    assert len(task.examples("train", n=2, seed=5)) == 2
+    by_prompt = {e.prompt: e for e in exs}
+    chat = by_prompt["2+2?"]
+    assert chat.answer == "4" and chat.meta["messages"][0]["role"] == "system"
+    assert by_prompt["What is 1/2 + 1/4?"].meta["fields"] == {"level": 1}
+    assert task.reward(r"\boxed{0.75}", by_prompt["What is 1/2 + 1/4?"], finished=True) == 1.0
+    assert task.reward(r"\boxed{0.75}", by_prompt["What is 1/2 + 1/4?"], finished=False) == 0.0
+    assert task.examples("test") == task.examples("train")  # no test_path: the same file
+
+
+def test_file_task_parquet_keys_and_test_path(tmp_path):
+    table = pa.table({"question": ["1+1?", "2+3?"], "solution": ["2", "5"]})
+    pq.write_table(table, tmp_path / "train.parquet")
+    write_jsonl(tmp_path / "test.jsonl", [{"question": "9-1?", "solution": "8"}])
+    task = load_task(
+        str(tmp_path / "train.parquet"), prompt_key="question", answer_key="solution",
+        test_path=tmp_path / "test.jsonl", reward="exact",
+    )
+    assert {e.prompt for e in task.examples("train")} == {"1+1?", "2+3?"}
+    (test,) = task.examples("test")
+    assert test.answer == "8" and task.reward(" 8\n", test, finished=True) == 1.0
+
+
+def test_file_task_answer_optional(tmp_path):
+    task = FileTask(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}]), require_answer=False)
+    assert task.examples()[0].answer == ""
+
+
+def test_load_task_builtin():
+    assert isinstance(load_task("builtin"), CountdownTask)
+    assert isinstance(load_task("countdown"), CountdownTask)
+    with pytest.raises(UserError, match="own reward"):
+        load_task("builtin", reward="math")
+
+
+def _bad(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", "\n\n", "has no rows"),
+        ("bad.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "b",\n', "line 2 is not valid JSON"),
+        ("latin.jsonl", b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "1"}\n', "line 2 is not UTF-8"),
+        ("cols.jsonl", '{"question": "a", "answer": "1"}\n', "no column 'prompt' (columns: question, answer); set prompt_key"),
+        ("noans.jsonl", '{"prompt": "a"}\n', "line 1 has no answer column 'answer'"),
+        ("emptyans.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": " "}\n', "line 2 has an empty answer"),
+        ("num.jsonl", '{"prompt": 5, "answer": "1"}\n', "prompt in 'prompt' is a int"),
+        ("msgs.jsonl", '{"prompt": [{"role": "user"}], "answer": "1"}\n', "message 0"),
+        ("list.jsonl", '[1, 2]\n', "not an object"),
+        ("data.csv", "prompt,answer\n", "extension '.csv'"),
+        ("junk.parquet", "not parquet", "not a readable Parquet file"),
+    ],
+)
+def test_file_task_bad_input(tmp_path, name, content, message):
+    path = _bad(tmp_path, name, content)
+    with pytest.raises(UserError) as err:
+        FileTask(path)
+    assert message in str(err.value) and name in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_file_task_missing_path_directory_and_parquet_column(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        FileTask(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match="is a directory"):
+        FileTask(tmp_path)
+    pq.write_table(pa.table({"q": ["a"], "answer": ["1"]}), tmp_path / "x.parquet")
+    with pytest.raises(UserError, match=r"x.parquet has no column 'prompt' \(columns: q, answer\)"):
+        FileTask(tmp_path / "x.parquet")
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_plain_template():
+    tok = build_tokenizer()
+    ex = Example(prompt="47-9:", answer="2")
+    ids = encode_prompt(tok, ex, "plain")
+    assert tok.decode(ids) == "47-9:" and len(ids) == 5
+    assert encode_prompt(tok, ex, "auto") == ids  # no chat template: plain
+    assert tok.decode(encode_prompt(tok, ex, "plain", system_prompt="S")) == "S\n\n47-9:"
+    with pytest.raises(UserError, match="template=plain"):
+        encode_prompt(tok, ex, "chat")
+    with pytest.raises(UserError, match="choose one of"):
+        encode_prompt(tok, ex, "jinja")
+
+
+def test_chat_template():
+    tok = build_tokenizer()
+    tok.chat_template = CHAT
+    ex = Example(prompt="2+2?", answer="4")
+    want = "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    ids = encode_prompt(tok, ex, "chat")
+    assert ids == tok(want, add_special_tokens=False)["input_ids"]
+    assert encode_prompt(tok, ex, "auto") == ids
+    with_system = tok.decode(encode_prompt(tok, ex, "chat", system_prompt="Be brief."))
+    assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?")
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    chat_ex = Example(prompt="Q", answer="1", meta={"messages": msgs})
+    assert tok.decode(encode_prompt(tok, chat_ex, "chat", system_prompt="ignored")).count("system") == 1
+    assert EOS not in tok.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def test_builtin_rewards():
+    assert load_reward("math")(r"\boxed{1/2}", "0.5") == 1.0
+    assert load_reward("exact")("  yes\n", "yes") == 1.0
+    assert load_reward("exact")("yes!", "yes") == 0.0
+    assert load_reward("countdown")("9,4\n#4", "4") == 1.0
+    assert load_reward("countdown")("9,4\n#3", "4") == 0.0
+    with pytest.raises(UserError, match="unknown reward 'maths'; choose one of: countdown, exact, math"):
+        load_reward("maths")
+
+
+def test_user_reward_by_path(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards_mod.py").write_text(
+        "def length(response, answer):\n    return len(response) == int(answer)\n"
+        "def with_example(response, answer, example=None):\n    return example.meta['fields']['w']\n"
+        "def bad(response, answer):\n    return 'x'\n"
+        "NOT_A_FUNCTION = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_reward("my_rewards_mod:length")("abc", "3") == 1.0
+    assert load_reward("my_rewards_mod.length")("ab", "3") == 0.0
+    assert load_reward(f"{tmp_path / 'my_rewards_mod.py'}:length")("abc", "3") == 1.0
+    ex = Example(prompt="p", answer="a", meta={"fields": {"w": 0.25}})
+    assert load_reward("my_rewards_mod:with_example")("r", "a", example=ex) == 0.25
+    with pytest.raises(UserError, match="returned 'x'"):
+        load_reward("my_rewards_mod:bad")("r", "a")
+    with pytest.raises(UserError, match="not a function"):
+        load_reward("my_rewards_mod:NOT_A_FUNCTION")
+    with pytest.raises(UserError, match="has no attribute 'missing'"):
+        load_reward("my_rewards_mod:missing")
+    with pytest.raises(UserError, match=r"cannot import 'no_such_pkg.mod'.*ModuleNotFoundError.*PYTHONPATH"):
+        load_reward("no_such_pkg.mod:score")
+    sys.modules.pop("my_rewards_mod", None)
