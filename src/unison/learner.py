@@ -28,6 +28,12 @@ from unison.sampling import entropy as entropy_of
 from unison.sampling import token_logprobs
 
 
+def length_buckets(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices in chunks of at most `size`, rows of similar length together (sorted by length)."""
+    order = torch.argsort(lengths, stable=True)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 class WeightSyncError(RuntimeError):
     """The rollout engine does not hold exactly the learner's weights after a sync."""
 
@@ -127,21 +133,22 @@ class Learner:
     @torch.no_grad()
     def recompute(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, with_entropy: bool = False):
-        """log pi_old for a whole rollout batch, in micro-batches, without gradient. -> [B, T] on the CPU"""
+        """log pi_old for a whole rollout batch without gradient, in micro-batches of similar length (less padding).
+        -> [B, T] fp32 on the CPU (and the entropy [B, T] with `with_entropy`)"""
         was_training = self.model.training
         self.model.eval()
-        out, ents = [], []
-        T = rollouts.response_ids.shape[1]
-        for start in range(0, len(rollouts), micro_batch_size):
-            part = rollouts.select(list(range(start, min(start + micro_batch_size, len(rollouts)))))
+        B, T = rollouts.response_ids.shape
+        logp_all = torch.zeros(B, T)
+        ent_all = torch.zeros(B, T)
+        for idx in length_buckets(rollouts.lengths, micro_batch_size):
+            part = rollouts.select(idx)
             res = self.logprobs(self.batch(part), temperature, top_k, top_p, with_entropy=with_entropy)
             logp, ent = res if with_entropy else (res, None)
-            out.append(torch.nn.functional.pad(logp.float().cpu(), (0, T - logp.shape[1])))
+            logp_all[idx, : logp.shape[1]] = logp.float().cpu()
             if with_entropy:
-                ents.append(torch.nn.functional.pad(ent.float().cpu(), (0, T - ent.shape[1])))
+                ent_all[idx, : ent.shape[1]] = ent.float().cpu()
         self.model.train(was_training)
-        logp = torch.cat(out)
-        return (logp, torch.cat(ents)) if with_entropy else logp
+        return (logp_all, ent_all) if with_entropy else logp_all
 
     # ---- update ---------------------------------------------------------------------------------------------
     def step(self, micro_losses) -> StepResult:

@@ -102,14 +102,43 @@ def _fp32_accumulate_linear(self, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
+FP32_SDPA = "unison_fp32_sdpa"
+
+
+def fp32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Scaled dot-product attention on fp16/bf16 inputs computed in fp32, the output rounded back (as a GPU
+    flash-attention kernel accumulates in fp32)."""
+    out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+    return out.to(q.dtype)
+
+
+def _register_fp32_sdpa() -> str:
+    """Register fp32-accumulate attention with transformers' attention interface (once)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask.float()
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
+        return out.to(query.dtype), weights
+
+    AttentionInterface.register(FP32_SDPA, forward)
+    AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
+    return FP32_SDPA
+
+
 def set_matmul(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     """Choose how the linear layers of a fp16/bf16 model multiply.
 
     `native`: PyTorch's fp16/bf16 kernels. `fp32-accumulate`: the fp16/bf16 inputs and weights are multiplied in
     fp32 and the result is rounded back to fp16/bf16 — what a GPU tensor core does (low-precision operands, fp32
     accumulation, rounded output), computed with fp32 kernels; used on CPUs without fast fp16/bf16 matrix units.
-    Weights are stored in the low-precision dtype either way.
+    Attention is computed the same way. Weights are stored in the low-precision dtype either way.
     """
+    config = getattr(module, "config", None)
+    if config is not None and getattr(config, "_attn_implementation", None) in ("sdpa", FP32_SDPA):
+        config._attn_implementation = _register_fp32_sdpa() if mode == "fp32-accumulate" else "sdpa"
     for m in module.modules():
         if isinstance(m, torch.nn.Linear):
             if mode == "fp32-accumulate":

@@ -58,13 +58,14 @@ class Rollouts:
         return [row[:n].tolist() for row, n in zip(self.response_ids, self.lengths.tolist())]
 
     def select(self, index) -> "Rollouts":
-        """A sub-batch (index: list of ints or a 1-D long tensor)."""
+        """A sub-batch (index: list of ints or a 1-D long tensor), trimmed to its longest response."""
         idx = torch.as_tensor(index, dtype=torch.long)
+        T = max(int(self.lengths[idx].max().item()), 1) if len(idx) else 0
         return Rollouts(
             prompt_ids=[self.prompt_ids[i] for i in idx.tolist()],
-            response_ids=self.response_ids[idx],
-            logprobs=self.logprobs[idx],
-            mask=self.mask[idx],
+            response_ids=self.response_ids[idx, :T],
+            logprobs=self.logprobs[idx, :T],
+            mask=self.mask[idx, :T],
             lengths=self.lengths[idx],
             finished=self.finished[idx],
         )

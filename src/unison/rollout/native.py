@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unison.precision import cast_module, checksum, matmul_mode, set_matmul
+from unison.precision import cast_module, checksum, fp32_attention, matmul_mode, set_matmul
 from unison.rollout.base import Rollouts, SamplingParams
 from unison.sampling import sample
 
@@ -102,7 +102,8 @@ class NativeEngine:
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.write(index, start, k, v)  # [B, Hkv, start+S, D]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        sdpa = fp32_attention if self.matmul == "fp32-accumulate" else F.scaled_dot_product_attention
+        out = sdpa(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
     def _forward(self, ids, positions, cache: StaticKVCache, start: int, mask) -> torch.Tensor:

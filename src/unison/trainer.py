@@ -1,0 +1,310 @@
+"""The RL loop, top to bottom:
+
+    prompts -> rollout (G samples per prompt, rollout dtype) -> rewards -> advantages
+    -> recompute log pi_old (train dtype) -> mismatch metrics (pi_old vs mu)
+    -> for each epoch, for each mini-batch: log pi_theta -> policy loss with the rollout correction -> aggregate
+       -> the precision module's scale/backward/unscale/clip/step-or-skip
+    -> weight sync to the rollout engine, verified by checksum -> metrics, evaluation, checkpoint
+
+The paper's sanity setting is 64 prompts x 8 samples per step and train batch 128 (4 optimizer steps per rollout
+batch); the built-in default is smaller so that it runs on a laptop CPU (configs/ has both).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from unison import checkpoint as ckpt
+from unison.algorithms import ADVANTAGES, aggregation_counts, policy_loss
+from unison.config import TrainConfig, to_dict
+from unison.errors import UserError
+from unison.evaluation import encode_all, evaluate, score
+from unison.learner import Learner, length_buckets
+from unison.mismatch import mismatch_metrics
+from unison.models import eos_token_ids, load_model, load_tokenizer, resolve_model_dir
+from unison.precision import PrecisionPolicy, check_dtype_supported, precision_name, resolve_device
+from unison.report import MetricsLog, console_line
+from unison.rollout import make_engine
+from unison.rollout.base import SamplingParams
+from unison.tasks import load_task
+
+
+def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Check the run folder before anything is written: an existing one needs --resume or --overwrite."""
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {str(run_dir)!r} is a file; choose another run.out")
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if exists and not (resume or overwrite):
+        raise UserError(
+            f"run folder {str(run_dir)!r} already exists; pass --resume to continue it, --overwrite to start over "
+            "(deletes it), or choose another run.out"
+        )
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    parent = run_dir if run_dir.is_dir() else run_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    probe = parent / f".unison-write-test-{id(run_dir)}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write into {str(parent)!r} ({exc.strerror}); choose a writable run.out") from None
+    if exists and overwrite:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built from a config (also used by `eval`, `filter` and `probe`)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    policy: PrecisionPolicy
+    tokenizer: object
+    task: object
+    train_examples: list
+    test_examples: list
+    prompt_ids: dict
+    sampling: SamplingParams
+
+
+def build_setup(cfg: TrainConfig) -> Setup:
+    device = resolve_device(cfg.model.device)
+    policy = PrecisionPolicy.from_names(cfg.precision.rollout, cfg.precision.train)
+    for dtype in {policy.rollout, policy.train}:
+        check_dtype_supported(dtype, device)
+    model_dir = resolve_model_dir(cfg.model.path)
+    tokenizer = load_tokenizer(model_dir)
+    d = cfg.data
+    task = load_task(d.source, prompt_key=d.prompt_key, answer_key=d.answer_key, reward=d.reward or None,
+                     test_path=d.test_source or None)  # fmt: skip
+    train_examples = task.examples("train", seed=cfg.run.seed)
+    if d.subset:
+        keep = read_subset(d.subset)
+        train_examples = [e for e in train_examples if e.id in keep]
+        if not train_examples:
+            raise UserError(f"data.subset {d.subset!r} matches no prompt of the task; build it with `unison filter` on the same data")
+    if d.max_prompts:
+        train_examples = train_examples[: d.max_prompts]
+    test_examples = task.examples("test", n=cfg.run.eval_prompts, seed=cfg.run.seed)
+    max_ctx = getattr(load_model_config(model_dir), "max_position_embeddings", None)
+    encoded = encode_all(tokenizer, train_examples + test_examples, d.template, max_ctx)
+    prompt_ids = {id(e): ids for e, ids in zip(train_examples + test_examples, encoded)}
+    stops = eos_token_ids(tokenizer)
+    r = cfg.rollout
+    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop_token_ids=stops)
+    return Setup(cfg, device, policy, tokenizer, task, train_examples, test_examples, prompt_ids, sampling)
+
+
+def load_model_config(model_dir):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def read_subset(path: str) -> set[str]:
+    """Prompt ids from a `unison filter` output file (JSONL with an `id` field per line)."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data.subset file {path!r} not found; create it with `unison filter`")
+    ids = set()
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                ids.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{n} is not a JSON object with an 'id'; build the subset with `unison filter`") from None
+    return ids
+
+
+class PromptStream:
+    """An endless stream of training prompts: a fresh seeded shuffle each pass; `position` is the data position."""
+
+    def __init__(self, examples: list, seed: int, position: int = 0):
+        self.examples, self.seed, self.position = examples, seed, position
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 1000003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.examples))
+            out.append(self.examples[self._order(epoch)[i]])
+            self.position += 1
+        return out
+
+
+def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: PromptStream, preset, shuffle: torch.Generator) -> dict:
+    """One RL step: rollout, reward, advantage, recompute, mismatch, updates, sync. Returns its metrics."""
+    r, o = cfg.rollout, cfg.optim
+    t_start = time.perf_counter()
+    examples = [e for e in stream.take(r.prompts_per_step) for _ in range(r.group_size)]  # groups are contiguous
+    rollouts = engine.generate([s.prompt_ids[id(e)] for e in examples], s.sampling)
+    t_rollout = time.perf_counter() - t_start
+    rewards, _ = score(s.task, s.tokenizer, rollouts, examples)
+    advantages = ADVANTAGES[preset.advantage](rewards, r.group_size)  # [B]
+
+    t0 = time.perf_counter()
+    logp_old, entropy = learner.recompute(rollouts, o.micro_batch_size, r.temperature, r.top_k, r.top_p, with_entropy=True)
+    t_recompute = time.perf_counter() - t0
+    mu, mask = rollouts.logprobs, rollouts.mask
+    m = {f"mismatch/{k}": v for k, v in mismatch_metrics(logp_old, mu, mask).items()}
+
+    t0 = time.perf_counter()
+    B = len(rollouts)
+    groups = B // r.group_size
+    per_mb = o.train_batch_size // r.group_size
+    sums: dict[str, float] = {}
+    losses, skipped, norms, scales = [], 0, [], []
+    for _ in range(o.epochs):
+        group_order = torch.randperm(groups, generator=shuffle)
+        for g0 in range(0, groups, per_mb):
+            rows = torch.cat([torch.arange(g * r.group_size, (g + 1) * r.group_size) for g in group_order[g0: g0 + per_mb].tolist()])
+            total_tokens, total_seqs = aggregation_counts(mask[rows])
+            step_loss = []
+
+            def micro_losses(rows=rows, total_tokens=total_tokens, total_seqs=total_seqs, step_loss=step_loss):
+                for idx in length_buckets(rollouts.lengths[rows], o.micro_batch_size):
+                    part_rows = rows[idx]
+                    part = rollouts.select(part_rows)
+                    T = part.response_ids.shape[1]
+                    logp = learner.logprobs(learner.batch(part), r.temperature, r.top_k, r.top_p)
+                    loss, lm = policy_loss(
+                        preset, logp, logp_old[part_rows, :T].to(logp.device), part.logprobs.to(logp.device),
+                        advantages[part_rows].to(logp.device), part.mask.to(logp.device), r.max_new_tokens,
+                        total_tokens=total_tokens, total_seqs=total_seqs,
+                    )  # fmt: skip
+                    weight = len(part_rows) / len(rows)
+                    for k, v in lm.items():
+                        sums[k] = sums.get(k, 0.0) + weight * float(v)
+                    step_loss.append(float(loss.detach()))
+                    yield lambda loss=loss: loss
+
+            result = learner.step(micro_losses())
+            losses.append(sum(step_loss))
+            skipped += int(result.skipped)
+            norms.append(result.grad_norm)
+            scales.append(result.loss_scale)
+    n_updates = len(losses)
+    t_learn = time.perf_counter() - t0
+    m.update(learner.sync(engine))
+    tokens = int(rollouts.lengths.sum())
+    finite_norms = [x for x in norms if x == x and x != float("inf")]
+    m.update({
+        "rollout/reward_mean": rewards.mean().item(),
+        "rollout/accuracy": (rewards > 0.5).float().mean().item(),
+        "rollout/response_length_mean": rollouts.lengths.float().mean().item(),
+        "rollout/response_length_max": int(rollouts.lengths.max()),
+        "rollout/truncated_frac": (~rollouts.finished).float().mean().item(),
+        "rollout/entropy": (entropy * mask).sum().item() / max(int(mask.sum()), 1),
+        "rollout/advantage_abs_mean": advantages.abs().mean().item(),
+        "policy/loss": sum(losses) / n_updates,
+        **{k: v / n_updates for k, v in sums.items()},
+        "learner/grad_norm": sum(finite_norms) / len(finite_norms) if finite_norms else float("nan"),
+        "learner/updates": n_updates,
+        "precision/loss_scale": learner.scaler.scale,
+        "precision/skipped_this_step": skipped,
+        "precision/skipped_steps": learner.scaler.skipped_steps,
+        "perf/rollout_tokens_per_s": tokens / max(t_rollout, 1e-9),
+        "perf/recompute_tokens_per_s": tokens / max(t_recompute, 1e-9),
+        "perf/learner_tokens_per_s": tokens * o.epochs / max(t_learn, 1e-9),
+        "perf/step_seconds": time.perf_counter() - t_start,
+    })  # fmt: skip
+    return m
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> Path:
+    """Run RL fine-tuning as configured; returns the run folder."""
+    s = build_setup(cfg)  # every input is checked before the run folder is touched
+    run_dir = prepare_run_dir(cfg.run.out, resume, overwrite)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    preset = cfg.algorithm_fields()
+    seed = cfg.run.seed
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model_dir = resolve_model_dir(cfg.model.path)
+    p = cfg.precision
+    scaling = None if p.loss_scaling == "auto" else p.loss_scaling == "on"
+    learner = Learner(
+        load_model(model_dir, device=s.device), s.policy, s.device, lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2),
+        max_grad_norm=cfg.optim.max_grad_norm or None, pad_token_id=s.tokenizer.pad_token_id or 0,
+        loss_scaling=scaling, matmul=cfg.model.matmul,
+        scaler_kwargs={"init_scale": p.init_scale, "growth_interval": p.growth_interval, "min_scale": p.min_scale},
+    )  # fmt: skip
+    engine = make_engine(cfg.rollout.engine, model_dir, dtype=s.policy.rollout, device=s.device, seed=seed,
+                         matmul=cfg.model.matmul)  # fmt: skip
+    stream = PromptStream(s.train_examples, seed)
+    shuffle = torch.Generator().manual_seed(seed + 1)
+    start = 0
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        state = ckpt.load_trainer_state(latest)
+        learner.load_state_dict({**state["learner"], "master": ckpt.load_master(latest)})
+        start, stream.position = state["step"], state["data_position"]
+        shuffle.set_state(state["rng"]["shuffle"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        engine.set_rng_state(state["rng"]["engine"])
+    learner.sync(engine)
+    log = MetricsLog(run_dir, tensorboard=cfg.run.tensorboard, truncate_after=start)
+    eval_params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
+                                 cfg.rollout.top_k, s.sampling.stop_token_ids)  # fmt: skip
+    if not quiet:
+        print(f"unison train: {cfg.model.path} | {s.policy.describe()} | preset {cfg.algorithm.preset} | "
+              f"{len(s.train_examples)} prompts | run folder {run_dir}" + (f" | resumed at step {start}" if start else ""))
+    bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train", unit="step",
+               disable=quiet or not cfg.run.progress)  # fmt: skip
+    try:
+        for step in bar:
+            metrics = rl_step(cfg, s, learner, engine, stream, preset, shuffle)
+            done = step + 1
+            if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
+                ev = evaluate(engine, s.tokenizer, s.task, s.test_examples, eval_params, k=1, template=cfg.data.template)
+                metrics.update({"eval/avg@1": ev["avg@1"], "eval/pass@1": ev["pass@1"]})
+            log.write(done, metrics)
+            bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", k3=f"{metrics['mismatch/k3']:.1e}",
+                            skip=metrics["precision/skipped_steps"])  # fmt: skip
+            if not quiet and not cfg.run.progress:
+                print(console_line(done, cfg.run.steps, metrics), flush=True)
+            if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.steps:
+                save(run_dir, done, learner, engine, s.tokenizer, stream, shuffle, cfg)
+    finally:
+        bar.close()
+        log.close()
+    return run_dir
+
+
+def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: PromptStream, shuffle, cfg) -> Path:
+    state = learner.state_dict()
+    trainer_state = {
+        "step": step,
+        "data_position": stream.position,
+        "learner": {"optimizer": state["optimizer"], "scaler": state["scaler"]},
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "shuffle": shuffle.get_state(),
+                "engine": engine.rng_state()},
+        "precision": {"rollout": precision_name(learner.policy.rollout), "train": precision_name(learner.policy.train)},
+    }  # fmt: skip
+    try:
+        return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, state["master"], trainer_state,
+                                    keep=cfg.run.keep_checkpoints)  # fmt: skip
+    except OSError as exc:
+        raise UserError(f"cannot write a checkpoint into {str(run_dir)!r} ({exc.strerror}); free disk space or "
+                        "choose another run.out, then pass --resume") from None  # fmt: skip
