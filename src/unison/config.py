@@ -51,7 +51,7 @@ class DataConfig:
     reward: str = doc("", "reward: math, exact, countdown, or a dotted path module:function (empty: the task's own)")
     template: str = doc("auto", "prompt template: plain, chat, or auto (chat when the tokenizer has a chat template)")
     test_source: str = doc("", "a held-out prompt file for evaluation (the built-in task has its own test split)")
-    subset: str = doc("", "a JSONL file of prompt ids to train on (e.g. from `unison filter`); empty: all prompts")
+    subset: str = doc("", "a JSONL file of prompt ids to train on (from `unison filter`); 'builtin': the shipped perfectible set of the built-in task; empty: all prompts")
     max_prompts: int = doc(0, "use at most this many training prompts (0: all)")
 
 

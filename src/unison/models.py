@@ -30,11 +30,11 @@ SPECIAL_TOKENS = [PAD, EOS, UNK, "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 272  # 5 special tokens + 256 byte tokens, rounded up to a multiple of 16
 
 BUILTIN_CONFIG = dict(
-    hidden_size=256,
-    intermediate_size=768,
+    hidden_size=128,
+    intermediate_size=384,
     num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
     max_position_embeddings=1024,
     rope_theta=10000.0,
     rms_norm_eps=1e-6,

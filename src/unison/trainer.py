@@ -118,7 +118,9 @@ def read_subset(path: str) -> set[str]:
     """Prompt ids from a `unison filter` output file (JSONL with an `id` field per line)."""
     import json
 
-    p = Path(path)
+    from unison.models import ASSETS
+
+    p = ASSETS / "countdown-perfectible.jsonl" if path == "builtin" else Path(path)
     if not p.is_file():
         raise UserError(f"data.subset file {path!r} not found; create it with `unison filter`")
     ids = set()

@@ -4,7 +4,7 @@
     response:  "47,38,29,20,11,2\n#2"       the whole chain, then "#" and the final answer, then EOS
     answer:    47 mod 9 = 2
 
-The chain is 4 to 60 numbers long, so responses run from about 15 to about 250 tokens with the built-in byte-level
+The chain is 4 to 40 numbers long, so responses run from about 15 to about 170 tokens with the built-in byte-level
 tokenizer (the train-inference mismatch grows with length). The reward is 1 when the number after the last "#"
 equals the answer and the response ended with EOS, else 0. Prompts are drawn by a seeded generator; a fixed hash of
 (start, step) puts one prompt in five into the `test` split, so held-out prompts never appear in training.
@@ -51,7 +51,7 @@ class CountdownTask:
     min_step: int = 3
     max_step: int = 9
     min_len: int = 4
-    max_len: int = 60
+    max_len: int = 40
     name: str = "countdown"
 
     def _split_of(self, start: int, step: int) -> str:

@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from unison.learner import Learner, WeightSyncError
+from unison.mismatch import mismatch_metrics
+from unison.models import build_tokenizer, load_model
+from unison.precision import PrecisionPolicy
+from unison.rollout import RolloutEngine, make_engine
+from unison.rollout.base import SamplingParams
+from unison.rollout.native import NativeEngine
+from unison.sampling import process_logits, token_logprobs
+
+TOK = build_tokenizer()
+PROMPTS = [TOK(p).input_ids for p in ["47-9:", "123-4:", "8-3:", "300-7:"]] * 2
+
+
+def engine(model_dir, dtype=torch.float32, seed=0):
+    return NativeEngine.from_pretrained(model_dir, dtype=dtype, device="cpu", seed=seed)
+
+
+def test_protocol_and_factory(tiny_dir):
+    e = make_engine("native", tiny_dir, dtype=torch.float32, device="cpu")
+    assert isinstance(e, RolloutEngine)
+    from unison.errors import UserError
+
+    with pytest.raises(UserError, match="native, vllm"):
+        make_engine("sglang", tiny_dir, dtype=torch.float32, device="cpu")
+
+
+def test_seeded_sampling_is_deterministic(tiny_dir):
+    p = SamplingParams(max_new_tokens=20, stop_token_ids=(1,))
+    a = engine(tiny_dir, seed=3).generate(PROMPTS, p)
+    b = engine(tiny_dir, seed=3).generate(PROMPTS, p)
+    c = engine(tiny_dir, seed=4).generate(PROMPTS, p)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_max_tokens_and_shapes(tiny_dir):
+    r = engine(tiny_dir).generate(PROMPTS, SamplingParams(max_new_tokens=7, stop_token_ids=()))
+    assert r.response_ids.shape == (8, 7) and r.lengths.tolist() == [7] * 8
+    assert not r.finished.any() and r.mask.all()
+    assert (r.logprobs <= 0).all()
+
+
+def test_eos_stops_and_is_included(tiny_dir):
+    e = engine(tiny_dir)
+    r = e.generate(PROMPTS, SamplingParams(max_new_tokens=30, temperature=1.0, stop_token_ids=tuple(range(5, 272))))
+    # every non-special token stops: each response is exactly one token long unless a special token came first
+    assert r.finished.all()
+    assert (r.lengths >= 1).all()
+    last = r.response_ids[torch.arange(8), r.lengths - 1]
+    assert ((last >= 5)).all()
+    assert (r.mask.sum(1) == r.lengths).all()
+    for row, n in zip(r.response_ids, r.lengths):
+        assert (row[n:] == e.pad_token_id).all()
+
+
+def test_greedy_matches_hf_generate(tiny_dir):
+    e = engine(tiny_dir)
+    r = e.generate(PROMPTS[:2], SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=()))
+    model = load_model(tiny_dir)
+    for i, p in enumerate(PROMPTS[:2]):
+        out = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out[0, len(p):].tolist() == r.response_ids[i].tolist()
+
+
+def test_learner_agrees_with_engine_in_fp32(tiny_dir):
+    e = engine(tiny_dir)
+    r = e.generate(PROMPTS, SamplingParams(max_new_tokens=40, stop_token_ids=(1,)))
+    lr = Learner.from_pretrained(tiny_dir, PrecisionPolicy(torch.float32, torch.float32), "cpu")
+    m = mismatch_metrics(lr.recompute(r), r.logprobs, r.mask)
+    assert m["abs_log_ratio_mean"] < 1e-5 and m["num_tokens"] == int(r.lengths.sum())
+
+
+def test_mismatch_ordering_fp32_fp16_bf16(builtin_dir):
+    prompts = [TOK(p).input_ids for p in ["97-7:", "250-9:", "61-4:", "140-5:"]] * 4
+    values = {}
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        r = engine(builtin_dir, dt).generate(prompts, SamplingParams(max_new_tokens=128, stop_token_ids=(1,)))
+        lr = Learner.from_pretrained(builtin_dir, PrecisionPolicy(dt, dt), "cpu")
+        values[dt] = mismatch_metrics(lr.recompute(r), r.logprobs, r.mask)["abs_log_ratio_mean"]
+    assert values[torch.float32] < values[torch.float16] < values[torch.bfloat16]
+    assert values[torch.float32] < 1e-5
+
+
+def test_top_p_top_k_logprobs_are_the_truncated_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    q = process_logits(logits, temperature=1.0, top_k=0, top_p=0.7).softmax(-1)
+    p = logits.softmax(-1)
+    # top-p 0.7 keeps tokens 0 and 1 (0.61 < 0.7 after token 0, crossed by token 1), renormalised
+    assert q[0, 2] == 0 and q[0, 3] == 0
+    torch.testing.assert_close(q[0, :2], p[0, :2] / p[0, :2].sum())
+    lp = token_logprobs(logits, torch.tensor([1]), top_k=1)
+    assert lp.item() == float("-inf")  # outside the top-1 support
+    lp = token_logprobs(logits * 2, torch.tensor([0]), temperature=2.0)
+    torch.testing.assert_close(lp, p[:, 0].log())
+
+
+def test_sync_verifies_and_catches_corruption(tiny_dir):
+    e = engine(tiny_dir, torch.float16)
+    lr = Learner.from_pretrained(tiny_dir, PrecisionPolicy(torch.float16, torch.float16), "cpu")
+    assert lr.sync(e)["sync/checksum_ok"] == 1.0
+    original = e.load_weights
+
+    def corrupt(named):
+        original(named)
+        with torch.no_grad():
+            next(iter(e.model.parameters())).view(-1)[0] += 1.0
+
+    e.load_weights = corrupt
+    with pytest.raises(WeightSyncError, match="checksum"):
+        lr.sync(e)
+
+
+def test_weights_loaded_in_place_change_outputs_like_a_fresh_engine(tiny_dir, tmp_path):
+    from unison.models import build_tokenizer, random_model, save_model
+
+    other = save_model(random_model(seed=7), build_tokenizer(), tmp_path / "other")
+    p = SamplingParams(max_new_tokens=10, stop_token_ids=())
+    fresh = engine(other, torch.bfloat16, seed=5).generate(PROMPTS, p)
+    e = engine(tiny_dir, torch.bfloat16, seed=5)
+    e.load_weights((n, t.to(torch.bfloat16)) for n, t in load_model(other).named_parameters())
+    loaded = e.generate(PROMPTS, p)
+    assert torch.equal(fresh.response_ids, loaded.response_ids) and torch.equal(fresh.logprobs, loaded.logprobs)
