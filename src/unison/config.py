@@ -230,7 +230,7 @@ def _build(cls, data: dict, prefix: str = ""):
     unknown = [k for k in data if k not in types_]
     if unknown:
         raise UserError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(types_)}"
+            f"unknown config key {prefix + unknown[0]!r}; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(types_)}"
         )
     return cls(**{k: _coerce(v, types_[k], prefix + k) for k, v in data.items()})
 

@@ -1,0 +1,98 @@
+"""The command line: outputs of `unison probe`, and one clear line with exit code 2 for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "unison.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)  # fmt: skip
+
+
+def test_probe_writes_table_json_and_figures(tiny_dir, tmp_path):
+    out = tmp_path / "probe"
+    r = run("probe", "--model", tiny_dir, "--num-prompts", 2, "--samples", 2, "--max-new-tokens", 16, "--out", out,
+            "--json", tmp_path / "p.json", "progress=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "abs_log_ratio_mean" in r.stdout and "bf16÷fp16" in r.stdout
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert [(x["rollout_precision"], x["train_precision"]) for x in data["results"]] == [
+        ("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")]
+    for x in data["results"]:
+        assert {"abs_log_ratio_mean", "k1", "k2", "k3", "chi2_token", "chi2_seq", "seq_kl"} <= set(x["metrics"])
+    assert json.loads((out / "probe.json").read_text()) == data
+    for png in ("pi_vs_mu.png", "seq_log_ratio_vs_length.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_probe_mixed_setting(tiny_dir, tmp_path):
+    r = run("probe", "--model", tiny_dir, "--rollout-precision", "fp32", "--train-precision", "bf16", "--num-prompts", 1,
+            "--samples", 2, "--max-new-tokens", 8, "--out", tmp_path, "progress=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "probe.json").read_text())["results"]
+    assert [(x["rollout_precision"], x["train_precision"]) for x in res] == [("fp32", "bf16")]
+
+
+def _bad_inputs(tmp_path, tiny_dir):
+    no_tok = tmp_path / "notok"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text((tiny_dir / "config.json").read_text())
+    bad_cfg = tmp_path / "badcfg"
+    bad_cfg.mkdir()
+    (bad_cfg / "config.json").write_text("{not json")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text('{"question": "1+1", "answer": "2"}\n')
+    noans = tmp_path / "noans.jsonl"
+    noans.write_text('{"prompt": "1+1"}\n')
+    yaml_bad = tmp_path / "bad.yaml"
+    yaml_bad.write_text("optim: [\n")
+    m = ["--model", tiny_dir]
+    return {
+        "missing model dir": ["probe", "--model", tmp_path / "nope"],
+        "model dir without config": ["probe", "--model", tmp_path],
+        "invalid config.json": ["probe", "--model", bad_cfg],
+        "no tokenizer": ["probe", "--model", no_tok],
+        "unknown precision": ["probe", *m, "--precisions", "fp8"],
+        "unknown device": ["probe", *m, "--device", "tpu"],
+        "missing prompt file": ["probe", *m, "--prompts", tmp_path / "missing.jsonl"],
+        "empty prompt file": ["probe", *m, "--prompts", empty],
+        "prompt column missing": ["probe", *m, "--prompts", nocol],
+        "unknown preset": ["train", *m, "--preset", "ppo", "--out", tmp_path / "r1"],
+        "unknown objective": ["train", *m, "algorithm.objective=dpo", "--out", tmp_path / "r2"],
+        "unknown correction": ["train", *m, "algorithm.correction=tis", "--out", tmp_path / "r3"],
+        "malformed yaml": ["train", *m, "--config", yaml_bad],
+        "unknown key": ["train", *m, "optim.learning_rate=1"],
+        "batch not divisible": ["train", *m, "optim.train_batch_size=24"],
+        "answer column missing": ["train", *m, "--data", noans, "--out", tmp_path / "r4"],
+        "reward does not import": ["train", *m, "--data", nocol, "data.prompt_key=question",
+                                   "data.reward=nosuchmodule:fn", "--out", tmp_path / "r5"],
+        "eval unknown engine": ["eval", *m, "--engine", "sglang"],
+        "filter bad range": ["filter", *m, "--lo", "0.9", "--hi", "0.1"],
+        "plot not a run": ["plot", tmp_path],
+    }
+
+
+def test_bad_input_one_line_exit_2(tiny_dir, tmp_path):
+    cases = _bad_inputs(tmp_path, tiny_dir)
+    for name, args in cases.items():
+        r = run(*args)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (name, r.stderr)
+        assert "error:" in lines[0], (name, lines[0])
+    for sub in ("r1", "r2", "r3", "r4", "r5"):
+        assert not (tmp_path / sub).exists()  # nothing written for a bad run
+
+
+def test_existing_run_folder_untouched(tiny_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    r = run("train", "--model", tiny_dir, "--out", run_dir, "run.steps=1")
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'

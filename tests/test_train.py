@@ -1,0 +1,97 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from unison.algorithms import PRESETS
+from unison.config import TrainConfig, load_config
+from unison.trainer import train
+
+
+def tiny_cfg(model_dir, out, **extra):
+    overrides = {
+        "model.path": str(model_dir), "run.out": str(out), "run.steps": 2, "run.eval_every": 0, "run.eval_prompts": 4,
+        "run.save_every": 0, "run.progress": False, "run.tensorboard": False, "rollout.prompts_per_step": 2,
+        "rollout.group_size": 4, "rollout.max_new_tokens": 24, "optim.train_batch_size": 4, "optim.micro_batch_size": 3,
+        "optim.lr": 1e-3, "data.max_prompts": 8,
+    }  # fmt: skip
+    overrides.update(extra)
+    return load_config(TrainConfig, None, overrides)
+
+
+def params_of(run_dir):
+    from unison.checkpoint import latest_checkpoint, load_master
+
+    return load_master(latest_checkpoint(run_dir))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_every_precision_runs(tiny_dir, tmp_path, preset, precision):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{i}-3:", "answer": "0"}}\n' for i in range(10, 30)))
+    reward = f"{Path(__file__).parent / 'reward_fixture.py'}:even_length"  # varies, so advantages are non-zero
+    cfg = tiny_cfg(tiny_dir, tmp_path / "run", **{"algorithm.preset": preset, "precision.rollout": precision,
+                                                    "precision.train": precision, "data.source": str(prompts),
+                                                    "data.reward": reward, "data.template": "plain"})  # fmt: skip
+    run = train(cfg, quiet=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        for key, value in row.items():
+            assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
+    before = {n: t for n, t in __import__("unison.models", fromlist=["load_model"]).load_model(tiny_dir).named_parameters()}
+    after = params_of(run)
+    assert rows[0]["rollout/advantage_abs_mean"] > 0
+    changed = sum(not torch.equal(before[n].float(), after[n]) for n in after)
+    assert changed == len(after)
+    assert rows[-1]["learner/updates"] == 2
+
+
+def test_parameters_change_when_rewards_vary(builtin_dir, tmp_path):
+    cfg = tiny_cfg(builtin_dir, tmp_path / "run", **{"rollout.max_new_tokens": 160, "rollout.prompts_per_step": 4,
+                                                      "optim.train_batch_size": 16, "run.steps": 1})  # fmt: skip
+    run = train(cfg, quiet=True)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["rollout/advantage_abs_mean"] > 0
+    from unison.models import load_model
+
+    before = dict(load_model(builtin_dir).named_parameters())
+    after = params_of(run)
+    assert any(not torch.equal(before[n], after[n]) for n in after)
+
+
+def test_same_seed_same_run_bit_for_bit(tiny_dir, tmp_path):
+    runs = [train(tiny_cfg(tiny_dir, tmp_path / f"r{i}", **{"precision.rollout": "fp16", "precision.train": "fp16"}),
+                  quiet=True) for i in range(2)]  # fmt: skip
+    a, b = (params_of(r) for r in runs)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    ma = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("perf/", "sync/seconds"))} for r in rows]
+    assert strip(ma) == strip(mb)
+
+
+def test_resume_continues_exactly(tiny_dir, tmp_path):
+    full = train(tiny_cfg(tiny_dir, tmp_path / "full", **{"run.steps": 4, "run.save_every": 2}), quiet=True)
+    part = tiny_cfg(tiny_dir, tmp_path / "part", **{"run.steps": 2, "run.save_every": 2})
+    train(part, quiet=True)
+    part.run.steps = 4
+    resumed = train(part, resume=True, quiet=True)
+    a, b = params_of(full), params_of(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    rows = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_existing_run_folder_needs_resume_or_overwrite(tiny_dir, tmp_path):
+    from unison.errors import UserError
+
+    cfg = tiny_cfg(tiny_dir, tmp_path / "run", **{"run.steps": 1})
+    train(cfg, quiet=True)
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg, quiet=True)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
