@@ -123,3 +123,23 @@ def test_weights_loaded_in_place_change_outputs_like_a_fresh_engine(tiny_dir, tm
     e.load_weights((n, t.to(torch.bfloat16)) for n, t in load_model(other).named_parameters())
     loaded = e.generate(PROMPTS, p)
     assert torch.equal(fresh.response_ids, loaded.response_ids) and torch.equal(fresh.logprobs, loaded.logprobs)
+
+
+def test_fallback_path_matches_fast_path(tiny_dir):
+    p = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=())
+    fast = engine(tiny_dir).generate(PROMPTS, p)
+    slow_engine = engine(tiny_dir)
+    slow_engine.fast = False  # the model's own forward and dynamic cache
+    slow = slow_engine.generate(PROMPTS, p)
+    assert torch.equal(fast.response_ids, slow.response_ids)
+
+
+def test_finished_rows_dropped_mid_batch_keep_their_results(tiny_dir):
+    # stop on many tokens so rows finish at different times and the batch is compacted along the way
+    stops = tuple(range(20, 60))
+    p = SamplingParams(max_new_tokens=30, stop_token_ids=stops)
+    r = engine(tiny_dir, seed=11).generate(PROMPTS * 4, p)
+    lr = Learner.from_pretrained(tiny_dir, PrecisionPolicy(torch.float32, torch.float32), "cpu")
+    assert mismatch_metrics(lr.recompute(r), r.logprobs, r.mask)["abs_log_ratio_mean"] < 1e-5
+    for row, n, fin in zip(r.response_ids, r.lengths, r.finished):
+        assert bool(fin) == (int(row[n - 1]) in stops)

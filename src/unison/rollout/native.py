@@ -136,23 +136,34 @@ class NativeEngine:
 
         tokens = torch.full((B, N), self.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros((B, N), dtype=torch.float32, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.full((B,), N, dtype=torch.long, device=dev)
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        step_fn = self._fast_steps if self.fast else self._hf_steps
+        decoder = (_StaticDecode if self.fast else _HFDecode)(self, prompts, pad_left, N)
+        rows = torch.arange(B, device=dev)  # the original row of each slot still decoded
+        done = torch.zeros(B, dtype=torch.bool, device=dev)  # [slots]
+        logits = decoder.prefill()
         bar = tqdm(total=N, desc="sampling", unit="tok", leave=False, disable=not progress)
-        for t, logits in enumerate(step_fn(prompts, pad_left, N, tokens)):
+        for t in range(N):
             tok, lp = sample(logits, self.generator, params.temperature, params.top_k, params.top_p)
             tok = torch.where(done, self.pad_token_id, tok)
-            tokens[:, t] = tok
-            logprobs[:, t] = torch.where(done, 0.0, lp)
+            tokens[rows, t] = tok
+            logprobs[rows, t] = torch.where(done, 0.0, lp)
             hit = ~done & torch.isin(tok, stop)
-            lengths = torch.where(hit, t + 1, lengths)
-            finished |= hit
+            lengths[rows] = torch.where(hit, t + 1, lengths[rows])
+            finished[rows] |= hit
             done |= hit
             bar.update(1)
-            if (t % 8 == 7 or dev.type == "cpu") and bool(done.all()):
+            if t == N - 1:
                 break
+            if dev.type == "cpu" or t % 8 == 7:  # on a GPU, look at the host only every 8 tokens
+                n_done = int(done.sum())
+                if n_done == len(done):
+                    break
+                # drop finished rows from the batch once a quarter of it is done (a copy of the cache)
+                if 4 * n_done >= len(done) and decoder.compact(~done):
+                    keep = ~done
+                    rows, tok, done = rows[keep], tok[keep], done[keep]
+            logits = decoder.step(t, tok)
         bar.close()
         T = int(lengths.max().item())
         mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]
@@ -165,38 +176,60 @@ class NativeEngine:
             finished=finished.cpu(),
         )
 
-    def _fast_steps(self, prompts, pad_left, max_new: int, tokens):
-        """Yield the logits for each new position; `tokens[:, t]` must be filled before the next is asked."""
+
+class _StaticDecode:
+    """Prefill and decode steps over a static KV cache; finished rows can be dropped (`compact`)."""
+
+    def __init__(self, engine: NativeEngine, prompts, pad_left, max_new: int):
         B, P = prompts.shape
         dev = prompts.device
-        cache = StaticKVCache(self.num_layers, B, self.kv_heads, P + max_new, self.head_dim, self.dtype, dev)
-        key_pos = torch.arange(P + max_new, device=dev)
-        valid = key_pos[None, :] >= pad_left[:, None]  # [B, P+N] real tokens (prompt left padding excluded)
-        q_pos = torch.arange(P, device=dev)
-        causal = key_pos[None, :P] <= q_pos[:, None]  # [P, P]
-        # padded query rows attend to themselves only, so no row is empty (an empty row gives NaN)
-        mask = (causal[None] & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
-        positions = (q_pos[None, :] - pad_left[:, None]).clamp(min=0)  # [B, P]
-        yield self._forward(prompts, positions, cache, 0, mask[:, None])
-        for t in range(max_new - 1):
-            cur = P + t
-            step_mask = valid[:, None, None, : cur + 1]  # [B, 1, 1, cur+1]
-            pos = (cur - pad_left)[:, None]  # [B, 1]
-            yield self._forward(tokens[:, t : t + 1], pos, cache, cur, step_mask)
+        self.engine, self.prompts, self.pad_left, self.P = engine, prompts, pad_left, P
+        self.cache = StaticKVCache(engine.num_layers, B, engine.kv_heads, P + max_new, engine.head_dim, engine.dtype, dev)
+        self.valid = torch.arange(P + max_new, device=dev)[None, :] >= pad_left[:, None]  # [B, P+N] no left padding
 
-    def _hf_steps(self, prompts, pad_left, max_new: int, tokens):
-        """Fallback for architectures without the fast path: the model's own forward and cache."""
-        B, P = prompts.shape
-        attn = (torch.arange(P, device=prompts.device)[None, :] >= pad_left[:, None]).long()
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=prompts, attention_mask=attn, position_ids=positions, use_cache=True)
-        past = out.past_key_values
-        yield out.logits[:, -1]
-        for t in range(max_new - 1):
-            attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
-            pos = positions[:, -1:] + t + 1
-            out = self.model(
-                input_ids=tokens[:, t : t + 1], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True
-            )
-            past = out.past_key_values
-            yield out.logits[:, -1]
+    def prefill(self) -> torch.Tensor:
+        P, dev = self.P, self.prompts.device
+        q_pos = torch.arange(P, device=dev)
+        causal = q_pos[None, :] <= q_pos[:, None]  # [P, P]
+        # padded query rows attend to themselves only, so no row is empty (an empty row gives NaN)
+        mask = (causal[None] & self.valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
+        positions = (q_pos[None, :] - self.pad_left[:, None]).clamp(min=0)  # [B, P]
+        return self.engine._forward(self.prompts, positions, self.cache, 0, mask[:, None])
+
+    def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
+        cur = self.P + t
+        mask = self.valid[:, None, None, : cur + 1]  # [B, 1, 1, cur+1]
+        return self.engine._forward(tok[:, None], (cur - self.pad_left)[:, None], self.cache, cur, mask)
+
+    def compact(self, keep: torch.Tensor) -> bool:
+        self.cache.k, self.cache.v = self.cache.k[:, keep], self.cache.v[:, keep]
+        self.valid, self.pad_left = self.valid[keep], self.pad_left[keep]
+        return True
+
+
+class _HFDecode:
+    """Fallback for architectures without the fast path: the model's own forward and dynamic cache."""
+
+    def __init__(self, engine: NativeEngine, prompts, pad_left, max_new: int):
+        self.model = engine.model
+        self.prompts = prompts
+        self.attn = (torch.arange(prompts.shape[1], device=prompts.device)[None, :] >= pad_left[:, None]).long()
+        self.positions = (self.attn.cumsum(-1) - 1).clamp(min=0)
+        self.past = None
+
+    def prefill(self) -> torch.Tensor:
+        out = self.model(input_ids=self.prompts, attention_mask=self.attn, position_ids=self.positions, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+    def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, self.attn.new_ones(len(tok), 1)], dim=1)
+        pos = self.positions[:, -1:] + t + 1
+        out = self.model(input_ids=tok[:, None], attention_mask=self.attn, position_ids=pos, past_key_values=self.past,
+                         use_cache=True)  # fmt: skip
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+    def compact(self, keep: torch.Tensor) -> bool:
+        return False
+

@@ -1,0 +1,122 @@
+"""The sanity study in miniature: presets x precisions x seeds on the built-in perfectible set.
+
+    python bench/sanity_study.py [--presets grpo,grpo-token-tis,grpo-seq-mis,pg-seq-is] [--precisions fp16,bf16,fp32]
+                                 [--seeds 0,1,2] [--steps 150] [--out runs/sanity] [--quick]
+
+Each run is `unison train` with configs/sanity-builtin-<preset>.yaml, the precision and seed changed. Writes
+docs/sanity.md (final training accuracy over the last 10 steps, peak accuracy, held-out accuracy, mismatch k3 at
+the start, middle and end, skipped steps, whether the run collapsed: accuracy falling below half its peak after
+the peak) and docs/figures/sanity_<preset>.png (accuracy and k3 against step for every precision and seed).
+Ends with a line `RESULT ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from unison.config import TrainConfig, load_config  # noqa: E402
+from unison.report import plot_runs, read_metrics  # noqa: E402
+from unison.trainer import train  # noqa: E402
+
+
+def run_one(preset: str, precision: str, seed: int, steps: int, out: Path) -> Path:
+    run_dir = out / f"{preset}-{precision}-s{seed}"
+    if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= steps:
+        return run_dir
+    cfg = load_config(TrainConfig, ROOT / "configs" / f"sanity-builtin-{preset}.yaml", {
+        "precision.rollout": precision, "precision.train": precision, "run.seed": seed, "run.steps": steps,
+        "run.out": str(run_dir), "run.progress": False, "run.tensorboard": False, "run.save_every": steps,
+        "run.eval_every": steps,
+    })  # fmt: skip
+    train(cfg, overwrite=True, quiet=True)
+    return run_dir
+
+
+def summarize(run_dir: Path) -> dict:
+    rows = read_metrics(run_dir)
+    acc = [r["rollout/accuracy"] for r in rows]
+    k3 = [r["mismatch/k3"] for r in rows]
+    smooth = [statistics.mean(acc[max(0, i - 4): i + 1]) for i in range(len(acc))]
+    peak_i = max(range(len(smooth)), key=smooth.__getitem__)
+    collapsed = any(v < 0.5 * smooth[peak_i] for v in smooth[peak_i:]) and smooth[peak_i] > 0.2
+    return {
+        "final_acc": statistics.mean(acc[-10:]), "peak_acc": smooth[peak_i], "first_acc": statistics.mean(acc[:5]),
+        "heldout": next((r["eval/avg@1"] for r in reversed(rows) if "eval/avg@1" in r), float("nan")),
+        "k3_start": statistics.mean(k3[:5]), "k3_mid": statistics.mean(k3[len(k3) // 2 - 2: len(k3) // 2 + 3]),
+        "k3_end": statistics.mean(k3[-5:]), "skipped": rows[-1]["precision/skipped_steps"], "collapsed": collapsed,
+        "seconds": sum(r["perf/step_seconds"] for r in rows),
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="grpo,grpo-token-tis,grpo-seq-mis,pg-seq-is")
+    ap.add_argument("--precisions", default="fp16,bf16,fp32")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "sanity"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "sanity.md"))
+    ap.add_argument("--quick", action="store_true", help="one preset, fp16 and bf16, one seed, 5 steps")
+    args = ap.parse_args()
+    presets, precisions = args.presets.split(","), args.precisions.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.quick:
+        presets, precisions, seeds, args.steps = ["grpo"], ["fp16", "bf16"], [0], 5
+    out = Path(args.out)
+    results = {}
+    t0 = time.time()
+    for preset in presets:
+        for precision in precisions:
+            for seed in seeds:
+                run_dir = run_one(preset, precision, seed, args.steps, out)
+                results[(preset, precision, seed)] = summarize(run_dir)
+                r = results[(preset, precision, seed)]
+                print(f"{preset:16s} {precision:5s} seed {seed}: final acc {r['final_acc']:.3f} peak {r['peak_acc']:.3f} "
+                      f"k3 {r['k3_start']:.1e} -> {r['k3_end']:.1e} skipped {r['skipped']:.0f}"
+                      f"{' COLLAPSED' if r['collapsed'] else ''}  ({r['seconds']:.0f}s)", flush=True)  # fmt: skip
+    figs = ROOT / "docs" / "figures"
+    for preset in presets:
+        runs = [out / f"{preset}-{p}-s{s}" for p in precisions for s in seeds]
+        plot_runs(runs, ["rollout/accuracy", "mismatch/k3"], figs / f"sanity_{preset}.png",
+                  labels=[f"{p} seed {s}" for p in precisions for s in seeds], smooth=5, log_scale=["mismatch/k3"])  # fmt: skip
+    write_doc(Path(args.doc), results, args, time.time() - t0)
+    fp16 = [r["final_acc"] for (_, p, _), r in results.items() if p == "fp16"]
+    bf16 = [r["final_acc"] for (_, p, _), r in results.items() if p == "bf16"]
+    print(f"RESULT runs={len(results)} fp16_final_acc_mean={statistics.mean(fp16) if fp16 else float('nan'):.3f} "
+          f"bf16_final_acc_mean={statistics.mean(bf16) if bf16 else float('nan'):.3f} "
+          f"collapsed={sum(r['collapsed'] for r in results.values())}")  # fmt: skip
+
+
+def write_doc(path: Path, results: dict, args, seconds: float) -> None:
+    lines = [
+        "# Sanity study on the built-in perfectible set", "",
+        f"Command: `python bench/sanity_study.py --presets {args.presets} --precisions {args.precisions} "
+        f"--seeds {args.seeds} --steps {args.steps}` ({seconds / 60:.0f} minutes on this 2-core CPU).", "",
+        "| preset | precision | seed | first acc | peak acc | final acc (last 10) | held-out | k3 start | k3 mid | k3 end | skipped | collapsed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for (preset, precision, seed), r in results.items():
+        lines.append(
+            f"| {preset} | {precision} | {seed} | {r['first_acc']:.3f} | {r['peak_acc']:.3f} | {r['final_acc']:.3f} | "
+            f"{r['heldout']:.3f} | {r['k3_start']:.1e} | {r['k3_mid']:.1e} | {r['k3_end']:.1e} | {r['skipped']:.0f} | "
+            f"{'yes' if r['collapsed'] else 'no'} |"
+        )
+    lines += ["", "Figures: " + ", ".join(f"`docs/figures/sanity_{p}.png`" for p in args.presets.split(","))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_text() if path.exists() else ""
+    marker = "<!-- analysis -->"
+    analysis = existing[existing.index(marker):] if marker in existing else marker + "\n"
+    path.write_text("\n".join(lines) + "\n\n" + analysis)
+    (path.with_suffix(".json")).write_text(json.dumps({"/".join(map(str, k)): v for k, v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
