@@ -1,8 +1,10 @@
 """The native rollout engine: batched sampling with a preallocated KV cache on a Hugging Face model's weights.
 
 The decode loop runs its own attention over a static cache (one SDPA call per layer per token, the new key/value
-written in place), so its kernels differ from the learner's full-sequence forward exactly the way an inference
-engine's do: same weights, other reduction orders. Llama-family decoders (Qwen2, Qwen3, Llama, Mistral) take this
+written in place), and fuses elementwise work the way inference engines do (RMSNorm, rotary embedding and the
+SiLU gate computed in fp32 and rounded once, where the learner's Hugging Face forward rounds after each op), so its
+kernels differ from the learner's full-sequence forward the way an inference engine's do: same weights, other
+reduction orders and roundings. Llama-family decoders (Qwen2, Qwen3, Llama, Mistral) take this
 path; any other causal LM falls back to the model's own forward with its dynamic cache.
 
 Prompts are left-padded to a common length; a finished row keeps its slot (its tokens are ignored) until every
@@ -36,6 +38,18 @@ class StaticKVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def fused_rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm computed in fp32 with one rounding to x's dtype at the end (a fused inference kernel)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return (norm.weight.float() * xf).to(x.dtype)
+
+
+def fused_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    """Gated MLP with act(gate) * up computed in fp32 and rounded once (a fused silu-and-mul kernel)."""
+    return mlp.down_proj((mlp.act_fn(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()).to(x.dtype))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -97,10 +111,10 @@ class NativeEngine:
         k = attn.k_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         v = attn.v_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+            q, k = fused_rms_norm(attn.q_norm, q), fused_rms_norm(attn.k_norm, k)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D] fp32
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)  # fused rotary: one rounding
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
         keys, values = cache.write(index, start, k, v)  # [B, Hkv, start+S, D]
         sdpa = fp32_attention if self.matmul == "fp32-accumulate" else F.scaled_dot_product_attention
         out = sdpa(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
@@ -110,11 +124,11 @@ class NativeEngine:
         """Logits of the last position. ids, positions [B, S]; mask [B, 1, S, start+S] bool."""
         inner = self.model.model
         x = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(x, positions)
+        cos, sin = inner.rotary_emb(x.float(), positions)  # fp32 angles
         for i, layer in enumerate(inner.layers):
-            x = x + self._attention(layer, layer.input_layernorm(x), cos, sin, cache, i, start, mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = inner.norm(x[:, -1:])
+            x = x + self._attention(layer, fused_rms_norm(layer.input_layernorm, x), cos, sin, cache, i, start, mask)
+            x = x + fused_mlp(layer.mlp, fused_rms_norm(layer.post_attention_layernorm, x))
+        x = fused_rms_norm(inner.norm, x[:, -1:])
         return self.model.lm_head(x)[:, -1]  # [B, V] in the rollout dtype
 
     # ---- sampling ------------------------------------------------------------------------------------------
