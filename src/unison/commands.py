@@ -18,67 +18,59 @@ from unison.tasks import load_task
 
 
 @dataclass
-class EvalConfig:
-    """`unison eval`."""
+class SampleSetConfig:
+    """What `eval` and `filter` share: a model sampled on a prompt set."""
 
     model: str = doc("builtin", "checkpoint directory (a run's checkpoints/step-N works) or 'builtin'")
-    data: str = doc("builtin", "'builtin' (the countdown task's held-out split) or a JSONL/Parquet prompt file")
+    data: str = doc("builtin", "'builtin' (the countdown task) or a JSONL/Parquet prompt file")
     prompt_key: str = doc("prompt", "column holding the prompt")
     answer_key: str = doc("answer", "column holding the reference answer")
     reward: str = doc("", "reward: math, exact, or module:function (empty: the task's own)")
     template: str = doc("auto", "prompt template: plain, chat or auto")
-    split: str = doc("test", "split of the built-in task: test or train")
-    num_prompts: int = doc(0, "evaluate at most this many prompts (0: all)")
-    k: int = doc(4, "samples per prompt (avg@k, pass@k)")
+    num_prompts: int = doc(0, "use at most this many prompts (0: all)")
+    k: int = doc(4, "samples per prompt")
     temperature: float = doc(1.0, "sampling temperature")
-    top_p: float = doc(1.0, "top-p")
     max_new_tokens: int = doc(256, "longest response")
     precision: str = doc("fp32", "rollout dtype: fp32, bf16 or fp16")
     engine: str = doc("native", "native or vllm")
     device: str = doc("auto", "auto, cpu or cuda")
     matmul: str = doc("auto", "fp16/bf16 matrix products: auto, native or fp32-accumulate")
     seed: int = doc(0, "sampling seed")
-    json_path: str = doc("", "write the result JSON here")
 
     def validate(self):
         check(self.k >= 1, "k", "must be at least 1")
         check(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
-        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(self.precision.lower() in PRECISIONS, "precision", "must be fp32, bf16 or fp16")
-        check(self.split in ("test", "train"), "split", "must be test or train")
         check(self.engine in ("native", "vllm"), "engine", "must be native or vllm")
         return self
 
 
 @dataclass
-class FilterConfig:
-    """`unison filter`: the paper's perfectible-set construction."""
+class EvalConfig(SampleSetConfig):
+    """`unison eval`: avg@k and pass@k."""
 
-    model: str = doc("builtin", "checkpoint directory or 'builtin'")
-    data: str = doc("builtin", "'builtin' or a JSONL/Parquet prompt file")
-    prompt_key: str = doc("prompt", "column holding the prompt")
-    answer_key: str = doc("answer", "column holding the reference answer")
-    reward: str = doc("", "reward: math, exact, or module:function (empty: the task's own)")
-    template: str = doc("auto", "prompt template: plain, chat or auto")
-    num_prompts: int = doc(0, "consider at most this many prompts (0: all)")
+    split: str = doc("test", "split of the built-in task: test or train")
+    top_p: float = doc(1.0, "top-p")
+    json_path: str = doc("", "write the result JSON here")
+
+    def validate(self):
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.split in ("test", "train"), "split", "must be test or train")
+        return super().validate()
+
+
+@dataclass
+class FilterConfig(SampleSetConfig):
+    """`unison filter`: the paper's perfectible-set construction (k samples per prompt; the paper used 40)."""
+
     k: int = doc(8, "samples per prompt (the paper: 40)")
     lo: float = doc(0.2, "keep prompts solved at least this often")
     hi: float = doc(0.8, "... and at most this often")
-    temperature: float = doc(1.0, "sampling temperature")
-    max_new_tokens: int = doc(256, "longest response")
-    precision: str = doc("fp32", "rollout dtype")
-    engine: str = doc("native", "native or vllm")
-    device: str = doc("auto", "auto, cpu or cuda")
-    matmul: str = doc("auto", "fp16/bf16 matrix products: auto, native or fp32-accumulate")
-    seed: int = doc(0, "sampling seed")
     out: str = doc("perfectible.jsonl", "output JSONL: one line per kept prompt (id, prompt, answer, solve rate)")
 
     def validate(self):
-        check(self.k >= 1, "k", "must be at least 1")
         check(0 <= self.lo <= self.hi <= 1, "lo", "need 0 <= lo <= hi <= 1")
-        check(self.precision.lower() in PRECISIONS, "precision", "must be fp32, bf16 or fp16")
-        check(self.engine in ("native", "vllm"), "engine", "must be native or vllm")
-        return self
+        return super().validate()
 
 
 def _open(cfg, require_answer: bool = True):
