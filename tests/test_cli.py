@@ -96,3 +96,20 @@ def test_existing_run_folder_untouched(tiny_dir, tmp_path):
     r = run("train", "--model", tiny_dir, "--out", run_dir, "run.steps=1")
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_eval_and_filter_and_plot(tiny_dir, tmp_path):
+    r = run("eval", "--model", tiny_dir, "--k", 2, "--json", tmp_path / "e.json", "num_prompts=3", "max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["num_prompts"] == 3 and 0 <= res["avg@2"] <= res["pass@2"] <= 1
+    r = run("filter", "--model", tiny_dir, "--k", 2, "--num-prompts", 3, "--lo", 0, "--hi", 1, "--out",
+            tmp_path / "f.jsonl", "max_new_tokens=8")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "f.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all({"id", "prompt", "answer", "solve_rate"} <= set(x) for x in rows)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "rollout/accuracy": 0.5}\n{"step": 2, "rollout/accuracy": 0.7}\n')
+    r = run("plot", run_dir, "--metrics", "rollout/accuracy", "--out", tmp_path / "p.png")
+    assert r.returncode == 0, r.stderr and (tmp_path / "p.png").exists()

@@ -72,3 +72,10 @@ def test_every_field_is_documented():
     lines = describe(TrainConfig)
     assert all(len(line.split(None, 2)) == 3 for line in lines)
     assert any(line.startswith("optim.lr") for line in lines)
+
+
+def test_partial_section_keeps_the_commands_own_defaults():
+    from unison.demo import DemoConfig
+
+    cfg = load_config(DemoConfig, None, ["run.progress=false"])
+    assert cfg.run.out == "runs/demo" and cfg.run.steps == DemoConfig().run.steps and cfg.run.progress is False

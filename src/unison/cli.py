@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--out", help="output folder")
     p.add_argument("--json", dest="json_path", help="also write the results JSON here")
+    p.add_argument("--activations", action="store_true", default=None,
+                   help="also report each layer's largest |activation| against the FP16 limit 65504")
 
     for name, text in (("train", "RL fine-tuning"), ("demo", "the paper's sanity test in miniature: fp16 against bf16")):
         p = sub.add_parser(name, help=text)
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--data")
     p.add_argument("--k", type=int)
+    p.add_argument("--num-prompts", type=int, help="consider at most this many prompts")
     p.add_argument("--lo", type=float)
     p.add_argument("--hi", type=float)
     p.add_argument("--out")
@@ -94,7 +97,7 @@ SHORTCUTS = {
     "probe": {"model": "model", "prompts": "prompts", "rollout_precision": "rollout_precision",
               "train_precision": "train_precision", "samples": "samples", "num_prompts": "num_prompts",
               "max_new_tokens": "max_new_tokens", "engine": "engine", "device": "device", "out": "out",
-              "json_path": "json_path"},
+              "json_path": "json_path", "activations": "activations"},
     "train": {"model": "model.path", "preset": "algorithm.preset", "steps": "run.steps", "out": "run.out",
               "device": "model.device", "engine": "rollout.engine", "seed": "run.seed", "epochs": "optim.epochs",
               "data": "data.source"},
@@ -102,7 +105,7 @@ SHORTCUTS = {
              "device": "model.device", "engine": "rollout.engine", "seed": "run.seed"},
     "eval": {"model": "model", "data": "data", "k": "k", "temperature": "temperature", "top_p": "top_p",
              "precision": "precision", "engine": "engine", "device": "device", "json_path": "json_path"},
-    "filter": {"model": "model", "data": "data", "k": "k", "lo": "lo", "hi": "hi", "out": "out", "engine": "engine",
+    "filter": {"model": "model", "data": "data", "k": "k", "num_prompts": "num_prompts", "lo": "lo", "hi": "hi", "out": "out", "engine": "engine",
                "device": "device"},
 }  # fmt: skip
 
@@ -137,6 +140,11 @@ def cmd_probe(args) -> None:
     cfg = _config(ProbeConfig, args, "probe")
     results = run_probe(cfg)
     print(format_table(results))
+    if cfg.activations:
+        from unison.overflow import format_activation_table
+
+        print("\nlargest |activation| per layer (fp32 forward over the prompts and one sampled response each):")
+        print(format_activation_table(json.loads((Path(cfg.out) / "probe.json").read_text())["activations"]))
     print(f"wrote {Path(cfg.out) / 'probe.json'}, {Path(cfg.out) / 'pi_vs_mu.png'}, "
           f"{Path(cfg.out) / 'seq_log_ratio_vs_length.png'}" + (f", {cfg.json_path}" if cfg.json_path else ""))  # fmt: skip
 
@@ -195,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - errors the run itself raises (loss-scale floor, sync, overflow)
         from unison.learner import WeightSyncError
+        from unison.overflow import ActivationOverflowError
         from unison.precision import LossScaleFloorError
 
-        if isinstance(exc, (LossScaleFloorError, WeightSyncError)):
+        if isinstance(exc, (LossScaleFloorError, WeightSyncError, ActivationOverflowError)):
             print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
             return 1
         raise

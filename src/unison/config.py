@@ -41,6 +41,7 @@ class PrecisionConfig:
     growth_interval: int = doc(400, "finite steps in a row after which the loss scale doubles")
     min_scale: float = doc(1.0, "the run stops if the loss scale falls below this")
     loss_scaling: str = doc("auto", "auto (dynamic scaling for fp16 training), on, or off")
+    on_activation_overflow: str = doc("stop", "an fp16 activation beyond 65504 in either engine (checked where that engine runs in fp16): stop (naming the layer), fp32_layers (run that layer's MLP in fp32 from then on), or off (no checks)")
 
 
 @dataclass
@@ -126,6 +127,8 @@ class TrainConfig:
         check(self.precision.train.lower() in PRECISIONS, "precision.train", f"must be fp32, bf16 or fp16, not {self.precision.train!r}")
         check(self.precision.loss_scaling in ("auto", "on", "off"), "precision.loss_scaling", "must be auto, on or off")
         check(self.precision.init_scale >= self.precision.min_scale > 0, "precision.init_scale", "must be >= precision.min_scale > 0")
+        check(self.precision.on_activation_overflow in ("stop", "fp32_layers", "off"), "precision.on_activation_overflow",
+              f"must be stop, fp32_layers or off, not {self.precision.on_activation_overflow!r}")
         check(self.precision.growth_interval >= 1, "precision.growth_interval", "must be at least 1")
         check(self.model.device in ("auto", "cpu", "cuda") or self.model.device.startswith("cuda:"), "model.device", "must be auto, cpu or cuda")
         check(self.model.matmul in ("auto", "native", "fp32-accumulate"), "model.matmul", "must be auto, native or fp32-accumulate")
@@ -232,7 +235,17 @@ def _build(cls, data: dict, prefix: str = ""):
         raise UserError(
             f"unknown config key {prefix + unknown[0]!r}; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(types_)}"
         )
-    return cls(**{k: _coerce(v, types_[k], prefix + k) for k, v in data.items()})
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if dataclasses.is_dataclass(types_[f.name]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            # a section given in part keeps this config's own defaults for the rest (e.g. `unison demo` run.out)
+            default = dataclasses.asdict(f.default_factory())
+            value = {**{k: v for k, v in default.items() if k not in value}, **value}
+        values[f.name] = _coerce(value, types_[f.name], prefix + f.name)
+    return cls(**values)
 
 
 def _set_dotted(data: dict, cls, key: str, value) -> None:

@@ -52,6 +52,7 @@ class ProbeConfig:
     out: str = doc("runs/probe", "folder for probe.json and the figures")
     json_path: str = doc("", "also write the results JSON here")
     progress: bool = doc(True, "show a progress bar while sampling")
+    activations: bool = doc(False, "also measure each layer's largest |activation| (fp32 forward) against the FP16 limit 65504")
 
     def validate(self) -> "ProbeConfig":
         names = [self.rollout_precision, self.train_precision]
@@ -121,6 +122,9 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
         check_dtype_supported(pol.train, device)
     model_dir = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir)
+    from unison.trainer import load_model_config
+
+    load_model_config(model_dir)  # an unsupported architecture is refused here
     task = load_task(cfg.prompts, prompt_key=cfg.prompt_key, require_answer=False)
     split = "test" if cfg.prompts in ("builtin", "countdown", "") else "train"
     examples = task.examples(split, n=cfg.num_prompts, seed=cfg.seed)
@@ -129,6 +133,8 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = results_json(cfg, results)
+    if cfg.activations:
+        payload["activations"] = probe_activations(cfg, model_dir, tokenizer, prompt_ids, device)
     (out / "probe.json").write_text(json.dumps(payload, indent=1))
     if cfg.json_path:
         Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,16 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     plot_token_scatter(results, out / "pi_vs_mu.png")
     plot_sequence_drift(results, out / "seq_log_ratio_vs_length.png")
     return results
+
+
+def probe_activations(cfg: ProbeConfig, model_dir, tokenizer, prompt_ids, device) -> list[dict]:
+    """Largest |activation| per layer over the prompts, each with one response sampled in fp32 (`unison.overflow`)."""
+    from unison.overflow import activation_stats
+
+    engine = make_engine(cfg.engine, model_dir, dtype=torch.float32, device=device, seed=cfg.seed, matmul=cfg.matmul)
+    ro = engine.generate(prompt_ids, SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, eos_token_ids(tokenizer)))
+    seqs = [torch.tensor([p + ro.response_ids[i, : int(ro.lengths[i])].tolist()], device=device) for i, p in enumerate(prompt_ids)]
+    return activation_stats(load_model(model_dir, device=device), seqs)
 
 
 def results_json(cfg: ProbeConfig, results: list[ProbeResult]) -> dict:

@@ -29,6 +29,7 @@ from unison.errors import UserError
 from unison.evaluation import encode_all, evaluate, score
 from unison.learner import Learner, length_buckets
 from unison.mismatch import mismatch_metrics
+from unison.overflow import OverflowGuard
 from unison.models import eos_token_ids, load_model, load_tokenizer, resolve_model_dir
 from unison.precision import PrecisionPolicy, check_dtype_supported, precision_name, resolve_device
 from unison.report import MetricsLog, console_line
@@ -111,7 +112,19 @@ def build_setup(cfg: TrainConfig) -> Setup:
 def load_model_config(model_dir):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    how = "give a decoder-only causal LM checkpoint (e.g. Qwen2, Qwen3, Llama, Mistral)"
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, KeyError, OSError):  # an unknown model_type, a broken config.json
+        raise UserError(f"{str(model_dir)!r} holds a model of unknown type; {how}") from None
+    kind = config.model_type
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, which is not a causal LM; {how}")
+    if getattr(config, "is_encoder_decoder", False) or (kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder):
+        raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, an encoder, not a decoder-only causal LM; {how}")
+    return config
 
 
 def read_subset(path: str) -> set[str]:
@@ -153,13 +166,17 @@ class PromptStream:
         return out
 
 
-def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: PromptStream, preset, shuffle: torch.Generator) -> dict:
-    """One RL step: rollout, reward, advantage, recompute, mismatch, updates, sync. Returns its metrics."""
+def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: PromptStream, preset, shuffle: torch.Generator,
+            samples: list | None = None) -> dict:
+    """One RL step: rollout, reward, advantage, recompute, mismatch, updates, sync. Returns its metrics (and appends
+    a digest of the sampled responses to `samples` when given)."""
     r, o = cfg.rollout, cfg.optim
     t_start = time.perf_counter()
     examples = [e for e in stream.take(r.prompts_per_step) for _ in range(r.group_size)]  # groups are contiguous
     rollouts = engine.generate([s.prompt_ids[id(e)] for e in examples], s.sampling)
     t_rollout = time.perf_counter() - t_start
+    if samples is not None:
+        samples.append(ckpt.rollout_digest(rollouts))
     rewards, _ = score(s.task, s.tokenizer, rollouts, examples)
     advantages = ADVANTAGES[preset.advantage](rewards, r.group_size)  # [B]
 
@@ -235,17 +252,21 @@ def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: Prompt
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> Path:
     """Run RL fine-tuning as configured; returns the run folder."""
     s = build_setup(cfg)  # every input is checked before the run folder is touched
-    run_dir = prepare_run_dir(cfg.run.out, resume, overwrite)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    preset = cfg.algorithm_fields()
     seed = cfg.run.seed
     torch.manual_seed(seed)
     random.seed(seed)
     model_dir = resolve_model_dir(cfg.model.path)
+    model = load_model(model_dir, device=s.device)
+    run_dir = prepare_run_dir(cfg.run.out, resume, overwrite)
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        ckpt.check_compatible(latest, model)  # before anything in the run folder is written
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    preset = cfg.algorithm_fields()
     p = cfg.precision
     scaling = None if p.loss_scaling == "auto" else p.loss_scaling == "on"
     learner = Learner(
-        load_model(model_dir, device=s.device), s.policy, s.device, lr=cfg.optim.lr,
+        model, s.policy, s.device, lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2),
         max_grad_norm=cfg.optim.max_grad_norm or None, pad_token_id=s.tokenizer.pad_token_id or 0,
         loss_scaling=scaling, matmul=cfg.model.matmul,
@@ -253,19 +274,32 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
     )  # fmt: skip
     engine = make_engine(cfg.rollout.engine, model_dir, dtype=s.policy.rollout, device=s.device, seed=seed,
                          matmul=cfg.model.matmul)  # fmt: skip
+    def watch(dtype):  # the FP16 range is fp16's concern: bf16 and fp32 share fp32's range
+        return p.on_activation_overflow if dtype == torch.float16 else "off"
+
+    guards = {"learner": OverflowGuard.attach(learner.model, watch(s.policy.train), "learner (full-sequence forward)"),
+              "engine": OverflowGuard.attach(getattr(engine, "model", None) or torch.nn.Module(),
+                                             watch(s.policy.rollout), "rollout engine (decode)")}  # fmt: skip
     stream = PromptStream(s.train_examples, seed)
     shuffle = torch.Generator().manual_seed(seed + 1)
     start = 0
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         state = ckpt.load_trainer_state(latest)
-        learner.load_state_dict({**state["learner"], "master": ckpt.load_master(latest)})
+        learner_state = {**state["learner"], "master": ckpt.load_master(latest)}
+        if state.get("precision") != {"rollout": precision_name(s.policy.rollout), "train": precision_name(s.policy.train)}:
+            learner_state["scaler"] = learner.scaler.state_dict()  # a new precision starts with its own loss scale
+        learner.load_state_dict(learner_state)
+        for name, g in guards.items():
+            if g is not None:
+                g.load_state_dict(state.get("overflow", {}).get(name, {}))
         start, stream.position = state["step"], state["data_position"]
         shuffle.set_state(state["rng"]["shuffle"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         engine.set_rng_state(state["rng"]["engine"])
     learner.sync(engine)
+    for name in ("metrics.jsonl", "samples.jsonl"):  # rows after the resumed step, and lines torn by a kill
+        ckpt.truncate_jsonl(run_dir / name, start)
     log = MetricsLog(run_dir, tensorboard=cfg.run.tensorboard, truncate_after=start)
     eval_params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                                  cfg.rollout.top_k, s.sampling.stop_token_ids)  # fmt: skip
@@ -276,8 +310,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
                disable=quiet or not cfg.run.progress)  # fmt: skip
     try:
         for step in bar:
-            metrics = rl_step(cfg, s, learner, engine, stream, preset, shuffle)
+            samples: list = []
+            metrics = rl_step(cfg, s, learner, engine, stream, preset, shuffle, samples)
             done = step + 1
+            ckpt.append_jsonl(run_dir / "samples.jsonl", {"step": done, **samples[0]})
+            if p.on_activation_overflow == "fp32_layers":
+                metrics["precision/fp32_layers"] = sum(len(g.upcast) for g in guards.values() if g is not None)
             if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
                 ev = evaluate(engine, s.tokenizer, s.task, s.test_examples, eval_params, k=1, template=cfg.data.template)
                 metrics.update({"eval/avg@1": ev["avg@1"], "eval/pass@1": ev["pass@1"]})
@@ -287,14 +325,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
             if not quiet and not cfg.run.progress:
                 print(console_line(done, cfg.run.steps, metrics), flush=True)
             if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.steps:
-                save(run_dir, done, learner, engine, s.tokenizer, stream, shuffle, cfg)
+                save(run_dir, done, learner, engine, s.tokenizer, stream, shuffle, cfg, guards)
     finally:
         bar.close()
         log.close()
     return run_dir
 
 
-def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: PromptStream, shuffle, cfg) -> Path:
+def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: PromptStream, shuffle, cfg,
+         guards: dict | None = None) -> Path:
     state = learner.state_dict()
     trainer_state = {
         "step": step,
@@ -303,6 +342,7 @@ def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: 
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "shuffle": shuffle.get_state(),
                 "engine": engine.rng_state()},
         "precision": {"rollout": precision_name(learner.policy.rollout), "train": precision_name(learner.policy.train)},
+        "overflow": {name: g.state_dict() for name, g in (guards or {}).items() if g is not None},
     }  # fmt: skip
     try:
         return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, state["master"], trainer_state,

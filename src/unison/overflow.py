@@ -1,0 +1,308 @@
+"""FP16 activation overflow: found in the forward pass of either engine, named by layer, never silently sampled from.
+
+FP16 holds |x| <= 65504. A weight update can push a layer's activations past that; the value becomes inf, the
+next operation turns it into NaN, and the sampler (or the loss) reads garbage. Gradient overflow is the loss
+scaler's business (`unison.precision.backward_and_step`); this module watches the forward.
+
+`OverflowGuard` puts hooks on the linear layers, which both engines call as modules whatever they fuse around them
+(the learner's Hugging Face forward, and the native engine's decode with its fused norms and MLP):
+
+    residual after layer i's attention   input of layers[i].mlp.gate_proj (the normed residual)
+    residual after layer i's MLP         input of layers[i+1].self_attn.q_proj, or of the LM head
+    (fp32_layers) layer i's MLP hidden   input of layers[i].mlp.down_proj, and its output (to replace it)
+
+A non-finite residual stays non-finite through the norm (RMSNorm of inf is NaN), so these checks name the first
+block whose values left the FP16 range. Each check is one `isfinite().all()` reduction kept on the device; they are
+read once per forward, in a pre-hook on the LM head (one host sync per forward, before any token is sampled or any
+loss formed). On overflow:
+
+    stop         raise `ActivationOverflowError` naming the layer and the block, suggesting bf16 or fp32
+    fp32_layers  an MLP whose hidden activation overflows is recomputed in fp32 from its saved input (its weights
+                 upcast on the fly in that engine's compute copy, the input cast up, the output cast back), and
+                 the recomputed output replaces the overflowed one; where the engine calls the MLP as a module it
+                 runs in fp32 from then on. This checks each MLP hidden at once (one sync per MLP call). Overflow
+                 that fp32 cannot cure (attention, the residual stream, or an MLP whose fp32 output is still beyond
+                 65504) stops the run.
+    off          no hooks
+
+`activation_stats` is the measuring variant used by `unison probe --activations`: the largest |activation| per
+layer and block of an fp32 forward, against the FP16 limit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from unison.precision import FP16_MAX
+
+MODES = ("stop", "fp32_layers", "off")
+
+
+class ActivationOverflowError(RuntimeError):
+    """An activation left the FP16 range in a forward pass."""
+
+
+def decoder_parts(model) -> tuple[torch.nn.Module, list, torch.nn.Module] | None:
+    """(inner model, decoder layers, final norm) of a Llama-family causal LM, or None for other architectures."""
+    inner = getattr(model, "model", None) or getattr(model, "base_model", None)
+    layers = getattr(inner, "layers", None)
+    norm = getattr(inner, "norm", None)
+    if layers is None or norm is None or not len(layers):
+        return None
+    need = ("input_layernorm", "post_attention_layernorm", "mlp")
+    if not all(hasattr(layer, n) for layer in layers for n in need):
+        return None
+    return inner, list(layers), norm
+
+
+def _first_tensor(args) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+class OverflowGuard:
+    """Forward hooks on one model (one engine's compute copy) that catch FP16 activation overflow."""
+
+    def __init__(self, model: torch.nn.Module, mode: str = "stop", where: str = "model"):
+        if mode not in MODES:
+            from unison.errors import UserError
+
+            raise UserError(f"unknown activation-overflow mode {mode!r}; choose one of: {', '.join(MODES)}")
+        self.model, self.mode, self.where = model, mode, where
+        self.flags: list[torch.Tensor] = []
+        self.labels: list[tuple[int, str]] = []
+        self.upcast: list[int] = []  # layers whose MLP runs in fp32, in the order they were switched
+        self.handles = []
+        self._busy = False
+        self.saved: dict[int, torch.Tensor] = {}  # fp32_layers: each MLP's input, for a recompute
+        self.cured: dict[int, torch.Tensor] = {}  # fp32_layers: the recomputed output replacing an overflowed one
+        parts = decoder_parts(model)
+        if mode == "off" or parts is None:
+            return
+        inner, layers, norm = parts
+        self.layers = layers
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        mlps = [getattr(layer.mlp, n, None) for layer in layers for n in ("gate_proj", "down_proj")]
+        if head is None or not hasattr(inner, "embed_tokens") or any(m is None for m in mlps):
+            return
+        add = self.handles.append
+        add(inner.embed_tokens.register_forward_pre_hook(self._reset))
+        for i, layer in enumerate(layers):
+            add(layer.mlp.gate_proj.register_forward_pre_hook(self._watch(i, "attention", save=True)))
+            if mode == "fp32_layers":  # in stop mode an overflowed MLP shows in the residual after it
+                add(layer.mlp.down_proj.register_forward_pre_hook(self._hidden(i)))
+                add(layer.mlp.down_proj.register_forward_hook(self._output(i)))
+            after = layers[i + 1].self_attn.q_proj if i + 1 < len(layers) else head
+            add(after.register_forward_pre_hook(self._watch(i, "mlp")))
+        add(head.register_forward_pre_hook(self._check))  # after the last _watch on the head, so it sees it
+
+    @classmethod
+    def attach(cls, model, mode: str, where: str) -> "OverflowGuard | None":
+        """A guard on `model` when its weights are fp16 (bf16 and fp32 hold 3e38) and `mode` is not off."""
+        first = next(model.parameters(), None)
+        if mode == "off" or first is None or first.dtype != torch.float16:
+            return None
+        return cls(model, mode, where)
+
+    # ---- hooks --------------------------------------------------------------------------------------------
+    def _reset(self, module, args):
+        self.flags.clear()
+        self.labels.clear()
+
+    def _flag(self, x, layer: int, block: str):
+        self.flags.append(torch.isfinite(x).all())
+        self.labels.append((layer, block))
+
+    def _watch(self, layer: int, block: str, save: bool = False):
+        def hook(module, args):
+            x = _first_tensor(args)
+            if x is None or self._busy:
+                return
+            self._flag(x, layer, block)
+            if save and self.mode == "fp32_layers":
+                self.saved[layer] = x
+
+        return hook
+
+    def _hidden(self, layer: int):
+        def hook(module, args):
+            h = _first_tensor(args)
+            if h is None or self._busy:
+                return
+            if self.mode != "fp32_layers":
+                self._flag(h, layer, "mlp")
+                return
+            if bool(torch.isfinite(h).all()) or layer not in self.saved:
+                return
+            self.cured[layer] = self._recompute(layer)
+
+        return hook
+
+    def _output(self, layer: int):
+        def hook(module, args, output):
+            if self._busy:
+                return None
+            if layer in self.cured:
+                return self.cured.pop(layer)
+            self._flag(output, layer, "mlp")
+            return None
+
+        return hook
+
+    def _recompute(self, layer: int) -> torch.Tensor:
+        """fp32_layers: the MLP of `layer` in fp32 from its saved input, rounded back; stops if still out of range."""
+        mlp = self.layers[layer].mlp
+        if layer not in self.upcast:
+            run_in_fp32(mlp)
+            self.upcast.append(layer)
+            print(f"unison: layer {layer}'s MLP overflowed fp16 in the {self.where}; it runs in fp32 from now on",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        x = self.saved.pop(layer)
+        self._busy = True
+        try:
+            out = mlp(x)
+        finally:
+            self._busy = False
+        if not bool(torch.isfinite(out).all()):
+            raise ActivationOverflowError(self.message(layer, "mlp", fp32_failed=True))
+        return out
+
+    def _check(self, module, args):
+        """Before the LM head: one sync for all the checks of this forward."""
+        if not self.flags:
+            return
+        ok = torch.stack(self.flags)
+        labels = list(self.labels)
+        self.flags.clear()
+        self.labels.clear()
+        if bool(ok.all()):
+            return
+        layer, block = labels[int((~ok).nonzero()[0, 0])]
+        raise ActivationOverflowError(self.message(layer, block))
+
+    def message(self, layer: int, block: str, fp32_failed: bool = False) -> str:
+        site = f"layer {layer} ({'attention' if block == 'attention' else 'MLP'} block, model.layers.{layer})"
+        head = f"activations left the FP16 range (|x| > {FP16_MAX:g}, or inf/NaN) in the {self.where} at {site}"
+        if fp32_failed:
+            return (f"{head}, and its output stays beyond the FP16 range even computed in fp32; run this model in bf16 "
+                    "or fp32 (e.g. --precision bf16)")  # fmt: skip
+        if self.mode == "fp32_layers" and block == "mlp" and layer in self.upcast:
+            return f"{head}, after its MLP was already moved to fp32 (the residual stream overflows); run this model in bf16 or fp32 (e.g. --precision bf16)"
+        if self.mode == "fp32_layers":
+            return f"{head}; fp32 layers cannot cure overflow in attention or the residual stream: run this model in bf16 or fp32 (e.g. --precision bf16)"
+        return (f"{head}; run this model in bf16 or fp32 (e.g. --precision bf16), or set "
+                "precision.on_activation_overflow=fp32_layers to compute overflowing MLPs in fp32")  # fmt: skip
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"upcast": list(self.upcast)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for layer in state.get("upcast", []):
+            if layer not in self.upcast:
+                run_in_fp32(self.layers[layer].mlp)
+                self.upcast.append(layer)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def run_in_fp32(module: torch.nn.Module) -> None:
+    """From now on compute `module` in fp32: its parameters upcast on each call (the stored copy keeps its dtype,
+    so checksums, weight sync and master weights are untouched, and gradients flow back to it), floating inputs
+    cast up, the output cast back to the input dtype."""
+    if getattr(module, "_unison_fp32", False):
+        return
+    inner_call = [False]
+
+    def forward(*args, **kwargs):
+        if inner_call[0]:
+            return type(module).forward(module, *args, **kwargs)
+        x = _first_tensor(args)
+        dtype = x.dtype if x is not None else torch.float32
+        params = {n: p.float() for n, p in module.named_parameters()}
+        args32 = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        inner_call[0] = True
+        try:
+            out = torch.func.functional_call(module, params, args32, kwargs)
+        finally:
+            inner_call[0] = False
+        return out.to(dtype)
+
+    module.forward = forward
+    module._unison_fp32 = True
+
+
+# ---- measuring (unison probe --activations) -----------------------------------------------------------------
+BLOCKS = ("residual", "attention", "mlp_hidden", "mlp_out")
+
+
+@torch.no_grad()
+def activation_stats(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[dict]:
+    """Largest |activation| per decoder layer and block over full-sequence forwards of `batches` ([B, L] ids).
+
+    residual: the residual stream after the layer's attention and after its MLP; attention: the q/k/v/o projection
+    outputs; mlp_hidden: the MLP's inner activation (the down projection's input); mlp_out: the MLP's output.
+    Run it on an fp32 copy so that values beyond 65504 are measured, not clipped to inf.
+    """
+    parts = decoder_parts(model)
+    if parts is None:
+        return []
+    inner, layers, norm = parts
+    peak = [dict.fromkeys(BLOCKS, 0.0) for _ in layers]
+    handles = []
+
+    def record(i, block, pre):
+        def hook(module, *hook_args):
+            x = _first_tensor(hook_args[0]) if pre else hook_args[1]
+            x = x[0] if isinstance(x, tuple) else x
+            if isinstance(x, torch.Tensor) and x.numel():
+                v = float(x.detach().abs().float().max().nan_to_num(nan=float("inf")))
+                peak[i][block] = max(peak[i][block], v)
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.post_attention_layernorm.register_forward_pre_hook(record(i, "residual", True)))
+        after = layers[i + 1].input_layernorm if i + 1 < len(layers) else norm
+        handles.append(after.register_forward_pre_hook(record(i, "residual", True)))
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            proj = getattr(layer.self_attn, name, None)
+            if proj is not None:
+                handles.append(proj.register_forward_hook(record(i, "attention", False)))
+        down = getattr(layer.mlp, "down_proj", None)
+        if down is not None:
+            handles.append(down.register_forward_pre_hook(record(i, "mlp_hidden", True)))
+        handles.append(layer.mlp.register_forward_hook(record(i, "mlp_out", False)))
+    try:
+        for ids in batches:
+            inner(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for i, p in enumerate(peak):
+        block = max(p, key=p.get)
+        rows.append({"layer": i, **p, "max_abs": p[block], "where": block, "fp16_fraction": p[block] / FP16_MAX,
+                     "fp16_safe": p[block] <= FP16_MAX})  # fmt: skip
+    return rows
+
+
+def format_activation_table(rows: list[dict]) -> str:
+    """One line per layer: the largest |activation| of each block and its share of the FP16 limit 65504."""
+    head = f"{'layer':>5s}" + "".join(f"{b:>12s}" for b in BLOCKS) + f"{'max/65504':>11s}  fp16"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['layer']:>5d}" + "".join(f"{r[b]:>12.4g}" for b in BLOCKS)
+                     + f"{r['fp16_fraction']:>11.2e}  {'ok' if r['fp16_safe'] else 'OVERFLOW'}")  # fmt: skip
+    worst = max(rows, key=lambda r: r["max_abs"]) if rows else None
+    if worst is not None:
+        verdict = "fits FP16" if worst["fp16_safe"] else "exceeds FP16: run it in bf16 or fp32"
+        lines.append(f"largest |activation| {worst['max_abs']:.4g} at layer {worst['layer']} ({worst['where']}): {verdict}")
+    return "\n".join(lines)

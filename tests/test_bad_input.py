@@ -1,0 +1,239 @@
+"""Bad input, one case per test: one line on stderr saying what is wrong and how to fix it, exit code 2, no
+traceback, and every file that existed before left as it was.
+
+The cases live in `CASES` so that `bench/bad_input_table.py` can run them and write the table of exact messages in
+docs/reliability.md. Each case prepares its inputs under a fresh folder and returns the command line; a few also
+inject a fault in-process (a read-only folder, a full disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REWARD = f"{Path(__file__).parent / 'reward_fixture.py'}:even_length"
+TINY_RUN = ["run.steps=2", "run.eval_every=0", "run.eval_prompts=4", "run.progress=false", "run.tensorboard=false",
+            "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
+            "optim.train_batch_size=4", "data.max_prompts=8"]  # fmt: skip
+
+
+@dataclass
+class Case:
+    id: str
+    area: str  # config, data, model, run folder
+    what: str  # the bad input, in words
+    make: Callable  # (folder, tiny model dir) -> argv; writes the case's inputs into folder
+    expect: str  # a piece of the message
+    fault: Callable | None = None  # (folder) -> context manager injecting a fault while the command runs
+    check: Callable | None = None  # (folder) -> None, extra assertions after the command
+    tags: list = field(default_factory=list)
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def prompts(d: Path, rows: list[dict] | None = None, name="prompts.jsonl") -> Path:
+    rows = rows if rows is not None else [{"prompt": f"{i}-3:", "answer": "0"} for i in range(10, 20)]
+    return write(d / name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def model_copy(d: Path, tiny: Path, name: str, config: dict | None = None, files=("tokenizer.json", "tokenizer_config.json")) -> Path:
+    out = d / name
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (out / f).write_bytes((tiny / f).read_bytes())
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def train(tiny, *extra):
+    """`unison train` on the tiny model: the flags first, then the key=value overrides (argparse takes the
+    positional overrides in one run)."""
+    overrides = [e for e in extra if isinstance(e, str) and "=" in e and not e.startswith("--")]
+    flags = [e for e in extra if e not in overrides]
+    return ["train", "--model", str(tiny), *flags, *TINY_RUN, *overrides]
+
+
+def checkpoint_of(d: Path, run: Path, **overrides) -> Path:
+    """A run folder holding one complete checkpoint of a different model."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from unison import checkpoint as ckpt
+    from unison.models import BUILTIN_CONFIG, build_tokenizer
+
+    cfg = {**BUILTIN_CONFIG, "vocab_size": 272, **overrides}
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**cfg))
+    ckpt.save_checkpoint(run, 1, model, build_tokenizer(), dict(model.named_parameters()), {"step": 1})
+    return run
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """Writing anywhere under `folder` fails with EACCES, as on a read-only mount (tests run as root, so chmod
+    cannot simulate it)."""
+    import pathlib
+
+    real = pathlib.Path.write_text
+
+    def guarded(self, *a, **k):
+        if str(self).startswith(str(folder)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    pathlib.Path.write_text = guarded
+    try:
+        yield
+    finally:
+        pathlib.Path.write_text = real
+
+
+@contextlib.contextmanager
+def disk_full_at_second_save(folder: Path):
+    from unison import checkpoint as ckpt
+
+    real, calls = ckpt.torch.save, []
+
+    def save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *a, **k)
+
+    ckpt.torch.save = save
+    try:
+        yield
+    finally:
+        ckpt.torch.save = real
+
+
+def first_checkpoint_intact(d: Path):
+    from unison import checkpoint as ckpt
+
+    run = d / "full"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000001"]
+    assert ckpt.is_complete(run / "checkpoints" / "step-000001")
+
+
+C = Case
+CASES = [
+    # ---- config ----------------------------------------------------------------------------------------------
+    C("yaml-malformed", "config", "malformed YAML", lambda d, t: train(t, "--config", write(d / "c.yaml", "optim: [\n")), "not valid YAML"),
+    C("yaml-not-mapping", "config", "YAML holding a list, not sections", lambda d, t: train(t, "--config", write(d / "c.yaml", "- 1\n- 2\n")), "must hold a mapping"),
+    C("config-missing", "config", "config file does not exist", lambda d, t: train(t, "--config", d / "nope.yaml"), "not found"),
+    C("unknown-key", "config", "unknown key", lambda d, t: train(t, "optim.learning_rate=1e-5"), "unknown config key"),
+    C("unknown-key-yaml", "config", "unknown key in a YAML section", lambda d, t: train(t, "--config", write(d / "c.yaml", "optim:\n  learnrate: 1\n")), "unknown config key"),
+    C("override-not-kv", "config", "override without '='", lambda d, t: train(t, "optim.lr"), "is not key=value"),
+    C("wrong-type-float", "config", "a word where a number goes", lambda d, t: train(t, "optim.lr=fast"), "expected a number"),
+    C("wrong-type-int", "config", "a fraction where an integer goes", lambda d, t: train(t, "rollout.group_size=2.5"), "expected an integer"),
+    C("wrong-type-bool", "config", "not a boolean", lambda d, t: train(t, "run.progress=maybe"), "expected true or false"),
+    C("out-of-range-top-p", "config", "top_p above 1", lambda d, t: train(t, "rollout.top_p=1.5"), "rollout.top_p"),
+    C("out-of-range-temperature", "config", "temperature 0 for RL", lambda d, t: train(t, "rollout.temperature=0"), "rollout.temperature"),
+    C("out-of-range-lr", "config", "negative learning rate", lambda d, t: train(t, "optim.lr=-1"), "optim.lr"),
+    C("batch-not-divisible", "config", "train batch does not divide the rollout batch", lambda d, t: train(t, "optim.train_batch_size=3"), "does not divide"),
+    C("resume-and-overwrite", "config", "--resume with --overwrite", lambda d, t: train(t, "--out", d / "run", "--resume", "--overwrite"), "contradict"),
+    C("probe-half-mixed", "config", "--rollout-precision without --train-precision", lambda d, t: ["probe", "--model", t, "--rollout-precision", "fp16"], "give both"),
+    C("filter-lo-above-hi", "config", "filter lo above hi", lambda d, t: ["filter", "--model", t, "--lo", "0.9", "--hi", "0.1"], "lo"),
+    C("unknown-precision", "config", "unknown precision", lambda d, t: train(t, "--precision", "fp8"), "precision"),
+    C("unknown-preset", "config", "unknown algorithm preset", lambda d, t: train(t, "--preset", "ppo"), "choose one of"),
+    C("unknown-overflow-mode", "config", "unknown activation-overflow action", lambda d, t: train(t, "precision.on_activation_overflow=ignore"), "on_activation_overflow"),
+    C("cuda-without-gpu", "config", "--device cuda on a machine without a GPU", lambda d, t: train(t, "--device", "cuda"), "no CUDA GPU", tags=["cpu-only"]),
+    # ---- data ------------------------------------------------------------------------------------------------
+    C("data-missing", "data", "prompt file does not exist", lambda d, t: train(t, "--data", d / "missing.jsonl"), "does not exist"),
+    C("data-directory", "data", "prompt path is a folder", lambda d, t: train(t, "--data", d), "is a directory"),
+    C("data-empty", "data", "empty prompt file", lambda d, t: train(t, "--data", write(d / "e.jsonl", "")), "has no rows"),
+    C("data-no-prompt-column", "data", "prompt column missing", lambda d, t: train(t, "--data", prompts(d, [{"question": "1+1", "answer": "2"}])), "prompt"),
+    C("data-no-answer-column", "data", "answer column missing", lambda d, t: train(t, "--data", prompts(d, [{"prompt": "1+1"}])), "answer"),
+    C("data-empty-answer", "data", "empty answer", lambda d, t: train(t, "--data", prompts(d, [{"prompt": "1+1", "answer": ""}])), "answer"),
+    C("data-empty-prompt", "data", "empty prompt", lambda d, t: train(t, "--data", prompts(d, [{"prompt": "", "answer": "2"}])), "empty prompt"),
+    C("data-not-utf8", "data", "a line that is not UTF-8", lambda d, t: train(t, "--data", write(d / "p.jsonl", b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "\xff\xfe", "answer": "2"}\n')), "not UTF-8"),
+    C("data-bad-json", "data", "a line that is not JSON", lambda d, t: train(t, "--data", write(d / "p.jsonl", '{"prompt": "1+1", "answer": "2"}\n{"prompt": \n')), "not valid JSON"),
+    C("data-prompt-too-long", "data", "a prompt longer than the model's context", lambda d, t: train(t, "--data", prompts(d, [{"prompt": "1" * 1100, "answer": "2"}]), "data.template=plain"), "context"),
+    C("data-reward-missing", "data", "custom reward that does not import", lambda d, t: train(t, "--data", prompts(d), "data.reward=nosuchmodule:fn"), "nosuchmodule"),
+    # ---- model -----------------------------------------------------------------------------------------------
+    C("model-missing", "model", "model directory does not exist", lambda d, t: train(d / "nope"), "does not exist"),
+    C("model-no-config", "model", "directory without config.json", lambda d, t: train(model_copy(d, t, "m")), "no config.json"),
+    C("model-bad-config", "model", "config.json that is not JSON", lambda d, t: train(write(d / "m" / "config.json", "{not json").parent), "not valid JSON"),
+    C("model-no-tokenizer", "model", "checkpoint without a tokenizer", lambda d, t: train(model_copy(d, t, "m", json.loads((t / "config.json").read_text()), files=())), "no tokenizer"),
+    C("model-encoder", "model", "unsupported architecture: BERT (an encoder)", lambda d, t: train(model_copy(d, t, "m", {"model_type": "bert", "vocab_size": 272})), "encoder"),
+    C("model-unknown-type", "model", "unknown model_type", lambda d, t: train(model_copy(d, t, "m", {"model_type": "mystery-lm"})), "unknown type"),
+    C("model-not-causal", "model", "a model type that is not a causal LM (ViT)", lambda d, t: train(model_copy(d, t, "m", {"model_type": "vit"})), "not a causal LM"),
+    C("resume-other-vocab", "model", "--resume into a run whose checkpoint has another vocabulary", lambda d, t: train(t, "--out", checkpoint_of(d, d / "run", vocab_size=300), "--resume"), "another model"),
+    C("resume-other-arch", "model", "--resume into a run whose checkpoint has another architecture", lambda d, t: train(t, "--out", checkpoint_of(d, d / "run", num_hidden_layers=2), "--resume"), "another model"),
+    # ---- run folder ------------------------------------------------------------------------------------------
+    C("run-exists", "run folder", "run folder exists, no --resume or --overwrite", lambda d, t: train(t, "--out", write(d / "run" / "metrics.jsonl", '{"step": 1}\n').parent), "--resume"),
+    C("run-is-file", "run folder", "run.out is a file", lambda d, t: train(t, "--out", write(d / "run", "x")), "is a file"),
+    C("run-under-file", "run folder", "run.out inside a file (cannot be created)", lambda d, t: train(t, "--out", write(d / "f", "x") / "run"), "cannot write"),
+    C("run-read-only", "run folder", "read-only parent folder", lambda d, t: train(t, "--out", (d / "ro").mkdir() or d / "ro" / "run"), "cannot write", fault=lambda d: read_only(d / "ro")),
+    C("disk-full", "run folder", "disk full while saving a checkpoint", lambda d, t: train(t, "--out", d / "full", "--data", prompts(d), f"data.reward={REWARD}", "run.save_every=1"), "free disk space",
+      fault=disk_full_at_second_save, check=first_checkpoint_intact),
+    # ---- other commands --------------------------------------------------------------------------------------
+    C("eval-unknown-engine", "config", "eval with an unknown engine", lambda d, t: ["eval", "--model", t, "--engine", "sglang"], "engine"),
+    C("plot-not-a-run", "run folder", "plot a folder without metrics.jsonl", lambda d, t: ["plot", d], "no metrics.jsonl"),
+]  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def run_case(case: Case, folder: Path, tiny: Path) -> dict:
+    """Run one case in-process; returns its exit code, stderr lines and whether pre-existing files survived."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from unison.cli import main
+
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = [str(a) for a in case.make(folder, tiny)]
+    before = snapshot(folder)
+    err, out = io.StringIO(), io.StringIO()
+    fault = case.fault(folder) if case.fault else contextlib.nullcontext()
+    cwd = os.getcwd()
+    os.chdir(folder)  # anything written to a default path lands here
+    try:
+        with fault, redirect_stderr(err), redirect_stdout(out):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse
+                code = exc.code
+    finally:
+        os.chdir(cwd)
+    after = snapshot(folder)
+    untouched = all(after.get(p) == b for p, b in before.items())
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    return {"code": code, "lines": lines, "untouched": untouched, "argv": argv}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, tiny_dir, tmp_path):
+    if "cpu-only" in case.tags:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    r = run_case(case, tmp_path / "case", tiny_dir)
+    assert r["code"] == 2, r
+    assert len(r["lines"]) == 1, r["lines"]
+    line = r["lines"][0]
+    assert line.startswith(f"unison {r['argv'][0]}: error: "), line
+    assert "Traceback" not in line and case.expect in line, (case.expect, line)
+    assert r["untouched"], "a file that existed before was changed"
+    if case.check:
+        case.check(tmp_path / "case")
+
+
+def test_at_least_25_distinct_cases():
+    assert len({c.id for c in CASES}) == len(CASES) >= 25
