@@ -78,15 +78,27 @@ def _bad_inputs(tmp_path, tiny_dir):
 
 
 def test_bad_input_one_line_exit_2(tiny_dir, tmp_path):
+    """A few cases through a real process (tests/test_bad_input.py has every case, in-process)."""
     cases = _bad_inputs(tmp_path, tiny_dir)
-    for name, args in cases.items():
-        r = run(*args)
+    for name in ("missing model dir", "unknown preset", "malformed yaml", "eval unknown engine"):
+        r = run(*cases[name])
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
         assert len(lines) == 1 and "Traceback" not in r.stderr, (name, r.stderr)
         assert "error:" in lines[0], (name, lines[0])
+    assert not (tmp_path / "r1").exists()  # nothing written for a bad run
+
+
+def test_every_listed_bad_input_in_process(tiny_dir, tmp_path, capsys):
+    from unison.cli import main
+
+    for name, args in _bad_inputs(tmp_path, tiny_dir).items():
+        code = main([str(a) for a in args])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "error:" in lines[0], (name, code, err)
     for sub in ("r1", "r2", "r3", "r4", "r5"):
-        assert not (tmp_path / sub).exists()  # nothing written for a bad run
+        assert not (tmp_path / sub).exists()
 
 
 def test_existing_run_folder_untouched(tiny_dir, tmp_path):
