@@ -71,6 +71,14 @@ class Rollouts:
         )
 
 
+def check_prompts(prompt_ids: list[list[int]]) -> None:
+    """Every engine's precondition: at least one prompt, none empty."""
+    if not prompt_ids:
+        raise ValueError("generate() needs at least one prompt")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """A sampler holding a copy of the policy's weights in the rollout dtype."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unison.precision import cast_module, checksum, fp32_attention, matmul_mode, set_matmul
-from unison.rollout.base import Rollouts, SamplingParams
+from unison.rollout.base import Rollouts, SamplingParams, check_prompts
 from unison.sampling import sample
 
 FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
@@ -134,10 +134,7 @@ class NativeEngine:
     # ---- sampling ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False) -> Rollouts:
-        if not prompt_ids:
-            raise ValueError("generate() needs at least one prompt")
-        if any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompt_ids)
         B, N = len(prompt_ids), params.max_new_tokens
         P = max(len(p) for p in prompt_ids)
         dev = self.device

@@ -40,7 +40,7 @@ import torch
 
 from unison.errors import UserError
 from unison.precision import checksum
-from unison.rollout.base import Rollouts, SamplingParams
+from unison.rollout.base import Rollouts, SamplingParams, check_prompts
 
 VLLM_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -208,10 +208,7 @@ class VLLMEngine:
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False) -> Rollouts:
         from vllm.inputs import TokensPrompt
 
-        if not prompt_ids:
-            raise ValueError("generate() needs at least one prompt")
-        if any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompt_ids)
         B = len(prompt_ids)
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
         outputs = self.llm.generate(prompts, self.request_params(params, B), use_tqdm=progress)
