@@ -235,10 +235,11 @@ class LossScaler:
                 self.scale *= self.backoff_factor
                 if self.scale < self.min_scale:
                     raise LossScaleFloorError(
-                        f"fp16 loss scale fell to {self.scale:g}, below its floor {self.min_scale:g}, after "
-                        f"{self.consecutive_skips} overflowing steps in a row: the gradients overflow fp16 even "
-                        "unscaled (a learning rate too high, or activations out of fp16 range); lower the learning "
-                        "rate or train in bf16 or fp32"
+                        f"fp16 loss scale fell to {self.scale:g}, below its floor {self.min_scale:g}: "
+                        f"{self.skipped_steps} steps overflowed in all ({self.consecutive_skips} in a row at the "
+                        f"end), too often for {self.growth_interval} finite steps in a row to grow the scale back; "
+                        "the gradients overflow fp16 even when barely scaled (a learning rate too high, or "
+                        "activations out of fp16 range): lower the learning rate or train in bf16 or fp32"
                     )
             return
         self.consecutive_skips = 0
