@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from unison.checkpoint import append_jsonl
 
 
 def _clean(value):
@@ -17,14 +18,8 @@ def _clean(value):
 class MetricsLog:
     """Appends one JSON object per step to `metrics.jsonl`; mirrors scalars to TensorBoard when available."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, truncate_after: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if truncate_after is not None and self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines() if line.strip()
-                    and json.loads(line).get("step", 0) <= truncate_after]  # fmt: skip
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, self.path)
         self.writer = None
         if tensorboard:
             try:
@@ -35,11 +30,7 @@ class MetricsLog:
                 self.writer = None
 
     def write(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, {"step": step, **{k: _clean(v) for k, v in metrics.items()}})
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):

@@ -300,7 +300,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
     learner.sync(engine)
     for name in ("metrics.jsonl", "samples.jsonl"):  # rows after the resumed step, and lines torn by a kill
         ckpt.truncate_jsonl(run_dir / name, start)
-    log = MetricsLog(run_dir, tensorboard=cfg.run.tensorboard, truncate_after=start)
+    log = MetricsLog(run_dir, tensorboard=cfg.run.tensorboard)
     eval_params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                                  cfg.rollout.top_k, s.sampling.stop_token_ids)  # fmt: skip
     if not quiet:

@@ -273,7 +273,7 @@ def _probe(layer, in_features: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _weight(layer, dtype: torch.dtype) -> torch.Tensor:
     if _kernel_holds_copy(layer):
-        in_features = getattr(layer, "input_size_per_partition", None) or getattr(layer, "embedding_dim")
+        in_features = getattr(layer, "input_size_per_partition", None) or layer.embedding_dim
         return _probe(layer, in_features, dtype)
     return layer.weight.detach()
 
