@@ -95,3 +95,33 @@ def test_existing_run_folder_needs_resume_or_overwrite(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="--resume"):
         train(cfg, quiet=True)
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+
+
+def test_length_buckets_cut_by_padding_waste():
+    from unison.learner import length_buckets
+
+    lengths = torch.tensor([5, 100, 7, 90, 8, 120, 6, 30])
+    # sorted 5 6 7 8 30 90 100 120 (rows 0 6 2 4 7 3 1 5). Size 3: [5 6 7] is full; 8 then 30 would pad to
+    # 2 x 30 = 60 > 1.25 x 38; 30 then 90: 180 > 1.25 x 120; 90 + 100: 200 <= 1.25 x 190; + 120: 360 <= 1.25 x 310.
+    # Size 64: 5 6 7 8 stay together (4 x 8 = 32 <= 1.25 x 26 = 32.5).
+    assert [b.tolist() for b in length_buckets(lengths, 3)] == [[0, 6, 2], [4], [7], [3, 1, 5]]
+    assert [b.tolist() for b in length_buckets(lengths, 64)] == [[0, 6, 2, 4], [7], [3, 1, 5]]
+    buckets = length_buckets(torch.randint(1, 200, (97,)), 16)
+    assert sorted(torch.cat(buckets).tolist()) == list(range(97)) and max(len(b) for b in buckets) <= 16
+
+
+def test_one_update_per_batch_takes_pi_old_from_its_own_forward(builtin_dir, tmp_path, monkeypatch):
+    """With one update per rollout batch the recompute pass is skipped; metrics match the run that recomputes."""
+    import unison.trainer as trainer
+
+    extra = {"rollout.max_new_tokens": 96, "optim.train_batch_size": 8, "optim.micro_batch_size": 8, "run.steps": 2}
+    fast = [json.loads(x) for x in (train(tiny_cfg(builtin_dir, tmp_path / "a", **extra), quiet=True)
+                                     / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert "perf/recompute_tokens_per_s" not in fast[0]
+    monkeypatch.setattr(trainer, "needs_recompute", lambda optim, batch: True)
+    slow = [json.loads(x) for x in (train(tiny_cfg(builtin_dir, tmp_path / "b", **extra), quiet=True)
+                                     / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert "perf/recompute_tokens_per_s" in slow[0]
+    for a, b in zip(fast, slow):
+        for key in ("mismatch/k3", "mismatch/abs_log_ratio_mean", "policy/loss", "rollout/entropy", "rollout/accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key

@@ -28,10 +28,26 @@ from unison.sampling import entropy as entropy_of
 from unison.sampling import token_logprobs
 
 
-def length_buckets(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Row indices in chunks of at most `size`, rows of similar length together (sorted by length)."""
+def length_buckets(lengths: torch.Tensor, size: int, slack: float = 1.25) -> list[torch.Tensor]:
+    """Row indices in micro-batches of at most `size` rows, rows of similar length together.
+
+    Rows are sorted by length and cut greedily: a micro-batch closes when it holds `size` rows or when the next row
+    would make its padded size (rows x longest row) exceed `slack` times its real tokens. A forward then costs
+    about the tokens it holds rather than rows x the longest response of the whole batch (RL responses spread from
+    a few tokens to the limit), at the price of a few more, smaller forwards.
+    """
     order = torch.argsort(lengths, stable=True)
-    return [order[i : i + size] for i in range(0, len(order), size)]
+    lens = lengths[order].clamp(min=1).tolist()
+    buckets, start, real = [], 0, 0
+    for i, n in enumerate(lens):
+        rows = i - start
+        if rows and (rows == size or (rows + 1) * n > slack * (real + n)):
+            buckets.append(order[start:i])
+            start, real = i, 0
+        real += n
+    if start < len(lens):
+        buckets.append(order[start:])
+    return buckets
 
 
 class WeightSyncError(RuntimeError):

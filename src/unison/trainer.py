@@ -166,6 +166,11 @@ class PromptStream:
         return out
 
 
+def needs_recompute(optim, rollout_batch: int) -> bool:
+    """Whether log pi_old needs its own forward pass: only when a rollout batch gives more than one update."""
+    return optim.epochs > 1 or optim.train_batch_size < rollout_batch
+
+
 def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: PromptStream, preset, shuffle: torch.Generator,
             samples: list | None = None) -> dict:
     """One RL step: rollout, reward, advantage, recompute, mismatch, updates, sync. Returns its metrics (and appends
@@ -180,14 +185,21 @@ def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: Prompt
     rewards, _ = score(s.task, s.tokenizer, rollouts, examples)
     advantages = ADVANTAGES[preset.advantage](rewards, r.group_size)  # [B]
 
+    B = len(rollouts)
+    # With one update per rollout batch, pi_old is the policy of that update's own forward: its log-probs (detached)
+    # are log pi_old, and a separate recompute pass would repeat the same forward. With several updates, pi_old is
+    # recomputed once before the first and shared by all of them.
+    single_update = not needs_recompute(o, B)
     t0 = time.perf_counter()
-    logp_old, entropy = learner.recompute(rollouts, o.micro_batch_size, r.temperature, r.top_k, r.top_p, with_entropy=True)
+    if single_update:
+        logp_old, entropy = torch.zeros(rollouts.response_ids.shape), torch.zeros(rollouts.response_ids.shape)
+    else:
+        logp_old, entropy = learner.recompute(rollouts, o.micro_batch_size, r.temperature, r.top_k, r.top_p,
+                                              with_entropy=True)  # fmt: skip
     t_recompute = time.perf_counter() - t0
     mu, mask = rollouts.logprobs, rollouts.mask
-    m = {f"mismatch/{k}": v for k, v in mismatch_metrics(logp_old, mu, mask).items()}
 
     t0 = time.perf_counter()
-    B = len(rollouts)
     groups = B // r.group_size
     per_mb = o.train_batch_size // r.group_size
     sums: dict[str, float] = {}
@@ -204,7 +216,12 @@ def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: Prompt
                     part_rows = rows[idx]
                     part = rollouts.select(part_rows)
                     T = part.response_ids.shape[1]
-                    logp = learner.logprobs(learner.batch(part), r.temperature, r.top_k, r.top_p)
+                    if single_update:
+                        logp, ent = learner.logprobs(learner.batch(part), r.temperature, r.top_k, r.top_p,
+                                                     with_entropy=True)  # fmt: skip
+                        logp_old[part_rows, :T], entropy[part_rows, :T] = logp.detach().float().cpu(), ent.float().cpu()
+                    else:
+                        logp = learner.logprobs(learner.batch(part), r.temperature, r.top_k, r.top_p)
                     loss, lm = policy_loss(
                         preset, logp, logp_old[part_rows, :T].to(logp.device), part.logprobs.to(logp.device),
                         advantages[part_rows].to(logp.device), part.mask.to(logp.device), r.max_new_tokens,
@@ -223,7 +240,10 @@ def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: Prompt
             scales.append(result.loss_scale)
     n_updates = len(losses)
     t_learn = time.perf_counter() - t0
+    m = {f"mismatch/{k}": v for k, v in mismatch_metrics(logp_old, mu, mask).items()}
+    t0 = time.perf_counter()
     m.update(learner.sync(engine))
+    t_sync = time.perf_counter() - t0
     tokens = int(rollouts.lengths.sum())
     finite_norms = [x for x in norms if x == x and x != float("inf")]
     m.update({
@@ -242,8 +262,10 @@ def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: Prompt
         "precision/skipped_this_step": skipped,
         "precision/skipped_steps": learner.scaler.skipped_steps,
         "perf/rollout_tokens_per_s": tokens / max(t_rollout, 1e-9),
-        "perf/recompute_tokens_per_s": tokens / max(t_recompute, 1e-9),
+        **({} if single_update else {"perf/recompute_tokens_per_s": tokens / max(t_recompute, 1e-9)}),
         "perf/learner_tokens_per_s": tokens * o.epochs / max(t_learn, 1e-9),
+        "perf/rollout_seconds": t_rollout, "perf/recompute_seconds": t_recompute, "perf/learn_seconds": t_learn,
+        "perf/sync_seconds": t_sync,
         "perf/step_seconds": time.perf_counter() - t_start,
     })  # fmt: skip
     return m

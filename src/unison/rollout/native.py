@@ -7,8 +7,17 @@ kernels differ from the learner's full-sequence forward the way an inference eng
 reduction orders and roundings. Llama-family decoders (Qwen2, Qwen3, Llama, Mistral) take this
 path; any other causal LM falls back to the model's own forward with its dynamic cache.
 
-Prompts are left-padded to a common length; a finished row keeps its slot (its tokens are ignored) until every
-row is done or `max_new_tokens` is reached. Log-probs: see `unison.rollout.base` and `unison.sampling`.
+Per call of `generate` the engine packs its weights for decoding once (`DecodeWeights`): q/k/v and gate/up
+concatenated into one matrix product each, and, in `fp32-accumulate` mode, the fp16/bf16 weights held as fp32 copies
+of exactly the same values, so no token pays for an upcast. A decode step attends with two batched matrix products
+over the cache (a single query row gains nothing from a flash kernel), applies rotary to q and k at once, and reads
+the angles from a table built once. Forward pre-hooks on the projections, the embedding and the LM head (the FP16
+overflow guard's) still run where the modules would have been called; an MLP that the guard moved to fp32, or whose
+output it may replace, is called as a module.
+
+Prompts are left-padded to a common length. Finished rows are dropped from the batch once a quarter of it is done
+(a copy of the cache); the loop ends when every row is done or `max_new_tokens` is reached. Log-probs: see
+`unison.rollout.base` and `unison.sampling`.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unison.precision import cast_module, checksum, fp32_attention, matmul_mode, set_matmul
+from unison.precision import cast_module, checksum, matmul_mode, set_matmul
 from unison.rollout.base import Rollouts, SamplingParams, check_prompts
 from unison.sampling import sample
 
@@ -25,7 +34,10 @@ FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
 
 
 class StaticKVCache:
-    """Keys and values for every layer, preallocated: [layers, B, kv_heads, max_len, head_dim]."""
+    """Keys and values for every layer, preallocated: [layers, B, kv_heads, max_len, head_dim].
+
+    In `fp32-accumulate` mode the cache is fp32 holding values already rounded to the rollout dtype (what the
+    kernels would read up from a fp16/bf16 cache), so attention needs no cast per token."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         shape = (layers, batch, kv_heads, max_len, head_dim)
@@ -42,9 +54,13 @@ class StaticKVCache:
 
 def fused_rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm computed in fp32 with one rounding to x's dtype at the end (a fused inference kernel)."""
+    return rms_norm_fp32(x, norm.weight.float(), norm.variance_epsilon)
+
+
+def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fused_rms_norm with the weight already in fp32."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return (norm.weight.float() * xf).to(x.dtype)
+    return (weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
 def fused_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
@@ -52,9 +68,46 @@ def fused_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj((mlp.act_fn(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()).to(x.dtype))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def run_pre_hooks(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run `module`'s forward pre-hooks on input x, as a call of the module would, and return the input they leave."""
+    for hook in module._forward_pre_hooks.values():
+        out = hook(module, (x,))
+        if out is not None:
+            x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def _packed(compute: torch.dtype, *linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases, zeros where a layer has none) of `linears` stacked along the output, in `compute`."""
+    weight = torch.cat([m.weight for m in linears]).to(compute)
+    if all(m.bias is None for m in linears):
+        return weight, None
+    bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+    return weight, bias.to(compute)
+
+
+class DecodeWeights:
+    """The engine's weights packed for decoding: q/k/v and gate/up concatenated, in the compute dtype (fp32 copies
+    of the fp16/bf16 values in `fp32-accumulate` mode), norm weights in fp32, and the modules and constants each
+    layer needs (looked up once, not per token). Built from the parameters at the start of every `generate`, so it
+    always holds what `weights_checksum` reads."""
+
+    @torch.no_grad()
+    def __init__(self, model, compute: torch.dtype):
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            self.layers.append({
+                "qkv": _packed(compute, a.q_proj, a.k_proj, a.v_proj), "o": _packed(compute, a.o_proj),
+                "gate_up": _packed(compute, m.gate_proj, m.up_proj), "down": _packed(compute, m.down_proj),
+                "ln1": (ln1.weight.float(), ln1.variance_epsilon), "ln2": (ln2.weight.float(), ln2.variance_epsilon),
+                "q_proj": a.q_proj, "qk_norm": (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
+                "scaling": a.scaling, "mlp": m, "gate_proj": m.gate_proj, "act_fn": m.act_fn,
+            })  # fmt: skip
+        norm = model.model.norm
+        self.norm = (norm.weight.float(), norm.variance_epsilon)
+        self.head = _packed(compute, model.lm_head)
 
 
 class NativeEngine:
@@ -104,32 +157,63 @@ class NativeEngine:
         self.generator.set_state(state)
 
     # ---- the model, layer by layer ----------------------------------------------------------------------
-    def _attention(self, layer, x, cos, sin, cache: StaticKVCache, index: int, start: int, mask):
-        attn = layer.self_attn
-        B, S, _ = x.shape
-        q = attn.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
-        k = attn.k_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-        v = attn.v_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = fused_rms_norm(attn.q_norm, q), fused_rms_norm(attn.k_norm, k)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D] fp32
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)  # fused rotary: one rounding
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
-        keys, values = cache.write(index, start, k, v)  # [B, Hkv, start+S, D]
-        sdpa = fp32_attention if self.matmul == "fp32-accumulate" else F.scaled_dot_product_attention
-        out = sdpa(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-        return attn.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matrix products run in: fp32 in `fp32-accumulate` mode, else the rollout dtype."""
+        return torch.float32 if self.matmul == "fp32-accumulate" else self.dtype
 
-    def _forward(self, ids, positions, cache: StaticKVCache, start: int, mask) -> torch.Tensor:
-        """Logits of the last position. ids, positions [B, S]; mask [B, 1, S, start+S] bool."""
-        inner = self.model.model
-        x = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(x.float(), positions)  # fp32 angles
-        for i, layer in enumerate(inner.layers):
-            x = x + self._attention(layer, fused_rms_norm(layer.input_layernorm, x), cos, sin, cache, i, start, mask)
-            x = x + fused_mlp(layer.mlp, fused_rms_norm(layer.post_attention_layernorm, x))
-        x = fused_rms_norm(inner.norm, x[:, -1:])
-        return self.model.lm_head(x)[:, -1]  # [B, V] in the rollout dtype
+    def _linear(self, x: torch.Tensor, packed: tuple) -> torch.Tensor:
+        """x [.., in] in the rollout dtype -> x @ W.T + b, rounded to the rollout dtype once."""
+        weight, bias = packed
+        return F.linear(x.to(weight.dtype), weight, bias).to(self.dtype)
+
+    def _attention(self, w: dict, x, cos, sin, cache: StaticKVCache, index: int, start: int, mask):
+        """x [B, S, hidden]; cos, sin [B, S, 1, D] fp32 (sin with rotate-half's sign folded in, see _StaticDecode)."""
+        B, S, _ = x.shape
+        H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
+        q_proj = w["q_proj"]
+        qkv = self._linear(run_pre_hooks(q_proj, x) if q_proj._forward_pre_hooks else x, w["qkv"])
+        qkv = qkv.view(B, S, H + 2 * Hkv, D)
+        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv:]
+        if w["qk_norm"] is not None:  # Qwen3
+            q_norm, k_norm = w["qk_norm"]
+            qk = torch.cat((fused_rms_norm(q_norm, qk[:, :, :H]), fused_rms_norm(k_norm, qk[:, :, H:])), 2)
+        # fused rotary on q and k at once, one rounding: x cos + rotate_half(x) sin == x cos + roll(x, D/2) sin_signed
+        qk32 = qk.float()
+        qk = (qk32 * cos + qk32.roll(D // 2, -1) * sin).to(self.dtype)
+        cdt = cache.k.dtype
+        q = qk[:, :, :H].transpose(1, 2)  # [B, H, S, D]
+        keys, values = cache.write(index, start, qk[:, :, H:].transpose(1, 2).to(cdt), v.transpose(1, 2).to(cdt))
+        if S == 1:  # decode: one query row per sequence, two batched products over the cache [B, Hkv, L, D]
+            qg = q.to(cdt).reshape(B, Hkv, H // Hkv, D)  # query heads grouped by the key/value head they share
+            scores = (qg @ keys.transpose(-1, -2)).float() * w["scaling"]  # [B, Hkv, G, L]
+            scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+            out = (scores.softmax(-1).to(cdt) @ values).to(self.dtype).view(B, 1, H * D)
+        else:
+            out = F.scaled_dot_product_attention(q.to(cdt), keys, values, attn_mask=mask, scale=w["scaling"],
+                                                 enable_gqa=True)  # fmt: skip
+            out = out.to(self.dtype).transpose(1, 2).reshape(B, S, H * D)
+        return self._linear(out, w["o"])
+
+    def _mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+        """Gated MLP: gate and up in one product, act(gate) * up in fp32 rounded once (a fused silu-and-mul)."""
+        mlp = w["mlp"]
+        down = mlp.down_proj
+        if getattr(mlp, "_unison_fp32", False) or down._forward_hooks or down._forward_pre_hooks:
+            return fused_mlp(mlp, x)  # the overflow guard watches or replaces this MLP's output: call the modules
+        gate_proj = w["gate_proj"]
+        x = run_pre_hooks(gate_proj, x) if gate_proj._forward_pre_hooks else x
+        gate, up = self._linear(x, w["gate_up"]).chunk(2, dim=-1)
+        return self._linear((w["act_fn"](gate.float()) * up.float()).to(self.dtype), w["down"])
+
+    def _forward(self, weights: DecodeWeights, ids, cos, sin, cache: StaticKVCache, start: int, mask) -> torch.Tensor:
+        """Logits of the last position. ids [B, S]; cos, sin [B, S, 1, D]; mask [B, 1, S, start+S] bool."""
+        x = self.model.model.embed_tokens(ids)
+        for i, w in enumerate(weights.layers):
+            x = x + self._attention(w, rms_norm_fp32(x, *w["ln1"]), cos, sin, cache, i, start, mask)
+            x = x + self._mlp(w, rms_norm_fp32(x, *w["ln2"]))
+        x = run_pre_hooks(self.model.lm_head, rms_norm_fp32(x[:, -1:], *weights.norm))
+        return self._linear(x, weights.head)[:, -1]  # [B, V] in the rollout dtype
 
     # ---- sampling ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -195,8 +279,16 @@ class _StaticDecode:
         B, P = prompts.shape
         dev = prompts.device
         self.engine, self.prompts, self.pad_left, self.P = engine, prompts, pad_left, P
-        self.cache = StaticKVCache(engine.num_layers, B, engine.kv_heads, P + max_new, engine.head_dim, engine.dtype, dev)
-        self.valid = torch.arange(P + max_new, device=dev)[None, :] >= pad_left[:, None]  # [B, P+N] no left padding
+        self.weights = DecodeWeights(engine.model, engine.compute_dtype)
+        L = P + max_new
+        self.cache = StaticKVCache(engine.num_layers, B, engine.kv_heads, L, engine.head_dim, engine.compute_dtype, dev)
+        self.valid = torch.arange(L, device=dev)[None, :] >= pad_left[:, None]  # [B, P+N] no left padding
+        # rotary angles of every position, once (the fp32 values the model's rotary module gives per call), and sin
+        # with rotate_half's sign folded in: rotate_half(x) * sin == roll(x, D/2) * cat(-sin[:D/2], sin[D/2:])
+        cos, sin = engine.model.model.rotary_emb(torch.zeros(1, device=dev), torch.arange(L, device=dev)[None])
+        half = cos.shape[-1] // 2
+        self.cos = cos[0].float()[:, None]  # [L, 1, D]
+        self.sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1).float()[:, None]
 
     def prefill(self) -> torch.Tensor:
         P, dev = self.P, self.prompts.device
@@ -205,12 +297,14 @@ class _StaticDecode:
         # padded query rows attend to themselves only, so no row is empty (an empty row gives NaN)
         mask = (causal[None] & self.valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
         positions = (q_pos[None, :] - self.pad_left[:, None]).clamp(min=0)  # [B, P]
-        return self.engine._forward(self.prompts, positions, self.cache, 0, mask[:, None])
+        return self.engine._forward(self.weights, self.prompts, self.cos[positions], self.sin[positions], self.cache, 0,
+                                    mask[:, None])  # fmt: skip
 
     def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
         cur = self.P + t
         mask = self.valid[:, None, None, : cur + 1]  # [B, 1, 1, cur+1]
-        return self.engine._forward(tok[:, None], (cur - self.pad_left)[:, None], self.cache, cur, mask)
+        pos = (cur - self.pad_left)[:, None]  # [B, 1]
+        return self.engine._forward(self.weights, tok[:, None], self.cos[pos], self.sin[pos], self.cache, cur, mask)
 
     def compact(self, keep: torch.Tensor) -> bool:
         self.cache.k, self.cache.v = self.cache.k[:, keep], self.cache.v[:, keep]

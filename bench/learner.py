@@ -1,0 +1,162 @@
+"""Learner throughput per precision, and what fp16 loss scaling costs.
+
+On the built-in model (or `--model 30m`: a random Qwen2 of 30M parameters), with `--batch` sequences of a
+`--prompt`-token prompt and a `--response`-token response (random tokens, no padding), it measures
+
+    recompute   tokens/s of `Learner.recompute` (forward without gradient, log-probs of the response tokens)
+    step        tokens/s of one optimizer step: forward and backward of a token-mean policy-gradient loss through
+                `backward_and_step` (fp32 master weights, gradient clipping, AdamW), then the copy back into the
+                train-dtype model
+    fp16 scaler the same fp16 step with the dynamic loss scaler (scale, unscale, inf/NaN check) against the same step
+                with loss scaling turned off; and against the bf16 step
+
+Variants take turns (`--repeats` rounds, after a warm-up); the table gives medians.
+
+    python bench/learner.py [--model builtin|30m] [--batch 32] [--prompt 8] [--response 120] [--repeats 5]
+    python bench/learner.py --quick     # batch 8, 2 rounds
+
+Writes its table into docs/benchmarks.md (section `learner`) and ends with a line
+`RESULT fp16_scaler_overhead=<fraction> ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from docsection import machine_description, write_section  # noqa: E402
+
+MODELS = {
+    "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=4),
+}  # fmt: skip
+
+
+def model_of(name: str):
+    from unison.models import load_model, random_model, resolve_model_dir
+
+    if name == "builtin":
+        return load_model(resolve_model_dir("builtin"), device="cpu", dtype=torch.float32)
+    return random_model(seed=0, **MODELS[name])
+
+
+def rollouts(batch: int, prompt: int, response: int, seed: int = 0):
+    from unison.rollout.base import Rollouts
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 261, (batch, prompt + response), generator=g)
+    return Rollouts(
+        prompt_ids=[row[:prompt].tolist() for row in ids], response_ids=ids[:, prompt:].clone(),
+        logprobs=torch.zeros(batch, response), mask=torch.ones(batch, response, dtype=torch.bool),
+        lengths=torch.full((batch,), response), finished=torch.ones(batch, dtype=torch.bool),
+    )  # fmt: skip
+
+
+def learner_of(name: str, precision: str, scaling: bool | None = None):
+    from unison.learner import Learner
+    from unison.precision import PrecisionPolicy
+
+    return Learner(model_of(name), PrecisionPolicy.from_names(precision, precision), "cpu", lr=1e-6,
+                   loss_scaling=scaling)  # fmt: skip
+
+
+def step(learner, r, micro: int) -> None:
+    from unison.learner import length_buckets
+
+    total = int(r.mask.sum())
+
+    def losses():
+        for idx in length_buckets(r.lengths, micro):
+            part = r.select(idx)
+            batch = learner.batch(part)
+            logp = learner.logprobs(batch)
+            yield lambda logp=logp, batch=batch: -(logp * batch.mask).sum() / total
+
+    learner.step(losses())
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin", choices=["builtin", *MODELS])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=8)
+    ap.add_argument("--response", type=int, default=120)
+    ap.add_argument("--micro", type=int, default=32, help="sequences per forward/backward")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    if args.quick:
+        args.batch, args.repeats = 8, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_description()
+    r = rollouts(args.batch, args.prompt, args.response)
+    tokens = int(r.mask.sum())
+    variants = {
+        "fp32": learner_of(args.model, "fp32"), "bf16": learner_of(args.model, "bf16"),
+        "fp16": learner_of(args.model, "fp16"), "fp16 no scaler": learner_of(args.model, "fp16", scaling=False),
+    }  # fmt: skip
+    rec = {k: [] for k in ("fp32", "bf16", "fp16")}
+    stp = {k: [] for k in variants}
+    for learner in variants.values():  # warm-up, long enough for the fp16 scaler to settle below any overflow
+        learner.recompute(r, args.micro)
+        for _ in range(3):
+            step(learner, r, args.micro)
+    skipped_before = {k: v.scaler.skipped_steps for k, v in variants.items()}
+    for _ in range(args.repeats):
+        for name, learner in variants.items():
+            if name in rec:
+                rec[name].append(tokens / timed(lambda: learner.recompute(r, args.micro)))
+            stp[name].append(tokens / timed(lambda: step(learner, r, args.micro)))
+    med = {k: statistics.median(v) for k, v in stp.items()}
+    skipped = sum(v.scaler.skipped_steps - skipped_before[k] for k, v in variants.items())
+    # per-round ratios of step times (fp16 with scaler over fp16 without), median over rounds
+    overhead = statistics.median(b / a - 1 for a, b in zip(stp["fp16"], stp["fp16 no scaler"]))
+    vs_bf16 = statistics.median(b / a - 1 for a, b in zip(stp["fp16"], stp["bf16"]))
+    params = sum(p.numel() for p in variants["fp32"].model.parameters())
+    scalers = {k: v.scaler.scale if v.scaler.enabled else None for k, v in variants.items()}
+    lines = [
+        f"Command: `python bench/learner.py --model {args.model} --batch {args.batch} --prompt {args.prompt} "
+        f"--response {args.response} --micro {args.micro} --repeats {args.repeats}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` ({torch.get_num_threads()} threads).", "",
+        f"Model `{args.model}` ({params / 1e6:.1f}M parameters), {args.batch} sequences of {args.prompt} + "
+        f"{args.response} tokens ({tokens} response tokens), micro-batches of {args.micro}; median of "
+        f"{args.repeats} rounds, variants taking turns. fp16/bf16 use `model.matmul=auto` (here: fp32-accumulate).", "",
+        "| precision | recompute tok/s | step tok/s (forward + backward + update) |",
+        "| --- | --- | --- |",
+    ]  # fmt: skip
+    for name in variants:
+        recompute = f"{statistics.median(rec[name]):.0f}" if name in rec else "(same as fp16)"
+        lines.append(f"| {name} | {recompute} | {med[name]:.0f} |")
+    lines += [
+        "",
+        f"fp16 loss scaling adds {overhead * 100:+.1f}% to a step over the same fp16 step without a scaler (median of "
+        f"the per-round ratios; scale {scalers['fp16']:g} after the warm-up's overflow skips, {skipped} steps "
+        f"skipped in the timed rounds); the fp16 step with the scaler takes {vs_bf16 * 100:+.1f}% against the bf16 "
+        "step.",
+    ]  # fmt: skip
+    write_section(Path(args.doc), f"learner-{args.model}", f"Learner throughput ({args.model} model)", lines, machine)
+    print("\n".join(lines))
+    print(f"RESULT fp16_scaler_overhead={overhead:.4f} fp16_vs_bf16={vs_bf16:.4f} "
+          + " ".join(f"step_{k.replace(' ', '_')}_tok_s={v:.0f}" for k, v in med.items()) + " "
+          + " ".join(f"recompute_{k}_tok_s={statistics.median(v):.0f}" for k, v in rec.items()))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""A full RL step, unison against TRL's GRPOTrainer, on the same model, prompts and settings.
+
+Both sides train the built-in model (0.8M-parameter Qwen2, `src/unison/assets/countdown-tiny`) on the built-in
+perfectible countdown prompts with the same settings: `--prompts` prompts x `--group` samples a step, at most
+`--new-tokens` new tokens at temperature 1 (no top-k/top-p), one optimizer step per rollout batch over all its
+completions in one micro-batch, AdamW at `--lr`, the same precision, no KL term, token-mean loss (unison `grpo`,
+TRL `loss_type="dapo"`), reward 1 for a correct final answer.
+
+A step is what each tool does per rollout batch: unison samples with its native engine, recomputes log pi_old,
+measures the mismatch, updates and syncs the engine with a checksum; TRL samples with `model.generate()` and
+updates (with one iteration per batch it skips the old-log-prob pass). Timings are steady-state: each block runs
+`--warmup` steps first and times the next `--steps`. Blocks alternate unison, TRL, unison, TRL (`--pairs` pairs);
+the ratio of each pair is unison's completions/s over TRL's.
+
+TRL is not a dependency of unison; install it beside unison with the pinned versions:
+
+    python3 -m venv .venv-bench && . .venv-bench/bin/activate
+    pip install torch==2.13.0 -r bench/requirements.txt -e .
+    python bench/rl_step_vs_trl.py [--pairs 3] [--steps 4] [--precision fp32] [--threads N]
+    python bench/rl_step_vs_trl.py --quick      # one pair of 2 timed steps, 16 completions of at most 64 tokens
+
+Writes its table into docs/benchmarks.md (section `rl-step`) and ends with a line
+`RESULT ratio_vs_trl=<median> ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from docsection import machine_description, write_section  # noqa: E402
+
+
+def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
+    from unison.config import TrainConfig, load_config
+    from unison.report import read_metrics
+    from unison.trainer import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(TrainConfig, None, {
+            "model.path": "builtin", "data.subset": "builtin",
+            "precision.rollout": args.precision, "precision.train": args.precision,
+            "rollout.prompts_per_step": args.prompts, "rollout.group_size": args.group,
+            "rollout.max_new_tokens": args.new_tokens, "rollout.temperature": 1.0,
+            "algorithm.preset": "grpo", "optim.lr": args.lr, "optim.train_batch_size": args.prompts * args.group,
+            "optim.micro_batch_size": args.prompts * args.group, "optim.epochs": 1,
+            "run.steps": warmup + steps, "run.seed": seed, "run.out": str(Path(tmp) / "run"),
+            "run.eval_every": 0, "run.eval_prompts": 1, "run.save_every": 0, "run.progress": False,
+            "run.tensorboard": False,
+        })  # fmt: skip
+        run_dir = train(cfg, overwrite=True, quiet=True)
+        rows = read_metrics(run_dir)[warmup:]
+    phases = {k: statistics.mean(r[f"perf/{k}_seconds"] for r in rows if f"perf/{k}_seconds" in r)
+              for k in ("rollout", "recompute", "learn", "sync") if any(f"perf/{k}_seconds" in r for r in rows)}
+    seconds = sum(r["perf/step_seconds"] for r in rows)
+    tokens = sum(r["rollout/response_length_mean"] * args.prompts * args.group for r in rows)
+    return {"seconds": seconds, "completions": len(rows) * args.prompts * args.group, "tokens": tokens,
+            "accuracy": statistics.mean(r["rollout/accuracy"] for r in rows), "phases": phases}  # fmt: skip
+
+
+def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from unison.models import load_tokenizer, resolve_model_dir
+    from unison.tasks import load_task
+    from unison.tasks.countdown import final_answer
+    from unison.trainer import read_subset
+
+    model_dir = resolve_model_dir("builtin")
+    tokenizer = load_tokenizer(model_dir)
+    task = load_task("builtin")
+    keep = read_subset("builtin")
+    examples = [e for e in task.examples("train", seed=seed) if e.id in keep]
+    data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in examples])
+
+    def correct(completions, answer, **_):
+        return [float(final_answer(c) == a) for c, a in zip(completions, answer)]
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.marks, self.lengths, self.rewards = [], [], []
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.marks.append([time.perf_counter(), None])
+
+        def on_step_end(self, a, state, control, **kw):
+            self.marks[-1][1] = time.perf_counter()
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
+                self.rewards.append(logs.get("reward", float("nan")))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = GRPOConfig(
+            output_dir=tmp, per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
+            gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, max_completion_length=args.new_tokens,
+            temperature=1.0, top_p=1.0, top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", max_steps=warmup + steps, logging_steps=1,
+            save_strategy="no", report_to="none", use_cpu=True, bf16=args.precision == "bf16",
+            fp16=args.precision == "fp16", seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+        )  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        clock = Clock()
+        trainer = GRPOTrainer(model=model, reward_funcs=correct, args=config, train_dataset=data,
+                              processing_class=tokenizer, callbacks=[clock])  # fmt: skip
+        trainer.remove_callback(PrinterCallback)  # one dict per step on stdout otherwise
+        trainer.train()
+    timed = clock.marks[warmup:]
+    lengths = clock.lengths[warmup:] if len(clock.lengths) >= warmup + steps else clock.lengths[-steps:]
+    return {"seconds": sum(b - a for a, b in timed), "completions": len(timed) * args.prompts * args.group,
+            "tokens": sum(lengths) * args.prompts * args.group,
+            "accuracy": statistics.mean(clock.rewards[-steps:]) if clock.rewards else float("nan")}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per block")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    if args.quick:
+        args.pairs, args.steps, args.prompts, args.group, args.new_tokens = 1, 2, 4, 4, 64
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+    import trl
+
+    machine = machine_description()
+    rows = []
+    for pair in range(args.pairs):
+        u = unison_block(args, args.warmup, args.steps, seed=pair)
+        t = trl_block(args, args.warmup, args.steps, seed=pair)
+        ratio = (u["completions"] / u["seconds"]) / (t["completions"] / t["seconds"])
+        rows.append((u, t, ratio))
+        print(f"pair {pair}: unison {u['completions'] / u['seconds']:.1f} completions/s "
+              f"({u['tokens'] / u['seconds']:.0f} tok/s), TRL {t['completions'] / t['seconds']:.1f} completions/s "
+              f"({t['tokens'] / t['seconds']:.0f} tok/s): ratio {ratio:.2f}; accuracy {u['accuracy']:.2f} / "
+              f"{t['accuracy']:.2f}; unison seconds per phase {u['phases']}", flush=True)  # fmt: skip
+    ratios = [r for _, _, r in rows]
+    median = statistics.median(ratios)
+    B = args.prompts * args.group
+    lines = [
+        f"Command: `python bench/rl_step_vs_trl.py --pairs {args.pairs} --steps {args.steps} --precision "
+        f"{args.precision} --prompts {args.prompts} --group {args.group} --new-tokens {args.new_tokens}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` (TRL {trl.__version__}, transformers "
+        f"{transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads).", "",
+        f"Built-in model and perfectible prompts, {args.prompts} prompts x {args.group} samples = {B} completions of "
+        f"at most {args.new_tokens} tokens a step, {args.precision}, one update per step, lr {args.lr:g}; "
+        f"{args.steps} timed steps per block after {args.warmup} untimed, blocks alternating unison, TRL.", "",
+        "| pair | unison s/step | unison completions/s | unison tok/s | TRL s/step | TRL completions/s | TRL tok/s | ratio (completions/s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for i, (u, t, ratio) in enumerate(rows):
+        lines.append(
+            f"| {i} | {u['seconds'] / args.steps:.3f} | {u['completions'] / u['seconds']:.1f} | "
+            f"{u['tokens'] / u['seconds']:.0f} | {t['seconds'] / args.steps:.3f} | {t['completions'] / t['seconds']:.1f} | "
+            f"{t['tokens'] / t['seconds']:.0f} | {ratio:.2f} |"
+        )
+    spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+    lines += ["", f"Median ratio {median:.2f} (range {spread} over {len(ratios)} pairs)."]
+    write_section(Path(args.doc), "rl-step", "Full RL step against TRL's GRPOTrainer", lines, machine)
+    u_tok = statistics.median(u["tokens"] / u["seconds"] for u, _, _ in rows)
+    t_tok = statistics.median(t["tokens"] / t["seconds"] for _, t, _ in rows)
+    print(f"RESULT ratio_vs_trl={median:.2f} ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f} "
+          f"unison_tok_s={u_tok:.0f} trl_tok_s={t_tok:.0f} precision={args.precision}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

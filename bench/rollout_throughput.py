@@ -1,0 +1,169 @@
+"""Rollout throughput: unison's native engine against Hugging Face `generate()` and vLLM, on the built-in model.
+
+For each precision, batch size and number of new tokens, every engine samples `batch` prompts x `new` tokens at
+temperature 1 (no top-k/top-p, no stop token, so every row makes exactly `new` tokens) from the built-in model.
+Engines run in turn (native, generate, vLLM, native, generate, vLLM, ... `--repeats` rounds) after one warm-up
+call each; the table gives the median tokens/s and the ratios of the native engine to the others.
+
+    generate  `transformers` `model.generate(do_sample=True)` on the model cast to the precision (PyTorch's own
+              fp16/bf16 kernels), static settings as above
+    vllm      unison's vLLM engine (vLLM's offline LLM in-process); skipped with a note where vLLM is not installed
+              (scripts/install-vllm.sh)
+    native    unison's engine (`model.matmul=auto`: on CPUs without fast fp16/bf16 units, fp16/bf16 operands are
+              multiplied in fp32 and rounded back, see unison.precision.set_matmul)
+
+    python bench/rollout_throughput.py [--precisions fp32,fp16,bf16] [--batches 16,64] [--new 128,512] [--repeats 2]
+    python bench/rollout_throughput.py --quick   # fp32, batch 16 x 128 new tokens, one round
+
+Writes its table into docs/benchmarks.md (section `rollout`) and ends with a line
+`RESULT native_vs_generate=<median ratio> native_vs_vllm=<median ratio> ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from docsection import machine_description, write_section  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def prompts(n: int) -> list[list[int]]:
+    from unison.models import load_tokenizer, resolve_model_dir
+    from unison.tasks import load_task
+
+    tok = load_tokenizer(resolve_model_dir("builtin"))
+    examples = load_task("builtin").examples("test", n=n, seed=0)
+    return [tok(e.prompt, add_special_tokens=False).input_ids for e in examples]
+
+
+class Generate:
+    """Hugging Face generate() on the model cast to the precision."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.model = copy.deepcopy(model).to(dtype).eval()
+
+    def __call__(self, batch: list[list[int]], new: int) -> int:
+        P = max(len(p) for p in batch)
+        ids = torch.zeros(len(batch), P, dtype=torch.long)
+        attn = torch.zeros(len(batch), P, dtype=torch.long)
+        for i, p in enumerate(batch):  # left padding, as generation needs
+            ids[i, P - len(p):] = torch.tensor(p)
+            attn[i, P - len(p):] = 1
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+                                      top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)  # fmt: skip
+        return (out.shape[1] - P) * len(batch)
+
+
+class Unison:
+    """unison's native or vLLM engine."""
+
+    def __init__(self, name: str, model_dir: Path, dtype: torch.dtype):
+        from unison.rollout import make_engine
+
+        self.engine = make_engine(name, model_dir, dtype=dtype, device="cpu", seed=0)
+
+    def __call__(self, batch: list[list[int]], new: int) -> int:
+        from unison.rollout.base import SamplingParams
+
+        out = self.engine.generate(batch, SamplingParams(max_new_tokens=new, temperature=1.0, stop_token_ids=[]))
+        return int(out.lengths.sum())
+
+    def close(self) -> None:
+        if hasattr(self.engine, "close"):
+            self.engine.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precisions", default="fp32,fp16,bf16")
+    ap.add_argument("--batches", default="16,64")
+    ap.add_argument("--new", default="128,512")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--engines", default="native,generate,vllm")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    if args.quick:
+        args.precisions, args.batches, args.new, args.repeats = "fp32", "16", "128", 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from unison.models import load_model, resolve_model_dir
+
+    engines = args.engines.split(",")
+    if "vllm" in engines:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            print("vLLM is not installed (bash scripts/install-vllm.sh): measuring without it", flush=True)
+            engines.remove("vllm")
+    machine = machine_description()
+    model_dir = resolve_model_dir("builtin")
+    base = load_model(model_dir, device="cpu", dtype=torch.float32)
+    batches = [int(b) for b in args.batches.split(",")]
+    news = [int(n) for n in args.new.split(",")]
+    all_prompts = prompts(max(batches))
+    results = {}  # (precision, batch, new) -> {engine: [tok/s]}
+    threads = torch.get_num_threads()
+    for pname in args.precisions.split(","):
+        dtype = DTYPES[pname]
+        runners = {e: Generate(base, dtype) if e == "generate" else Unison(e, model_dir, dtype) for e in engines}
+        torch.set_num_threads(threads)  # an engine's start-up may change it
+        for runner in runners.values():
+            runner(all_prompts[:2], 4)  # warm-up
+        for B in batches:
+            for new in news:
+                key = (pname, B, new)
+                results[key] = {e: [] for e in engines}
+                for _ in range(args.repeats):
+                    for e, runner in runners.items():
+                        t0 = time.perf_counter()
+                        tokens = runner(all_prompts[:B], new)
+                        results[key][e].append(tokens / (time.perf_counter() - t0))
+                line = ", ".join(f"{e} {statistics.median(v):.0f}" for e, v in results[key].items())
+                print(f"{pname} batch {B} x {new} new tokens: {line} tok/s", flush=True)
+        for runner in runners.values():
+            if hasattr(runner, "close"):
+                runner.close()
+    cols = [e for e in engines]
+    ratios = {o: [] for o in cols if o != "native"}
+    lines = [
+        f"Command: `python bench/rollout_throughput.py --precisions {args.precisions} --batches {args.batches} "
+        f"--new {args.new} --repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}` "
+        f"({threads} threads).", "",
+        "Built-in model, temperature 1, no stop token (every row makes all its new tokens); median tokens/s of "
+        f"{args.repeats} rounds, engines taking turns.", "",
+        "| precision | batch | new tokens | " + " | ".join(f"{e} tok/s" for e in cols)
+        + "".join(f" | native / {o}" for o in ratios) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in cols) + "".join(" | ---" for _ in ratios) + " |",
+    ]  # fmt: skip
+    for (pname, B, new), per in results.items():
+        med = {e: statistics.median(v) for e, v in per.items()}
+        cells = [f"{med[e]:.0f}" for e in cols]
+        for o in ratios:
+            ratios[o].append(med["native"] / med[o])
+            cells.append(f"{med['native'] / med[o]:.2f}")
+        lines.append(f"| {pname} | {B} | {new} | " + " | ".join(cells) + " |")
+    summary = ", ".join(f"native / {o}: median {statistics.median(v):.2f} (range {min(v):.2f}-{max(v):.2f})"
+                        for o, v in ratios.items())  # fmt: skip
+    lines += ["", f"Over all rows: {summary}."]
+    write_section(Path(args.doc), "rollout", "Rollout throughput: native engine, generate() and vLLM", lines, machine)
+    print("RESULT " + " ".join(f"native_vs_{o}={statistics.median(v):.2f}" for o, v in ratios.items()) + " "
+          + " ".join(f"{p}_{B}x{n}_{e}={statistics.median(v):.0f}" for (p, B, n), per in results.items()
+                     for e, v in per.items()))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

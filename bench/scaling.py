@@ -1,0 +1,158 @@
+"""How the RL step time grows with model size and response length, against this machine's floor.
+
+For each model (the built-in 0.8M model, and random Qwen2 models of about 30M and 120M parameters with the built-in
+tokenizer) and each response length, one step of the work an RL step does: the native engine samples `--batch`
+responses of exactly N tokens (no stop token), then the learner runs one optimizer step over them (forward,
+backward, update) — recompute and update share the same kernels, so one update stands for both.
+
+The floor of each figure is its matrix-product FLOPs over the matrix-product rate measured on this machine in the
+same precision and mode (`F.linear` on a [4096, hidden] x [hidden, 4 hidden] product, the learner's typical
+shape): sampling 2 x (non-embedding parameters + LM head) per token plus attention 4 x layers x hidden x context;
+an update three times the forward. `efficiency` = floor / measured.
+
+    python bench/scaling.py [--models builtin,30m,120m] [--lengths 64,256] [--batch 16] [--precisions fp32,bf16]
+    python bench/scaling.py --quick        # built-in and 30m models, 64 tokens, fp32
+
+Writes its table into docs/benchmarks.md (section `scaling`) and ends with a line `RESULT ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from docsection import machine_description, write_section  # noqa: E402
+
+MODELS = {
+    "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=4),
+    "120m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4),
+}  # fmt: skip
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build(name: str):
+    from unison.models import load_model, random_model, resolve_model_dir
+
+    if name == "builtin":
+        return load_model(resolve_model_dir("builtin"), device="cpu", dtype=torch.float32)
+    return random_model(seed=0, max_position_embeddings=2048, **MODELS[name])
+
+
+def matmul_rate(hidden: int, precision: str) -> float:
+    """FLOP/s of F.linear [4096, hidden] x [hidden, 4 hidden] as the engines run it in `precision`."""
+    from unison.precision import matmul_mode
+
+    dtype = DTYPES[precision]
+    mode = matmul_mode("auto", torch.device("cpu"), dtype)
+    compute = torch.float32 if mode == "fp32-accumulate" else dtype
+    x, w = torch.randn(4096, hidden, dtype=compute), torch.randn(4 * hidden, hidden, dtype=compute)
+    F.linear(x, w)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 * hidden * 4 * hidden / best
+
+
+def flops(model, batch: int, prompt: int, new: int) -> tuple[float, float]:
+    """Matrix-product FLOPs of sampling `new` tokens for `batch` rows, and of one update over the sequences."""
+    cfg = model.config
+    embed = model.get_input_embeddings().weight.numel()
+    dense = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) - embed  # LM head tied: counted once
+    head = cfg.vocab_size * cfg.hidden_size
+    per_token = 2 * (dense + head)
+    attn = lambda ctx: 4 * cfg.num_hidden_layers * cfg.hidden_size * ctx  # noqa: E731 - scores and weighted values
+    sample = batch * sum(per_token + attn(prompt + t) for t in range(new))
+    L = prompt + new
+    forward = batch * (L * per_token + cfg.num_hidden_layers * 4 * cfg.hidden_size * L * L / 2)
+    return sample, 3 * forward
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="builtin,30m,120m")
+    ap.add_argument("--lengths", default="64,256")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.lengths, args.precisions = "builtin,30m", "64", "fp32"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from unison.learner import Learner
+    from unison.precision import PrecisionPolicy
+    from unison.rollout.base import SamplingParams
+    from unison.rollout.native import NativeEngine
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learner import step
+
+    machine = machine_description()
+    rows = []
+    prompt = 8
+    for precision in args.precisions.split(","):
+        dtype = DTYPES[precision]
+        for name in args.models.split(","):
+            model = build(name)
+            params = sum(p.numel() for p in model.parameters())
+            rate = matmul_rate(model.config.hidden_size, precision)
+            engine = NativeEngine(build(name), dtype=dtype, device="cpu")
+            learner = Learner(model, PrecisionPolicy(dtype, dtype), "cpu", lr=1e-6)
+            prompts = [[5 + (7 * i + j) % 250 for j in range(prompt)] for i in range(args.batch)]
+            engine.generate(prompts[:2], SamplingParams(max_new_tokens=4, stop_token_ids=[]))  # warm-up
+            for new in [int(n) for n in args.lengths.split(",")]:
+                t0 = time.perf_counter()
+                r = engine.generate(prompts, SamplingParams(max_new_tokens=new, stop_token_ids=[]))
+                t_sample = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                step(learner, r, micro=args.batch)
+                t_update = time.perf_counter() - t0
+                f_sample, f_update = flops(model, args.batch, prompt, new)
+                row = dict(precision=precision, model=name, params=params, new=new, rate=rate, t_sample=t_sample,
+                           t_update=t_update, floor_sample=f_sample / rate, floor_update=f_update / rate)  # fmt: skip
+                rows.append(row)
+                print(f"{precision} {name} ({params / 1e6:.1f}M) {new} tokens: sample {t_sample:.2f}s "
+                      f"(floor {row['floor_sample']:.2f}s), update {t_update:.2f}s (floor {row['floor_update']:.2f}s), "
+                      f"matmul rate {rate / 1e9:.0f} GFLOP/s", flush=True)  # fmt: skip
+    lines = [
+        f"Command: `python bench/scaling.py --models {args.models} --lengths {args.lengths} --batch {args.batch} "
+        f"--precisions {args.precisions}{f' --threads {args.threads}' if args.threads else ''}` "
+        f"({torch.get_num_threads()} threads).", "",
+        f"{args.batch} sequences, {prompt}-token prompts, N new tokens each; step = sampling + one update. Floor = "
+        "matrix-product FLOPs / the measured matrix-product rate in that precision (fp16/bf16 run fp32-accumulate "
+        "here, so their rate is the fp32 rate); efficiency = floor / measured.", "",
+        "| precision | model | parameters | N | matmul GFLOP/s | sample s | sample floor s | update s | update floor s "
+        "| step s | step efficiency |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for w in rows:
+        step_s = w["t_sample"] + w["t_update"]
+        eff = (w["floor_sample"] + w["floor_update"]) / step_s
+        lines.append(
+            f"| {w['precision']} | {w['model']} | {w['params'] / 1e6:.1f}M | {w['new']} | {w['rate'] / 1e9:.0f} | "
+            f"{w['t_sample']:.2f} | {w['floor_sample']:.2f} | {w['t_update']:.2f} | {w['floor_update']:.2f} | "
+            f"{step_s:.2f} | {eff:.0%} |"
+        )
+    write_section(Path(args.doc), "scaling", "Scaling with model size and response length", lines, machine)
+    print("RESULT " + " ".join(
+        f"{w['precision']}_{w['model']}_{w['new']}_step_s={w['t_sample'] + w['t_update']:.3f} "
+        f"{w['precision']}_{w['model']}_{w['new']}_efficiency="
+        f"{(w['floor_sample'] + w['floor_update']) / (w['t_sample'] + w['t_update']):.3f}" for w in rows))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
