@@ -122,8 +122,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, learner in variants.items():
             if name in rec:
-                rec[name].append(tokens / timed(lambda: learner.recompute(r, args.micro)))
-            stp[name].append(tokens / timed(lambda: step(learner, r, args.micro)))
+                rec[name].append(tokens / timed(lambda learner=learner: learner.recompute(r, args.micro)))
+            stp[name].append(tokens / timed(lambda learner=learner: step(learner, r, args.micro)))
     med = {k: statistics.median(v) for k, v in stp.items()}
     skipped = sum(v.scaler.skipped_steps - skipped_before[k] for k, v in variants.items())
     # per-round ratios of step times (fp16 with scaler over fp16 without), median over rounds
@@ -134,7 +134,7 @@ def main() -> None:
     lines = [
         f"Command: `python bench/learner.py --model {args.model} --batch {args.batch} --prompt {args.prompt} "
         f"--response {args.response} --micro {args.micro} --repeats {args.repeats}"
-        f"{f' --threads {args.threads}' if args.threads else ''}` ({torch.get_num_threads()} threads).", "",
+        f"{f' --threads {args.threads}' if args.threads else ''}` (PyTorch threads: {torch.get_num_threads()}).", "",
         f"Model `{args.model}` ({params / 1e6:.1f}M parameters), {args.batch} sequences of {args.prompt} + "
         f"{args.response} tokens ({tokens} response tokens), micro-batches of {args.micro}; median of "
         f"{args.repeats} rounds, variants taking turns. fp16/bf16 use `model.matmul=auto` (here: fp32-accumulate).", "",

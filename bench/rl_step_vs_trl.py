@@ -19,7 +19,7 @@ TRL is not a dependency of unison; install it beside unison with the pinned vers
     python bench/rl_step_vs_trl.py [--pairs 3] [--steps 4] [--precision fp32] [--threads N]
     python bench/rl_step_vs_trl.py --quick      # one pair of 2 timed steps, 16 completions of at most 64 tokens
 
-Writes its table into docs/benchmarks.md (section `rl-step`) and ends with a line
+Writes its table into docs/benchmarks.md (section `rl-step-<precision>`) and ends with a line
 `RESULT ratio_vs_trl=<median> ...`.
 """
 
@@ -163,7 +163,7 @@ def main() -> None:
         f"Command: `python bench/rl_step_vs_trl.py --pairs {args.pairs} --steps {args.steps} --precision "
         f"{args.precision} --prompts {args.prompts} --group {args.group} --new-tokens {args.new_tokens}"
         f"{f' --threads {args.threads}' if args.threads else ''}` (TRL {trl.__version__}, transformers "
-        f"{transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads).", "",
+        f"{transformers.__version__}, torch {torch.__version__}, PyTorch threads: {torch.get_num_threads()}).", "",
         f"Built-in model and perfectible prompts, {args.prompts} prompts x {args.group} samples = {B} completions of "
         f"at most {args.new_tokens} tokens a step, {args.precision}, one update per step, lr {args.lr:g}; "
         f"{args.steps} timed steps per block after {args.warmup} untimed, blocks alternating unison, TRL.", "",
@@ -178,7 +178,8 @@ def main() -> None:
         )
     spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
     lines += ["", f"Median ratio {median:.2f} (range {spread} over {len(ratios)} pairs)."]
-    write_section(Path(args.doc), "rl-step", "Full RL step against TRL's GRPOTrainer", lines, machine)
+    write_section(Path(args.doc), f"rl-step-{args.precision}", f"Full RL step against TRL's GRPOTrainer ({args.precision})",
+                  lines, machine)  # fmt: skip
     u_tok = statistics.median(u["tokens"] / u["seconds"] for u, _, _ in rows)
     t_tok = statistics.median(t["tokens"] / t["seconds"] for _, t, _ in rows)
     print(f"RESULT ratio_vs_trl={median:.2f} ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f} "

@@ -142,7 +142,7 @@ def main() -> None:
     lines = [
         f"Command: `python bench/rollout_throughput.py --precisions {args.precisions} --batches {args.batches} "
         f"--new {args.new} --repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}` "
-        f"({threads} threads).", "",
+        f"(PyTorch threads: {threads}).", "",
         "Built-in model, temperature 1, no stop token (every row makes all its new tokens); median tokens/s of "
         f"{args.repeats} rounds, engines taking turns.", "",
         "| precision | batch | new tokens | " + " | ".join(f"{e} tok/s" for e in cols)

@@ -13,12 +13,14 @@ an update three times the forward. `efficiency` = floor / measured.
     python bench/scaling.py [--models builtin,30m,120m] [--lengths 64,256] [--batch 16] [--precisions fp32,bf16]
     python bench/scaling.py --quick        # built-in and 30m models, 64 tokens, fp32
 
-Writes its table into docs/benchmarks.md (section `scaling`) and ends with a line `RESULT ...`.
+Writes its table into docs/benchmarks.md (section `scaling`), keeping the rows of earlier runs it did not redo
+(bench/results/scaling.json), and ends with a line `RESULT ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -48,21 +50,28 @@ def build(name: str):
     return random_model(seed=0, max_position_embeddings=2048, **MODELS[name])
 
 
+_RATES: dict = {}
+
+
 def matmul_rate(hidden: int, precision: str) -> float:
-    """FLOP/s of F.linear [4096, hidden] x [hidden, 4 hidden] as the engines run it in `precision`."""
+    """FLOP/s of F.linear [4096, hidden] x [hidden, 4 hidden] as the engines run it in `precision` (the best of five,
+    measured once per shape and compute dtype: fp16/bf16 in fp32-accumulate mode share the fp32 figure)."""
     from unison.precision import matmul_mode
 
     dtype = DTYPES[precision]
     mode = matmul_mode("auto", torch.device("cpu"), dtype)
     compute = torch.float32 if mode == "fp32-accumulate" else dtype
+    if (hidden, compute) in _RATES:
+        return _RATES[hidden, compute]
     x, w = torch.randn(4096, hidden, dtype=compute), torch.randn(4 * hidden, hidden, dtype=compute)
     F.linear(x, w)
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         F.linear(x, w)
         best = min(best, time.perf_counter() - t0)
-    return 2 * 4096 * hidden * 4 * hidden / best
+    _RATES[hidden, compute] = 2 * 4096 * hidden * 4 * hidden / best
+    return _RATES[hidden, compute]
 
 
 def flops(model, batch: int, prompt: int, new: int) -> tuple[float, float]:
@@ -102,6 +111,8 @@ def main() -> None:
     from learner import step
 
     machine = machine_description()
+    store = ROOT / "bench" / "results" / "scaling.json"  # rows of every run, so a rerun of some rows keeps the rest
+    kept = json.loads(store.read_text()) if store.exists() and not args.quick else []
     rows = []
     prompt = 8
     for precision in args.precisions.split(","):
@@ -128,13 +139,21 @@ def main() -> None:
                 print(f"{precision} {name} ({params / 1e6:.1f}M) {new} tokens: sample {t_sample:.2f}s "
                       f"(floor {row['floor_sample']:.2f}s), update {t_update:.2f}s (floor {row['floor_update']:.2f}s), "
                       f"matmul rate {rate / 1e9:.0f} GFLOP/s", flush=True)  # fmt: skip
+    done = {(w["precision"], w["model"], w["new"]) for w in rows}
+    rows = [w for w in kept if (w["precision"], w["model"], w["new"]) not in done] + rows
+    order = {p: i for i, p in enumerate(DTYPES)}
+    rows.sort(key=lambda w: (order[w["precision"]], w["params"], w["new"]))
+    if not args.quick:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(rows, indent=1))
     lines = [
         f"Command: `python bench/scaling.py --models {args.models} --lengths {args.lengths} --batch {args.batch} "
         f"--precisions {args.precisions}{f' --threads {args.threads}' if args.threads else ''}` "
-        f"({torch.get_num_threads()} threads).", "",
+        f"(PyTorch threads: {torch.get_num_threads()}).", "",
         f"{args.batch} sequences, {prompt}-token prompts, N new tokens each; step = sampling + one update. Floor = "
         "matrix-product FLOPs / the measured matrix-product rate in that precision (fp16/bf16 run fp32-accumulate "
-        "here, so their rate is the fp32 rate); efficiency = floor / measured.", "",
+        "here, so their rate is the fp32 rate); efficiency = floor / measured. Rows this command did not redo are "
+        "kept from earlier runs of the script (bench/results/scaling.json), each with the rate measured in its run.", "",
         "| precision | model | parameters | N | matmul GFLOP/s | sample s | sample floor s | update s | update floor s "
         "| step s | step efficiency |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
