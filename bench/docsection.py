@@ -46,3 +46,27 @@ def write_section(path: Path, name: str, title: str, lines: list[str], machine: 
     if not path.exists():
         path.write_text("# Benchmarks\n\nEach section is written by the script its command names.\n")
     replace_section(name, "\n".join([f"## {title}", "", f"Machine: {machine}.", "", *lines]), path)
+
+
+def bench_parser(description: str):
+    """An argument parser with the options every benchmark shares: --threads, --quick and --doc."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--quick", action="store_true", help="a run of under a minute")
+    ap.add_argument("--doc", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
+    return ap
+
+
+def parse_bench_args(ap, quick: dict):
+    """Parse; with --quick, apply the `quick` settings; with --threads, set torch's thread count."""
+    args = ap.parse_args()
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args

@@ -21,7 +21,6 @@ Writes its table into docs/benchmarks.md (section `learner`) and ends with a lin
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docsection import machine_description, write_section  # noqa: E402
+from docsection import bench_parser, machine_description, parse_bench_args, write_section  # noqa: E402
 
 MODELS = {
     "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -90,21 +89,14 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin", choices=["builtin", *MODELS])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--response", type=int, default=120)
     ap.add_argument("--micro", type=int, default=32, help="sequences per forward/backward")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
-    args = ap.parse_args()
-    if args.quick:
-        args.batch, args.repeats = 8, 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(ap, {"batch": 8, "repeats": 2})
     machine = machine_description()
     r = rollouts(args.batch, args.prompt, args.response)
     tokens = int(r.mask.sum())

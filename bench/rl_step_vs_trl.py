@@ -4,7 +4,8 @@ Both sides train the built-in model (0.8M-parameter Qwen2, `src/unison/assets/co
 perfectible countdown prompts with the same settings: `--prompts` prompts x `--group` samples a step, at most
 `--new-tokens` new tokens at temperature 1 (no top-k/top-p), one optimizer step per rollout batch over all its
 completions in one micro-batch, AdamW at `--lr`, the same precision, no KL term, token-mean loss (unison `grpo`,
-TRL `loss_type="dapo"`), reward 1 for a correct final answer.
+TRL `loss_type="dapo"`), reward 1 for a correct final answer, no gradient checkpointing (TRL's default turns it on;
+unison keeps activations, so TRL runs without it here to do the same arithmetic).
 
 A step is what each tool does per rollout batch: unison samples with its native engine, recomputes log pi_old,
 measures the mismatch, updates and syncs the engine with a checksum; TRL samples with `model.generate()` and
@@ -25,7 +26,6 @@ Writes its table into docs/benchmarks.md (section `rl-step-<precision>`) and end
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docsection import machine_description, write_section  # noqa: E402
+from docsection import bench_parser, machine_description, parse_bench_args, write_section  # noqa: E402
 
 
 def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
@@ -110,6 +110,7 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
             weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", max_steps=warmup + steps, logging_steps=1,
             save_strategy="no", report_to="none", use_cpu=True, bf16=args.precision == "bf16",
             fp16=args.precision == "fp16", seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+            gradient_checkpointing=False,  # TRL's default is True: it would recompute activations unison keeps
         )  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         clock = Clock()
@@ -125,7 +126,7 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per block")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
@@ -134,14 +135,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
-    args = ap.parse_args()
-    if args.quick:
-        args.pairs, args.steps, args.prompts, args.group, args.new_tokens = 1, 2, 4, 4, 64
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(ap, {"pairs": 1, "steps": 2, "prompts": 4, "group": 4, "new_tokens": 64})
     import transformers
     import trl
 

@@ -21,7 +21,6 @@ Writes its table into docs/benchmarks.md (section `rollout`) and ends with a lin
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docsection import machine_description, write_section  # noqa: E402
+from docsection import bench_parser, machine_description, parse_bench_args, write_section  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -86,20 +85,13 @@ class Unison:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--precisions", default="fp32,fp16,bf16")
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--new", default="128,512")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", default="native,generate,vllm")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
-    args = ap.parse_args()
-    if args.quick:
-        args.precisions, args.batches, args.new, args.repeats = "fp32", "16", "128", 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(ap, {"precisions": "fp32", "batches": "16", "new": "128", "repeats": 1})
     from unison.models import load_model, resolve_model_dir
 
     engines = args.engines.split(",")

@@ -19,7 +19,6 @@ Writes its table into docs/benchmarks.md (section `scaling`), keeping the rows o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docsection import machine_description, write_section  # noqa: E402
+from docsection import bench_parser, machine_description, parse_bench_args, write_section  # noqa: E402
 
 MODELS = {
     "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -89,19 +88,12 @@ def flops(model, batch: int, prompt: int, new: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--models", default="builtin,30m,120m")
     ap.add_argument("--lengths", default="64,256")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
-    args = ap.parse_args()
-    if args.quick:
-        args.models, args.lengths, args.precisions = "builtin,30m", "64", "fp32"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(ap, {"models": "builtin,30m", "lengths": "64", "precisions": "fp32"})
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
     from unison.rollout.base import SamplingParams
