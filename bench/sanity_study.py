@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +76,6 @@ def main() -> None:
     reference = [p for p in args.reference.split(",") if p]
     out = Path(args.out)
     results = {}
-    t0 = time.time()
 
     def precisions_of(preset: str) -> list[str]:
         return precisions + (["fp32"] if preset in reference and "fp32" not in precisions else [])
@@ -97,7 +95,7 @@ def main() -> None:
         runs = [out / f"{preset}-{p}-s{s}" for p, s in keys]
         plot_runs(runs, ["rollout/accuracy", "mismatch/k3"], figs / f"sanity_{preset}.png",
                   labels=[f"{p} seed {s}" for p, s in keys], smooth=5, log_scale=["mismatch/k3"])  # fmt: skip
-    write_doc(Path(args.doc), results, args, time.time() - t0)
+    write_doc(Path(args.doc), results, args)
     fp16 = [r["final_acc"] for (_, p, _), r in results.items() if p == "fp16"]
     bf16 = [r["final_acc"] for (_, p, _), r in results.items() if p == "bf16"]
     print(f"RESULT runs={len(results)} fp16_final_acc_mean={statistics.mean(fp16) if fp16 else float('nan'):.3f} "
@@ -105,21 +103,26 @@ def main() -> None:
           f"collapsed={sum(r['collapsed'] for r in results.values())}")  # fmt: skip
 
 
-def write_doc(path: Path, results: dict, args, seconds: float) -> None:
+def write_doc(path: Path, results: dict, args) -> None:
     def spread(values: list[float], fmt: str) -> str:
         if len(values) < 2:
             return format(values[0], fmt)
         return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
+    presets = args.presets.split(",")
+    rank = {p: i for i, p in enumerate(["fp16", "bf16", "fp32"])}
+    ordered = sorted(results.items(), key=lambda kv: (presets.index(kv[0][0]) if kv[0][0] in presets else 99,
+                                                      rank.get(kv[0][1], 9), kv[0][2]))  # fmt: skip
     groups: dict[tuple[str, str], list[dict]] = {}
-    for (preset, precision, _), r in sorted(results.items()):
+    for (preset, precision, _), r in ordered:
         groups.setdefault((preset, precision), []).append(r)
     reference_text = args.reference or "''"
     lines = [
         "# Sanity study on the built-in perfectible set", "",
         (f"Command: `python bench/sanity_study.py --presets {args.presets} --precisions {args.precisions} "
          f"--reference {reference_text} --seeds {args.seeds} --steps {args.steps}` "
-         f"({seconds / 60:.0f} minutes on this 2-core CPU)."), "",
+         f"({sum(r['seconds'] for r in results.values()) / 60:.0f} minutes of training steps in all, one run at a "
+         "time on one core of this 2-core CPU)."), "",
         "Over seeds (mean ± standard deviation):", "",
         "| preset | precision | seeds | final acc (last 10) | peak acc | held-out | k3 mean over the run | collapsed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -135,7 +138,7 @@ def write_doc(path: Path, results: dict, args, seconds: float) -> None:
         "| preset | precision | seed | first acc | peak acc | final acc (last 10) | held-out | k3 start | k3 mid | k3 end | skipped | collapsed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
-    for (preset, precision, seed), r in sorted(results.items()):
+    for (preset, precision, seed), r in ordered:
         lines.append(
             f"| {preset} | {precision} | {seed} | {r['first_acc']:.3f} | {r['peak_acc']:.3f} | {r['final_acc']:.3f} | "
             f"{r['heldout']:.3f} | {r['k3_start']:.1e} | {r['k3_mid']:.1e} | {r['k3_end']:.1e} | {r['skipped']:.0f} | "

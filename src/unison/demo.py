@@ -37,7 +37,7 @@ class DemoConfig(TrainConfig):
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_step=8, group_size=8, max_new_tokens=192))
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, train_batch_size=32, micro_batch_size=64))
-    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/demo", steps=90, eval_every=0, eval_prompts=64, save_every=20))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/demo", steps=120, eval_every=0, eval_prompts=64, save_every=20))
 
     def validate(self) -> "DemoConfig":
         check(len(self.compare) >= 1, "compare", "list at least one precision, e.g. [fp16, bf16]")
