@@ -59,8 +59,9 @@ def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
         })  # fmt: skip
         run_dir = train(cfg, overwrite=True, quiet=True)
         rows = read_metrics(run_dir)[warmup:]
-    phases = {k: statistics.mean(r[f"perf/{k}_seconds"] for r in rows if f"perf/{k}_seconds" in r)
-              for k in ("rollout", "recompute", "learn", "sync") if any(f"perf/{k}_seconds" in r for r in rows)}
+    keys = {"rollout": "perf/rollout_seconds", "recompute": "perf/recompute_seconds", "learn": "perf/learn_seconds",
+            "sync": "sync/seconds"}  # recompute only where a batch gives several updates
+    phases = {k: statistics.mean(r[key] for r in rows) for k, key in keys.items() if key in rows[0]}
     seconds = sum(r["perf/step_seconds"] for r in rows)
     tokens = sum(r["rollout/response_length_mean"] * args.prompts * args.group for r in rows)
     return {"seconds": seconds, "completions": len(rows) * args.prompts * args.group, "tokens": tokens,

@@ -105,13 +105,6 @@ def _fp32_accumulate_linear(self, x: torch.Tensor) -> torch.Tensor:
 FP32_SDPA = "unison_fp32_sdpa"
 
 
-def fp32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Scaled dot-product attention on fp16/bf16 inputs computed in fp32, the output rounded back (as a GPU
-    flash-attention kernel accumulates in fp32)."""
-    out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
-    return out.to(q.dtype)
-
-
 def _register_fp32_sdpa() -> str:
     """Register fp32-accumulate attention with transformers' attention interface (once)."""
     from transformers import AttentionInterface

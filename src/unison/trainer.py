@@ -241,9 +241,7 @@ def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: Prompt
     n_updates = len(losses)
     t_learn = time.perf_counter() - t0
     m = {f"mismatch/{k}": v for k, v in mismatch_metrics(logp_old, mu, mask).items()}
-    t0 = time.perf_counter()
-    m.update(learner.sync(engine))
-    t_sync = time.perf_counter() - t0
+    m.update(learner.sync(engine))  # with its time, sync/seconds
     tokens = int(rollouts.lengths.sum())
     finite_norms = [x for x in norms if x == x and x != float("inf")]
     m.update({
@@ -262,10 +260,10 @@ def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: Prompt
         "precision/skipped_this_step": skipped,
         "precision/skipped_steps": learner.scaler.skipped_steps,
         "perf/rollout_tokens_per_s": tokens / max(t_rollout, 1e-9),
-        **({} if single_update else {"perf/recompute_tokens_per_s": tokens / max(t_recompute, 1e-9)}),
+        **({} if single_update else {"perf/recompute_tokens_per_s": tokens / max(t_recompute, 1e-9),
+                                     "perf/recompute_seconds": t_recompute}),
         "perf/learner_tokens_per_s": tokens * o.epochs / max(t_learn, 1e-9),
-        "perf/rollout_seconds": t_rollout, "perf/recompute_seconds": t_recompute, "perf/learn_seconds": t_learn,
-        "perf/sync_seconds": t_sync,
+        "perf/rollout_seconds": t_rollout, "perf/learn_seconds": t_learn,
         "perf/step_seconds": time.perf_counter() - t_start,
     })  # fmt: skip
     return m

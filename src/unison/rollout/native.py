@@ -78,12 +78,15 @@ def run_pre_hooks(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _packed(compute: torch.dtype, *linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights (and biases, zeros where a layer has none) of `linears` stacked along the output, in `compute`."""
-    weight = torch.cat([m.weight for m in linears]).to(compute)
+    """The weights (and biases, zeros where a layer has none) of `linears` stacked along the output, in `compute`
+    (a single layer's own tensors where they already are in `compute`: no copy)."""
+    def stacked(tensors):
+        return (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(compute)
+
+    weight = stacked([m.weight for m in linears])
     if all(m.bias is None for m in linears):
         return weight, None
-    bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
-    return weight, bias.to(compute)
+    return weight, stacked([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
 
 
 class DecodeWeights:
@@ -171,9 +174,7 @@ class NativeEngine:
         """x [B, S, hidden]; cos, sin [B, S, 1, D] fp32 (sin with rotate-half's sign folded in, see _StaticDecode)."""
         B, S, _ = x.shape
         H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
-        q_proj = w["q_proj"]
-        qkv = self._linear(run_pre_hooks(q_proj, x) if q_proj._forward_pre_hooks else x, w["qkv"])
-        qkv = qkv.view(B, S, H + 2 * Hkv, D)
+        qkv = self._linear(run_pre_hooks(w["q_proj"], x), w["qkv"]).view(B, S, H + 2 * Hkv, D)
         qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv:]
         if w["qk_norm"] is not None:  # Qwen3
             q_norm, k_norm = w["qk_norm"]
@@ -201,9 +202,7 @@ class NativeEngine:
         down = mlp.down_proj
         if getattr(mlp, "_unison_fp32", False) or down._forward_hooks or down._forward_pre_hooks:
             return fused_mlp(mlp, x)  # the overflow guard watches or replaces this MLP's output: call the modules
-        gate_proj = w["gate_proj"]
-        x = run_pre_hooks(gate_proj, x) if gate_proj._forward_pre_hooks else x
-        gate, up = self._linear(x, w["gate_up"]).chunk(2, dim=-1)
+        gate, up = self._linear(run_pre_hooks(w["gate_proj"], x), w["gate_up"]).chunk(2, dim=-1)
         return self._linear((w["act_fn"](gate.float()) * up.float()).to(self.dtype), w["down"])
 
     def _forward(self, weights: DecodeWeights, ids, cos, sin, cache: StaticKVCache, start: int, mask) -> torch.Tensor:
