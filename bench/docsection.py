@@ -41,8 +41,13 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem}{gpu}; torch {torch.__version__}; load average {load} at the start"
 
 
-def write_section(path: Path, name: str, title: str, lines: list[str], machine: str) -> None:
-    """Replace section `name` of the Markdown file `path` with a `## title` heading, the machine and `lines`."""
+def write_section(path: str | None, name: str, title: str, lines: list[str], machine: str) -> None:
+    """Replace section `name` of the Markdown file `path` with a `## title` heading, the machine and `lines`; with
+    no path (a --quick run without --doc), print them instead."""
+    if path is None:
+        print("\n".join([f"## {title}", "", *lines, "", "(a --quick run: no document written; --doc FILE writes one)"]))
+        return
+    path = Path(path)
     if not path.exists():
         path.write_text("# Benchmarks\n\nEach section is written by the script its command names.\n")
     replace_section(name, "\n".join([f"## {title}", "", f"Machine: {machine}.", "", *lines]), path)
@@ -53,15 +58,18 @@ def bench_parser(description: str):
     import argparse
 
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--threads", type=whole, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--quick", action="store_true", help="a run of under a minute")
-    ap.add_argument("--doc", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
+    ap.add_argument("--doc", default=None, help="the Markdown file to write the table into (default: "
+                    "docs/benchmarks.md; none for --quick, so a quick run leaves the measured tables as they are)")
     return ap
 
 
 def parse_bench_args(ap, quick: dict):
     """Parse; with --quick, apply the `quick` settings; with --threads, set torch's thread count."""
     args = ap.parse_args()
+    if args.doc is None and not args.quick:
+        args.doc = str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     if args.quick:
         for key, value in quick.items():
             setattr(args, key, value)
@@ -70,3 +78,44 @@ def parse_bench_args(ap, quick: dict):
 
         torch.set_num_threads(args.threads)
     return args
+
+
+def listed(choices=None, kind=str, allow_empty: bool = False):
+    """An argparse type for a comma-separated list (`fp32,bf16`, `16,64`) whose items must parse as `kind` and, when
+    given, be among `choices`; argparse turns a bad list into one line and exit code 2."""
+    import argparse
+
+    def parse(text: str) -> list:
+        try:
+            items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
+        bad = [x for x in items if choices is not None and x not in choices]
+        if bad or not (items or allow_empty):
+            allowed = f"; choose from {', '.join(map(str, choices))}" if choices is not None else ""
+            raise argparse.ArgumentTypeError(f"{text!r}: {'unknown ' + ', '.join(map(str, bad)) if bad else 'empty'}"
+                                             f"{allowed}")  # fmt: skip
+        return items
+
+    parse.__name__ = "list"
+    return parse
+
+
+def joined(items) -> str:
+    """A list option written back as it is typed on the command line."""
+    return ",".join(map(str, items)) or "''"
+
+
+def _at_least(low: int, name: str):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = name  # argparse names the type in its error: "invalid positive integer value: '0'"
+    return parse
+
+
+count = _at_least(1, "positive integer")  # a batch size, a length, a number of rounds
+whole = _at_least(0, "non-negative integer")  # a number of warm-up steps; threads, where 0 means the default

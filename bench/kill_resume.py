@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from docsection import replace_section  # noqa: E402
+from docsection import count, replace_section  # noqa: E402
 
 from unison import checkpoint as ckpt  # noqa: E402
 from unison.models import build_tokenizer, random_model, save_model  # noqa: E402
@@ -76,8 +76,8 @@ def same(a, b):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--kills", type=count, default=20)
+    ap.add_argument("--steps", type=count, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "kill_resume.json"))

@@ -15,8 +15,8 @@ Variants take turns (`--repeats` rounds, after a warm-up); the table gives media
     python bench/learner.py [--model builtin|30m] [--batch 32] [--prompt 8] [--response 120] [--repeats 5]
     python bench/learner.py --quick     # batch 8, 2 rounds
 
-Writes its table into docs/benchmarks.md (section `learner`) and ends with a line
-`RESULT fp16_scaler_overhead=<fraction> ...`.
+Writes its table into docs/benchmarks.md (section `learner-<model>`; a --quick run prints it instead) and ends with
+a line `RESULT fp16_scaler_overhead=<fraction> ...`.
 """
 
 from __future__ import annotations
@@ -31,20 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docsection import bench_parser, machine_description, parse_bench_args, write_section  # noqa: E402
-
-MODELS = {
-    "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=4),
-}  # fmt: skip
-
-
-def model_of(name: str):
-    from unison.models import load_model, random_model, resolve_model_dir
-
-    if name == "builtin":
-        return load_model(resolve_model_dir("builtin"), device="cpu", dtype=torch.float32)
-    return random_model(seed=0, **MODELS[name])
+from bench_models import NAMES, build  # noqa: E402
+from docsection import bench_parser, count, machine_description, parse_bench_args, write_section  # noqa: E402
 
 
 def rollouts(batch: int, prompt: int, response: int, seed: int = 0):
@@ -63,7 +51,7 @@ def learner_of(name: str, precision: str, scaling: bool | None = None):
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
 
-    return Learner(model_of(name), PrecisionPolicy.from_names(precision, precision), "cpu", lr=1e-6,
+    return Learner(build(name), PrecisionPolicy.from_names(precision, precision), "cpu", lr=1e-6,
                    loss_scaling=scaling)  # fmt: skip
 
 
@@ -90,12 +78,12 @@ def timed(fn) -> float:
 
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
-    ap.add_argument("--model", default="builtin", choices=["builtin", *MODELS])
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--prompt", type=int, default=8)
-    ap.add_argument("--response", type=int, default=120)
-    ap.add_argument("--micro", type=int, default=32, help="sequences per forward/backward")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--model", default="builtin", choices=NAMES)
+    ap.add_argument("--batch", type=count, default=32)
+    ap.add_argument("--prompt", type=count, default=8)
+    ap.add_argument("--response", type=count, default=120)
+    ap.add_argument("--micro", type=count, default=32, help="sequences per forward/backward")
+    ap.add_argument("--repeats", type=count, default=5)
     args = parse_bench_args(ap, {"batch": 8, "repeats": 2})
     machine = machine_description()
     r = rollouts(args.batch, args.prompt, args.response)
@@ -143,7 +131,7 @@ def main() -> None:
         f"skipped in the timed rounds); the fp16 step with the scaler takes {vs_bf16 * 100:+.1f}% against the bf16 "
         "step.",
     ]  # fmt: skip
-    write_section(Path(args.doc), f"learner-{args.model}", f"Learner throughput ({args.model} model)", lines, machine)
+    write_section(args.doc, f"learner-{args.model}", f"Learner throughput ({args.model} model)", lines, machine)
     print("\n".join(lines))
     print(f"RESULT fp16_scaler_overhead={overhead:.4f} fp16_vs_bf16={vs_bf16:.4f} "
           + " ".join(f"step_{k.replace(' ', '_')}_tok_s={v:.0f}" for k, v in med.items()) + " "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from docsection import replace_section  # noqa: E402
+from docsection import count, replace_section  # noqa: E402
 
 from unison.models import random_model  # noqa: E402
 from unison.precision import LossScaleFloorError, LossScaler, MasterWeights, backward_and_step, set_matmul  # noqa: E402
@@ -109,7 +109,7 @@ def guard_cost(repeats: int = 5) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=count, default=1000)
     ap.add_argument("--rate", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()

@@ -20,8 +20,8 @@ TRL is not a dependency of unison; install it beside unison with the pinned vers
     python bench/rl_step_vs_trl.py [--pairs 3] [--steps 4] [--precision fp32] [--threads N]
     python bench/rl_step_vs_trl.py --quick      # one pair of 2 timed steps, 16 completions of at most 64 tokens
 
-Writes its table into docs/benchmarks.md (section `rl-step-<precision>`) and ends with a line
-`RESULT ratio_vs_trl=<median> ...`.
+Writes its table into docs/benchmarks.md (section `rl-step-<precision>`; a --quick run prints it instead) and ends
+with a line `RESULT ratio_vs_trl=<median> ...`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docsection import bench_parser, machine_description, parse_bench_args, write_section  # noqa: E402
+from docsection import bench_parser, count, machine_description, parse_bench_args, whole, write_section  # noqa: E402
 
 
 def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
@@ -120,7 +120,7 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
         trainer.remove_callback(PrinterCallback)  # one dict per step on stdout otherwise
         trainer.train()
     timed = clock.marks[warmup:]
-    lengths = clock.lengths[warmup:] if len(clock.lengths) >= warmup + steps else clock.lengths[-steps:]
+    lengths = clock.lengths[-steps:]  # one log per step: the timed steps are the last ones
     return {"seconds": sum(b - a for a, b in timed), "completions": len(timed) * args.prompts * args.group,
             "tokens": sum(lengths) * args.prompts * args.group,
             "accuracy": statistics.mean(clock.rewards[-steps:]) if clock.rewards else float("nan")}  # fmt: skip
@@ -128,12 +128,12 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
 
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per block")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--pairs", type=count, default=3)
+    ap.add_argument("--steps", type=count, default=4, help="timed steps per block")
+    ap.add_argument("--warmup", type=whole, default=1, help="untimed steps at the start of each block")
+    ap.add_argument("--prompts", type=count, default=8)
+    ap.add_argument("--group", type=count, default=8)
+    ap.add_argument("--new-tokens", type=count, default=128)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = parse_bench_args(ap, {"pairs": 1, "steps": 2, "prompts": 4, "group": 4, "new_tokens": 64})
@@ -173,7 +173,7 @@ def main() -> None:
         )
     spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
     lines += ["", f"Median ratio {median:.2f} (range {spread} over {len(ratios)} pairs)."]
-    write_section(Path(args.doc), f"rl-step-{args.precision}", f"Full RL step against TRL's GRPOTrainer ({args.precision})",
+    write_section(args.doc, f"rl-step-{args.precision}", f"Full RL step against TRL's GRPOTrainer ({args.precision})",
                   lines, machine)  # fmt: skip
     u_tok = statistics.median(u["tokens"] / u["seconds"] for u, _, _ in rows)
     t_tok = statistics.median(t["tokens"] / t["seconds"] for _, t, _ in rows)

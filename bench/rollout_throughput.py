@@ -15,7 +15,7 @@ call each; the table gives the median tokens/s and the ratios of the native engi
     python bench/rollout_throughput.py [--precisions fp32,fp16,bf16] [--batches 16,64] [--new 128,512] [--repeats 2]
     python bench/rollout_throughput.py --quick   # fp32, batch 16 x 128 new tokens, one round
 
-Writes its table into docs/benchmarks.md (section `rollout`) and ends with a line
+Writes its table into docs/benchmarks.md (section `rollout`; a --quick run prints it instead) and ends with a line
 `RESULT native_vs_generate=<median ratio> native_vs_vllm=<median ratio> ...`.
 """
 
@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docsection import bench_parser, machine_description, parse_bench_args, write_section  # noqa: E402
+from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, write_section  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from unison.precision import parse_precision  # noqa: E402
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -86,15 +86,15 @@ class Unison:
 
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
-    ap.add_argument("--precisions", default="fp32,fp16,bf16")
-    ap.add_argument("--batches", default="16,64")
-    ap.add_argument("--new", default="128,512")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--engines", default="native,generate,vllm")
-    args = parse_bench_args(ap, {"precisions": "fp32", "batches": "16", "new": "128", "repeats": 1})
+    ap.add_argument("--precisions", type=listed(["fp32", "fp16", "bf16"]), default=["fp32", "fp16", "bf16"])
+    ap.add_argument("--batches", type=listed(kind=count), default=[16, 64])
+    ap.add_argument("--new", type=listed(kind=count), default=[128, 512])
+    ap.add_argument("--repeats", type=count, default=2)
+    ap.add_argument("--engines", type=listed(["native", "generate", "vllm"]), default=["native", "generate", "vllm"])
+    args = parse_bench_args(ap, {"precisions": ["fp32"], "batches": [16], "new": [128], "repeats": 1})
     from unison.models import load_model, resolve_model_dir
 
-    engines = args.engines.split(",")
+    engines = list(args.engines)
     if "vllm" in engines:
         try:
             import vllm  # noqa: F401
@@ -104,13 +104,12 @@ def main() -> None:
     machine = machine_description()
     model_dir = resolve_model_dir("builtin")
     base = load_model(model_dir, device="cpu", dtype=torch.float32)
-    batches = [int(b) for b in args.batches.split(",")]
-    news = [int(n) for n in args.new.split(",")]
+    batches, news = args.batches, args.new
     all_prompts = prompts(max(batches))
     results = {}  # (precision, batch, new) -> {engine: [tok/s]}
     threads = torch.get_num_threads()
-    for pname in args.precisions.split(","):
-        dtype = DTYPES[pname]
+    for pname in args.precisions:
+        dtype = parse_precision(pname)
         runners = {e: Generate(base, dtype) if e == "generate" else Unison(e, model_dir, dtype) for e in engines}
         torch.set_num_threads(threads)  # an engine's start-up may change it
         for runner in runners.values():
@@ -129,11 +128,11 @@ def main() -> None:
         for runner in runners.values():
             if hasattr(runner, "close"):
                 runner.close()
-    cols = [e for e in engines]
+    cols = engines
     ratios = {o: [] for o in cols if o != "native"}
     lines = [
-        f"Command: `python bench/rollout_throughput.py --precisions {args.precisions} --batches {args.batches} "
-        f"--new {args.new} --repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}` "
+        f"Command: `python bench/rollout_throughput.py --precisions {joined(args.precisions)} --batches "
+        f"{joined(args.batches)} --new {joined(args.new)} --repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}` "
         f"(PyTorch threads: {threads}).", "",
         "Built-in model, temperature 1, no stop token (every row makes all its new tokens); median tokens/s of "
         f"{args.repeats} rounds, engines taking turns.", "",
@@ -151,7 +150,7 @@ def main() -> None:
     summary = ", ".join(f"native / {o}: median {statistics.median(v):.2f} (range {min(v):.2f}-{max(v):.2f})"
                         for o, v in ratios.items())  # fmt: skip
     lines += ["", f"Over all rows: {summary}."]
-    write_section(Path(args.doc), "rollout", "Rollout throughput: native engine, generate() and vLLM", lines, machine)
+    write_section(args.doc, "rollout", "Rollout throughput: native engine, generate() and vLLM", lines, machine)
     print("RESULT " + " ".join(f"native_vs_{o}={statistics.median(v):.2f}" for o, v in ratios.items()) + " "
           + " ".join(f"{p}_{B}x{n}_{e}={statistics.median(v):.0f}" for (p, B, n), per in results.items()
                      for e, v in per.items()))  # fmt: skip

@@ -22,25 +22,24 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-MODELS = {
-    "3m": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2),
-    "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=4),
-}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import build  # noqa: E402
+from docsection import count, listed  # noqa: E402
+
+from unison.precision import parse_precision  # noqa: E402
 
 
 def make_model(name: str, root: Path) -> Path:
-    from unison.models import build_tokenizer, random_model, save_model
+    from unison.models import build_tokenizer, save_model
 
-    return save_model(random_model(seed=0, **MODELS[name]), build_tokenizer(), root / name)
+    return save_model(build(name), build_tokenizer(), root / name)
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -84,16 +83,16 @@ def measure(engine_name: str, model_dir: Path, dtype: torch.dtype, args) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3m model, batch 16 x 64 tokens, 8 x 64 probe tokens")
-    parser.add_argument("--models", default=None, help="comma-separated: 3m,30m")
-    parser.add_argument("--dtypes", default="fp32,fp16,bf16")
-    parser.add_argument("--engines", default="native,vllm")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--new-tokens", type=int, default=None)
-    parser.add_argument("--probe-prompts", type=int, default=None)
-    parser.add_argument("--probe-tokens", type=int, default=None)
+    parser.add_argument("--models", type=listed(["3m", "30m", "120m"]), default=None, help="comma-separated: 3m,30m")
+    parser.add_argument("--dtypes", type=listed(["fp32", "fp16", "bf16"]), default=["fp32", "fp16", "bf16"])
+    parser.add_argument("--engines", type=listed(["native", "vllm"]), default=["native", "vllm"])
+    parser.add_argument("--batch", type=count, default=None)
+    parser.add_argument("--new-tokens", type=count, default=None)
+    parser.add_argument("--probe-prompts", type=count, default=None)
+    parser.add_argument("--probe-tokens", type=count, default=None)
     args = parser.parse_args()
-    quick = dict(models="3m", batch=16, new_tokens=64, probe_prompts=8, probe_tokens=64)
-    full = dict(models="3m,30m", batch=64, new_tokens=256, probe_prompts=16, probe_tokens=200)
+    quick = dict(models=["3m"], batch=16, new_tokens=64, probe_prompts=8, probe_tokens=64)
+    full = dict(models=["3m", "30m"], batch=64, new_tokens=256, probe_prompts=16, probe_tokens=200)
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -104,11 +103,11 @@ def main() -> None:
           f"batch {args.batch} x {args.new_tokens} new tokens, probe {args.probe_prompts} x {args.probe_tokens}")
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="unison-bench-") as tmp:
-        for model in args.models.split(","):
+        for model in args.models:
             model_dir = make_model(model, Path(tmp))
-            for dname in args.dtypes.split(","):
-                for engine in args.engines.split(","):
-                    m = measure(engine, model_dir, DTYPES[dname], args)
+            for dname in args.dtypes:
+                for engine in args.engines:
+                    m = measure(engine, model_dir, parse_precision(dname), args)
                     rows.append((model, dname, engine, m))
                     for k in ("mismatch", "sync_s", "tok_s"):
                         results[f"{model}_{dname}_{engine}_{k}"] = m[k]

@@ -8,7 +8,7 @@
 Each run is `unison train` with configs/sanity-builtin-<preset>.yaml, the precision and seed changed. Writes
 docs/sanity.md (final training accuracy over the last 10 steps, peak accuracy, held-out accuracy, mismatch k3 at
 the start, middle and end, skipped steps, whether the run collapsed: accuracy falling below half its peak after
-the peak) and docs/figures/sanity_<preset>.png (accuracy and k3 against step for every precision and seed).
+the peak) and figures/sanity_<preset>.png beside it (accuracy and k3 against step for every precision and seed).
 Ends with a line `RESULT ...`.
 """
 
@@ -22,10 +22,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from unison.config import TrainConfig, load_config  # noqa: E402
 from unison.report import plot_runs, read_metrics  # noqa: E402
 from unison.trainer import train  # noqa: E402
+
+from docsection import count, joined, listed  # noqa: E402
+
+PRESETS = sorted(p.stem.removeprefix("sanity-builtin-") for p in (ROOT / "configs").glob("sanity-builtin-*.yaml"))
 
 
 def run_one(preset: str, precision: str, seed: int, steps: int, out: Path) -> Path:
@@ -60,20 +65,22 @@ def summarize(run_dir: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default="grpo,grpo-token-tis,grpo-seq-mis,pg-seq-is")
-    ap.add_argument("--precisions", default="fp16,bf16")
-    ap.add_argument("--reference", default="grpo", help="presets also run in fp32 ('' for none)")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--presets", type=listed(PRESETS), default=["grpo", "grpo-token-tis", "grpo-seq-mis", "pg-seq-is"])
+    ap.add_argument("--precisions", type=listed(["fp16", "bf16", "fp32"]), default=["fp16", "bf16"])
+    ap.add_argument("--reference", type=listed(PRESETS, allow_empty=True), default=["grpo"],
+                    help="presets also run in fp32 ('' for none)")  # fmt: skip
+    ap.add_argument("--seeds", type=listed(kind=int), default=[0, 1, 2])
+    ap.add_argument("--steps", type=count, default=50)
     ap.add_argument("--out", default=str(ROOT / "runs" / "sanity"))
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "sanity.md"))
+    ap.add_argument("--doc", default=None, help="the document to write (default: docs/sanity.md; none for --quick, "
+                    "so a quick run leaves the study's document and figures as they are)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="one preset, fp16 and bf16, one seed, 5 steps")
     args = ap.parse_args()
-    presets, precisions = args.presets.split(","), args.precisions.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.doc is None and not args.quick:
+        args.doc = str(ROOT / "docs" / "sanity.md")
     if args.quick:
-        presets, precisions, seeds, args.steps, args.reference = ["grpo"], ["fp16", "bf16"], [0], 5, ""
-    reference = [p for p in args.reference.split(",") if p]
+        args.presets, args.precisions, args.seeds, args.steps, args.reference = ["grpo"], ["fp16", "bf16"], [0], 5, []
+    presets, precisions, seeds, reference = args.presets, args.precisions, args.seeds, args.reference
     out = Path(args.out)
     results = {}
 
@@ -89,18 +96,24 @@ def main() -> None:
                 print(f"{preset:16s} {precision:5s} seed {seed}: final acc {r['final_acc']:.3f} peak {r['peak_acc']:.3f} "
                       f"k3 {r['k3_start']:.1e} -> {r['k3_end']:.1e} skipped {r['skipped']:.0f}"
                       f"{' COLLAPSED' if r['collapsed'] else ''}  ({r['seconds']:.0f}s)", flush=True)  # fmt: skip
-    figs = ROOT / "docs" / "figures"
-    for preset in presets:
+    figs = figures_dir(Path(args.doc)) if args.doc else None
+    for preset in presets if figs else []:
         keys = [(p, s) for p in precisions_of(preset) for s in seeds]
         runs = [out / f"{preset}-{p}-s{s}" for p, s in keys]
         plot_runs(runs, ["rollout/accuracy", "mismatch/k3"], figs / f"sanity_{preset}.png",
                   labels=[f"{p} seed {s}" for p, s in keys], smooth=5, log_scale=["mismatch/k3"])  # fmt: skip
-    write_doc(Path(args.doc), results, args)
+    if args.doc:
+        write_doc(Path(args.doc), results, args)
     fp16 = [r["final_acc"] for (_, p, _), r in results.items() if p == "fp16"]
     bf16 = [r["final_acc"] for (_, p, _), r in results.items() if p == "bf16"]
     print(f"RESULT runs={len(results)} fp16_final_acc_mean={statistics.mean(fp16) if fp16 else float('nan'):.3f} "
           f"bf16_final_acc_mean={statistics.mean(bf16) if bf16 else float('nan'):.3f} "
           f"collapsed={sum(r['collapsed'] for r in results.values())}")  # fmt: skip
+
+
+def figures_dir(doc: Path) -> Path:
+    """Where the figures go: a `figures` folder beside the document (docs/figures for docs/sanity.md)."""
+    return doc.parent / "figures"
 
 
 def write_doc(path: Path, results: dict, args) -> None:
@@ -109,18 +122,17 @@ def write_doc(path: Path, results: dict, args) -> None:
             return format(values[0], fmt)
         return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
-    presets = args.presets.split(",")
+    presets = args.presets
     rank = {p: i for i, p in enumerate(["fp16", "bf16", "fp32"])}
     ordered = sorted(results.items(), key=lambda kv: (presets.index(kv[0][0]) if kv[0][0] in presets else 99,
                                                       rank.get(kv[0][1], 9), kv[0][2]))  # fmt: skip
     groups: dict[tuple[str, str], list[dict]] = {}
     for (preset, precision, _), r in ordered:
         groups.setdefault((preset, precision), []).append(r)
-    reference_text = args.reference or "''"
     lines = [
         "# Sanity study on the built-in perfectible set", "",
-        (f"Command: `python bench/sanity_study.py --presets {args.presets} --precisions {args.precisions} "
-         f"--reference {reference_text} --seeds {args.seeds} --steps {args.steps}` "
+        (f"Command: `python bench/sanity_study.py --presets {joined(args.presets)} --precisions "
+         f"{joined(args.precisions)} --reference {joined(args.reference)} --seeds {joined(args.seeds)} --steps {args.steps}` "
          f"({sum(r['seconds'] for r in results.values()) / 60:.0f} minutes of training steps in all, one run at a "
          "time on one core of this 2-core CPU)."), "",
         "Over seeds (mean ± standard deviation):", "",
@@ -144,7 +156,9 @@ def write_doc(path: Path, results: dict, args) -> None:
             f"{r['heldout']:.3f} | {r['k3_start']:.1e} | {r['k3_mid']:.1e} | {r['k3_end']:.1e} | {r['skipped']:.0f} | "
             f"{'yes' if r['collapsed'] else 'no'} |"
         )
-    lines += ["", "Figures: " + ", ".join(f"`docs/figures/sanity_{p}.png`" for p in args.presets.split(","))]
+    shown = figures_dir(path).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    lines += ["", "Figures: " + ", ".join(f"`{shown / f'sanity_{p}.png'}`" for p in args.presets)]
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = path.read_text() if path.exists() else ""
     marker = "<!-- analysis -->"

@@ -13,8 +13,8 @@ an update three times the forward. `efficiency` = floor / measured.
     python bench/scaling.py [--models builtin,30m,120m] [--lengths 64,256] [--batch 16] [--precisions fp32,bf16]
     python bench/scaling.py --quick        # built-in and 30m models, 64 tokens, fp32
 
-Writes its table into docs/benchmarks.md (section `scaling`), keeping the rows of earlier runs it did not redo
-(bench/results/scaling.json), and ends with a line `RESULT ...`.
+Writes its table into docs/benchmarks.md (section `scaling`; a --quick run prints it instead), keeping the rows of
+earlier runs it did not redo (bench/results/scaling.json), and ends with a line `RESULT ...`.
 """
 
 from __future__ import annotations
@@ -30,23 +30,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docsection import bench_parser, machine_description, parse_bench_args, write_section  # noqa: E402
+from bench_models import NAMES  # noqa: E402
+from bench_models import build as build_model  # noqa: E402
+from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, write_section  # noqa: E402
 
-MODELS = {
-    "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=4),
-    "120m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=4),
-}  # fmt: skip
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from unison.precision import parse_precision  # noqa: E402
+
+SHORT = ["fp32", "fp16", "bf16"]
 
 
 def build(name: str):
-    from unison.models import load_model, random_model, resolve_model_dir
-
-    if name == "builtin":
-        return load_model(resolve_model_dir("builtin"), device="cpu", dtype=torch.float32)
-    return random_model(seed=0, max_position_embeddings=2048, **MODELS[name])
+    return build_model(name) if name == "builtin" else build_model(name, max_position_embeddings=2048)
 
 
 _RATES: dict = {}
@@ -57,7 +51,7 @@ def matmul_rate(hidden: int, precision: str) -> float:
     measured once per shape and compute dtype: fp16/bf16 in fp32-accumulate mode share the fp32 figure)."""
     from unison.precision import matmul_mode
 
-    dtype = DTYPES[precision]
+    dtype = parse_precision(precision)
     mode = matmul_mode("auto", torch.device("cpu"), dtype)
     compute = torch.float32 if mode == "fp32-accumulate" else dtype
     if (hidden, compute) in _RATES:
@@ -89,17 +83,16 @@ def flops(model, batch: int, prompt: int, new: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
-    ap.add_argument("--models", default="builtin,30m,120m")
-    ap.add_argument("--lengths", default="64,256")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--precisions", default="fp32,bf16")
-    args = parse_bench_args(ap, {"models": "builtin,30m", "lengths": "64", "precisions": "fp32"})
+    ap.add_argument("--models", type=listed(NAMES), default=["builtin", "30m", "120m"])
+    ap.add_argument("--lengths", type=listed(kind=count), default=[64, 256])
+    ap.add_argument("--batch", type=count, default=16)
+    ap.add_argument("--precisions", type=listed(SHORT), default=["fp32", "bf16"])
+    args = parse_bench_args(ap, {"models": ["builtin", "30m"], "lengths": [64], "precisions": ["fp32"]})
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
     from unison.rollout.base import SamplingParams
     from unison.rollout.native import NativeEngine
 
-    sys.path.insert(0, str(ROOT / "bench"))
     from learner import step
 
     machine = machine_description()
@@ -107,9 +100,9 @@ def main() -> None:
     kept = json.loads(store.read_text()) if store.exists() and not args.quick else []
     rows = []
     prompt = 8
-    for precision in args.precisions.split(","):
-        dtype = DTYPES[precision]
-        for name in args.models.split(","):
+    for precision in args.precisions:
+        dtype = parse_precision(precision)
+        for name in args.models:
             model = build(name)
             params = sum(p.numel() for p in model.parameters())
             rate = matmul_rate(model.config.hidden_size, precision)
@@ -117,7 +110,7 @@ def main() -> None:
             learner = Learner(model, PrecisionPolicy(dtype, dtype), "cpu", lr=1e-6)
             prompts = [[5 + (7 * i + j) % 250 for j in range(prompt)] for i in range(args.batch)]
             engine.generate(prompts[:2], SamplingParams(max_new_tokens=4, stop_token_ids=[]))  # warm-up
-            for new in [int(n) for n in args.lengths.split(",")]:
+            for new in args.lengths:
                 t0 = time.perf_counter()
                 r = engine.generate(prompts, SamplingParams(max_new_tokens=new, stop_token_ids=[]))
                 t_sample = time.perf_counter() - t0
@@ -133,14 +126,14 @@ def main() -> None:
                       f"matmul rate {rate / 1e9:.0f} GFLOP/s", flush=True)  # fmt: skip
     done = {(w["precision"], w["model"], w["new"]) for w in rows}
     rows = [w for w in kept if (w["precision"], w["model"], w["new"]) not in done] + rows
-    order = {p: i for i, p in enumerate(DTYPES)}
+    order = {p: i for i, p in enumerate(SHORT)}
     rows.sort(key=lambda w: (order[w["precision"]], w["params"], w["new"]))
     if not args.quick:
         store.parent.mkdir(parents=True, exist_ok=True)
         store.write_text(json.dumps(rows, indent=1))
     lines = [
-        f"Command: `python bench/scaling.py --models {args.models} --lengths {args.lengths} --batch {args.batch} "
-        f"--precisions {args.precisions}{f' --threads {args.threads}' if args.threads else ''}` "
+        f"Command: `python bench/scaling.py --models {joined(args.models)} --lengths {joined(args.lengths)} "
+        f"--batch {args.batch} --precisions {joined(args.precisions)}{f' --threads {args.threads}' if args.threads else ''}` "
         f"(PyTorch threads: {torch.get_num_threads()}).", "",
         f"{args.batch} sequences, {prompt}-token prompts, N new tokens each; step = sampling + one update. Floor = "
         "matrix-product FLOPs / the measured matrix-product rate in that precision (fp16/bf16 run fp32-accumulate "
@@ -158,7 +151,7 @@ def main() -> None:
             f"{w['t_sample']:.2f} | {w['floor_sample']:.2f} | {w['t_update']:.2f} | {w['floor_update']:.2f} | "
             f"{step_s:.2f} | {eff:.0%} |"
         )
-    write_section(Path(args.doc), "scaling", "Scaling with model size and response length", lines, machine)
+    write_section(args.doc, "scaling", "Scaling with model size and response length", lines, machine)
     print("RESULT " + " ".join(
         f"{w['precision']}_{w['model']}_{w['new']}_step_s={w['t_sample'] + w['t_update']:.3f} "
         f"{w['precision']}_{w['model']}_{w['new']}_efficiency="
