@@ -134,6 +134,40 @@ def test_fallback_path_matches_fast_path(tiny_dir):
     assert torch.equal(fast.response_ids, slow.response_ids)
 
 
+def _random_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, max_position_embeddings=64, tie_word_embeddings=False)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["builtin", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_flat_decode_step_computes_the_layerwise_forward(builtin_dir, arch, dtype):
+    # the decode step with fp32 activations (fp32, and fp16/bf16 in fp32-accumulate mode) against the engine's
+    # layer-by-layer forward: same roundings, so the same logits up to fp32 summation order (in fp32 the residual
+    # add fused into the product changes it by a few units in the last place). Qwen3: grouped heads and q/k norms.
+    from unison.rollout.native import _StaticDecode
+
+    eng = engine(builtin_dir, dtype) if arch == "builtin" else NativeEngine(_random_qwen3(), dtype, "cpu")
+    prompts = [p + [5] * (8 - len(p)) for p in PROMPTS]  # a common length; rows still start at other positions
+    ids = torch.tensor(prompts)
+    pad_left = torch.tensor([0, 1, 2, 0, 3, 0, 1, 0])
+    ids[torch.arange(8)[:, None] < pad_left[:, None].expand(8, 8)] = 0
+    flat, layered = (_StaticDecode(eng, ids, pad_left, 6) for _ in range(2))
+    assert flat.flat is not None
+    layered.flat = None
+    with torch.no_grad():
+        torch.testing.assert_close(flat.prefill(), layered.prefill(), rtol=0, atol=0)
+        for t in range(6):
+            tok = torch.randint(5, 200, (8,), generator=torch.Generator().manual_seed(t))
+            a, b = flat.step(t, tok), layered.step(t, tok).float()
+            tol = {torch.float32: 16 * 2.0**-23, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}[dtype]
+            assert (a - b).abs().max() <= tol * b.abs().max(), (t, (a - b).abs().max())
+
+
 def test_finished_rows_dropped_mid_batch_keep_their_results(tiny_dir):
     # stop on many tokens so rows finish at different times and the batch is compacted along the way
     stops = tuple(range(20, 60))

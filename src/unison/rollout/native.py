@@ -11,7 +11,8 @@ Per call of `generate` the engine packs its weights for decoding once (`DecodeWe
 concatenated into one matrix product each, and, in `fp32-accumulate` mode, the fp16/bf16 weights held as fp32 copies
 of exactly the same values, so no token pays for an upcast. A decode step attends with two batched matrix products
 over the cache (a single query row gains nothing from a flash kernel), applies rotary to q and k at once, and reads
-the angles from a table built once. Forward pre-hooks on the projections, the embedding and the LM head (the FP16
+the angles from a table built once. Where the products run in fp32 (`_FlatStep`) the step keeps its activations as
+fp32 [B, hidden] rounded to the rollout dtype where the layer-by-layer forward rounds, in about half the operations. Forward pre-hooks on the projections, the embedding and the LM head (the FP16
 overflow guard's) still run where the modules would have been called; an MLP that the guard moved to fp32, or whose
 output it may replace, is called as a module.
 
@@ -34,22 +35,28 @@ FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
 
 
 class StaticKVCache:
-    """Keys and values for every layer, preallocated: [layers, B, kv_heads, max_len, head_dim].
+    """Keys and values for every layer, preallocated in one tensor: [layers, 2 (k, v), B, kv_heads, max_len, head_dim].
 
     In `fp32-accumulate` mode the cache is fp32 holding values already rounded to the rollout dtype (what the
     kernels would read up from a fp16/bf16 cache), so attention needs no cast per token."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (layers, batch, kv_heads, max_len, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.kv = torch.empty((layers, 2, batch, kv_heads, max_len, head_dim), dtype=dtype, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv.dtype
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [B, kv_heads, S, D] at positions start..start+S and return the cache up to there."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.kv[layer, 0, :, :, start:end] = k
+        self.kv[layer, 1, :, :, start:end] = v
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the batch rows where `rows` is False."""
+        self.kv = self.kv[:, :, rows]
 
 
 def fused_rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +189,7 @@ class NativeEngine:
         # fused rotary on q and k at once, one rounding: x cos + rotate_half(x) sin == x cos + roll(x, D/2) sin_signed
         qk32 = qk.float()
         qk = (qk32 * cos + qk32.roll(D // 2, -1) * sin).to(self.dtype)
-        cdt = cache.k.dtype
+        cdt = cache.dtype
         q = qk[:, :, :H].transpose(1, 2)  # [B, H, S, D]
         keys, values = cache.write(index, start, qk[:, :, H:].transpose(1, 2).to(cdt), v.transpose(1, 2).to(cdt))
         if S == 1:  # decode: one query row per sequence, two batched products over the cache [B, Hkv, L, D]
@@ -230,35 +237,44 @@ class NativeEngine:
 
         tokens = torch.full((B, N), self.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros((B, N), dtype=torch.float32, device=dev)
-        lengths = torch.full((B,), N, dtype=torch.long, device=dev)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
         decoder = (_StaticDecode if self.fast else _HFDecode)(self, prompts, pad_left, N)
-        rows = torch.arange(B, device=dev)  # the original row of each slot still decoded
-        done = torch.zeros(B, dtype=torch.bool, device=dev)  # [slots]
+        # per slot (a row still decoded): its original row, its tokens and log-probs so far, whether it stopped.
+        # A stopped row goes on sampling until it is dropped; what it samples after its stop token is cut below.
+        rows = torch.arange(B, device=dev)
+        slot_tokens, slot_logprobs = torch.empty_like(tokens), torch.empty_like(logprobs)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
         logits = decoder.prefill()
         bar = tqdm(total=N, desc="sampling", unit="tok", leave=False, disable=not progress)
+        T = N  # the number of steps taken
         for t in range(N):
             tok, lp = sample(logits, self.generator, params.temperature, params.top_k, params.top_p)
-            tok = torch.where(done, self.pad_token_id, tok)
-            tokens[rows, t] = tok
-            logprobs[rows, t] = torch.where(done, 0.0, lp)
-            hit = ~done & torch.isin(tok, stop)
-            lengths[rows] = torch.where(hit, t + 1, lengths[rows])
-            finished[rows] |= hit
-            done |= hit
+            slot_tokens[:, t] = tok
+            slot_logprobs[:, t] = lp
+            if params.stop_token_ids:
+                done |= torch.isin(tok, stop)
             bar.update(1)
             if t == N - 1:
                 break
             if dev.type == "cpu" or t % 8 == 7:  # on a GPU, look at the host only every 8 tokens
                 n_done = int(done.sum())
                 if n_done == len(done):
+                    T = t + 1
                     break
                 # drop finished rows from the batch once a quarter of it is done (a copy of the cache)
                 if 4 * n_done >= len(done) and decoder.compact(~done):
+                    tokens[rows[done], : t + 1] = slot_tokens[done, : t + 1]
+                    logprobs[rows[done], : t + 1] = slot_logprobs[done, : t + 1]
                     keep = ~done
                     rows, tok, done = rows[keep], tok[keep], done[keep]
+                    slot_tokens, slot_logprobs = slot_tokens[keep], slot_logprobs[keep]
             logits = decoder.step(t, tok)
         bar.close()
+        tokens[rows, :T] = slot_tokens[:, :T]
+        logprobs[rows, :T] = slot_logprobs[:, :T]
+        # a response ends at its first stop token (included), or after N tokens
+        hits = torch.isin(tokens[:, :T], stop)
+        finished = hits.any(1)
+        lengths = torch.where(finished, hits.int().argmax(1) + 1, T)
         T = int(lengths.max().item())
         mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]
         return Rollouts(
@@ -288,6 +304,9 @@ class _StaticDecode:
         half = cos.shape[-1] // 2
         self.cos = cos[0].float()[:, None]  # [L, 1, D]
         self.sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1).float()[:, None]
+        self.first = P - pad_left  # [B] the rotary position of each row's first new token
+        fp32 = engine.compute_dtype == torch.float32
+        self.flat = _FlatStep(engine, self.weights, self.cache, self.valid) if fp32 else None
 
     def prefill(self) -> torch.Tensor:
         P, dev = self.P, self.prompts.device
@@ -301,14 +320,142 @@ class _StaticDecode:
 
     def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
         cur = self.P + t
+        if self.flat is not None:
+            pos = self.first + t
+            return self.flat(tok, cur, self.cos[pos], self.sin[pos])
         mask = self.valid[:, None, None, : cur + 1]  # [B, 1, 1, cur+1]
         pos = (cur - self.pad_left)[:, None]  # [B, 1]
         return self.engine._forward(self.weights, tok[:, None], self.cos[pos], self.sin[pos], self.cache, cur, mask)
 
     def compact(self, keep: torch.Tensor) -> bool:
-        self.cache.k, self.cache.v = self.cache.k[:, keep], self.cache.v[:, keep]
-        self.valid, self.pad_left = self.valid[keep], self.pad_left[keep]
+        self.cache.keep(keep)
+        self.valid, self.pad_left, self.first = self.valid[keep], self.pad_left[keep], self.first[keep]
+        if self.flat is not None:
+            self.flat.keep(keep, self.valid)
         return True
+
+
+class _FlatStep:
+    """One decode step for engines whose matrix products run in fp32 (fp32 rollouts, and fp16/bf16 in
+    `fp32-accumulate` mode), with activations kept as fp32 [B, hidden] tensors that hold values rounded to the
+    rollout dtype at the same points as `NativeEngine._forward` (after each product, norm, rotary, attention,
+    activation and residual add). It computes what `_forward` computes for one token, in about half the
+    operations: no dtype conversions where there is nothing to convert, the residual add fused into the product in
+    fp32, the attention scale and padding mask folded into one batched product (`baddbmm` over a bias row built
+    once), and the per-step positions, angles and mask looked up once for all layers. On this kind of machine a
+    decode step is bound by the number of operations, not by arithmetic."""
+
+    def __init__(self, engine: NativeEngine, weights: DecodeWeights, cache: StaticKVCache, valid: torch.Tensor):
+        model = engine.model
+        self.dtype = engine.dtype
+        self.exact = engine.dtype == torch.float32  # no rounding to emulate
+        self.H, self.Hkv, self.D = engine.num_heads, engine.kv_heads, engine.head_dim
+        self.cache = cache
+        embed = model.model.embed_tokens
+        self.embed = embed.weight.float() if embed.weight.dtype != torch.float32 else embed.weight
+        self.embed_hooks = embed if embed._forward_pre_hooks else None
+        self.layers = []
+        for layer, w in zip(model.model.layers, weights.layers):
+            mlp = w["mlp"]
+            act = w["act_fn"]
+            self.layers.append((
+                w["ln1"], w["ln2"], _transposed(w["qkv"]), _transposed(w["o"]), _transposed(w["gate_up"]),
+                _transposed(w["down"]), w["q_proj"] if w["q_proj"]._forward_pre_hooks else None,
+                w["gate_proj"] if w["gate_proj"]._forward_pre_hooks else None, mlp, w["qk_norm"], w["scaling"],
+                F.silu if type(act) is torch.nn.SiLU else act,
+            ))  # fmt: skip
+        self.norm = weights.norm
+        self.head = _transposed(weights.head)
+        self.head_hooks = model.lm_head if model.lm_head._forward_pre_hooks else None
+        self.set_mask(valid)
+        self.set_views()
+
+    def set_mask(self, valid: torch.Tensor) -> None:
+        """The additive attention bias [B * kv_heads, 1, max_len]: 0 where a row may attend, -inf on its padding."""
+        bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, float("-inf"))
+        self.bias = bias.repeat_interleave(self.Hkv, 0)[:, None]
+
+    def keep(self, rows: torch.Tensor, valid: torch.Tensor) -> None:
+        self.set_mask(valid)
+        self.set_views()
+
+    def set_views(self) -> None:
+        """Per layer, views of the cache: keys and values [B, kv_heads, max_len, D] (to write), and keys transposed
+        [B * kv_heads, D, max_len] and values [B * kv_heads, max_len, D] (to read)."""
+        kv = self.cache.kv
+        B, Lmax = kv.shape[2], kv.shape[4]
+        self.views = [
+            (kv[i, 0], kv[i, 1], kv[i, 0].view(B * self.Hkv, Lmax, self.D).transpose(1, 2),
+             kv[i, 1].view(B * self.Hkv, Lmax, self.D))
+            for i in range(kv.shape[0])
+        ]  # fmt: skip
+
+    def rnd(self, x: torch.Tensor) -> torch.Tensor:
+        """x rounded to the rollout dtype, kept in fp32."""
+        return x if self.exact else x.to(self.dtype).float()
+
+    def norm_heads(self, norm, x: torch.Tensor) -> torch.Tensor:
+        """Qwen3's per-head RMSNorm of q or k [B, heads, D], in fp32, rounded once."""
+        return self.rnd(F.rms_norm(x, (x.shape[-1],), norm.weight.float(), norm.variance_epsilon))
+
+    def linear(self, x: torch.Tensor, packed: tuple, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """rnd(x @ W.T + b), plus a residual: fused into the product in fp32, or added after rounding (as the
+        engine's fp16/bf16 kernels would: product rounded, then the sum rounded)."""
+        w_t, b = packed
+        if residual is not None and self.exact:
+            out = torch.addmm(residual, x, w_t)
+            return out if b is None else out.add_(b)
+        out = self.rnd(torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t))
+        return out if residual is None else self.rnd(residual + out)
+
+    def __call__(self, tok: torch.Tensor, cur: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (fp32 holding rollout-dtype values) for tokens tok [B] at cache position `cur`; cos, sin
+        [B, 1, D] the rotary angles of each row's position."""
+        H, Hkv, D = self.H, self.Hkv, self.D
+        B, G, L = tok.shape[0], H // Hkv, cur + 1
+        rnd, linear = self.rnd, self.linear
+        if self.embed_hooks is not None:
+            run_pre_hooks(self.embed_hooks, tok)
+        x = F.embedding(tok, self.embed)  # [B, hidden] fp32
+        bias = self.bias[:, :, :L]
+        for i, (ln1, ln2, qkv_w, o_w, gu_w, down_w, q_hooks, gate_hooks, mlp, qk_norm, scaling, act) in enumerate(
+            self.layers
+        ):
+            h = rnd(F.rms_norm(x, (x.shape[-1],), *ln1))
+            if q_hooks is not None:
+                h = run_pre_hooks(q_hooks, h)
+            qkv = linear(h, qkv_w).view(B, H + 2 * Hkv, D)
+            qk = qkv[:, : H + Hkv]
+            if qk_norm is not None:  # Qwen3
+                q_norm, k_norm = qk_norm
+                qk = torch.cat((self.norm_heads(q_norm, qk[:, :H]), self.norm_heads(k_norm, qk[:, H:])), 1)
+            qk = rnd(torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin))  # rotary, see _StaticDecode
+            k_slots, v_slots, keys_t, values = self.views[i]
+            k_slots.select(2, cur).copy_(qk[:, H:])
+            v_slots.select(2, cur).copy_(qkv[:, H + Hkv :])
+            q = qk[:, :H].reshape(B * Hkv, G, D)
+            scores = torch.baddbmm(bias, q, keys_t.narrow(2, 0, L), alpha=scaling)  # [B * Hkv, G, L]
+            out = rnd(torch.bmm(scores.softmax(-1), values.narrow(1, 0, L)).view(B, H * D))
+            x = linear(out, o_w, residual=x)
+            h = rnd(F.rms_norm(x, (x.shape[-1],), *ln2))
+            if gate_hooks is not None:
+                h = run_pre_hooks(gate_hooks, h)
+            down = mlp.down_proj
+            if getattr(mlp, "_unison_fp32", False) or down._forward_hooks or down._forward_pre_hooks:
+                x = rnd(x + fused_mlp(mlp, h.to(self.dtype)).float())  # the overflow guard watches this MLP
+                continue
+            gate, up = linear(h, gu_w).chunk(2, dim=-1)
+            x = linear(rnd(act(gate) * up), down_w, residual=x)
+        h = rnd(F.rms_norm(x, (x.shape[-1],), *self.norm))
+        if self.head_hooks is not None:
+            h = run_pre_hooks(self.head_hooks, h)
+        return linear(h, self.head)
+
+
+def _transposed(packed: tuple) -> tuple:
+    """(W.T, b) of a packed (W, b): the layout `torch.mm(x, W.T)` reads without a transpose per call."""
+    return packed[0].t(), packed[1]
+
 
 
 class _HFDecode:
