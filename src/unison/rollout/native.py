@@ -438,12 +438,12 @@ class _FlatStep:
             out = rnd(torch.bmm(scores.softmax(-1), values.narrow(1, 0, L)).view(B, H * D))
             x = linear(out, o_w, residual=x)
             h = rnd(F.rms_norm(x, (x.shape[-1],), *ln2))
-            if gate_hooks is not None:
-                h = run_pre_hooks(gate_hooks, h)
             down = mlp.down_proj
             if getattr(mlp, "_unison_fp32", False) or down._forward_hooks or down._forward_pre_hooks:
                 x = rnd(x + fused_mlp(mlp, h.to(self.dtype)).float())  # the overflow guard watches this MLP
                 continue
+            if gate_hooks is not None:
+                h = run_pre_hooks(gate_hooks, h)
             gate, up = linear(h, gu_w).chunk(2, dim=-1)
             x = linear(rnd(act(gate) * up), down_w, residual=x)
         h = rnd(F.rms_norm(x, (x.shape[-1],), *self.norm))
@@ -455,7 +455,6 @@ class _FlatStep:
 def _transposed(packed: tuple) -> tuple:
     """(W.T, b) of a packed (W, b): the layout `torch.mm(x, W.T)` reads without a transpose per call."""
     return packed[0].t(), packed[1]
-
 
 
 class _HFDecode:
