@@ -56,12 +56,10 @@ def learner_of(name: str, precision: str, scaling: bool | None = None):
 
 
 def step(learner, r, micro: int) -> None:
-    from unison.learner import length_buckets
-
     total = int(r.mask.sum())
 
     def losses():
-        for idx in length_buckets(r.lengths, micro):
+        for idx in learner.micro_batches(r, micro):
             part = r.select(idx)
             batch = learner.batch(part)
             logp = learner.logprobs(batch)

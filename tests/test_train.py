@@ -110,6 +110,32 @@ def test_length_buckets_cut_by_padding_waste():
     assert sorted(torch.cat(buckets).tolist()) == list(range(97)) and max(len(b) for b in buckets) <= 16
 
 
+def test_length_buckets_keep_a_token_budget():
+    from unison.learner import length_buckets
+
+    lengths = torch.tensor([5, 100, 7, 90, 8, 120, 6, 30])
+    # the buckets of test_length_buckets_cut_by_padding_waste (size 64), with 200 padded tokens at most:
+    # [5 6 7 8] pads to 32; 90 + 100 pads to 200 (kept), + 120 would pad to 360 > 200; 120 alone
+    assert [b.tolist() for b in length_buckets(lengths, 64, max_tokens=200)] == [[0, 6, 2, 4], [7], [3, 1], [5]]
+    assert [b.tolist() for b in length_buckets(lengths, 64, max_tokens=50)][-3:] == [[3], [1], [5]]  # one row each
+
+
+def test_learner_micro_batches_count_prompt_tokens_within_the_device_budget(builtin_dir):
+    from unison.learner import CPU_MICRO_BATCH_TOKENS, Learner
+    from unison.precision import PrecisionPolicy
+    from unison.rollout.base import Rollouts
+
+    policy = PrecisionPolicy(torch.float32, torch.float32)
+    assert Learner.from_pretrained(builtin_dir, policy, "cpu").micro_batch_tokens == CPU_MICRO_BATCH_TOKENS
+    learner = Learner.from_pretrained(builtin_dir, policy, "cpu", micro_batch_tokens=100)
+    n = torch.tensor([10, 40, 20, 30])  # with prompts of 30, 0, 20, 10 tokens: 40 each
+    r = Rollouts(prompt_ids=[[5] * 30, [], [5] * 20, [5] * 10], response_ids=torch.zeros(4, 40, dtype=torch.long),
+                 logprobs=torch.zeros(4, 40), mask=torch.arange(40)[None] < n[:, None], lengths=n,
+                 finished=torch.ones(4, dtype=torch.bool))  # fmt: skip
+    assert [b.tolist() for b in learner.micro_batches(r, 64)] == [[0, 1], [2, 3]]  # 2 x 40 <= 100 < 3 x 40
+    assert [b.tolist() for b in learner.micro_batches(r, 64, rows=torch.tensor([3, 1]))] == [[0, 1]]
+
+
 def test_one_update_per_batch_takes_pi_old_from_its_own_forward(builtin_dir, tmp_path, monkeypatch):
     """With one update per rollout batch the recompute pass is skipped; metrics match the run that recomputes."""
     import unison.trainer as trainer

@@ -90,6 +90,8 @@ class OptimConfig:
     max_grad_norm: float = doc(1.0, "clip the gradient norm to this (0: no clipping)")
     train_batch_size: int = doc(32, "sequences per optimizer step (prompts_per_step x group_size must be a multiple)")
     micro_batch_size: int = doc(32, "sequences per forward/backward (memory only; the step is the same)")
+    micro_batch_tokens: int = doc(0, "padded tokens per forward/backward at most (speed only; 0: 2048 on a CPU, "
+                                     "where smaller micro-batches run faster, no limit on a GPU)")
     epochs: int = doc(1, "passes over each rollout batch")
 
 
@@ -143,6 +145,7 @@ class TrainConfig:
         check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")
         check(o.train_batch_size >= 1, "optim.train_batch_size", "must be at least 1")
         check(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be at least 1")
+        check(o.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0: automatic)")
         check(o.epochs >= 1, "optim.epochs", "must be at least 1")
         check(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
         batch = r.prompts_per_step * r.group_size

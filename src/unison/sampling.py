@@ -55,7 +55,8 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None, temperature:
         return tokens, torch.zeros_like(tokens, dtype=torch.float32)
     logp = process_logits(logits, temperature, top_k, top_p).log_softmax(-1)  # [B, V]
     # Gumbel-max sampling: argmax(log p + G) with G = -log(-log U), U ~ Uniform[0, 1), is a draw from p, with no
-    # host synchronisation (on a CPU, uniform draws and two logs cost a third of torch's exponential sampler)
-    gumbel = torch.rand(logp.shape, generator=generator, device=logp.device).log_().neg_().log_().neg_()
-    tokens = (logp + gumbel).argmax(-1)
+    # host synchronisation (on a CPU, uniform draws and two logs cost a third of torch's exponential sampler);
+    # log p + G is computed as log p - log(-log U), the same sum in one operation fewer
+    log_neg_log_u = torch.rand(logp.shape, generator=generator, device=logp.device).log_().neg_().log_()
+    tokens = (logp - log_neg_log_u).argmax(-1)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

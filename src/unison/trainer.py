@@ -27,7 +27,7 @@ from unison.algorithms import ADVANTAGES, aggregation_counts, policy_loss
 from unison.config import TrainConfig, to_dict
 from unison.errors import UserError
 from unison.evaluation import encode_all, evaluate, score
-from unison.learner import Learner, length_buckets
+from unison.learner import Learner
 from unison.mismatch import mismatch_metrics
 from unison.overflow import OverflowGuard
 from unison.models import eos_token_ids, load_model, load_tokenizer, resolve_model_dir
@@ -212,7 +212,7 @@ def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: Prompt
             step_loss = []
 
             def micro_losses(rows=rows, total_tokens=total_tokens, total_seqs=total_seqs, step_loss=step_loss):
-                for idx in length_buckets(rollouts.lengths[rows], o.micro_batch_size):
+                for idx in learner.micro_batches(rollouts, o.micro_batch_size, rows):
                     part_rows = rows[idx]
                     part = rollouts.select(part_rows)
                     T = part.response_ids.shape[1]
@@ -289,7 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
         model, s.policy, s.device, lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2),
         max_grad_norm=cfg.optim.max_grad_norm or None, pad_token_id=s.tokenizer.pad_token_id or 0,
-        loss_scaling=scaling, matmul=cfg.model.matmul,
+        loss_scaling=scaling, matmul=cfg.model.matmul, micro_batch_tokens=cfg.optim.micro_batch_tokens,
         scaler_kwargs={"init_scale": p.init_scale, "growth_interval": p.growth_interval, "min_scale": p.min_scale},
     )  # fmt: skip
     engine = make_engine(cfg.rollout.engine, model_dir, dtype=s.policy.rollout, device=s.device, seed=seed,
