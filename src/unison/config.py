@@ -90,8 +90,9 @@ class OptimConfig:
     max_grad_norm: float = doc(1.0, "clip the gradient norm to this (0: no clipping)")
     train_batch_size: int = doc(32, "sequences per optimizer step (prompts_per_step x group_size must be a multiple)")
     micro_batch_size: int = doc(32, "sequences per forward/backward (memory only; the step is the same)")
-    micro_batch_tokens: int = doc(0, "padded tokens per forward/backward at most (speed only; 0: 2048 on a CPU, "
-                                     "where smaller micro-batches run faster, no limit on a GPU)")
+    micro_batch_tokens: int = doc(0, "padded tokens per forward/backward at most (speed only; 0: on a CPU 2^18 / "
+                                     "hidden size, 2048 for the built-in model, so activations stay in cache; no "
+                                     "limit on a GPU)")
     epochs: int = doc(1, "passes over each rollout batch")
 
 
