@@ -114,7 +114,8 @@ def main() -> None:
         f"--response {args.response} --micro {args.micro} --repeats {args.repeats}"
         f"{f' --threads {args.threads}' if args.threads else ''}` (PyTorch threads: {torch.get_num_threads()}).", "",
         f"Model `{args.model}` ({params / 1e6:.1f}M parameters), {args.batch} sequences of {args.prompt} + "
-        f"{args.response} tokens ({tokens} response tokens), micro-batches of {args.micro}; median of "
+        f"{args.response} tokens ({tokens} response tokens), micro-batches of at most {args.micro} rows and "
+        f"{variants['fp32'].micro_batch_tokens} padded tokens (the learner's default budget here); median of "
         f"{args.repeats} rounds, variants taking turns. fp16/bf16 use `model.matmul=auto` (here: fp32-accumulate).", "",
         "| precision | recompute tok/s | step tok/s (forward + backward + update) |",
         "| --- | --- | --- |",
