@@ -8,15 +8,24 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
 
 def replace_section(name: str, text: str, path: Path = DOC) -> None:
+    """Replace (or append) section `name` of `path`, under an exclusive lock, so that benchmarks running side by side
+    (one per core) each keep the sections the others wrote; the new text replaces the file in one rename."""
+    import fcntl
+    import os
+
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    doc = path.read_text() if path.exists() else ""
     block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in doc and end in doc:
-        head, rest = doc.split(begin, 1)
-        doc = head + block + rest.split(end, 1)[1]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = path.read_text() if path.exists() else ""
+        if begin in doc and end in doc:
+            head, rest = doc.split(begin, 1)
+            doc = head + block + rest.split(end, 1)[1]
+        else:
+            doc = doc.rstrip() + "\n\n" + block + "\n"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(doc)
+        os.replace(tmp, path)
 
 
 def machine_description() -> str:
