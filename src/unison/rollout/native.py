@@ -12,9 +12,10 @@ concatenated into one matrix product each, and, in `fp32-accumulate` mode, the f
 of exactly the same values, so no token pays for an upcast. A decode step attends with two batched matrix products
 over the cache (a single query row gains nothing from a flash kernel), applies rotary to q and k at once, and reads
 the angles from a table built once. Where the products run in fp32 (`_FlatStep`) the step keeps its activations as
-fp32 [B, hidden] rounded to the rollout dtype where the layer-by-layer forward rounds, in about half the operations. Forward pre-hooks on the projections, the embedding and the LM head (the FP16
-overflow guard's) still run where the modules would have been called; an MLP that the guard moved to fp32, or whose
-output it may replace, is called as a module.
+fp32 [B, hidden] rounded to the rollout dtype where the layer-by-layer forward rounds, in about half the operations.
+Forward pre-hooks on the projections, the embedding and the LM head (the FP16 overflow guard's) still run where
+the modules would have been called; an MLP that the guard moved to fp32, or whose output it may replace, is called
+as a module (`mlp_called_as_module`).
 
 Prompts are left-padded to a common length. Finished rows are dropped from the batch once a quarter of it is done
 (a copy of the cache); the loop ends when every row is done or `max_new_tokens` is reached. Log-probs: see
@@ -73,6 +74,13 @@ def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def fused_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     """Gated MLP with act(gate) * up computed in fp32 and rounded once (a fused silu-and-mul kernel)."""
     return mlp.down_proj((mlp.act_fn(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()).to(x.dtype))
+
+
+def mlp_called_as_module(mlp) -> bool:
+    """Whether the overflow guard watches or replaces this MLP's output (or moved it to fp32): then it is called as a
+    module, whatever the engine fuses around it."""
+    down = mlp.down_proj
+    return getattr(mlp, "_unison_fp32", False) or bool(down._forward_hooks) or bool(down._forward_pre_hooks)
 
 
 def run_pre_hooks(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -210,9 +218,8 @@ class NativeEngine:
     def _mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """Gated MLP: gate and up in one product, act(gate) * up in fp32 rounded once (a fused silu-and-mul)."""
         mlp = w["mlp"]
-        down = mlp.down_proj
-        if getattr(mlp, "_unison_fp32", False) or down._forward_hooks or down._forward_pre_hooks:
-            return fused_mlp(mlp, x)  # the overflow guard watches or replaces this MLP's output: call the modules
+        if mlp_called_as_module(mlp):
+            return fused_mlp(mlp, x)
         gate, up = self._linear(run_pre_hooks(w["gate_proj"], x), w["gate_up"]).chunk(2, dim=-1)
         return self._linear((w["act_fn"](gate.float()) * up.float()).to(self.dtype), w["down"])
 
@@ -328,14 +335,14 @@ class _StaticDecode:
             pos = self.first + t
             return self.flat(tok, cur, self.cos[pos], self.sin[pos])
         mask = self.valid[:, None, None, : cur + 1]  # [B, 1, 1, cur+1]
-        pos = (cur - self.pad_left)[:, None]  # [B, 1]
+        pos = (self.first + t)[:, None]  # [B, 1]
         return self.engine._forward(self.weights, tok[:, None], self.cos[pos], self.sin[pos], self.cache, cur, mask)
 
     def compact(self, keep: torch.Tensor) -> bool:
         self.cache.keep(keep)
         self.valid, self.pad_left, self.first = self.valid[keep], self.pad_left[keep], self.first[keep]
         if self.flat is not None:
-            self.flat.keep(keep, self.valid)
+            self.flat.keep(self.valid)
         return True
 
 
@@ -356,7 +363,7 @@ class _FlatStep:
         self.H, self.Hkv, self.D = engine.num_heads, engine.kv_heads, engine.head_dim
         self.cache = cache
         embed = model.model.embed_tokens
-        self.embed = embed.weight.float() if embed.weight.dtype != torch.float32 else embed.weight
+        self.embed = embed.weight.float()  # the weight itself when it is fp32
         self.embed_hooks = embed if embed._forward_pre_hooks else None
         self.layers = []
         for layer, w in zip(model.model.layers, weights.layers):
@@ -379,7 +386,8 @@ class _FlatStep:
         bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, float("-inf"))
         self.bias = bias.repeat_interleave(self.Hkv, 0)[:, None]
 
-    def keep(self, rows: torch.Tensor, valid: torch.Tensor) -> None:
+    def keep(self, valid: torch.Tensor) -> None:
+        """After the cache dropped rows: the mask and views of the rows left (`valid` of those rows)."""
         self.set_mask(valid)
         self.set_views()
 
@@ -400,7 +408,7 @@ class _FlatStep:
 
     def norm_heads(self, norm, x: torch.Tensor) -> torch.Tensor:
         """Qwen3's per-head RMSNorm of q or k [B, heads, D], in fp32, rounded once."""
-        return self.rnd(F.rms_norm(x, (x.shape[-1],), norm.weight.float(), norm.variance_epsilon))
+        return self.rnd(fused_rms_norm(norm, x))
 
     def linear(self, x: torch.Tensor, packed: tuple, residual: torch.Tensor | None = None) -> torch.Tensor:
         """rnd(x @ W.T + b), plus a residual: fused into the product in fp32, or added after rounding (as the
@@ -442,9 +450,8 @@ class _FlatStep:
             out = rnd(torch.bmm(scores.softmax(-1), values.narrow(1, 0, L)).view(B, H * D))
             x = linear(out, o_w, residual=x)
             h = rnd(F.rms_norm(x, (x.shape[-1],), *ln2))
-            down = mlp.down_proj
-            if getattr(mlp, "_unison_fp32", False) or down._forward_hooks or down._forward_pre_hooks:
-                x = rnd(x + fused_mlp(mlp, h.to(self.dtype)).float())  # the overflow guard watches this MLP
+            if mlp_called_as_module(mlp):
+                x = rnd(x + fused_mlp(mlp, h.to(self.dtype)).float())
                 continue
             if gate_hooks is not None:
                 h = run_pre_hooks(gate_hooks, h)
