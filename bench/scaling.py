@@ -25,14 +25,23 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_models import NAMES  # noqa: E402
 from bench_models import build as build_model  # noqa: E402
-from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, write_section  # noqa: E402
+from docsection import (  # noqa: E402
+    bench_parser,
+    count,
+    joined,
+    listed,
+    machine_description,
+    parse_bench_args,
+    write_section,
+)
+from flops import forward_flops, sampling_flops  # noqa: E402
+from flops import matmul_rate as cpu_matmul_rate  # noqa: E402
 
 from unison.precision import parse_precision  # noqa: E402
 
@@ -43,42 +52,20 @@ def build(name: str):
     return build_model(name) if name == "builtin" else build_model(name, max_position_embeddings=2048)
 
 
-_RATES: dict = {}
-
-
 def matmul_rate(hidden: int, precision: str) -> float:
-    """FLOP/s of F.linear [4096, hidden] x [hidden, 4 hidden] as the engines run it in `precision` (the best of five,
-    measured once per shape and compute dtype: fp16/bf16 in fp32-accumulate mode share the fp32 figure)."""
+    """FLOP/s of the CPU's matrix products as the engines run them in `precision` (fp16/bf16 in fp32-accumulate mode
+    share the fp32 figure)."""
     from unison.precision import matmul_mode
 
     dtype = parse_precision(precision)
     mode = matmul_mode("auto", torch.device("cpu"), dtype)
-    compute = torch.float32 if mode == "fp32-accumulate" else dtype
-    if (hidden, compute) in _RATES:
-        return _RATES[hidden, compute]
-    x, w = torch.randn(4096, hidden, dtype=compute), torch.randn(4 * hidden, hidden, dtype=compute)
-    F.linear(x, w)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        F.linear(x, w)
-        best = min(best, time.perf_counter() - t0)
-    _RATES[hidden, compute] = 2 * 4096 * hidden * 4 * hidden / best
-    return _RATES[hidden, compute]
+    return cpu_matmul_rate(torch.device("cpu"), torch.float32 if mode == "fp32-accumulate" else dtype, hidden)
 
 
 def flops(model, batch: int, prompt: int, new: int) -> tuple[float, float]:
-    """Matrix-product FLOPs of sampling `new` tokens for `batch` rows, and of one update over the sequences."""
-    cfg = model.config
-    embed = model.get_input_embeddings().weight.numel()
-    dense = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) - embed  # LM head tied: counted once
-    head = cfg.vocab_size * cfg.hidden_size
-    per_token = 2 * (dense + head)
-    attn = lambda ctx: 4 * cfg.num_hidden_layers * cfg.hidden_size * ctx  # noqa: E731 - scores and weighted values
-    sample = batch * sum(per_token + attn(prompt + t) for t in range(new))
-    L = prompt + new
-    forward = batch * (L * per_token + cfg.num_hidden_layers * 4 * cfg.hidden_size * L * L / 2)
-    return sample, 3 * forward
+    """Matrix-product FLOPs of sampling `new` tokens for `batch` rows, and of one update over the sequences (three
+    forwards: the backward costs two)."""
+    return sampling_flops(model, batch, prompt, new), 3 * forward_flops(model, batch, prompt + new, new)
 
 
 def main() -> None:
@@ -88,12 +75,12 @@ def main() -> None:
     ap.add_argument("--batch", type=count, default=16)
     ap.add_argument("--precisions", type=listed(SHORT), default=["fp32", "bf16"])
     args = parse_bench_args(ap, {"models": ["builtin", "30m"], "lengths": [64], "precisions": ["fp32"]})
+    from learner import step
+
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
     from unison.rollout.base import SamplingParams
     from unison.rollout.native import NativeEngine
-
-    from learner import step
 
     machine = machine_description()
     store = ROOT / "bench" / "results" / "scaling.json"  # rows of every run, so a rerun of some rows keeps the rest

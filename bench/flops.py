@@ -1,0 +1,73 @@
+"""Model FLOPs of the work the benchmarks time, and the matrix-product rate they are measured against."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+_RATES: dict = {}
+
+
+def matmul_rate(device: torch.device, compute: torch.dtype, hidden: int, repeats: int = 5) -> float:
+    """FLOP/s of one matrix product in `compute` on `device`, the best of `repeats` (measured once per setting).
+
+    On a CPU, `F.linear` on [4096, hidden] x [hidden, 4 hidden] (the learner's typical shape); on a GPU, a square
+    8192 product, the rate its matrix units reach."""
+    key = (device.type, compute, hidden)
+    if key in _RATES:
+        return _RATES[key]
+    m, k, n = (8192, 8192, 8192) if device.type == "cuda" else (4096, hidden, 4 * hidden)
+    x, w = torch.randn(m, k, dtype=compute, device=device), torch.randn(n, k, dtype=compute, device=device)
+    calls = 20 if device.type == "cuda" else 1
+    F.linear(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            F.linear(x, w)
+        synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    _RATES[key] = 2 * m * k * n / best
+    return _RATES[key]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a timer around GPU work must)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_parameters(model) -> tuple[int, int]:
+    """(weights of the matrix products in the layers, weights of the LM head): the input embedding is a lookup, and
+    a head tied to it is counted once, as the head."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    dense = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embed and p is not head)
+    return dense, head.numel()
+
+
+def forward_flops(model, rows: int, length: int, head_tokens: int) -> float:
+    """Matrix-product FLOPs of a causal forward over `rows` sequences of `length` tokens with the LM head on
+    `head_tokens` positions per row: 2 x weights per token, plus attention scores and weighted values (2 x heads x
+    head size x length^2 per layer, half of the square under the causal mask)."""
+    cfg = model.config
+    dense, head = matmul_parameters(model)
+    attention = cfg.num_hidden_layers * 4 * attention_width(cfg) * length * length / 2
+    return rows * (2 * dense * length + 2 * head * head_tokens + attention)
+
+
+def sampling_flops(model, rows: int, prompt: int, new: int) -> float:
+    """Matrix-product FLOPs of sampling `new` tokens after a `prompt`-token prompt for `rows` rows with a KV cache:
+    each token costs the weights once (head included) and attention over its context."""
+    cfg = model.config
+    dense, head = matmul_parameters(model)
+    per_token = 2 * (dense + head)
+    return rows * sum(per_token + 4 * cfg.num_hidden_layers * attention_width(cfg) * (prompt + t) for t in range(new))
+
+
+def attention_width(cfg) -> int:
+    """Query heads x head size (the hidden size, unless the config sets its own head size)."""
+    return cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
