@@ -8,7 +8,7 @@ from unison.precision import PrecisionPolicy
 from unison.rollout import RolloutEngine, make_engine
 from unison.rollout.base import SamplingParams
 from unison.rollout.native import NativeEngine
-from unison.sampling import process_logits, token_logprobs
+from unison.sampling import process_logits, sample, token_logprobs
 
 TOK = build_tokenizer()
 PROMPTS = [TOK(p).input_ids for p in ["47-9:", "123-4:", "8-3:", "300-7:"]] * 2
@@ -95,6 +95,31 @@ def test_top_p_top_k_logprobs_are_the_truncated_distribution():
     assert lp.item() == float("-inf")  # outside the top-1 support
     lp = token_logprobs(logits * 2, torch.tensor([0]), temperature=2.0)
     torch.testing.assert_close(lp, p[:, 0].log())
+
+
+def test_sample_draws_from_the_processed_distribution():
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    rows = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 0.0, 0.0], [9.0, -9.0, 0.0, 0.0]])
+    # top-k 2 keeps e^2 / (e^2 + e) = 0.731059 and 0.268941 of row 0; a tie at the k-th value keeps all tied
+    # tokens: all 4 of row 1, and of row 2 e^9 / (e^9 + 2) = 0.999753 and 1 / (e^9 + 2) = 1.2338e-4 twice
+    expected = torch.tensor([
+        [0.731059, 0.268941, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.999753, 0.0, 1.2338e-4, 1.2338e-4],
+    ], dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(process_logits(rows, top_k=2).softmax(-1).double(), expected, atol=1e-6, rtol=1e-4)
+    logits = rows.repeat_interleave(n, 0)
+    tokens, logp = sample(logits, g, temperature=1.0, top_k=2, top_p=1.0)
+    freq = torch.stack([torch.bincount(t, minlength=4) for t in tokens.view(3, n)]).double() / n
+    assert (freq[expected == 0] == 0).all()  # never a token outside the support
+    assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / n).sqrt() + 1e-12).all(), freq
+    # the log-probability returned is that of the processed distribution, for the token drawn
+    torch.testing.assert_close(logp, token_logprobs(logits, tokens, top_k=2))
+    # 272 tokens of a peaked distribution: every frequency within 5 sigma of the softmax
+    wide = torch.randn(1, 272, generator=g) * 3
+    tokens, _ = sample(wide.expand(n, -1), g, temperature=1.0, top_k=0, top_p=1.0)
+    p = wide[0].double().softmax(-1)
+    freq = torch.bincount(tokens, minlength=272).double() / n
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1 / n).all()
 
 
 def test_sync_verifies_and_catches_corruption(tiny_dir):

@@ -44,7 +44,7 @@ def test_every_preset_every_precision_runs(tiny_dir, tmp_path, preset, precision
             assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
     before = {n: t for n, t in __import__("unison.models", fromlist=["load_model"]).load_model(tiny_dir).named_parameters()}
     after = params_of(run)
-    assert rows[0]["rollout/advantage_abs_mean"] > 0
+    assert max(row["rollout/advantage_abs_mean"] for row in rows) > 0  # a step of 8 samples may draw one reward
     changed = sum(not torch.equal(before[n].float(), after[n]) for n in after)
     assert changed == len(after)
     assert rows[-1]["learner/updates"] == 2

@@ -54,9 +54,19 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None, temperature:
         tokens = logp.argmax(-1)
         return tokens, torch.zeros_like(tokens, dtype=torch.float32)
     logp = process_logits(logits, temperature, top_k, top_p).log_softmax(-1)  # [B, V]
-    # Gumbel-max sampling: argmax(log p + G) with G = -log(-log U), U ~ Uniform[0, 1), is a draw from p, with no
-    # host synchronisation (on a CPU, uniform draws and two logs cost a third of torch's exponential sampler);
-    # log p + G is computed as log p - log(-log U), the same sum in one operation fewer
-    log_neg_log_u = torch.rand(logp.shape, generator=generator, device=logp.device).log_().neg_().log_()
-    tokens = (logp - log_neg_log_u).argmax(-1)
+    return draw(logp, generator)
+
+
+def draw(logp: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of log-probabilities logp [B, V] by inverse-CDF sampling, and its log-probability.
+
+    Row i takes the first token whose cumulative probability exceeds U_i * (its total), U_i ~ Uniform[0, 1): one
+    uniform draw per row (an exponential race or Gumbel-max draws V of them) and no host synchronisation. The
+    cumulative sum runs in fp64, so each token's interval is its fp32 probability to about 1e-16; a token of
+    probability 0 (outside top-k/top-p) has an empty interval and is never drawn."""
+    cdf = logp.exp().double().cumsum_(-1)  # [B, V]
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=logp.device).mul_(total)
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # U * total may round up to total
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze_(-1)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
