@@ -10,7 +10,7 @@ On a CUDA GPU (or the CPU with `--device cpu`, or where no GPU is visible), for 
                  through `backward_and_step` (fp32 master weights, fp16 loss scaling, clipping, AdamW), then the
                  copy back into the train-dtype model
 
-MFU = model FLOPs / seconds / matmul rate. Model FLOPs count the matrix products of the model on the tokens it
+MFU = model FLOPs / seconds / matmul rate (the best rate measured, before the warm-up and in every round). Model FLOPs count the matrix products of the model on the tokens it
 processes (2 x weights per token, attention over the causal context, the LM head on the response tokens only, as
 the learner runs it); a step counts three forwards (the backward costs two). Embedding lookups, norms, the loss and
 the optimizer are work that MFU does not credit. Sequences are `--batch` rows of a `--prompt`-token prompt and a
@@ -82,15 +82,21 @@ def main() -> None:
     micro = args.micro or rows
     r = rollouts(rows, prompt, response)
     tokens = rows * response
-    learners, rates, modes = {}, {}, {}
+    learners, modes, computes = {}, {}, {}
     for name in args.precisions:
         dtype = parse_precision(name)
         learner = Learner(build(args.model), PrecisionPolicy(dtype, dtype), device, lr=1e-6)
         learners[name] = learner
         modes[name] = learner.matmul
-        compute = torch.float32 if learner.matmul == "fp32-accumulate" else dtype
-        rates[name] = matmul_rate(device, compute, learner.model.config.hidden_size)
-        print(f"{name}: {modes[name]} products, measured rate {rates[name] / 1e12:.3f} TFLOP/s", flush=True)
+        computes[name] = torch.float32 if learner.matmul == "fp32-accumulate" else dtype
+    hidden = next(iter(learners.values())).model.config.hidden_size
+
+    def best_rates(again: bool = False) -> dict:  # the best product rate measured so far, per precision
+        return {k: matmul_rate(device, c, hidden, again=again) for k, c in computes.items()}
+
+    for name, rate in best_rates().items():
+        print(f"{name}: {modes[name]} products, measured rate {rate / 1e12:.3f} TFLOP/s", flush=True)
+
     model = next(iter(learners.values())).model
     params = sum(p.numel() for p in model.parameters())
     forward = forward_flops(model, rows, prompt + response, response)
@@ -102,10 +108,12 @@ def main() -> None:
     rec = {k: [] for k in learners}
     stp = {k: [] for k in learners}
     for _ in range(args.repeats):
+        best_rates(again=True)  # measured in every round too, so a slow moment at the start does not set the peak
         for name, learner in learners.items():
             rec[name].append(timed(lambda learner=learner: learner.recompute(r, micro), device))
             stp[name].append(timed(lambda learner=learner: step(learner, r, micro), device))
             print(f"{name}: recompute {rec[name][-1]:.3f}s, step {stp[name][-1]:.3f}s", flush=True)
+    rates = best_rates()
     t_rec = {k: statistics.median(v) for k, v in rec.items()}
     t_stp = {k: statistics.median(v) for k, v in stp.items()}
     mfu_rec = {k: forward / t_rec[k] / rates[k] for k in learners}
