@@ -36,15 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_models import NAMES, build  # noqa: E402
-from docsection import (  # noqa: E402
-    bench_parser,
-    count,
-    joined,
-    listed,
-    machine_description,
-    parse_bench_args,
-    write_section,
-)
+from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, write_section  # noqa: E402
 from flops import forward_flops, matmul_rate, synchronize  # noqa: E402
 from learner import rollouts, step  # noqa: E402
 

@@ -31,15 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_models import NAMES  # noqa: E402
 from bench_models import build as build_model  # noqa: E402
-from docsection import (  # noqa: E402
-    bench_parser,
-    count,
-    joined,
-    listed,
-    machine_description,
-    parse_bench_args,
-    write_section,
-)
+from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, write_section  # noqa: E402
 from flops import forward_flops, sampling_flops  # noqa: E402
 from flops import matmul_rate as cpu_matmul_rate  # noqa: E402
 
