@@ -67,8 +67,13 @@ def main() -> None:
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy, parse_precision, resolve_device
 
+    from unison.errors import UserError
+
     machine = machine_description()
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except UserError as exc:
+        ap.error(str(exc))  # one line, exit code 2
     rows, prompt, response = (given or default for given, default in
                               zip((args.batch, args.prompt, args.response), SHAPES[device.type]))  # fmt: skip
     micro = args.micro or rows
