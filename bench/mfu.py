@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,20 +36,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_models import NAMES, build  # noqa: E402
 from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, write_section  # noqa: E402
-from flops import forward_flops, matmul_rate, synchronize  # noqa: E402
+from flops import forward_flops, matmul_rate, timed  # noqa: E402
 from learner import rollouts, step  # noqa: E402
 
 # rows, prompt and response tokens per device when not given: a GPU wants big batches; on a CPU a 104M-model step
 # over 1024 tokens already takes seconds
 SHAPES = {"cuda": (64, 64, 448), "cpu": (8, 8, 120)}
-
-
-def timed(fn, device: torch.device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -65,7 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=count, default=5)
     args = parse_bench_args(ap, {"model": "builtin", "batch": 8, "prompt": 8, "response": 56, "repeats": 2})
     from unison.learner import Learner
-    from unison.precision import PrecisionPolicy, parse_precision, resolve_device
+    from unison.precision import PrecisionPolicy, compute_dtype, parse_precision, resolve_device
 
     from unison.errors import UserError
 
@@ -85,7 +76,7 @@ def main() -> None:
         learner = Learner(build(args.model), PrecisionPolicy(dtype, dtype), device, lr=1e-6)
         learners[name] = learner
         modes[name] = learner.matmul
-        computes[name] = torch.float32 if learner.matmul == "fp32-accumulate" else dtype
+        computes[name] = compute_dtype(learner.matmul, dtype)
     hidden = next(iter(learners.values())).model.config.hidden_size
 
     def best_rates(again: bool = False) -> dict:  # the best product rate measured so far, per precision

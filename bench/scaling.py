@@ -47,11 +47,11 @@ def build(name: str):
 def matmul_rate(hidden: int, precision: str) -> float:
     """FLOP/s of the CPU's matrix products as the engines run them in `precision` (fp16/bf16 in fp32-accumulate mode
     share the fp32 figure)."""
-    from unison.precision import matmul_mode
+    from unison.precision import compute_dtype, matmul_mode
 
     dtype = parse_precision(precision)
-    mode = matmul_mode("auto", torch.device("cpu"), dtype)
-    return cpu_matmul_rate(torch.device("cpu"), torch.float32 if mode == "fp32-accumulate" else dtype, hidden)
+    cpu = torch.device("cpu")
+    return cpu_matmul_rate(cpu, compute_dtype(matmul_mode("auto", cpu, dtype), dtype), hidden)
 
 
 def flops(model, batch: int, prompt: int, new: int) -> tuple[float, float]:

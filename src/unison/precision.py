@@ -152,6 +152,11 @@ def matmul_mode(requested: str, device: torch.device, dtype: torch.dtype) -> str
     return "fp32-accumulate"
 
 
+def compute_dtype(mode: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype matrix products run in under a resolved matmul mode: fp32 in `fp32-accumulate`, else `dtype`."""
+    return torch.float32 if mode == "fp32-accumulate" else dtype
+
+
 def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast a model's parameters and floating buffers to `dtype`, keeping rotary `inv_freq` buffers in fp32.
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unison.precision import cast_module, checksum, matmul_mode, set_matmul
+from unison.precision import cast_module, checksum, compute_dtype, matmul_mode, set_matmul
 from unison.rollout.base import Rollouts, SamplingParams, check_prompts
 from unison.sampling import sample
 
@@ -182,7 +182,7 @@ class NativeEngine:
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the matrix products run in: fp32 in `fp32-accumulate` mode, else the rollout dtype."""
-        return torch.float32 if self.matmul == "fp32-accumulate" else self.dtype
+        return compute_dtype(self.matmul, self.dtype)
 
     def _linear(self, x: torch.Tensor, packed: tuple) -> torch.Tensor:
         """x [.., in] in the rollout dtype -> x @ W.T + b, rounded to the rollout dtype once."""
@@ -315,7 +315,6 @@ class _StaticDecode:
         half = cos.shape[-1] // 2
         self.cos = cos[0].float()[:, None]  # [L, 1, D]
         self.sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1).float()[:, None]
-        self.first = P - pad_left  # [B] the rotary position of each row's first new token
         fp32 = engine.compute_dtype == torch.float32
         self.flat = _FlatStep(engine, self.weights, self.cache, self.valid) if fp32 else None
 
@@ -331,16 +330,16 @@ class _StaticDecode:
 
     def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
         cur = self.P + t
+        pos = cur - self.pad_left  # [B] each row's rotary position: its cache slot less its left padding
         if self.flat is not None:
-            pos = self.first + t
             return self.flat(tok, cur, self.cos[pos], self.sin[pos])
         mask = self.valid[:, None, None, : cur + 1]  # [B, 1, 1, cur+1]
-        pos = (self.first + t)[:, None]  # [B, 1]
+        pos = pos[:, None]  # [B, 1]
         return self.engine._forward(self.weights, tok[:, None], self.cos[pos], self.sin[pos], self.cache, cur, mask)
 
     def compact(self, keep: torch.Tensor) -> bool:
         self.cache.keep(keep)
-        self.valid, self.pad_left, self.first = self.valid[keep], self.pad_left[keep], self.first[keep]
+        self.valid, self.pad_left = self.valid[keep], self.pad_left[keep]
         if self.flat is not None:
             self.flat.keep(self.valid)
         return True
