@@ -1,4 +1,4 @@
-"""Model FLOPs of the work the benchmarks time, and the matrix-product rate they are measured against."""
+"""Model FLOPs of the work the benchmarks time, the matrix-product rate they are measured against, and the timer."""
 
 from __future__ import annotations
 
@@ -23,21 +23,27 @@ def matmul_rate(device: torch.device, compute: torch.dtype, hidden: int, repeats
     x, w = torch.randn(m, k, dtype=compute, device=device), torch.randn(n, k, dtype=compute, device=device)
     calls = 20 if device.type == "cuda" else 1
     F.linear(x, w)
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
+    def products():
         for _ in range(calls):
             F.linear(x, w)
-        synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / calls)
+
+    best = min(timed(products, device) for _ in range(repeats)) / calls
     _RATES[key] = max(_RATES.get(key, 0.0), 2 * m * k * n / best)
     return _RATES[key]
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a timer around GPU work must)."""
-    if device.type == "cuda":
+def timed(fn, device: torch.device | None = None) -> float:
+    """Seconds `fn()` takes, with the device's queued work waited for before and after (a GPU runs asynchronously)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the device's queued work."""
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_models import NAMES, build  # noqa: E402
 from docsection import bench_parser, count, machine_description, parse_bench_args, write_section  # noqa: E402
+from flops import timed  # noqa: E402
 
 
 def rollouts(batch: int, prompt: int, response: int, seed: int = 0):
@@ -66,12 +66,6 @@ def step(learner, r, micro: int) -> None:
             yield lambda logp=logp, batch=batch: -(logp * batch.mask).sum() / total
 
     learner.step(losses())
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
