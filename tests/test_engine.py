@@ -202,3 +202,34 @@ def test_finished_rows_dropped_mid_batch_keep_their_results(tiny_dir):
     assert mismatch_metrics(lr.recompute(r), r.logprobs, r.mask)["abs_log_ratio_mean"] < 1e-5
     for row, n, fin in zip(r.response_ids, r.lengths, r.finished):
         assert bool(fin) == (int(row[n - 1]) in stops)
+
+
+def test_identical_prompts_are_prefilled_once(tiny_dir, monkeypatch):
+    # a group's samples share one prompt: the prefill runs each distinct prompt once and copies its keys, values and
+    # last logits to every row of it. Prompts that pad to the same row but start at other positions (a prompt that
+    # begins with the pad token) are different prompts.
+    import unison.rollout.native as native
+
+    eng = engine(tiny_dir)
+    pad = eng.pad_token_id
+    prompts = [[pad, 40, 41], [40, 41], [7, 8, 9], [40, 41], [pad, 40, 41], [7, 8, 9]]
+    ids = torch.tensor([[pad] * (3 - len(p)) + p for p in prompts])
+    pad_left = torch.tensor([3 - len(p) for p in prompts])
+    rows_run = []
+    forward = eng._forward
+    monkeypatch.setattr(eng, "_forward", lambda w, x, *a: rows_run.append(len(x)) or forward(w, x, *a))
+    shared = native._StaticDecode(eng, ids, pad_left, 4)
+    with torch.no_grad():
+        logits = shared.prefill()
+    assert rows_run == [3]  # [pad, 40, 41] (x2), [40, 41] (x2), [7, 8, 9] (x2)
+    monkeypatch.setattr(native, "distinct_rows", lambda x: (torch.arange(len(x)), torch.arange(len(x))))
+    each = native._StaticDecode(eng, ids, pad_left, 4)
+    with torch.no_grad():
+        expected = each.prefill()
+    assert rows_run == [3, 6]
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(shared.cache.kv[..., :3, :], each.cache.kv[..., :3, :])
+    assert not torch.equal(logits[0], logits[1])  # the leading pad token is part of the first prompt
+    with torch.no_grad():  # decoding goes on from the copied cache as from its own
+        tok = torch.tensor([50, 51, 52, 53, 54, 55])
+        torch.testing.assert_close(shared.step(0, tok), each.step(0, tok))

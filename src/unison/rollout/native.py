@@ -17,7 +17,8 @@ Forward pre-hooks on the projections, the embedding and the LM head (the FP16 ov
 the modules would have been called; an MLP that the guard moved to fp32, or whose output it may replace, is called
 as a module (`mlp_called_as_module`).
 
-Prompts are left-padded to a common length. Finished rows are dropped from the batch once a quarter of it is done
+Prompts are left-padded to a common length; identical prompts (the samples of a group) are run through the
+prefill once and their cache copied to each. Finished rows are dropped from the batch once a quarter of it is done
 (a copy of the cache); the loop ends when every row is done or `max_new_tokens` is reached. Log-probs: see
 `unison.rollout.base` and `unison.sampling`.
 """
@@ -298,6 +299,15 @@ class NativeEngine:
         )
 
 
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a 2-D tensor: the index of the first occurrence of each distinct row, and for every row the position of
+    its distinct row in that list (x == x[first][inverse])."""
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)
+    rows = torch.arange(len(x), device=x.device)
+    first = torch.full((int(inverse.max()) + 1,), len(x), device=x.device).scatter_reduce_(0, inverse, rows, "amin")
+    return first, inverse
+
+
 class _StaticDecode:
     """Prefill and decode steps over a static KV cache; finished rows can be dropped (`compact`)."""
 
@@ -319,14 +329,24 @@ class _StaticDecode:
         self.flat = _FlatStep(engine, self.weights, self.cache, self.valid) if fp32 else None
 
     def prefill(self) -> torch.Tensor:
-        P, dev = self.P, self.prompts.device
+        """Run the prompts, filling the cache up to P; -> the logits of each row's last prompt position [B, V].
+
+        Identical prompts (a group's samples) are run once: their keys, values and logits are copied to each of them."""
+        P, dev, e = self.P, self.prompts.device, self.engine
         q_pos = torch.arange(P, device=dev)
         causal = q_pos[None, :] <= q_pos[:, None]  # [P, P]
         # padded query rows attend to themselves only, so no row is empty (an empty row gives NaN)
         mask = (causal[None] & self.valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
         positions = (q_pos[None, :] - self.pad_left[:, None]).clamp(min=0)  # [B, P]
-        return self.engine._forward(self.weights, self.prompts, self.cos[positions], self.sin[positions], self.cache, 0,
-                                    mask[:, None])  # fmt: skip
+        first, inverse = distinct_rows(torch.cat((self.pad_left[:, None], self.prompts), 1))
+        if len(first) == len(inverse):
+            return e._forward(self.weights, self.prompts, self.cos[positions], self.sin[positions], self.cache, 0,
+                              mask[:, None])  # fmt: skip
+        cache = StaticKVCache(e.num_layers, len(first), e.kv_heads, P, e.head_dim, self.cache.dtype, dev)
+        pos = positions[first]
+        logits = e._forward(self.weights, self.prompts[first], self.cos[pos], self.sin[pos], cache, 0, mask[first, None])
+        self.cache.kv[:, :, :, :, :P] = cache.kv[:, :, inverse]  # in place: the decode step holds views of the cache
+        return logits[inverse]
 
     def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
         cur = self.P + t
