@@ -13,9 +13,15 @@ call each; the table gives the median tokens/s and the ratios of the native engi
               multiplied in fp32 and rounded back, see unison.precision.set_matmul)
 
     python bench/rollout_throughput.py [--precisions fp32,fp16,bf16] [--batches 16,64] [--new 128,512] [--repeats 2]
+    python bench/rollout_throughput.py --group 8 --prompt-tokens 256   # GRPO-style: 8 samples of each long prompt
     python bench/rollout_throughput.py --quick   # fp32, batch 16 x 128 new tokens, one round
 
-Writes its table into docs/benchmarks.md (section `rollout`; a --quick run prints it instead) and ends with a line
+By default every row has its own prompt from the built-in task (5-6 tokens); `--group G` gives each prompt to G rows
+in a row (as an RL step samples a group), and `--prompt-tokens N` makes the prompts N random tokens long, where
+sharing a prompt's prefill between its rows (the native engine does) starts to count.
+
+Writes its table into docs/benchmarks.md (section `rollout`, or `rollout-g<G>-p<N>` with those options; a --quick
+run prints it instead) and ends with a line
 `RESULT native_vs_generate=<median ratio> native_vs_vllm=<median ratio> ...`.
 """
 
@@ -32,18 +38,26 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, write_section  # noqa: E402
+from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, whole, write_section  # noqa: E402
 
 from unison.precision import parse_precision  # noqa: E402
 
 
-def prompts(n: int) -> list[list[int]]:
+def prompts(n: int, group: int = 1, tokens: int = 0) -> list[list[int]]:
+    """n prompts, each distinct one given to `group` rows in a row: the built-in task's test prompts, or (with
+    `tokens`) that many random tokens of the built-in vocabulary."""
     from unison.models import load_tokenizer, resolve_model_dir
     from unison.tasks import load_task
 
-    tok = load_tokenizer(resolve_model_dir("builtin"))
-    examples = load_task("builtin").examples("test", n=n, seed=0)
-    return [tok(e.prompt, add_special_tokens=False).input_ids for e in examples]
+    distinct = -(-n // group)
+    if tokens:
+        g = torch.Generator().manual_seed(0)
+        base = [torch.randint(5, 261, (tokens,), generator=g).tolist() for _ in range(distinct)]
+    else:
+        tok = load_tokenizer(resolve_model_dir("builtin"))
+        examples = load_task("builtin").examples("test", n=distinct, seed=0)
+        base = [tok(e.prompt, add_special_tokens=False).input_ids for e in examples]
+    return [p for p in base for _ in range(group)][:n]
 
 
 class Generate:
@@ -91,6 +105,8 @@ def main() -> None:
     ap.add_argument("--new", type=listed(kind=count), default=[128, 512])
     ap.add_argument("--repeats", type=count, default=2)
     ap.add_argument("--engines", type=listed(["native", "generate", "vllm"]), default=["native", "generate", "vllm"])
+    ap.add_argument("--group", type=count, default=1, help="rows given each prompt, in a row (an RL step's group)")
+    ap.add_argument("--prompt-tokens", type=whole, default=0, help="random prompts of this many tokens (0: the task's)")
     args = parse_bench_args(ap, {"precisions": ["fp32"], "batches": [16], "new": [128], "repeats": 1})
     from unison.models import load_model, resolve_model_dir
 
@@ -105,7 +121,7 @@ def main() -> None:
     model_dir = resolve_model_dir("builtin")
     base = load_model(model_dir, device="cpu", dtype=torch.float32)
     batches, news = args.batches, args.new
-    all_prompts = prompts(max(batches))
+    all_prompts = prompts(max(batches), args.group, args.prompt_tokens)
     results = {}  # (precision, batch, new) -> {engine: [tok/s]}
     threads = torch.get_num_threads()
     for pname in args.precisions:
@@ -129,13 +145,21 @@ def main() -> None:
             if hasattr(runner, "close"):
                 runner.close()
     cols = engines
+    shape = (f" --group {args.group}" if args.group > 1 else "") + (
+        f" --prompt-tokens {args.prompt_tokens}" if args.prompt_tokens else "")
+    section, title = "rollout", "Rollout throughput: native engine, generate() and vLLM"
+    prompt_text = (f"{args.prompt_tokens}-token random prompts" if args.prompt_tokens else "the task's prompts") + (
+        f", each given to {args.group} rows" if args.group > 1 else ", one per row")
+    if shape:
+        section = f"rollout-g{args.group}-p{args.prompt_tokens}"
+        title += f" ({prompt_text})"
     ratios = {o: [] for o in cols if o != "native"}
     lines = [
         f"Command: `python bench/rollout_throughput.py --precisions {joined(args.precisions)} --batches "
-        f"{joined(args.batches)} --new {joined(args.new)} --repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}` "
+        f"{joined(args.batches)} --new {joined(args.new)} --repeats {args.repeats}{shape}{f' --threads {args.threads}' if args.threads else ''}` "
         f"(PyTorch threads: {threads}).", "",
-        "Built-in model, temperature 1, no stop token (every row makes all its new tokens); median tokens/s of "
-        f"{args.repeats} rounds, engines taking turns.", "",
+        f"Built-in model, {prompt_text}, temperature 1, no stop token (every row makes all its new tokens); median "
+        f"tokens/s of {args.repeats} rounds, engines taking turns.", "",
         "| precision | batch | new tokens | " + " | ".join(f"{e} tok/s" for e in cols)
         + "".join(f" | native / {o}" for o in ratios) + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in cols) + "".join(" | ---" for _ in ratios) + " |",
@@ -150,7 +174,7 @@ def main() -> None:
     summary = ", ".join(f"native / {o}: median {statistics.median(v):.2f} (range {min(v):.2f}-{max(v):.2f})"
                         for o, v in ratios.items())  # fmt: skip
     lines += ["", f"Over all rows: {summary}."]
-    write_section(args.doc, "rollout", "Rollout throughput: native engine, generate() and vLLM", lines, machine)
+    write_section(args.doc, section, title, lines, machine)
     print("RESULT " + " ".join(f"native_vs_{o}={statistics.median(v):.2f}" for o, v in ratios.items()) + " "
           + " ".join(f"{p}_{B}x{n}_{e}={statistics.median(v):.0f}" for (p, B, n), per in results.items()
                      for e, v in per.items()))  # fmt: skip

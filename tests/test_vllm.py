@@ -166,3 +166,22 @@ def test_corrupted_sync_is_caught(engines, dirs, monkeypatch, corrupt):
     finally:
         monkeypatch.undo()
         assert learner(dirs[0], torch.float32).sync(e)["sync/checksum_ok"] == 1.0  # a clean sync repairs it
+
+
+def test_long_prompt_groups_share_no_stale_prefix(engines, dirs):
+    # 16 distinct 300-token prompts, 2 rows each: 9600 prompt tokens, more than vLLM's CPU scheduler takes in one
+    # step, so with chunked prefill it would split a seeded request's prompt (which vLLM-CPU cannot do). The prefix
+    # cache shares each prompt between its rows, and after a weight load must not serve the old weights' key/values.
+    e = engines(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    prompts = [p for p in (torch.randint(5, 261, (300,), generator=g).tolist() for _ in range(16)) for _ in range(2)]
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=())
+    e.generate(prompts, params)  # the prompts' key/values cached under the start weights
+    try:
+        e.load_weights(learner(dirs[1], torch.float32).export_weights(torch.float32))
+        r = e.generate(prompts, params)
+    finally:
+        e.load_weights(learner(dirs[0], torch.float32).export_weights(torch.float32))  # back to the start weights
+    assert r.response_ids.shape == (32, 8) and r.mask.all()
+    diff = (learner(dirs[1], torch.float32).recompute(r) - r.logprobs).abs()[r.mask]
+    assert diff.mean().item() < 1e-5, diff.mean().item()

