@@ -9,13 +9,18 @@ On the built-in model (or `--model 30m`: a random Qwen2 of 30M parameters), with
                 train-dtype model
     fp16 scaler the same fp16 step with the dynamic loss scaler (scale, unscale, inf/NaN check) against the same step
                 with loss scaling turned off; and against the bf16 step
+    shared      with `--group G`, each prompt given to G rows in a row (an RL step's groups): the fp32 learner that
+                runs each distinct prompt once (`optim.share_prompts`, the default) against one that runs every
+                row's prompt (`fp32 prompt per row`)
 
 Variants take turns (`--repeats` rounds, after a warm-up); the table gives medians.
 
     python bench/learner.py [--model builtin|30m] [--batch 32] [--prompt 8] [--response 120] [--repeats 5]
     python bench/learner.py --quick     # batch 8, 2 rounds
+    python bench/learner.py --batch 64 --group 8 --prompt 256 --response 256   # groups of long prompts
 
-Writes its table into docs/benchmarks.md (section `learner-<model>`; a --quick run prints it instead) and ends with
+Writes its table into docs/benchmarks.md (section `learner-<model>`, `learner-<model>-g<G>` with `--group`; a
+--quick run prints it instead) and ends with
 a line `RESULT fp16_scaler_overhead=<fraction> ...`.
 """
 
@@ -35,11 +40,14 @@ from docsection import bench_parser, count, machine_description, parse_bench_arg
 from flops import timed  # noqa: E402
 
 
-def rollouts(batch: int, prompt: int, response: int, seed: int = 0):
+def rollouts(batch: int, prompt: int, response: int, seed: int = 0, group: int = 1):
+    """`batch` rows of random tokens, a `prompt`-token prompt (each one given to `group` rows in a row) and a
+    `response`-token response."""
     from unison.rollout.base import Rollouts
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 261, (batch, prompt + response), generator=g)
+    ids[:, :prompt] = ids[torch.arange(batch) // group * group, :prompt]
     return Rollouts(
         prompt_ids=[row[:prompt].tolist() for row in ids], response_ids=ids[:, prompt:].clone(),
         logprobs=torch.zeros(batch, response), mask=torch.ones(batch, response, dtype=torch.bool),
@@ -47,12 +55,12 @@ def rollouts(batch: int, prompt: int, response: int, seed: int = 0):
     )  # fmt: skip
 
 
-def learner_of(name: str, precision: str, scaling: bool | None = None):
+def learner_of(name: str, precision: str, scaling: bool | None = None, share_prompts: bool = True):
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
 
     return Learner(build(name), PrecisionPolicy.from_names(precision, precision), "cpu", lr=1e-6,
-                   loss_scaling=scaling)  # fmt: skip
+                   loss_scaling=scaling, share_prompts=share_prompts)  # fmt: skip
 
 
 def step(learner, r, micro: int) -> None:
@@ -76,14 +84,17 @@ def main() -> None:
     ap.add_argument("--response", type=count, default=120)
     ap.add_argument("--micro", type=count, default=32, help="sequences per forward/backward")
     ap.add_argument("--repeats", type=count, default=5)
+    ap.add_argument("--group", type=count, default=1, help="rows given each prompt, in a row (an RL step's group)")
     args = parse_bench_args(ap, {"batch": 8, "repeats": 2})
     machine = machine_description()
-    r = rollouts(args.batch, args.prompt, args.response)
+    r = rollouts(args.batch, args.prompt, args.response, group=args.group)
     tokens = int(r.mask.sum())
     variants = {
         "fp32": learner_of(args.model, "fp32"), "bf16": learner_of(args.model, "bf16"),
         "fp16": learner_of(args.model, "fp16"), "fp16 no scaler": learner_of(args.model, "fp16", scaling=False),
     }  # fmt: skip
+    if args.group > 1:
+        variants["fp32 prompt per row"] = learner_of(args.model, "fp32", share_prompts=False)
     rec = {k: [] for k in ("fp32", "bf16", "fp16")}
     stp = {k: [] for k in variants}
     for learner in variants.values():  # warm-up, long enough for the fp16 scaler to settle below any overflow
@@ -102,20 +113,27 @@ def main() -> None:
     overhead = statistics.median(b / a - 1 for a, b in zip(stp["fp16"], stp["fp16 no scaler"]))
     vs_bf16 = statistics.median(b / a - 1 for a, b in zip(stp["fp16"], stp["bf16"]))
     params = sum(p.numel() for p in variants["fp32"].model.parameters())
+    group = ""
+    if args.group > 1:
+        shared = statistics.median(a / b for a, b in zip(stp["fp32"], stp["fp32 prompt per row"]))  # tok/s
+        group = (f" Each prompt is given to {args.group} rows in a row; running each distinct prompt once makes the fp32 "
+                 f"step {shared:.2f}x as fast as running every row's prompt (median of the per-round ratios).")
     scalers = {k: v.scaler.scale if v.scaler.enabled else None for k, v in variants.items()}
     lines = [
         f"Command: `python bench/learner.py --model {args.model} --batch {args.batch} --prompt {args.prompt} "
         f"--response {args.response} --micro {args.micro} --repeats {args.repeats}"
+        f"{f' --group {args.group}' if args.group > 1 else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}` (PyTorch threads: {torch.get_num_threads()}).", "",
         f"Model `{args.model}` ({params / 1e6:.1f}M parameters), {args.batch} sequences of {args.prompt} + "
         f"{args.response} tokens ({tokens} response tokens), micro-batches of at most {args.micro} rows and "
         f"{variants['fp32'].micro_batch_tokens} padded tokens (the learner's default budget here); median of "
-        f"{args.repeats} rounds, variants taking turns. fp16/bf16 use `model.matmul=auto` (here: fp32-accumulate).", "",
+        f"{args.repeats} rounds, variants taking turns. fp16/bf16 use `model.matmul=auto` (here: fp32-accumulate)."
+        f"{group}", "",
         "| precision | recompute tok/s | step tok/s (forward + backward + update) |",
         "| --- | --- | --- |",
     ]  # fmt: skip
     for name in variants:
-        recompute = f"{statistics.median(rec[name]):.0f}" if name in rec else "(same as fp16)"
+        recompute = f"{statistics.median(rec[name]):.0f}" if name in rec else "(same as fp16)" if "fp16" in name else "-"
         lines.append(f"| {name} | {recompute} | {med[name]:.0f} |")
     lines += [
         "",
@@ -124,8 +142,11 @@ def main() -> None:
         f"skipped in the timed rounds); the fp16 step with the scaler takes {vs_bf16 * 100:+.1f}% against the bf16 "
         "step.",
     ]  # fmt: skip
-    write_section(args.doc, f"learner-{args.model}", f"Learner throughput ({args.model} model)", lines, machine)
-    print("\n".join(lines))
+    section = f"learner-{args.model}" + (f"-g{args.group}" if args.group > 1 else "")
+    title = f"Learner throughput ({args.model} model" + (f", groups of {args.group}" if args.group > 1 else "") + ")"
+    write_section(args.doc, section, title, lines, machine)
+    if args.doc:  # (without a document, write_section printed the table)
+        print("\n".join(lines))
     print(f"RESULT fp16_scaler_overhead={overhead:.4f} fp16_vs_bf16={vs_bf16:.4f} "
           + " ".join(f"step_{k.replace(' ', '_')}_tok_s={v:.0f}" for k, v in med.items()) + " "
           + " ".join(f"recompute_{k}_tok_s={statistics.median(v):.0f}" for k, v in rec.items()))  # fmt: skip

@@ -151,3 +151,80 @@ def test_one_update_per_batch_takes_pi_old_from_its_own_forward(builtin_dir, tmp
     for a, b in zip(fast, slow):
         for key in ("mismatch/k3", "mismatch/abs_log_ratio_mean", "policy/loss", "rollout/entropy", "rollout/accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+
+
+def test_prompt_buckets_keep_a_groups_rows_together():
+    from unison.learner import prompt_buckets
+
+    groups, plens = torch.tensor([0, 0, 1, 1]), torch.tensor([10, 10, 10, 10])
+    rlens = torch.tensor([9, 8, 9, 7])
+    # longest response first within a prompt: rows 0 1 2 3. Cost = distinct prompts x 10 + rows x (longest - 1):
+    # [0 1] 26 against 10 + 8 + 7 = 25 real; [0 1 2] 44 against 43; [0 1 2 3] 52 against 49 (<= 1.25 x real)
+    assert [b.tolist() for b in prompt_buckets(groups, plens, rlens, 64)] == [[0, 1, 2, 3]]
+    assert [b.tolist() for b in prompt_buckets(groups, plens, rlens, 3)] == [[0, 1, 2], [3]]
+    assert [b.tolist() for b in prompt_buckets(groups, plens, rlens, 64, max_tokens=40)] == [[0, 1], [2, 3]]
+    # responses of 9 and 2 tokens under one prompt: 10 + 2 x 8 = 26 > 1.25 x (10 + 8 + 1)
+    assert [b.tolist() for b in prompt_buckets(groups[:2], plens[:2], torch.tensor([9, 2]), 64)] == [[0], [1]]
+
+
+def _group_rollouts(prompt_lengths, group, T, lengths=None, seed=0):
+    from unison.rollout.base import Rollouts
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, 261, (n,), generator=g).tolist() for n in prompt_lengths]
+    rows = [p for p in prompts for _ in range(group)]
+    B = len(rows)
+    if lengths is None:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[0], lengths[1] = T, 1
+    lengths = torch.as_tensor(lengths)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    return Rollouts(prompt_ids=rows, response_ids=torch.randint(5, 261, (B, T), generator=g).masked_fill(~mask, 0),
+                    logprobs=torch.zeros(B, T), mask=mask, lengths=lengths, finished=torch.ones(B, dtype=torch.bool))
+
+
+def test_shared_prompts_give_the_one_forward_logprobs_and_gradients(tiny_dir):
+    # the rows of a group run on their prompt's keys and values, computed once: in fp32 the same log-probs and
+    # gradients as one forward over every [prompt, response] row, up to summation order. Prompts of other lengths
+    # (left-padded in the prompt forward), responses from 1 token to the longest.
+    from unison.learner import Learner, SequenceBatch
+    from unison.precision import PrecisionPolicy
+
+    r = _group_rollouts([30, 45, 12], group=4, T=20)
+    learner = Learner.from_pretrained(tiny_dir, PrecisionPolicy(torch.float32, torch.float32), "cpu")
+    assert learner.share_prompts
+    out = {}
+    for share in (False, True):
+        learner.model.zero_grad()
+        batch = SequenceBatch.from_rollouts(r, 0, "cpu", share=share)
+        assert (batch.shared is not None) == share
+        logp = learner.logprobs(batch)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        out[share] = logp.detach(), {n: p.grad.clone() for n, p in learner.model.named_parameters()}
+    assert out[True][0].shape == out[False][0].shape == r.mask.shape
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=2e-6)
+    for name, grad in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+    assert batch.shared.ids.shape == (3, 45) and batch.input_ids.shape == (12, 19)
+
+
+def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
+    from unison.learner import Learner, SequenceBatch
+    from unison.models import random_model
+    from unison.precision import PrecisionPolicy
+
+    policy = PrecisionPolicy(torch.float32, torch.float32)
+    short = _group_rollouts([3, 4], group=4, T=20)  # 8 x (4 + 20) = 192 tokens in one forward, 2 x 4 + 8 x 19 = 160
+    assert SequenceBatch.from_rollouts(short, 0, "cpu", share=True).shared is None
+    long = _group_rollouts([40, 44], group=4, T=20)  # 8 x 64 = 512 against 2 x 44 + 8 x 19 = 240
+    assert SequenceBatch.from_rollouts(long, 0, "cpu", share=True).shared is not None
+    # responses of 10 and 2 tokens on a 40-token prompt (rows 0 1), 4 and 8 on a 44-token one (rows 2 3). By length
+    # (42 48 50 52), 2-row micro-batches mix the prompts: [1 2], [0 3], 2 x 48 + 2 x 52 = 200 tokens. By prompt:
+    # [0 1] costs 40 + 2 x 9 = 58 (within 1.25 x 50 real), [3 2] 44 + 2 x 7 = 58: 116 <= 0.8 x 200, so that is chosen
+    learner = Learner.from_pretrained(tiny_dir, policy, "cpu", micro_batch_tokens=10**6)
+    mixed = _group_rollouts([40, 44], group=2, T=10, lengths=[10, 2, 4, 8])
+    assert [b.tolist() for b in learner.micro_batches(mixed, 2)] == [[0, 1], [3, 2]]
+    learner.share_prompts = False
+    assert [b.tolist() for b in learner.micro_batches(mixed, 2)] == [[1, 2], [0, 3]]
+    assert not Learner.from_pretrained(tiny_dir, policy, "cpu", share_prompts=False).share_prompts
+    assert not Learner(random_model(use_sliding_window=True, sliding_window=16), policy, "cpu").share_prompts

@@ -93,6 +93,9 @@ class OptimConfig:
     micro_batch_tokens: int = doc(0, "padded tokens per forward/backward at most (speed only; 0: on a CPU 2^18 / "
                                      "hidden size, 2048 for the built-in model, so activations stay in cache; no "
                                      "limit on a GPU)")
+    share_prompts: bool = doc(True, "run each distinct prompt of a micro-batch once and the responses sampled from it on "
+                                    "its keys and values, where that costs fewer tokens (Qwen2, Qwen3, Llama; speed "
+                                    "only: the same step up to rounding)")
     epochs: int = doc(1, "passes over each rollout batch")
 
 

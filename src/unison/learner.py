@@ -3,7 +3,10 @@ and weight export to the rollout engine with verification.
 
 Each (prompt, response) pair is laid out as one right-padded row [prompt, response, pad...] and run through one
 full-sequence causal forward (no KV cache); only the response positions go through the LM head, and their logits
-are upcast to fp32 before the log-softmax (`unison.sampling`).
+are upcast to fp32 before the log-softmax (`unison.sampling`). Where several rows of a micro-batch share a prompt (the
+samples of a group) and that costs fewer tokens, the micro-batch runs in two forwards instead: each distinct prompt
+once, then every response on its prompt's keys and values (`SharedPrompts`); gradients through those keys and
+values sum over the rows that share them, so the step is the same up to rounding.
 """
 
 from __future__ import annotations
@@ -52,6 +55,53 @@ def length_buckets(lengths: torch.Tensor, size: int, slack: float = 1.25, max_to
     return buckets
 
 
+def prompt_buckets(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor, size: int,
+                   slack: float = 1.25, max_tokens: int = 0) -> list[torch.Tensor]:
+    """Row indices in micro-batches of at most `size` rows for a forward that runs each distinct prompt once: rows
+    of one prompt (`groups`, a prompt index per row) together, longest response first. A micro-batch closes when it
+    holds `size` rows, when the next row would make its cost (`shared_cost`) exceed `slack` times its real tokens
+    (each distinct prompt once, and the responses), or (with `max_tokens`) exceed `max_tokens`."""
+    order = sorted(range(len(groups)), key=lambda i: (int(groups[i]), -int(response_lengths[i])))
+    buckets, current = [], []
+    for i in order:
+        rows = current + [i]
+        if current:
+            g, pl, rl = groups[rows], prompt_lengths[rows], response_lengths[rows]
+            cost = shared_cost(g, pl, rl)
+            prompt_tokens = dict(zip(g.tolist(), pl.tolist()))  # each distinct prompt once
+            real = sum(prompt_tokens.values()) + int((rl.clamp(min=1) - 1).sum())
+            if len(current) == size or cost > slack * real or (max_tokens and cost > max_tokens):
+                buckets.append(torch.tensor(current))
+                rows = [i]
+        current = rows
+    if current:
+        buckets.append(torch.tensor(current))
+    return buckets
+
+
+def prompt_groups(prompts: list[list[int]]) -> tuple[torch.Tensor, list[tuple]]:
+    """Each row's prompt as an index into the distinct prompts, and those prompts (in order of first use)."""
+    index: dict[tuple, int] = {}
+    groups = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts], dtype=torch.long)
+    return groups, list(index)
+
+
+def plain_cost(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor) -> int:
+    """Padded tokens of a one-forward micro-batch: rows x the longest prompt + response."""
+    return len(prompt_lengths) * int((prompt_lengths + response_lengths).max())
+
+
+def shared_cost(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor) -> int:
+    """Padded tokens of a micro-batch run as distinct prompts, then responses (all but their last token)."""
+    return len(torch.unique(groups)) * int(prompt_lengths.max()) + len(groups) * max(int(response_lengths.max()) - 1, 0)
+
+
+# Prompts are shared (a micro-batch laid out as `SharedPrompts`, a batch cut by `prompt_buckets`) where that costs at
+# most this share of the tokens of the other way: the two-forward layout pays a masked attention and a second pass of
+# per-call work, and cutting by prompt gives up some of the length sorting, which a small saving does not repay
+SHARE_GAIN = 0.8
+
+
 # Hidden activation values per forward/backward on a CPU (padded tokens x hidden size): the learner step per token is
 # fastest with micro-batches whose activations stay in cache. Measured, one thread, fp32: the built-in model (hidden
 # 128), 64 rows of 86 tokens, 0.68 s a step in micro-batches of 16 rows (1376 tokens) against 0.86 s in one of 64;
@@ -59,31 +109,59 @@ def length_buckets(lengths: torch.Tensor, size: int, slack: float = 1.25, max_to
 # GPUs want the biggest micro-batch that fits.
 CPU_MICRO_BATCH_VALUES = 2**18
 
+# models whose prompts can be run once per micro-batch (`SharedPrompts`): full causal attention over a DynamicCache
+SHARED_PROMPT_TYPES = {"qwen2", "qwen3", "llama"}
+
 
 class WeightSyncError(RuntimeError):
     """The rollout engine does not hold exactly the learner's weights after a sync."""
 
 
 @dataclass
+class SharedPrompts:
+    """The distinct prompts of a micro-batch, run once. U prompts, P = the longest.
+
+    ids        [U, P]  left-padded
+    mask       [U, P]  1 on prompt tokens (long)
+    inverse    [B]     each row's prompt (an index into ids)
+    lengths    [B]     each row's prompt length
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    inverse: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass
 class SequenceBatch:
     """Rows of [prompt, response] ready for a forward. B rows, L = longest row, T = longest response.
 
-    input_ids  [B, L]  right-padded
-    gather     [B, T]  for response token j of row i, the position whose logits predict it
+    input_ids  [B, L]  right-padded; with `shared`, the responses but their last token [B, T-1]
+    gather     [B, T]  for response token j of row i, the position whose logits predict it (without `shared`)
     targets    [B, T]  the response tokens (pad after the end)
     mask       [B, T]  True on real response tokens
+    shared     the distinct prompts, run once (None: every row carries its prompt)
     """
 
     input_ids: torch.Tensor
-    gather: torch.Tensor
+    gather: torch.Tensor | None
     targets: torch.Tensor
     mask: torch.Tensor
+    shared: SharedPrompts | None = None
 
     @classmethod
-    def from_rollouts(cls, rollouts: Rollouts, pad_token_id: int, device) -> "SequenceBatch":
+    def from_rollouts(cls, rollouts: Rollouts, pad_token_id: int, device, share: bool = False) -> "SequenceBatch":
+        """The rows of `rollouts`; with `share`, as distinct prompts and responses where that costs at most
+        SHARE_GAIN of the tokens of one forward over the rows."""
         B, T = rollouts.response_ids.shape
         plens = [len(p) for p in rollouts.prompt_ids]
         lengths = rollouts.lengths.tolist()
+        if share and T > 1 and min(plens) > 0:
+            groups, distinct = prompt_groups(rollouts.prompt_ids)
+            pl, rl = torch.tensor(plens), rollouts.lengths
+            if len(distinct) < B and shared_cost(groups, pl, rl) <= SHARE_GAIN * plain_cost(pl, rl):
+                return cls.shared_layout(rollouts, distinct, groups, pad_token_id, device)
         L = max(pl + n for pl, n in zip(plens, lengths))
         ids = torch.full((B, max(L, 1)), pad_token_id, dtype=torch.long)
         for i, (p, n) in enumerate(zip(rollouts.prompt_ids, lengths)):
@@ -92,6 +170,20 @@ class SequenceBatch:
         offsets = torch.tensor(plens, dtype=torch.long)[:, None] - 1
         gather = (offsets + torch.arange(T)[None, :]).clamp(max=ids.shape[1] - 1)
         return cls(ids.to(device), gather.to(device), rollouts.response_ids.to(device), rollouts.mask.to(device))
+
+    @classmethod
+    def shared_layout(cls, rollouts: Rollouts, prompts: list[tuple], groups: torch.Tensor, pad_token_id: int,
+                      device) -> SequenceBatch:
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), P), dtype=torch.long)
+        for u, p in enumerate(prompts):
+            ids[u, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[u, P - len(p) :] = 1
+        lengths = torch.tensor([len(p) for p in rollouts.prompt_ids])
+        shared = SharedPrompts(ids.to(device), mask.to(device), groups.to(device), lengths.to(device))
+        return cls(rollouts.response_ids[:, :-1].to(device), None, rollouts.response_ids.to(device),
+                   rollouts.mask.to(device), shared)
 
 
 class Learner:
@@ -112,6 +204,7 @@ class Learner:
         scaler_kwargs: dict | None = None,
         matmul: str = "auto",
         micro_batch_tokens: int = 0,
+        share_prompts: bool = True,
     ):
         self.device = torch.device(device)
         # padded tokens per forward/backward at most (speed only: gradients are summed over micro-batches either way);
@@ -120,6 +213,11 @@ class Learner:
         auto = max(CPU_MICRO_BATCH_VALUES // hidden, 1) if self.device.type == "cpu" and hidden else 0
         self.micro_batch_tokens = micro_batch_tokens or auto
         self.policy = policy
+        # distinct prompts run once per micro-batch where the model's attention is plain causal attention whose
+        # cache HF can extend (no sliding window, no other cache kind)
+        cfg = getattr(model, "config", None)
+        self.share_prompts = bool(share_prompts and cfg is not None and cfg.model_type in SHARED_PROMPT_TYPES
+                                  and not getattr(cfg, "use_sliding_window", False))  # fmt: skip
         self.model = model.to(self.device)
         self.model.train()
         if hasattr(self.model.config, "use_cache"):
@@ -147,19 +245,55 @@ class Learner:
 
     # ---- forward --------------------------------------------------------------------------------------------
     def micro_batches(self, rollouts: Rollouts, size: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """`length_buckets` of the rows (all, or `rows`; indices into them) by prompt + response length, within
-        this learner's token budget per micro-batch."""
-        lengths = rollouts.lengths + torch.tensor([len(p) for p in rollouts.prompt_ids], dtype=torch.long)
-        return length_buckets(lengths if rows is None else lengths[rows], size, max_tokens=self.micro_batch_tokens)
+        """Micro-batches of the rows (all, or `rows`; indices into them) within this learner's token budget:
+        `length_buckets` by prompt + response length, or, where the learner shares prompts and that costs at most
+        SHARE_GAIN of the tokens, `prompt_buckets` (a group's rows together, each prompt run once)."""
+        plens = torch.tensor([len(p) for p in rollouts.prompt_ids], dtype=torch.long)
+        rlens = rollouts.lengths
+        if rows is not None:
+            plens, rlens = plens[rows], rlens[rows]
+        plain = length_buckets(plens + rlens, size, max_tokens=self.micro_batch_tokens)
+        if not self.share_prompts:
+            return plain
+        prompts = rollouts.prompt_ids if rows is None else [rollouts.prompt_ids[i] for i in rows.tolist()]
+        groups, distinct = prompt_groups(prompts)
+        if len(distinct) == len(prompts) or not all(prompts):
+            return plain
+        shared = prompt_buckets(groups, plens, rlens, size, max_tokens=self.micro_batch_tokens)
+
+        def cost(b):  # tokens of a micro-batch, laid out as SequenceBatch.from_rollouts would
+            one = plain_cost(plens[b], rlens[b])
+            two = shared_cost(groups[b], plens[b], rlens[b])
+            return two if len(torch.unique(groups[b])) < len(b) and two <= SHARE_GAIN * one else one
+
+        return shared if sum(map(cost, shared)) <= SHARE_GAIN * sum(map(cost, plain)) else plain
 
     def batch(self, rollouts: Rollouts) -> SequenceBatch:
-        return SequenceBatch.from_rollouts(rollouts, self.pad_token_id, self.device)
+        return SequenceBatch.from_rollouts(rollouts, self.pad_token_id, self.device, share=self.share_prompts)
 
     def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
         """Logits at the response positions, in the train dtype. -> [B, T, V]"""
+        if batch.shared is not None:
+            return self.model.get_output_embeddings()(self.shared_prompt_hidden(batch))
         hidden = self.model.base_model(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [B, L, H]
         index = batch.gather[..., None].expand(-1, -1, hidden.shape[-1])
         return self.model.get_output_embeddings()(hidden.gather(1, index))  # [B, T, V]
+
+    def shared_prompt_hidden(self, batch: SequenceBatch) -> torch.Tensor:
+        """Final hidden states that predict the response tokens [B, T, H]: the distinct prompts run once (left-padded),
+        their keys and values given to every row of them, then the responses on top."""
+        sp = batch.shared
+        base = self.model.base_model
+        positions = (sp.mask.cumsum(-1) - 1).clamp(min=0)
+        out = base(input_ids=sp.ids, attention_mask=sp.mask, position_ids=positions, use_cache=True)
+        cache = out.past_key_values
+        cache.batch_select_indices(sp.inverse)  # one copy per row; the backward sums the rows' gradients per prompt
+        B, T1 = batch.input_ids.shape
+        attention = torch.cat((sp.mask[sp.inverse], sp.mask.new_ones(B, T1)), 1)
+        positions = sp.lengths[:, None] + torch.arange(T1, device=sp.lengths.device)[None, :]
+        hidden = base(input_ids=batch.input_ids, attention_mask=attention, position_ids=positions,
+                      past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
+        return torch.cat((out.last_hidden_state[sp.inverse, -1:], hidden), 1)
 
     def logprobs(self, batch: SequenceBatch, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  with_entropy: bool = False):

@@ -290,6 +290,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
         weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2),
         max_grad_norm=cfg.optim.max_grad_norm or None, pad_token_id=s.tokenizer.pad_token_id or 0,
         loss_scaling=scaling, matmul=cfg.model.matmul, micro_batch_tokens=cfg.optim.micro_batch_tokens,
+        share_prompts=cfg.optim.share_prompts,
         scaler_kwargs={"init_scale": p.init_scale, "growth_interval": p.growth_interval, "min_scale": p.min_scale},
     )  # fmt: skip
     engine = make_engine(cfg.rollout.engine, model_dir, dtype=s.policy.rollout, device=s.device, seed=seed,
