@@ -220,6 +220,37 @@ def test_fp16_overflow_stops_naming_the_layer(engine):
     assert guard is not None
 
 
+def test_fp16_overflow_in_the_learners_shared_prompt_pass_is_named():
+    # the learner runs each distinct prompt once, without the LM head, then the responses on its keys and values: an
+    # overflow in the prompt pass is read with the responses' pass and named where it happened (here the responses'
+    # pass runs on healed weights, so it could only see the prompt pass's inf/NaN downstream, at layer 3's attention)
+    from unison.learner import Learner
+    from unison.precision import PrecisionPolicy
+    from unison.rollout.base import Rollouts
+
+    learner = Learner(_overflowing_model(2, 1000.0), PrecisionPolicy(torch.float16, torch.float16), "cpu")
+    guard = OverflowGuard.attach(learner.model, "stop", "learner (full-sequence forward)")
+    mlp, passes = learner.model.model.layers[2].mlp, []
+
+    def heal(module, args):
+        passes.append(len(args[0]))
+        if len(passes) == 2:
+            with torch.no_grad():
+                mlp.gate_proj.weight.div_(1000.0)
+                mlp.up_proj.weight.div_(1000.0)
+                mlp.down_proj.weight.mul_(1000.0)
+
+    learner.model.model.embed_tokens.register_forward_pre_hook(heal)
+    rows = [p for p in _prompts(2, 40) for _ in range(4)]
+    ro = Rollouts(rows, torch.full((8, 3), 7), torch.zeros(8, 3), torch.ones(8, 3, dtype=torch.bool),
+                  torch.full((8,), 3), torch.ones(8, dtype=torch.bool))  # fmt: skip
+    batch = learner.batch(ro)
+    assert batch.shared is not None and guard is not None
+    with pytest.raises(ActivationOverflowError, match=r"learner .* layer 2 \(MLP block"):
+        learner.logprobs(batch)
+    assert passes == [2, 8]  # the 2 distinct prompts, then the 8 responses
+
+
 def test_fp32_layers_cures_an_mlp_overflow_in_the_engine():
     from unison.rollout.base import SamplingParams
     from unison.rollout.native import NativeEngine

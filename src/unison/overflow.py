@@ -13,8 +13,9 @@ scaler's business (`unison.precision.backward_and_step`); this module watches th
 
 A non-finite residual stays non-finite through the norm (RMSNorm of inf is NaN), so these checks name the first
 block whose values left the FP16 range. Each check is one `isfinite().all()` reduction kept on the device; they are
-read once per forward, in a pre-hook on the LM head (one host sync per forward, before any token is sampled or any
-loss formed). On overflow:
+read in a pre-hook on the LM head (one host sync per forward, before any token is sampled or any loss formed). A
+pass that does not reach the head (the learner's pass over the distinct prompts of a micro-batch, whose keys and
+values the responses then read) is read with the pass that does. On overflow:
 
     stop         raise `ActivationOverflowError` naming the layer and the block, suggesting bf16 or fp32
     fp32_layers  an MLP whose hidden activation overflows is recomputed in fp32 from its saved input (its weights
@@ -90,7 +91,6 @@ class OverflowGuard:
         if head is None or not hasattr(inner, "embed_tokens") or any(m is None for m in mlps):
             return
         add = self.handles.append
-        add(inner.embed_tokens.register_forward_pre_hook(self._reset))
         for i, layer in enumerate(layers):
             add(layer.mlp.gate_proj.register_forward_pre_hook(self._watch(i, "attention", save=True)))
             if mode == "fp32_layers":  # in stop mode an overflowed MLP shows in the residual after it
@@ -109,10 +109,6 @@ class OverflowGuard:
         return cls(model, mode, where)
 
     # ---- hooks --------------------------------------------------------------------------------------------
-    def _reset(self, module, args):
-        self.flags.clear()
-        self.labels.clear()
-
     def _flag(self, x, layer: int, block: str):
         self.flags.append(torch.isfinite(x).all())
         self.labels.append((layer, block))
