@@ -19,8 +19,15 @@ TRL is not a dependency of unison; install it beside unison with the pinned vers
     pip install torch==2.13.0 -r bench/requirements.txt -e .
     python bench/rl_step_vs_trl.py [--pairs 3] [--steps 4] [--precision fp32] [--threads N]
     python bench/rl_step_vs_trl.py --quick      # one pair of 2 timed steps, 16 completions of at most 64 tokens
+    python bench/rl_step_vs_trl.py --shots 6     # few-shot prompts: 6 solved held-out examples before each prompt
 
-Writes its table into docs/benchmarks.md (section `rl-step-<precision>`; a --quick run prints it instead) and ends
+With `--shots K` every prompt starts with the same K solved examples from the task's test split (a few-shot
+header, a few hundred tokens), so prompts are long and each is shared by the `--group` samples of it: the setting
+where unison runs a prompt once per group in its engine and its learner (TRL's `generate()` and forward run it for
+every sample). Both tools get the same prompts and reward.
+
+Writes its table into docs/benchmarks.md (section `rl-step-<precision>`, `rl-step-<precision>-shots<K>` with
+`--shots`; a --quick run prints it instead) and ends
 with a line `RESULT ratio_vs_trl=<median> ...`.
 """
 
@@ -40,14 +47,33 @@ sys.path.insert(0, str(ROOT / "bench"))
 from docsection import bench_parser, count, machine_description, parse_bench_args, whole, write_section  # noqa: E402
 
 
+def examples(args, seed: int) -> list[dict]:
+    """The perfectible training prompts (with `--shots`, after the few-shot header) and their answers."""
+    from unison.tasks import load_task
+    from unison.trainer import read_subset
+
+    task = load_task("builtin")
+    header = "".join(f"{e.prompt}{task.reference(e)}\n" for e in task.examples("test", n=args.shots, seed=1))
+    keep = read_subset("builtin")
+    rows = task.examples("train", seed=seed)
+    return [{"prompt": header + e.prompt, "answer": e.answer} for e in rows if e.id in keep]
+
+
 def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
+    import json
+
     from unison.config import TrainConfig, load_config
     from unison.report import read_metrics
     from unison.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
+        data = {"data.subset": "builtin"}
+        if args.shots:  # the same prompts as a prompt file, rewarded as the built-in task
+            path = Path(tmp) / "prompts.jsonl"
+            path.write_text("".join(json.dumps(row) + "\n" for row in examples(args, seed)))
+            data = {"data.source": str(path), "data.reward": "countdown", "data.template": "plain"}
         cfg = load_config(TrainConfig, None, {
-            "model.path": "builtin", "data.subset": "builtin",
+            "model.path": "builtin", **data,
             "precision.rollout": args.precision, "precision.train": args.precision,
             "rollout.prompts_per_step": args.prompts, "rollout.group_size": args.group,
             "rollout.max_new_tokens": args.new_tokens, "rollout.temperature": 1.0,
@@ -74,16 +100,11 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from unison.models import load_tokenizer, resolve_model_dir
-    from unison.tasks import load_task
     from unison.tasks.countdown import final_answer
-    from unison.trainer import read_subset
 
     model_dir = resolve_model_dir("builtin")
     tokenizer = load_tokenizer(model_dir)
-    task = load_task("builtin")
-    keep = read_subset("builtin")
-    examples = [e for e in task.examples("train", seed=seed) if e.id in keep]
-    data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in examples])
+    data = Dataset.from_list(examples(args, seed))
 
     def correct(completions, answer, **_):
         return [float(final_answer(c) == a) for c, a in zip(completions, answer)]
@@ -136,6 +157,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=count, default=128)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--shots", type=whole, default=0, help="solved held-out examples before every prompt")
     args = parse_bench_args(ap, {"pairs": 1, "steps": 2, "prompts": 4, "group": 4, "new_tokens": 64})
     import transformers
     import trl
@@ -154,12 +176,21 @@ def main() -> None:
     ratios = [r for _, _, r in rows]
     median = statistics.median(ratios)
     B = args.prompts * args.group
+    shots = ""
+    if args.shots:
+        from unison.models import load_tokenizer, resolve_model_dir
+
+        tok = load_tokenizer(resolve_model_dir("builtin"))
+        tokens = [len(tok(row["prompt"]).input_ids) for row in examples(args, 0)]
+        shots = (f" after a header of {args.shots} solved held-out examples (prompts of {min(tokens)}-{max(tokens)} "
+                 "tokens)")
     lines = [
         f"Command: `python bench/rl_step_vs_trl.py --pairs {args.pairs} --steps {args.steps} --precision "
         f"{args.precision} --prompts {args.prompts} --group {args.group} --new-tokens {args.new_tokens}"
+        f"{f' --shots {args.shots}' if args.shots else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}` (TRL {trl.__version__}, transformers "
         f"{transformers.__version__}, torch {torch.__version__}, PyTorch threads: {torch.get_num_threads()}).", "",
-        f"Built-in model and perfectible prompts, {args.prompts} prompts x {args.group} samples = {B} completions of "
+        f"Built-in model and perfectible prompts{shots}, {args.prompts} prompts x {args.group} samples = {B} completions of "
         f"at most {args.new_tokens} tokens a step, {args.precision}, one update per step, lr {args.lr:g}; "
         f"{args.steps} timed steps per block after {args.warmup} untimed, blocks alternating unison, TRL.", "",
         "| pair | unison s/step | unison completions/s | unison tok/s | TRL s/step | TRL completions/s | TRL tok/s | ratio (completions/s) |",
@@ -173,8 +204,9 @@ def main() -> None:
         )
     spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
     lines += ["", f"Median ratio {median:.2f} (range {spread} over {len(ratios)} pairs)."]
-    write_section(args.doc, f"rl-step-{args.precision}", f"Full RL step against TRL's GRPOTrainer ({args.precision})",
-                  lines, machine)  # fmt: skip
+    section = f"rl-step-{args.precision}" + (f"-shots{args.shots}" if args.shots else "")
+    title = f"Full RL step against TRL's GRPOTrainer ({args.precision}" + (f", {args.shots}-shot" if args.shots else "") + ")"
+    write_section(args.doc, section, title, lines, machine)
     u_tok = statistics.median(u["tokens"] / u["seconds"] for u, _, _ in rows)
     t_tok = statistics.median(t["tokens"] / t["seconds"] for _, t, _ in rows)
     print(f"RESULT ratio_vs_trl={median:.2f} ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f} "
