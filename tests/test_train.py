@@ -153,20 +153,6 @@ def test_one_update_per_batch_takes_pi_old_from_its_own_forward(builtin_dir, tmp
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
 
 
-def test_prompt_buckets_keep_a_groups_rows_together():
-    from unison.learner import prompt_buckets
-
-    groups, plens = torch.tensor([0, 0, 1, 1]), torch.tensor([10, 10, 10, 10])
-    rlens = torch.tensor([9, 8, 9, 7])
-    # longest response first within a prompt: rows 0 1 2 3. Cost = distinct prompts x 10 + rows x (longest - 1):
-    # [0 1] 26 against 10 + 8 + 7 = 25 real; [0 1 2] 44 against 43; [0 1 2 3] 52 against 49 (<= 1.25 x real)
-    assert [b.tolist() for b in prompt_buckets(groups, plens, rlens, 64)] == [[0, 1, 2, 3]]
-    assert [b.tolist() for b in prompt_buckets(groups, plens, rlens, 3)] == [[0, 1, 2], [3]]
-    assert [b.tolist() for b in prompt_buckets(groups, plens, rlens, 64, max_tokens=40)] == [[0, 1], [2, 3]]
-    # responses of 9 and 2 tokens under one prompt: 10 + 2 x 8 = 26 > 1.25 x (10 + 8 + 1)
-    assert [b.tolist() for b in prompt_buckets(groups[:2], plens[:2], torch.tensor([9, 2]), 64)] == [[0], [1]]
-
-
 def _group_rollouts(prompt_lengths, group, T, lengths=None, seed=0):
     from unison.rollout.base import Rollouts
 
@@ -218,13 +204,17 @@ def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
     assert SequenceBatch.from_rollouts(short, 0, "cpu", share=True).shared is None
     long = _group_rollouts([40, 44], group=4, T=20)  # 8 x 64 = 512 against 2 x 44 + 8 x 19 = 240
     assert SequenceBatch.from_rollouts(long, 0, "cpu", share=True).shared is not None
-    # responses of 10 and 2 tokens on a 40-token prompt (rows 0 1), 4 and 8 on a 44-token one (rows 2 3). By length
-    # (42 48 50 52), 2-row micro-batches mix the prompts: [1 2], [0 3], 2 x 48 + 2 x 52 = 200 tokens. By prompt:
-    # [0 1] costs 40 + 2 x 9 = 58 (within 1.25 x 50 real), [3 2] 44 + 2 x 7 = 58: 116 <= 0.8 x 200, so that is chosen
-    learner = Learner.from_pretrained(tiny_dir, policy, "cpu", micro_batch_tokens=10**6)
-    mixed = _group_rollouts([40, 44], group=2, T=10, lengths=[10, 2, 4, 8])
-    assert [b.tolist() for b in learner.micro_batches(mixed, 2)] == [[0, 1], [3, 2]]
+    # two 40-token prompts, 4 rows each, 10-token responses, a budget of 100 tokens: 2 rows a micro-batch (4 x 58
+    # tokens, each run as its prompt then 2 x 9 response tokens: 232). Without the budget all 8 rows run in one,
+    # 2 x 40 + 8 x 9 = 152 <= 0.8 x 232 tokens, so that is chosen; with short prompts it would not be
+    learner = Learner.from_pretrained(tiny_dir, policy, "cpu", micro_batch_tokens=100)
+    even = _group_rollouts([40, 40], group=4, T=10, lengths=[10] * 8)
+    assert [b.tolist() for b in learner.micro_batches(even, 64)] == [list(range(8))]
+    assert [b.tolist() for b in learner.micro_batches(even, 64, rows=torch.tensor([4, 5, 6]))] == [[0, 1, 2]]
     learner.share_prompts = False
-    assert [b.tolist() for b in learner.micro_batches(mixed, 2)] == [[1, 2], [0, 3]]
+    assert [b.tolist() for b in learner.micro_batches(even, 64)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    learner.share_prompts = True
+    short = _group_rollouts([3, 3], group=4, T=10, lengths=[10] * 8)  # 8 x 13 tokens either way
+    assert [b.tolist() for b in learner.micro_batches(short, 64)] == [[0, 1, 2, 3, 4, 5, 6], [7]]
     assert not Learner.from_pretrained(tiny_dir, policy, "cpu", share_prompts=False).share_prompts
     assert not Learner(random_model(use_sliding_window=True, sliding_window=16), policy, "cpu").share_prompts

@@ -55,30 +55,6 @@ def length_buckets(lengths: torch.Tensor, size: int, slack: float = 1.25, max_to
     return buckets
 
 
-def prompt_buckets(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor, size: int,
-                   slack: float = 1.25, max_tokens: int = 0) -> list[torch.Tensor]:
-    """Row indices in micro-batches of at most `size` rows for a forward that runs each distinct prompt once: rows
-    of one prompt (`groups`, a prompt index per row) together, longest response first. A micro-batch closes when it
-    holds `size` rows, when the next row would make its cost (`shared_cost`) exceed `slack` times its real tokens
-    (each distinct prompt once, and the responses), or (with `max_tokens`) exceed `max_tokens`."""
-    order = sorted(range(len(groups)), key=lambda i: (int(groups[i]), -int(response_lengths[i])))
-    buckets, current = [], []
-    for i in order:
-        rows = current + [i]
-        if current:
-            g, pl, rl = groups[rows], prompt_lengths[rows], response_lengths[rows]
-            cost = shared_cost(g, pl, rl)
-            prompt_tokens = dict(zip(g.tolist(), pl.tolist()))  # each distinct prompt once
-            real = sum(prompt_tokens.values()) + int((rl.clamp(min=1) - 1).sum())
-            if len(current) == size or cost > slack * real or (max_tokens and cost > max_tokens):
-                buckets.append(torch.tensor(current))
-                rows = [i]
-        current = rows
-    if current:
-        buckets.append(torch.tensor(current))
-    return buckets
-
-
 def prompt_groups(prompts: list[list[int]]) -> tuple[torch.Tensor, list[tuple]]:
     """Each row's prompt as an index into the distinct prompts, and those prompts (in order of first use)."""
     index: dict[tuple, int] = {}
@@ -96,9 +72,9 @@ def shared_cost(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_len
     return len(torch.unique(groups)) * int(prompt_lengths.max()) + len(groups) * max(int(response_lengths.max()) - 1, 0)
 
 
-# Prompts are shared (a micro-batch laid out as `SharedPrompts`, a batch cut by `prompt_buckets`) where that costs at
-# most this share of the tokens of the other way: the two-forward layout pays a masked attention and a second pass of
-# per-call work, and cutting by prompt gives up some of the length sorting, which a small saving does not repay
+# Prompts are shared (a micro-batch laid out as `SharedPrompts`; on a CPU, micro-batches cut without the token budget)
+# where that costs at most this share of the tokens of the other way: the two-forward layout pays a masked attention
+# and a second pass of per-call work, which a small saving does not repay
 SHARE_GAIN = 0.8
 
 
@@ -245,28 +221,29 @@ class Learner:
 
     # ---- forward --------------------------------------------------------------------------------------------
     def micro_batches(self, rollouts: Rollouts, size: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Micro-batches of the rows (all, or `rows`; indices into them) within this learner's token budget:
-        `length_buckets` by prompt + response length, or, where the learner shares prompts and that costs at most
-        SHARE_GAIN of the tokens, `prompt_buckets` (a group's rows together, each prompt run once)."""
+        """`length_buckets` of the rows (all, or `rows`; indices into them) by prompt + response length, within this
+        learner's token budget per micro-batch; where rows share prompts and micro-batches without the budget, each
+        distinct prompt run once (`SharedPrompts`), cost at most SHARE_GAIN of the tokens, those instead. (On a CPU
+        the budget keeps one forward's activations in cache; a prompt pass shared by many rows is worth more.)"""
         plens = torch.tensor([len(p) for p in rollouts.prompt_ids], dtype=torch.long)
         rlens = rollouts.lengths
         if rows is not None:
             plens, rlens = plens[rows], rlens[rows]
         plain = length_buckets(plens + rlens, size, max_tokens=self.micro_batch_tokens)
-        if not self.share_prompts:
+        if not self.share_prompts or not self.micro_batch_tokens:
             return plain
         prompts = rollouts.prompt_ids if rows is None else [rollouts.prompt_ids[i] for i in rows.tolist()]
         groups, distinct = prompt_groups(prompts)
         if len(distinct) == len(prompts) or not all(prompts):
             return plain
-        shared = prompt_buckets(groups, plens, rlens, size, max_tokens=self.micro_batch_tokens)
+        free = length_buckets(plens + rlens, size)
 
         def cost(b):  # tokens of a micro-batch, laid out as SequenceBatch.from_rollouts would
             one = plain_cost(plens[b], rlens[b])
             two = shared_cost(groups[b], plens[b], rlens[b])
             return two if len(torch.unique(groups[b])) < len(b) and two <= SHARE_GAIN * one else one
 
-        return shared if sum(map(cost, shared)) <= SHARE_GAIN * sum(map(cost, plain)) else plain
+        return free if sum(map(cost, free)) <= SHARE_GAIN * sum(map(cost, plain)) else plain
 
     def batch(self, rollouts: Rollouts) -> SequenceBatch:
         return SequenceBatch.from_rollouts(rollouts, self.pad_token_id, self.device, share=self.share_prompts)
