@@ -116,8 +116,9 @@ def main() -> None:
     group = ""
     if args.group > 1:
         shared = statistics.median(a / b for a, b in zip(stp["fp32"], stp["fp32 prompt per row"]))  # tok/s
-        group = (f" Each prompt is given to {args.group} rows in a row; running each distinct prompt once makes the fp32 "
-                 f"step {shared:.2f}x as fast as running every row's prompt (median of the per-round ratios).")
+        group = (f" Each prompt is given to {args.group} rows in a row; running each distinct prompt once (and cutting "
+                 "micro-batches without the token budget where that saves a fifth of the tokens) makes the fp32 step "
+                 f"{shared:.2f}x as fast as running every row's prompt (median of the per-round ratios).")
     scalers = {k: v.scaler.scale if v.scaler.enabled else None for k, v in variants.items()}
     lines = [
         f"Command: `python bench/learner.py --model {args.model} --batch {args.batch} --prompt {args.prompt} "
