@@ -218,3 +218,36 @@ def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
     assert [b.tolist() for b in learner.micro_batches(short, 64)] == [[0, 1, 2, 3, 4, 5, 6], [7]]
     assert not Learner.from_pretrained(tiny_dir, policy, "cpu", share_prompts=False).share_prompts
     assert not Learner(random_model(use_sliding_window=True, sliding_window=16), policy, "cpu").share_prompts
+
+
+def test_shared_prompts_train_like_one_forward_per_row(tiny_dir, tmp_path, monkeypatch):
+    # long prompts shared by their group: the learner runs each once (in the update and, with two updates per rollout
+    # batch, in the recompute of log pi_old). Over two fp32 steps the run matches one that runs every row's prompt.
+    from unison.learner import Learner
+
+    shots = "12-3:12,9,6,3,0\n#0\n" * 4
+    starts, steps = (40, 47, 54, 61), (3, 4, 5, 6)
+    rows = [{"prompt": f"{shots}{a}-{b}:", "answer": str(a % b)} for a, b in zip(starts, steps)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = {"data.source": str(data), "data.reward": "countdown", "data.template": "plain", "run.save_every": 2,
+             "optim.share_prompts": True}
+
+    passes = []
+    shared_hidden = Learner.shared_prompt_hidden
+    monkeypatch.setattr(Learner, "shared_prompt_hidden", lambda self, batch: passes.append(len(batch.shared.ids))
+                        or shared_hidden(self, batch))  # fmt: skip
+    runs = {}
+    for share in (True, False):
+        passes.clear()
+        cfg = tiny_cfg(tiny_dir, tmp_path / f"share-{share}", **{**extra, "optim.share_prompts": share})
+        run = train(cfg, quiet=True)
+        runs[share] = run, [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert bool(passes) == share and set(passes) <= {1, 2}  # distinct prompts of a micro-batch: 2 a step
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert a["rollout/response_length_mean"] == b["rollout/response_length_mean"]
+        for key in ("mismatch/k3", "mismatch/abs_log_ratio_mean", "policy/loss", "learner/grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    shared, each = params_of(runs[True][0]), params_of(runs[False][0])
+    for name, value in each.items():
+        torch.testing.assert_close(shared[name], value, rtol=0, atol=1e-5)
