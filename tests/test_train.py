@@ -207,7 +207,9 @@ def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
     # two 40-token prompts, 4 rows each, 10-token responses, a budget of 100 tokens: 2 rows a micro-batch (4 x 58
     # tokens, each run as its prompt then 2 x 9 response tokens: 232). Without the budget all 8 rows run in one,
     # 2 x 40 + 8 x 9 = 152 <= 0.8 x 232 tokens, so that is chosen; with short prompts it would not be
-    learner = Learner.from_pretrained(tiny_dir, policy, "cpu", micro_batch_tokens=100)
+    learner = Learner.from_pretrained(tiny_dir, policy, "cpu")
+    assert learner.auto_budget
+    learner.micro_batch_tokens = 100  # as if this machine's automatic budget were 100 tokens
     even = _group_rollouts([40, 40], group=4, T=10, lengths=[10] * 8)
     assert [b.tolist() for b in learner.micro_batches(even, 64)] == [list(range(8))]
     assert [b.tolist() for b in learner.micro_batches(even, 64, rows=torch.tensor([4, 5, 6]))] == [[0, 1, 2]]
@@ -216,6 +218,8 @@ def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
     learner.share_prompts = True
     short = _group_rollouts([3, 3], group=4, T=10, lengths=[10] * 8)  # 8 x 13 tokens either way
     assert [b.tolist() for b in learner.micro_batches(short, 64)] == [[0, 1, 2, 3, 4, 5, 6], [7]]
+    user = Learner.from_pretrained(tiny_dir, policy, "cpu", micro_batch_tokens=100)  # a budget the user set is kept
+    assert [b.tolist() for b in user.micro_batches(even, 64)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert not Learner.from_pretrained(tiny_dir, policy, "cpu", share_prompts=False).share_prompts
     assert not Learner(random_model(use_sliding_window=True, sliding_window=16), policy, "cpu").share_prompts
 

@@ -188,6 +188,7 @@ class Learner:
         hidden = getattr(model.config, "hidden_size", 0) if hasattr(model, "config") else 0
         auto = max(CPU_MICRO_BATCH_VALUES // hidden, 1) if self.device.type == "cpu" and hidden else 0
         self.micro_batch_tokens = micro_batch_tokens or auto
+        self.auto_budget = bool(auto and not micro_batch_tokens)
         self.policy = policy
         # distinct prompts run once per micro-batch where the model's attention is plain causal attention whose
         # cache HF can extend (no sliding window, no other cache kind)
@@ -222,15 +223,16 @@ class Learner:
     # ---- forward --------------------------------------------------------------------------------------------
     def micro_batches(self, rollouts: Rollouts, size: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
         """`length_buckets` of the rows (all, or `rows`; indices into them) by prompt + response length, within this
-        learner's token budget per micro-batch; where rows share prompts and micro-batches without the budget, each
-        distinct prompt run once (`SharedPrompts`), cost at most SHARE_GAIN of the tokens, those instead. (On a CPU
-        the budget keeps one forward's activations in cache; a prompt pass shared by many rows is worth more.)"""
+        learner's token budget per micro-batch. Where rows share prompts and the budget is the automatic CPU one, the
+        buckets cut without it are taken instead if, each distinct prompt run once (`SharedPrompts`), they cost at
+        most SHARE_GAIN of the tokens: the budget keeps one forward's activations in cache, and a prompt pass that
+        serves more rows is worth more. A budget the user set is always kept."""
         plens = torch.tensor([len(p) for p in rollouts.prompt_ids], dtype=torch.long)
         rlens = rollouts.lengths
         if rows is not None:
             plens, rlens = plens[rows], rlens[rows]
         plain = length_buckets(plens + rlens, size, max_tokens=self.micro_batch_tokens)
-        if not self.share_prompts or not self.micro_batch_tokens:
+        if not self.share_prompts or not self.auto_budget:
             return plain
         prompts = rollouts.prompt_ids if rows is None else [rollouts.prompt_ids[i] for i in rows.tolist()]
         groups, distinct = prompt_groups(prompts)
