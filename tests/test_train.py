@@ -176,7 +176,7 @@ def test_shared_prompts_give_the_one_forward_logprobs_and_gradients(tiny_dir):
     from unison.learner import Learner, SequenceBatch
     from unison.precision import PrecisionPolicy
 
-    r = _group_rollouts([30, 45, 12], group=4, T=20)
+    r = _group_rollouts([40, 55, 12], group=4, T=20)
     learner = Learner.from_pretrained(tiny_dir, PrecisionPolicy(torch.float32, torch.float32), "cpu")
     assert learner.share_prompts
     out = {}
@@ -191,7 +191,7 @@ def test_shared_prompts_give_the_one_forward_logprobs_and_gradients(tiny_dir):
     torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=2e-6)
     for name, grad in out[False][1].items():
         torch.testing.assert_close(out[True][1][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
-    assert batch.shared.ids.shape == (3, 45) and batch.input_ids.shape == (12, 19)
+    assert batch.shared.ids.shape == (3, 55) and batch.input_ids.shape == (12, 19)
 
 
 def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
@@ -203,6 +203,10 @@ def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
     short = _group_rollouts([3, 4], group=4, T=20)  # 8 x (4 + 20) = 192 tokens in one forward, 2 x 4 + 8 x 19 = 160
     assert SequenceBatch.from_rollouts(short, 0, "cpu", share=True).shared is None
     long = _group_rollouts([40, 44], group=4, T=20)  # 8 x 64 = 512 against 2 x 44 + 8 x 19 = 240
+    # 20-token prompts and 2-token responses: 2 x 20 + 8 x 1 = 48 against 8 x 22 = 176, but a prompt this short saves
+    # less than a second pass costs (prompts must average 32 tokens)
+    brief = _group_rollouts([20, 20], group=4, T=2, lengths=[2] * 8)
+    assert SequenceBatch.from_rollouts(brief, 0, "cpu", share=True).shared is None
     assert SequenceBatch.from_rollouts(long, 0, "cpu", share=True).shared is not None
     # two 40-token prompts, 4 rows each, 10-token responses, a budget of 100 tokens: 2 rows a micro-batch (4 x 58
     # tokens, each run as its prompt then 2 x 9 response tokens: 232). Without the budget all 8 rows run in one,

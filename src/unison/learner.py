@@ -76,6 +76,8 @@ def shared_cost(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_len
 # where that costs at most this share of the tokens of the other way: the two-forward layout pays a masked attention
 # and a second pass of per-call work, which a small saving does not repay
 SHARE_GAIN = 0.8
+# ... and only for prompts of at least this many tokens on average: a short prompt saves less than a second pass costs
+SHARE_MIN_PROMPT = 32
 
 
 # Hidden activation values per forward/backward on a CPU (padded tokens x hidden size): the learner step per token is
@@ -129,11 +131,11 @@ class SequenceBatch:
     @classmethod
     def from_rollouts(cls, rollouts: Rollouts, pad_token_id: int, device, share: bool = False) -> "SequenceBatch":
         """The rows of `rollouts`; with `share`, as distinct prompts and responses where that costs at most
-        SHARE_GAIN of the tokens of one forward over the rows."""
+        SHARE_GAIN of the tokens of one forward over the rows and the prompts average SHARE_MIN_PROMPT tokens."""
         B, T = rollouts.response_ids.shape
         plens = [len(p) for p in rollouts.prompt_ids]
         lengths = rollouts.lengths.tolist()
-        if share and T > 1 and min(plens) > 0:
+        if share and T > 1 and min(plens) > 0 and sum(plens) >= SHARE_MIN_PROMPT * B:
             groups, distinct = prompt_groups(rollouts.prompt_ids)
             pl, rl = torch.tensor(plens), rollouts.lengths
             if len(distinct) < B and shared_cost(groups, pl, rl) <= SHARE_GAIN * plain_cost(pl, rl):
@@ -243,7 +245,8 @@ class Learner:
         def cost(b):  # tokens of a micro-batch, laid out as SequenceBatch.from_rollouts would
             one = plain_cost(plens[b], rlens[b])
             two = shared_cost(groups[b], plens[b], rlens[b])
-            return two if len(torch.unique(groups[b])) < len(b) and two <= SHARE_GAIN * one else one
+            long = int(plens[b].sum()) >= SHARE_MIN_PROMPT * len(b)
+            return two if long and len(torch.unique(groups[b])) < len(b) and two <= SHARE_GAIN * one else one
 
         return free if sum(map(cost, free)) <= SHARE_GAIN * sum(map(cost, plain)) else plain
 
