@@ -80,6 +80,15 @@ SHARE_GAIN = 0.8
 SHARE_MIN_PROMPT = 32
 
 
+def prefer_shared(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor) -> bool:
+    """Whether a micro-batch runs each distinct prompt once (`SharedPrompts`): some rows share a prompt, the prompts
+    average SHARE_MIN_PROMPT tokens, and that layout costs at most SHARE_GAIN of the tokens of one forward."""
+    return (len(torch.unique(groups)) < len(groups)
+            and int(prompt_lengths.sum()) >= SHARE_MIN_PROMPT * len(groups)
+            and shared_cost(groups, prompt_lengths, response_lengths)
+            <= SHARE_GAIN * plain_cost(prompt_lengths, response_lengths))  # fmt: skip
+
+
 # Hidden activation values per forward/backward on a CPU (padded tokens x hidden size): the learner step per token is
 # fastest with micro-batches whose activations stay in cache. Measured, one thread, fp32: the built-in model (hidden
 # 128), 64 rows of 86 tokens, 0.68 s a step in micro-batches of 16 rows (1376 tokens) against 0.86 s in one of 64;
@@ -130,15 +139,13 @@ class SequenceBatch:
 
     @classmethod
     def from_rollouts(cls, rollouts: Rollouts, pad_token_id: int, device, share: bool = False) -> "SequenceBatch":
-        """The rows of `rollouts`; with `share`, as distinct prompts and responses where that costs at most
-        SHARE_GAIN of the tokens of one forward over the rows and the prompts average SHARE_MIN_PROMPT tokens."""
+        """The rows of `rollouts`; with `share`, as distinct prompts and responses where `prefer_shared`."""
         B, T = rollouts.response_ids.shape
         plens = [len(p) for p in rollouts.prompt_ids]
         lengths = rollouts.lengths.tolist()
-        if share and T > 1 and min(plens) > 0 and sum(plens) >= SHARE_MIN_PROMPT * B:
+        if share and T > 1 and min(plens) > 0:
             groups, distinct = prompt_groups(rollouts.prompt_ids)
-            pl, rl = torch.tensor(plens), rollouts.lengths
-            if len(distinct) < B and shared_cost(groups, pl, rl) <= SHARE_GAIN * plain_cost(pl, rl):
+            if prefer_shared(groups, torch.tensor(plens), rollouts.lengths):
                 return cls.shared_layout(rollouts, distinct, groups, pad_token_id, device)
         L = max(pl + n for pl, n in zip(plens, lengths))
         ids = torch.full((B, max(L, 1)), pad_token_id, dtype=torch.long)
@@ -243,10 +250,9 @@ class Learner:
         free = length_buckets(plens + rlens, size)
 
         def cost(b):  # tokens of a micro-batch, laid out as SequenceBatch.from_rollouts would
-            one = plain_cost(plens[b], rlens[b])
-            two = shared_cost(groups[b], plens[b], rlens[b])
-            long = int(plens[b].sum()) >= SHARE_MIN_PROMPT * len(b)
-            return two if long and len(torch.unique(groups[b])) < len(b) and two <= SHARE_GAIN * one else one
+            if prefer_shared(groups[b], plens[b], rlens[b]):
+                return shared_cost(groups[b], plens[b], rlens[b])
+            return plain_cost(plens[b], rlens[b])
 
         return free if sum(map(cost, free)) <= SHARE_GAIN * sum(map(cost, plain)) else plain
 
