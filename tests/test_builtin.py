@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from unison.evaluation import evaluate
+from unison.evaluation import encode_all, evaluate
 from unison.models import ASSETS, build_tokenizer, load_tokenizer
 from unison.rollout.base import SamplingParams
 from unison.rollout.native import NativeEngine
@@ -26,7 +26,8 @@ def test_starting_accuracy_between_10_and_60_percent(builtin_dir):
     tok = load_tokenizer(builtin_dir)
     engine = NativeEngine.from_pretrained(builtin_dir, torch.float32, "cpu", seed=0)
     examples = task.examples("test", n=96, seed=0)
-    res = evaluate(engine, tok, task, examples, SamplingParams(256, 1.0, stop_token_ids=(1,)), k=1, template="plain")
+    prompts = encode_all(tok, examples, "plain")
+    res = evaluate(engine, task, tok, examples, prompts, SamplingParams(256, 1.0, stop_token_ids=(1,)), k=1)
     assert 0.10 <= res["avg@1"] <= 0.60, res["avg@1"]
 
 

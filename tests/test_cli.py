@@ -14,7 +14,7 @@ def run(*args, cwd=None):
 def test_probe_writes_table_json_and_figures(tiny_dir, tmp_path):
     out = tmp_path / "probe"
     r = run("probe", "--model", tiny_dir, "--num-prompts", 2, "--samples", 2, "--max-new-tokens", 16, "--out", out,
-            "--json", tmp_path / "p.json", "progress=false")  # fmt: skip
+            "--json", tmp_path / "p.json", "run.progress=false")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "abs_log_ratio_mean" in r.stdout and "bf16÷fp16" in r.stdout
     data = json.loads((tmp_path / "p.json").read_text())
@@ -29,7 +29,7 @@ def test_probe_writes_table_json_and_figures(tiny_dir, tmp_path):
 
 def test_probe_mixed_setting(tiny_dir, tmp_path):
     r = run("probe", "--model", tiny_dir, "--rollout-precision", "fp32", "--train-precision", "bf16", "--num-prompts", 1,
-            "--samples", 2, "--max-new-tokens", 8, "--out", tmp_path, "progress=false")  # fmt: skip
+            "--samples", 2, "--max-new-tokens", 8, "--out", tmp_path, "run.progress=false")  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "probe.json").read_text())["results"]
     assert [(x["rollout_precision"], x["train_precision"]) for x in res] == [("fp32", "bf16")]
@@ -110,12 +110,12 @@ def test_existing_run_folder_untouched(tiny_dir, tmp_path):
 
 
 def test_eval_and_filter_and_plot(tiny_dir, tmp_path):
-    r = run("eval", "--model", tiny_dir, "--k", 2, "--json", tmp_path / "e.json", "num_prompts=3", "max_new_tokens=8")
+    r = run("eval", "--model", tiny_dir, "--k", 2, "--json", tmp_path / "e.json", "data.max_prompts=3", "rollout.max_new_tokens=8")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["num_prompts"] == 3 and 0 <= res["avg@2"] <= res["pass@2"] <= 1
     r = run("filter", "--model", tiny_dir, "--k", 2, "--num-prompts", 3, "--lo", 0, "--hi", 1, "--out",
-            tmp_path / "f.jsonl", "max_new_tokens=8")  # fmt: skip
+            tmp_path / "f.jsonl", "rollout.max_new_tokens=8")  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "f.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all({"id", "prompt", "answer", "solve_rate"} <= set(x) for x in rows)

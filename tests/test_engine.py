@@ -154,7 +154,7 @@ def test_fallback_path_matches_fast_path(tiny_dir):
     p = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=())
     fast = engine(tiny_dir).generate(PROMPTS, p)
     slow_engine = engine(tiny_dir)
-    slow_engine.fast = False  # the model's own forward and dynamic cache
+    slow_engine.decode_path = lambda max_len=None: ("fallback", "tested")  # the model's own forward and cache
     slow = slow_engine.generate(PROMPTS, p)
     assert torch.equal(fast.response_ids, slow.response_ids)
 
@@ -176,7 +176,9 @@ def test_flat_decode_step_computes_the_layerwise_forward(builtin_dir, arch, dtyp
     # add fused into the product changes it by a few units in the last place). Qwen3: grouped heads and q/k norms.
     from unison.rollout.native import _StaticDecode
 
-    eng = engine(builtin_dir, dtype) if arch == "builtin" else NativeEngine(_random_qwen3(), dtype, "cpu")
+    # fp32-accumulate: what `auto` gives on a CPU without fast fp16/bf16 units (fp32 runs the flat step either way)
+    eng = (NativeEngine.from_pretrained(builtin_dir, dtype, "cpu", matmul="fp32-accumulate") if arch == "builtin"
+           else NativeEngine(_random_qwen3(), dtype, "cpu", matmul="fp32-accumulate"))  # fmt: skip
     prompts = [p + [5] * (8 - len(p)) for p in PROMPTS]  # a common length; rows still start at other positions
     ids = torch.tensor(prompts)
     pad_left = torch.tensor([0, 1, 2, 0, 3, 0, 1, 0])

@@ -114,7 +114,7 @@ def test_resume_after_precision_change_uses_a_fresh_loss_scale(tiny_dir, tmp_pat
 class _Model:
     """Just enough of a model for save_checkpoint."""
 
-    def save_pretrained(self, path, state_dict, safe_serialization):
+    def save_pretrained(self, path, state_dict, safe_serialization, max_shard_size=None):
         from safetensors.torch import save_file
 
         save_file(state_dict, str(Path(path) / "model.safetensors"))
@@ -143,7 +143,7 @@ def test_incomplete_and_stale_checkpoints_are_ignored_then_removed(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path).name == "step-000001"
     _save(tmp_path, 2)
     assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]
-    assert ckpt.load_master(ckpt.latest_checkpoint(tmp_path))["w"].tolist() == [1.0] * 3
+    assert ckpt.read_weights(ckpt.latest_checkpoint(tmp_path))["w"].tolist() == [1.0] * 3
 
 
 def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -221,9 +221,9 @@ def test_fp16_overflow_stops_naming_the_layer(engine):
 
 
 def test_fp16_overflow_in_the_learners_shared_prompt_pass_is_named():
-    # the learner runs each distinct prompt once, without the LM head, then the responses on its keys and values: an
-    # overflow in the prompt pass is read with the responses' pass and named where it happened (here the responses'
-    # pass runs on healed weights, so it could only see the prompt pass's inf/NaN downstream, at layer 3's attention)
+    # the learner runs each distinct prompt once (through the LM head at its last position), then the responses on its
+    # keys and values: an overflow in the prompt pass is caught at the end of that pass and named where it happened
+    # (the responses' pass would run on healed weights, and could only see the prompt pass's inf/NaN downstream)
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
     from unison.rollout.base import Rollouts
@@ -248,7 +248,7 @@ def test_fp16_overflow_in_the_learners_shared_prompt_pass_is_named():
     assert batch.shared is not None and guard is not None
     with pytest.raises(ActivationOverflowError, match=r"learner .* layer 2 \(MLP block"):
         learner.logprobs(batch)
-    assert passes == [2, 8]  # the 2 distinct prompts, then the 8 responses
+    assert passes == [2]  # the 2 distinct prompts; the 8 responses never ran
 
 
 def test_fp32_layers_cures_an_mlp_overflow_in_the_engine():
@@ -296,7 +296,7 @@ def test_probe_activations_reports_each_layer(overflowing_dir, tmp_path, capsys)
     from unison.cli import main
 
     code = main(["probe", "--model", str(overflowing_dir), "--precisions", "fp32", "--activations", "--num-prompts", "2",
-                 "--samples", "1", "--max-new-tokens", "8", "--out", str(tmp_path), "progress=false"])  # fmt: skip
+                 "--samples", "1", "--max-new-tokens", "8", "--out", str(tmp_path), "run.progress=false"])  # fmt: skip
     assert code == 0
     rows = json.loads((tmp_path / "probe.json").read_text())["activations"]
     assert [r["fp16_safe"] for r in rows] == [True, True, False, True]

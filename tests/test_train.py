@@ -239,12 +239,12 @@ def test_shared_prompts_train_like_one_forward_per_row(tiny_dir, tmp_path, monke
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     extra = {"data.source": str(data), "data.reward": "countdown", "data.template": "plain", "run.save_every": 2,
-             "optim.share_prompts": True}
+             "optim.share_prompts": True, "precision.rollout": "fp32", "precision.train": "fp32"}
 
     passes = []
-    shared_hidden = Learner.shared_prompt_hidden
-    monkeypatch.setattr(Learner, "shared_prompt_hidden", lambda self, batch: passes.append(len(batch.shared.ids))
-                        or shared_hidden(self, batch))  # fmt: skip
+    shared_logits = Learner.shared_prompt_logits
+    monkeypatch.setattr(Learner, "shared_prompt_logits", lambda self, batch: passes.append(len(batch.shared.ids))
+                        or shared_logits(self, batch))  # fmt: skip
     runs = {}
     for share in (True, False):
         passes.clear()

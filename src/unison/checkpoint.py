@@ -1,8 +1,9 @@
 """Crash-safe checkpoints in Hugging Face format.
 
-A checkpoint is a folder `checkpoints/step-000040/` holding the fp32 master weights as `model.safetensors` with
-`config.json` and the tokenizer (loadable by any Hugging Face tool), and `trainer_state.pt` (optimizer, loss scaler,
-RNG states, data position, step). It is written into a temporary folder, every file fsynced, then renamed into
+A checkpoint is a folder `checkpoints/step-000040/` holding the fp32 master weights as `model.safetensors` (or, for
+a model bigger than run.shard_size, shards with a `model.safetensors.index.json`) with `config.json` (whose dtype
+says float32, the dtype the weights are stored in) and the tokenizer, loadable by any Hugging Face tool, and
+`trainer_state.pt` (optimizer, loss scaler, RNG states, data position, step). It is written into a temporary folder, every file fsynced, then renamed into
 place, and `manifest.json` (the list of files with their sizes) is written last: a folder without a manifest, or
 whose files disagree with it, is incomplete and ignored by `--resume`. A kill at any moment leaves the previous
 checkpoint intact. Leftovers of a killed save (a `.tmp-step-*` folder, a step folder without manifest) are removed
@@ -51,8 +52,23 @@ def write_json_atomic(path: Path, data) -> None:
     _fsync_dir(path.parent)
 
 
+def set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """Make the `dtype` that `config.json` states (and its text_config's) the dtype its weights are stored in:
+    `save_pretrained` writes the dtype of the model it is called on, which for the learner's compute copy is the
+    train dtype, not that of the fp32 master weights saved with it."""
+    path = Path(folder) / "config.json"
+    data = json.loads(path.read_text())
+    name = str(dtype).rsplit(".", 1)[-1]
+    for node in (data, data.get("text_config")):
+        if isinstance(node, dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in node or (key == "dtype" and node is data):
+                    node[key] = name
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: dict, trainer_state: dict,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, shard_size: int | str = "5GB") -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep` complete ones."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -62,7 +78,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
     tmp.mkdir()
     try:
         state_dict = {name: t.detach().float().cpu().contiguous() for name, t in master_state.items()}
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=shard_size)
+        set_config_dtype(tmp, torch.float32)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
         _fsync_tree(tmp)
@@ -120,10 +137,47 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
 
 
-def load_master(path: Path) -> dict[str, torch.Tensor]:
+INDEX = "model.safetensors.index.json"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder: its shards (from the index) or model.safetensors."""
+    from unison.errors import UserError
+
+    path = Path(path)
+    if (path / INDEX).is_file():
+        try:
+            names = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError):
+            raise UserError(f"{path / INDEX} is not a valid safetensors index; re-save the checkpoint") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise UserError(f"checkpoint {str(path)!r} is missing the shard {missing[0]} that {INDEX} lists; copy it "
+                            "there or resume from another checkpoint")  # fmt: skip
+        return [path / n for n in names]
+    return [path / "model.safetensors"]
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's weights files (one file or its shards), under the names stored there."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(path) / "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        state.update(load_file(str(file)))
+    return state
+
+
+def load_master(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's fp32 weights under the names of the model's parameters in memory.
+
+    These can differ from the names stored in the file: transformers maps some on load (a mixture of experts'
+    per-expert weights to one fused tensor per layer, GPT-NeoX's `embed_out` to `lm_head`), so the weights are read
+    through the model's own loader."""
+    from unison.models import load_model
+
+    model = load_model(path, dtype=torch.float32)
+    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 # ---- resuming into the right model ------------------------------------------------------------------------------
@@ -131,8 +185,9 @@ ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "nu
              "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")  # fmt: skip
 
 
-def check_compatible(path: Path, model) -> None:
-    """Refuse (UserError) a checkpoint written for another architecture or vocabulary than `model`'s."""
+def check_compatible(path: Path, model) -> dict[str, torch.Tensor]:
+    """Refuse (UserError) a checkpoint written for another architecture or vocabulary than `model`'s; return its
+    master weights (`load_master`)."""
     from unison.errors import UserError
 
     how = ("resume with the model the run was started from (model.path), or start a new run with --overwrite or "
@@ -146,21 +201,17 @@ def check_compatible(path: Path, model) -> None:
         if key in saved and key in ours and saved[key] != ours[key]:
             raise UserError(f"checkpoint {str(path)!r} is for another model ({key} {saved[key]!r} there, "
                             f"{ours[key]!r} in {getattr(model.config, '_name_or_path', '') or 'the configured model'}); {how}")  # fmt: skip
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception:  # noqa: BLE001 - safetensors raises its own error types
-        raise UserError(f"checkpoint {str(path)!r} has an unreadable model.safetensors; {how}") from None
-    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    for name, shape in params.items():
-        if name in shapes and shapes[name] != shape:
-            raise UserError(f"checkpoint {str(path)!r} is for another model ({name} has shape {shapes[name]} there, "
-                            f"{shape} here); {how}")  # fmt: skip
-    missing = [n for n in params if n not in shapes]
-    if missing:
-        raise UserError(f"checkpoint {str(path)!r} is for another model (it has no {missing[0]}); {how}")
+        master = load_master(path)
+    except UserError as exc:
+        raise UserError(f"checkpoint {str(path)!r} cannot be read ({exc}); {how}") from None
+    for name, p in model.named_parameters():
+        if name not in master:
+            raise UserError(f"checkpoint {str(path)!r} is for another model (it has no {name}); {how}")
+        if tuple(master[name].shape) != tuple(p.shape):
+            raise UserError(f"checkpoint {str(path)!r} is for another model ({name} has shape "
+                            f"{tuple(master[name].shape)} there, {tuple(p.shape)} here); {how}")  # fmt: skip
+    return master
 
 
 # ---- run logs that survive a kill ---------------------------------------------------------------------------------
@@ -198,3 +249,62 @@ def rollout_digest(rollouts) -> dict:
 
     return {"responses": h(rollouts.response_ids), "lengths": h(rollouts.lengths), "logprobs": h(rollouts.logprobs),
             "num": len(rollouts)}  # fmt: skip
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A run folder (its newest complete checkpoint) or a complete checkpoint folder; anything else is refused."""
+    from unison.errors import UserError
+
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{str(path)!r} is not a folder; give a run folder (runs/NAME) or one of its checkpoints")
+    if (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise UserError(f"run folder {str(path)!r} has no complete checkpoint; train until one is saved")
+        return latest
+    if (path / MANIFEST).is_file():
+        if not is_complete(path):
+            raise UserError(f"checkpoint {str(path)!r} is incomplete (its files disagree with {MANIFEST}); export "
+                            "another one")  # fmt: skip
+        return path
+    raise UserError(f"{str(path)!r} is neither a run folder (with checkpoints/) nor a checkpoint (with {MANIFEST}); "
+                    "give one of those")  # fmt: skip
+
+
+def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard_size: str = "5GB") -> Path:
+    """Write a checkpoint's weights cast to `dtype`, with its config (stating that dtype), generation config and
+    tokenizer, as a plain Hugging Face model folder `out`. Everything is checked before anything is written; the
+    folder is written beside `out` and renamed into place."""
+    from unison.config import parse_size
+    from unison.errors import UserError
+    from unison.models import load_model, load_tokenizer
+    from unison.precision import parse_precision
+
+    target = parse_precision(dtype)
+    size = parse_size(shard_size, "--shard-size")
+    ckpt = resolve_checkpoint(source)
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{str(out)!r} already exists and is not empty; choose a new --out folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write into {str(parent)!r}; choose a writable --out")
+    model = load_model(ckpt, dtype=torch.float32)
+    tokenizer = load_tokenizer(ckpt)
+    tmp = parent / f".tmp-export-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.to(target).save_pretrained(tmp, safe_serialization=True, max_shard_size=size)
+        set_config_dtype(tmp, target)
+        tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

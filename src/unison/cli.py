@@ -1,7 +1,8 @@
 """The `unison` command: probe, train, eval, filter, demo, plot.
 
-Each command has one typed config; `--config FILE.yaml` and trailing `key=value` overrides set it, and a few
-common flags are shortcuts for its keys. Bad input prints one line and exits with code 2.
+Each command has one typed config, made of the sections every command shares (model, precision, data, rollout,
+run) and one of its own; `--config FILE.yaml` and dotted `key=value` overrides (anywhere among the flags) set it,
+and a few flags are shortcuts for its keys (`SHORTCUTS`). Bad input prints one line and exits with code 2.
 """
 
 from __future__ import annotations
@@ -13,76 +14,81 @@ from pathlib import Path
 
 from unison.errors import UserError
 
-COMMANDS = ("probe", "train", "eval", "filter", "demo", "plot")
+COMMANDS = ("probe", "train", "eval", "filter", "demo", "export", "plot")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-    p.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. optim.lr=1e-5")
+    p.add_argument("overrides", nargs="*", help="dotted key=value settings, anywhere among the flags, e.g. optim.lr=1e-5")
+
+
+# flags that are shortcuts for config keys, per command: (flag, dotted key, type, help)
+MODEL_FLAGS = [("--model", "model.path", str, "checkpoint directory or 'builtin'"),
+               ("--device", "model.device", str, "auto, cpu or cuda"),
+               ("--engine", "rollout.engine", str, "native or vllm")]
+SHORTCUTS = {
+    "probe": MODEL_FLAGS + [
+        ("--prompts", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--samples", "rollout.group_size", int, "responses per prompt"),
+        ("--num-prompts", "data.max_prompts", int, "prompts to sample from"),
+        ("--max-new-tokens", "rollout.max_new_tokens", int, "longest response"),
+        ("--out", "run.out", str, "output folder"),
+        ("--json", "probe.json", str, "also write the results JSON here")],
+    "train": MODEL_FLAGS + [
+        ("--preset", "algorithm.preset", str, "algorithm preset, e.g. grpo, grpo-token-tis, gspo"),
+        ("--steps", "run.steps", int, "RL steps"), ("--out", "run.out", str, "run folder"),
+        ("--seed", "run.seed", int, "seed"), ("--epochs", "optim.epochs", int, "passes over each rollout batch"),
+        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file")],
+    "demo": MODEL_FLAGS + [
+        ("--preset", "algorithm.preset", str, "algorithm preset, e.g. grpo, grpo-token-tis, gspo"),
+        ("--steps", "run.steps", int, "RL steps"), ("--out", "run.out", str, "output folder"),
+        ("--seed", "run.seed", int, "seed")],
+    "eval": MODEL_FLAGS + [
+        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--k", "rollout.group_size", int, "samples per prompt"),
+        ("--num-prompts", "data.max_prompts", int, "evaluate at most this many prompts"),
+        ("--temperature", "rollout.temperature", float, "sampling temperature"),
+        ("--top-p", "rollout.top_p", float, "top-p"), ("--precision", "precision.rollout", str, "sampling dtype"),
+        ("--json", "run.out", str, "write the result JSON here")],
+    "filter": MODEL_FLAGS + [
+        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--k", "rollout.group_size", int, "samples per prompt"),
+        ("--num-prompts", "data.max_prompts", int, "consider at most this many prompts"),
+        ("--lo", "filter.lo", float, "keep prompts solved at least this often"),
+        ("--hi", "filter.hi", float, "... and at most this often"), ("--out", "run.out", str, "output JSONL")],
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="unison", description="RL fine-tuning of LLMs in which the sampler and the learner agree.")
     sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("probe", help="measure the train-inference mismatch offline, per precision")
-    _add_common(p)
-    p.add_argument("--model", help="checkpoint directory or 'builtin'")
-    p.add_argument("--prompts", help="'builtin' or a JSONL/Parquet prompt file")
-    p.add_argument("--precisions", help="comma-separated, e.g. fp32,fp16,bf16")
-    p.add_argument("--rollout-precision", help="rollout dtype of one mixed setting")
-    p.add_argument("--train-precision", help="train dtype of one mixed setting")
-    p.add_argument("--samples", type=int, help="responses per prompt")
-    p.add_argument("--num-prompts", type=int, help="prompts to sample from")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--engine", help="native or vllm")
-    p.add_argument("--device", help="auto, cpu or cuda")
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--json", dest="json_path", help="also write the results JSON here")
-    p.add_argument("--activations", action="store_true", default=None,
-                   help="also report each layer's largest |activation| against the FP16 limit 65504")
-
-    for name, text in (("train", "RL fine-tuning"), ("demo", "the paper's sanity test in miniature: fp16 against bf16")):
+    helps = {"probe": "measure the train-inference mismatch offline, per precision", "train": "RL fine-tuning",
+             "demo": "the paper's sanity test in miniature: fp16 against bf16",
+             "eval": "accuracy of a model on a prompt set (avg@k, pass@k)",
+             "filter": "build a perfectible prompt set: keep prompts solved between lo and hi of the time"}  # fmt: skip
+    for name, text in helps.items():
         p = sub.add_parser(name, help=text)
         _add_common(p)
-        p.add_argument("--model", help="checkpoint directory or 'builtin'")
-        p.add_argument("--preset", help="algorithm preset, e.g. grpo, grpo-token-tis, gspo")
-        p.add_argument("--steps", type=int, help="RL steps")
-        p.add_argument("--out", help="run folder")
-        p.add_argument("--device", help="auto, cpu or cuda")
-        p.add_argument("--engine", help="native or vllm")
-        p.add_argument("--seed", type=int)
-        p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-        p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+        for flag, key, typ, doc in SHORTCUTS[name]:
+            p.add_argument(flag, dest=key, type=typ, metavar=key.rsplit(".", 1)[-1].upper(), help=f"{doc} ({key})")
+        if name == "probe":
+            p.add_argument("--precisions", help="comma-separated settings, e.g. fp32,fp16,bf16 (probe.precisions)")
+            p.add_argument("--rollout-precision", help="rollout dtype of one mixed setting")
+            p.add_argument("--train-precision", help="train dtype of one mixed setting")
+            p.add_argument("--activations", action="store_true", default=None,
+                           help="also report each layer's largest |activation| against the FP16 limit 65504")
+        if name in ("train", "demo"):
+            p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+            p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
         if name == "train":
             p.add_argument("--precision", help="fp32, bf16 or fp16 for both rollout and training")
-            p.add_argument("--epochs", type=int, help="passes over each rollout batch")
-            p.add_argument("--data", help="'builtin' or a JSONL/Parquet prompt file")
 
-    p = sub.add_parser("eval", help="accuracy of a model on a prompt set (avg@k, pass@k)")
-    _add_common(p)
-    p.add_argument("--model")
-    p.add_argument("--data")
-    p.add_argument("--k", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--precision")
-    p.add_argument("--engine")
-    p.add_argument("--device")
-    p.add_argument("--json", dest="json_path")
-
-    p = sub.add_parser("filter", help="build a perfectible prompt set: keep prompts solved between lo and hi of the time")
-    _add_common(p)
-    p.add_argument("--model")
-    p.add_argument("--data")
-    p.add_argument("--k", type=int)
-    p.add_argument("--num-prompts", type=int, help="consider at most this many prompts")
-    p.add_argument("--lo", type=float)
-    p.add_argument("--hi", type=float)
-    p.add_argument("--out")
-    p.add_argument("--engine")
-    p.add_argument("--device")
+    p = sub.add_parser("export", help="write a checkpoint (or a run's newest) as a plain Hugging Face model folder")
+    p.add_argument("source", help="a run folder (its newest complete checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="the new model folder (must not exist, or be empty)")
+    p.add_argument("--dtype", default="fp32", help="dtype of the written weights: fp32, bf16 or fp16")
+    p.add_argument("--shard-size", default="5GB", help="largest weights file (bigger models are sharded)")
 
     p = sub.add_parser("plot", help="curves of metrics for several run folders on one figure")
     p.add_argument("runs", nargs="+", help="run folders")
@@ -93,35 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-SHORTCUTS = {
-    "probe": {"model": "model", "prompts": "prompts", "rollout_precision": "rollout_precision",
-              "train_precision": "train_precision", "samples": "samples", "num_prompts": "num_prompts",
-              "max_new_tokens": "max_new_tokens", "engine": "engine", "device": "device", "out": "out",
-              "json_path": "json_path", "activations": "activations"},
-    "train": {"model": "model.path", "preset": "algorithm.preset", "steps": "run.steps", "out": "run.out",
-              "device": "model.device", "engine": "rollout.engine", "seed": "run.seed", "epochs": "optim.epochs",
-              "data": "data.source"},
-    "demo": {"model": "model.path", "preset": "algorithm.preset", "steps": "run.steps", "out": "run.out",
-             "device": "model.device", "engine": "rollout.engine", "seed": "run.seed"},
-    "eval": {"model": "model", "data": "data", "k": "k", "temperature": "temperature", "top_p": "top_p",
-             "precision": "precision", "engine": "engine", "device": "device", "json_path": "json_path"},
-    "filter": {"model": "model", "data": "data", "k": "k", "num_prompts": "num_prompts", "lo": "lo", "hi": "hi", "out": "out", "engine": "engine",
-               "device": "device"},
-}  # fmt: skip
-
-
 def _overrides(args, command: str) -> list:
+    from unison.config import _split_override
+
     pairs = []
-    for flag, key in SHORTCUTS.get(command, {}).items():
-        value = getattr(args, flag, None)
+    for _, key, _, _ in SHORTCUTS.get(command, []):
+        value = getattr(args, key, None)
         if value is not None:
             pairs.append((key, value))
     if command == "train" and getattr(args, "precision", None):
         pairs += [("precision.rollout", args.precision), ("precision.train", args.precision)]
-    if command == "probe" and getattr(args, "precisions", None):
-        pairs.append(("precisions", [x.strip() for x in args.precisions.split(",") if x.strip()]))
-    from unison.config import _split_override
-
+    if command == "probe":
+        mixed = [getattr(args, "rollout_precision", None), getattr(args, "train_precision", None)]
+        if any(mixed) and not all(mixed):
+            raise UserError("give both --rollout-precision and --train-precision, or neither")
+        if all(mixed):
+            pairs.append(("probe.precisions", [f"{mixed[0]}/{mixed[1]}"]))
+        elif getattr(args, "precisions", None):
+            pairs.append(("probe.precisions", [x.strip() for x in args.precisions.split(",") if x.strip()]))
+        if getattr(args, "activations", None):
+            pairs.append(("probe.activations", True))
     return pairs + [_split_override(o) for o in args.overrides]
 
 
@@ -140,13 +137,14 @@ def cmd_probe(args) -> None:
     cfg = _config(ProbeConfig, args, "probe")
     results = run_probe(cfg)
     print(format_table(results))
-    if cfg.activations:
+    out = Path(cfg.run.out)
+    if cfg.probe.activations:
         from unison.overflow import format_activation_table
 
         print("\nlargest |activation| per layer (fp32 forward over the prompts and one sampled response each):")
-        print(format_activation_table(json.loads((Path(cfg.out) / "probe.json").read_text())["activations"]))
-    print(f"wrote {Path(cfg.out) / 'probe.json'}, {Path(cfg.out) / 'pi_vs_mu.png'}, "
-          f"{Path(cfg.out) / 'seq_log_ratio_vs_length.png'}" + (f", {cfg.json_path}" if cfg.json_path else ""))  # fmt: skip
+        print(format_activation_table(json.loads((out / "probe.json").read_text())["activations"]))
+    print(f"wrote {out / 'probe.json'}, {out / 'pi_vs_mu.png'}, {out / 'seq_log_ratio_vs_length.png'}"
+          + (f", {cfg.probe.json}" if cfg.probe.json else ""))  # fmt: skip
 
 
 def cmd_train(args) -> None:
@@ -180,6 +178,13 @@ def cmd_demo(args) -> None:
     run_demo(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
+def cmd_export(args) -> None:
+    from unison.checkpoint import export_model
+
+    out = export_model(args.source, args.out, args.dtype, args.shard_size)
+    print(f"wrote {out}")
+
+
 def cmd_plot(args) -> None:
     from unison.report import plot_runs
 
@@ -191,8 +196,22 @@ def cmd_plot(args) -> None:
     print(f"wrote {path}")
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may stand anywhere among the flags."""
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray:
+        ap.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra and not hasattr(args, "overrides"):
+        ap.error(f"unison {args.command} takes no key=value settings: {' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         globals()[f"cmd_{args.command}"](args)
     except UserError as exc:

@@ -19,29 +19,103 @@ from unison.errors import UserError
 
 
 def doc(default, text: str, **kw):
-    """A dataclass field with its one-line documentation."""
+    """A dataclass field with its one-line documentation; `choices` (a table, or a function returning one) are the
+    valid values, checked when a config is built and listed by `describe`."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"doc": text, **kw})
     return field(default=default, metadata={"doc": text, **kw})
 
 
-# ---- sections --------------------------------------------------------------------------------------------------
+# ---- sections: every command's config is made of these, with the same dotted keys ------------------------------
+def _precisions():
+    from unison.precision import PRECISIONS
+
+    return PRECISIONS
+
+
+def _matmul_modes():
+    from unison.precision import MATMUL_MODES
+
+    return MATMUL_MODES
+
+
+def _attn_implementations():
+    from unison.models import ATTN_IMPLEMENTATIONS
+
+    return ATTN_IMPLEMENTATIONS
+
+
+def _engines():
+    from unison.rollout import ENGINES
+
+    return ENGINES
+
+
+def _templates():
+    from unison.tasks.templates import TEMPLATES
+
+    return TEMPLATES
+
+
+def _overflow_modes():
+    from unison.overflow import MODES
+
+    return MODES
+
+
+def _presets():
+    from unison.algorithms import PRESETS
+
+    return PRESETS
+
+
+def _table(name: str):
+    def get():
+        from unison import algorithms
+
+        return getattr(algorithms, name)
+
+    return get
+
+
+CONTEXT_LIMITS = ("error", "clamp")
+
+
 @dataclass
 class ModelConfig:
-    path: str = doc("builtin", "a local Hugging Face checkpoint directory, or 'builtin' for the built-in tiny model")
-    device: str = doc("auto", "auto, cpu or cuda")
-    matmul: str = doc("auto", "fp16/bf16 matrix products: native kernels, or fp32-accumulate (auto: native where fast)")
+    path: str = doc("builtin", "a local Hugging Face checkpoint directory (a run's checkpoints/step-N works), or "
+                               "'builtin' for the built-in tiny model")
+    device: str = doc("auto", "auto (cuda where a GPU is visible), cpu, cuda or cuda:N")
+    matmul: str = doc("auto", "fp16/bf16 matrix products: native kernels, or fp32-accumulate (auto: native where fast)",
+                      choices=_matmul_modes)
+    attn_implementation: str = doc("auto", "attention kernels of the Hugging Face model (learner, and the native "
+                                           "engine's fallback); auto: sdpa where the model supports it, else eager",
+                                   choices=_attn_implementations)
+
+    def validate(self) -> None:
+        d = self.device
+        check(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()), "model.device",
+              f"unknown device {d!r}; choose one of: auto, cpu, cuda, cuda:N")  # fmt: skip
 
 
 @dataclass
 class PrecisionConfig:
-    rollout: str = doc("fp16", "dtype of the rollout engine's weights and compute: fp32, bf16 or fp16")
-    train: str = doc("fp16", "dtype of the learner's forward and backward (master weights stay fp32)")
+    rollout: str = doc("fp16", "dtype of the rollout engine's weights and compute", choices=_precisions)
+    train: str = doc("fp16", "dtype of the learner's forward and backward (master weights stay fp32)",
+                     choices=_precisions)
     init_scale: float = doc(65536.0, "fp16 dynamic loss scale at the start")
     growth_interval: int = doc(400, "finite steps in a row after which the loss scale doubles")
     min_scale: float = doc(1.0, "the run stops if the loss scale falls below this")
-    loss_scaling: str = doc("auto", "auto (dynamic scaling for fp16 training), on, or off")
-    on_activation_overflow: str = doc("stop", "an fp16 activation beyond 65504 in either engine (checked where that engine runs in fp16): stop (naming the layer), fp32_layers (run that layer's MLP in fp32 from then on), or off (no checks)")
+    loss_scaling: str = doc("auto", "auto (dynamic scaling for fp16 training), on, or off", choices=("auto", "on", "off"))
+    on_activation_overflow: str = doc("stop", "an fp16 activation beyond 65504 in either engine (checked where that "
+                                              "engine runs in fp16): stop (naming the layer), fp32_layers (run that "
+                                              "layer's MLP in fp32 from then on), or off (no checks)",
+                                      choices=_overflow_modes)
+
+    def validate(self) -> None:
+        check(math.isfinite(self.init_scale) and self.init_scale >= self.min_scale > 0, "precision.init_scale",
+              "must be finite and >= precision.min_scale > 0")  # fmt: skip
+        check(self.growth_interval >= 1, "precision.growth_interval", "must be at least 1")
 
 
 @dataclass
@@ -50,30 +124,51 @@ class DataConfig:
     prompt_key: str = doc("prompt", "column holding the prompt (a string or a list of chat messages)")
     answer_key: str = doc("answer", "column holding the reference answer")
     reward: str = doc("", "reward: math, exact, countdown, or a dotted path module:function (empty: the task's own)")
-    template: str = doc("auto", "prompt template: plain, chat, or auto (chat when the tokenizer has a chat template)")
+    template: str = doc("auto", "prompt template: plain, chat, or auto (chat when the tokenizer has a chat template)",
+                        choices=_templates)
     test_source: str = doc("", "a held-out prompt file for evaluation (the built-in task has its own test split)")
-    subset: str = doc("", "a JSONL file of prompt ids to train on (from `unison filter`); 'builtin': the shipped perfectible set of the built-in task; empty: all prompts")
-    max_prompts: int = doc(0, "use at most this many training prompts (0: all)")
+    subset: str = doc("", "a JSONL file of prompt ids to use (from `unison filter`); 'builtin': the shipped "
+                          "perfectible set of the built-in task; empty: all prompts")
+    max_prompts: int = doc(0, "use at most this many prompts (0: all)")
+
+    def validate(self) -> None:
+        check(self.max_prompts >= 0, "data.max_prompts", "must be >= 0 (0: all prompts)")
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = doc("native", "rollout engine: native or vllm")
+    engine: str = doc("native", "rollout engine", choices=_engines)
     prompts_per_step: int = doc(16, "prompts sampled per RL step")
-    group_size: int = doc(8, "responses sampled per prompt (G)")
+    group_size: int = doc(8, "responses sampled per prompt (G; eval and filter: k, probe: samples)")
     max_new_tokens: int = doc(256, "longest response; a response cut here gets reward 0")
     temperature: float = doc(1.0, "sampling temperature")
     top_p: float = doc(1.0, "nucleus sampling threshold (1: off)")
     top_k: int = doc(0, "top-k truncation (0: off)")
+    stop: list = doc([], "extra stop strings: a response ends with the token that completes one (besides the EOS "
+                         "ids of the tokenizer, generation_config.json and config.json)")
+    context_limit: str = doc("error", "a prompt + max_new_tokens beyond the model's context: error (say which "
+                                      "prompt), or clamp (lower max_new_tokens to fit, with a warning)",
+                             choices=CONTEXT_LIMITS)
+
+    def validate(self, groups: int = 2) -> None:
+        check(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
+        check(self.group_size >= groups, "rollout.group_size", f"must be at least {groups}" +
+              (" (advantages compare responses within a group)" if groups > 1 else ""))  # fmt: skip
+        check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")
+        check(math.isfinite(self.temperature) and self.temperature >= 0, "rollout.temperature", "must be >= 0")
+        check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        check(self.top_k >= 0, "rollout.top_k", "must be >= 0")
+        check(all(isinstance(x, str) and x for x in self.stop), "rollout.stop",
+              "must be a list of non-empty strings, e.g. rollout.stop=['</answer>']")  # fmt: skip
 
 
 @dataclass
 class AlgorithmConfig:
-    preset: str = doc("grpo", "grpo, dr-grpo, grpo-token-tis, grpo-seq-mis, gspo, pg-seq-is, pg-seq-mis, pg-token-is")
-    advantage: str = doc("", "override the preset's advantage estimator: grpo, drgrpo, rloo")
-    objective: str = doc("", "override the preset's objective: ppo_clip, gspo, pg")
-    correction: str = doc("", "override the preset's rollout correction: none, token_tis, token_mis, seq_tis, seq_mis, icepop")
-    aggregation: str = doc("", "override the preset's aggregation: token_mean, seq_mean_token_mean, seq_mean_token_sum_norm")
+    preset: str = doc("grpo", "algorithm preset", choices=_presets)
+    advantage: str = doc("", "override the preset's advantage estimator", choices=_table("ADVANTAGES"))
+    objective: str = doc("", "override the preset's objective", choices=_table("OBJECTIVES"))
+    correction: str = doc("", "override the preset's rollout correction", choices=_table("CORRECTIONS"))
+    aggregation: str = doc("", "override the preset's aggregation", choices=_table("AGGREGATIONS"))
     clip_low: float = doc(-1.0, "override the lower clip range (negative: the preset's)")
     clip_high: float = doc(-1.0, "override the upper clip range (negative: the preset's)")
     cap: float = doc(-1.0, "override the correction's cap C (negative: the preset's)")
@@ -100,16 +195,25 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
-    out: str = doc("runs/unison", "run folder: metrics.jsonl, checkpoints, figures")
+class RunBase:
+    """What every command's run has: where its output goes, its seed, its progress bars."""
+
+    out: str = doc("runs/unison", "output: the run folder (train, demo), the probe's folder, the eval JSON, the "
+                                  "filter's JSONL")
+    seed: int = doc(0, "seed for prompt choice, sampling and initialisation")
+    progress: bool = doc(True, "show progress bars")
+
+
+@dataclass
+class RunConfig(RunBase):
     steps: int = doc(40, "RL steps (one rollout batch each)")
-    seed: int = doc(0, "seed for prompts, sampling and initialisation")
     eval_every: int = doc(10, "held-out evaluation every N steps (0: only at the end)")
     eval_prompts: int = doc(64, "held-out prompts per evaluation")
     save_every: int = doc(10, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = doc(2, "complete checkpoints kept")
+    shard_size: str = doc("5GB", "largest weights file of a checkpoint (bigger models are saved in shards with a "
+                                 "safetensors index), e.g. 5GB or 500MB")
     tensorboard: bool = doc(True, "also write TensorBoard logs when tensorboard is installed")
-    progress: bool = doc(True, "show progress bars")
 
 
 @dataclass
@@ -125,33 +229,18 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "TrainConfig":
-        from unison.algorithms import PRESETS
-        from unison.precision import PRECISIONS
-
         r, o = self.rollout, self.optim
-        check(self.precision.rollout.lower() in PRECISIONS, "precision.rollout", f"must be fp32, bf16 or fp16, not {self.precision.rollout!r}")
-        check(self.precision.train.lower() in PRECISIONS, "precision.train", f"must be fp32, bf16 or fp16, not {self.precision.train!r}")
-        check(self.precision.loss_scaling in ("auto", "on", "off"), "precision.loss_scaling", "must be auto, on or off")
-        check(self.precision.init_scale >= self.precision.min_scale > 0, "precision.init_scale", "must be >= precision.min_scale > 0")
-        check(self.precision.on_activation_overflow in ("stop", "fp32_layers", "off"), "precision.on_activation_overflow",
-              f"must be stop, fp32_layers or off, not {self.precision.on_activation_overflow!r}")
-        check(self.precision.growth_interval >= 1, "precision.growth_interval", "must be at least 1")
-        check(self.model.device in ("auto", "cpu", "cuda") or self.model.device.startswith("cuda:"), "model.device", "must be auto, cpu or cuda")
-        check(self.model.matmul in ("auto", "native", "fp32-accumulate"), "model.matmul", "must be auto, native or fp32-accumulate")
-        check(r.engine in ("native", "vllm"), "rollout.engine", f"must be native or vllm, not {r.engine!r}")
-        check(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
-        check(r.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare responses within a group)")
-        check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")
+        for section in (self.model, self.precision, self.data, r):
+            section.validate()
         check(r.temperature > 0, "rollout.temperature", "must be > 0 for RL sampling")
-        check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-        check(r.top_k >= 0, "rollout.top_k", "must be >= 0")
-        check(self.algorithm.preset in PRESETS, "algorithm.preset", f"unknown preset {self.algorithm.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
         check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")
         check(o.train_batch_size >= 1, "optim.train_batch_size", "must be at least 1")
         check(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be at least 1")
         check(o.micro_batch_tokens >= 0, "optim.micro_batch_tokens", "must be >= 0 (0: automatic)")
         check(o.epochs >= 1, "optim.epochs", "must be at least 1")
         check(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
+        check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "AdamW betas must be in [0, 1)")
+        check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         batch = r.prompts_per_step * r.group_size
         check(
             batch % o.train_batch_size == 0,
@@ -163,7 +252,7 @@ class TrainConfig:
         check(self.run.steps >= 1, "run.steps", "must be at least 1")
         check(self.run.eval_every >= 0 and self.run.save_every >= 0, "run.eval_every", "must be >= 0")
         check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
-        check(self.data.template in ("auto", "plain", "chat"), "data.template", "must be auto, plain or chat")
+        parse_size(self.run.shard_size, "run.shard_size")
         self.algorithm_fields()  # unknown algorithm names fail here, with the valid names
         return self
 
@@ -190,6 +279,20 @@ class TrainConfig:
             return dataclasses.replace(preset, **changes)
         except UserError as exc:
             raise UserError(f"algorithm: {exc}") from None
+
+
+def parse_size(text: str, name: str) -> int:
+    """'5GB', '500MB', '2KB' or a number of bytes -> bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = str(text).strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            value = float(t[: -len(unit)]) * mult
+            break
+    else:
+        value = float(t) if t.replace(".", "", 1).isdigit() else -1
+    check(value >= 1, name, f"must be a size such as 5GB or 500MB, not {text!r}")
+    return int(value)
 
 
 def check(ok: bool, name: str, how: str) -> None:
@@ -232,7 +335,30 @@ def _coerce(value, typ, name: str):
         if isinstance(value, (dict, list)):
             raise UserError(f"config field {name}: expected a string, got {value!r}")
         return "" if value is None else str(value)
+    if typ is list:
+        if value is None:
+            return []
+        if isinstance(value, dict):
+            raise UserError(f"config field {name}: expected a list, got {value!r}")
+        return list(value) if isinstance(value, (list, tuple)) else [value]
     return value
+
+
+def choices_of(f: dataclasses.Field) -> list[str] | None:
+    """The valid values of a field, from the table that defines them (None: any value of its type)."""
+    table = f.metadata.get("choices")
+    if table is None:
+        return None
+    return sorted(table() if callable(table) else table)
+
+
+def _check_choice(f: dataclasses.Field, value, name: str) -> None:
+    valid = choices_of(f)
+    if valid is None or (value == "" and f.default == ""):  # empty: "the preset's own"
+        return
+    if value not in valid:
+        what = name.rsplit(".", 1)[-1]
+        raise UserError(f"config field {name}: unknown {what} {value!r}; choose one of: {', '.join(valid)}")
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -252,6 +378,7 @@ def _build(cls, data: dict, prefix: str = ""):
             default = dataclasses.asdict(f.default_factory())
             value = {**{k: v for k, v in default.items() if k not in value}, **value}
         values[f.name] = _coerce(value, types_[f.name], prefix + f.name)
+        _check_choice(f, values[f.name], prefix + f.name)
     return cls(**values)
 
 
@@ -313,14 +440,19 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def describe(cls, prefix: str = "") -> list[str]:
-    """One line per field: dotted key, default, documentation."""
+def describe(cls, prefix: str = "", values=None) -> list[str]:
+    """One line per field: dotted key, this command's default, documentation (with the valid values)."""
+    values = cls() if values is None else values
     lines = []
     for f in dataclasses.fields(cls):
         typ = _field_types(cls)[f.name]
+        value = getattr(values, f.name)
         if dataclasses.is_dataclass(typ):
-            lines += describe(typ, prefix + f.name + ".")
+            lines += describe(typ, prefix + f.name + ".", value)
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{prefix + f.name:32s} {default!r:>14}  {f.metadata.get('doc', '')}")
+            text = f.metadata.get("doc", "")
+            valid = choices_of(f)
+            if valid:
+                text += f" (one of: {', '.join(valid)})"
+            lines.append(f"{prefix + f.name:32s} {value!r:>14}  {text}")
     return lines

@@ -9,8 +9,9 @@ from unison.tasks.base import Example
 from unison.tasks.templates import encode_prompt
 
 
-def encode_all(tokenizer, examples: list[Example], template: str = "auto", max_len: int | None = None) -> list[list[int]]:
-    """Token ids of each example's templated prompt; a prompt longer than `max_len` is a user error."""
+def encode_all(tokenizer, examples: list[Example], template: str = "auto") -> list[list[int]]:
+    """Token ids of each example's templated prompt; an empty one is a user error (`Setup.encode` checks them
+    against the model's context)."""
     from unison.errors import UserError
 
     out = []
@@ -18,11 +19,6 @@ def encode_all(tokenizer, examples: list[Example], template: str = "auto", max_l
         ids = encode_prompt(tokenizer, ex, template)
         if not ids:
             raise UserError(f"prompt {ex.id or ex.prompt[:40]!r} is empty after templating; remove it from the prompt file")
-        if max_len is not None and len(ids) >= max_len:
-            raise UserError(
-                f"prompt {ex.id or ex.prompt[:40]!r} has {len(ids)} tokens, leaving no room for a response in the "
-                f"model's context of {max_len}; shorten it or drop it from the prompt file"
-            )
         out.append(ids)
     return out
 
@@ -35,10 +31,10 @@ def score(task, tokenizer, rollouts: Rollouts, examples: list[Example]) -> tuple
     return torch.tensor(rewards, dtype=torch.float32), texts
 
 
-def evaluate(engine, tokenizer, task, examples: list[Example], params: SamplingParams, k: int = 1,
-             template: str = "auto", batch_size: int = 256, progress: bool = False) -> dict:
-    """avg@k (mean reward over k samples per prompt) and pass@k (share of prompts solved at least once)."""
-    prompts = encode_all(tokenizer, examples, template)
+def evaluate(engine, task, tokenizer, examples: list[Example], prompts: list[list[int]], params: SamplingParams,
+             k: int = 1, batch_size: int = 256, progress: bool = False) -> dict:
+    """avg@k (mean reward over k samples per prompt) and pass@k (share of prompts solved at least once); `prompts`
+    are the examples' encoded prompts (`Setup.encode`)."""
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(k)]
     rewards = torch.zeros(len(rows))
     lengths = torch.zeros(len(rows))

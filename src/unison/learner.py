@@ -1,9 +1,10 @@
 """The learner: fp32 master weights, log-prob recompute in the train dtype, steps through the precision module,
 and weight export to the rollout engine with verification.
 
-Each (prompt, response) pair is laid out as one right-padded row [prompt, response, pad...] and run through one
-full-sequence causal forward (no KV cache); only the response positions go through the LM head, and their logits
-are upcast to fp32 before the log-softmax (`unison.sampling`). Where several rows of a micro-batch share a prompt (the
+Each (prompt, response) pair is laid out as one right-padded row [prompt, response, pad...] and run through the
+model's own full-sequence causal forward (no KV cache); only the response positions go through the LM head and the
+model's logit transforms (`unison.hf.LogitsAt`), and their logits are upcast to fp32 before the log-softmax
+(`unison.sampling`). The model stays in eval mode: no dropout, so the policy trained is the policy that samples. Where several rows of a micro-batch share a prompt (the
 samples of a group) and that costs fewer tokens, the micro-batch runs in two forwards instead: each distinct prompt
 once, then every response on its prompt's keys and values (`SharedPrompts`); gradients through those keys and
 values sum over the rows that share them, so the step is the same up to rounding.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from unison.hf import LogitsAt, cache_kwarg, output_cache
 from unison.precision import (
     LossScaler,
     MasterWeights,
@@ -204,13 +206,15 @@ class Learner:
         cfg = getattr(model, "config", None)
         self.share_prompts = bool(share_prompts and cfg is not None and cfg.model_type in SHARED_PROMPT_TYPES
                                   and not getattr(cfg, "use_sliding_window", False))  # fmt: skip
-        self.model = model.to(self.device)
-        self.model.train()
+        # the policy that is trained is the policy that samples: dropout (and any other train-time randomness, such
+        # as a router's jitter) stays off, as in the rollout engine
+        self.model = model.to(self.device).eval()
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
         self.weights = MasterWeights(self.model, policy.train)
         self.matmul = matmul_mode(matmul, self.device, policy.train)
         set_matmul(self.model, self.matmul)
+        self.logits_at = LogitsAt(self.model)
         # PyTorch's fused AdamW (one kernel over all master weights) where it has one: on a CPU 5x faster than the
         # per-tensor loop for a 104M model (0.13 s against 0.69 s a step), the same update to an ulp
         fused = self.device.type in ("cpu", "cuda") or None
@@ -260,28 +264,28 @@ class Learner:
         return SequenceBatch.from_rollouts(rollouts, self.pad_token_id, self.device, share=self.share_prompts)
 
     def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
-        """Logits at the response positions, in the train dtype. -> [B, T, V]"""
+        """The model's own logits (its LM head and logit transforms) at the response positions, in the train dtype.
+        -> [B, T, V]"""
         if batch.shared is not None:
-            return self.model.get_output_embeddings()(self.shared_prompt_hidden(batch))
-        hidden = self.model.base_model(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [B, L, H]
-        index = batch.gather[..., None].expand(-1, -1, hidden.shape[-1])
-        return self.model.get_output_embeddings()(hidden.gather(1, index))  # [B, T, V]
+            return self.shared_prompt_logits(batch)
+        return self.logits_at(batch.gather, input_ids=batch.input_ids)
 
-    def shared_prompt_hidden(self, batch: SequenceBatch) -> torch.Tensor:
-        """Final hidden states that predict the response tokens [B, T, H]: the distinct prompts run once (left-padded),
-        their keys and values given to every row of them, then the responses on top."""
+    def shared_prompt_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        """Logits that predict the response tokens [B, T, V]: the distinct prompts run once (left-padded), their keys
+        and values given to every row of them, then the responses on top."""
         sp = batch.shared
-        base = self.model.base_model
+        cache_kw = cache_kwarg(self.model)
         positions = (sp.mask.cumsum(-1) - 1).clamp(min=0)
-        out = base(input_ids=sp.ids, attention_mask=sp.mask, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
+        out = self.model(input_ids=sp.ids, attention_mask=sp.mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)  # fmt: skip
+        cache = output_cache(out)
         cache.batch_select_indices(sp.inverse)  # one copy per row; the backward sums the rows' gradients per prompt
         B, T1 = batch.input_ids.shape
         attention = torch.cat((sp.mask[sp.inverse], sp.mask.new_ones(B, T1)), 1)
         positions = sp.lengths[:, None] + torch.arange(T1, device=sp.lengths.device)[None, :]
-        hidden = base(input_ids=batch.input_ids, attention_mask=attention, position_ids=positions,
-                      past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
-        return torch.cat((out.last_hidden_state[sp.inverse, -1:], hidden), 1)
+        logits = self.model(input_ids=batch.input_ids, attention_mask=attention, position_ids=positions,
+                            use_cache=True, **{cache_kw: cache}).logits  # fmt: skip
+        return torch.cat((out.logits[sp.inverse], logits), 1)
 
     def logprobs(self, batch: SequenceBatch, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  with_entropy: bool = False):
@@ -299,8 +303,6 @@ class Learner:
                   top_p: float = 1.0, with_entropy: bool = False):
         """log pi_old for a whole rollout batch without gradient, in micro-batches of similar length (less padding).
         -> [B, T] fp32 on the CPU (and the entropy [B, T] with `with_entropy`)"""
-        was_training = self.model.training
-        self.model.eval()
         B, T = rollouts.response_ids.shape
         logp_all = torch.zeros(B, T)
         ent_all = torch.zeros(B, T)
@@ -311,7 +313,6 @@ class Learner:
             logp_all[idx, : logp.shape[1]] = logp.float().cpu()
             if with_entropy:
                 ent_all[idx, : ent.shape[1]] = ent.float().cpu()
-        self.model.train(was_training)
         return (logp_all, ent_all) if with_entropy else logp_all
 
     # ---- update ---------------------------------------------------------------------------------------------

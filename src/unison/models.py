@@ -124,16 +124,61 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A causal LM from a local checkpoint directory (offline), on `device`, in `dtype`, in eval mode."""
-    from transformers import AutoModelForCausalLM
+# attention kernels a Hugging Face model can be loaded with (model.attn_implementation)
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def causal_lm_class(config):
+    """The transformers class that `AutoModelForCausalLM` builds for `config` (None where it has none)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def resolve_attn_implementation(config, requested: str = "auto", device: torch.device | str = "cpu") -> str:
+    """The attention implementation to load `config`'s model with: `auto` is sdpa where the model class supports it,
+    else eager (Gemma2: sdpa has no attention softcapping). A choice the model or the machine cannot run is a user
+    error."""
+    cls = causal_lm_class(config)
+    kind = config.model_type
+    sdpa_ok = bool(getattr(cls, "_supports_sdpa", True))
+    if requested == "auto":
+        return "sdpa" if sdpa_ok else "eager"
+    if requested == "sdpa" and not sdpa_ok:
+        raise UserError(f"{kind} models cannot run model.attn_implementation=sdpa in this transformers; use auto or eager")
+    if requested == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+                            "installed (pip install flash-attn on a CUDA machine); use auto")  # fmt: skip
+        if torch.device(device).type != "cuda":
+            raise UserError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only; use auto on this device")
+        if not getattr(cls, "_supports_flash_attn", getattr(cls, "_supports_flash_attn_2", False)):
+            raise UserError(f"{kind} models do not support flash_attention_2; use auto")
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"unknown attention implementation {requested!r}; choose one of: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    return requested
+
+
+def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "auto"):
+    """A causal LM from a local checkpoint directory (offline), on `device`, in `dtype`, in eval mode.
+
+    The weights are read in the dtype they are stored in and cast once, whatever `config.json`'s dtype says."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from unison.precision import cast_module
 
     path = resolve_model_dir(model_dir)
     try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        attn = resolve_attn_implementation(config, attn_implementation, device)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation="sdpa"
+            str(path), local_files_only=True, dtype=torch.float32, attn_implementation=attn
         )
     except ValueError as exc:
         raise UserError(f"cannot load {str(path)!r} as a causal LM: {str(exc).splitlines()[0]}") from None
@@ -143,15 +188,29 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     return model.to(device).eval()
 
 
-def eos_token_ids(tokenizer, model=None) -> tuple[int, ...]:
-    """The ids that end a response: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(model, "generation_config", None) if model is not None else None
-    eos = getattr(gen, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(int(e) for e in eos)
+def _ids(value) -> set[int]:
+    if isinstance(value, bool) or value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, (list, tuple)):
+        return {int(v) for v in value if isinstance(v, int) and not isinstance(v, bool)}
+    return set()
+
+
+def eos_token_ids(tokenizer, model_dir: str | Path | None = None) -> tuple[int, ...]:
+    """The ids that end a response: the union of the tokenizer's EOS, `eos_token_id` of the checkpoint's
+    generation_config.json (an int or a list) and of its config.json (and its text_config, for multimodal configs)."""
+    ids = _ids(tokenizer.eos_token_id)
+    if model_dir is not None:
+        path = resolve_model_dir(model_dir)
+        for name in ("generation_config.json", "config.json"):
+            try:
+                data = json.loads((path / name).read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(data, dict):
+                ids |= _ids(data.get("eos_token_id"))
+                if isinstance(data.get("text_config"), dict):
+                    ids |= _ids(data["text_config"].get("eos_token_id"))
     return tuple(sorted(ids))

@@ -13,9 +13,8 @@ scaler's business (`unison.precision.backward_and_step`); this module watches th
 
 A non-finite residual stays non-finite through the norm (RMSNorm of inf is NaN), so these checks name the first
 block whose values left the FP16 range. Each check is one `isfinite().all()` reduction kept on the device; they are
-read in a pre-hook on the LM head (one host sync per forward, before any token is sampled or any loss formed). A
-pass that does not reach the head (the learner's pass over the distinct prompts of a micro-batch, whose keys and
-values the responses then read) is read with the pass that does. On overflow:
+read in a pre-hook on the LM head (one host sync per forward, before any token is sampled or any loss formed);
+checks of a pass that does not reach the head are read with the next pass that does. On overflow:
 
     stop         raise `ActivationOverflowError` naming the layer and the block, suggesting bf16 or fp32
     fp32_layers  an MLP whose hidden activation overflows is recomputed in fp32 from its saved input (its weights

@@ -141,10 +141,13 @@ def set_matmul(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     return module
 
 
+MATMUL_MODES = ("auto", "native", "fp32-accumulate")
+
+
 def matmul_mode(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """Resolve `auto` to `native` where the device has fast fp16/bf16 matrix units, else `fp32-accumulate`."""
-    if requested not in ("auto", "native", "fp32-accumulate"):
-        raise UserError(f"unknown matmul mode {requested!r}; choose one of: auto, native, fp32-accumulate")
+    if requested not in MATMUL_MODES:
+        raise UserError(f"unknown matmul mode {requested!r}; choose one of: {', '.join(MATMUL_MODES)}")
     if requested != "auto":
         return requested
     if dtype == torch.float32 or native_low_precision_matmul(device.type):

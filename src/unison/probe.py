@@ -17,59 +17,51 @@ from pathlib import Path
 
 import torch
 
-from unison.config import check, doc
-from unison.evaluation import encode_all
-from unison.learner import Learner
+from tqdm.auto import tqdm
+
+from unison.config import DataConfig, ModelConfig, RolloutConfig, RunBase, check, doc
 from unison.mismatch import MismatchAccumulator
-from unison.models import eos_token_ids, load_model, load_tokenizer, resolve_model_dir
-from unison.precision import PRECISIONS, PrecisionPolicy, check_dtype_supported, precision_name, resolve_device
-from unison.rollout import make_engine
-from unison.rollout.base import SamplingParams
-from unison.tasks import load_task
+from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
+from unison.setup import Setup, build
+
+
+@dataclass
+class ProbeSection:
+    precisions: list = doc(["fp32", "fp16", "bf16"], "settings to probe: a precision for rollout and train alike, or "
+                                                     "rollout/train (e.g. fp32/bf16)")
+    batch_size: int = doc(256, "sequences per generate call")
+    activations: bool = doc(False, "also measure each layer's largest |activation| (fp32 forward) against the FP16 "
+                                   "limit 65504")
+    json: str = doc("", "also write the results JSON here")
 
 
 @dataclass
 class ProbeConfig:
-    """`unison probe`."""
+    """`unison probe`: data.max_prompts prompts x rollout.group_size responses, per precision setting."""
 
-    model: str = doc("builtin", "a local Hugging Face checkpoint directory, or 'builtin'")
-    prompts: str = doc("builtin", "'builtin' (the countdown task's held-out prompts) or a JSONL/Parquet prompt file")
-    prompt_key: str = doc("prompt", "column of the prompt file holding the prompt")
-    template: str = doc("auto", "prompt template: plain, chat or auto")
-    precisions: list = doc(["fp32", "fp16", "bf16"], "settings to probe, each the same dtype for rollout and train")
-    rollout_precision: str = doc("", "probe one mixed setting: this rollout dtype ...")
-    train_precision: str = doc("", "... with this train dtype (both must be given)")
-    num_prompts: int = doc(32, "prompts to sample from")
-    samples: int = doc(8, "responses per prompt (the paper used 32)")
-    max_new_tokens: int = doc(256, "longest response")
-    temperature: float = doc(1.0, "sampling temperature (the paper: 1.0)")
-    top_p: float = doc(1.0, "top-p (the paper: 1.0)")
-    engine: str = doc("native", "rollout engine: native or vllm")
-    device: str = doc("auto", "auto, cpu or cuda")
-    matmul: str = doc("auto", "fp16/bf16 matrix products: auto, native or fp32-accumulate")
-    batch_size: int = doc(256, "sequences per generate call")
-    seed: int = doc(0, "seed for prompt choice and sampling")
-    out: str = doc("runs/probe", "folder for probe.json and the figures")
-    json_path: str = doc("", "also write the results JSON here")
-    progress: bool = doc(True, "show a progress bar while sampling")
-    activations: bool = doc(False, "also measure each layer's largest |activation| (fp32 forward) against the FP16 limit 65504")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompts=32))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    run: RunBase = field(default_factory=lambda: RunBase(out="runs/probe"))
 
     def validate(self) -> "ProbeConfig":
-        names = [self.rollout_precision, self.train_precision]
-        check(all(names) or not any(names), "train_precision", "give both --rollout-precision and --train-precision, or neither")
-        for p in self.settings_names():
-            for name in p:
-                check(name.lower() in PRECISIONS, "precisions", f"unknown precision {name!r}; choose from fp32, bf16, fp16")
-        check(self.num_prompts >= 1 and self.samples >= 1, "num_prompts", "num_prompts and samples must be at least 1")
-        check(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
-        check(self.temperature > 0, "temperature", "must be > 0")
-        check(self.engine in ("native", "vllm"), "engine", f"must be native or vllm, not {self.engine!r}")
+        self.model.validate()
+        self.data.validate()
+        self.rollout.validate(groups=1)
+        check(self.rollout.temperature > 0, "rollout.temperature", "must be > 0")
+        check(bool(self.probe.precisions), "probe.precisions", "list at least one setting, e.g. [fp32, fp16, bf16]")
+        check(self.probe.batch_size >= 1, "probe.batch_size", "must be at least 1")
+        check(self.data.max_prompts >= 1, "data.max_prompts", "must be at least 1 (the prompts to sample from)")
+        for name in self.probe.precisions:
+            parts = str(name).split("/")
+            check(len(parts) in (1, 2) and all(x in PRECISIONS for x in parts), "probe.precisions",
+                  f"unknown setting {name!r}; give a precision ({', '.join(sorted(PRECISIONS))}) or rollout/train")  # fmt: skip
         return self
 
     def settings_names(self) -> list[tuple[str, str]]:
-        if self.rollout_precision:
-            return [(self.rollout_precision, self.train_precision)]
-        return [(p, p) for p in self.precisions]
+        pairs = [str(name).split("/") for name in self.probe.precisions]
+        return [(p[0], p[-1]) for p in pairs]
 
 
 @dataclass
@@ -82,28 +74,26 @@ class ProbeResult:
     points: dict = field(default_factory=dict, repr=False)  # subsampled pi/mu pairs and per-sequence values
 
 
-def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, model_dir, tokenizer, prompt_ids, device) -> ProbeResult:
+def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_ids) -> ProbeResult:
     t0 = time.perf_counter()
-    engine = make_engine(cfg.engine, model_dir, dtype=policy.rollout, device=device, seed=cfg.seed, matmul=cfg.matmul)
-    learner = Learner(load_model(model_dir, device=device), policy, device, pad_token_id=tokenizer.pad_token_id or 0,
-                      matmul=cfg.matmul)  # fmt: skip
-    learner.sync(engine)  # the engine holds exactly the learner's weights cast to the rollout dtype
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, eos_token_ids(tokenizer))
-    rows = [p for p in prompt_ids for _ in range(cfg.samples)]
-    acc = MismatchAccumulator()
-    pis, mus = [], []
-    from tqdm.auto import tqdm
-
+    learner = s.learner(policy)
     label = f"{precision_name(policy.rollout)}/{precision_name(policy.train)}"
-    bar = tqdm(total=len(rows), desc=f"probe {label}", unit="seq", disable=not cfg.progress)
-    for start in range(0, len(rows), cfg.batch_size):
-        ro = engine.generate(rows[start: start + cfg.batch_size], params)
-        logp_pi = learner.recompute(ro, micro_batch_size=64, temperature=cfg.temperature, top_p=cfg.top_p)
-        acc.add(logp_pi, ro.logprobs, ro.mask)
-        pis.append(logp_pi[ro.mask].exp())
-        mus.append(ro.logprobs[ro.mask].exp())
-        bar.update(len(ro))
-    bar.close()
+    with s.engine(policy.rollout) as engine:
+        print(f"probe {label}: {s.describe(engine)}", flush=True)
+        learner.sync(engine)  # the engine holds exactly the learner's weights cast to the rollout dtype
+        params = s.sampling(top_k=0)
+        rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
+        acc = MismatchAccumulator()
+        pis, mus = [], []
+        bar = tqdm(total=len(rows), desc=f"probe {label}", unit="seq", disable=not cfg.run.progress)
+        for start in range(0, len(rows), cfg.probe.batch_size):
+            ro = engine.generate(rows[start: start + cfg.probe.batch_size], params)
+            logp_pi = learner.recompute(ro, micro_batch_size=64, temperature=params.temperature, top_p=params.top_p)
+            acc.add(logp_pi, ro.logprobs, ro.mask)
+            pis.append(logp_pi[ro.mask].exp())
+            mus.append(ro.logprobs[ro.mask].exp())
+            bar.update(len(ro))
+        bar.close()
     metrics = acc.result()
     slope, intercept = acc.length_slope()
     pi, mu = torch.cat(pis), torch.cat(mus)
@@ -115,43 +105,36 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, model_dir, tokenize
 
 
 def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
-    device = resolve_device(cfg.device)
     policies = [PrecisionPolicy.from_names(r, t) for r, t in cfg.settings_names()]
-    for pol in policies:
-        check_dtype_supported(pol.rollout, device)
-        check_dtype_supported(pol.train, device)
-    model_dir = resolve_model_dir(cfg.model)
-    tokenizer = load_tokenizer(model_dir)
-    from unison.trainer import load_model_config
-
-    load_model_config(model_dir)  # an unsupported architecture is refused here
-    task = load_task(cfg.prompts, prompt_key=cfg.prompt_key, require_answer=False)
-    split = "test" if cfg.prompts in ("builtin", "countdown", "") else "train"
-    examples = task.examples(split, n=cfg.num_prompts, seed=cfg.seed)
-    prompt_ids = encode_all(tokenizer, examples, cfg.template)
-    results = [probe_setting(cfg, pol, model_dir, tokenizer, prompt_ids, device) for pol in policies]
-    out = Path(cfg.out)
+    dtypes = [d for pol in policies for d in (pol.rollout, pol.train)]
+    s = build(cfg.model, cfg.data, cfg.rollout, dtypes=dtypes, seed=cfg.run.seed, require_answer=False)
+    split = "test" if cfg.data.source in ("builtin", "countdown", "") else "train"
+    examples = s.examples(split, cfg.data.max_prompts)
+    prompt_ids = s.encode(examples)
+    results = [probe_setting(cfg, pol, s, prompt_ids) for pol in policies]
+    out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = results_json(cfg, results)
-    if cfg.activations:
-        payload["activations"] = probe_activations(cfg, model_dir, tokenizer, prompt_ids, device)
+    if cfg.probe.activations:
+        payload["activations"] = probe_activations(cfg, s, prompt_ids)
     (out / "probe.json").write_text(json.dumps(payload, indent=1))
-    if cfg.json_path:
-        Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json_path).write_text(json.dumps(payload, indent=1))
+    if cfg.probe.json:
+        Path(cfg.probe.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.probe.json).write_text(json.dumps(payload, indent=1))
     plot_token_scatter(results, out / "pi_vs_mu.png")
     plot_sequence_drift(results, out / "seq_log_ratio_vs_length.png")
     return results
 
 
-def probe_activations(cfg: ProbeConfig, model_dir, tokenizer, prompt_ids, device) -> list[dict]:
+def probe_activations(cfg: ProbeConfig, s: Setup, prompt_ids) -> list[dict]:
     """Largest |activation| per layer over the prompts, each with one response sampled in fp32 (`unison.overflow`)."""
     from unison.overflow import activation_stats
 
-    engine = make_engine(cfg.engine, model_dir, dtype=torch.float32, device=device, seed=cfg.seed, matmul=cfg.matmul)
-    ro = engine.generate(prompt_ids, SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, eos_token_ids(tokenizer)))
-    seqs = [torch.tensor([p + ro.response_ids[i, : int(ro.lengths[i])].tolist()], device=device) for i, p in enumerate(prompt_ids)]
-    return activation_stats(load_model(model_dir, device=device), seqs)
+    with s.engine(torch.float32) as engine:
+        ro = engine.generate(prompt_ids, s.sampling(top_k=0))
+    seqs = [torch.tensor([p + ro.response_ids[i, : int(ro.lengths[i])].tolist()], device=s.device)
+            for i, p in enumerate(prompt_ids)]  # fmt: skip
+    return activation_stats(s.load_model(), seqs)
 
 
 def results_json(cfg: ProbeConfig, results: list[ProbeResult]) -> dict:
@@ -159,8 +142,9 @@ def results_json(cfg: ProbeConfig, results: list[ProbeResult]) -> dict:
         return v if not isinstance(v, float) or math.isfinite(v) else str(v)
 
     return {
-        "model": cfg.model, "engine": cfg.engine, "prompts": cfg.prompts, "num_prompts": cfg.num_prompts,
-        "samples": cfg.samples, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+        "model": cfg.model.path, "engine": cfg.rollout.engine, "prompts": cfg.data.source,
+        "num_prompts": cfg.data.max_prompts, "samples": cfg.rollout.group_size,
+        "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
         "results": [
             {"rollout_precision": r.rollout_precision, "train_precision": r.train_precision,
              "metrics": {k: clean(v) for k, v in {**r.metrics, "seq_slope_per_1k_tokens": r.slope_per_1k}.items()},

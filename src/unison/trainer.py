@@ -24,18 +24,16 @@ from tqdm.auto import tqdm
 
 from unison import checkpoint as ckpt
 from unison.algorithms import ADVANTAGES, aggregation_counts, policy_loss
-from unison.config import TrainConfig, to_dict
+from unison.config import TrainConfig, parse_size, to_dict
 from unison.errors import UserError
-from unison.evaluation import encode_all, evaluate, score
+from unison.evaluation import evaluate, score
 from unison.learner import Learner
 from unison.mismatch import mismatch_metrics
 from unison.overflow import OverflowGuard
-from unison.models import eos_token_ids, load_model, load_tokenizer, resolve_model_dir
-from unison.precision import PrecisionPolicy, check_dtype_supported, precision_name, resolve_device
+from unison.precision import PrecisionPolicy, precision_name
 from unison.report import MetricsLog, console_line
-from unison.rollout import make_engine
 from unison.rollout.base import SamplingParams
-from unison.tasks import load_task
+from unison.setup import Setup, build
 
 
 def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
@@ -67,83 +65,24 @@ def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
 
 
 @dataclass
-class Setup:
-    """Everything a run needs, built from a config (also used by `eval`, `filter` and `probe`)."""
+class RunInputs:
+    """What `unison train` adds to the shared set-up: the precision policy, its prompts and its sampling."""
 
-    cfg: TrainConfig
-    device: torch.device
+    setup: Setup
     policy: PrecisionPolicy
-    tokenizer: object
-    task: object
     train_examples: list
     test_examples: list
-    prompt_ids: dict
     sampling: SamplingParams
 
 
-def build_setup(cfg: TrainConfig) -> Setup:
-    device = resolve_device(cfg.model.device)
+def build_run(cfg: TrainConfig) -> RunInputs:
+    """The set-up of a training run, every input checked (nothing is written)."""
     policy = PrecisionPolicy.from_names(cfg.precision.rollout, cfg.precision.train)
-    for dtype in {policy.rollout, policy.train}:
-        check_dtype_supported(dtype, device)
-    model_dir = resolve_model_dir(cfg.model.path)
-    tokenizer = load_tokenizer(model_dir)
-    d = cfg.data
-    task = load_task(d.source, prompt_key=d.prompt_key, answer_key=d.answer_key, reward=d.reward or None,
-                     test_path=d.test_source or None)  # fmt: skip
-    train_examples = task.examples("train", seed=cfg.run.seed)
-    if d.subset:
-        keep = read_subset(d.subset)
-        train_examples = [e for e in train_examples if e.id in keep]
-        if not train_examples:
-            raise UserError(f"data.subset {d.subset!r} matches no prompt of the task; build it with `unison filter` on the same data")
-    if d.max_prompts:
-        train_examples = train_examples[: d.max_prompts]
-    test_examples = task.examples("test", n=cfg.run.eval_prompts, seed=cfg.run.seed)
-    max_ctx = getattr(load_model_config(model_dir), "max_position_embeddings", None)
-    encoded = encode_all(tokenizer, train_examples + test_examples, d.template, max_ctx)
-    prompt_ids = {id(e): ids for e, ids in zip(train_examples + test_examples, encoded)}
-    stops = eos_token_ids(tokenizer)
-    r = cfg.rollout
-    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop_token_ids=stops)
-    return Setup(cfg, device, policy, tokenizer, task, train_examples, test_examples, prompt_ids, sampling)
-
-
-def load_model_config(model_dir):
-    from transformers import AutoConfig
-
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    how = "give a decoder-only causal LM checkpoint (e.g. Qwen2, Qwen3, Llama, Mistral)"
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (ValueError, KeyError, OSError):  # an unknown model_type, a broken config.json
-        raise UserError(f"{str(model_dir)!r} holds a model of unknown type; {how}") from None
-    kind = config.model_type
-    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, which is not a causal LM; {how}")
-    if getattr(config, "is_encoder_decoder", False) or (kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder):
-        raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, an encoder, not a decoder-only causal LM; {how}")
-    return config
-
-
-def read_subset(path: str) -> set[str]:
-    """Prompt ids from a `unison filter` output file (JSONL with an `id` field per line)."""
-    import json
-
-    from unison.models import ASSETS
-
-    p = ASSETS / "countdown-perfectible.jsonl" if path == "builtin" else Path(path)
-    if not p.is_file():
-        raise UserError(f"data.subset file {path!r} not found; create it with `unison filter`")
-    ids = set()
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                ids.add(str(json.loads(line)["id"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{n} is not a JSON object with an 'id'; build the subset with `unison filter`") from None
-    return ids
+    s = build(cfg.model, cfg.data, cfg.rollout, dtypes=(policy.rollout, policy.train), seed=cfg.run.seed)
+    train_examples = s.examples("train", cfg.data.max_prompts or None)
+    test_examples = s.task.examples("test", n=cfg.run.eval_prompts, seed=cfg.run.seed)
+    s.encode(train_examples + test_examples)
+    return RunInputs(s, policy, train_examples, test_examples, s.sampling())
 
 
 class PromptStream:
@@ -171,14 +110,15 @@ def needs_recompute(optim, rollout_batch: int) -> bool:
     return optim.epochs > 1 or optim.train_batch_size < rollout_batch
 
 
-def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: PromptStream, preset, shuffle: torch.Generator,
-            samples: list | None = None) -> dict:
+def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: PromptStream, preset,
+            shuffle: torch.Generator, samples: list | None = None) -> dict:
     """One RL step: rollout, reward, advantage, recompute, mismatch, updates, sync. Returns its metrics (and appends
     a digest of the sampled responses to `samples` when given)."""
     r, o = cfg.rollout, cfg.optim
     t_start = time.perf_counter()
     examples = [e for e in stream.take(r.prompts_per_step) for _ in range(r.group_size)]  # groups are contiguous
-    rollouts = engine.generate([s.prompt_ids[id(e)] for e in examples], s.sampling)
+    s = run.setup
+    rollouts = engine.generate([s.prompt_ids[id(e)] for e in examples], run.sampling)
     t_rollout = time.perf_counter() - t_start
     if samples is not None:
         samples.append(ckpt.rollout_digest(rollouts))
@@ -271,43 +211,41 @@ def rl_step(cfg: TrainConfig, s: Setup, learner: Learner, engine, stream: Prompt
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> Path:
     """Run RL fine-tuning as configured; returns the run folder."""
-    s = build_setup(cfg)  # every input is checked before the run folder is touched
+    run = build_run(cfg)  # every input is checked before the run folder is touched
+    s = run.setup
     seed = cfg.run.seed
     torch.manual_seed(seed)
     random.seed(seed)
-    model_dir = resolve_model_dir(cfg.model.path)
-    model = load_model(model_dir, device=s.device)
+    model = s.load_model()
     run_dir = prepare_run_dir(cfg.run.out, resume, overwrite)
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
-    if latest is not None:
-        ckpt.check_compatible(latest, model)  # before anything in the run folder is written
+    master = ckpt.check_compatible(latest, model) if latest is not None else None  # before anything is written
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     preset = cfg.algorithm_fields()
     p = cfg.precision
     scaling = None if p.loss_scaling == "auto" else p.loss_scaling == "on"
     learner = Learner(
-        model, s.policy, s.device, lr=cfg.optim.lr,
+        model, run.policy, s.device, lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2),
         max_grad_norm=cfg.optim.max_grad_norm or None, pad_token_id=s.tokenizer.pad_token_id or 0,
         loss_scaling=scaling, matmul=cfg.model.matmul, micro_batch_tokens=cfg.optim.micro_batch_tokens,
         share_prompts=cfg.optim.share_prompts,
         scaler_kwargs={"init_scale": p.init_scale, "growth_interval": p.growth_interval, "min_scale": p.min_scale},
     )  # fmt: skip
-    engine = make_engine(cfg.rollout.engine, model_dir, dtype=s.policy.rollout, device=s.device, seed=seed,
-                         matmul=cfg.model.matmul)  # fmt: skip
+    engine = s.engine(run.policy.rollout)
     def watch(dtype):  # the FP16 range is fp16's concern: bf16 and fp32 share fp32's range
         return p.on_activation_overflow if dtype == torch.float16 else "off"
 
-    guards = {"learner": OverflowGuard.attach(learner.model, watch(s.policy.train), "learner (full-sequence forward)"),
+    guards = {"learner": OverflowGuard.attach(learner.model, watch(run.policy.train), "learner (full-sequence forward)"),
               "engine": OverflowGuard.attach(getattr(engine, "model", None) or torch.nn.Module(),
-                                             watch(s.policy.rollout), "rollout engine (decode)")}  # fmt: skip
-    stream = PromptStream(s.train_examples, seed)
+                                             watch(run.policy.rollout), "rollout engine (decode)")}  # fmt: skip
+    stream = PromptStream(run.train_examples, seed)
     shuffle = torch.Generator().manual_seed(seed + 1)
     start = 0
     if latest is not None:
         state = ckpt.load_trainer_state(latest)
-        learner_state = {**state["learner"], "master": ckpt.load_master(latest)}
-        if state.get("precision") != {"rollout": precision_name(s.policy.rollout), "train": precision_name(s.policy.train)}:
+        learner_state = {**state["learner"], "master": master}
+        if state.get("precision") != {"rollout": precision_name(run.policy.rollout), "train": precision_name(run.policy.train)}:
             learner_state["scaler"] = learner.scaler.state_dict()  # a new precision starts with its own loss scale
         learner.load_state_dict(learner_state)
         for name, g in guards.items():
@@ -322,23 +260,22 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
     for name in ("metrics.jsonl", "samples.jsonl"):  # rows after the resumed step, and lines torn by a kill
         ckpt.truncate_jsonl(run_dir / name, start)
     log = MetricsLog(run_dir, tensorboard=cfg.run.tensorboard)
-    eval_params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
-                                 cfg.rollout.top_k, s.sampling.stop_token_ids)  # fmt: skip
     if not quiet:
-        print(f"unison train: {cfg.model.path} | {s.policy.describe()} | preset {cfg.algorithm.preset} | "
-              f"{len(s.train_examples)} prompts | run folder {run_dir}" + (f" | resumed at step {start}" if start else ""))
+        print(f"unison train: {s.describe(engine)} | {run.policy.describe()} | preset {cfg.algorithm.preset} | "
+              f"{len(run.train_examples)} prompts | run folder {run_dir}" + (f" | resumed at step {start}" if start else ""))
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train", unit="step",
                disable=quiet or not cfg.run.progress)  # fmt: skip
     try:
         for step in bar:
             samples: list = []
-            metrics = rl_step(cfg, s, learner, engine, stream, preset, shuffle, samples)
+            metrics = rl_step(cfg, run, learner, engine, stream, preset, shuffle, samples)
             done = step + 1
             ckpt.append_jsonl(run_dir / "samples.jsonl", {"step": done, **samples[0]})
             if p.on_activation_overflow == "fp32_layers":
                 metrics["precision/fp32_layers"] = sum(len(g.upcast) for g in guards.values() if g is not None)
             if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
-                ev = evaluate(engine, s.tokenizer, s.task, s.test_examples, eval_params, k=1, template=cfg.data.template)
+                prompts = [s.prompt_ids[id(e)] for e in run.test_examples]
+                ev = evaluate(engine, s.task, s.tokenizer, run.test_examples, prompts, run.sampling, k=1)
                 metrics.update({"eval/avg@1": ev["avg@1"], "eval/pass@1": ev["pass@1"]})
             log.write(done, metrics)
             bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", k3=f"{metrics['mismatch/k3']:.1e}",
@@ -367,7 +304,8 @@ def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: 
     }  # fmt: skip
     try:
         return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, state["master"], trainer_state,
-                                    keep=cfg.run.keep_checkpoints)  # fmt: skip
+                                    keep=cfg.run.keep_checkpoints, shard_size=parse_size(cfg.run.shard_size,
+                                                                                          "run.shard_size"))  # fmt: skip
     except OSError as exc:
         raise UserError(f"cannot write a checkpoint into {str(run_dir)!r} ({exc.strerror}); free disk space or "
                         "choose another run.out, then pass --resume") from None  # fmt: skip

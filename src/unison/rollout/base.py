@@ -22,13 +22,15 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. `max_new_tokens` bounds every response; `stop_token_ids` end a response (EOS by default)."""
+    """How to sample. `max_new_tokens` bounds every response; `stop_token_ids` end a response (EOS by default), and
+    so does the token that completes one of `stop_strings` in the decoded response (`cut_at_stop_strings`)."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k truncation
     stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -69,6 +71,52 @@ class Rollouts:
             lengths=self.lengths[idx],
             finished=self.finished[idx],
         )
+
+
+    def truncated(self, lengths: torch.Tensor, finished: torch.Tensor, pad_token_id: int = 0) -> "Rollouts":
+        """The same rows cut to `lengths` (each at most its own), with `finished` flags; trimmed to the longest."""
+        T = max(int(lengths.max()), 1) if len(lengths) else 0
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+        return Rollouts(
+            prompt_ids=self.prompt_ids,
+            response_ids=self.response_ids[:, :T].masked_fill(~mask, pad_token_id),
+            logprobs=self.logprobs[:, :T].masked_fill(~mask, 0.0),
+            mask=mask,
+            lengths=lengths,
+            finished=finished,
+        )  # fmt: skip
+
+
+def stop_string_end(ids: list[int], decode, strings: tuple[str, ...]) -> int | None:
+    """The number of tokens of `ids` up to and including the one whose text completes the first occurrence of any
+    of `strings` in the decoded response (None: none occurs). Found by bisection on decoded prefixes."""
+    if not ids or not any(s in decode(ids) for s in strings):
+        return None
+    lo, hi = 1, len(ids)  # the smallest n whose prefix holds a stop string
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in decode(ids[:mid]) for s in strings):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def cut_at_stop_strings(rollouts: Rollouts, decode, strings: tuple[str, ...], pad_token_id: int = 0) -> Rollouts:
+    """Each response ended at the token that completes a stop string (kept, as a stop token is), marked finished.
+
+    Both engines apply this to what they sampled, so a response ends at the same token whichever engine sampled it;
+    the tokens after it were sampled (or not) with the same distribution and are dropped with their log-probs."""
+    if not strings:
+        return rollouts
+    lengths, finished = rollouts.lengths.clone(), rollouts.finished.clone()
+    for i, ids in enumerate(rollouts.responses()):
+        end = stop_string_end(ids, decode, strings)
+        if end is not None:
+            lengths[i], finished[i] = end, True
+    if torch.equal(lengths, rollouts.lengths) and torch.equal(finished, rollouts.finished):
+        return rollouts
+    return rollouts.truncated(lengths, finished, pad_token_id)
 
 
 def check_prompts(prompt_ids: list[list[int]]) -> None:

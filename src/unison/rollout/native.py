@@ -4,8 +4,10 @@ The decode loop runs its own attention over a static cache (one SDPA call per la
 written in place), and fuses elementwise work the way inference engines do (RMSNorm, rotary embedding and the
 SiLU gate computed in fp32 and rounded once, where the learner's Hugging Face forward rounds after each op), so its
 kernels differ from the learner's full-sequence forward the way an inference engine's do: same weights, other
-reduction orders and roundings. Llama-family decoders (Qwen2, Qwen3, Llama, Mistral) take this
-path; any other causal LM falls back to the model's own forward with its dynamic cache.
+reduction orders and roundings. Llama-family decoders (Qwen2, Qwen3, Llama, Mistral) take this path where it
+computes what the model computes (`fast_path_blocker`: no sliding window that a sequence of the call reaches, rotary
+angles that depend on the position alone, no logit transform); any other causal LM, and those calls, fall back to
+the model's own forward with its own cache (`_HFDecode`), its logit transforms included.
 
 Per call of `generate` the engine packs its weights for decoding once (`DecodeWeights`): q/k/v and gate/up
 concatenated into one matrix product each, and, in `fp32-accumulate` mode, the fp16/bf16 weights held as fp32 copies
@@ -29,11 +31,56 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from unison.hf import cache_kwarg, output_cache, takes_logits_to_keep
 from unison.precision import cast_module, checksum, compute_dtype, matmul_mode, set_matmul
-from unison.rollout.base import Rollouts, SamplingParams, check_prompts
+from unison.rollout.base import Rollouts, SamplingParams, check_prompts, cut_at_stop_strings, stop_string_end
 from unison.sampling import sample
 
 FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
+# rotary variants whose angles depend on the position alone (a table built once is exact); `dynamic` and `longrope`
+# change every angle with the length of the sequence
+FAST_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+# config fields of a transform the model applies to its logits or attention scores, which the fast path does not
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "attn_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def rope_type(config) -> str:
+    """The model's rotary variant (`default` where the config names none)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return "default"
+    return str(params.get("rope_type") or params.get("type") or "default")
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the layers that have one (None: every layer attends to the whole sequence)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return int(window) if "sliding_attention" in types else None
+    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        return None
+    return int(window)
+
+
+def fast_path_blocker(config, max_len: int | None = None) -> str:
+    """Why the fast path would not compute exactly what the model computes on sequences of up to `max_len` tokens
+    (any length when None), or '' where it does."""
+    kind = config.model_type
+    if kind not in FAST_PATH_TYPES:
+        return f"{kind} is not one of the Llama-family decoders the fast path implements"
+    rope = rope_type(config)
+    if rope not in FAST_ROPE_TYPES:
+        return f"rotary type {rope!r}, whose angles change with the sequence length"
+    for key in LOGIT_TRANSFORMS:
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            return f"{key} {getattr(config, key)}"
+    window = sliding_window(config)
+    if window is not None and (max_len is None or max_len > window):
+        return f"a sliding window of {window} tokens" + (f", shorter than {max_len}" if max_len else "")
+    return ""
 
 
 class StaticKVCache:
@@ -137,7 +184,8 @@ class NativeEngine:
     """Samples from a copy of the policy held in the rollout dtype."""
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device, seed: int = 0, pad_token_id: int = 0,
-                 matmul: str = "auto"):
+                 matmul: str = "auto", tokenizer=None):
+        self.tokenizer = tokenizer  # decodes responses for stop strings
         self.model = cast_module(model, dtype).to(device).eval()
         self.matmul = matmul_mode(matmul, torch.device(device), dtype)
         set_matmul(self.model, self.matmul)
@@ -149,19 +197,41 @@ class NativeEngine:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         cfg = model.config
-        self.fast = cfg.model_type in FAST_PATH_TYPES
+        self.config = cfg
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype: torch.dtype, device, seed: int = 0, matmul: str = "auto", **_):
+    def from_pretrained(cls, model_dir, dtype: torch.dtype, device, seed: int = 0, matmul: str = "auto",
+                        attn_implementation: str = "auto"):
         from unison.models import load_model, load_tokenizer
 
         tok = load_tokenizer(model_dir)
-        model = load_model(model_dir, device=device, dtype=dtype)
-        return cls(model, dtype=dtype, device=device, seed=seed, pad_token_id=tok.pad_token_id or 0, matmul=matmul)
+        model = load_model(model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        return cls(model, dtype=dtype, device=device, seed=seed, pad_token_id=tok.pad_token_id or 0, matmul=matmul,
+                   tokenizer=tok)  # fmt: skip
+
+    def close(self) -> None:
+        """Nothing to free beyond what the garbage collector takes (here for the `RolloutEngine` protocol)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def decode_path(self, max_len: int | None = None) -> tuple[str, str]:
+        """("fast", "") or ("fallback", why) for calls whose prompts and responses total up to `max_len` tokens."""
+        why = fast_path_blocker(self.config, max_len)
+        return ("fallback", why) if why else ("fast", "")
+
+    def describe(self, max_len: int | None = None) -> str:
+        """One line: this engine, its dtype and the decode path it runs."""
+        path, why = self.decode_path(max_len)
+        how = "fast path" if path == "fast" else f"fallback to the model's own forward ({why})"
+        return f"native engine, {self.dtype}".replace("torch.", "") + f", {how}"
 
     # ---- weights -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -234,6 +304,21 @@ class NativeEngine:
         return self._linear(x, weights.head)[:, -1]  # [B, V] in the rollout dtype
 
     # ---- sampling ------------------------------------------------------------------------------------------
+    def _completed_stop_string(self, tokens: torch.Tensor, done: torch.Tensor, strings, tail: int) -> torch.Tensor:
+        """Rows not yet done whose tokens so far [B, t] hold a stop string: found in the decoded last `tail` tokens,
+        then confirmed on the whole response (a row dropped from the batch must be cut where `cut_at_stop_strings`
+        will cut it). -> [B] bool"""
+        hit = torch.zeros_like(done)
+        live = (~done).nonzero().flatten().tolist()
+        if not live:
+            return hit
+        texts = self.tokenizer.batch_decode(tokens[live, -tail:].tolist())
+        for row, text in zip(live, texts):
+            if any(x in text for x in strings):
+                hit[row] = stop_string_end(tokens[row].tolist(), self.tokenizer.decode, strings) is not None
+        return hit
+
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False) -> Rollouts:
         check_prompts(prompt_ids)
@@ -249,7 +334,8 @@ class NativeEngine:
 
         tokens = torch.full((B, N), self.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros((B, N), dtype=torch.float32, device=dev)
-        decoder = (_StaticDecode if self.fast else _HFDecode)(self, prompts, pad_left, N)
+        fast = self.decode_path(P + N)[0] == "fast"
+        decoder = (_StaticDecode if fast else _HFDecode)(self, prompts, pad_left, N)
         # per slot (a row still decoded): its original row, its tokens and log-probs so far, whether it stopped.
         # A stopped row goes on sampling until it is dropped; what it samples after its stop token is cut below.
         rows = torch.arange(B, device=dev)
@@ -258,12 +344,18 @@ class NativeEngine:
         logits = decoder.prefill()
         bar = tqdm(total=N, desc="sampling", unit="tok", leave=False, disable=not progress)
         T = N  # the number of steps taken
+        strings = params.stop_strings
+        if strings and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer (NativeEngine(..., tokenizer=...))")
+        tail = 8 + 4 * max(map(len, strings), default=0)  # tokens enough to hold a stop string completed lately
         for t in range(N):
             tok, lp = sample(logits, self.generator, params.temperature, params.top_k, params.top_p)
             slot_tokens[:, t] = tok
             slot_logprobs[:, t] = lp
             if params.stop_token_ids:
                 done |= torch.isin(tok, stop)
+            if strings and t % 8 == 7:  # stop early where a stop string appeared (the exact cut is made below)
+                done |= self._completed_stop_string(slot_tokens[:, : t + 1], done, strings, tail)
             bar.update(1)
             if t == N - 1:
                 break
@@ -289,7 +381,7 @@ class NativeEngine:
         lengths = torch.where(finished, hits.int().argmax(1) + 1, T)
         T = int(lengths.max().item())
         mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]
-        return Rollouts(
+        out = Rollouts(
             prompt_ids=[list(p) for p in prompt_ids],
             response_ids=tokens[:, :T].masked_fill(~mask, self.pad_token_id).cpu(),
             logprobs=logprobs[:, :T].masked_fill(~mask, 0.0).cpu(),
@@ -297,6 +389,7 @@ class NativeEngine:
             lengths=lengths.cpu(),
             finished=finished.cpu(),
         )
+        return cut_at_stop_strings(out, self.tokenizer.decode, strings, self.pad_token_id) if strings else out
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,22 +585,25 @@ class _HFDecode:
 
     def __init__(self, engine: NativeEngine, prompts, pad_left, max_new: int):
         self.model = engine.model
+        self.cache_kw = cache_kwarg(self.model)
         self.prompts = prompts
         self.attn = (torch.arange(prompts.shape[1], device=prompts.device)[None, :] >= pad_left[:, None]).long()
         self.positions = (self.attn.cumsum(-1) - 1).clamp(min=0)
         self.past = None
 
     def prefill(self) -> torch.Tensor:
-        out = self.model(input_ids=self.prompts, attention_mask=self.attn, position_ids=self.positions, use_cache=True)
-        self.past = out.past_key_values
+        last = {"logits_to_keep": 1} if takes_logits_to_keep(self.model) else {}
+        out = self.model(input_ids=self.prompts, attention_mask=self.attn, position_ids=self.positions, use_cache=True,
+                         **last)  # fmt: skip
+        self.past = output_cache(out)
         return out.logits[:, -1]
 
     def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
         self.attn = torch.cat([self.attn, self.attn.new_ones(len(tok), 1)], dim=1)
         pos = self.positions[:, -1:] + t + 1
-        out = self.model(input_ids=tok[:, None], attention_mask=self.attn, position_ids=pos, past_key_values=self.past,
-                         use_cache=True)  # fmt: skip
-        self.past = out.past_key_values
+        out = self.model(input_ids=tok[:, None], attention_mask=self.attn, position_ids=pos, use_cache=True,
+                         **{self.cache_kw: self.past})  # fmt: skip
+        self.past = output_cache(out)
         return out.logits[:, -1]
 
     def compact(self, keep: torch.Tensor) -> bool:

@@ -40,7 +40,7 @@ import torch
 
 from unison.errors import UserError
 from unison.precision import checksum
-from unison.rollout.base import Rollouts, SamplingParams, check_prompts
+from unison.rollout.base import Rollouts, SamplingParams, check_prompts, cut_at_stop_strings
 
 VLLM_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -91,8 +91,10 @@ class VLLMEngine:
 
     open_engines = 0  # engines started in this process and not closed
 
-    def __init__(self, llm, dtype: torch.dtype, device: torch.device, seed: int = 0, pad_token_id: int = 0):
+    def __init__(self, llm, dtype: torch.dtype, device: torch.device, seed: int = 0, pad_token_id: int = 0,
+                 tokenizer=None):
         self.llm = llm
+        self.tokenizer = tokenizer  # cuts responses at stop strings as the native engine does
         self.dtype = dtype
         self.device = torch.device(device)
         self.seed = int(seed)
@@ -103,13 +105,14 @@ class VLLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype: torch.dtype, device, seed: int = 0, matmul: str = "auto",
-                        **engine_kwargs) -> "VLLMEngine":
+                        attn_implementation: str = "auto", **engine_kwargs) -> "VLLMEngine":
         """Start vLLM on a local checkpoint. `engine_kwargs` go to `vllm.LLM` and override unison's defaults:
         gpu_memory_utilization (0.2 on CPU, 0.5 on GPU), enforce_eager (on CPU), max_model_len (the config's
         max_position_embeddings), enable_prefix_caching (on), enable_chunked_prefill (off on CPU), logprobs_mode
         (processed_logprobs),
         kv_cache_memory_bytes (1 GiB on CPU, or UNISON_VLLM_KV_CACHE_GIB; `VLLM_CPU_KVCACHE_SPACE` wins on CPU).
-        `matmul` is the native engine's setting: vLLM chooses its own kernels, so only `auto` and `native` apply.
+        `matmul` and `attn_implementation` are settings of the native engine and the learner: vLLM chooses its own
+        kernels, so only `auto` and `native` apply, and the attention implementation is vLLM's own.
         """
         import json
 
@@ -141,7 +144,16 @@ class VLLMEngine:
             raise UserError(f"vLLM could not start on {str(path)!r}: {first}") from None
         finally:
             torch.set_num_threads = set_num_threads
-        return cls(llm, dtype, device, seed=seed, pad_token_id=tok.pad_token_id or 0)
+        return cls(llm, dtype, device, seed=seed, pad_token_id=tok.pad_token_id or 0, tokenizer=tok)
+
+    def describe(self, max_len: int | None = None) -> str:
+        return f"vllm engine, {self.dtype}".replace("torch.", "")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         """Free this engine's model and KV cache (it cannot be used afterwards).
@@ -204,7 +216,11 @@ class VLLMEngine:
             stop_token_ids=sorted(set(params.stop_token_ids)),
             ignore_eos=True,  # stop on stop_token_ids only, like the native engine
             logprobs=0,  # the sampled token's log-prob only
-            detokenize=False,
+            # stop strings need the text; the token that completes one is kept, and the response is cut there again
+            # by `cut_at_stop_strings`, as the native engine cuts it
+            stop=list(params.stop_strings) or None,
+            include_stop_str_in_output=bool(params.stop_strings),
+            detokenize=bool(params.stop_strings),
         )
         first, self.counter = self.counter, self.counter + n
         return [VSamplingParams(seed=(self.seed * 2**32 + first + i) % 2**63, **base) for i in range(n)]
@@ -238,7 +254,7 @@ class VLLMEngine:
             lengths[i] = n
             finished[i] = n > 0 and ids[-1] in stops and row.finish_reason == "stop"
         mask = torch.arange(T)[None, :] < lengths[:, None]
-        return Rollouts(
+        out = Rollouts(
             prompt_ids=[list(p) for p in prompt_ids],
             response_ids=tokens,
             logprobs=logprobs,
@@ -246,6 +262,9 @@ class VLLMEngine:
             lengths=lengths,
             finished=finished,
         )
+        if not params.stop_strings:
+            return out
+        return cut_at_stop_strings(out, self.tokenizer.decode, params.stop_strings, self.pad_token_id)
 
 
 # ---- functions run on the model inside vLLM's worker (through `LLM.apply_model`) ---------------------------------

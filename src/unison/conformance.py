@@ -1,0 +1,105 @@
+"""The conformance contract, measured on any checkpoint: in fp32 the rollout engine's sampled log-probs and the
+learner's recompute equal the model's own Hugging Face forward, and in fp16/bf16 the engine-learner mismatch is
+finite and larger than fp32's.
+
+    reference   log_softmax(model(prompt + response).logits) at the positions that predict the response, one
+                unpadded row at a time, in fp32: every logit transform the model applies included
+    engine      the log-prob the rollout engine reports for each token it sampled (temperature 1, no top-k/top-p)
+    learner     `Learner.recompute` of the same rows, in fp32
+    mismatch    mean |log pi - log mu| between the learner and the engine, both in fp16 (or bf16)
+
+The contract: engine and learner against the reference, mean |delta log p| <= 1e-6 and max <= 1e-4 (`MEAN_TOL`,
+`MAX_TOL`). `tests/test_conformance.py` checks it on a tiny random checkpoint of every architecture family unison
+accepts (`unison.archs`); `bench/conformance.py` writes the table of docs/conformance.md and the README from the
+same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from unison.learner import Learner
+from unison.precision import PrecisionPolicy, precision_name
+from unison.rollout import make_engine
+from unison.rollout.base import Rollouts, SamplingParams
+
+MEAN_TOL = 1e-6
+MAX_TOL = 1e-4
+
+
+@dataclass
+class Conformance:
+    """What `measure` found on one checkpoint."""
+
+    model_type: str
+    decode_path: str  # the rollout engine's: fast, fallback, or the engine's name where it has no such choice
+    reason: str  # why the fallback
+    engine_vs_hf: tuple[float, float]  # fp32 (mean, max) |delta log p|
+    learner_vs_hf: tuple[float, float]
+    mismatch: dict[str, float] = field(default_factory=dict)  # precision -> mean |log pi - log mu|
+    tokens: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return all(mean <= MEAN_TOL and top <= MAX_TOL for mean, top in (self.engine_vs_hf, self.learner_vs_hf))
+
+    @property
+    def ordered(self) -> bool:
+        fp32 = self.mismatch.get("fp32", 0.0)
+        low = [v for k, v in self.mismatch.items() if k != "fp32"]
+        return all(math.isfinite(v) and v > fp32 for v in low)
+
+
+@torch.no_grad()
+def reference_logprobs(model, rollouts: Rollouts) -> torch.Tensor:
+    """log p of each response token under `model(ids).logits` (fp32 log-softmax), one unpadded row at a time. -> [B, T]"""
+    device = next(model.parameters()).device
+    out = torch.zeros(rollouts.response_ids.shape)
+    for i, (prompt, response) in enumerate(zip(rollouts.prompt_ids, rollouts.responses())):
+        ids = torch.tensor([prompt + response], device=device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1 : -1]  # [n, V]
+        target = torch.tensor(response, device=device)
+        out[i, : len(response)] = logits.float().log_softmax(-1).gather(-1, target[:, None])[:, 0].cpu()
+    return out
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    d = (a - b).abs()[mask]
+    return float(d.mean()), float(d.max())
+
+
+def measure(model_dir, prompts: list[list[int]], max_new_tokens: int = 24, precisions=("fp16", "bf16"),
+            engine: str = "native", seed: int = 0, stop_token_ids: tuple[int, ...] = (), **engine_kwargs) -> Conformance:
+    """Sample `prompts` with the rollout engine and hold its log-probs and the learner's against the model's own
+    forward (fp32); then the fp16/bf16 engine-learner mismatch on the same prompts."""
+    from unison.models import load_model
+
+    device = torch.device("cpu")
+    params = SamplingParams(max_new_tokens, 1.0, stop_token_ids=stop_token_ids)
+    fp32 = PrecisionPolicy(torch.float32, torch.float32)
+    sampler = make_engine(engine, model_dir, dtype=torch.float32, device=device, seed=seed, **engine_kwargs)
+    try:
+        longest = max(map(len, prompts)) + max_new_tokens
+        path, reason = sampler.decode_path(longest) if hasattr(sampler, "decode_path") else (engine, "")
+        ro = sampler.generate(prompts, params)
+    finally:
+        getattr(sampler, "close", lambda: None)()
+    model = load_model(model_dir, device=device)
+    ref = reference_logprobs(model, ro)
+    learner = Learner(model, fp32, device)
+    result = Conformance(model.config.model_type, path, reason, _gap(ro.logprobs, ref, ro.mask),
+                         _gap(learner.recompute(ro), ref, ro.mask), tokens=int(ro.mask.sum()))  # fmt: skip
+    result.mismatch["fp32"] = float((learner.recompute(ro) - ro.logprobs).abs()[ro.mask].mean())
+    for name in precisions:
+        dtype = PrecisionPolicy.from_names(name, name)
+        sampler = make_engine(engine, model_dir, dtype=dtype.rollout, device=device, seed=seed, **engine_kwargs)
+        try:
+            low = sampler.generate(prompts, params)
+        finally:
+            getattr(sampler, "close", lambda: None)()
+        pi = Learner(load_model(model_dir, device=device), dtype, device).recompute(low)
+        result.mismatch[precision_name(dtype.train)] = float((pi - low.logprobs).abs()[low.mask].mean())
+    return result

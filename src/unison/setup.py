@@ -1,0 +1,225 @@
+"""What every command stands on, built once from the config sections they share (`unison.config`): the device, the
+model folder and its config, the attention implementation, the tokenizer, the stop ids and strings, the task and
+its prompts (checked against the model's context), and the rollout engines and learners made on them.
+
+`build` checks every input before a command writes anything: a bad path, an architecture or feature that cannot be
+run exactly, a missing attention implementation, a prompt file without its column and a prompt that does not fit
+the model's context are each one `UserError`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from unison.config import DataConfig, ModelConfig, RolloutConfig
+from unison.errors import UserError
+from unison.evaluation import encode_all
+from unison.models import (
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    resolve_attn_implementation,
+    resolve_model_dir,
+)
+from unison.precision import check_dtype_supported, resolve_device
+from unison.rollout import make_engine
+from unison.rollout.base import SamplingParams
+from unison.tasks import load_task
+from unison.tasks.base import Example
+
+HOW_DECODER = "give a decoder-only causal LM checkpoint (e.g. Qwen2, Qwen3, Llama, Mistral)"
+
+
+def load_model_config(model_dir):
+    """The checkpoint's transformers config; a model that is not a decoder-only causal LM is refused."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, KeyError, OSError):  # an unknown model_type, a broken config.json
+        raise UserError(f"{str(model_dir)!r} holds a model of unknown type; {HOW_DECODER}") from None
+    kind = config.model_type
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, which is not a causal LM; {HOW_DECODER}")
+    if getattr(config, "is_encoder_decoder", False) or (kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder):
+        raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, an encoder, not a decoder-only causal LM; {HOW_DECODER}")
+    return config
+
+
+def refuse_inexact(config, model_dir) -> None:
+    """Refuse (one line, naming the feature) a checkpoint that no engine and learner of unison can run exactly."""
+    where = str(model_dir)
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else type(quant).__name__
+        raise UserError(f"{where!r} holds {method} quantized weights, which the learner cannot train with fp32 master "
+                        "weights; give the checkpoint in fp32, bf16 or fp16")  # fmt: skip
+    from unison.rollout.native import rope_type
+
+    rope = rope_type(config)
+    if rope in ("dynamic", "longrope"):
+        raise UserError(f"{where!r} uses {rope!r} rotary scaling, whose angles change with the sequence length, so a "
+                        "decode with a cache and the learner's full-sequence forward cannot agree; use a checkpoint "
+                        "with static rotary scaling (default, linear, llama3 or yarn)")  # fmt: skip
+
+
+def _check_shards(model_dir: Path) -> None:
+    """A sharded checkpoint with a shard missing is refused before anything loads."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        files = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError):
+        raise UserError(f"{index} is not a valid safetensors index; re-save the checkpoint") from None
+    missing = sorted(f for f in files if not (model_dir / f).is_file())
+    if missing:
+        raise UserError(f"{str(model_dir)!r} is a sharded checkpoint missing {missing[0]}"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} of the shards its "
+                        "model.safetensors.index.json lists; copy the missing shards there")  # fmt: skip
+
+
+@dataclass
+class Setup:
+    """Everything a command runs on (see the module docstring). Built by `build`."""
+
+    device: torch.device
+    model_dir: Path
+    config: object  # the transformers config
+    model: ModelConfig
+    rollout: RolloutConfig
+    data: DataConfig
+    attn_implementation: str
+    tokenizer: object
+    stop_token_ids: tuple[int, ...]
+    task: object
+    seed: int = 0
+    max_new_tokens: int = 0  # rollout.max_new_tokens, lowered where rollout.context_limit=clamp asks
+    prompt_ids: dict = field(default_factory=dict)  # id(example) -> token ids
+
+    @property
+    def context(self) -> int | None:
+        """The model's context (max_position_embeddings), where its config states one."""
+        n = getattr(self.config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    # ---- prompts ----------------------------------------------------------------------------------------
+    def examples(self, split: str = "train", n: int | None = None, subset: bool = True) -> list[Example]:
+        """The task's examples of `split` (seeded shuffle), restricted to data.subset (with `subset`), at most `n`."""
+        found = self.task.examples(split, seed=self.seed)
+        if subset and self.data.subset:
+            keep = read_subset(self.data.subset)
+            found = [e for e in found if e.id in keep]
+            if not found:
+                raise UserError(f"data.subset {self.data.subset!r} matches no prompt of the task; build it with "
+                                "`unison filter` on the same data")  # fmt: skip
+        return found[:n] if n else found
+
+    def encode(self, examples: list[Example]) -> list[list[int]]:
+        """Token ids of each example's templated prompt, checked against the model's context with max_new_tokens
+        (rollout.context_limit: error, or clamp max_new_tokens with a warning); kept in `prompt_ids`."""
+        ids = encode_all(self.tokenizer, examples, self.data.template)
+        ctx = self.context
+        if ctx is not None and ids:
+            longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+            n, ex = len(ids[longest]), examples[longest]
+            if n + self.max_new_tokens > ctx:
+                name = ex.id or ex.prompt[:40]
+                room = ctx - n
+                if self.rollout.context_limit == "clamp" and room >= 1:
+                    warnings.warn(f"rollout.max_new_tokens lowered from {self.max_new_tokens} to {room}: prompt "
+                                  f"{name!r} has {n} tokens and the model's context is {ctx}", stacklevel=2)  # fmt: skip
+                    self.max_new_tokens = room
+                elif room < 1:
+                    raise UserError(f"prompt {name!r} has {n} tokens, leaving no room for a response in the model's "
+                                    f"context of {ctx}; shorten it or drop it from the prompt file")  # fmt: skip
+                else:
+                    raise UserError(f"prompt {name!r} has {n} tokens, and with rollout.max_new_tokens="
+                                    f"{self.max_new_tokens} a response could reach {n + self.max_new_tokens}, beyond "
+                                    f"the model's context of {ctx} (max_position_embeddings); lower "
+                                    f"rollout.max_new_tokens to {room}, shorten the prompt, or set "
+                                    "rollout.context_limit=clamp")  # fmt: skip
+        self.prompt_ids.update({id(e): p for e, p in zip(examples, ids)})
+        return ids
+
+    def longest(self) -> int:
+        """The longest prompt encoded so far plus max_new_tokens: the longest sequence an engine will hold."""
+        return max((len(p) for p in self.prompt_ids.values()), default=0) + self.max_new_tokens
+
+    def sampling(self, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 max_new_tokens: int | None = None) -> SamplingParams:
+        """The rollout section's sampling, with the stop ids and strings; arguments override its fields."""
+        r = self.rollout
+        return SamplingParams(
+            max_new_tokens or self.max_new_tokens, r.temperature if temperature is None else temperature,
+            r.top_p if top_p is None else top_p, r.top_k if top_k is None else top_k,
+            stop_token_ids=self.stop_token_ids, stop_strings=tuple(r.stop),
+        )  # fmt: skip
+
+    # ---- engines and learners -----------------------------------------------------------------------------
+    def engine(self, dtype: torch.dtype, seed: int | None = None, name: str | None = None, **kwargs):
+        """A rollout engine (rollout.engine unless `name`) holding the checkpoint's weights in `dtype`."""
+        return make_engine(name or self.rollout.engine, self.model_dir, dtype=dtype, device=self.device,
+                           seed=self.seed if seed is None else seed, matmul=self.model.matmul,
+                           attn_implementation=self.attn_implementation, **kwargs)  # fmt: skip
+
+    def load_model(self, dtype: torch.dtype = torch.float32):
+        return load_model(self.model_dir, device=self.device, dtype=dtype, attn_implementation=self.attn_implementation)
+
+    def learner(self, policy, **kwargs):
+        """A learner on a fresh fp32 copy of the checkpoint, with this set-up's pad id and matmul mode."""
+        from unison.learner import Learner
+
+        return Learner(self.load_model(), policy, self.device, pad_token_id=self.tokenizer.pad_token_id or 0,
+                       matmul=self.model.matmul, **kwargs)  # fmt: skip
+
+    def describe(self, engine=None) -> str:
+        """The model, its architecture and, given an engine, the decode path it runs for this set-up's prompts."""
+        text = f"{self.model.path} ({self.config.model_type}, attention {self.attn_implementation})"
+        if engine is not None:
+            what = engine.describe(self.longest()) if hasattr(engine, "describe") else type(engine).__name__
+            text += f" | {what}"
+        return text
+
+
+def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtypes=(), seed: int = 0,
+          require_answer: bool = True) -> Setup:
+    """Resolve and check the shared sections: device, dtypes on it, model folder and config, attention
+    implementation, tokenizer, stop ids, task. Nothing is written."""
+    device = resolve_device(model.device)
+    for dtype in dict.fromkeys(dtypes):
+        check_dtype_supported(dtype, device)
+    model_dir = resolve_model_dir(model.path)
+    config = load_model_config(model_dir)
+    refuse_inexact(config, model_dir)
+    _check_shards(model_dir)
+    attn = resolve_attn_implementation(config, model.attn_implementation, device)
+    tokenizer = load_tokenizer(model_dir)
+    stops = eos_token_ids(tokenizer, model_dir)
+    task = load_task(data.source, prompt_key=data.prompt_key, answer_key=data.answer_key, reward=data.reward or None,
+                     test_path=data.test_source or None, require_answer=require_answer)  # fmt: skip
+    return Setup(device, model_dir, config, model, rollout, data, attn, tokenizer, stops, task, seed=seed,
+                 max_new_tokens=rollout.max_new_tokens)  # fmt: skip
+
+
+def read_subset(path: str) -> set[str]:
+    """Prompt ids from a `unison filter` output file (JSONL with an `id` field per line)."""
+    from unison.models import ASSETS
+
+    p = ASSETS / "countdown-perfectible.jsonl" if path == "builtin" else Path(path)
+    if not p.is_file():
+        raise UserError(f"data.subset file {path!r} not found; create it with `unison filter`")
+    ids = set()
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                ids.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{n} is not a JSON object with an 'id'; build the subset with `unison filter`") from None
+    return ids
