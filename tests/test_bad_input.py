@@ -58,11 +58,31 @@ def model_copy(d: Path, tiny: Path, name: str, config: dict | None = None, files
 
 
 def train(tiny, *extra):
-    """`unison train` on the tiny model: the flags first, then the key=value overrides (argparse takes the
-    positional overrides in one run)."""
-    overrides = [e for e in extra if isinstance(e, str) and "=" in e and not e.startswith("--")]
-    flags = [e for e in extra if e not in overrides]
-    return ["train", "--model", str(tiny), *flags, *TINY_RUN, *overrides]
+    """`unison train` on the tiny model, with the tiny run's settings and `extra` flags and overrides."""
+    return ["train", "--model", str(tiny), *TINY_RUN, *extra]
+
+
+def with_config(d: Path, tiny: Path, name: str, **changes) -> Path:
+    """A copy of the tiny checkpoint's config and tokenizer (no weights) with `changes` in its config.json."""
+    config = {**json.loads((tiny / "config.json").read_text()), **changes}
+    return model_copy(d, tiny, name, config)
+
+
+def sharded_missing_one(d: Path) -> Path:
+    """A tiny checkpoint saved in shards with one of its shards deleted."""
+    from unison.models import build_tokenizer, random_model
+
+    out = d / "sharded"
+    random_model(seed=0).save_pretrained(out, max_shard_size="300KB")
+    build_tokenizer().save_pretrained(out)
+    sorted(out.glob("model-*.safetensors"))[-1].unlink()
+    return out
+
+
+def gemma2(d: Path) -> Path:
+    from unison.archs import save_tiny
+
+    return save_tiny("gemma2", d / "gemma2")
 
 
 def checkpoint_of(d: Path, run: Path, **overrides) -> Path:
@@ -170,6 +190,14 @@ CASES = [
     C("model-encoder", "model", "unsupported architecture: BERT (an encoder)", lambda d, t: train(model_copy(d, t, "m", {"model_type": "bert", "vocab_size": 272})), "encoder"),
     C("model-unknown-type", "model", "unknown model_type", lambda d, t: train(model_copy(d, t, "m", {"model_type": "mystery-lm"})), "unknown type"),
     C("model-not-causal", "model", "a model type that is not a causal LM (ViT)", lambda d, t: train(model_copy(d, t, "m", {"model_type": "vit"})), "not a causal LM"),
+    C("model-quantized", "model", "a quantized checkpoint (GPTQ)", lambda d, t: train(with_config(d, t, "q", quantization_config={"quant_method": "gptq", "bits": 4})), "quantized"),
+    C("model-dynamic-rope", "model", "rotary scaling that changes with the sequence length", lambda d, t: train(with_config(d, t, "r", rope_scaling={"rope_type": "dynamic", "factor": 2.0})), "rotary"),
+    C("model-shard-missing", "model", "a sharded checkpoint missing a shard", lambda d, t: train(sharded_missing_one(d)), "missing"),
+    C("attn-flash-missing", "model", "flash_attention_2 without flash-attn installed", lambda d, t: train(t, "model.attn_implementation=flash_attention_2"), "flash-attn"),
+    C("attn-sdpa-gemma2", "model", "sdpa for Gemma2, which sdpa cannot run", lambda d, t: train(gemma2(d), "model.attn_implementation=sdpa"), "eager"),
+    C("context-overflow", "data", "prompt + max_new_tokens beyond the model's context", lambda d, t: train(t, "--data", prompts(d, [{"prompt": "1" * 900, "answer": "2"}]), "data.template=plain", "rollout.max_new_tokens=200"), "rollout.context_limit=clamp"),
+    C("export-into-nonempty", "run folder", "export into a folder that holds files", lambda d, t: ["export", checkpoint_of(d, d / "run"), "--out", write(d / "out" / "notes.txt", "mine").parent], "not empty"),
+    C("export-not-a-checkpoint", "run folder", "export a folder that is no run or checkpoint", lambda d, t: ["export", d, "--out", d / "out"], "neither a run folder"),
     C("resume-other-vocab", "model", "--resume into a run whose checkpoint has another vocabulary", lambda d, t: train(t, "--out", checkpoint_of(d, d / "run", vocab_size=300), "--resume"), "another model"),
     C("resume-other-arch", "model", "--resume into a run whose checkpoint has another architecture", lambda d, t: train(t, "--out", checkpoint_of(d, d / "run", num_hidden_layers=2), "--resume"), "another model"),
     # ---- run folder ------------------------------------------------------------------------------------------

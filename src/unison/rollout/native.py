@@ -243,6 +243,10 @@ class NativeEngine:
     def weights_checksum(self) -> str:
         return checksum(self.model.named_parameters())
 
+    def decode(self, ids: list[int]) -> str:
+        """A response's text as stop strings are matched against it (special tokens left out, as vLLM does)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def rng_state(self) -> torch.Tensor:
         return self.generator.get_state()
 
@@ -312,10 +316,10 @@ class NativeEngine:
         live = (~done).nonzero().flatten().tolist()
         if not live:
             return hit
-        texts = self.tokenizer.batch_decode(tokens[live, -tail:].tolist())
+        texts = self.tokenizer.batch_decode(tokens[live, -tail:].tolist(), skip_special_tokens=True)
         for row, text in zip(live, texts):
             if any(x in text for x in strings):
-                hit[row] = stop_string_end(tokens[row].tolist(), self.tokenizer.decode, strings) is not None
+                hit[row] = stop_string_end(tokens[row].tolist(), self.decode, strings) is not None
         return hit
 
 
@@ -389,7 +393,7 @@ class NativeEngine:
             lengths=lengths.cpu(),
             finished=finished.cpu(),
         )
-        return cut_at_stop_strings(out, self.tokenizer.decode, strings, self.pad_token_id) if strings else out
+        return cut_at_stop_strings(out, self.decode, strings, self.pad_token_id) if strings else out
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

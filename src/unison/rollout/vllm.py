@@ -196,6 +196,10 @@ class VLLMEngine:
             raise KeyError(f"vLLM holds no parameter for {missing[:3]} (of {len(missing)})")
         return checksum((n, held[n]) for n in names)
 
+    def decode(self, ids: list[int]) -> str:
+        """A response's text as stop strings are matched against it (special tokens left out, as vLLM does)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def rng_state(self) -> torch.Tensor:
         return torch.tensor([self.seed, self.counter], dtype=torch.long)
 
@@ -264,7 +268,7 @@ class VLLMEngine:
         )
         if not params.stop_strings:
             return out
-        return cut_at_stop_strings(out, self.tokenizer.decode, params.stop_strings, self.pad_token_id)
+        return cut_at_stop_strings(out, self.decode, params.stop_strings, self.pad_token_id)
 
 
 # ---- functions run on the model inside vLLM's worker (through `LLM.apply_model`) ---------------------------------
