@@ -50,7 +50,7 @@ from docsection import bench_parser, count, machine_description, parse_bench_arg
 def examples(args, seed: int) -> list[dict]:
     """The perfectible training prompts (with `--shots`, after the few-shot header) and their answers."""
     from unison.tasks import load_task
-    from unison.trainer import read_subset
+    from unison.setup import read_subset
 
     task = load_task("builtin")
     header = "".join(f"{e.prompt}{task.reference(e)}\n" for e in task.examples("test", n=args.shots, seed=1))

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from unison.archs import ARCHS, save_tiny, tiny_model
-from unison.conformance import MAX_TOL, MEAN_TOL, measure, reference_logprobs
+from unison.conformance import MAX_TOL, MEAN_TOL, default_prompts, measure, reference_logprobs
 
 FAST = {"qwen2", "qwen3", "llama", "llama-untied", "llama3-rope"}  # every other family runs the model's own forward
 WINDOWED = {"qwen2-window", "mistral-window", "gemma2", "gemma3"}
 TRANSFORMS = {"cohere", "granite", "gemma2", "gemma3"}  # logit scale, logit divisor, final softcap
 REWARDS = Path(__file__).parent / "reward_fixture.py"
-_g = torch.Generator().manual_seed(0)
-PROMPTS = [torch.randint(5, 260, (n,), generator=_g).tolist() for n in (12, 16, 20, 13)]  # past the 8-token windows
+PROMPTS = default_prompts()  # 12-20 tokens: past the 8-token windows
 
 
 @pytest.fixture(scope="module")

@@ -87,10 +87,10 @@ class ModelConfig:
                                "'builtin' for the built-in tiny model")
     device: str = doc("auto", "auto (cuda where a GPU is visible), cpu, cuda or cuda:N")
     matmul: str = doc("auto", "fp16/bf16 matrix products: native kernels, or fp32-accumulate (auto: native where fast)",
-                      choices=_matmul_modes)
+                      choices=_matmul_modes, what="matmul mode")
     attn_implementation: str = doc("auto", "attention kernels of the Hugging Face model (learner, and the native "
                                            "engine's fallback); auto: sdpa where the model supports it, else eager",
-                                   choices=_attn_implementations)
+                                   choices=_attn_implementations, what="attention implementation")
 
     def validate(self) -> None:
         d = self.device
@@ -100,17 +100,19 @@ class ModelConfig:
 
 @dataclass
 class PrecisionConfig:
-    rollout: str = doc("fp16", "dtype of the rollout engine's weights and compute", choices=_precisions)
+    rollout: str = doc("fp16", "dtype of the rollout engine's weights and compute", choices=_precisions,
+                       what="precision")
     train: str = doc("fp16", "dtype of the learner's forward and backward (master weights stay fp32)",
-                     choices=_precisions)
+                     choices=_precisions, what="precision")
     init_scale: float = doc(65536.0, "fp16 dynamic loss scale at the start")
     growth_interval: int = doc(400, "finite steps in a row after which the loss scale doubles")
     min_scale: float = doc(1.0, "the run stops if the loss scale falls below this")
-    loss_scaling: str = doc("auto", "auto (dynamic scaling for fp16 training), on, or off", choices=("auto", "on", "off"))
+    loss_scaling: str = doc("auto", "auto (dynamic scaling for fp16 training), on, or off", choices=("auto", "on", "off"),
+                            what="choice")
     on_activation_overflow: str = doc("stop", "an fp16 activation beyond 65504 in either engine (checked where that "
                                               "engine runs in fp16): stop (naming the layer), fp32_layers (run that "
                                               "layer's MLP in fp32 from then on), or off (no checks)",
-                                      choices=_overflow_modes)
+                                      choices=_overflow_modes, what="action")
 
     def validate(self) -> None:
         check(math.isfinite(self.init_scale) and self.init_scale >= self.min_scale > 0, "precision.init_scale",
@@ -148,7 +150,7 @@ class RolloutConfig:
                          "ids of the tokenizer, generation_config.json and config.json)")
     context_limit: str = doc("error", "a prompt + max_new_tokens beyond the model's context: error (say which "
                                       "prompt), or clamp (lower max_new_tokens to fit, with a warning)",
-                             choices=CONTEXT_LIMITS)
+                             choices=CONTEXT_LIMITS, what="choice")
 
     def validate(self, groups: int = 2) -> None:
         check(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
@@ -357,7 +359,7 @@ def _check_choice(f: dataclasses.Field, value, name: str) -> None:
     if valid is None or (value == "" and f.default == ""):  # empty: "the preset's own"
         return
     if value not in valid:
-        what = name.rsplit(".", 1)[-1]
+        what = f.metadata.get("what") or name.rsplit(".", 1)[-1]
         raise UserError(f"config field {name}: unknown {what} {value!r}; choose one of: {', '.join(valid)}")
 
 

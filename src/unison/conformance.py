@@ -28,6 +28,13 @@ from unison.rollout.base import Rollouts, SamplingParams
 
 MEAN_TOL = 1e-6
 MAX_TOL = 1e-4
+PROMPT_LENGTHS = (12, 16, 20, 13)  # longer than the tiny checkpoints' 8-token windows
+
+
+def default_prompts(seed: int = 0, vocab: tuple[int, int] = (5, 260)) -> list[list[int]]:
+    """Random token-id prompts (byte tokens of the built-in tokenizer) of `PROMPT_LENGTHS`, the same for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(*vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
 @dataclass

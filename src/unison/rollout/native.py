@@ -70,7 +70,7 @@ def fast_path_blocker(config, max_len: int | None = None) -> str:
     (any length when None), or '' where it does."""
     kind = config.model_type
     if kind not in FAST_PATH_TYPES:
-        return f"{kind} is not one of the Llama-family decoders the fast path implements"
+        return f"{kind} is not a fast-path family (Qwen2, Qwen3, Llama, Mistral)"
     rope = rope_type(config)
     if rope not in FAST_ROPE_TYPES:
         return f"rotary type {rope!r}, whose angles change with the sequence length"
