@@ -150,6 +150,32 @@ def test_weights_loaded_in_place_change_outputs_like_a_fresh_engine(tiny_dir, tm
     assert torch.equal(fresh.response_ids, loaded.response_ids) and torch.equal(fresh.logprobs, loaded.logprobs)
 
 
+@pytest.mark.parametrize("name", ["qwen2-window", "mistral-window"])
+def test_sliding_window_fast_path_equals_the_models_own_forward_in_every_layout(name, monkeypatch):
+    # the layer-by-layer step (fp16/bf16 on a CPU with fast units) and the flat one (fp32 products), in fp32, against
+    # the model's own forward: rows of other prompt lengths (left padding), past the window, with rows dropped
+    from unison.archs import tiny_model
+    from unison.conformance import reference_logprobs
+    from unison.rollout.native import _StaticDecode
+
+    prompts = [list(range(5, 5 + n)) for n in (3, 9, 14, 6)] * 2
+    p = SamplingParams(max_new_tokens=20, stop_token_ids=tuple(range(100, 120)))
+    init = _StaticDecode.__init__
+
+    def layered(self, *a, **k):
+        init(self, *a, **k)
+        self.flat = None
+
+    for flat in (True, False):
+        if not flat:
+            monkeypatch.setattr(_StaticDecode, "__init__", layered)
+        eng = NativeEngine(tiny_model(name), torch.float32, "cpu", seed=2)
+        assert eng.decode_path(40) == ("fast", "")
+        r = eng.generate(prompts, p)
+        d = (r.logprobs - reference_logprobs(tiny_model(name), r)).abs()[r.mask]
+        assert d.mean() < 1e-6 and d.max() < 1e-4 and r.lengths.max() > 8, (flat, d.mean(), d.max())
+
+
 def test_fallback_path_matches_fast_path(tiny_dir):
     p = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=())
     fast = engine(tiny_dir).generate(PROMPTS, p)
@@ -168,7 +194,7 @@ def _random_qwen3():
     return Qwen3ForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ["builtin", "qwen3"])
+@pytest.mark.parametrize("arch", ["builtin", "qwen3", "qwen2-window", "mistral-window"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_flat_decode_step_computes_the_layerwise_forward(builtin_dir, arch, dtype):
     # the decode step with fp32 activations (fp32, and fp16/bf16 in fp32-accumulate mode) against the engine's
@@ -177,8 +203,12 @@ def test_flat_decode_step_computes_the_layerwise_forward(builtin_dir, arch, dtyp
     from unison.rollout.native import _StaticDecode
 
     # fp32-accumulate: what `auto` gives on a CPU without fast fp16/bf16 units (fp32 runs the flat step either way)
+    # (the windowed models: 8-token windows, which the 14 slots of this test pass)
+    from unison.archs import tiny_model
+
+    model = {"builtin": None, "qwen3": _random_qwen3}.get(arch, lambda: tiny_model(arch))
     eng = (NativeEngine.from_pretrained(builtin_dir, dtype, "cpu", matmul="fp32-accumulate") if arch == "builtin"
-           else NativeEngine(_random_qwen3(), dtype, "cpu", matmul="fp32-accumulate"))  # fmt: skip
+           else NativeEngine(model(), dtype, "cpu", matmul="fp32-accumulate"))  # fmt: skip
     prompts = [p + [5] * (8 - len(p)) for p in PROMPTS]  # a common length; rows still start at other positions
     ids = torch.tensor(prompts)
     pad_left = torch.tensor([0, 1, 2, 0, 3, 0, 1, 0])

@@ -233,3 +233,21 @@ def test_architectures_vllm_cannot_run_exactly_are_refused_by_name(name, tmp_pat
     with pytest.raises(UserError, match="use --engine native") as err:
         make_engine("vllm", d, dtype=torch.float32, device="cpu")
     assert "\n" not in str(err.value)
+
+
+def test_stop_strings_end_responses_where_the_native_engine_ends_them(engines, dirs):
+    # vLLM stops on the strings itself; both engines then cut at the token that completes the first one
+    from unison.rollout.base import stop_string_end
+
+    e = engines(torch.float32)
+    stops = ("a", "e", "3")
+    r = sample(e, max_new_tokens=40, stop=(1,), stop_strings=stops)
+    assert r.finished.any()
+    for ids, fin in zip(r.responses(), r.finished.tolist()):
+        end = stop_string_end(ids, e.decode, stops)
+        if ids and ids[-1] == 1:
+            assert end is None  # EOS came first
+        else:
+            assert (end == len(ids)) == fin, (e.decode(ids), fin)
+    diff = (learner(dirs[0], torch.float32).recompute(r) - r.logprobs).abs()[r.mask]
+    assert diff.mean().item() < 1e-5

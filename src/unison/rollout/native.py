@@ -4,10 +4,10 @@ The decode loop runs its own attention over a static cache (one SDPA call per la
 written in place), and fuses elementwise work the way inference engines do (RMSNorm, rotary embedding and the
 SiLU gate computed in fp32 and rounded once, where the learner's Hugging Face forward rounds after each op), so its
 kernels differ from the learner's full-sequence forward the way an inference engine's do: same weights, other
-reduction orders and roundings. Llama-family decoders (Qwen2, Qwen3, Llama, Mistral) take this path where it
-computes what the model computes (`fast_path_blocker`: no sliding window that a sequence of the call reaches, rotary
-angles that depend on the position alone, no logit transform); any other causal LM, and those calls, fall back to
-the model's own forward with its own cache (`_HFDecode`), its logit transforms included.
+reduction orders and roundings. Llama-family decoders (Qwen2, Qwen3, Llama, Mistral; sliding windows included, per
+layer) take this path where it computes what the model computes (`fast_path_blocker`: rotary angles that depend on
+the position alone, no logit transform); any other causal LM falls back to the model's own forward with its own
+cache (`_HFDecode`), its logit transforms included.
 
 Per call of `generate` the engine packs its weights for decoding once (`DecodeWeights`): q/k/v and gate/up
 concatenated into one matrix product each, and, in `fp32-accumulate` mode, the fp16/bf16 weights held as fp32 copies
@@ -52,17 +52,20 @@ def rope_type(config) -> str:
     return str(params.get("rope_type") or params.get("type") or "default")
 
 
-def sliding_window(config) -> int | None:
-    """The attention window of the layers that have one (None: every layer attends to the whole sequence)."""
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
+def layer_windows(config) -> list[int | None]:
+    """Each decoder layer's attention window in tokens (None: the whole sequence): from `layer_types` where the
+    config lists them (Qwen2/Qwen3 derive them from `use_sliding_window` and `max_window_layers`), else every layer's
+    `sliding_window` (Mistral)."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or None
     types = getattr(config, "layer_types", None)
+    if window is None:
+        return [None] * n
     if types is not None:
-        return int(window) if "sliding_attention" in types else None
+        return [int(window) if t == "sliding_attention" else None for t in types]
     if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
-        return None
-    return int(window)
+        return [None] * n
+    return [int(window)] * n
 
 
 def fast_path_blocker(config, max_len: int | None = None) -> str:
@@ -77,9 +80,6 @@ def fast_path_blocker(config, max_len: int | None = None) -> str:
     for key in LOGIT_TRANSFORMS:
         if getattr(config, key, None) not in (None, 1, 1.0):
             return f"{key} {getattr(config, key)}"
-    window = sliding_window(config)
-    if window is not None and (max_len is None or max_len > window):
-        return f"a sliding window of {window} tokens" + (f", shorter than {max_len}" if max_len else "")
     return ""
 
 
@@ -165,7 +165,8 @@ class DecodeWeights:
     @torch.no_grad()
     def __init__(self, model, compute: torch.dtype):
         self.layers = []
-        for layer in model.model.layers:
+        windows = layer_windows(model.config)
+        for layer, window in zip(model.model.layers, windows):
             a, m = layer.self_attn, layer.mlp
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             self.layers.append({
@@ -173,7 +174,7 @@ class DecodeWeights:
                 "gate_up": _packed(compute, m.gate_proj, m.up_proj), "down": _packed(compute, m.down_proj),
                 "ln1": (ln1.weight.float(), ln1.variance_epsilon), "ln2": (ln2.weight.float(), ln2.variance_epsilon),
                 "q_proj": a.q_proj, "qk_norm": (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
-                "scaling": a.scaling, "mlp": m, "gate_proj": m.gate_proj, "act_fn": m.act_fn,
+                "scaling": a.scaling, "mlp": m, "gate_proj": m.gate_proj, "act_fn": m.act_fn, "window": window,
             })  # fmt: skip
         norm = model.model.norm
         self.norm = (norm.weight.float(), norm.variance_epsilon)
@@ -279,6 +280,11 @@ class NativeEngine:
         cdt = cache.dtype
         q = qk[:, :, :H].transpose(1, 2)  # [B, H, S, D]
         keys, values = cache.write(index, start, qk[:, :, H:].transpose(1, 2).to(cdt), v.transpose(1, 2).to(cdt))
+        if w["window"] is not None:  # a key is seen from fewer than `window` slots ahead (slots and positions differ
+            # by the row's left padding alone)
+            k_slot = torch.arange(start + S, device=x.device)
+            q_slot = start + torch.arange(S, device=x.device)
+            mask = mask & (k_slot[None, :] > q_slot[:, None] - w["window"])  # [B, 1, S, start+S]
         if S == 1:  # decode: one query row per sequence, two batched products over the cache [B, Hkv, L, D]
             qg = q.to(cdt).reshape(B, Hkv, H // Hkv, D)  # query heads grouped by the key/value head they share
             scores = (qg @ keys.transpose(-1, -2)).float() * w["scaling"]  # [B, Hkv, G, L]
@@ -489,7 +495,7 @@ class _FlatStep:
                 w["ln1"], w["ln2"], _transposed(w["qkv"]), _transposed(w["o"]), _transposed(w["gate_up"]),
                 _transposed(w["down"]), w["q_proj"] if w["q_proj"]._forward_pre_hooks else None,
                 w["gate_proj"] if w["gate_proj"]._forward_pre_hooks else None, mlp, w["qk_norm"], w["scaling"],
-                F.silu if type(act) is torch.nn.SiLU else act,
+                F.silu if type(act) is torch.nn.SiLU else act, w["window"],
             ))  # fmt: skip
         self.norm = weights.norm
         self.head = _transposed(weights.head)
@@ -546,7 +552,7 @@ class _FlatStep:
             run_pre_hooks(self.embed_hooks, tok)
         x = F.embedding(tok, self.embed)  # [B, hidden] fp32
         bias = self.bias[:, :, :L]
-        for i, (ln1, ln2, qkv_w, o_w, gu_w, down_w, q_hooks, gate_hooks, mlp, qk_norm, scaling, act) in enumerate(
+        for i, (ln1, ln2, qkv_w, o_w, gu_w, down_w, q_hooks, gate_hooks, mlp, qk_norm, scaling, act, window) in enumerate(
             self.layers
         ):
             h = rnd(F.rms_norm(x, (x.shape[-1],), *ln1))
@@ -562,8 +568,9 @@ class _FlatStep:
             k_slots.select(2, cur).copy_(qk[:, H:])
             v_slots.select(2, cur).copy_(qkv[:, H + Hkv :])
             q = qk[:, :H].reshape(B * Hkv, G, D)
-            scores = torch.baddbmm(bias, q, keys_t.narrow(2, 0, L), alpha=scaling)  # [B * Hkv, G, L]
-            out = rnd(torch.bmm(scores.softmax(-1), values.narrow(1, 0, L)).view(B, H * D))
+            lo = max(0, cur + 1 - window) if window is not None else 0  # a sliding window sees the last `window` slots
+            scores = torch.baddbmm(bias[:, :, lo:] if lo else bias, q, keys_t.narrow(2, lo, L - lo), alpha=scaling)
+            out = rnd(torch.bmm(scores.softmax(-1), values.narrow(1, lo, L - lo)).view(B, H * D))  # [B * Hkv, G, L]
             x = linear(out, o_w, residual=x)
             h = rnd(F.rms_norm(x, (x.shape[-1],), *ln2))
             if mlp_called_as_module(mlp):
