@@ -79,6 +79,32 @@ def sharded_missing_one(d: Path) -> Path:
     return out
 
 
+def damaged_checkpoint(d: Path, tiny: Path, how: str) -> Path:
+    """A run folder whose one checkpoint (of the tiny model) lost a weight, or had its weights file's header
+    overwritten, with a manifest that still agrees on the sizes (as after a bad copy)."""
+    from safetensors.torch import load_file, save_file
+
+    from unison import checkpoint as ckpt
+    from unison.models import build_tokenizer, load_model
+
+    model = load_model(tiny)
+    run = d / "run"
+    path = ckpt.save_checkpoint(run, 1, model, build_tokenizer(), dict(model.named_parameters()), {"step": 1})
+    weights = path / "model.safetensors"
+    if how == "missing":
+        state = load_file(str(weights))
+        state.pop("model.layers.0.mlp.down_proj.weight")
+        save_file(state, str(weights), metadata={"format": "pt"})
+    else:
+        data = bytearray(weights.read_bytes())
+        data[8:40] = b"\x00" * 32  # the JSON header's start
+        weights.write_bytes(bytes(data))
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest["files"]["model.safetensors"] = weights.stat().st_size
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    return run
+
+
 def gemma2(d: Path) -> Path:
     from unison.archs import save_tiny
 
@@ -192,12 +218,15 @@ CASES = [
     C("model-not-causal", "model", "a model type that is not a causal LM (ViT)", lambda d, t: train(model_copy(d, t, "m", {"model_type": "vit"})), "not a causal LM"),
     C("model-quantized", "model", "a quantized checkpoint (GPTQ)", lambda d, t: train(with_config(d, t, "q", quantization_config={"quant_method": "gptq", "bits": 4})), "quantized"),
     C("model-dynamic-rope", "model", "rotary scaling that changes with the sequence length", lambda d, t: train(with_config(d, t, "r", rope_scaling={"rope_type": "dynamic", "factor": 2.0})), "rotary"),
+    C("model-dynamic-rope-per-layer", "model", "length-dependent rotary scaling on one layer type (Gemma3-style)", lambda d, t: train(with_config(d, t, "r2", rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})), "rotary"),
     C("model-shard-missing", "model", "a sharded checkpoint missing a shard", lambda d, t: train(sharded_missing_one(d)), "missing"),
     C("attn-flash-missing", "model", "flash_attention_2 without flash-attn installed", lambda d, t: train(t, "model.attn_implementation=flash_attention_2"), "flash-attn"),
     C("attn-sdpa-gemma2", "model", "sdpa for Gemma2, which sdpa cannot run", lambda d, t: train(gemma2(d), "model.attn_implementation=sdpa"), "eager"),
     C("context-overflow", "data", "prompt + max_new_tokens beyond the model's context", lambda d, t: train(t, "--data", prompts(d, [{"prompt": "1" * 900, "answer": "2"}]), "data.template=plain", "rollout.max_new_tokens=200"), "rollout.context_limit=clamp"),
     C("export-into-nonempty", "run folder", "export into a folder that holds files", lambda d, t: ["export", checkpoint_of(d, d / "run"), "--out", write(d / "out" / "notes.txt", "mine").parent], "not empty"),
     C("export-not-a-checkpoint", "run folder", "export a folder that is no run or checkpoint", lambda d, t: ["export", d, "--out", d / "out"], "neither a run folder"),
+    C("resume-missing-weight", "model", "--resume from a checkpoint that lost a weight", lambda d, t: train(t, "--out", damaged_checkpoint(d, t, "missing"), "--resume"), "has no model.layers.0.mlp.down_proj.weight"),
+    C("resume-corrupt-weights", "model", "--resume from a checkpoint whose weights file is damaged", lambda d, t: train(t, "--out", damaged_checkpoint(d, t, "corrupt"), "--resume"), "re-save or re-copy"),
     C("resume-other-vocab", "model", "--resume into a run whose checkpoint has another vocabulary", lambda d, t: train(t, "--out", checkpoint_of(d, d / "run", vocab_size=300), "--resume"), "another model"),
     C("resume-other-arch", "model", "--resume into a run whose checkpoint has another architecture", lambda d, t: train(t, "--out", checkpoint_of(d, d / "run", num_hidden_layers=2), "--resume"), "another model"),
     # ---- run folder ------------------------------------------------------------------------------------------

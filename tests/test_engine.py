@@ -170,7 +170,7 @@ def test_sliding_window_fast_path_equals_the_models_own_forward_in_every_layout(
         if not flat:
             monkeypatch.setattr(_StaticDecode, "__init__", layered)
         eng = NativeEngine(tiny_model(name), torch.float32, "cpu", seed=2)
-        assert eng.decode_path(40) == ("fast", "")
+        assert eng.decode_path() == ("fast", "")
         r = eng.generate(prompts, p)
         d = (r.logprobs - reference_logprobs(tiny_model(name), r)).abs()[r.mask]
         assert d.mean() < 1e-6 and d.max() < 1e-4 and r.lengths.max() > 8, (flat, d.mean(), d.max())
@@ -180,7 +180,7 @@ def test_fallback_path_matches_fast_path(tiny_dir):
     p = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=())
     fast = engine(tiny_dir).generate(PROMPTS, p)
     slow_engine = engine(tiny_dir)
-    slow_engine.decode_path = lambda max_len=None: ("fallback", "tested")  # the model's own forward and cache
+    slow_engine.decode_path = lambda: ("fallback", "tested")  # the model's own forward and cache
     slow = slow_engine.generate(PROMPTS, p)
     assert torch.equal(fast.response_ids, slow.response_ids)
 

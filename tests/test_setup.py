@@ -41,9 +41,22 @@ def test_stop_string_end_and_cut_by_hand():
     assert stop_string_end(ids, decode, ("cd", "b<")) == 3  # the first occurrence of any
     ro = Rollouts([[1], [1]], torch.tensor([ids, [ord(c) for c in "xxxxxxxx"]]), torch.full((2, 8), -0.5),
                   torch.ones(2, 8, dtype=torch.bool), torch.tensor([8, 8]), torch.tensor([False, False]))  # fmt: skip
-    cut = cut_at_stop_strings(ro, decode, ("</s>",), pad_token_id=0)
+    cut = cut_at_stop_strings(ro, lambda prompt, part: decode(part), ("</s>",), pad_token_id=0)
     assert cut.lengths.tolist() == [6, 8] and cut.finished.tolist() == [True, False]
     assert cut.mask.sum(1).tolist() == [6, 8] and cut.logprobs[0, 6:].eq(0).all() and cut.response_ids[0, 6:].eq(0).all()
+
+
+def test_response_text_keeps_the_leading_space_a_tokenizer_drops_on_its_own():
+    from unison.rollout.base import response_text
+
+    class SentencePieceLike:  # decoding a sequence on its own drops its leading space
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(map(chr, ids)).lstrip(" ")
+
+    tok = SentencePieceLike()
+    prompt, response = [ord(c) for c in "Q:"], [ord(c) for c in " Answer 4"]
+    assert tok.decode(response) == "Answer 4" and response_text(tok, prompt, response) == " Answer 4"
+    assert stop_string_end(response, lambda part: response_text(tok, prompt, part), (" Answer",)) == 7
 
 
 def test_native_engine_stops_at_stop_strings(tiny_dir):
@@ -81,7 +94,7 @@ def test_context_limit_error_or_clamp(tmp_path):
     s = _setup(d, max_new_tokens=100, context_limit="clamp")
     with pytest.warns(UserWarning, match="lowered from 100 to 56"):
         s.encode(long)
-    assert s.max_new_tokens == 56 and s.sampling().max_new_tokens == 56 and s.longest() == 256
+    assert s.max_new_tokens == 56 and s.sampling().max_new_tokens == 56
     with pytest.raises(UserError, match="no room"):
         _setup(d, context_limit="clamp").encode([Example("1" * 256, "0", id="full")])
 
@@ -92,7 +105,7 @@ def test_attention_implementation(tmp_path):
     d = save_tiny("gemma2", tmp_path / "gemma2")
     assert _setup(d).attn_implementation == "eager"  # Gemma2: sdpa has no attention softcapping
     assert build(ModelConfig(path=str(d), attn_implementation="eager"), DataConfig(), RolloutConfig()).attn_implementation == "eager"
-    with pytest.raises(UserError, match="cannot run model.attn_implementation=sdpa"):
+    with pytest.raises(UserError, match="cannot run model.attn_implementation=sdpa: SDPA does not apply its attention soft"):
         build(ModelConfig(path=str(d), attn_implementation="sdpa"), DataConfig(), RolloutConfig())
     assert _setup(save_tiny("qwen2", tmp_path / "qwen2")).attn_implementation == "sdpa"
 
@@ -102,8 +115,8 @@ def test_the_first_line_says_which_decode_path_the_engine_runs(tmp_path, capsys)
     from unison.config import TrainConfig, load_config
     from unison.trainer import train
 
-    for name, path in (("qwen2", "fast path"), ("mistral-window", "fallback to the model's own forward (a sliding "
-                                                                     "window of 8 tokens")):  # fmt: skip
+    for name, path in (("qwen2", "fast path"), ("mistral-window", "fast path"),
+                       ("gpt2", "fallback to the model's own forward (gpt2 is not a fast-path family")):  # fmt: skip
         d = save_tiny(name, tmp_path / name)
         cfg = load_config(TrainConfig, None, {
             "model.path": str(d), "run.out": str(tmp_path / f"run-{name}"), "run.steps": 1, "run.eval_every": 0,
@@ -205,6 +218,16 @@ def test_every_command_takes_the_same_keys():
         assert {"model.path", "model.attn_implementation", "data.prompt_key", "rollout.stop", "run.out"} <= keys
     with pytest.raises(UserError, match="unknown config key 'prompt_key'"):
         load_config(EvalConfig, None, ["prompt_key=question"])
+
+
+def test_precision_names_are_case_insensitive():
+    from unison.config import TrainConfig, load_config
+    from unison.probe import ProbeConfig
+
+    cfg = load_config(TrainConfig, None, ["precision.rollout=BF16", "precision.train=FP16"])
+    assert (cfg.precision.rollout, cfg.precision.train) == ("bf16", "fp16")
+    assert load_config(ProbeConfig, None, ["probe.precisions=[FP32, BF16/FP16]"]).settings_names() == [
+        ("fp32", "fp32"), ("bf16", "fp16")]
 
 
 def test_valid_choices_come_from_the_tables_that_define_them():

@@ -179,7 +179,7 @@ def _bad(tmp_path, name, content):
         ("empty.jsonl", "\n\n", "has no rows"),
         ("bad.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "b",\n', "line 2 is not valid JSON"),
         ("latin.jsonl", b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "1"}\n', "line 2 is not UTF-8"),
-        ("cols.jsonl", '{"question": "a", "answer": "1"}\n', "no column 'prompt' (columns: question, answer); set prompt_key"),
+        ("cols.jsonl", '{"question": "a", "answer": "1"}\n', "no column 'prompt' (columns: question, answer); set data.prompt_key"),
         ("noans.jsonl", '{"prompt": "a"}\n', "line 1 has no answer column 'answer'"),
         ("emptyans.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": " "}\n', "line 2 has an empty answer"),
         ("num.jsonl", '{"prompt": 5, "answer": "1"}\n', "prompt in 'prompt' is a int"),

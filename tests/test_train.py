@@ -225,7 +225,7 @@ def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
     user = Learner.from_pretrained(tiny_dir, policy, "cpu", micro_batch_tokens=100)  # a budget the user set is kept
     assert [b.tolist() for b in user.micro_batches(even, 64)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert not Learner.from_pretrained(tiny_dir, policy, "cpu", share_prompts=False).share_prompts
-    assert not Learner(random_model(use_sliding_window=True, sliding_window=16), policy, "cpu").share_prompts
+    assert not Learner(random_model(use_sliding_window=True, sliding_window=16, max_window_layers=0), policy, "cpu").share_prompts
 
 
 def test_shared_prompts_train_like_one_forward_per_row(tiny_dir, tmp_path, monkeypatch):

@@ -243,11 +243,11 @@ def test_stop_strings_end_responses_where_the_native_engine_ends_them(engines, d
     stops = ("a", "e", "3")
     r = sample(e, max_new_tokens=40, stop=(1,), stop_strings=stops)
     assert r.finished.any()
-    for ids, fin in zip(r.responses(), r.finished.tolist()):
-        end = stop_string_end(ids, e.decode, stops)
+    for prompt, ids, fin in zip(r.prompt_ids, r.responses(), r.finished.tolist()):
+        end = stop_string_end(ids, lambda part: e.text_of(prompt, part), stops)
         if ids and ids[-1] == 1:
             assert end is None  # EOS came first
         else:
-            assert (end == len(ids)) == fin, (e.decode(ids), fin)
+            assert (end == len(ids)) == fin, (e.text_of(prompt, ids), fin)
     diff = (learner(dirs[0], torch.float32).recompute(r) - r.logprobs).abs()[r.mask]
     assert diff.mean().item() < 1e-5

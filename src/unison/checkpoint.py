@@ -141,7 +141,8 @@ INDEX = "model.safetensors.index.json"
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a model folder: its shards (from the index) or model.safetensors."""
+    """The safetensors files of a model folder: its shards (from the index; a missing one is a UserError) or
+    model.safetensors."""
     from unison.errors import UserError
 
     path = Path(path)
@@ -152,8 +153,9 @@ def weight_files(path: Path) -> list[Path]:
             raise UserError(f"{path / INDEX} is not a valid safetensors index; re-save the checkpoint") from None
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise UserError(f"checkpoint {str(path)!r} is missing the shard {missing[0]} that {INDEX} lists; copy it "
-                            "there or resume from another checkpoint")  # fmt: skip
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UserError(f"{str(path)!r} is a sharded checkpoint missing {missing[0]}{more} of the shards its {INDEX} "
+                            "lists; copy the missing shards there")  # fmt: skip
         return [path / n for n in names]
     return [path / "model.safetensors"]
 
@@ -173,10 +175,18 @@ def load_master(path: Path) -> dict[str, torch.Tensor]:
 
     These can differ from the names stored in the file: transformers maps some on load (a mixture of experts'
     per-expert weights to one fused tensor per layer, GPT-NeoX's `embed_out` to `lm_head`), so the weights are read
-    through the model's own loader."""
+    through the model's own loader. A weight the file lacks, or holds in another shape, is a UserError (the loader
+    would initialise it at random)."""
+    from unison.errors import UserError
     from unison.models import load_model
 
-    model = load_model(path, dtype=torch.float32)
+    model, info = load_model(path, dtype=torch.float32, loading_info=True)
+    for kind in ("missing_keys", "mismatched_keys"):
+        found = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if found:
+            what = "has no" if kind == "missing_keys" else "holds in another shape"
+            raise UserError(f"{str(path)!r} {what} {found[0]}{f' (and {len(found) - 1} more)' if len(found) > 1 else ''}"
+                            "; re-save the checkpoint")  # fmt: skip
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
@@ -285,15 +295,18 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     target = parse_precision(dtype)
     size = parse_size(shard_size, "--shard-size")
     ckpt = resolve_checkpoint(source)
-    out = Path(out).expanduser()
+    out = Path(out).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{str(out)!r} already exists and is not empty; choose a new --out folder")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write into {str(parent)!r}; choose a writable --out")
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write into {str(existing)!r}; choose a writable --out")
     model = load_model(ckpt, dtype=torch.float32)
     tokenizer = load_tokenizer(ckpt)
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".tmp-export-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

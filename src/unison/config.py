@@ -101,9 +101,9 @@ class ModelConfig:
 @dataclass
 class PrecisionConfig:
     rollout: str = doc("fp16", "dtype of the rollout engine's weights and compute", choices=_precisions,
-                       what="precision")
+                       what="precision", lower=True)
     train: str = doc("fp16", "dtype of the learner's forward and backward (master weights stay fp32)",
-                     choices=_precisions, what="precision")
+                     choices=_precisions, what="precision", lower=True)
     init_scale: float = doc(65536.0, "fp16 dynamic loss scale at the start")
     growth_interval: int = doc(400, "finite steps in a row after which the loss scale doubles")
     min_scale: float = doc(1.0, "the run stops if the loss scale falls below this")
@@ -380,6 +380,8 @@ def _build(cls, data: dict, prefix: str = ""):
             default = dataclasses.asdict(f.default_factory())
             value = {**{k: v for k, v in default.items() if k not in value}, **value}
         values[f.name] = _coerce(value, types_[f.name], prefix + f.name)
+        if f.metadata.get("lower") and isinstance(values[f.name], str):
+            values[f.name] = values[f.name].lower()
         _check_choice(f, values[f.name], prefix + f.name)
     return cls(**values)
 

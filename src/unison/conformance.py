@@ -96,8 +96,7 @@ def measure(model_dir, prompts: list[list[int]], max_new_tokens: int = 24, preci
     sampler = make_engine(engine, model_dir, dtype=torch.float32, device=device, seed=seed, **engine_kwargs)
     try:
         learner.sync(sampler)  # the weights reach the engine and read back exactly
-        longest = max(map(len, prompts)) + max_new_tokens
-        path, reason = sampler.decode_path(longest) if hasattr(sampler, "decode_path") else (engine, "")
+        path, reason = sampler.decode_path() if hasattr(sampler, "decode_path") else (engine, "")
         ro = sampler.generate(prompts, params)
     finally:
         getattr(sampler, "close", lambda: None)()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from unison.hf import LogitsAt, cache_kwarg, output_cache
+from unison.rollout.native import layer_windows
 from unison.precision import (
     LossScaler,
     MasterWeights,
@@ -205,7 +206,7 @@ class Learner:
         # cache HF can extend (no sliding window, no other cache kind)
         cfg = getattr(model, "config", None)
         self.share_prompts = bool(share_prompts and cfg is not None and cfg.model_type in SHARED_PROMPT_TYPES
-                                  and not getattr(cfg, "use_sliding_window", False))  # fmt: skip
+                                  and not any(layer_windows(cfg)))  # fmt: skip
         # the policy that is trained is the policy that samples: dropout (and any other train-time randomness, such
         # as a router's jitter) stays off, as in the rollout engine
         self.model = model.to(self.device).eval()

@@ -139,16 +139,18 @@ def causal_lm_class(config):
 
 
 def resolve_attn_implementation(config, requested: str = "auto", device: torch.device | str = "cpu") -> str:
-    """The attention implementation to load `config`'s model with: `auto` is sdpa where the model class supports it,
-    else eager (Gemma2: sdpa has no attention softcapping). A choice the model or the machine cannot run is a user
-    error."""
+    """The attention implementation to load `config`'s model with: `auto` is sdpa where the model class supports it
+    and the model does not soft-cap its attention scores (Gemma2: SDPA has no soft-capping, and transformers before
+    5.2x runs Gemma2 on SDPA without it), else eager. A choice the model or the machine cannot run is a user error."""
     cls = causal_lm_class(config)
     kind = config.model_type
-    sdpa_ok = bool(getattr(cls, "_supports_sdpa", True))
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    sdpa_ok = bool(getattr(cls, "_supports_sdpa", True)) and not softcap
     if requested == "auto":
         return "sdpa" if sdpa_ok else "eager"
     if requested == "sdpa" and not sdpa_ok:
-        raise UserError(f"{kind} models cannot run model.attn_implementation=sdpa in this transformers; use auto or eager")
+        why = f"SDPA does not apply its attention soft-capping ({softcap})" if softcap else "this transformers has no SDPA for it"
+        raise UserError(f"{kind} models cannot run model.attn_implementation=sdpa: {why}; use auto or eager")
     if requested == "flash_attention_2":
         import importlib.util
 
@@ -165,10 +167,12 @@ def resolve_attn_implementation(config, requested: str = "auto", device: torch.d
 
 
 def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "auto"):
-    """A causal LM from a local checkpoint directory (offline), on `device`, in `dtype`, in eval mode.
+               attn_implementation: str = "auto", loading_info: bool = False):
+    """A causal LM from a local checkpoint directory (offline), on `device`, in `dtype`, in eval mode (and, with
+    `loading_info`, transformers' report of missing and unexpected weights).
 
-    The weights are read in the dtype they are stored in and cast once, whatever `config.json`'s dtype says."""
+    The weights are loaded as fp32, whatever `config.json`'s dtype says, then cast once to `dtype`."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from unison.precision import cast_module
@@ -178,14 +182,18 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         attn = resolve_attn_implementation(config, attn_implementation, device)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation=attn
-        )
+            str(path), local_files_only=True, dtype=torch.float32, attn_implementation=attn,
+            output_loading_info=loading_info,
+        )  # fmt: skip
     except ValueError as exc:
         raise UserError(f"cannot load {str(path)!r} as a causal LM: {str(exc).splitlines()[0]}") from None
-    except (OSError, RuntimeError, KeyError) as exc:
-        raise UserError(f"cannot load the checkpoint in {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    except (OSError, RuntimeError, KeyError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot load the checkpoint in {str(path)!r}: {first}; re-save or re-copy it") from None
+    model, info = model if loading_info else (model, None)
     cast_module(model, dtype)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return (model, info) if loading_info else model
 
 
 def _ids(value) -> set[int]:

@@ -1,7 +1,8 @@
 """`unison probe`: the paper's offline analysis of the train-inference mismatch.
 
 For each precision setting: the rollout engine samples N responses per prompt with the weights cast to the rollout
-dtype (temperature 1, no top-p, as in the paper); the learner recomputes the log-probs of those responses with one
+dtype (by default temperature 1, no top-k or top-p, as in the paper; the rollout section's sampling otherwise, and
+the learner recomputes the same truncated distribution); the learner recomputes the log-probs of those responses with one
 full-sequence forward in the train dtype; every mismatch metric of `unison.mismatch` is computed over all tokens
 and sequences. Two figures as in the paper: pi(y_t) against mu(y_t) per setting, and the sequence log-ratio
 sum_t(log pi - log mu) against response length with the fitted slope per 1K tokens and the sequence-level KL.
@@ -53,6 +54,7 @@ class ProbeConfig:
         check(bool(self.probe.precisions), "probe.precisions", "list at least one setting, e.g. [fp32, fp16, bf16]")
         check(self.probe.batch_size >= 1, "probe.batch_size", "must be at least 1")
         check(self.data.max_prompts >= 1, "data.max_prompts", "must be at least 1 (the prompts to sample from)")
+        self.probe.precisions = [str(name).lower() for name in self.probe.precisions]
         for name in self.probe.precisions:
             parts = str(name).split("/")
             check(len(parts) in (1, 2) and all(x in PRECISIONS for x in parts), "probe.precisions",
@@ -81,14 +83,15 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
     with s.engine(policy.rollout) as engine:
         print(f"probe {label}: {s.describe(engine)}", flush=True)
         learner.sync(engine)  # the engine holds exactly the learner's weights cast to the rollout dtype
-        params = s.sampling(top_k=0)
+        params = s.sampling()
         rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
         acc = MismatchAccumulator()
         pis, mus = [], []
         bar = tqdm(total=len(rows), desc=f"probe {label}", unit="seq", disable=not cfg.run.progress)
         for start in range(0, len(rows), cfg.probe.batch_size):
             ro = engine.generate(rows[start: start + cfg.probe.batch_size], params)
-            logp_pi = learner.recompute(ro, micro_batch_size=64, temperature=params.temperature, top_p=params.top_p)
+            logp_pi = learner.recompute(ro, micro_batch_size=64, temperature=params.temperature, top_k=params.top_k,
+                                        top_p=params.top_p)  # fmt: skip
             acc.add(logp_pi, ro.logprobs, ro.mask)
             pis.append(logp_pi[ro.mask].exp())
             mus.append(ro.logprobs[ro.mask].exp())
@@ -114,7 +117,7 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     results = [probe_setting(cfg, pol, s, prompt_ids) for pol in policies]
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = results_json(cfg, results)
+    payload = results_json(cfg, results, s.max_new_tokens)  # (clamped to the context where the config asks)
     if cfg.probe.activations:
         payload["activations"] = probe_activations(cfg, s, prompt_ids)
     (out / "probe.json").write_text(json.dumps(payload, indent=1))
@@ -131,20 +134,20 @@ def probe_activations(cfg: ProbeConfig, s: Setup, prompt_ids) -> list[dict]:
     from unison.overflow import activation_stats
 
     with s.engine(torch.float32) as engine:
-        ro = engine.generate(prompt_ids, s.sampling(top_k=0))
+        ro = engine.generate(prompt_ids, s.sampling())
     seqs = [torch.tensor([p + ro.response_ids[i, : int(ro.lengths[i])].tolist()], device=s.device)
             for i, p in enumerate(prompt_ids)]  # fmt: skip
     return activation_stats(s.load_model(), seqs)
 
 
-def results_json(cfg: ProbeConfig, results: list[ProbeResult]) -> dict:
+def results_json(cfg: ProbeConfig, results: list[ProbeResult], max_new_tokens: int) -> dict:
     def clean(v):
         return v if not isinstance(v, float) or math.isfinite(v) else str(v)
 
     return {
         "model": cfg.model.path, "engine": cfg.rollout.engine, "prompts": cfg.data.source,
         "num_prompts": cfg.data.max_prompts, "samples": cfg.rollout.group_size,
-        "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
+        "max_new_tokens": max_new_tokens, "temperature": cfg.rollout.temperature,
         "results": [
             {"rollout_precision": r.rollout_precision, "train_precision": r.train_precision,
              "metrics": {k: clean(v) for k, v in {**r.metrics, "seq_slope_per_1k_tokens": r.slope_per_1k}.items()},

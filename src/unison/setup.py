@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from unison.checkpoint import weight_files
 from unison.config import DataConfig, ModelConfig, RolloutConfig
 from unison.errors import UserError
 from unison.evaluation import encode_all
@@ -60,29 +61,14 @@ def refuse_inexact(config, model_dir) -> None:
         method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else type(quant).__name__
         raise UserError(f"{where!r} holds {method} quantized weights, which the learner cannot train with fp32 master "
                         "weights; give the checkpoint in fp32, bf16 or fp16")  # fmt: skip
-    from unison.rollout.native import rope_type
+    from unison.rollout.native import rope_types
 
-    rope = rope_type(config)
-    if rope in ("dynamic", "longrope"):
+    varying = sorted(rope_types(config) & {"dynamic", "longrope"})
+    if varying:
+        rope = varying[0]
         raise UserError(f"{where!r} uses {rope!r} rotary scaling, whose angles change with the sequence length, so a "
                         "decode with a cache and the learner's full-sequence forward cannot agree; use a checkpoint "
                         "with static rotary scaling (default, linear, llama3 or yarn)")  # fmt: skip
-
-
-def _check_shards(model_dir: Path) -> None:
-    """A sharded checkpoint with a shard missing is refused before anything loads."""
-    index = model_dir / "model.safetensors.index.json"
-    if not index.is_file():
-        return
-    try:
-        files = set(json.loads(index.read_text())["weight_map"].values())
-    except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError):
-        raise UserError(f"{index} is not a valid safetensors index; re-save the checkpoint") from None
-    missing = sorted(f for f in files if not (model_dir / f).is_file())
-    if missing:
-        raise UserError(f"{str(model_dir)!r} is a sharded checkpoint missing {missing[0]}"
-                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} of the shards its "
-                        "model.safetensors.index.json lists; copy the missing shards there")  # fmt: skip
 
 
 @dataclass
@@ -148,10 +134,6 @@ class Setup:
         self.prompt_ids.update({id(e): p for e, p in zip(examples, ids)})
         return ids
 
-    def longest(self) -> int:
-        """The longest prompt encoded so far plus max_new_tokens: the longest sequence an engine will hold."""
-        return max((len(p) for p in self.prompt_ids.values()), default=0) + self.max_new_tokens
-
     def sampling(self, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  max_new_tokens: int | None = None) -> SamplingParams:
         """The rollout section's sampling, with the stop ids and strings; arguments override its fields."""
@@ -183,7 +165,7 @@ class Setup:
         """The model, its architecture and, given an engine, the decode path it runs for this set-up's prompts."""
         text = f"{self.model.path} ({self.config.model_type}, attention {self.attn_implementation})"
         if engine is not None:
-            what = engine.describe(self.longest()) if hasattr(engine, "describe") else type(engine).__name__
+            what = engine.describe() if hasattr(engine, "describe") else type(engine).__name__
             text += f" | {what}"
         return text
 
@@ -198,7 +180,7 @@ def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtype
     model_dir = resolve_model_dir(model.path)
     config = load_model_config(model_dir)
     refuse_inexact(config, model_dir)
-    _check_shards(model_dir)
+    weight_files(model_dir)  # a sharded checkpoint with a shard missing is refused before anything loads
     attn = resolve_attn_implementation(config, model.attn_implementation, device)
     tokenizer = load_tokenizer(model_dir)
     stops = eos_token_ids(tokenizer, model_dir)

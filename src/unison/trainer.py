@@ -164,7 +164,7 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
                         logp = learner.logprobs(learner.batch(part), r.temperature, r.top_k, r.top_p)
                     loss, lm = policy_loss(
                         preset, logp, logp_old[part_rows, :T].to(logp.device), part.logprobs.to(logp.device),
-                        advantages[part_rows].to(logp.device), part.mask.to(logp.device), r.max_new_tokens,
+                        advantages[part_rows].to(logp.device), part.mask.to(logp.device), run.sampling.max_new_tokens,
                         total_tokens=total_tokens, total_seqs=total_seqs,
                     )  # fmt: skip
                     weight = len(part_rows) / len(rows)

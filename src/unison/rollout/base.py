@@ -102,16 +102,26 @@ def stop_string_end(ids: list[int], decode, strings: tuple[str, ...]) -> int | N
     return lo
 
 
-def cut_at_stop_strings(rollouts: Rollouts, decode, strings: tuple[str, ...], pad_token_id: int = 0) -> Rollouts:
-    """Each response ended at the token that completes a stop string (kept, as a stop token is), marked finished.
+def response_text(tokenizer, prompt: list[int], ids: list[int]) -> str:
+    """A response's text as it reads after its prompt (special tokens left out, as vLLM matches stop strings): the
+    prompt and response decoded together, less the prompt's text, so that a tokenizer that drops a leading space
+    when it decodes a sequence on its own (SentencePiece) keeps the response's."""
+    whole = tokenizer.decode(list(prompt) + list(ids), skip_special_tokens=True)
+    head = tokenizer.decode(list(prompt), skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def cut_at_stop_strings(rollouts: Rollouts, text_of, strings: tuple[str, ...], pad_token_id: int = 0) -> Rollouts:
+    """Each response ended at the token that completes a stop string (kept, as a stop token is), marked finished;
+    `text_of(prompt_ids, response_ids)` is the response's text (`response_text`).
 
     Both engines apply this to what they sampled, so a response ends at the same token whichever engine sampled it;
     the tokens after it were sampled (or not) with the same distribution and are dropped with their log-probs."""
     if not strings:
         return rollouts
     lengths, finished = rollouts.lengths.clone(), rollouts.finished.clone()
-    for i, ids in enumerate(rollouts.responses()):
-        end = stop_string_end(ids, decode, strings)
+    for i, (prompt, ids) in enumerate(zip(rollouts.prompt_ids, rollouts.responses())):
+        end = stop_string_end(ids, lambda part, p=prompt: text_of(p, part), strings)
         if end is not None:
             lengths[i], finished[i] = end, True
     if torch.equal(lengths, rollouts.lengths) and torch.equal(finished, rollouts.finished):
@@ -143,4 +153,8 @@ class RolloutEngine(Protocol):
 
     def weights_checksum(self) -> str:
         """A checksum over every parameter the engine holds, as stored (see `unison.precision.checksum`)."""
+        ...
+
+    def describe(self) -> str:
+        """One line: the engine, its dtype and the decode path it runs."""
         ...

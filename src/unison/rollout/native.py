@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from unison.hf import cache_kwarg, output_cache, takes_logits_to_keep
 from unison.precision import cast_module, checksum, compute_dtype, matmul_mode, set_matmul
-from unison.rollout.base import Rollouts, SamplingParams, check_prompts, cut_at_stop_strings, stop_string_end
+from unison.rollout.base import Rollouts, SamplingParams, check_prompts, cut_at_stop_strings, response_text, stop_string_end
 from unison.sampling import sample
 
 FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
@@ -44,12 +44,14 @@ FAST_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "attn_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def rope_type(config) -> str:
-    """The model's rotary variant (`default` where the config names none)."""
+def rope_types(config) -> set[str]:
+    """The model's rotary variants (`default` where the config names none): one, or one per layer type where the
+    config keys its rotary settings by layer type (Gemma3's sliding and full layers)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if not isinstance(params, dict):
-        return "default"
-    return str(params.get("rope_type") or params.get("type") or "default")
+        return {"default"}
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    return {str(p.get("rope_type") or p.get("type") or "default") for p in (nested or [params])}
 
 
 def layer_windows(config) -> list[int | None]:
@@ -68,15 +70,14 @@ def layer_windows(config) -> list[int | None]:
     return [int(window)] * n
 
 
-def fast_path_blocker(config, max_len: int | None = None) -> str:
-    """Why the fast path would not compute exactly what the model computes on sequences of up to `max_len` tokens
-    (any length when None), or '' where it does."""
+def fast_path_blocker(config) -> str:
+    """Why the fast path would not compute exactly what the model computes, or '' where it does."""
     kind = config.model_type
     if kind not in FAST_PATH_TYPES:
         return f"{kind} is not a fast-path family (Qwen2, Qwen3, Llama, Mistral)"
-    rope = rope_type(config)
-    if rope not in FAST_ROPE_TYPES:
-        return f"rotary type {rope!r}, whose angles change with the sequence length"
+    other = sorted(rope_types(config) - FAST_ROPE_TYPES)
+    if other:
+        return f"rotary type {other[0]!r}, whose angles change with the sequence length"
     for key in LOGIT_TRANSFORMS:
         if getattr(config, key, None) not in (None, 1, 1.0):
             return f"{key} {getattr(config, key)}"
@@ -223,14 +224,14 @@ class NativeEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def decode_path(self, max_len: int | None = None) -> tuple[str, str]:
-        """("fast", "") or ("fallback", why) for calls whose prompts and responses total up to `max_len` tokens."""
-        why = fast_path_blocker(self.config, max_len)
+    def decode_path(self) -> tuple[str, str]:
+        """("fast", "") or ("fallback", why)."""
+        why = fast_path_blocker(self.config)
         return ("fallback", why) if why else ("fast", "")
 
-    def describe(self, max_len: int | None = None) -> str:
+    def describe(self) -> str:
         """One line: this engine, its dtype and the decode path it runs."""
-        path, why = self.decode_path(max_len)
+        path, why = self.decode_path()
         how = "fast path" if path == "fast" else f"fallback to the model's own forward ({why})"
         return f"native engine, {self.dtype}".replace("torch.", "") + f", {how}"
 
@@ -244,9 +245,9 @@ class NativeEngine:
     def weights_checksum(self) -> str:
         return checksum(self.model.named_parameters())
 
-    def decode(self, ids: list[int]) -> str:
-        """A response's text as stop strings are matched against it (special tokens left out, as vLLM does)."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def text_of(self, prompt: list[int], ids: list[int]) -> str:
+        """A response's text after its prompt, as stop strings are matched against it (`response_text`)."""
+        return response_text(self.tokenizer, prompt, ids)
 
     def rng_state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -314,10 +315,11 @@ class NativeEngine:
         return self._linear(x, weights.head)[:, -1]  # [B, V] in the rollout dtype
 
     # ---- sampling ------------------------------------------------------------------------------------------
-    def _completed_stop_string(self, tokens: torch.Tensor, done: torch.Tensor, strings, tail: int) -> torch.Tensor:
+    def _completed_stop_string(self, tokens: torch.Tensor, done: torch.Tensor, prompts: list[list[int]], strings,
+                               tail: int) -> torch.Tensor:
         """Rows not yet done whose tokens so far [B, t] hold a stop string: found in the decoded last `tail` tokens,
-        then confirmed on the whole response (a row dropped from the batch must be cut where `cut_at_stop_strings`
-        will cut it). -> [B] bool"""
+        then confirmed on the whole response after its prompt (a row dropped from the batch must be cut where
+        `cut_at_stop_strings` will cut it). A stop string the tail misses is cut at the end all the same. -> [B] bool"""
         hit = torch.zeros_like(done)
         live = (~done).nonzero().flatten().tolist()
         if not live:
@@ -325,7 +327,8 @@ class NativeEngine:
         texts = self.tokenizer.batch_decode(tokens[live, -tail:].tolist(), skip_special_tokens=True)
         for row, text in zip(live, texts):
             if any(x in text for x in strings):
-                hit[row] = stop_string_end(tokens[row].tolist(), self.decode, strings) is not None
+                text_of = lambda ids, p=prompts[row]: self.text_of(p, ids)  # noqa: E731
+                hit[row] = stop_string_end(tokens[row].tolist(), text_of, strings) is not None
         return hit
 
 
@@ -344,7 +347,7 @@ class NativeEngine:
 
         tokens = torch.full((B, N), self.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros((B, N), dtype=torch.float32, device=dev)
-        fast = self.decode_path(P + N)[0] == "fast"
+        fast = self.decode_path()[0] == "fast"
         decoder = (_StaticDecode if fast else _HFDecode)(self, prompts, pad_left, N)
         # per slot (a row still decoded): its original row, its tokens and log-probs so far, whether it stopped.
         # A stopped row goes on sampling until it is dropped; what it samples after its stop token is cut below.
@@ -365,7 +368,8 @@ class NativeEngine:
             if params.stop_token_ids:
                 done |= torch.isin(tok, stop)
             if strings and t % 8 == 7:  # stop early where a stop string appeared (the exact cut is made below)
-                done |= self._completed_stop_string(slot_tokens[:, : t + 1], done, strings, tail)
+                live_prompts = [prompt_ids[i] for i in rows.tolist()]
+                done |= self._completed_stop_string(slot_tokens[:, : t + 1], done, live_prompts, strings, tail)
             bar.update(1)
             if t == N - 1:
                 break
@@ -399,7 +403,7 @@ class NativeEngine:
             lengths=lengths.cpu(),
             finished=finished.cpu(),
         )
-        return cut_at_stop_strings(out, self.decode, strings, self.pad_token_id) if strings else out
+        return cut_at_stop_strings(out, self.text_of, strings, self.pad_token_id) if strings else out
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

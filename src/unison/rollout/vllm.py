@@ -47,7 +47,7 @@ import torch
 
 from unison.errors import UserError
 from unison.precision import checksum
-from unison.rollout.base import Rollouts, SamplingParams, check_prompts, cut_at_stop_strings
+from unison.rollout.base import Rollouts, SamplingParams, check_prompts, cut_at_stop_strings, response_text
 
 VLLM_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # model types whose weights unison loads into vLLM and reads back exactly (checked by tests/test_vllm.py); why not
@@ -182,7 +182,7 @@ class VLLMEngine:
             torch.set_num_threads = set_num_threads
         return cls(llm, dtype, device, seed=seed, pad_token_id=tok.pad_token_id or 0, tokenizer=tok)
 
-    def describe(self, max_len: int | None = None) -> str:
+    def describe(self) -> str:
         return f"vllm engine, {self.dtype}".replace("torch.", "")
 
     def __enter__(self):
@@ -232,9 +232,9 @@ class VLLMEngine:
             raise KeyError(f"vLLM holds no parameter for {missing[:3]} (of {len(missing)})")
         return checksum((n, held[n]) for n in names)
 
-    def decode(self, ids: list[int]) -> str:
-        """A response's text as stop strings are matched against it (special tokens left out, as vLLM does)."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def text_of(self, prompt: list[int], ids: list[int]) -> str:
+        """A response's text after its prompt, as stop strings are matched against it (`response_text`)."""
+        return response_text(self.tokenizer, prompt, ids)
 
     def rng_state(self) -> torch.Tensor:
         return torch.tensor([self.seed, self.counter], dtype=torch.long)
@@ -292,7 +292,8 @@ class VLLMEngine:
             if not greedy and n:
                 logprobs[i, :n] = torch.tensor([row.logprobs[t][tok].logprob for t, tok in enumerate(ids)])
             lengths[i] = n
-            finished[i] = n > 0 and ids[-1] in stops and row.finish_reason == "stop"
+            # ended on a stop id, or on a stop string (its text: `cut_at_stop_strings` below cuts it at the same token)
+            finished[i] = n > 0 and row.finish_reason == "stop" and (ids[-1] in stops or isinstance(row.stop_reason, str))
         mask = torch.arange(T)[None, :] < lengths[:, None]
         out = Rollouts(
             prompt_ids=[list(p) for p in prompt_ids],
@@ -304,7 +305,7 @@ class VLLMEngine:
         )
         if not params.stop_strings:
             return out
-        return cut_at_stop_strings(out, self.decode, params.stop_strings, self.pad_token_id)
+        return cut_at_stop_strings(out, self.text_of, params.stop_strings, self.pad_token_id)
 
 
 # ---- functions run on the model inside vLLM's worker (through `LLM.apply_model`) ---------------------------------

@@ -105,7 +105,7 @@ def _read_parquet(path: Path, prompt_key: str) -> list[tuple[str, object]]:
     if table.num_rows and prompt_key not in table.column_names:
         raise UserError(
             f"{path} has no column {prompt_key!r} (columns: {_columns(table.column_names)}); "
-            "set prompt_key to the column that holds the prompts"
+            "set data.prompt_key to the column that holds the prompts"
         )
     return [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
 
@@ -173,7 +173,7 @@ class FileTask:
         if pk not in row:
             raise UserError(
                 f"{path}: {where} has no column {pk!r} (columns: {_columns(row)}); "
-                "set prompt_key to the column that holds the prompts"
+                "set data.prompt_key to the column that holds the prompts"
             )
         value, meta = row[pk], {"source": str(path), "where": where}
         if isinstance(value, str):
@@ -201,7 +201,7 @@ class FileTask:
                 return ""
             raise UserError(
                 f"{path}: {where} has no answer column {ak!r} (columns: {_columns(row)}); "
-                "set answer_key to the column that holds the reference answers"
+                "set data.answer_key to the column that holds the reference answers"
             )
         value = row[ak]
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

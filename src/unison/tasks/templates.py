@@ -51,7 +51,7 @@ def _ids(out) -> list[int]:
 
 def _chat(tokenizer, example: Example, system_prompt: str | None) -> list[int]:
     if not has_chat_template(tokenizer):
-        raise UserError("the tokenizer has no chat template, so template=chat cannot be used; set template=plain (or auto)")
+        raise UserError("the tokenizer has no chat template, so data.template=chat cannot be used; set data.template=plain (or auto)")
     try:
         out = tokenizer.apply_chat_template(
             messages_of(example, system_prompt), add_generation_prompt=True, tokenize=True
@@ -60,7 +60,7 @@ def _chat(tokenizer, example: Example, system_prompt: str | None) -> list[int]:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"the tokenizer's chat template failed on prompt {example.id or example.prompt[:40]!r} ({first}); "
-            "drop system_prompt or set template=plain"
+            "drop system_prompt or set data.template=plain"
         ) from None
     return _ids(out)
 
