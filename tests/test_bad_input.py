@@ -101,8 +101,42 @@ def damaged_checkpoint(d: Path, tiny: Path, how: str) -> Path:
         weights.write_bytes(bytes(data))
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
     manifest["files"]["model.safetensors"] = weights.stat().st_size
+    if how == "missing":  # a checkpoint written without the weight: its manifest agrees with what is there
+        manifest["sha256"]["model.safetensors"] = ckpt.file_hash(weights)
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
     return run
+
+
+def model_with(d: Path, tiny: Path, name: str, how: str) -> Path:
+    """A full copy of the tiny checkpoint, then damaged: truncated weights, a config with more layers than its
+    weights, or a NaN weight."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = d / name
+    shutil.copytree(tiny, out)
+    weights = out / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "layers":
+        config = json.loads((out / "config.json").read_text())
+        config["num_hidden_layers"] += 2
+        config.pop("layer_types", None)
+        (out / "config.json").write_text(json.dumps(config))
+    else:
+        state = load_file(str(weights))
+        state["model.norm.weight"][3] = torch.nan
+        save_file(state, str(weights), metadata={"format": "pt"})
+    return out
+
+
+def raising_reward(d: Path, tiny: Path, fn: str) -> list:
+    """A run whose custom reward misbehaves; responses end at a lowercase letter, so that they finish and the
+    reward is called."""
+    return train(tiny, "--data", prompts(d), f"data.reward={REWARD.rsplit(':', 1)[0]}:{fn}",
+                 "rollout.stop=[a, e, i, o, u, t, n, s]")
 
 
 def gemma2(d: Path) -> Path:
@@ -146,38 +180,17 @@ def read_only(folder: Path):
         pathlib.Path.write_text = real
 
 
-@contextlib.contextmanager
-def disk_full_at_second_save(folder: Path):
-    from unison import checkpoint as ckpt
-
-    real, calls = ckpt.torch.save, []
-
-    def save(obj, path, *a, **k):
-        calls.append(path)
-        if len(calls) >= 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(obj, path, *a, **k)
-
-    ckpt.torch.save = save
-    try:
-        yield
-    finally:
-        ckpt.torch.save = real
-
-
-def first_checkpoint_intact(d: Path):
-    from unison import checkpoint as ckpt
-
-    run = d / "full"
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000001"]
-    assert ckpt.is_complete(run / "checkpoints" / "step-000001")
-
-
 C = Case
 CASES = [
     # ---- config ----------------------------------------------------------------------------------------------
     C("yaml-malformed", "config", "malformed YAML", lambda d, t: train(t, "--config", write(d / "c.yaml", "optim: [\n")), "not valid YAML"),
     C("yaml-not-mapping", "config", "YAML holding a list, not sections", lambda d, t: train(t, "--config", write(d / "c.yaml", "- 1\n- 2\n")), "must hold a mapping"),
+    C("yaml-duplicate-key", "config", "a YAML section given twice", lambda d, t: train(t, "--config", write(d / "c.yaml", "optim:\n  lr: 1e-5\noptim:\n  lr: 2e-5\n")), "appears twice"),
+    C("infinite-init-scale", "config", "an infinite loss scale", lambda d, t: train(t, "precision.init_scale=.inf"), "finite number"),
+    C("nan-learning-rate", "config", "NaN learning rate", lambda d, t: train(t, "optim.lr=.nan"), "finite number"),
+    C("negative-count", "config", "a negative count", lambda d, t: train(t, "run.eval_prompts=-4"), "must be >= 0"),
+    C("beta-out-of-range", "config", "an AdamW beta of 1.5", lambda d, t: train(t, "optim.beta1=1.5"), "betas must be in [0, 1)"),
+    C("icepop-bounds", "config", "IcePop bounds the wrong way round", lambda d, t: train(t, "algorithm.icepop_alpha=6"), "icepop_alpha < icepop_beta"),
     C("config-missing", "config", "config file does not exist", lambda d, t: train(t, "--config", d / "nope.yaml"), "not found"),
     C("unknown-key", "config", "unknown key", lambda d, t: train(t, "optim.learning_rate=1e-5"), "unknown config key"),
     C("unknown-key-yaml", "config", "unknown key in a YAML section", lambda d, t: train(t, "--config", write(d / "c.yaml", "optim:\n  learnrate: 1\n")), "unknown config key"),
@@ -207,6 +220,9 @@ CASES = [
     C("data-not-utf8", "data", "a line that is not UTF-8", lambda d, t: train(t, "--data", write(d / "p.jsonl", b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "\xff\xfe", "answer": "2"}\n')), "not UTF-8"),
     C("data-bad-json", "data", "a line that is not JSON", lambda d, t: train(t, "--data", write(d / "p.jsonl", '{"prompt": "1+1", "answer": "2"}\n{"prompt": \n')), "not valid JSON"),
     C("data-prompt-too-long", "data", "a prompt longer than the model's context", lambda d, t: train(t, "--data", prompts(d, [{"prompt": "1" * 1100, "answer": "2"}]), "data.template=plain"), "context"),
+    C("reward-raises", "data", "a reward function that raises", lambda d, t: raising_reward(d, t, "raises"), "reward function '"),
+    C("reward-not-finite-fp32", "data", "a reward beyond fp32's range (1e300)", lambda d, t: raising_reward(d, t, "huge"), "fp32's range"),
+    C("reward-wrong-type", "data", "a reward that returns a string", lambda d, t: raising_reward(d, t, "not_a_number"), "make it return a float"),
     C("data-reward-missing", "data", "custom reward that does not import", lambda d, t: train(t, "--data", prompts(d), "data.reward=nosuchmodule:fn"), "nosuchmodule"),
     # ---- model -----------------------------------------------------------------------------------------------
     C("model-missing", "model", "model directory does not exist", lambda d, t: train(d / "nope"), "does not exist"),
@@ -216,6 +232,9 @@ CASES = [
     C("model-encoder", "model", "unsupported architecture: BERT (an encoder)", lambda d, t: train(model_copy(d, t, "m", {"model_type": "bert", "vocab_size": 272})), "encoder"),
     C("model-unknown-type", "model", "unknown model_type", lambda d, t: train(model_copy(d, t, "m", {"model_type": "mystery-lm"})), "unknown type"),
     C("model-not-causal", "model", "a model type that is not a causal LM (ViT)", lambda d, t: train(model_copy(d, t, "m", {"model_type": "vit"})), "not a causal LM"),
+    C("model-truncated-weights", "model", "model.safetensors cut off half-way", lambda d, t: train(model_with(d, t, "m", "truncated")), "cannot load the checkpoint"),
+    C("model-more-layers", "model", "config.json with more layers than the weights", lambda d, t: train(model_with(d, t, "m", "layers")), "has no weight model.layers.4"),
+    C("model-nan-weights", "model", "a NaN in the fp32 weights", lambda d, t: train(model_with(d, t, "m", "nan")), "model.norm.weight holds NaN"),
     C("model-quantized", "model", "a quantized checkpoint (GPTQ)", lambda d, t: train(with_config(d, t, "q", quantization_config={"quant_method": "gptq", "bits": 4})), "quantized"),
     C("model-dynamic-rope", "model", "rotary scaling that changes with the sequence length", lambda d, t: train(with_config(d, t, "r", rope_scaling={"rope_type": "dynamic", "factor": 2.0})), "rotary"),
     C("model-dynamic-rope-per-layer", "model", "length-dependent rotary scaling on one layer type (Gemma3-style)", lambda d, t: train(with_config(d, t, "r2", rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})), "rotary"),
@@ -225,8 +244,8 @@ CASES = [
     C("context-overflow", "data", "prompt + max_new_tokens beyond the model's context", lambda d, t: train(t, "--data", prompts(d, [{"prompt": "1" * 900, "answer": "2"}]), "data.template=plain", "rollout.max_new_tokens=200"), "rollout.context_limit=clamp"),
     C("export-into-nonempty", "run folder", "export into a folder that holds files", lambda d, t: ["export", checkpoint_of(d, d / "run"), "--out", write(d / "out" / "notes.txt", "mine").parent], "not empty"),
     C("export-not-a-checkpoint", "run folder", "export a folder that is no run or checkpoint", lambda d, t: ["export", d, "--out", d / "out"], "neither a run folder"),
-    C("resume-missing-weight", "model", "--resume from a checkpoint that lost a weight", lambda d, t: train(t, "--out", damaged_checkpoint(d, t, "missing"), "--resume"), "has no model.layers.0.mlp.down_proj.weight"),
-    C("resume-corrupt-weights", "model", "--resume from a checkpoint whose weights file is damaged", lambda d, t: train(t, "--out", damaged_checkpoint(d, t, "corrupt"), "--resume"), "re-save or re-copy"),
+    C("resume-missing-weight", "model", "--resume from a checkpoint that lost a weight", lambda d, t: train(t, "--out", damaged_checkpoint(d, t, "missing"), "--resume"), "has no weight model.layers.0.mlp.down_proj.weight"),
+    C("resume-corrupt-weights", "model", "--resume from a run whose only checkpoint was damaged after it was written", lambda d, t: train(t, "--out", damaged_checkpoint(d, t, "corrupt"), "--resume"), "do not match their hashes"),
     C("resume-other-vocab", "model", "--resume into a run whose checkpoint has another vocabulary", lambda d, t: train(t, "--out", checkpoint_of(d, d / "run", vocab_size=300), "--resume"), "another model"),
     C("resume-other-arch", "model", "--resume into a run whose checkpoint has another architecture", lambda d, t: train(t, "--out", checkpoint_of(d, d / "run", num_hidden_layers=2), "--resume"), "another model"),
     # ---- run folder ------------------------------------------------------------------------------------------
@@ -234,10 +253,15 @@ CASES = [
     C("run-is-file", "run folder", "run.out is a file", lambda d, t: train(t, "--out", write(d / "run", "x")), "is a file"),
     C("run-under-file", "run folder", "run.out inside a file (cannot be created)", lambda d, t: train(t, "--out", write(d / "f", "x") / "run"), "cannot write"),
     C("run-read-only", "run folder", "read-only parent folder", lambda d, t: train(t, "--out", (d / "ro").mkdir() or d / "ro" / "run"), "cannot write", fault=lambda d: read_only(d / "ro")),
-    C("disk-full", "run folder", "disk full while saving a checkpoint", lambda d, t: train(t, "--out", d / "full", "--data", prompts(d), f"data.reward={REWARD}", "run.save_every=1"), "free disk space",
-      fault=disk_full_at_second_save, check=first_checkpoint_intact),
+    C("overwrite-foreign-folder", "run folder", "--overwrite of a folder unison did not make", lambda d, t: train(t, "--out", write(d / "mine" / "notes.txt", "keep me").parent, "--overwrite"), "not a unison run folder"),
+    C("allow-changes-without-resume", "config", "--allow-changes without --resume", lambda d, t: train(t, "--allow-changes"), "goes with --resume"),
     # ---- other commands --------------------------------------------------------------------------------------
     C("eval-unknown-engine", "config", "eval with an unknown engine", lambda d, t: ["eval", "--model", t, "--engine", "sglang"], "engine"),
+    C("plot-unknown-metric", "run folder", "plot a metric no run has", lambda d, t: ["plot", write(d / "run" / "metrics.jsonl", '{"step": 1, "rollout/accuracy": 0.5}\n').parent, "--metrics", "rollout/acurracy"], "no run has the metric"),
+    C("plot-out-is-folder", "run folder", "plot into a folder", lambda d, t: ["plot", write(d / "run" / "metrics.jsonl", '{"step": 1, "rollout/accuracy": 0.5}\n').parent, "--metrics", "rollout/accuracy", "--out", d], "is a folder"),
+    C("filter-out-is-folder", "run folder", "filter output path that is a folder", lambda d, t: ["filter", "--model", t, "--out", d], "is a folder"),
+    C("eval-json-is-folder", "run folder", "eval JSON path that is a folder", lambda d, t: ["eval", "--model", t, "--json", d], "is a folder"),
+    C("probe-out-is-file", "run folder", "probe output folder that is a file", lambda d, t: ["probe", "--model", t, "--out", write(d / "f", "x")], "is a file"),
     C("plot-not-a-run", "run folder", "plot a folder without metrics.jsonl", lambda d, t: ["plot", d], "no metrics.jsonl"),
 ]  # fmt: skip
 

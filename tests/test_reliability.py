@@ -104,10 +104,19 @@ def test_resume_after_precision_change_uses_a_fresh_loss_scale(tiny_dir, tmp_pat
             "run.progress": False, "run.tensorboard": False, "rollout.prompts_per_step": 2, "rollout.group_size": 4,
             "rollout.max_new_tokens": 8, "optim.train_batch_size": 4, "data.max_prompts": 8}  # fmt: skip
     train(load_config(TrainConfig, None, {**base, "run.steps": 1}), quiet=True)
-    run = train(load_config(TrainConfig, None, {**base, "run.steps": 2, "precision.rollout": "bf16",
-                                                "precision.train": "bf16"}), resume=True, quiet=True)  # fmt: skip
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    changed = load_config(TrainConfig, None, {**base, "run.steps": 2, "precision.rollout": "bf16",
+                                              "precision.train": "bf16"})  # fmt: skip
+    from unison.errors import UserError
+
+    with pytest.raises(UserError, match="would change precision.rollout from 'fp16' to 'bf16'.*--allow-changes"):
+        train(changed, resume=True, quiet=True)
+    run = train(changed, resume=True, quiet=True, allow_changes=True)
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 2 and row["precision/loss_scale"] == 1.0
+    assert (run / "config.yaml").read_text() == saved  # the run's config as it was started
+    logged = json.loads((run / "resumes.jsonl").read_text())
+    assert logged == {"step": 1, "changes": {"precision.rollout": ["fp16", "bf16"], "precision.train": ["fp16", "bf16"]}}
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 A checkpoint is a folder `checkpoints/step-000040/` holding the fp32 master weights as `model.safetensors` (or, for
 a model bigger than run.shard_size, shards with a `model.safetensors.index.json`) with `config.json` (whose dtype
 says float32, the dtype the weights are stored in) and the tokenizer, loadable by any Hugging Face tool, and
-`trainer_state.pt` (optimizer, loss scaler, RNG states, data position, step). It is written into a temporary folder, every file fsynced, then renamed into
-place, and `manifest.json` (the list of files with their sizes) is written last: a folder without a manifest, or
-whose files disagree with it, is incomplete and ignored by `--resume`. A kill at any moment leaves the previous
-checkpoint intact. Leftovers of a killed save (a `.tmp-step-*` folder, a step folder without manifest) are removed
-by the next save; `truncate_jsonl` drops the run log's rows after the step a run resumes from (and a line torn by
-a kill). `check_compatible` refuses to resume a run folder whose checkpoint was written for another model.
+`trainer_state.pt` (optimizer, loss scaler, RNG states, data position, step). It is written into a temporary
+folder, every file fsynced, then renamed into place, and `manifest.json` (the files with their sizes and SHA-256
+hashes) is written last: a folder without a manifest, or whose files' sizes disagree with it, is incomplete and
+ignored by `--resume`, and one whose files no longer match their hashes is damaged: `--resume` names it and takes
+the newest intact one (`latest_intact_checkpoint`). A kill at any moment leaves the previous checkpoint intact.
+Leftovers of a killed save (a `.tmp-step-*` folder, a step folder without manifest) are removed by the next save;
+`truncate_jsonl` drops the run log's rows after the step a run resumes from (and a line torn by a kill).
+`check_compatible` refuses to resume a run folder whose checkpoint was written for another model.
 """
 
 from __future__ import annotations
@@ -83,18 +85,36 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save (disk full) leaves the previous checkpoints as they were
-        raise
+        plain = _as_os_error(exc)
+        if plain is exc:
+            raise
+        raise plain from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     files = {p.name: p.stat().st_size for p in final.iterdir() if p.is_file()}
-    write_json_atomic(final / MANIFEST, {"step": step, "files": files})
+    hashes = {name: file_hash(final / name) for name in files}
+    write_json_atomic(final / MANIFEST, {"step": step, "files": files, "sha256": hashes})
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _as_os_error(exc: BaseException) -> BaseException:
+    """A write error of the safetensors writer (its own exception type) as the OSError it wraps; others as they are."""
+    import re
+
+    from safetensors import SafetensorError
+
+    if not isinstance(exc, SafetensorError):
+        return exc
+    found = re.search(r"(.*) \(os error (\d+)\)", str(exc).rsplit("I/O error: ", 1)[-1])
+    if not found:
+        return exc
+    return OSError(int(found.group(2)), found.group(1))
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
@@ -118,6 +138,47 @@ def is_complete(path: Path) -> bool:
     except (json.JSONDecodeError, KeyError, OSError):
         return False
     return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def damaged_file(path: Path) -> str | None:
+    """The first file of a complete checkpoint whose bytes no longer match the hash its manifest recorded (None:
+    all match, or a manifest from before hashes were recorded)."""
+    hashes = json.loads((Path(path) / MANIFEST).read_text()).get("sha256") or {}
+    for name, digest in sorted(hashes.items()):
+        if file_hash(Path(path) / name) != digest:
+            return name
+    return None
+
+
+def latest_intact_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files match their hashes; each newer damaged one is reported by name
+    (stderr). None where the run has no complete checkpoint; a UserError where every one is damaged."""
+    import sys
+
+    from unison.errors import UserError
+
+    found = list_checkpoints(run_dir)
+    damaged = []
+    for path in reversed(found):
+        bad = damaged_file(path)
+        if bad is None:
+            for name, file in damaged:
+                print(f"unison: checkpoint {name} is damaged ({file} does not match its hash); resuming from "
+                      f"{path.name}", file=sys.stderr)  # fmt: skip
+            return path
+        damaged.append((path.name, bad))
+    if damaged:
+        raise UserError(f"every checkpoint of {str(run_dir)!r} is damaged ({', '.join(f'{n}: {f}' for n, f in damaged)} "
+                        "do not match their hashes); start over with --overwrite, or restore the files")  # fmt: skip
+    return None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -175,18 +236,10 @@ def load_master(path: Path) -> dict[str, torch.Tensor]:
 
     These can differ from the names stored in the file: transformers maps some on load (a mixture of experts'
     per-expert weights to one fused tensor per layer, GPT-NeoX's `embed_out` to `lm_head`), so the weights are read
-    through the model's own loader. A weight the file lacks, or holds in another shape, is a UserError (the loader
-    would initialise it at random)."""
-    from unison.errors import UserError
+    through the model's own loader (which refuses a weight missing, misshapen or not finite)."""
     from unison.models import load_model
 
-    model, info = load_model(path, dtype=torch.float32, loading_info=True)
-    for kind in ("missing_keys", "mismatched_keys"):
-        found = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
-        if found:
-            what = "has no" if kind == "missing_keys" else "holds in another shape"
-            raise UserError(f"{str(path)!r} {what} {found[0]}{f' (and {len(found) - 1} more)' if len(found) > 1 else ''}"
-                            "; re-save the checkpoint")  # fmt: skip
+    model = load_model(path, dtype=torch.float32)
     return {name: p.detach() for name, p in model.named_parameters()}
 
 

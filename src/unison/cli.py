@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from unison.errors import UserError
+from unison.errors import SIGINT_CODE, WRITE_FAILED, RunFault, UserError
 
 COMMANDS = ("probe", "train", "eval", "filter", "demo", "export", "plot")
 
@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also report each layer's largest |activation| against the FP16 limit 65504")
         if name in ("train", "demo"):
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-            p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+            p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first (one unison made)")
+            p.add_argument("--allow-changes", action="store_true",
+                           help="with --resume: continue with a changed preset, seed, data source or precision")
         if name == "train":
             p.add_argument("--precision", help="fp32, bf16 or fp16 for both rollout and training")
 
@@ -152,7 +154,9 @@ def cmd_train(args) -> None:
     from unison.trainer import train
 
     cfg = _config(TrainConfig, args, "train")
-    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.allow_changes and not args.resume:
+        raise UserError("--allow-changes goes with --resume; pass both, or neither")
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     print(f"done: {run_dir}/metrics.jsonl, checkpoints in {run_dir}/checkpoints")
 
 
@@ -175,7 +179,7 @@ def cmd_demo(args) -> None:
     from unison.demo import DemoConfig, run_demo
 
     cfg = _config(DemoConfig, args, "demo")
-    run_demo(cfg, resume=args.resume, overwrite=args.overwrite)
+    run_demo(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
 
 
 def cmd_export(args) -> None:
@@ -188,11 +192,30 @@ def cmd_export(args) -> None:
 def cmd_plot(args) -> None:
     from unison.report import plot_runs
 
+    from unison.report import read_metrics
+    from unison.setup import check_output_file
+
+    known: set[str] = set()
     for run in args.runs:
         if not (Path(run) / "metrics.jsonl").is_file():
             raise UserError(f"{run!r} has no metrics.jsonl; give run folders written by `unison train`")
+        try:
+            known.update(k for row in read_metrics(run) for k in row)
+        except (ValueError, AttributeError):
+            raise UserError(f"{Path(run) / 'metrics.jsonl'} is not JSON lines of metrics; give a run folder") from None
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    path = plot_runs(args.runs, metrics, args.out, smooth=args.smooth, log_scale=args.log.split(","))
+    logs = [m.strip() for m in args.log.split(",") if m.strip()]
+    if not metrics:
+        raise UserError("--metrics is empty; give comma-separated metric keys, e.g. rollout/accuracy,mismatch/k3")
+    for name in metrics + logs:
+        if name not in known:
+            near = sorted(k for k in known if name.split("/")[-1] in k) or sorted(known)
+            raise UserError(f"no run has the metric {name!r}; choose from: {', '.join(near[:12])}"
+                            f"{' ...' if len(near) > 12 else ''}")  # fmt: skip
+    if args.smooth < 1:
+        raise UserError(f"--smooth must be at least 1, not {args.smooth}")
+    check_output_file(args.out, "--out")
+    path = plot_runs(args.runs, metrics, args.out, smooth=args.smooth, log_scale=logs)
     print(f"wrote {path}")
 
 
@@ -217,9 +240,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"unison {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RunFault as exc:
+        print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print(f"unison {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"unison {args.command}: interrupted (SIGINT)", file=sys.stderr)
+        return SIGINT_CODE
+    except OSError as exc:  # a command's output that cannot be written (a run's own faults are RunFault)
+        from unison.runfolder import WRITE_ERRNOS
+
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"unison {args.command}: stopped: cannot write{where} ({exc.strerror}); free space or choose another "
+              "output, then run it again", file=sys.stderr)  # fmt: skip
+        return WRITE_FAILED
     except Exception as exc:  # noqa: BLE001 - errors the run itself raises (loss-scale floor, sync, overflow)
         from unison.learner import WeightSyncError
         from unison.overflow import ActivationOverflowError

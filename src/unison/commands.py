@@ -14,10 +14,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from unison import threads
 from unison.config import DataConfig, ModelConfig, PrecisionConfig, RolloutConfig, RunBase, check, doc
 from unison.evaluation import evaluate, score
 from unison.precision import parse_precision
-from unison.setup import Setup, build
+from unison.setup import Setup, build, check_output_file
 
 
 @dataclass
@@ -38,7 +39,7 @@ class EvalConfig:
     run: RunBase = field(default_factory=lambda: RunBase(out=""))
 
     def validate(self):
-        for section in (self.model, self.precision, self.data):
+        for section in (self.model, self.precision, self.data, self.run):
             section.validate()
         self.rollout.validate(groups=1)
         return self
@@ -63,7 +64,7 @@ class FilterConfig:
     run: RunBase = field(default_factory=lambda: RunBase(out="perfectible.jsonl"))
 
     def validate(self):
-        for section in (self.model, self.precision, self.data):
+        for section in (self.model, self.precision, self.data, self.run):
             section.validate()
         self.rollout.validate(groups=1)
         check(0 <= self.filter.lo <= self.filter.hi <= 1, "filter.lo", "need 0 <= filter.lo <= filter.hi <= 1")
@@ -75,10 +76,13 @@ def open_sampler(cfg) -> tuple[Setup, object]:
     """The set-up of a sampling command and its rollout engine (precision.rollout), every input checked first."""
     dtype = parse_precision(cfg.precision.rollout)
     s = build(cfg.model, cfg.data, cfg.rollout, dtypes=(dtype,), seed=cfg.run.seed)
+    threads.configure(cfg.run.threads)
     return s, dtype
 
 
 def run_eval(cfg: EvalConfig) -> dict:
+    if cfg.run.out:
+        check_output_file(cfg.run.out, "run.out (the eval JSON)")
     s, dtype = open_sampler(cfg)
     split = cfg.eval.split if cfg.data.source in ("builtin", "countdown") else "train"
     examples = s.examples(split, cfg.data.max_prompts or None, subset=True)
@@ -97,6 +101,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 def run_filter(cfg: FilterConfig, batch_size: int = 256) -> list[dict]:
     """Sample k responses per prompt; keep the prompts solved between lo and hi of the time (both inclusive)."""
+    check_output_file(cfg.run.out, "run.out (the filter's JSONL)")
     s, dtype = open_sampler(cfg)
     examples = s.examples("train", cfg.data.max_prompts or None, subset=True)
     prompts = s.encode(examples)
@@ -108,6 +113,7 @@ def run_filter(cfg: FilterConfig, batch_size: int = 256) -> list[dict]:
         print(f"unison filter: {s.describe(engine)} | {len(examples)} prompts x {k} samples", flush=True)
         bar = tqdm(total=len(rows), desc="filter", unit="seq", disable=not cfg.run.progress)
         for start in range(0, len(rows), batch_size):
+            threads.adapt()
             part = rows[start: start + batch_size]
             ro = engine.generate([prompts[i] for i in part], params)
             rewards, _ = score(s.task, s.tokenizer, ro, [examples[i] for i in part])

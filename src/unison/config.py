@@ -204,6 +204,12 @@ class RunBase:
                                   "filter's JSONL")
     seed: int = doc(0, "seed for prompt choice, sampling and initialisation")
     progress: bool = doc(True, "show progress bars")
+    threads: str = doc("auto", "PyTorch CPU threads: auto (the cores other processes leave free, re-read every step; "
+                               "OMP_NUM_THREADS, where set, wins) or a number")
+
+    def validate(self) -> None:
+        check(self.threads == "auto" or (self.threads.isdigit() and int(self.threads) >= 1), "run.threads",
+              f"must be auto or a positive number, not {self.threads!r}")  # fmt: skip
 
 
 @dataclass
@@ -232,7 +238,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         r, o = self.rollout, self.optim
-        for section in (self.model, self.precision, self.data, r):
+        for section in (self.model, self.precision, self.data, r, self.run):
             section.validate()
         check(r.temperature > 0, "rollout.temperature", "must be > 0 for RL sampling")
         check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")
@@ -243,6 +249,10 @@ class TrainConfig:
         check(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
         check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "AdamW betas must be in [0, 1)")
         check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        a = self.algorithm
+        check(a.clip_low < 1 and a.clip_high < 10, "algorithm.clip_low", "clip ranges are fractions: clip_low < 1, "
+              "clip_high < 10 (negative: the preset's)")  # fmt: skip
+        check(0 <= a.icepop_alpha < a.icepop_beta, "algorithm.icepop_alpha", "need 0 <= icepop_alpha < icepop_beta")
         batch = r.prompts_per_step * r.group_size
         check(
             batch % o.train_batch_size == 0,
@@ -322,17 +332,22 @@ def _coerce(value, typ, name: str):
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise UserError(f"config field {name}: expected true or false, got {value!r}")
-    if typ is int:
+    if typ is int:  # every integer setting is a count, a size or a seed
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise UserError(f"config field {name}: expected an integer, got {value!r}")
+        if value < 0:
+            raise UserError(f"config field {name}: must be >= 0, not {int(value)}")
         return int(value)
     if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise UserError(f"config field {name}: expected a number, got {value!r}") from None
-        return float(value)
+        if isinstance(value, bool):
+            raise UserError(f"config field {name}: expected a number, got {value!r}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config field {name}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise UserError(f"config field {name}: must be a finite number, not {value!r}")
+        return out
     if typ is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"config field {name}: expected a string, got {value!r}")
@@ -405,6 +420,20 @@ def _set_dotted(data: dict, cls, key: str, value) -> None:
                 raise UserError(f"config key {'.'.join(parts[:i + 1])!r} must be a section")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"key {key!r} appears twice in one section (line {key_node.start_mark.line + 1}); "
+                                "keep one")  # fmt: skip
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None):
     """A config of type `cls` from a YAML file (optional) and `key=value` overrides, validated."""
     data: dict = {}
@@ -413,7 +442,9 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
         if not p.is_file():
             raise UserError(f"config file {str(p)!r} not found; give the path of a YAML file (see configs/)")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UserError as exc:
+            raise UserError(f"config file {str(p)!r}: {exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

@@ -81,19 +81,19 @@ def format_summary(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(cfg: DemoConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    from unison.trainer import prepare_run_dir, train
+def run_demo(cfg: DemoConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict:
+    from unison.runfolder import check_run_dir
+    from unison.trainer import train
 
     root = Path(cfg.run.out)
     runs = {name: cfg.for_precision(name) for name in cfg.compare}
     for sub in runs.values():  # refuse before training anything if a run folder would be clobbered
-        if Path(sub.run.out).is_dir() and any(Path(sub.run.out).iterdir()) and not (resume or overwrite):
-            prepare_run_dir(sub.run.out, resume, overwrite)
+        check_run_dir(sub.run.out, resume, overwrite)
     summary = {}
     for name, sub in runs.items():
         print(f"== {name}: rollout {name}, train {name}, preset {sub.algorithm.preset}, {sub.run.steps} steps")
         t0 = time.perf_counter()
-        train(sub, resume=resume, overwrite=overwrite)
+        train(sub, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
         summary[name] = summarize(Path(sub.run.out), time.perf_counter() - t0)
     print(format_summary(summary))
     fig = plot_runs([r.run.out for r in runs.values()], ["rollout/accuracy", "mismatch/k3", "mismatch/abs_log_ratio_mean"],

@@ -167,11 +167,12 @@ def resolve_attn_implementation(config, requested: str = "auto", device: torch.d
 
 
 def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "auto", loading_info: bool = False):
-    """A causal LM from a local checkpoint directory (offline), on `device`, in `dtype`, in eval mode (and, with
-    `loading_info`, transformers' report of missing and unexpected weights).
+               attn_implementation: str = "auto"):
+    """A causal LM from a local checkpoint directory (offline), on `device`, in `dtype`, in eval mode.
 
-    The weights are loaded as fp32, whatever `config.json`'s dtype says, then cast once to `dtype`."""
+    The weights are loaded as fp32, whatever `config.json`'s dtype says, then cast once to `dtype`. A weight the files
+    lack or hold in another shape (which transformers would initialise at random), and a weight holding NaN or inf,
+    are UserErrors naming the weight."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -182,18 +183,26 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         attn = resolve_attn_implementation(config, attn_implementation, device)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation=attn,
-            output_loading_info=loading_info,
+            str(path), local_files_only=True, dtype=torch.float32, attn_implementation=attn, output_loading_info=True,
         )  # fmt: skip
     except ValueError as exc:
         raise UserError(f"cannot load {str(path)!r} as a causal LM: {str(exc).splitlines()[0]}") from None
     except (OSError, RuntimeError, KeyError, SafetensorError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot load the checkpoint in {str(path)!r}: {first}; re-save or re-copy it") from None
-    model, info = model if loading_info else (model, None)
+    model, info = model
+    for kind, what in (("missing_keys", "has no weight"), ("mismatched_keys", "holds in another shape the weight")):
+        found = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise UserError(f"{str(path)!r} {what} {found[0]}{more} that its config.json calls for; re-save the "
+                            "checkpoint, or fix config.json to match its weights")  # fmt: skip
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(f"{str(path)!r}: weight {name} holds NaN or inf values; use another checkpoint (a run's "
+                            "earlier one) or re-save it")  # fmt: skip
     cast_module(model, dtype)
-    model = model.to(device).eval()
-    return (model, info) if loading_info else model
+    return model.to(device).eval()
 
 
 def _ids(value) -> set[int]:

@@ -20,10 +20,11 @@ import torch
 
 from tqdm.auto import tqdm
 
+from unison import threads
 from unison.config import DataConfig, ModelConfig, RolloutConfig, RunBase, check, doc
 from unison.mismatch import MismatchAccumulator
 from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
-from unison.setup import Setup, build
+from unison.setup import Setup, build, check_output_file, check_output_folder
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ProbeConfig:
     def validate(self) -> "ProbeConfig":
         self.model.validate()
         self.data.validate()
+        self.run.validate()
         self.rollout.validate(groups=1)
         check(self.rollout.temperature > 0, "rollout.temperature", "must be > 0")
         check(bool(self.probe.precisions), "probe.precisions", "list at least one setting, e.g. [fp32, fp16, bf16]")
@@ -89,6 +91,7 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
         pis, mus = [], []
         bar = tqdm(total=len(rows), desc=f"probe {label}", unit="seq", disable=not cfg.run.progress)
         for start in range(0, len(rows), cfg.probe.batch_size):
+            threads.adapt()
             ro = engine.generate(rows[start: start + cfg.probe.batch_size], params)
             logp_pi = learner.recompute(ro, micro_batch_size=64, temperature=params.temperature, top_k=params.top_k,
                                         top_p=params.top_p)  # fmt: skip
@@ -108,9 +111,13 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
 
 
 def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
+    check_output_folder(cfg.run.out, "run.out (the probe's folder)")
+    if cfg.probe.json:
+        check_output_file(cfg.probe.json, "probe.json")
     policies = [PrecisionPolicy.from_names(r, t) for r, t in cfg.settings_names()]
     dtypes = [d for pol in policies for d in (pol.rollout, pol.train)]
     s = build(cfg.model, cfg.data, cfg.rollout, dtypes=dtypes, seed=cfg.run.seed, require_answer=False)
+    threads.configure(cfg.run.threads)
     split = "test" if cfg.data.source in ("builtin", "countdown", "") else "train"
     examples = s.examples(split, cfg.data.max_prompts)
     prompt_ids = s.encode(examples)

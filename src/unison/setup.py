@@ -10,6 +10,7 @@ the model's context are each one `UserError`.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,32 @@ def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtype
                      test_path=data.test_source or None, require_answer=require_answer)  # fmt: skip
     return Setup(device, model_dir, config, model, rollout, data, attn, tokenizer, stops, task, seed=seed,
                  max_new_tokens=rollout.max_new_tokens)  # fmt: skip
+
+
+def check_output_file(path: str | Path, name: str) -> Path:
+    """An output file's path, refused (one line) where it is a folder or its folder cannot be written."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{name} {str(p)!r} is a folder; give a file path there, e.g. {str(p / 'out')!r}")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {str(p)!r}: cannot write into {str(parent)!r}; choose a writable path")
+    return p
+
+
+def check_output_folder(path: str | Path, name: str) -> Path:
+    """An output folder's path, refused where it is a file or cannot be created."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{name} {str(p)!r} is a file; give a folder")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {str(p)!r}: cannot write into {str(parent)!r}; choose a writable folder")
+    return p
 
 
 def read_subset(path: str) -> set[str]:

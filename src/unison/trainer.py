@@ -13,7 +13,9 @@ batch); the built-in default is smaller so that it runs on a laptop CPU (configs
 from __future__ import annotations
 
 import random
-import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from unison import checkpoint as ckpt
+from unison import threads
 from unison.algorithms import ADVANTAGES, aggregation_counts, policy_loss
 from unison.config import TrainConfig, parse_size, to_dict
-from unison.errors import UserError
+from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, UserError
 from unison.evaluation import evaluate, score
 from unison.learner import Learner
 from unison.mismatch import mismatch_metrics
@@ -33,35 +36,8 @@ from unison.overflow import OverflowGuard
 from unison.precision import PrecisionPolicy, precision_name
 from unison.report import MetricsLog, console_line
 from unison.rollout.base import SamplingParams
+from unison.runfolder import WRITE_ERRNOS, check_run_dir, prepare_run_dir, resume_changes
 from unison.setup import Setup, build
-
-
-def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
-    """Check the run folder before anything is written: an existing one needs --resume or --overwrite."""
-    run_dir = Path(out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run folder {str(run_dir)!r} is a file; choose another run.out")
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
-    if exists and not (resume or overwrite):
-        raise UserError(
-            f"run folder {str(run_dir)!r} already exists; pass --resume to continue it, --overwrite to start over "
-            "(deletes it), or choose another run.out"
-        )
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pass one of them")
-    parent = run_dir if run_dir.is_dir() else run_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    probe = parent / f".unison-write-test-{id(run_dir)}"
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write into {str(parent)!r} ({exc.strerror}); choose a writable run.out") from None
-    if exists and overwrite:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 @dataclass
@@ -115,6 +91,7 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     """One RL step: rollout, reward, advantage, recompute, mismatch, updates, sync. Returns its metrics (and appends
     a digest of the sampled responses to `samples` when given)."""
     r, o = cfg.rollout, cfg.optim
+    threads.adapt()  # the cores the machine's other processes leave free
     t_start = time.perf_counter()
     examples = [e for e in stream.take(r.prompts_per_step) for _ in range(r.group_size)]  # groups are contiguous
     s = run.setup
@@ -204,35 +181,99 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
                                      "perf/recompute_seconds": t_recompute}),
         "perf/learner_tokens_per_s": tokens * o.epochs / max(t_learn, 1e-9),
         "perf/rollout_seconds": t_rollout, "perf/learn_seconds": t_learn,
-        "perf/step_seconds": time.perf_counter() - t_start,
+        "perf/step_seconds": time.perf_counter() - t_start, "perf/threads": torch.get_num_threads(),
     })  # fmt: skip
     return m
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> Path:
-    """Run RL fine-tuning as configured; returns the run folder."""
-    run = build_run(cfg)  # every input is checked before the run folder is touched
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+          allow_changes: bool = False) -> Path:
+    """Run RL fine-tuning as configured; returns the run folder.
+
+    Everything that can fail on the inputs (the run folder, the config, the model, the checkpoint to resume, the
+    learner's optimizer, the engine) is built and checked before the run folder is locked, cleared (--overwrite)
+    or written. A fault after that (a write that fails, SIGTERM, SIGINT) ends with `RunFault`: one line naming the
+    newest complete checkpoint and the command that resumes."""
+    check_run_dir(cfg.run.out, resume, overwrite)
+    run = build_run(cfg)
+    threads.configure(cfg.run.threads)
     s = run.setup
     seed = cfg.run.seed
     torch.manual_seed(seed)
     random.seed(seed)
     model = s.load_model()
-    run_dir = prepare_run_dir(cfg.run.out, resume, overwrite)
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
-    master = ckpt.check_compatible(latest, model) if latest is not None else None  # before anything is written
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    preset = cfg.algorithm_fields()
-    p = cfg.precision
+    out = Path(cfg.run.out)
+    latest = ckpt.latest_intact_checkpoint(out) if resume else None
+    master = ckpt.check_compatible(latest, model) if latest is not None else None
+    changes = resume_changes(out, to_dict(cfg)) if latest is not None else {}
+    if changes and not allow_changes:
+        k, (was, now) = next(iter(changes.items()))
+        raise UserError(f"--resume would change {k} from {was!r} to {now!r} (the run saved in {out / 'config.yaml'}); "
+                        "resume with the same settings, or pass --allow-changes to continue with the new ones")  # fmt: skip
+    learner = make_learner(cfg, run, model)
+    engine = s.engine(run.policy.rollout)
+    run_dir, lock = prepare_run_dir(out, resume, overwrite)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    step = [latest_step(latest)]  # the step being run, for the message of a fault
+    try:
+        return _run(cfg, run, learner, engine, run_dir, latest, master, changes, quiet, step)
+    except KeyboardInterrupt:
+        raise _stop(run_dir, "interrupted (SIGINT)", step[0], SIGINT_CODE) from None
+    except Terminated:
+        raise _stop(run_dir, "terminated (SIGTERM)", step[0], SIGTERM_CODE) from None
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise _stop(run_dir, f"cannot write into {run_dir} ({exc.strerror})", step[0], WRITE_FAILED) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        lock.release()
+
+
+def latest_step(path: Path | None) -> int:
+    return int(path.name.split("-")[-1]) if path is not None else 0
+
+
+def make_learner(cfg: TrainConfig, run: RunInputs, model) -> Learner:
+    """The learner of a run: its optimizer, loss scaler and micro-batching from the config."""
+    p, o = cfg.precision, cfg.optim
     scaling = None if p.loss_scaling == "auto" else p.loss_scaling == "on"
-    learner = Learner(
-        model, run.policy, s.device, lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2),
-        max_grad_norm=cfg.optim.max_grad_norm or None, pad_token_id=s.tokenizer.pad_token_id or 0,
-        loss_scaling=scaling, matmul=cfg.model.matmul, micro_batch_tokens=cfg.optim.micro_batch_tokens,
-        share_prompts=cfg.optim.share_prompts,
+    return Learner(
+        model, run.policy, run.setup.device, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
+        max_grad_norm=o.max_grad_norm or None, pad_token_id=run.setup.tokenizer.pad_token_id or 0,
+        loss_scaling=scaling, matmul=cfg.model.matmul, micro_batch_tokens=o.micro_batch_tokens,
+        share_prompts=o.share_prompts,
         scaler_kwargs={"init_scale": p.init_scale, "growth_interval": p.growth_interval, "min_scale": p.min_scale},
     )  # fmt: skip
-    engine = s.engine(run.policy.rollout)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived; raised in the main thread so that the run unwinds (a checkpoint being written is removed)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _stop(run_dir: Path, what: str, step: int, code: int) -> RunFault:
+    latest = ckpt.latest_checkpoint(run_dir)
+    where = (f"the newest complete checkpoint is {latest}" if latest is not None else
+             "no checkpoint was saved yet (resuming starts over)")  # fmt: skip
+    return RunFault(f"{what} during step {step + 1}; {where}; resume with: unison train --config "
+                    f"{run_dir / 'config.yaml'} --resume", code)  # fmt: skip
+
+
+def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Path, latest, master, changes: dict,
+         quiet: bool, current: list) -> Path:
+    """The run itself, from its state (fresh, or the checkpoint `latest`) to its last step; `current[0]` is kept at
+    the step being run."""
+    s, p, seed = run.setup, cfg.precision, cfg.run.seed
+    config_file = run_dir / "config.yaml"
+    if latest is None or not config_file.exists():  # a resumed run keeps the config it was started with
+        config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    preset = cfg.algorithm_fields()
+
     def watch(dtype):  # the FP16 range is fp16's concern: bf16 and fp32 share fp32's range
         return p.on_activation_overflow if dtype == torch.float16 else "off"
 
@@ -256,6 +297,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         engine.set_rng_state(state["rng"]["engine"])
+    if changes:
+        ckpt.append_jsonl(run_dir / "resumes.jsonl", {"step": start, "changes": {k: list(v) for k, v in changes.items()}})
+        print(f"unison train: resumed at step {start} with changed settings (--allow-changes): "
+              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)  # fmt: skip
     learner.sync(engine)
     for name in ("metrics.jsonl", "samples.jsonl"):  # rows after the resumed step, and lines torn by a kill
         ckpt.truncate_jsonl(run_dir / name, start)
@@ -267,6 +312,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
                disable=quiet or not cfg.run.progress)  # fmt: skip
     try:
         for step in bar:
+            current[0] = step
             samples: list = []
             metrics = rl_step(cfg, run, learner, engine, stream, preset, shuffle, samples)
             done = step + 1
@@ -302,10 +348,5 @@ def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: 
         "precision": {"rollout": precision_name(learner.policy.rollout), "train": precision_name(learner.policy.train)},
         "overflow": {name: g.state_dict() for name, g in (guards or {}).items() if g is not None},
     }  # fmt: skip
-    try:
-        return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, state["master"], trainer_state,
-                                    keep=cfg.run.keep_checkpoints, shard_size=parse_size(cfg.run.shard_size,
-                                                                                          "run.shard_size"))  # fmt: skip
-    except OSError as exc:
-        raise UserError(f"cannot write a checkpoint into {str(run_dir)!r} ({exc.strerror}); free disk space or "
-                        "choose another run.out, then pass --resume") from None  # fmt: skip
+    return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, state["master"], trainer_state,
+                                keep=cfg.run.keep_checkpoints, shard_size=parse_size(cfg.run.shard_size, "run.shard_size"))
