@@ -5,7 +5,8 @@ printed), what was left on disk, and whether `--resume` then gave the uninterrup
 
 Each fault runs `unison train` on a tiny random model (fp16, 4 steps, a checkpoint every step) in a fresh process,
 beside one uninterrupted reference run; a real full disk and a real read-only folder come from a small tmpfs that
-is filled, or remounted read-only, while the run goes (skipped, saying so, where mounting is not allowed).
+fills while the run goes (skipped, saying so, where mounting is not allowed), and a folder turning read-only is a
+write failing with EROFS, injected into the run's process.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ from docsection import replace_section  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 REWARD = f"{ROOT / 'tests' / 'reward_fixture.py'}:even_length"
 STEPS = 4
+# a process whose run-log appends fail from the third on, as they would once its folder turned read-only (a file
+# system cannot be remounted read-only while the run holds files open for writing)
+READ_ONLY_AFTER_TWO_ROWS = """
+import errno
+from unison import checkpoint
+_real, _rows = checkpoint.append_jsonl, []
+def _append(path, row):
+    _rows.append(row)
+    if len(_rows) >= 3:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return _real(path, row)
+checkpoint.append_jsonl = _append
+"""
 
 
 def args(model: Path, prompts: Path, out: Path, *extra) -> list[str]:
@@ -87,11 +101,11 @@ def main() -> int:
     reference = fingerprint(ref)
     rows = []
 
-    def record(fault: str, code: int, message: str, run: Path | None, resumed: bool | None) -> None:
-        left = on_disk(run) if run is not None else "-"
+    def record(fault: str, code: int, message: str, left: str, resumed: bool | None) -> None:
         exact = "-" if resumed is None else ("yes" if resumed else "NO")
         message = message.replace(str(work), "<dir>").replace("|", "\\|")
-        rows.append(f"| {fault} | {code} | {message} | {left} | {exact} |")
+        shown = f"killed by signal {-code}" if code < 0 else str(code)
+        rows.append(f"| {fault} | {shown} | {message} | {left} | {exact} |")
         print(f"{fault}: exit {code}, {message[:160]} | {left} | resume bit-exact: {exact}", flush=True)
 
     def resume(run: Path) -> bool:
@@ -105,7 +119,8 @@ def main() -> int:
         wait_for(run / "checkpoints" / "step-000002" / "manifest.json", p)
         p.send_signal(sig)
         code, msg = finish(p)
-        record(name, code, msg or "(killed: nothing printed)", run, resume(run))
+        left = on_disk(run)
+        record(name, code, msg or "(killed: nothing printed)", left, resume(run))
 
     run = work / "damaged"
     finish(start(args(model, prompts, run)))
@@ -113,19 +128,20 @@ def main() -> int:
     data = bytearray(weights.read_bytes())
     data[-64:] = bytes(64)
     weights.write_bytes(bytes(data))
+    left = on_disk(run)
     code, msg = finish(start(args(model, prompts, run, "--resume")))
-    record("newest checkpoint damaged after it was written (same size), then --resume", code, msg, run,
+    record("newest checkpoint damaged after it was written (same size), then --resume", code, msg, left,
            fingerprint(run) == reference)  # fmt: skip
 
     run = work / "locked"
     first = start(args(model, prompts, run, "--steps", "200"))
     wait_for(run / "checkpoints" / "step-000001" / "manifest.json", first)
     code, msg = finish(start(args(model, prompts, run, "--overwrite")))
-    record("a second process with --overwrite while the first runs", code, msg, None, None)
+    record("a second process with --overwrite while the first runs", code, msg, "the first run's, untouched", None)
     first.send_signal(signal.SIGKILL)
     first.wait()
     code, msg = finish(start(args(model, prompts, run, "--resume")))
-    record("--resume after the lock holder was killed (a stale lock)", code, msg, run, None)
+    record("--resume after the lock holder was killed (a stale lock)", code, msg, on_disk(run), None)
 
     run = work / "late"
     finish(start(args(model, prompts, run, "--steps", "1")))
@@ -135,34 +151,36 @@ def main() -> int:
     (fake / "__init__.py").write_text("raise ImportError('vLLM left out for this fault')\n")
     code, msg = finish(start(args(model, prompts, run, "--overwrite", "--engine", "vllm"), pythonpath=str(fake.parent)))
     kept = all(p.read_bytes() == b for p, b in before.items())
-    record(f"--overwrite with an error found late (the engine){'' if kept else ' — OLD RUN CHANGED'}", code, msg, run, None)
+    record(f"--overwrite with an error found late (the engine){'' if kept else ' — OLD RUN CHANGED'}", code, msg,
+           "the old run's, untouched" if kept else on_disk(run), None)  # fmt: skip
 
     mine = work / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     code, msg = finish(start(args(model, prompts, mine, "--overwrite")))
-    record("--overwrite of a folder unison did not make (notes.txt)", code, msg, None, None)
+    record("--overwrite of a folder unison did not make (notes.txt)", code, msg, "notes.txt, untouched", None)
 
+    run = work / "readonly"  # the run's appends fail as on a read-only folder from the third on (injected in-process)
+    inject = work / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(READ_ONLY_AFTER_TWO_ROWS)
+    code, msg = finish(start(args(model, prompts, run), pythonpath=str(inject)))
+    left = on_disk(run)
+    record("the run folder turns read-only mid-run (writes fail with EROFS from the third run-log line on), then --resume", code,
+           msg, left, resume(run))  # fmt: skip
     small = work / "small"
     if mount(small, "10m"):
         try:
             run = small / "full"
             code, msg = finish(start(args(model, prompts, run)))
+            left = on_disk(run)
             subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
-            record("disk full while writing a checkpoint (10 MB tmpfs), then room made and --resume", code, msg, run,
-                   resume(run))  # fmt: skip
-            run = small / "ro"
-            p = start(args(model, prompts, run))
-            wait_for(run / "checkpoints" / "step-000001" / "manifest.json", p)
-            subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
-            code, msg = finish(p)
-            subprocess.run(["mount", "-o", "remount,rw", str(small)], check=True)
-            record("the folder turns read-only mid-run (tmpfs remounted), then writable and --resume", code, msg, run,
-                   resume(run))  # fmt: skip
+            record("disk full while writing a checkpoint (a 10 MB tmpfs), then room made and --resume", code, msg,
+                   left, resume(run))  # fmt: skip
         finally:
             subprocess.run(["umount", str(small)], capture_output=True)
     else:
-        rows.append("| disk full, read-only folder | - | not measured: mounting a tmpfs is not allowed here | - | - |")
+        rows.append("| disk full (a small tmpfs) | - | not measured: mounting a tmpfs is not allowed here | - | - |")
     lines = ["Generated by `OMP_NUM_THREADS=1 python bench/faults.py` (as root, for the tmpfs rows): `unison train` on "
              f"a tiny random model, fp16, {STEPS} steps, a checkpoint every step (2 kept), each fault in a fresh "
              "process; resume bit-exact: final weights, metrics without timings and sample digests equal to an "
