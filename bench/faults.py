@@ -45,7 +45,7 @@ def args(model: Path, prompts: Path, out: Path, *extra) -> list[str]:
     return ["train", "--model", str(model), "--data", str(prompts), "--out", str(out), "--precision", "fp16",
             "--steps", str(STEPS), f"data.reward={REWARD}", "data.template=plain", "run.eval_every=0",
             "run.eval_prompts=4", "run.save_every=1", "run.keep_checkpoints=2", "run.progress=false",
-            "run.tensorboard=false", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24",
+            "run.loggers=[jsonl]", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24",
             "optim.train_batch_size=4", "optim.lr=1e-3", "data.max_prompts=8", *extra]  # fmt: skip
 
 

@@ -40,7 +40,7 @@ REWARD = f"{ROOT / 'tests' / 'reward_fixture.py'}:even_length"
 def args_for(model, prompts, out, precision, steps):
     return ["train", "--model", str(model), "--data", str(prompts), "--out", str(out), "--precision", precision,
             "--steps", str(steps), f"data.reward={REWARD}", "data.template=plain", "run.eval_every=3",
-            "run.eval_prompts=4", "run.save_every=1", "run.progress=false", "run.tensorboard=false",
+            "run.eval_prompts=4", "run.save_every=1", "run.progress=false", "run.loggers=[jsonl]",
             "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=32",
             "optim.train_batch_size=4", "optim.micro_batch_size=3", "optim.lr=1e-3", "data.max_prompts=8"]  # fmt: skip
 

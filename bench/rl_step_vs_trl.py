@@ -81,7 +81,7 @@ def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
             "optim.micro_batch_size": args.prompts * args.group, "optim.epochs": 1,
             "run.steps": warmup + steps, "run.seed": seed, "run.out": str(Path(tmp) / "run"),
             "run.eval_every": 0, "run.eval_prompts": 1, "run.save_every": 0, "run.progress": False,
-            "run.tensorboard": False,
+            "run.loggers": ["jsonl"],
         })  # fmt: skip
         run_dir = train(cfg, overwrite=True, quiet=True)
         rows = read_metrics(run_dir)[warmup:]

@@ -39,7 +39,7 @@ def run_one(preset: str, precision: str, seed: int, steps: int, out: Path) -> Pa
         return run_dir
     cfg = load_config(TrainConfig, ROOT / "configs" / f"sanity-builtin-{preset}.yaml", {
         "precision.rollout": precision, "precision.train": precision, "run.seed": seed, "run.steps": steps,
-        "run.out": str(run_dir), "run.progress": False, "run.tensorboard": False, "run.save_every": steps,
+        "run.out": str(run_dir), "run.progress": False, "run.loggers": ["jsonl"], "run.save_every": steps,
         "run.eval_every": steps,
     })  # fmt: skip
     train(cfg, overwrite=True, quiet=True)

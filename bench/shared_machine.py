@@ -79,7 +79,7 @@ def decode(setting: str, cores: int) -> tuple[float, int]:
 def rl_steps(setting: str, cores: int, work: Path, steps: int) -> tuple[float, list]:
     out = work / f"run-{setting}-{time.monotonic_ns()}"
     cmd = [sys.executable, "-m", "unison.cli", "train", "--out", str(out), "--steps", str(steps), *DEMO,
-           "run.progress=false", "run.eval_every=0", "run.eval_prompts=8", "run.save_every=0", "run.tensorboard=false",
+           "run.progress=false", "run.eval_every=0", "run.eval_prompts=8", "run.save_every=0", "run.loggers=[jsonl]",
            f"run.threads={threads_of(setting, cores)}"]  # fmt: skip
     done = subprocess.run(cmd, env=env_for(setting), capture_output=True, text=True)
     if done.returncode != 0:

@@ -19,7 +19,7 @@ from typing import Callable
 import pytest
 
 REWARD = f"{Path(__file__).parent / 'reward_fixture.py'}:even_length"
-TINY_RUN = ["run.steps=2", "run.eval_every=0", "run.eval_prompts=4", "run.progress=false", "run.tensorboard=false",
+TINY_RUN = ["run.steps=2", "run.eval_every=0", "run.eval_prompts=4", "run.progress=false", "run.loggers=[jsonl]",
             "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
             "optim.train_batch_size=4", "data.max_prompts=8"]  # fmt: skip
 
@@ -139,6 +139,19 @@ def raising_reward(d: Path, tiny: Path, fn: str) -> list:
                  "rollout.stop=[a, e, i, o, u, t, n, s]")
 
 
+@contextlib.contextmanager
+def not_installed(module: str):
+    """`module` looks absent to unison (importlib finds no spec for it)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: None if name == module else real(name, *a)
+    try:
+        yield
+    finally:
+        importlib.util.find_spec = real
+
+
 def gemma2(d: Path) -> Path:
     from unison.archs import save_tiny
 
@@ -191,6 +204,10 @@ CASES = [
     C("negative-count", "config", "a negative count", lambda d, t: train(t, "run.eval_prompts=-4"), "must be >= 0"),
     C("beta-out-of-range", "config", "an AdamW beta of 1.5", lambda d, t: train(t, "optim.beta1=1.5"), "betas must be in [0, 1)"),
     C("icepop-bounds", "config", "IcePop bounds the wrong way round", lambda d, t: train(t, "algorithm.icepop_alpha=6"), "icepop_alpha < icepop_beta"),
+    C("unknown-schedule", "config", "an unknown learning-rate schedule", lambda d, t: train(t, "optim.schedule=exponential"), "unknown schedule 'exponential'; choose one of: constant, cosine, linear"),
+    C("negative-kl-coef", "config", "a negative KL coefficient", lambda d, t: train(t, "algorithm.kl_coef=-0.1"), "algorithm.kl_coef"),
+    C("tracker-not-installed", "config", "a tracker that is not installed", lambda d, t: train(t, "run.loggers=[wandb]"), "pip install 'unison[wandb]'", fault=lambda d: not_installed("wandb")),
+    C("eval-k-above-n", "config", "eval pass@k with fewer samples than k", lambda d, t: ["eval", "--model", t, "--n", "2", "--k", "1,4"], "pass@4 needs at least"),
     C("config-missing", "config", "config file does not exist", lambda d, t: train(t, "--config", d / "nope.yaml"), "not found"),
     C("unknown-key", "config", "unknown key", lambda d, t: train(t, "optim.learning_rate=1e-5"), "unknown config key"),
     C("unknown-key-yaml", "config", "unknown key in a YAML section", lambda d, t: train(t, "--config", write(d / "c.yaml", "optim:\n  learnrate: 1\n")), "unknown config key"),

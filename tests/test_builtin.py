@@ -27,7 +27,7 @@ def test_starting_accuracy_between_10_and_60_percent(builtin_dir):
     engine = NativeEngine.from_pretrained(builtin_dir, torch.float32, "cpu", seed=0)
     examples = task.examples("test", n=96, seed=0)
     prompts = encode_all(tok, examples, "plain")
-    res = evaluate(engine, task, tok, examples, prompts, SamplingParams(256, 1.0, stop_token_ids=(1,)), k=1)
+    res = evaluate(engine, task, tok, examples, prompts, SamplingParams(256, 1.0, stop_token_ids=(1,)), n=1)
     assert 0.10 <= res["avg@1"] <= 0.60, res["avg@1"]
 
 

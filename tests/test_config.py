@@ -27,9 +27,9 @@ def test_shipped_configs_exist():
 
 
 def test_dotted_overrides_and_types():
-    cfg = load_config(TrainConfig, None, ["optim.lr=3e-6", "rollout.group_size=4", "run.tensorboard=false",
+    cfg = load_config(TrainConfig, None, ["optim.lr=3e-6", "rollout.group_size=4", "run.loggers=[jsonl]",
                                           "optim.train_batch_size=16"])  # fmt: skip
-    assert cfg.optim.lr == 3e-6 and cfg.rollout.group_size == 4 and cfg.run.tensorboard is False
+    assert cfg.optim.lr == 3e-6 and cfg.rollout.group_size == 4 and cfg.run.loggers == ["jsonl"]
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,7 @@ def test_dotted_overrides_and_types():
         (["precision.train=fp8"], "precision.train"),
         (["rollout"], "not key=value"),
         (["rollout=3"], "is a section"),
-        (["run.tensorboard=maybe"], "expected true or false"),
+        (["run.progress=maybe"], "expected true or false"),
     ],
 )
 def test_validation_errors_name_the_field(overrides, match):

@@ -86,7 +86,7 @@ def test_two_training_steps_change_the_weights(checkpoints, name, tmp_path):
     prompts.write_text("".join(f'{{"prompt": "{i}-3:", "answer": "0"}}\n' for i in range(10, 20)))
     overrides = {
         "model.path": str(checkpoints[name]), "run.out": str(tmp_path / "run"), "run.steps": 2, "run.eval_every": 0,
-        "run.eval_prompts": 2, "run.save_every": 0, "run.progress": False, "run.tensorboard": False,
+        "run.eval_prompts": 2, "run.save_every": 0, "run.progress": False, "run.loggers": ["jsonl"],
         "data.source": str(prompts), "data.template": "plain", "data.reward": f"{REWARDS}:even_length",
         "rollout.prompts_per_step": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 12,
         "rollout.stop": list("abcdefghijklmnopqrstuvwxyz"), "optim.train_batch_size": 8, "optim.micro_batch_size": 8,

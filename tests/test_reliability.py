@@ -23,7 +23,7 @@ def train_args(model_dir, prompts, out, precision, steps):
         "train", "--model", str(model_dir), "--data", str(prompts), "--out", str(out), "--precision", precision,
         "--steps", str(steps), f"data.reward={REWARD}", "data.template=plain", "run.eval_every=0",
         "run.eval_prompts=4", "run.save_every=1", "run.keep_checkpoints=2", "run.progress=false",
-        "run.tensorboard=false", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24",
+        "run.loggers=[jsonl]", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24",
         "optim.train_batch_size=4", "optim.micro_batch_size=3", "optim.lr=1e-3", "data.max_prompts=8",
     ]  # fmt: skip
 
@@ -86,7 +86,7 @@ def test_same_seed_same_run_every_precision(tiny_dir, tmp_path, prompts, precisi
     def cfg(out):
         return load_config(TrainConfig, None, {
             "model.path": str(tiny_dir), "run.out": str(out), "run.steps": 2, "run.eval_every": 0,
-            "run.eval_prompts": 4, "run.progress": False, "run.tensorboard": False, "rollout.prompts_per_step": 2,
+            "run.eval_prompts": 4, "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2,
             "rollout.group_size": 4, "rollout.max_new_tokens": 16, "optim.train_batch_size": 4,
             "optim.lr": 1e-3, "data.max_prompts": 8, "data.reward": REWARD, "data.source": str(prompts), "data.template": "plain",
             "precision.rollout": precision,
@@ -101,7 +101,7 @@ def test_resume_after_precision_change_uses_a_fresh_loss_scale(tiny_dir, tmp_pat
     from unison.trainer import train
 
     base = {"model.path": str(tiny_dir), "run.out": str(tmp_path / "r"), "run.eval_every": 0, "run.eval_prompts": 4,
-            "run.progress": False, "run.tensorboard": False, "rollout.prompts_per_step": 2, "rollout.group_size": 4,
+            "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2, "rollout.group_size": 4,
             "rollout.max_new_tokens": 8, "optim.train_batch_size": 4, "data.max_prompts": 8}  # fmt: skip
     train(load_config(TrainConfig, None, {**base, "run.steps": 1}), quiet=True)
     saved = (tmp_path / "r" / "config.yaml").read_text()
@@ -315,7 +315,7 @@ def test_probe_activations_reports_each_layer(overflowing_dir, tmp_path, capsys)
 
 def _train_argv(model_dir, out, *extra):
     return ["train", "--model", str(model_dir), "--out", str(out), "--precision", "fp16", "--steps", "1",
-            "run.eval_every=0", "run.eval_prompts=4", "run.progress=false", "run.tensorboard=false",
+            "run.eval_every=0", "run.eval_prompts=4", "run.progress=false", "run.loggers=[jsonl]",
             "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
             "optim.train_batch_size=4", "data.max_prompts=8", *extra]  # fmt: skip
 

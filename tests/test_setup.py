@@ -120,7 +120,7 @@ def test_the_first_line_says_which_decode_path_the_engine_runs(tmp_path, capsys)
         d = save_tiny(name, tmp_path / name)
         cfg = load_config(TrainConfig, None, {
             "model.path": str(d), "run.out": str(tmp_path / f"run-{name}"), "run.steps": 1, "run.eval_every": 0,
-            "run.eval_prompts": 2, "run.progress": False, "run.tensorboard": False, "rollout.prompts_per_step": 2,
+            "run.eval_prompts": 2, "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2,
             "rollout.group_size": 2, "rollout.max_new_tokens": 4, "optim.train_batch_size": 4,
             "precision.rollout": "fp32", "precision.train": "fp32"})  # fmt: skip
         train(cfg)
@@ -134,7 +134,7 @@ def _run(tmp_path, model_dir, **extra):
     from unison.trainer import train
 
     overrides = {"model.path": str(model_dir), "run.out": str(tmp_path / "run"), "run.steps": 2, "run.eval_every": 0,
-                 "run.eval_prompts": 2, "run.save_every": 1, "run.progress": False, "run.tensorboard": False,
+                 "run.eval_prompts": 2, "run.save_every": 1, "run.progress": False, "run.loggers": ["jsonl"],
                  "rollout.prompts_per_step": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 12,
                  "optim.train_batch_size": 8, "optim.lr": 1e-3, "precision.rollout": "fp16", "precision.train": "fp16",
                  **extra}  # fmt: skip

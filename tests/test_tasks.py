@@ -72,6 +72,89 @@ def test_math_reward_rejects_wrong_or_garbage(response, answer):
     assert math_reward(response, answer) == 0.0
 
 
+COL12 = r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"
+
+
+# (response, answer, unison's reward, math-verify's own verdict on the same pair). math-verify reads vectors,
+# matrices and tuples entry by entry; the first-entry bug was unison's: its spacing rule took the `\ ` out of a
+# `\\ ` row break, gluing the rows together. Where the two columns differ, math-verify is wrong and unison is right.
+@pytest.mark.parametrize(
+    "response, answer, reward, math_verify_says",
+    [
+        pytest.param(rf"\boxed{{{COL12}}}", COL12, 1.0, 1.0, id="pmatrix-equal"),
+        pytest.param(r"\boxed{\begin{pmatrix}1\\2\end{pmatrix}}", COL12, 1.0, 1.0, id="pmatrix-no-spaces"),
+        pytest.param(rf"\boxed{{{COL12}}}", r"\begin{pmatrix} 1 \\ 3 \end{pmatrix}", 0.0, 0.0, id="pmatrix-entry"),
+        pytest.param(rf"\boxed{{{COL12}}}", r"\begin{pmatrix} 2 \\ 2 \end{pmatrix}", 0.0, 0.0, id="pmatrix-first"),
+        pytest.param(rf"\boxed{{{COL12}}}", r"\begin{pmatrix} 1 \\ 2 \\ 3 \end{pmatrix}", 0.0, 0.0, id="pmatrix-shape"),
+        pytest.param(r"\boxed{\begin{pmatrix} 1 & 2 \end{pmatrix}}", COL12, 0.0, 0.0, id="row-vs-column"),
+        pytest.param(
+            r"\boxed{\begin{bmatrix} \frac{1}{2} & 1 \\ 2 & \dfrac{3}{4} \end{bmatrix}}",
+            r"\begin{bmatrix} 0.5 & 1 \\ 2 & 0.75 \end{bmatrix}",
+            1.0,
+            1.0,
+            id="bmatrix-frac-vs-decimal",
+        ),
+        pytest.param(
+            r"\boxed{\begin{bmatrix} 1 & 1 \\ 2 & 4 \end{bmatrix}}",
+            r"\begin{bmatrix} 1 & 1 \\ 2 & 3 \end{bmatrix}",
+            0.0,
+            0.0,
+            id="2x2-entry",
+        ),
+        pytest.param(
+            r"\boxed{\begin{matrix} 1 & 2 \\ 3 & 4 \end{matrix}}",
+            r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}",
+            1.0,
+            1.0,
+            id="matrix-vs-pmatrix",
+        ),
+        pytest.param(
+            r"\boxed{\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}}",
+            r"\begin{pmatrix} 1 & 3 \\ 2 & 4 \end{pmatrix}",
+            0.0,
+            0.0,
+            id="2x2-transposed",
+        ),
+        # math-verify does not know Bmatrix and reads it as its last entry (so 1,2 "equals" 3,2); unison renames it
+        pytest.param(
+            r"\boxed{\begin{Bmatrix} 1 \\ 2 \end{Bmatrix}}",
+            r"\begin{Bmatrix} 3 \\ 2 \end{Bmatrix}",
+            0.0,
+            1.0,
+            id="Bmatrix-entry",
+        ),
+        # ...and so it also fails a Bmatrix against the same pmatrix
+        pytest.param(r"\boxed{\begin{Bmatrix} 1 \\ 2 \end{Bmatrix}}", COL12, 1.0, 0.0, id="Bmatrix-vs-pmatrix"),
+        pytest.param(
+            r"\boxed{\begin{smallmatrix} 1 & 2 \\ 3 & 4 \end{smallmatrix}}",
+            r"\begin{smallmatrix} 9 & 2 \\ 3 & 4 \end{smallmatrix}",
+            0.0,
+            1.0,  # math-verify reads a smallmatrix as its last entry too: 4 == 4
+            id="smallmatrix-entry",
+        ),
+        pytest.param(r"\boxed{(1, 2)}", "(1,2)", 1.0, 1.0, id="tuple-equal"),
+        pytest.param(r"\boxed{(1, 2)}", "(1,3)", 0.0, 0.0, id="tuple-entry"),
+        pytest.param(r"\boxed{(1, 2)}", "(2,1)", 0.0, 0.0, id="tuple-order"),
+        pytest.param(r"\boxed{(1, 2, 3)}", "(1,2)", 0.0, 0.0, id="tuple-shape"),
+        pytest.param(r"\boxed{\left( \frac{1}{2},\, 2, 3\right)}", "(0.5,2,3)", 1.0, 1.0, id="left-right-equal"),
+        pytest.param(r"\boxed{\left( \frac{1}{2},\, 2, 3\right)}", "(0.5,2,4)", 0.0, 0.0, id="left-right-entry"),
+        # the `$` cases: math-verify alone is right, unison used to strip the `$` of `\$` and leave `10\`
+        pytest.param(r"\boxed{10\$}", "10", 1.0, 1.0, id="dollar-after"),
+        pytest.param(r"\boxed{\$10}", "10", 1.0, 1.0, id="dollar-before"),
+        pytest.param(r"\boxed{10}", r"\$10", 1.0, 1.0, id="dollar-in-reference"),
+        pytest.param(r"\boxed{\$1{,}000}", "1000", 1.0, 1.0, id="dollar-thousands"),
+        pytest.param(r"\boxed{\textdollar 10}", "10", 1.0, 1.0, id="textdollar"),
+        pytest.param(r"\boxed{10 \text{ dollars}}", r"\$10", 1.0, 1.0, id="dollars-text"),
+        pytest.param(r"\boxed{\$10}", r"\$11", 0.0, 0.0, id="dollar-wrong"),
+    ],
+)
+def test_math_reward_vectors_matrices_and_dollars(response, answer, reward, math_verify_says):
+    from math_verify import parse, verify
+
+    assert math_reward(response, answer) == reward
+    assert float(verify(parse(f"${answer}$"), parse(response))) == math_verify_says
+
+
 def test_extract_boxed_nested_and_escaped_braces():
     assert extract_boxed(r"\boxed{\frac{1}{\sqrt{2}}} and more") == r"\frac{1}{\sqrt{2}}"
     assert extract_boxed(r"\boxed{\{1,2\}}") == r"\{1,2\}"

@@ -13,7 +13,7 @@ from unison.trainer import train
 def tiny_cfg(model_dir, out, **extra):
     overrides = {
         "model.path": str(model_dir), "run.out": str(out), "run.steps": 2, "run.eval_every": 0, "run.eval_prompts": 4,
-        "run.save_every": 0, "run.progress": False, "run.tensorboard": False, "rollout.prompts_per_step": 2,
+        "run.save_every": 0, "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2,
         "rollout.group_size": 4, "rollout.max_new_tokens": 24, "optim.train_batch_size": 4, "optim.micro_batch_size": 3,
         "optim.lr": 1e-3, "data.max_prompts": 8,
     }  # fmt: skip
@@ -243,8 +243,8 @@ def test_shared_prompts_train_like_one_forward_per_row(tiny_dir, tmp_path, monke
 
     passes = []
     shared_logits = Learner.shared_prompt_logits
-    monkeypatch.setattr(Learner, "shared_prompt_logits", lambda self, batch: passes.append(len(batch.shared.ids))
-                        or shared_logits(self, batch))  # fmt: skip
+    monkeypatch.setattr(Learner, "shared_prompt_logits", lambda self, batch, *a: passes.append(len(batch.shared.ids))
+                        or shared_logits(self, batch, *a))  # fmt: skip
     runs = {}
     for share in (True, False):
         passes.clear()

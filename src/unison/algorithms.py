@@ -287,6 +287,31 @@ AGGREGATIONS = {
 }
 
 
+# --------------------------------------- KL penalty to a reference policy: (logp, logp_ref) -> per token [B, T]
+# Schulman's estimators of KL(pi || ref) from tokens sampled from pi, with d = log ref - log pi:
+#   k1 = -d (unbiased, can be negative), k2 = d^2 / 2 (biased, low variance), k3 = exp(d) - 1 - d (unbiased, >= 0).
+# verl's `low_var_kl` is k3 with d clamped to [-20, 20] (as here: exp(20) ~ 5e8 stays finite in fp32).
+def kl_k1(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    return logp - logp_ref
+
+
+def kl_k2(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logp_ref - logp) ** 2
+
+
+def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    d = (logp_ref - logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return torch.exp(d) - 1 - d
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_penalty(estimator: str, logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The estimator's per-token KL(pi || ref), 0 off the response. logp, logp_ref, mask [B, T] -> [B, T]"""
+    return choose("KL estimator", KL_ESTIMATORS, estimator)(logp, logp_ref).masked_fill(~mask.bool(), 0.0)
+
+
 # ------------------------------------------------------------------------ presets and the one call site
 
 RATIO_BASES = ("old", "current")

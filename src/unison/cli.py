@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unison.errors import SIGINT_CODE, WRITE_FAILED, RunFault, UserError
 
-COMMANDS = ("probe", "train", "eval", "filter", "demo", "export", "plot")
+COMMANDS = ("probe", "train", "eval", "filter", "demo", "export", "samples", "plot")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -46,7 +46,8 @@ SHORTCUTS = {
         ("--seed", "run.seed", int, "seed")],
     "eval": MODEL_FLAGS + [
         ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
-        ("--k", "rollout.group_size", int, "samples per prompt"),
+        ("--n", "rollout.group_size", int, "samples per prompt"),
+        ("--k", "eval.k", str, "comma-separated k of pass@k, e.g. 1,4,8 (default: n; alone, it sets n to the largest)"),
         ("--num-prompts", "data.max_prompts", int, "evaluate at most this many prompts"),
         ("--temperature", "rollout.temperature", float, "sampling temperature"),
         ("--top-p", "rollout.top_p", float, "top-p"), ("--precision", "precision.rollout", str, "sampling dtype"),
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help="dtype of the written weights: fp32, bf16 or fp16")
     p.add_argument("--shard-size", default="5GB", help="largest weights file (bigger models are sharded)")
 
+    p = sub.add_parser("samples", help="print a run's decoded samples of one step (prompt, response, reward, ...)")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("--step", type=int, help="the step (default: the last one logged)")
+
     p = sub.add_parser("plot", help="curves of metrics for several run folders on one figure")
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--metrics", default="rollout/accuracy,mismatch/k3", help="comma-separated metric keys")
@@ -109,6 +114,15 @@ def _overrides(args, command: str) -> list:
         value = getattr(args, key, None)
         if value is not None:
             pairs.append((key, value))
+    if command == "eval" and getattr(args, "eval.k", None) is not None:
+        pairs = [(k, v) for k, v in pairs if k != "eval.k"]
+        try:
+            ks = [int(x) for x in str(getattr(args, "eval.k")).split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--k {getattr(args, 'eval.k')!r} is not a comma-separated list of integers, e.g. 1,4,8") from None
+        pairs.append(("eval.k", ks))
+        if getattr(args, "rollout.group_size", None) is None and ks:
+            pairs.append(("rollout.group_size", max(ks)))  # `--k 8` alone: 8 samples, as before --n
     if command == "train" and getattr(args, "precision", None):
         pairs += [("precision.rollout", args.precision), ("precision.train", args.precision)]
     if command == "probe":
@@ -180,6 +194,17 @@ def cmd_demo(args) -> None:
 
     cfg = _config(DemoConfig, args, "demo")
     run_demo(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+
+
+def cmd_samples(args) -> None:
+    from unison.report import format_samples, read_samples
+
+    steps = read_samples(args.run)
+    step = args.step if args.step is not None else max(steps, default=None)
+    if step not in steps:
+        shown = ", ".join(map(str, sorted(steps)[-10:]))
+        raise UserError(f"{args.run!r} has no samples of step {step}; steps logged: {shown or 'none'}")
+    print(format_samples(step, steps[step]))
 
 
 def cmd_export(args) -> None:
@@ -256,11 +281,12 @@ def main(argv: list[str] | None = None) -> int:
               "output, then run it again", file=sys.stderr)  # fmt: skip
         return WRITE_FAILED
     except Exception as exc:  # noqa: BLE001 - errors the run itself raises (loss-scale floor, sync, overflow)
+        from unison.conformance import SelfTestError
         from unison.learner import WeightSyncError
         from unison.overflow import ActivationOverflowError
         from unison.precision import LossScaleFloorError
 
-        if isinstance(exc, (LossScaleFloorError, WeightSyncError, ActivationOverflowError)):
+        if isinstance(exc, (LossScaleFloorError, WeightSyncError, ActivationOverflowError, SelfTestError)):
             print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
             return 1
         raise

@@ -25,11 +25,14 @@ from unison.setup import Setup, build, check_output_file
 class EvalSection:
     split: str = doc("test", "split of the built-in task (a prompt file is one split: its rows)",
                      choices=("test", "train"))
+    k: list = doc([], "the k of each pass@k, estimated without bias from the n = rollout.group_size samples per "
+                      "prompt (empty: n)")
 
 
 @dataclass
 class EvalConfig:
-    """`unison eval`: avg@k and pass@k, k = rollout.group_size samples per prompt."""
+    """`unison eval`: avg@n and pass@k from n = rollout.group_size samples per prompt (`--n`), for each k of eval.k
+    (`--k 1,4,8`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     precision: PrecisionConfig = field(default_factory=lambda: PrecisionConfig(rollout="fp32", train="fp32"))
@@ -42,6 +45,11 @@ class EvalConfig:
         for section in (self.model, self.precision, self.data, self.run):
             section.validate()
         self.rollout.validate(groups=1)
+        n = self.rollout.group_size
+        check(all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.eval.k), "eval.k",
+              "must be a list of positive integers, e.g. --k 1,4,8")  # fmt: skip
+        check(max(self.eval.k, default=1) <= n, "eval.k", f"pass@{max(self.eval.k, default=1)} needs at least that "
+              f"many samples per prompt, but n = rollout.group_size is {n}; raise --n or lower --k")  # fmt: skip
         return self
 
 
@@ -87,11 +95,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     split = cfg.eval.split if cfg.data.source in ("builtin", "countdown") else "train"
     examples = s.examples(split, cfg.data.max_prompts or None, subset=True)
     prompts = s.encode(examples)
-    k = cfg.rollout.group_size
+    n = cfg.rollout.group_size
     with s.engine(dtype) as engine:
-        print(f"unison eval: {s.describe(engine)} | {len(examples)} prompts x {k} samples", flush=True)
-        result = evaluate(engine, s.task, s.tokenizer, examples, prompts, s.sampling(), k=k, progress=cfg.run.progress)
-    result = {"model": cfg.model.path, "data": cfg.data.source, "k": k, "temperature": cfg.rollout.temperature,
+        print(f"unison eval: {s.describe(engine)} | {len(examples)} prompts x {n} samples", flush=True)
+        result = evaluate(engine, s.task, s.tokenizer, examples, prompts, s.sampling(), n=n, ks=cfg.eval.k,
+                          progress=cfg.run.progress)  # fmt: skip
+    result = {"model": cfg.model.path, "data": cfg.data.source, "n": n, "temperature": cfg.rollout.temperature,
               "top_p": cfg.rollout.top_p, "precision": cfg.precision.rollout, **result}  # fmt: skip
     if cfg.run.out:
         Path(cfg.run.out).parent.mkdir(parents=True, exist_ok=True)

@@ -69,11 +69,11 @@ def _presets():
     return PRESETS
 
 
-def _table(name: str):
+def _table(name: str, module: str = "unison.algorithms"):
     def get():
-        from unison import algorithms
+        import importlib
 
-        return getattr(algorithms, name)
+        return getattr(importlib.import_module(module), name)
 
     return get
 
@@ -91,6 +91,8 @@ class ModelConfig:
     attn_implementation: str = doc("auto", "attention kernels of the Hugging Face model (learner, and the native "
                                            "engine's fallback); auto: sdpa where the model supports it, else eager",
                                    choices=_attn_implementations, what="attention implementation")
+    gradient_checkpointing: bool = doc(False, "recompute each decoder layer's activations in the backward pass instead "
+                                              "of keeping them (less memory, about one more forward of time)")
 
     def validate(self) -> None:
         d = self.device
@@ -131,6 +133,8 @@ class DataConfig:
     test_source: str = doc("", "a held-out prompt file for evaluation (the built-in task has its own test split)")
     subset: str = doc("", "a JSONL file of prompt ids to use (from `unison filter`); 'builtin': the shipped "
                           "perfectible set of the built-in task; empty: all prompts")
+    system_prompt: str = doc("", "a system message put before every prompt (the chat template's system turn; with the "
+                                 "plain template, a paragraph before the prompt); a prompt file's own system turn wins")
     max_prompts: int = doc(0, "use at most this many prompts (0: all)")
 
     def validate(self) -> None:
@@ -176,11 +180,23 @@ class AlgorithmConfig:
     cap: float = doc(-1.0, "override the correction's cap C (negative: the preset's)")
     icepop_alpha: float = doc(0.5, "IcePop: tokens with pi_old/mu below this are masked")
     icepop_beta: float = doc(5.0, "IcePop: tokens with pi_old/mu above this are masked")
+    kl_coef: float = doc(0.0, "weight of a KL penalty to the frozen starting policy (0: none, as in the paper)")
+    kl_estimator: str = doc("k3", "the KL estimator on the sampled tokens", choices=_table("KL_ESTIMATORS"),
+                            what="estimator")
+    kl_in: str = doc("loss", "where the penalty goes: loss (added to the policy loss, aggregated like it) or reward "
+                             "(subtracted from each response's reward, summed over its tokens)",
+                     choices=("loss", "reward"), what="place")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = doc(2e-5, "AdamW learning rate (constant)")
+    lr: float = doc(2e-5, "AdamW learning rate (the peak, under a schedule)")
+    schedule: str = doc("constant", "learning-rate schedule over the run's steps, after optim.warmup_steps of "
+                                    "linear warm-up: constant, linear (to optim.min_lr_ratio x lr at the last step) or "
+                                    "cosine (likewise)", choices=_table("LR_SCHEDULES", "unison.learner"))
+    warmup_steps: int = doc(0, "RL steps of linear warm-up from 0 to optim.lr")
+    min_lr_ratio: float = doc(0.0, "the learning rate at the last step of a linear or cosine schedule, as a share of "
+                                   "optim.lr")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     beta1: float = doc(0.9, "AdamW beta1")
     beta2: float = doc(0.999, "AdamW beta2")
@@ -217,11 +233,20 @@ class RunConfig(RunBase):
     steps: int = doc(40, "RL steps (one rollout batch each)")
     eval_every: int = doc(10, "held-out evaluation every N steps (0: only at the end)")
     eval_prompts: int = doc(64, "held-out prompts per evaluation")
+    eval_samples: int = doc(1, "responses per held-out prompt at each evaluation (avg@n, and pass@1 and pass@n "
+                               "from them)")
     save_every: int = doc(10, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = doc(2, "complete checkpoints kept")
     shard_size: str = doc("5GB", "largest weights file of a checkpoint (bigger models are saved in shards with a "
                                  "safetensors index), e.g. 5GB or 500MB")
-    tensorboard: bool = doc(True, "also write TensorBoard logs when tensorboard is installed")
+    loggers: list = doc([], "metric sinks: jsonl (metrics.jsonl, always written), tensorboard, wandb (offline unless "
+                            "WANDB_MODE says otherwise), mlflow (a file store in the run folder unless "
+                            "MLFLOW_TRACKING_URI is set); empty: jsonl, and tensorboard where it is installed",
+                        choices=_table("LOGGERS", "unison.report"), what="logger")
+    log_samples: int = doc(4, "decoded samples per step in samples.jsonl (prompt, response, reward, length, mismatch) "
+                              "and in the trackers; `unison samples RUN` prints them")
+    self_test: bool = doc(True, "before the first step, sample a few tokens and recompute them with the learner; stop if "
+                                "the mismatch is far outside the band its precisions allow")
 
 
 @dataclass
@@ -264,6 +289,10 @@ class TrainConfig:
         check(self.run.steps >= 1, "run.steps", "must be at least 1")
         check(self.run.eval_every >= 0 and self.run.save_every >= 0, "run.eval_every", "must be >= 0")
         check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
+        check(self.run.eval_samples >= 1, "run.eval_samples", "must be at least 1")
+        check(o.warmup_steps <= self.run.steps, "optim.warmup_steps", f"must be at most run.steps ({self.run.steps})")
+        check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        check(self.algorithm.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0 (0: no KL penalty)")
         parse_size(self.run.shard_size, "run.shard_size")
         self.algorithm_fields()  # unknown algorithm names fail here, with the valid names
         return self
@@ -373,9 +402,10 @@ def _check_choice(f: dataclasses.Field, value, name: str) -> None:
     valid = choices_of(f)
     if valid is None or (value == "" and f.default == ""):  # empty: "the preset's own"
         return
-    if value not in valid:
-        what = f.metadata.get("what") or name.rsplit(".", 1)[-1]
-        raise UserError(f"config field {name}: unknown {what} {value!r}; choose one of: {', '.join(valid)}")
+    for item in value if isinstance(value, list) else [value]:
+        if item not in valid:
+            what = f.metadata.get("what") or name.rsplit(".", 1)[-1]
+            raise UserError(f"config field {name}: unknown {what} {item!r}; choose one of: {', '.join(valid)}")
 
 
 def _build(cls, data: dict, prefix: str = ""):

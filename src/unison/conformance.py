@@ -117,3 +117,42 @@ def measure(model_dir, prompts: list[list[int]], max_new_tokens: int = 24, preci
         pi = learner.recompute(low)
         result.mismatch[precision_name(dtype.train)] = float((pi - low.logprobs).abs()[low.mask].mean())
     return result
+
+
+# ---- the engine self-test at the start of a run ---------------------------------------------------------------
+# mean |log pi - log mu| a run's first tokens may show, by the looser of its two precisions. Set about 10x above the
+# largest mismatch measured with a sound engine (docs/conformance.md: tiny random checkpoints of 18 families, fp32 at
+# most 6.6e-7, fp16 1.5e-3, bf16 1.1e-2; the built-in model 1e-7, 1e-4, 1e-3) and below what a broken engine gives
+# (a logit transform left out: 0.2; another dtype than the learner's: see tests/test_self_test in test_setup.py).
+SELF_TEST_BANDS = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
+
+
+class SelfTestError(RuntimeError):
+    """The rollout engine and the learner disagree far beyond what their precisions allow."""
+
+
+@torch.no_grad()
+def self_test(engine, learner, prompts: list[list[int]], rows: int = 8, tokens: int = 16) -> dict:
+    """Sample `tokens` tokens for `rows` prompts with the engine (its random state left as it was), recompute them
+    with the learner and hold the mean |log pi - log mu| against `SELF_TEST_BANDS`; raises SelfTestError outside."""
+    import time
+
+    from unison.precision import precision_name
+
+    t0 = time.perf_counter()
+    state = engine.rng_state()
+    try:
+        ro = engine.generate(prompts[:rows], SamplingParams(tokens, 1.0))
+    finally:
+        engine.set_rng_state(state)
+    gap = (learner.recompute(ro) - ro.logprobs).abs()[ro.mask]
+    mean = float(gap.mean()) if gap.numel() else 0.0
+    band = max(SELF_TEST_BANDS[engine.dtype], SELF_TEST_BANDS[learner.policy.train])
+    pair = f"rollout {precision_name(engine.dtype)} / train {precision_name(learner.policy.train)}"
+    if not math.isfinite(mean) or mean > band:
+        raise SelfTestError(
+            f"engine self-test failed: mean |log pi - log mu| is {mean:.3g} on {int(ro.mask.sum())} sampled tokens, "
+            f"beyond the {band:g} that {pair} allows: the engine and the learner disagree (a broken engine version, "
+            "a wrong dtype, a model the engine computes otherwise); run `unison probe` on the model to see the "
+            "mismatch, or set run.self_test=false to train anyway")  # fmt: skip
+    return {"self_test/abs_log_ratio_mean": mean, "self_test/band": band, "self_test/seconds": time.perf_counter() - t0}

@@ -25,7 +25,7 @@ class RunFault(Exception):
 # the exit codes of `unison`, by what ended it (README: "Exit codes")
 EXIT_CODES = {
     "done": 0,
-    "training stopped (loss-scale floor, weight-sync mismatch, fp16 activation overflow)": 1,
+    "training stopped (loss-scale floor, weight-sync mismatch, fp16 activation overflow, engine self-test)": 1,
     "bad input": 2,
     "a write failed (disk full, read-only or unwritable folder)": 3,
     "interrupted (SIGINT, Ctrl-C)": 130,

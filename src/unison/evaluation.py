@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from unison.rollout.base import Rollouts, SamplingParams
@@ -9,14 +11,14 @@ from unison.tasks.base import Example
 from unison.tasks.templates import encode_prompt
 
 
-def encode_all(tokenizer, examples: list[Example], template: str = "auto") -> list[list[int]]:
-    """Token ids of each example's templated prompt; an empty one is a user error (`Setup.encode` checks them
-    against the model's context)."""
+def encode_all(tokenizer, examples: list[Example], template: str = "auto", system_prompt: str = "") -> list[list[int]]:
+    """Token ids of each example's templated prompt (after `system_prompt`, where given); an empty one is a user
+    error (`Setup.encode` checks them against the model's context)."""
     from unison.errors import UserError
 
     out = []
     for ex in examples:
-        ids = encode_prompt(tokenizer, ex, template)
+        ids = encode_prompt(tokenizer, ex, template, system_prompt or None)
         if not ids:
             raise UserError(f"prompt {ex.id or ex.prompt[:40]!r} is empty after templating; remove it from the prompt file")
         out.append(ids)
@@ -55,15 +57,29 @@ def score(task, tokenizer, rollouts: Rollouts, examples: list[Example]) -> tuple
     return torch.tensor(rewards, dtype=torch.float32), texts
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"): 1 - C(n - c, k) / C(n, k), as a product so that no binomial overflows."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, not {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+SOLVED = 0.5  # a response counts as solved where its reward is above this
+
+
 def evaluate(engine, task, tokenizer, examples: list[Example], prompts: list[list[int]], params: SamplingParams,
-             k: int = 1, batch_size: int = 256, progress: bool = False) -> dict:
-    """avg@k (mean reward over k samples per prompt) and pass@k (share of prompts solved at least once); `prompts`
-    are the examples' encoded prompts (`Setup.encode`)."""
-    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(k)]
-    rewards = torch.zeros(len(rows))
-    lengths = torch.zeros(len(rows))
+             n: int = 1, ks: list[int] | None = None, batch_size: int = 256, progress: bool = False) -> dict:
+    """avg@n (the mean reward over n samples per prompt) and the unbiased pass@k for each k of `ks` (default: n),
+    with each prompt's result; `prompts` are the examples' encoded prompts (`Setup.encode`)."""
     from unison import threads
 
+    ks = sorted(set(ks or [n]))
+    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    rewards = torch.zeros(len(rows))
+    lengths = torch.zeros(len(rows))
     for start in range(0, len(rows), batch_size):
         threads.adapt()
         part = rows[start: start + batch_size]
@@ -71,11 +87,15 @@ def evaluate(engine, task, tokenizer, examples: list[Example], prompts: list[lis
         r, _ = score(task, tokenizer, ro, [examples[i] for i, _ in part])
         rewards[start: start + len(part)] = r
         lengths[start: start + len(part)] = ro.lengths.float()
-    per_prompt = rewards.view(len(examples), k)
-    return {
-        f"avg@{k}": per_prompt.mean().item(),
-        f"pass@{k}": (per_prompt > 0).any(dim=1).float().mean().item(),
+    per_prompt = rewards.view(len(examples), n)  # [prompts, n]
+    solved = (per_prompt > SOLVED).sum(1).tolist()
+    out = {f"avg@{n}": per_prompt.mean().item()}
+    out.update({f"pass@{k}": sum(pass_at_k(n, c, k) for c in solved) / len(solved) for k in ks})
+    out.update({
         "num_prompts": len(examples),
+        "samples_per_prompt": n,
         "response_length_mean": lengths.mean().item(),
-        "per_prompt": per_prompt.mean(dim=1).tolist(),
-    }
+        "per_prompt": [{"id": ex.id, "solved": c, "n": n, "mean_reward": float(m)}
+                       for ex, c, m in zip(examples, solved, per_prompt.mean(1).tolist())],
+    })  # fmt: skip
+    return out

@@ -1,9 +1,12 @@
-"""Metrics sinks (JSONL always, TensorBoard when installed), console lines, and figures."""
+"""Metrics sinks (JSONL always; TensorBoard, Weights & Biases, MLflow as `run.loggers` asks), decoded samples,
+console lines, and figures."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from pathlib import Path
 
 from unison.checkpoint import append_jsonl
@@ -15,30 +18,183 @@ def _clean(value):
     return value
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config as {dotted.key: value}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def samples_markdown(rows: list[dict]) -> str:
+    """Decoded samples as a Markdown table (TensorBoard's text panel renders it)."""
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| id | reward | length | finished | mismatch | prompt | response |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {cell(r['id'])} | {r['reward']:.3g} | {r['length']} | {r['finished']} | {r['mismatch']:.2e} | "
+              f"{cell(r['prompt'])} | {cell(r['response'])} |" for r in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
+class TensorBoardSink:
+    def __init__(self, run_dir: Path, config: dict, ids: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in flatten(config).items()), 0)
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        self.writer.add_text("samples", samples_markdown(rows), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Weights & Biases, offline unless WANDB_MODE says otherwise (`wandb sync` uploads an offline run); a resumed
+    run continues the same W&B run."""
+
+    def __init__(self, run_dir: Path, config: dict, ids: dict):
+        import wandb
+
+        self.wandb = wandb
+        ids.setdefault("wandb", uuid.uuid4().hex[:8])
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "unison"), dir=str(run_dir),
+                              name=Path(run_dir).name, id=ids["wandb"], resume="allow", config=flatten(config),
+                              mode=os.environ.get("WANDB_MODE", "offline"))  # fmt: skip
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        if rows:
+            columns = list(rows[0])
+            table = self.wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            self.run.log({"samples": table}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowSink:
+    """MLflow: a file store in the run folder (`mlruns/`) unless MLFLOW_TRACKING_URI names a server; a resumed run
+    continues the same MLflow run."""
+
+    def __init__(self, run_dir: Path, config: dict, ids: dict):
+        import mlflow
+
+        self.mlflow = mlflow
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store opt-in
+            mlflow.set_tracking_uri((Path(run_dir) / "mlruns").absolute().as_uri())
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "unison"))
+        self.run = mlflow.start_run(run_id=ids.get("mlflow"), run_name=None if ids.get("mlflow") else Path(run_dir).name)
+        if "mlflow" not in ids:
+            ids["mlflow"] = self.run.info.run_id
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        # MLflow names take letters, digits and _ - . : / and spaces: `eval/pass@4` is logged as `eval/pass_at_4`
+        clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(v)}  # fmt: skip
+        self.mlflow.log_metrics(clean, step=step)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        self.mlflow.log_text(json.dumps(rows, indent=1), f"samples/step-{step:06d}.json")
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+# run.loggers: name -> (its sink, the module it needs, the extra that installs it)
+LOGGERS = {
+    "jsonl": (None, None, None),  # metrics.jsonl, always written; alone: no other sink
+    "tensorboard": (TensorBoardSink, "tensorboard", "tensorboard"),
+    "wandb": (WandbSink, "wandb", "wandb"),
+    "mlflow": (MlflowSink, "mlflow", "mlflow"),
+}
+
+
+def resolve_loggers(names: list[str]) -> list[str]:
+    """The loggers to start: those asked for, each installed (a UserError naming the extra otherwise); none asked
+    for: tensorboard where it is installed."""
+    import importlib.util
+
+    from unison.errors import UserError
+
+    if not names:
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
+    names = [n for n in names if n != "jsonl"]
+    for name in names:
+        _, module, extra = LOGGERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"run.loggers asks for {name}, which is not installed; install it with: "
+                            f"pip install 'unison[{extra}]' (or pip install {module}), or drop it from run.loggers")  # fmt: skip
+    return list(dict.fromkeys(names))
+
+
 class MetricsLog:
-    """Appends one JSON object per step to `metrics.jsonl`; mirrors scalars to TensorBoard when available."""
+    """Appends one JSON object per step to `metrics.jsonl`, and sends the same scalars (and each step's decoded
+    samples) to the trackers of `run.loggers`, started with the run's config. Tracker run ids are kept in the run
+    folder (`trackers.json`), so that a resumed run goes on logging into the same tracker runs."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, loggers: list[str] | None = None, config: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except (ImportError, ModuleNotFoundError):
-                self.writer = None
+        ids_file = Path(run_dir) / "trackers.json"
+        ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+        self.sinks = [LOGGERS[name][0](Path(run_dir), config or {}, ids) for name in loggers or []]
+        if ids:
+            ids_file.write_text(json.dumps(ids) + "\n")
 
     def write(self, step: int, metrics: dict) -> None:
         append_jsonl(self.path, {"step": step, **{k: _clean(v) for k, v in metrics.items()}})
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+        for sink in self.sinks:
+            sink.scalars(step, metrics)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        for sink in self.sinks:
+            sink.samples(step, rows)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+def read_samples(run_dir: str | Path) -> dict[int, list[dict]]:
+    """{step: decoded rows} from a run folder's samples.jsonl (steps logged before rows were kept have none)."""
+    from unison.errors import UserError
+
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.is_file():
+        raise UserError(f"{str(run_dir)!r} has no samples.jsonl; give a run folder written by `unison train`")
+    out = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("rows"):
+            out[int(row["step"])] = row["rows"]
+    return out
+
+
+def format_samples(step: int, rows: list[dict]) -> str:
+    """A step's decoded samples as text, one block per sample."""
+    blocks = [f"step {step}: {len(rows)} samples"]
+    for r in rows:
+        blocks.append(f"--- {r['id'] or 'sample'} | reward {r['reward']:.3g} | {r['length']} tokens | "
+                      f"{'finished' if r['finished'] else 'cut at max_new_tokens'} | mismatch {r['mismatch']:.2e}\n"
+                      f"[prompt]\n{r['prompt']}\n[response]\n{r['response']}")  # fmt: skip
+    return "\n".join(blocks)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

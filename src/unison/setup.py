@@ -111,7 +111,7 @@ class Setup:
     def encode(self, examples: list[Example]) -> list[list[int]]:
         """Token ids of each example's templated prompt, checked against the model's context with max_new_tokens
         (rollout.context_limit: error, or clamp max_new_tokens with a warning); kept in `prompt_ids`."""
-        ids = encode_all(self.tokenizer, examples, self.data.template)
+        ids = encode_all(self.tokenizer, examples, self.data.template, self.data.system_prompt)
         ctx = self.context
         if ctx is not None and ids:
             longest = max(range(len(ids)), key=lambda i: len(ids[i]))

@@ -26,15 +26,16 @@ from tqdm.auto import tqdm
 
 from unison import checkpoint as ckpt
 from unison import threads
-from unison.algorithms import ADVANTAGES, aggregation_counts, policy_loss
+from unison.algorithms import AGGREGATIONS, ADVANTAGES, aggregation_counts, kl_penalty, policy_loss
 from unison.config import TrainConfig, parse_size, to_dict
+from unison.conformance import self_test
 from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, UserError
 from unison.evaluation import evaluate, score
-from unison.learner import Learner
+from unison.learner import Learner, lr_factor
 from unison.mismatch import mismatch_metrics
 from unison.overflow import OverflowGuard
 from unison.precision import PrecisionPolicy, precision_name
-from unison.report import MetricsLog, console_line
+from unison.report import MetricsLog, console_line, resolve_loggers
 from unison.rollout.base import SamplingParams
 from unison.runfolder import WRITE_ERRNOS, check_run_dir, prepare_run_dir, resume_changes
 from unison.setup import Setup, build
@@ -81,32 +82,51 @@ class PromptStream:
         return out
 
 
+def readable_samples(n: int, examples: list, rollouts, texts: list[str], rewards: torch.Tensor, logp_old: torch.Tensor,
+                     run: RunInputs) -> list[dict]:
+    """`n` rows of a step spread over its groups: the prompt as the model saw it, the response, its reward, length,
+    whether it ended on a stop, and its mean |log pi_old - log mu| (the mismatch on its tokens)."""
+    B = len(examples)
+    if n <= 0 or B == 0:
+        return []
+    picks = sorted({round(j * (B - 1) / max(n - 1, 1)) for j in range(min(n, B))})
+    tok = run.setup.tokenizer
+    rows = []
+    for i in picks:
+        length = int(rollouts.lengths[i])
+        gap = (logp_old[i, :length] - rollouts.logprobs[i, :length]).abs().mean().item() if length else 0.0
+        rows.append({"id": examples[i].id, "prompt": tok.decode(rollouts.prompt_ids[i]), "response": texts[i],
+                     "reward": float(rewards[i]), "length": length, "finished": bool(rollouts.finished[i]),
+                     "mismatch": gap})  # fmt: skip
+    return rows
+
+
 def needs_recompute(optim, rollout_batch: int) -> bool:
     """Whether log pi_old needs its own forward pass: only when a rollout batch gives more than one update."""
     return optim.epochs > 1 or optim.train_batch_size < rollout_batch
 
 
 def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: PromptStream, preset,
-            shuffle: torch.Generator, samples: list | None = None) -> dict:
-    """One RL step: rollout, reward, advantage, recompute, mismatch, updates, sync. Returns its metrics (and appends
-    a digest of the sampled responses to `samples` when given)."""
-    r, o = cfg.rollout, cfg.optim
+            shuffle: torch.Generator, samples: list | None = None, step: int = 0) -> dict:
+    """RL step `step` (0-based): rollout, reward, advantage, recompute, mismatch, updates, sync. Returns its metrics
+    (and appends a digest of the sampled responses, and `run.log_samples` decoded rows, to `samples` when given)."""
+    r, o, a = cfg.rollout, cfg.optim, cfg.algorithm
     threads.adapt()  # the cores the machine's other processes leave free
+    lr = o.lr * lr_factor(o.schedule, step, cfg.run.steps, o.warmup_steps, o.min_lr_ratio)
+    learner.set_lr(lr)
+    kl_loss, kl_reward = a.kl_coef > 0 and a.kl_in == "loss", a.kl_coef > 0 and a.kl_in == "reward"
     t_start = time.perf_counter()
     examples = [e for e in stream.take(r.prompts_per_step) for _ in range(r.group_size)]  # groups are contiguous
     s = run.setup
     rollouts = engine.generate([s.prompt_ids[id(e)] for e in examples], run.sampling)
     t_rollout = time.perf_counter() - t_start
-    if samples is not None:
-        samples.append(ckpt.rollout_digest(rollouts))
-    rewards, _ = score(s.task, s.tokenizer, rollouts, examples)
-    advantages = ADVANTAGES[preset.advantage](rewards, r.group_size)  # [B]
+    rewards, texts = score(s.task, s.tokenizer, rollouts, examples)
 
     B = len(rollouts)
     # With one update per rollout batch, pi_old is the policy of that update's own forward: its log-probs (detached)
-    # are log pi_old, and a separate recompute pass would repeat the same forward. With several updates, pi_old is
-    # recomputed once before the first and shared by all of them.
-    single_update = not needs_recompute(o, B)
+    # are log pi_old, and a separate recompute pass would repeat the same forward. With several updates (or a KL
+    # penalty in the reward, which needs log pi_old before the advantages), pi_old is recomputed once first.
+    single_update = not needs_recompute(o, B) and not kl_reward
     t0 = time.perf_counter()
     if single_update:
         logp_old, entropy = torch.zeros(rollouts.response_ids.shape), torch.zeros(rollouts.response_ids.shape)
@@ -115,6 +135,14 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
                                               with_entropy=True)  # fmt: skip
     t_recompute = time.perf_counter() - t0
     mu, mask = rollouts.logprobs, rollouts.mask
+    kl_metrics = {}
+    if kl_reward:  # r_i - beta * sum_t KL_t(pi_old || ref)
+        logp_ref = learner.recompute(rollouts, o.micro_batch_size, r.temperature, r.top_k, r.top_p, reference=True)
+        kl = kl_penalty(a.kl_estimator, logp_old, logp_ref, mask)  # [B, T]
+        kl_metrics = {"kl/ref": float(kl.sum() / mask.sum().clamp(min=1)), "kl/ref_seq": float(kl.sum(1).mean())}
+        advantages = ADVANTAGES[preset.advantage](rewards - a.kl_coef * kl.sum(1), r.group_size)  # [B]
+    else:
+        advantages = ADVANTAGES[preset.advantage](rewards, r.group_size)  # [B]
 
     t0 = time.perf_counter()
     groups = B // r.group_size
@@ -133,17 +161,25 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
                     part_rows = rows[idx]
                     part = rollouts.select(part_rows)
                     T = part.response_ids.shape[1]
+                    batch = learner.batch(part)
                     if single_update:
-                        logp, ent = learner.logprobs(learner.batch(part), r.temperature, r.top_k, r.top_p,
-                                                     with_entropy=True)  # fmt: skip
+                        logp, ent = learner.logprobs(batch, r.temperature, r.top_k, r.top_p, with_entropy=True)
                         logp_old[part_rows, :T], entropy[part_rows, :T] = logp.detach().float().cpu(), ent.float().cpu()
                     else:
-                        logp = learner.logprobs(learner.batch(part), r.temperature, r.top_k, r.top_p)
+                        logp = learner.logprobs(batch, r.temperature, r.top_k, r.top_p)
+                    part_mask = part.mask.to(logp.device)
                     loss, lm = policy_loss(
                         preset, logp, logp_old[part_rows, :T].to(logp.device), part.logprobs.to(logp.device),
-                        advantages[part_rows].to(logp.device), part.mask.to(logp.device), run.sampling.max_new_tokens,
+                        advantages[part_rows].to(logp.device), part_mask, run.sampling.max_new_tokens,
                         total_tokens=total_tokens, total_seqs=total_seqs,
                     )  # fmt: skip
+                    if kl_loss:  # + beta * aggregate_t KL_t(pi_theta || ref), aggregated as the policy loss is
+                        ref = learner.logprobs(batch, r.temperature, r.top_k, r.top_p, reference=True)
+                        kl = kl_penalty(a.kl_estimator, logp, ref, part_mask)  # [b, T]
+                        loss = loss + a.kl_coef * AGGREGATIONS[preset.aggregation](
+                            kl, part_mask, run.sampling.max_new_tokens, total_tokens=total_tokens,
+                            total_seqs=total_seqs)  # fmt: skip
+                        lm = {**lm, "kl/ref": float(kl.detach().sum() / part_mask.sum().clamp(min=1))}
                     weight = len(part_rows) / len(rows)
                     for k, v in lm.items():
                         sums[k] = sums.get(k, 0.0) + weight * float(v)
@@ -159,6 +195,11 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     t_learn = time.perf_counter() - t0
     m = {f"mismatch/{k}": v for k, v in mismatch_metrics(logp_old, mu, mask).items()}
     m.update(learner.sync(engine))  # with its time, sync/seconds
+    m.update(kl_metrics)
+    m["learner/lr"] = lr
+    if samples is not None:
+        samples.append(ckpt.rollout_digest(rollouts))
+        samples.append(readable_samples(cfg.run.log_samples, examples, rollouts, texts, rewards, logp_old, run))
     tokens = int(rollouts.lengths.sum())
     finite_norms = [x for x in norms if x == x and x != float("inf")]
     m.update({
@@ -210,13 +251,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
         k, (was, now) = next(iter(changes.items()))
         raise UserError(f"--resume would change {k} from {was!r} to {now!r} (the run saved in {out / 'config.yaml'}); "
                         "resume with the same settings, or pass --allow-changes to continue with the new ones")  # fmt: skip
+    loggers = resolve_loggers(cfg.run.loggers)
     learner = make_learner(cfg, run, model)
     engine = s.engine(run.policy.rollout)
     run_dir, lock = prepare_run_dir(out, resume, overwrite)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     step = [latest_step(latest)]  # the step being run, for the message of a fault
     try:
-        return _run(cfg, run, learner, engine, run_dir, latest, master, changes, quiet, step)
+        return _run(cfg, run, learner, engine, run_dir, latest, master, changes, quiet, step, loggers)
     except KeyboardInterrupt:
         raise _stop(run_dir, "interrupted (SIGINT)", step[0], SIGINT_CODE) from None
     except Terminated:
@@ -243,7 +285,8 @@ def make_learner(cfg: TrainConfig, run: RunInputs, model) -> Learner:
         model, run.policy, run.setup.device, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
         max_grad_norm=o.max_grad_norm or None, pad_token_id=run.setup.tokenizer.pad_token_id or 0,
         loss_scaling=scaling, matmul=cfg.model.matmul, micro_batch_tokens=o.micro_batch_tokens,
-        share_prompts=o.share_prompts,
+        share_prompts=o.share_prompts, reference=cfg.algorithm.kl_coef > 0,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
         scaler_kwargs={"init_scale": p.init_scale, "growth_interval": p.growth_interval, "min_scale": p.min_scale},
     )  # fmt: skip
 
@@ -265,7 +308,7 @@ def _stop(run_dir: Path, what: str, step: int, code: int) -> RunFault:
 
 
 def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Path, latest, master, changes: dict,
-         quiet: bool, current: list) -> Path:
+         quiet: bool, current: list, loggers: list[str]) -> Path:
     """The run itself, from its state (fresh, or the checkpoint `latest`) to its last step; `current[0]` is kept at
     the step being run."""
     s, p, seed = run.setup, cfg.precision, cfg.run.seed
@@ -302,27 +345,34 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
         print(f"unison train: resumed at step {start} with changed settings (--allow-changes): "
               + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)  # fmt: skip
     learner.sync(engine)
+    checked = {}
+    if cfg.run.self_test:  # before the first step: do the engine and the learner agree on a few tokens?
+        checked = self_test(engine, learner, [s.prompt_ids[id(e)] for e in run.train_examples[:8]])
     for name in ("metrics.jsonl", "samples.jsonl"):  # rows after the resumed step, and lines torn by a kill
         ckpt.truncate_jsonl(run_dir / name, start)
-    log = MetricsLog(run_dir, tensorboard=cfg.run.tensorboard)
+    log = MetricsLog(run_dir, loggers, to_dict(cfg))
     if not quiet:
         print(f"unison train: {s.describe(engine)} | {run.policy.describe()} | preset {cfg.algorithm.preset} | "
-              f"{len(run.train_examples)} prompts | run folder {run_dir}" + (f" | resumed at step {start}" if start else ""))
+              f"{len(run.train_examples)} prompts | run folder {run_dir}" + (f" | resumed at step {start}" if start else "")
+              + (f" | engine self-test {checked['self_test/abs_log_ratio_mean']:.1e} (band {checked['self_test/band']:g})"
+                 if checked else ""))  # fmt: skip
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train", unit="step",
                disable=quiet or not cfg.run.progress)  # fmt: skip
     try:
         for step in bar:
             current[0] = step
             samples: list = []
-            metrics = rl_step(cfg, run, learner, engine, stream, preset, shuffle, samples)
+            metrics = rl_step(cfg, run, learner, engine, stream, preset, shuffle, samples, step=step)
             done = step + 1
-            ckpt.append_jsonl(run_dir / "samples.jsonl", {"step": done, **samples[0]})
+            ckpt.append_jsonl(run_dir / "samples.jsonl", {"step": done, **samples[0], "rows": samples[1]})
+            log.samples(done, samples[1])
             if p.on_activation_overflow == "fp32_layers":
                 metrics["precision/fp32_layers"] = sum(len(g.upcast) for g in guards.values() if g is not None)
             if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
                 prompts = [s.prompt_ids[id(e)] for e in run.test_examples]
-                ev = evaluate(engine, s.task, s.tokenizer, run.test_examples, prompts, run.sampling, k=1)
-                metrics.update({"eval/avg@1": ev["avg@1"], "eval/pass@1": ev["pass@1"]})
+                n = cfg.run.eval_samples
+                ev = evaluate(engine, s.task, s.tokenizer, run.test_examples, prompts, run.sampling, n=n, ks=[1, n])
+                metrics.update({f"eval/{k}": v for k, v in ev.items() if k.startswith(("avg@", "pass@"))})
             log.write(done, metrics)
             bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", k3=f"{metrics['mismatch/k3']:.1e}",
                             skip=metrics["precision/skipped_steps"])  # fmt: skip

@@ -5,8 +5,17 @@
     reward:    1.0
 
 math-verify (Hugging Face) parses both sides to SymPy and compares them: fractions against decimals, `\\dfrac`
-against `\\frac`, percent, units in `\\text{}`, sets and intervals, equations like `x=3` against `3`. Before parsing
-we drop LaTeX spacing (`\\,`, `\\!`, `\\;`, `\\quad`), which it would otherwise read as multiplication.
+against `\\frac`, percent, units in `\\text{}` (`\\text{ cm}`, `\\text{ dollars}`), sets and intervals, equations
+like `x=3` against `3`, tuples `(1, 2)` and `\\left(1, 2\\right)`, and vectors and matrices (`pmatrix`, `bmatrix`,
+`matrix`, `array`; rows split by `\\\\`, columns by `&`) entry by entry, shape included. Before parsing we:
+
+- drop LaTeX spacing (`\\,`, `\\!`, `\\;`, `\\ `, `\\quad`), which it would otherwise read as multiplication, but
+  keep the `\\\\` row break whole (reading its second backslash as the control space `\\ ` used to glue rows
+  together, so a vector was graded on its first entry);
+- drop the dollar unit `\\$` (and `\\textdollar`), before stripping `$` delimiters (stripping first used to leave
+  `10\\` from `10\\$`);
+- spell `Bmatrix` as `pmatrix` and `smallmatrix` as `matrix`: math-verify does not know those and reads one as its
+  last entry. `vmatrix` (a determinant) is left to math-verify.
 
 Timeouts: math-verify bounds each parse and comparison with `signal.alarm`, which only works in the main thread.
 Off the main thread we pass `None` (no timeout) so the call works anywhere; since SymPy can then run for ever on
@@ -27,8 +36,13 @@ MAX_ANSWER_CHARS = 300
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 BOX_COMMANDS = ("\\boxed", "\\fbox")
-SPACING_RE = re.compile(r"\\(?:[,!;:> ]|quad\b|qquad\b)")
+# a `\\` row break (vectors, matrices) is matched first and kept, so `1 \\ 2` never loses `\ ` as a control space
+SPACING_RE = re.compile(r"(\\\\)|\\(?:[,!;:> ]|quad\b|qquad\b)")
+DOLLAR_RE = re.compile(r"\\\$|\\textdollar(?![A-Za-z])")
 FRAC_RE = re.compile(r"\\[dt]frac\b")
+# matrix environments math-verify does not know (it reads one as its last entry) -> the same matrix in one it knows
+MATRIX_RENAMES = {"Bmatrix": "pmatrix", "smallmatrix": "matrix"}
+MATRIX_ENV_RE = re.compile(r"\\(begin|end)\{(Bmatrix|smallmatrix)\}")
 # exponents SymPy may take for ever to evaluate: ^{...^...}, ^{1234...}, ^1234; and chained factorials
 DANGEROUS_RE = re.compile(r"\^\s*\{[^{}]*(?:\^|\d{4})|\^\s*\d{4}|!\s*!")
 
@@ -74,9 +88,22 @@ def extract_boxed(text: str) -> str | None:
     return None if end is None else text[i + 1 : end].strip()
 
 
+def _drop_spacing(latex: str) -> str:
+    """Drop `\\,`, `\\!`, `\\ `, `\\quad`...; keep `\\\\` row breaks whole."""
+    return SPACING_RE.sub(lambda m: m.group(1) or "", latex)
+
+
+def _known_matrices(latex: str) -> str:
+    """Spell `Bmatrix` as `pmatrix` and `smallmatrix` as `matrix`, environments math-verify reads entry by entry."""
+    return MATRIX_ENV_RE.sub(lambda m: f"\\{m.group(1)}{{{MATRIX_RENAMES[m.group(2)]}}}", latex)
+
+
 def normalize(latex: str) -> str:
-    """Drop LaTeX spacing and `$` delimiters, and spell `\\dfrac`/`\\tfrac` as `\\frac`."""
-    latex = SPACING_RE.sub("", latex)
+    """Drop LaTeX spacing, the dollar unit (`\\$`, `\\textdollar`) and `$` delimiters, spell `\\dfrac`/`\\tfrac`
+    as `\\frac`, and rename matrix environments math-verify does not know."""
+    latex = _drop_spacing(latex)
+    latex = _known_matrices(latex)
+    latex = DOLLAR_RE.sub("", latex)
     latex = FRAC_RE.sub(r"\\frac", latex)
     return latex.strip().strip("$").strip()
 
