@@ -86,7 +86,8 @@ def on_disk(run: Path) -> str:
 
 def mount(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
 
 
 def main() -> int:
@@ -166,8 +167,8 @@ def main() -> int:
     (inject / "sitecustomize.py").write_text(READ_ONLY_AFTER_TWO_ROWS)
     code, msg = finish(start(args(model, prompts, run), pythonpath=str(inject)))
     left = on_disk(run)
-    record("the run folder turns read-only mid-run (writes fail with EROFS from the third run-log line on), then --resume", code,
-           msg, left, resume(run))  # fmt: skip
+    record("the run folder turns read-only mid-run (writes fail with EROFS from the third run-log line on), "
+           "then --resume", code, msg, left, resume(run))  # fmt: skip
     small = work / "small"
     if mount(small, "10m"):
         try:

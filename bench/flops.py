@@ -10,7 +10,8 @@ import torch.nn.functional as F
 _RATES: dict = {}
 
 
-def matmul_rate(device: torch.device, compute: torch.dtype, hidden: int, repeats: int = 5, again: bool = False) -> float:
+def matmul_rate(device: torch.device, compute: torch.dtype, hidden: int, repeats: int = 5,
+                again: bool = False) -> float:
     """FLOP/s of one matrix product in `compute` on `device`, the best of `repeats` (measured once per setting, or
     once more with `again`, keeping the best of all measurements).
 

@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 python bench/kill_resume.py --kills 20
 
 For each precision (fp32, fp16, bf16) one uninterrupted reference run; then `--kills` runs spread over the three
-precisions, each killed at a random moment: after checkpoint k (k drawn from 1..steps-1) appears, a delay drawn uniformly
-within one step's duration (as timed on the reference), so the kill lands inside step k+1 or its checkpoint save,
-then resumed with `--resume`. A resumed run is bit-exact when its final weights, its metrics (all but perf/* and
+precisions, each killed at a random moment: after checkpoint k (k drawn from 1..steps-1) appears, a delay drawn
+uniformly within one step's duration (as timed on the reference), so the kill lands inside step k+1 or its checkpoint
+save, then resumed with `--resume`. A resumed run is bit-exact when its final weights, its metrics (all but perf/* and
 sync/seconds) and its per-step sample digests (samples.jsonl) equal the reference's. Also reported: whether the kill
 tore a checkpoint (a .tmp folder or a step folder without manifest left behind), and the mismatch (mismatch/k3) of
 the first step after the resume against the same step of the reference and the last step before the kill.
@@ -71,7 +71,8 @@ def comparable(run):
 
 
 def same(a, b):
-    return a[0] == b[0] and a[1] == b[1] and a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+    return (a[0] == b[0] and a[1] == b[1] and a[2].keys() == b[2].keys()
+            and all(torch.equal(a[2][k], b[2][k]) for k in a[2]))
 
 
 def main():
@@ -126,7 +127,8 @@ def main():
             p.send_signal(signal.SIGKILL)
         p.wait()
         root = out / "checkpoints"
-        torn = [q.name for q in root.iterdir() if q.name.startswith(".tmp-") or not ckpt.is_complete(q)] if root.is_dir() else []
+        torn = ([q.name for q in root.iterdir() if q.name.startswith(".tmp-") or not ckpt.is_complete(q)]
+                if root.is_dir() else [])
         latest = ckpt.latest_checkpoint(out)
         at_step = int(latest.name.split("-")[1]) if latest else 0
         logged = rows(out) if (out / "metrics.jsonl").exists() else []
@@ -138,7 +140,8 @@ def main():
         ref_after = next((r for r in rows(ref["dir"]) if r["step"] == at_step + 1), None)
         res = {"precision": prec, "kill_after_s": round(delay, 3), "killed": killed, "resumed_from_step": at_step,
                "torn_left_behind": torn, "bit_exact": exact,
-               "k3_before_kill": before and before["mismatch/k3"], "k3_first_after_resume": after and after["mismatch/k3"],
+               "k3_before_kill": before and before["mismatch/k3"],
+               "k3_first_after_resume": after and after["mismatch/k3"],
                "k3_reference_same_step": ref_after and ref_after["mismatch/k3"]}  # fmt: skip
         results.append(res)
         print(json.dumps(res), flush=True)
@@ -156,18 +159,23 @@ def write_doc(results, a):
         f"**{n_exact} of {len(results)} killed-and-resumed runs were bit-exact** (final weights, metrics without "
         "timings, and per-step sample digests equal to the uninterrupted run's).",
         "",
-        "| # | precision | killed (s after checkpoint k) | resumed from step | torn checkpoint left | bit-exact | k3 last step before kill | k3 first step after resume | k3 same step, uninterrupted |",
+        "| # | precision | killed (s after checkpoint k) | resumed from step | torn checkpoint left | bit-exact "
+        "| k3 last step before kill | k3 first step after resume | k3 same step, uninterrupted |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fmt = lambda v: "-" if v is None else f"{v:.3e}"  # noqa: E731
     for i, r in enumerate(results):
         lines.append(f"| {i} | {r['precision']} | {r['kill_after_s']:.2f}{'' if r['killed'] else ' (had ended)'} | "
-                     f"{r['resumed_from_step']} | {', '.join(r['torn_left_behind']) or '-'} | {'yes' if r['bit_exact'] else 'NO'} | "
-                     f"{fmt(r['k3_before_kill'])} | {fmt(r['k3_first_after_resume'])} | {fmt(r['k3_reference_same_step'])} |")  # fmt: skip
-    higher = [r for r in results if r["k3_first_after_resume"] is not None and r["k3_reference_same_step"] is not None
+                     f"{r['resumed_from_step']} | {', '.join(r['torn_left_behind']) or '-'} | "
+                     f"{'yes' if r['bit_exact'] else 'NO'} | "
+                     f"{fmt(r['k3_before_kill'])} | {fmt(r['k3_first_after_resume'])} | "
+                     f"{fmt(r['k3_reference_same_step'])} |")  # fmt: skip
+    higher = [r for r in results
+              if r["k3_first_after_resume"] is not None and r["k3_reference_same_step"] is not None
               and r["k3_first_after_resume"] > r["k3_reference_same_step"]]  # fmt: skip
-    lines += ["", f"First step after a resume with a higher mismatch than the uninterrupted run's same step: {len(higher)} "
-              f"of {len(results)} (a resume changes nothing the sampler or learner computes, so no mismatch spike)."]  # fmt: skip
+    lines += ["", "First step after a resume with a higher mismatch than the uninterrupted run's same step: "
+              f"{len(higher)} of {len(results)} (a resume changes nothing the sampler or learner computes, so no "
+              "mismatch spike)."]  # fmt: skip
     replace_section("kill_resume", "\n".join(lines))
 
 

@@ -134,7 +134,8 @@ def main() -> None:
         "| --- | --- | --- |",
     ]  # fmt: skip
     for name in variants:
-        recompute = f"{statistics.median(rec[name]):.0f}" if name in rec else "(same as fp16)" if "fp16" in name else "-"
+        recompute = (f"{statistics.median(rec[name]):.0f}" if name in rec
+                     else "(same as fp16)" if "fp16" in name else "-")
         lines.append(f"| {name} | {recompute} | {med[name]:.0f} |")
     lines += [
         "",

@@ -10,11 +10,12 @@ On a CUDA GPU (or the CPU with `--device cpu`, or where no GPU is visible), for 
                  through `backward_and_step` (fp32 master weights, fp16 loss scaling, clipping, AdamW), then the
                  copy back into the train-dtype model
 
-MFU = model FLOPs / seconds / matmul rate (the best rate measured, before the warm-up and in every round). Model FLOPs count the matrix products of the model on the tokens it
-processes (2 x weights per token, attention over the causal context, the LM head on the response tokens only, as
-the learner runs it); a step counts three forwards (the backward costs two). Embedding lookups, norms, the loss and
-the optimizer are work that MFU does not credit. Sequences are `--batch` rows of a `--prompt`-token prompt and a
-`--response`-token response of random tokens; the default model is `120m` (104M parameters, the built-in tokenizer).
+MFU = model FLOPs / seconds / matmul rate (the best rate measured, before the warm-up and in every round). Model
+FLOPs count the matrix products of the model on the tokens it processes (2 x weights per token, attention over the
+causal context, the LM head on the response tokens only, as the learner runs it); a step counts three forwards (the
+backward costs two). Embedding lookups, norms, the loss and the optimizer are work that MFU does not credit.
+Sequences are `--batch` rows of a `--prompt`-token prompt and a `--response`-token response of random tokens; the
+default model is `120m` (104M parameters, the built-in tokenizer).
 
     python bench/mfu.py [--device auto|cuda|cpu] [--model 120m] [--precisions bf16,fp16,fp32] [--repeats 5]
     python bench/mfu.py --quick       # the built-in model, 8 rows of 8 + 56 tokens, 2 rounds
@@ -51,14 +52,14 @@ def main() -> None:
     ap.add_argument("--precisions", type=listed(["fp32", "fp16", "bf16"]), default=["bf16", "fp16", "fp32"])
     ap.add_argument("--batch", type=count, default=None, help="rows (default: 64 on a GPU, 8 on a CPU)")
     ap.add_argument("--prompt", type=count, default=None, help="prompt tokens (default: 64 on a GPU, 8 on a CPU)")
-    ap.add_argument("--response", type=count, default=None, help="response tokens (default: 448 on a GPU, 120 on a CPU)")
+    ap.add_argument("--response", type=count, default=None,
+                    help="response tokens (default: 448 on a GPU, 120 on a CPU)")
     ap.add_argument("--micro", type=count, default=None, help="rows per forward/backward (default: all)")
     ap.add_argument("--repeats", type=count, default=5)
     args = parse_bench_args(ap, {"model": "builtin", "batch": 8, "prompt": 8, "response": 56, "repeats": 2})
+    from unison.errors import UserError
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy, compute_dtype, parse_precision, resolve_device
-
-    from unison.errors import UserError
 
     machine = machine_description()
     try:
@@ -114,7 +115,8 @@ def main() -> None:
                                               ("response", args.response), ("micro", args.micro)) if v)  # fmt: skip
     lines = [
         f"Command: `python bench/mfu.py --device {args.device} --model {args.model} --precisions "
-        f"{joined(args.precisions)}{extra} --repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}`"
+        f"{joined(args.precisions)}{extra} --repeats {args.repeats}"
+        f"{f' --threads {args.threads}' if args.threads else ''}`"
         f" (device {device}{f', PyTorch threads: {torch.get_num_threads()}' if device.type == 'cpu' else ''}).", "",
         f"Model `{args.model}` ({params / 1e6:.1f}M parameters), {rows} sequences of {prompt} + {response} tokens "
         f"({tokens} response tokens), micro-batches of {micro} rows; {forward / 1e9:.1f} GFLOP per forward, three "

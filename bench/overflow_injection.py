@@ -114,15 +114,18 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     results = [run(a.steps, a.rate, gi, a.seed) for gi in (10, 400)]
-    lines = [f"Command: `OMP_NUM_THREADS=1 python bench/overflow_injection.py --steps {a.steps} --rate {a.rate} --seed {a.seed}`",
-             "", "| growth_interval | steps run | overflows forced | steps skipped | skipped without a forced overflow | "
-             "master weights changed on a skipped step | non-finite values in master weights (max over steps) | "
-             "loss scale min / max / final | stopped |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [f"Command: `OMP_NUM_THREADS=1 python bench/overflow_injection.py --steps {a.steps} --rate {a.rate} "
+             f"--seed {a.seed}`",
+             "", "| growth_interval | steps run | overflows forced | steps skipped | skipped without a forced overflow "
+             "| master weights changed on a skipped step | non-finite values in master weights (max over steps) | "
+             "loss scale min / max / final | stopped |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         forced_run = r["forced"] if r["stopped"] is None else f"{r['forced']} planned"
-        lines.append(f"| {r['growth_interval']} | {r['steps_done']} | {forced_run} | {r['skipped']} | {r['skipped_unforced']} | "
-                     f"{r['changed_while_skipped']} | {r['nonfinite_master_max']} | {r['min_scale']:g} / {r['max_scale']:g} / "
-                     f"{r['final_scale']:g} | {r['stopped'] or 'no'} |")  # fmt: skip
+        lines.append(f"| {r['growth_interval']} | {r['steps_done']} | {forced_run} | {r['skipped']} | "
+                     f"{r['skipped_unforced']} | {r['changed_while_skipped']} | {r['nonfinite_master_max']} | "
+                     f"{r['min_scale']:g} / {r['max_scale']:g} / {r['final_scale']:g} | "
+                     f"{r['stopped'] or 'no'} |")  # fmt: skip
         print(r, flush=True)
     replace_section("overflow_injection", "\n".join(lines))
     cost = guard_cost()

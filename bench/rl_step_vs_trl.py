@@ -49,8 +49,8 @@ from docsection import bench_parser, count, machine_description, parse_bench_arg
 
 def examples(args, seed: int) -> list[dict]:
     """The perfectible training prompts (with `--shots`, after the few-shot header) and their answers."""
-    from unison.tasks import load_task
     from unison.setup import read_subset
+    from unison.tasks import load_task
 
     task = load_task("builtin")
     header = "".join(f"{e.prompt}{task.reference(e)}\n" for e in task.examples("test", n=args.shots, seed=1))
@@ -127,7 +127,8 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = GRPOConfig(
             output_dir=tmp, per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
-            gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, max_completion_length=args.new_tokens,
+            gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+            max_completion_length=args.new_tokens,
             temperature=1.0, top_p=1.0, top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", max_steps=warmup + steps, logging_steps=1,
             save_strategy="no", report_to="none", use_cpu=True, bf16=args.precision == "bf16",
@@ -190,22 +191,26 @@ def main() -> None:
         f"{f' --shots {args.shots}' if args.shots else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}` (TRL {trl.__version__}, transformers "
         f"{transformers.__version__}, torch {torch.__version__}, PyTorch threads: {torch.get_num_threads()}).", "",
-        f"Built-in model and perfectible prompts{shots}, {args.prompts} prompts x {args.group} samples = {B} completions of "
-        f"at most {args.new_tokens} tokens a step, {args.precision}, one update per step, lr {args.lr:g}; "
-        f"{args.steps} timed steps per block after {args.warmup} untimed, blocks alternating unison, TRL.", "",
-        "| pair | unison s/step | unison completions/s | unison tok/s | TRL s/step | TRL completions/s | TRL tok/s | ratio (completions/s) |",
+        f"Built-in model and perfectible prompts{shots}, {args.prompts} prompts x {args.group} samples = {B} "
+        f"completions of at most {args.new_tokens} tokens a step, {args.precision}, one update per step, "
+        f"lr {args.lr:g}; {args.steps} timed steps per block after {args.warmup} untimed, blocks alternating "
+        "unison, TRL.", "",
+        "| pair | unison s/step | unison completions/s | unison tok/s | TRL s/step | TRL completions/s | TRL tok/s "
+        "| ratio (completions/s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for i, (u, t, ratio) in enumerate(rows):
         lines.append(
             f"| {i} | {u['seconds'] / args.steps:.3f} | {u['completions'] / u['seconds']:.1f} | "
-            f"{u['tokens'] / u['seconds']:.0f} | {t['seconds'] / args.steps:.3f} | {t['completions'] / t['seconds']:.1f} | "
+            f"{u['tokens'] / u['seconds']:.0f} | {t['seconds'] / args.steps:.3f} | "
+            f"{t['completions'] / t['seconds']:.1f} | "
             f"{t['tokens'] / t['seconds']:.0f} | {ratio:.2f} |"
         )
     spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
     lines += ["", f"Median ratio {median:.2f} (range {spread} over {len(ratios)} pairs)."]
     section = f"rl-step-{args.precision}" + (f"-shots{args.shots}" if args.shots else "")
-    title = f"Full RL step against TRL's GRPOTrainer ({args.precision}" + (f", {args.shots}-shot" if args.shots else "") + ")"
+    title = (f"Full RL step against TRL's GRPOTrainer ({args.precision}"
+             + (f", {args.shots}-shot" if args.shots else "") + ")")
     write_section(args.doc, section, title, lines, machine)
     u_tok = statistics.median(u["tokens"] / u["seconds"] for u, _, _ in rows)
     t_tok = statistics.median(t["tokens"] / t["seconds"] for _, t, _ in rows)

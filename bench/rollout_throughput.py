@@ -156,7 +156,8 @@ def main() -> None:
     ratios = {o: [] for o in cols if o != "native"}
     lines = [
         f"Command: `python bench/rollout_throughput.py --precisions {joined(args.precisions)} --batches "
-        f"{joined(args.batches)} --new {joined(args.new)} --repeats {args.repeats}{shape}{f' --threads {args.threads}' if args.threads else ''}` "
+        f"{joined(args.batches)} --new {joined(args.new)} --repeats {args.repeats}{shape}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` "
         f"(PyTorch threads: {threads}).", "",
         f"Built-in model, {prompt_text}, temperature 1, no stop token (every row makes all its new tokens); median "
         f"tokens/s of {args.repeats} rounds, engines taking turns.", "",

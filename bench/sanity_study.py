@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from docsection import count, joined, listed  # noqa: E402
+
 from unison.config import TrainConfig, load_config  # noqa: E402
 from unison.report import plot_runs, read_metrics  # noqa: E402
 from unison.trainer import train  # noqa: E402
-
-from docsection import count, joined, listed  # noqa: E402
 
 PRESETS = sorted(p.stem.removeprefix("sanity-builtin-") for p in (ROOT / "configs").glob("sanity-builtin-*.yaml"))
 
@@ -93,8 +93,8 @@ def main() -> None:
                 run_dir = run_one(preset, precision, seed, args.steps, out)
                 results[(preset, precision, seed)] = summarize(run_dir)
                 r = results[(preset, precision, seed)]
-                print(f"{preset:16s} {precision:5s} seed {seed}: final acc {r['final_acc']:.3f} peak {r['peak_acc']:.3f} "
-                      f"k3 {r['k3_start']:.1e} -> {r['k3_end']:.1e} skipped {r['skipped']:.0f}"
+                print(f"{preset:16s} {precision:5s} seed {seed}: final acc {r['final_acc']:.3f} "
+                      f"peak {r['peak_acc']:.3f} k3 {r['k3_start']:.1e} -> {r['k3_end']:.1e} skipped {r['skipped']:.0f}"
                       f"{' COLLAPSED' if r['collapsed'] else ''}  ({r['seconds']:.0f}s)", flush=True)  # fmt: skip
     figs = figures_dir(Path(args.doc)) if args.doc else None
     for preset in presets if figs else []:
@@ -132,7 +132,8 @@ def write_doc(path: Path, results: dict, args) -> None:
     lines = [
         "# Sanity study on the built-in perfectible set", "",
         (f"Command: `python bench/sanity_study.py --presets {joined(args.presets)} --precisions "
-         f"{joined(args.precisions)} --reference {joined(args.reference)} --seeds {joined(args.seeds)} --steps {args.steps}` "
+         f"{joined(args.precisions)} --reference {joined(args.reference)} --seeds {joined(args.seeds)} "
+         f"--steps {args.steps}` "
          f"({sum(r['seconds'] for r in results.values()) / 60:.0f} minutes of training steps in all, one run at a "
          "time on one core of this 2-core CPU)."), "",
         "Over seeds (mean ± standard deviation):", "",
@@ -147,7 +148,8 @@ def write_doc(path: Path, results: dict, args) -> None:
         )
     lines += [
         "", "Every run:", "",
-        "| preset | precision | seed | first acc | peak acc | final acc (last 10) | held-out | k3 start | k3 mid | k3 end | skipped | collapsed |",
+        "| preset | precision | seed | first acc | peak acc | final acc (last 10) | held-out | k3 start | k3 mid "
+        "| k3 end | skipped | collapsed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for (preset, precision, seed), r in ordered:

@@ -112,12 +112,14 @@ def main() -> None:
         store.write_text(json.dumps(rows, indent=1))
     lines = [
         f"Command: `python bench/scaling.py --models {joined(args.models)} --lengths {joined(args.lengths)} "
-        f"--batch {args.batch} --precisions {joined(args.precisions)}{f' --threads {args.threads}' if args.threads else ''}` "
+        f"--batch {args.batch} --precisions {joined(args.precisions)}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` "
         f"(PyTorch threads: {torch.get_num_threads()}).", "",
         f"{args.batch} sequences, {prompt}-token prompts, N new tokens each; step = sampling + one update. Floor = "
         "matrix-product FLOPs / the measured matrix-product rate in that precision (fp16/bf16 run fp32-accumulate "
         "here, so their rate is the fp32 rate); efficiency = floor / measured. Rows this command did not redo are "
-        "kept from earlier runs of the script (bench/results/scaling.json), each with the rate measured in its run.", "",
+        "kept from earlier runs of the script (bench/results/scaling.json), each with the rate measured in its run.",
+        "",
         "| precision | model | parameters | N | matmul GFLOP/s | sample s | sample floor s | update s | update floor s "
         "| step s | step efficiency |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -1,8 +1,8 @@
 """Speed on a shared machine: a decode and RL steps with the machine quiet and with one busy neighbour process,
 under the thread settings that matter, taking turns in one run.
 
-    OMP_NUM_THREADS= python bench/shared_machine.py            # writes the section `shared-machine` of docs/reliability.md
-    python bench/shared_machine.py --quick                     # one round, printed only
+    OMP_NUM_THREADS= python bench/shared_machine.py   # writes the section `shared-machine` of docs/reliability.md
+    python bench/shared_machine.py --quick            # one round, printed only
 
 Settings: `run.threads=N` (PyTorch's default: one thread per core, spinning while it waits), `run.threads=auto`
 (unison's default: the cores the other processes leave free, re-read every step, `unison.threads`), and
@@ -92,9 +92,10 @@ def bit_identical(work: Path) -> bool:
     runs = []
     for n in (1, 2):
         out = work / f"det-{n}"
-        subprocess.run([sys.executable, "-m", "unison.cli", "train", "--out", str(out), "--steps", "3", "run.progress=false",
-                        "run.eval_every=0", "run.eval_prompts=8", "rollout.prompts_per_step=4", "optim.train_batch_size=16",
-                        f"run.threads={n}"], capture_output=True, text=True, check=True)  # fmt: skip
+        subprocess.run([sys.executable, "-m", "unison.cli", "train", "--out", str(out), "--steps", "3",
+                        "run.progress=false", "run.eval_every=0", "run.eval_prompts=8", "rollout.prompts_per_step=4",
+                        "optim.train_batch_size=16", f"run.threads={n}"],
+                       capture_output=True, text=True, check=True)  # fmt: skip
         runs.append([{k: v for k, v in json.loads(x).items() if not k.startswith(("perf/", "sync/seconds"))}
                      for x in (out / "metrics.jsonl").read_text().splitlines()])  # fmt: skip
     return runs[0] == runs[1]
@@ -142,8 +143,8 @@ def main() -> int:
         lines.append(f"| {names[setting]} | {dq:.2f} s | {db:.2f} s | {db / dq:.2f}x | {sq:.2f} s | {sb:.2f} s | "
                      f"{sb / sq:.2f}x |")  # fmt: skip
     dq0, sq0 = base[("quiet", "default")], step[("quiet", "default")]
-    lines += ["", f"On the quiet machine `auto` takes {base[('quiet', 'auto')] / dq0:.2f}x the default's decode time and "
-              f"{step[('quiet', 'auto')] / sq0:.2f}x its step time. The same 3-step run on 1 and on 2 threads is "
+    lines += ["", f"On the quiet machine `auto` takes {base[('quiet', 'auto')] / dq0:.2f}x the default's decode time "
+              f"and {step[('quiet', 'auto')] / sq0:.2f}x its step time. The same 3-step run on 1 and on 2 threads is "
               f"{'bit-identical' if same else 'NOT bit-identical'} (metrics without timings), so the thread count "
               "changing with the load leaves a run's numbers as they are."]  # fmt: skip
     if args.quick:

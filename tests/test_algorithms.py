@@ -216,9 +216,9 @@ def _reference_loss(name, logp, old, mu, adv, mask, max_len):
         if name in ("grpo", "dr-grpo"):
             rows.append(ppo)
         elif name == "grpo-token-tis":
-            rows.append([l * min(math.exp(o - m), 2.0) for l, o, m in zip(ppo, lo, lm)])
+            rows.append([term * min(math.exp(o - m), 2.0) for term, o, m in zip(ppo, lo, lm)])
         elif name == "grpo-seq-mis":
-            rows.append([l * rho_old * (rho_old <= 3.0) for l in ppo])
+            rows.append([term * rho_old * (rho_old <= 3.0) for term in ppo])
         elif name == "gspo":
             s = math.exp(sum(p - o for p, o in zip(lp, lo)) / len(idx))
             rows.append([max(-a * s, -a * _clip(s, 1 - 3e-4, 1 + 4e-4))] * len(idx))

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 
-
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "unison.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "unison.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)  # fmt: skip
 
 
 def test_probe_writes_table_json_and_figures(tiny_dir, tmp_path):
@@ -28,8 +27,9 @@ def test_probe_writes_table_json_and_figures(tiny_dir, tmp_path):
 
 
 def test_probe_mixed_setting(tiny_dir, tmp_path):
-    r = run("probe", "--model", tiny_dir, "--rollout-precision", "fp32", "--train-precision", "bf16", "--num-prompts", 1,
-            "--samples", 2, "--max-new-tokens", 8, "--out", tmp_path, "run.progress=false")  # fmt: skip
+    r = run("probe", "--model", tiny_dir, "--rollout-precision", "fp32", "--train-precision", "bf16",
+            "--num-prompts", 1, "--samples", 2, "--max-new-tokens", 8, "--out", tmp_path,
+            "run.progress=false")  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "probe.json").read_text())["results"]
     assert [(x["rollout_precision"], x["train_precision"]) for x in res] == [("fp32", "bf16")]
@@ -110,7 +110,8 @@ def test_existing_run_folder_untouched(tiny_dir, tmp_path):
 
 
 def test_eval_and_filter_and_plot(tiny_dir, tmp_path):
-    r = run("eval", "--model", tiny_dir, "--k", 2, "--json", tmp_path / "e.json", "data.max_prompts=3", "rollout.max_new_tokens=8")
+    r = run("eval", "--model", tiny_dir, "--k", 2, "--json", tmp_path / "e.json", "data.max_prompts=3",
+            "rollout.max_new_tokens=8")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["num_prompts"] == 3 and 0 <= res["avg@2"] <= res["pass@2"] <= 1
@@ -121,6 +122,7 @@ def test_eval_and_filter_and_plot(tiny_dir, tmp_path):
     assert len(rows) == 3 and all({"id", "prompt", "answer", "solve_rate"} <= set(x) for x in rows)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text('{"step": 1, "rollout/accuracy": 0.5}\n{"step": 2, "rollout/accuracy": 0.7}\n')
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "rollout/accuracy": 0.5}\n'
+                                           '{"step": 2, "rollout/accuracy": 0.7}\n')
     r = run("plot", run_dir, "--metrics", "rollout/accuracy", "--out", tmp_path / "p.png")
     assert r.returncode == 0, r.stderr and (tmp_path / "p.png").exists()

@@ -12,7 +12,8 @@ import torch
 from unison.archs import ARCHS, save_tiny, tiny_model
 from unison.conformance import MAX_TOL, MEAN_TOL, default_prompts, measure, reference_logprobs
 
-FAST = {"qwen2", "qwen2-window", "qwen3", "llama", "llama-untied", "llama3-rope", "mistral-window"}  # the rest: own forward
+FAST = {"qwen2", "qwen2-window", "qwen3", "llama", "llama-untied", "llama3-rope",
+        "mistral-window"}  # the rest: own forward
 WINDOWED = {"qwen2-window", "mistral-window", "gemma2", "gemma3"}
 TRANSFORMS = {"cohere", "granite", "gemma2", "gemma3"}  # logit scale, logit divisor, final softcap
 REWARDS = Path(__file__).parent / "reward_fixture.py"
@@ -43,8 +44,9 @@ def test_the_features_the_contract_covers_change_the_log_probs(checkpoints, name
     model = tiny_model(name)
     ids = torch.tensor([PROMPTS[2] + PROMPTS[1]])  # 36 tokens, past every window
     response = ids[:, 20:]
-    ro = Rollouts([ids[0, :20].tolist()], response, torch.zeros(response.shape), torch.ones(response.shape, dtype=torch.bool),
-                  torch.tensor([response.shape[1]]), torch.tensor([True]))  # fmt: skip
+    ro = Rollouts([ids[0, :20].tolist()], response, torch.zeros(response.shape),
+                  torch.ones(response.shape, dtype=torch.bool), torch.tensor([response.shape[1]]),
+                  torch.tensor([True]))  # fmt: skip
     ref = reference_logprobs(model, ro)
     with torch.no_grad():
         if name in TRANSFORMS:

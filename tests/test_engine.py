@@ -50,7 +50,7 @@ def test_eos_stops_and_is_included(tiny_dir):
     assert r.finished.all()
     assert (r.lengths >= 1).all()
     last = r.response_ids[torch.arange(8), r.lengths - 1]
-    assert ((last >= 5)).all()
+    assert (last >= 5).all()
     assert (r.mask.sum(1) == r.lengths).all()
     for row, n in zip(r.response_ids, r.lengths):
         assert (row[n:] == e.pad_token_id).all()
@@ -200,12 +200,11 @@ def test_flat_decode_step_computes_the_layerwise_forward(builtin_dir, arch, dtyp
     # the decode step with fp32 activations (fp32, and fp16/bf16 in fp32-accumulate mode) against the engine's
     # layer-by-layer forward: same roundings, so the same logits up to fp32 summation order (in fp32 the residual
     # add fused into the product changes it by a few units in the last place). Qwen3: grouped heads and q/k norms.
+    from unison.archs import tiny_model
     from unison.rollout.native import _StaticDecode
 
     # fp32-accumulate: what `auto` gives on a CPU without fast fp16/bf16 units (fp32 runs the flat step either way)
     # (the windowed models: 8-token windows, which the 14 slots of this test pass)
-    from unison.archs import tiny_model
-
     model = {"builtin": None, "qwen3": _random_qwen3}.get(arch, lambda: tiny_model(arch))
     eng = (NativeEngine.from_pretrained(builtin_dir, dtype, "cpu", matmul="fp32-accumulate") if arch == "builtin"
            else NativeEngine(model(), dtype, "cpu", matmul="fp32-accumulate"))  # fmt: skip

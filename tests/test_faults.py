@@ -6,8 +6,6 @@ checkpoint and the command that resumes, and its own exit code (`unison.errors.E
 
 import contextlib
 import errno
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-
 from test_reliability import cli, comparable, same, train_args
+
 from unison import checkpoint as ckpt
 from unison.cli import main
 from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED
@@ -46,7 +43,9 @@ def snapshot(folder: Path) -> dict:
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".unison.lock"}
 
 
-def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_resumes_bit_exactly(tiny_dir, tmp_path, prompts, capsys):
+def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_resumes_bit_exactly(
+    tiny_dir, tmp_path, prompts, capsys
+):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert run_cli(train_args(tiny_dir, prompts, ref, "fp16", 3), capsys)[0] == 0
     keep3 = ["run.keep_checkpoints=3"]
@@ -63,7 +62,9 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_resumes_
     assert same(comparable(ref), comparable(run))  # step 3 trained again, from the intact step 2
 
 
-def test_a_second_process_on_the_run_folder_is_refused_and_a_dead_ones_lock_taken_over(tiny_dir, tmp_path, prompts, capsys):
+def test_a_second_process_on_the_run_folder_is_refused_and_a_dead_ones_lock_taken_over(
+    tiny_dir, tmp_path, prompts, capsys
+):
     run = tmp_path / "run"
     first = cli(train_args(tiny_dir, prompts, run, "fp32", 200))
     try:
@@ -96,7 +97,8 @@ def test_overwrite_with_a_late_error_keeps_the_old_run(tiny_dir, tmp_path, promp
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str):
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({(r.stderr or r.stdout).strip() or r.returncode})")
     try:

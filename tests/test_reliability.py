@@ -88,8 +88,8 @@ def test_same_seed_same_run_every_precision(tiny_dir, tmp_path, prompts, precisi
             "model.path": str(tiny_dir), "run.out": str(out), "run.steps": 2, "run.eval_every": 0,
             "run.eval_prompts": 4, "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2,
             "rollout.group_size": 4, "rollout.max_new_tokens": 16, "optim.train_batch_size": 4,
-            "optim.lr": 1e-3, "data.max_prompts": 8, "data.reward": REWARD, "data.source": str(prompts), "data.template": "plain",
-            "precision.rollout": precision,
+            "optim.lr": 1e-3, "data.max_prompts": 8, "data.reward": REWARD, "data.source": str(prompts),
+            "data.template": "plain", "precision.rollout": precision,
             "precision.train": precision})  # fmt: skip
 
     a, b = (comparable(train(cfg(tmp_path / f"r{i}"), quiet=True)) for i in range(2))
@@ -116,7 +116,8 @@ def test_resume_after_precision_change_uses_a_fresh_loss_scale(tiny_dir, tmp_pat
     assert row["step"] == 2 and row["precision/loss_scale"] == 1.0
     assert (run / "config.yaml").read_text() == saved  # the run's config as it was started
     logged = json.loads((run / "resumes.jsonl").read_text())
-    assert logged == {"step": 1, "changes": {"precision.rollout": ["fp16", "bf16"], "precision.train": ["fp16", "bf16"]}}
+    assert logged == {"step": 1,
+                      "changes": {"precision.rollout": ["fp16", "bf16"], "precision.train": ["fp16", "bf16"]}}
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -222,8 +223,9 @@ def test_fp16_overflow_stops_naming_the_layer(engine):
     else:
         learner = Learner(model, PrecisionPolicy(torch.float16, torch.float16), "cpu")
         guard = OverflowGuard.attach(learner.model, "stop", "learner (full-sequence forward)")
-        ro = Rollouts(prompts, torch.ones(3, 2, dtype=torch.long) * 7, torch.zeros(3, 2), torch.ones(3, 2, dtype=torch.bool),
-                      torch.full((3,), 2), torch.ones(3, dtype=torch.bool))  # fmt: skip
+        ro = Rollouts(prompts, torch.ones(3, 2, dtype=torch.long) * 7, torch.zeros(3, 2),
+                      torch.ones(3, 2, dtype=torch.bool), torch.full((3,), 2),
+                      torch.ones(3, dtype=torch.bool))  # fmt: skip
         with pytest.raises(ActivationOverflowError, match=r"learner .* layer 2 \(MLP block.*bf16 or fp32"):
             learner.recompute(ro)
     assert guard is not None
@@ -304,8 +306,9 @@ def overflowing_dir(tmp_path_factory):
 def test_probe_activations_reports_each_layer(overflowing_dir, tmp_path, capsys):
     from unison.cli import main
 
-    code = main(["probe", "--model", str(overflowing_dir), "--precisions", "fp32", "--activations", "--num-prompts", "2",
-                 "--samples", "1", "--max-new-tokens", "8", "--out", str(tmp_path), "run.progress=false"])  # fmt: skip
+    code = main(["probe", "--model", str(overflowing_dir), "--precisions", "fp32", "--activations",
+                 "--num-prompts", "2", "--samples", "1", "--max-new-tokens", "8", "--out", str(tmp_path),
+                 "run.progress=false"])  # fmt: skip
     assert code == 0
     rows = json.loads((tmp_path / "probe.json").read_text())["activations"]
     assert [r["fp16_safe"] for r in rows] == [True, True, False, True]

@@ -43,7 +43,8 @@ def test_stop_string_end_and_cut_by_hand():
                   torch.ones(2, 8, dtype=torch.bool), torch.tensor([8, 8]), torch.tensor([False, False]))  # fmt: skip
     cut = cut_at_stop_strings(ro, lambda prompt, part: decode(part), ("</s>",), pad_token_id=0)
     assert cut.lengths.tolist() == [6, 8] and cut.finished.tolist() == [True, False]
-    assert cut.mask.sum(1).tolist() == [6, 8] and cut.logprobs[0, 6:].eq(0).all() and cut.response_ids[0, 6:].eq(0).all()
+    assert (cut.mask.sum(1).tolist() == [6, 8] and cut.logprobs[0, 6:].eq(0).all()
+            and cut.response_ids[0, 6:].eq(0).all())
 
 
 def test_response_text_keeps_the_leading_space_a_tokenizer_drops_on_its_own():
@@ -66,7 +67,9 @@ def test_native_engine_stops_at_stop_strings(tiny_dir):
     prompts = [TOK("47-9:").input_ids] * 16
     free = engine.generate(prompts, SamplingParams(40))
     stops = ("a", "e", "3")
-    cut = NativeEngine.from_pretrained(tiny_dir, torch.float32, "cpu", seed=0).generate(prompts, SamplingParams(40, stop_strings=stops))
+    cut = NativeEngine.from_pretrained(tiny_dir, torch.float32, "cpu", seed=0).generate(
+        prompts, SamplingParams(40, stop_strings=stops)
+    )
     texts = [TOK.decode(r, skip_special_tokens=True) for r in cut.responses()]
     assert any(cut.finished) and cut.lengths.float().mean() < free.lengths.float().mean()
     for i, (text, fin, n) in enumerate(zip(texts, cut.finished.tolist(), cut.lengths.tolist())):
@@ -104,8 +107,10 @@ def test_attention_implementation(tmp_path):
 
     d = save_tiny("gemma2", tmp_path / "gemma2")
     assert _setup(d).attn_implementation == "eager"  # Gemma2: sdpa has no attention softcapping
-    assert build(ModelConfig(path=str(d), attn_implementation="eager"), DataConfig(), RolloutConfig()).attn_implementation == "eager"
-    with pytest.raises(UserError, match="cannot run model.attn_implementation=sdpa: SDPA does not apply its attention soft"):
+    assert build(ModelConfig(path=str(d), attn_implementation="eager"), DataConfig(),
+                 RolloutConfig()).attn_implementation == "eager"
+    with pytest.raises(UserError,
+                       match="cannot run model.attn_implementation=sdpa: SDPA does not apply its attention soft"):
         build(ModelConfig(path=str(d), attn_implementation="sdpa"), DataConfig(), RolloutConfig())
     assert _setup(save_tiny("qwen2", tmp_path / "qwen2")).attn_implementation == "sdpa"
 

@@ -42,7 +42,8 @@ def test_every_preset_every_precision_runs(tiny_dir, tmp_path, preset, precision
     for row in rows:
         for key, value in row.items():
             assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
-    before = {n: t for n, t in __import__("unison.models", fromlist=["load_model"]).load_model(tiny_dir).named_parameters()}
+    before = {n: t for n, t in
+              __import__("unison.models", fromlist=["load_model"]).load_model(tiny_dir).named_parameters()}
     after = params_of(run)
     assert max(row["rollout/advantage_abs_mean"] for row in rows) > 0  # a step of 8 samples may draw one reward
     changed = sum(not torch.equal(before[n].float(), after[n]) for n in after)
@@ -225,7 +226,8 @@ def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
     user = Learner.from_pretrained(tiny_dir, policy, "cpu", micro_batch_tokens=100)  # a budget the user set is kept
     assert [b.tolist() for b in user.micro_batches(even, 64)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert not Learner.from_pretrained(tiny_dir, policy, "cpu", share_prompts=False).share_prompts
-    assert not Learner(random_model(use_sliding_window=True, sliding_window=16, max_window_layers=0), policy, "cpu").share_prompts
+    assert not Learner(random_model(use_sliding_window=True, sliding_window=16, max_window_layers=0), policy,
+                       "cpu").share_prompts
 
 
 def test_shared_prompts_train_like_one_forward_per_row(tiny_dir, tmp_path, monkeypatch):

@@ -195,7 +195,8 @@ def test_long_prompt_groups_share_no_stale_prefix(engines, dirs):
 
 # ---- conformance: each architecture vLLM runs in unison, against the model's own forward ------------------------
 VLLM_ARCHS = ["qwen2", "qwen3", "llama", "llama-untied", "llama3-rope", "mistral-window", "cohere", "granite", "gemma3"]
-VLLM_SHAPE = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)  # vLLM-CPU attends with head sizes 32, 64, ...
+# vLLM-CPU attends with head sizes 32, 64, ...
+VLLM_SHAPE = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
 
 
 @pytest.mark.parametrize("name", VLLM_ARCHS)
@@ -244,7 +245,7 @@ def test_stop_strings_end_responses_where_the_native_engine_ends_them(engines, d
     r = sample(e, max_new_tokens=40, stop=(1,), stop_strings=stops)
     assert r.finished.any()
     for prompt, ids, fin in zip(r.prompt_ids, r.responses(), r.finished.tolist()):
-        end = stop_string_end(ids, lambda part: e.text_of(prompt, part), stops)
+        end = stop_string_end(ids, lambda part, prompt=prompt: e.text_of(prompt, part), stops)
         if ids and ids[-1] == 1:
             assert end is None  # EOS came first
         else:

@@ -4,14 +4,15 @@ Each entry of `ARCHS` builds a small Hugging Face config (2 or 3 layers, hidden 
 272-token vocabulary) that keeps what its family does differently: biases, q/k norms, tied or untied embeddings,
 scaled or partial RoPE, sliding windows, logit soft-capping and scaling, mixtures of experts, default dropout.
 The weights are drawn wider than the usual init so that next-token distributions are well away from uniform and a
-missed logit transform or window shows in the log-probs. `save_tiny` writes one, with the built-in tokenizer, as a checkpoint
-directory that every loader reads like a downloaded model.
+missed logit transform or window shows in the log-probs. `save_tiny` writes one, with the built-in tokenizer, as a
+checkpoint directory that every loader reads like a downloaded model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 

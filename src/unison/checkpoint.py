@@ -176,7 +176,8 @@ def latest_intact_checkpoint(run_dir: Path) -> Path | None:
             return path
         damaged.append((path.name, bad))
     if damaged:
-        raise UserError(f"every checkpoint of {str(run_dir)!r} is damaged ({', '.join(f'{n}: {f}' for n, f in damaged)} "
+        raise UserError(f"every checkpoint of {str(run_dir)!r} is damaged "
+                        f"({', '.join(f'{n}: {f}' for n, f in damaged)} "
                         "do not match their hashes); start over with --overwrite, or restore the files")  # fmt: skip
     return None
 
@@ -215,8 +216,8 @@ def weight_files(path: Path) -> list[Path]:
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise UserError(f"{str(path)!r} is a sharded checkpoint missing {missing[0]}{more} of the shards its {INDEX} "
-                            "lists; copy the missing shards there")  # fmt: skip
+            raise UserError(f"{str(path)!r} is a sharded checkpoint missing {missing[0]}{more} of the shards its "
+                            f"{INDEX} lists; copy the missing shards there")  # fmt: skip
         return [path / n for n in names]
     return [path / "model.safetensors"]
 
@@ -263,7 +264,9 @@ def check_compatible(path: Path, model) -> dict[str, torch.Tensor]:
     for key in ARCH_KEYS:
         if key in saved and key in ours and saved[key] != ours[key]:
             raise UserError(f"checkpoint {str(path)!r} is for another model ({key} {saved[key]!r} there, "
-                            f"{ours[key]!r} in {getattr(model.config, '_name_or_path', '') or 'the configured model'}); {how}")  # fmt: skip
+                            f"{ours[key]!r} in "
+                            f"{getattr(model.config, '_name_or_path', '') or 'the configured model'}); "
+                            f"{how}")  # fmt: skip
     try:
         master = load_master(path)
     except UserError as exc:

@@ -20,7 +20,8 @@ COMMANDS = ("probe", "train", "eval", "filter", "demo", "export", "samples", "pl
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-    p.add_argument("overrides", nargs="*", help="dotted key=value settings, anywhere among the flags, e.g. optim.lr=1e-5")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted key=value settings, anywhere among the flags, e.g. optim.lr=1e-5")
 
 
 # flags that are shortcuts for config keys, per command: (flag, dotted key, type, help)
@@ -62,7 +63,8 @@ SHORTCUTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="unison", description="RL fine-tuning of LLMs in which the sampler and the learner agree.")
+    ap = argparse.ArgumentParser(prog="unison",
+                                 description="RL fine-tuning of LLMs in which the sampler and the learner agree.")
     sub = ap.add_subparsers(dest="command", required=True)
     helps = {"probe": "measure the train-inference mismatch offline, per precision", "train": "RL fine-tuning",
              "demo": "the paper's sanity test in miniature: fp16 against bf16",
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also report each layer's largest |activation| against the FP16 limit 65504")
         if name in ("train", "demo"):
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-            p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first (one unison made)")
+            p.add_argument("--overwrite", action="store_true",
+                           help="delete an existing run folder first (one unison made)")
             p.add_argument("--allow-changes", action="store_true",
                            help="with --resume: continue with a changed preset, seed, data source or precision")
         if name == "train":
@@ -119,7 +122,8 @@ def _overrides(args, command: str) -> list:
         try:
             ks = [int(x) for x in str(getattr(args, "eval.k")).split(",") if x.strip()]
         except ValueError:
-            raise UserError(f"--k {getattr(args, 'eval.k')!r} is not a comma-separated list of integers, e.g. 1,4,8") from None
+            raise UserError(f"--k {getattr(args, 'eval.k')!r} is not a comma-separated list of integers, "
+                            "e.g. 1,4,8") from None
         pairs.append(("eval.k", ks))
         if getattr(args, "rollout.group_size", None) is None and ks:
             pairs.append(("rollout.group_size", max(ks)))  # `--k 8` alone: 8 samples, as before --n
@@ -215,9 +219,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from unison.report import plot_runs
-
-    from unison.report import read_metrics
+    from unison.report import plot_runs, read_metrics
     from unison.setup import check_output_file
 
     known: set[str] = set()

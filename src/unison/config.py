@@ -109,8 +109,8 @@ class PrecisionConfig:
     init_scale: float = doc(65536.0, "fp16 dynamic loss scale at the start")
     growth_interval: int = doc(400, "finite steps in a row after which the loss scale doubles")
     min_scale: float = doc(1.0, "the run stops if the loss scale falls below this")
-    loss_scaling: str = doc("auto", "auto (dynamic scaling for fp16 training), on, or off", choices=("auto", "on", "off"),
-                            what="choice")
+    loss_scaling: str = doc("auto", "auto (dynamic scaling for fp16 training), on, or off",
+                            choices=("auto", "on", "off"), what="choice")
     on_activation_overflow: str = doc("stop", "an fp16 activation beyond 65504 in either engine (checked where that "
                                               "engine runs in fp16): stop (naming the layer), fp32_layers (run that "
                                               "layer's MLP in fp32 from then on), or off (no checks)",
@@ -206,8 +206,8 @@ class OptimConfig:
     micro_batch_tokens: int = doc(0, "padded tokens per forward/backward at most (speed only; 0: on a CPU 2^18 / "
                                      "hidden size, 2048 for the built-in model, so activations stay in cache; no "
                                      "limit on a GPU)")
-    share_prompts: bool = doc(True, "run each distinct prompt of a micro-batch once and the responses sampled from it on "
-                                    "its keys and values, where that costs fewer tokens (Qwen2, Qwen3, Llama; speed "
+    share_prompts: bool = doc(True, "run each distinct prompt of a micro-batch once and the responses sampled from it "
+                                    "on its keys and values, where that costs fewer tokens (Qwen2, Qwen3, Llama; speed "
                                     "only: the same step up to rounding)")
     epochs: int = doc(1, "passes over each rollout batch")
 
@@ -245,8 +245,8 @@ class RunConfig(RunBase):
                         choices=_table("LOGGERS", "unison.report"), what="logger")
     log_samples: int = doc(4, "decoded samples per step in samples.jsonl (prompt, response, reward, length, mismatch) "
                               "and in the trackers; `unison samples RUN` prints them")
-    self_test: bool = doc(True, "before the first step, sample a few tokens and recompute them with the learner; stop if "
-                                "the mismatch is far outside the band its precisions allow")
+    self_test: bool = doc(True, "before the first step, sample a few tokens and recompute them with the learner; "
+                                "stop if the mismatch is far outside the band its precisions allow")
 
 
 @dataclass
@@ -261,7 +261,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         r, o = self.rollout, self.optim
         for section in (self.model, self.precision, self.data, r, self.run):
             section.validate()
@@ -282,10 +282,15 @@ class TrainConfig:
         check(
             batch % o.train_batch_size == 0,
             "optim.train_batch_size",
-            f"{o.train_batch_size} does not divide the rollout batch {batch} (rollout.prompts_per_step x rollout.group_size); "
+            f"{o.train_batch_size} does not divide the rollout batch {batch} "
+            "(rollout.prompts_per_step x rollout.group_size); "
             f"pick a divisor of {batch}",
         )
-        check(o.train_batch_size % r.group_size == 0, "optim.train_batch_size", f"must be a multiple of rollout.group_size ({r.group_size}) so mini-batches hold whole groups")
+        check(
+            o.train_batch_size % r.group_size == 0,
+            "optim.train_batch_size",
+            f"must be a multiple of rollout.group_size ({r.group_size}) so mini-batches hold whole groups",
+        )
         check(self.run.steps >= 1, "run.steps", "must be at least 1")
         check(self.run.eval_every >= 0 and self.run.save_every >= 0, "run.eval_every", "must be >= 0")
         check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
@@ -413,14 +418,19 @@ def _build(cls, data: dict, prefix: str = ""):
     unknown = [k for k in data if k not in types_]
     if unknown:
         raise UserError(
-            f"unknown config key {prefix + unknown[0]!r}; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(types_)}"
+            f"unknown config key {prefix + unknown[0]!r}; "
+            f"valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(types_)}"
         )
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
         value = data[f.name]
-        if dataclasses.is_dataclass(types_[f.name]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+        if (
+            dataclasses.is_dataclass(types_[f.name])
+            and isinstance(value, dict)
+            and f.default_factory is not dataclasses.MISSING
+        ):
             # a section given in part keeps this config's own defaults for the rest (e.g. `unison demo` run.out)
             default = dataclasses.asdict(f.default_factory())
             value = {**{k: v for k, v in default.items() if k not in value}, **value}
@@ -442,7 +452,8 @@ def _set_dotted(data: dict, cls, key: str, value) -> None:
         typ = types_[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(typ):
-                raise UserError(f"config key {key!r} is a section; set one of its fields, e.g. {key}.{next(iter(_field_types(typ)))}=...")
+                raise UserError(f"config key {key!r} is a section; set one of its fields, "
+                                f"e.g. {key}.{next(iter(_field_types(typ)))}=...")
             node[part] = value
         else:
             node = node.setdefault(part, {})
@@ -482,7 +493,8 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
         except UnicodeDecodeError:
             raise UserError(f"config file {str(p)!r} is not UTF-8 text; save it as UTF-8") from None
         if not isinstance(data, dict):
-            raise UserError(f"config file {str(p)!r} must hold a mapping of sections (e.g. 'rollout:'), not {type(data).__name__}")
+            raise UserError(f"config file {str(p)!r} must hold a mapping of sections (e.g. 'rollout:'), "
+                            f"not {type(data).__name__}")
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
     for key, value in items:
         _set_dotted(data, cls, key, value)

@@ -65,7 +65,8 @@ class Conformance:
 
 @torch.no_grad()
 def reference_logprobs(model, rollouts: Rollouts) -> torch.Tensor:
-    """log p of each response token under `model(ids).logits` (fp32 log-softmax), one unpadded row at a time. -> [B, T]"""
+    """log p of each response token under `model(ids).logits` (fp32 log-softmax), one unpadded row at a time.
+    -> [B, T]"""
     device = next(model.parameters()).device
     out = torch.zeros(rollouts.response_ids.shape)
     for i, (prompt, response) in enumerate(zip(rollouts.prompt_ids, rollouts.responses())):
@@ -82,7 +83,8 @@ def _gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, f
 
 
 def measure(model_dir, prompts: list[list[int]], max_new_tokens: int = 24, precisions=("fp16", "bf16"),
-            engine: str = "native", seed: int = 0, stop_token_ids: tuple[int, ...] = (), **engine_kwargs) -> Conformance:
+            engine: str = "native", seed: int = 0, stop_token_ids: tuple[int, ...] = (),
+            **engine_kwargs) -> Conformance:
     """Sample `prompts` with the rollout engine and hold its log-probs and the learner's against the model's own
     forward (fp32); then the fp16/bf16 engine-learner mismatch on the same prompts."""
     from unison.models import load_model

@@ -34,15 +34,20 @@ class DemoConfig(TrainConfig):
 
     compare: list = doc(["fp16", "bf16"], "precisions trained side by side (each for rollout and training alike)")
     data: DataConfig = field(default_factory=lambda: DataConfig(subset="builtin"))
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_step=8, group_size=8, max_new_tokens=192))
+    rollout: RolloutConfig = field(
+        default_factory=lambda: RolloutConfig(prompts_per_step=8, group_size=8, max_new_tokens=192)
+    )
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, train_batch_size=32, micro_batch_size=64))
-    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/demo", steps=120, eval_every=0, eval_prompts=64, save_every=20))
+    run: RunConfig = field(
+        default_factory=lambda: RunConfig(out="runs/demo", steps=120, eval_every=0, eval_prompts=64, save_every=20)
+    )
 
-    def validate(self) -> "DemoConfig":
+    def validate(self) -> DemoConfig:
         check(len(self.compare) >= 1, "compare", "list at least one precision, e.g. [fp16, bf16]")
         for name in self.compare:
-            check(str(name).lower() in PRECISIONS, "compare", f"unknown precision {name!r}; choose from fp32, bf16, fp16")
+            check(str(name).lower() in PRECISIONS, "compare",
+                  f"unknown precision {name!r}; choose from fp32, bf16, fp16")
         super().validate()
         return self
 
@@ -75,7 +80,8 @@ def format_summary(summary: dict[str, dict]) -> str:
     names = list(summary)
     lines = [f"{'':24s}" + "".join(f"{n:>14s}" for n in names)]
     fmt = {"final_train_accuracy": ".3f", "heldout_accuracy": ".3f", "first_train_accuracy": ".3f",
-           "mismatch_k3_mean": ".2e", "mismatch_k3_last": ".2e", "skipped_steps": ".0f", "steps_per_s": ".3f"}  # fmt: skip
+           "mismatch_k3_mean": ".2e", "mismatch_k3_last": ".2e", "skipped_steps": ".0f",
+           "steps_per_s": ".3f"}  # fmt: skip
     for key, f in fmt.items():
         lines.append(f"{key:24s}" + "".join(f"{format(summary[n][key], f):>14s}" for n in names))
     return "\n".join(lines)
@@ -96,8 +102,10 @@ def run_demo(cfg: DemoConfig, resume: bool = False, overwrite: bool = False, all
         train(sub, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
         summary[name] = summarize(Path(sub.run.out), time.perf_counter() - t0)
     print(format_summary(summary))
-    fig = plot_runs([r.run.out for r in runs.values()], ["rollout/accuracy", "mismatch/k3", "mismatch/abs_log_ratio_mean"],
-                    root / "comparison.png", labels=list(runs), smooth=3, log_scale=["mismatch/k3", "mismatch/abs_log_ratio_mean"])  # fmt: skip
+    fig = plot_runs([r.run.out for r in runs.values()],
+                    ["rollout/accuracy", "mismatch/k3", "mismatch/abs_log_ratio_mean"],
+                    root / "comparison.png", labels=list(runs), smooth=3,
+                    log_scale=["mismatch/k3", "mismatch/abs_log_ratio_mean"])  # fmt: skip
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {fig} and {root / 'summary.json'}")
     return summary

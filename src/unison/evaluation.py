@@ -20,7 +20,8 @@ def encode_all(tokenizer, examples: list[Example], template: str = "auto", syste
     for ex in examples:
         ids = encode_prompt(tokenizer, ex, template, system_prompt or None)
         if not ids:
-            raise UserError(f"prompt {ex.id or ex.prompt[:40]!r} is empty after templating; remove it from the prompt file")
+            raise UserError(f"prompt {ex.id or ex.prompt[:40]!r} is empty after templating; "
+                            "remove it from the prompt file")
         out.append(ids)
     return out
 

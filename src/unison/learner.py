@@ -4,10 +4,11 @@ and weight export to the rollout engine with verification.
 Each (prompt, response) pair is laid out as one right-padded row [prompt, response, pad...] and run through the
 model's own full-sequence causal forward (no KV cache); only the response positions go through the LM head and the
 model's logit transforms (`unison.hf.LogitsAt`), and their logits are upcast to fp32 before the log-softmax
-(`unison.sampling`). The model stays in eval mode: no dropout, so the policy trained is the policy that samples. Where several rows of a micro-batch share a prompt (the
-samples of a group) and that costs fewer tokens, the micro-batch runs in two forwards instead: each distinct prompt
-once, then every response on its prompt's keys and values (`SharedPrompts`); gradients through those keys and
-values sum over the rows that share them, so the step is the same up to rounding.
+(`unison.sampling`). The model stays in eval mode: no dropout, so the policy trained is the policy that samples.
+Where several rows of a micro-batch share a prompt (the samples of a group) and that costs fewer tokens, the
+micro-batch runs in two forwards instead: each distinct prompt once, then every response on its prompt's keys and
+values (`SharedPrompts`); gradients through those keys and values sum over the rows that share them, so the step is
+the same up to rounding.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from unison.hf import LogitsAt, cache_kwarg, output_cache
-from unison.rollout.native import layer_windows
 from unison.precision import (
     LossScaler,
     MasterWeights,
@@ -32,6 +32,7 @@ from unison.precision import (
     set_matmul,
 )
 from unison.rollout.base import Rollouts
+from unison.rollout.native import layer_windows
 from unison.sampling import entropy as entropy_of
 from unison.sampling import token_logprobs
 
@@ -95,10 +96,8 @@ def prefer_shared(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_l
 
 
 # Hidden activation values per forward/backward on a CPU (padded tokens x hidden size): the learner step per token is
-# fastest with micro-batches whose activations stay in cache. Measured, one thread, fp32: the built-in model (hidden
-# 128), 64 rows of 86 tokens, 0.68 s a step in micro-batches of 16 rows (1376 tokens) against 0.86 s in one of 64;
-# a 30M model (hidden 512), 16 rows of 128 tokens, 5.1-5.3 s in micro-batches of 512 tokens against 6.0 s in one.
-# GPUs want the biggest micro-batch that fits.
+# fastest with micro-batches whose activations stay in cache (docs/benchmarks.md, the learner tables). GPUs want
+# the biggest micro-batch that fits.
 CPU_MICRO_BATCH_VALUES = 2**18
 
 # models whose prompts can be run once per micro-batch (`SharedPrompts`): full causal attention over a DynamicCache
@@ -181,7 +180,7 @@ class SequenceBatch:
     shared: SharedPrompts | None = None
 
     @classmethod
-    def from_rollouts(cls, rollouts: Rollouts, pad_token_id: int, device, share: bool = False) -> "SequenceBatch":
+    def from_rollouts(cls, rollouts: Rollouts, pad_token_id: int, device, share: bool = False) -> SequenceBatch:
         """The rows of `rollouts`; with `share`, as distinct prompts and responses where `prefer_shared`."""
         B, T = rollouts.response_ids.shape
         plens = [len(p) for p in rollouts.prompt_ids]
@@ -268,8 +267,8 @@ class Learner:
             for p in self.reference.parameters():
                 p.requires_grad_(False)
             self.reference_logits_at = LogitsAt(self.reference)
-        # PyTorch's fused AdamW (one kernel over all master weights) where it has one: on a CPU 5x faster than the
-        # per-tensor loop for a 104M model (0.13 s against 0.69 s a step), the same update to an ulp
+        # PyTorch's fused AdamW (one kernel over all master weights) where it has one: the same update to an ulp as
+        # the per-tensor loop, in a fraction of its time
         fused = self.device.type in ("cpu", "cuda") or None
         self.optimizer = torch.optim.AdamW(self.weights.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                            fused=fused)  # fmt: skip
@@ -279,7 +278,7 @@ class Learner:
         self.pad_token_id = pad_token_id
 
     @classmethod
-    def from_pretrained(cls, model_dir, policy: PrecisionPolicy, device, **kwargs) -> "Learner":
+    def from_pretrained(cls, model_dir, policy: PrecisionPolicy, device, **kwargs) -> Learner:
         from unison.models import load_model, load_tokenizer
 
         tok = load_tokenizer(model_dir)

@@ -18,7 +18,7 @@ gives zeros (never NaN) and num_tokens 0.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -89,15 +89,18 @@ def resolve_model_dir(name: str | Path) -> Path:
     """`builtin` (or empty) to the shipped checkpoint; otherwise a local checkpoint directory, checked."""
     if name in (None, "", BUILTIN):
         if not (BUILTIN_DIR / "config.json").exists():
-            raise UserError(f"the built-in model is missing from {BUILTIN_DIR}; rebuild it with: python -m unison.warmstart")
+            raise UserError(f"the built-in model is missing from {BUILTIN_DIR}; "
+                            "rebuild it with: python -m unison.warmstart")
         return BUILTIN_DIR
     path = Path(name).expanduser()
     if not path.exists():
-        raise UserError(f"model directory {str(path)!r} does not exist; give a local Hugging Face checkpoint directory or 'builtin'")
+        raise UserError(f"model directory {str(path)!r} does not exist; "
+                        "give a local Hugging Face checkpoint directory or 'builtin'")
     if not path.is_dir():
         raise UserError(f"model path {str(path)!r} is a file; give the checkpoint's directory (with config.json)")
     if not (path / "config.json").exists():
-        raise UserError(f"{str(path)!r} has no config.json, so it is not a Hugging Face checkpoint; give the checkpoint's directory")
+        raise UserError(f"{str(path)!r} has no config.json, so it is not a Hugging Face checkpoint; "
+                        "give the checkpoint's directory")
     try:
         config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -114,7 +117,8 @@ def load_tokenizer(model_dir: str | Path):
     path = resolve_model_dir(model_dir)
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((path / n).exists() for n in names):
-        raise UserError(f"{str(path)!r} has no tokenizer (tokenizer.json or tokenizer_config.json); save it beside the model with tokenizer.save_pretrained")
+        raise UserError(f"{str(path)!r} has no tokenizer (tokenizer.json or tokenizer_config.json); "
+                        "save it beside the model with tokenizer.save_pretrained")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
@@ -149,7 +153,8 @@ def resolve_attn_implementation(config, requested: str = "auto", device: torch.d
     if requested == "auto":
         return "sdpa" if sdpa_ok else "eager"
     if requested == "sdpa" and not sdpa_ok:
-        why = f"SDPA does not apply its attention soft-capping ({softcap})" if softcap else "this transformers has no SDPA for it"
+        why = (f"SDPA does not apply its attention soft-capping ({softcap})" if softcap
+               else "this transformers has no SDPA for it")
         raise UserError(f"{kind} models cannot run model.attn_implementation=sdpa: {why}; use auto or eager")
     if requested == "flash_attention_2":
         import importlib.util
@@ -158,11 +163,13 @@ def resolve_attn_implementation(config, requested: str = "auto", device: torch.d
             raise UserError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
                             "installed (pip install flash-attn on a CUDA machine); use auto")  # fmt: skip
         if torch.device(device).type != "cuda":
-            raise UserError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only; use auto on this device")
+            raise UserError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only; "
+                            "use auto on this device")
         if not getattr(cls, "_supports_flash_attn", getattr(cls, "_supports_flash_attn_2", False)):
             raise UserError(f"{kind} models do not support flash_attention_2; use auto")
     if requested not in ATTN_IMPLEMENTATIONS:
-        raise UserError(f"unknown attention implementation {requested!r}; choose one of: {', '.join(ATTN_IMPLEMENTATIONS)}")
+        raise UserError(f"unknown attention implementation {requested!r}; "
+                        f"choose one of: {', '.join(ATTN_IMPLEMENTATIONS)}")
     return requested
 
 

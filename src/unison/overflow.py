@@ -100,7 +100,7 @@ class OverflowGuard:
         add(head.register_forward_pre_hook(self._check))  # after the last _watch on the head, so it sees it
 
     @classmethod
-    def attach(cls, model, mode: str, where: str) -> "OverflowGuard | None":
+    def attach(cls, model, mode: str, where: str) -> OverflowGuard | None:
         """A guard on `model` when its weights are fp16 (bf16 and fp32 hold 3e38) and `mode` is not off."""
         first = next(model.parameters(), None)
         if mode == "off" or first is None or first.dtype != torch.float16:
@@ -186,9 +186,11 @@ class OverflowGuard:
             return (f"{head}, and its output stays beyond the FP16 range even computed in fp32; run this model in bf16 "
                     "or fp32 (e.g. --precision bf16)")  # fmt: skip
         if self.mode == "fp32_layers" and block == "mlp" and layer in self.upcast:
-            return f"{head}, after its MLP was already moved to fp32 (the residual stream overflows); run this model in bf16 or fp32 (e.g. --precision bf16)"
+            return (f"{head}, after its MLP was already moved to fp32 (the residual stream overflows); "
+                    "run this model in bf16 or fp32 (e.g. --precision bf16)")
         if self.mode == "fp32_layers":
-            return f"{head}; fp32 layers cannot cure overflow in attention or the residual stream: run this model in bf16 or fp32 (e.g. --precision bf16)"
+            return (f"{head}; fp32 layers cannot cure overflow in attention or the residual stream: "
+                    "run this model in bf16 or fp32 (e.g. --precision bf16)")
         return (f"{head}; run this model in bf16 or fp32 (e.g. --precision bf16), or set "
                 "precision.on_activation_overflow=fp32_layers to compute overflowing MLPs in fp32")  # fmt: skip
 
@@ -299,5 +301,6 @@ def format_activation_table(rows: list[dict]) -> str:
     worst = max(rows, key=lambda r: r["max_abs"]) if rows else None
     if worst is not None:
         verdict = "fits FP16" if worst["fp16_safe"] else "exceeds FP16: run it in bf16 or fp32"
-        lines.append(f"largest |activation| {worst['max_abs']:.4g} at layer {worst['layer']} ({worst['where']}): {verdict}")
+        lines.append(f"largest |activation| {worst['max_abs']:.4g} at layer {worst['layer']} "
+                     f"({worst['where']}): {verdict}")
     return "\n".join(lines)

@@ -15,8 +15,8 @@ import functools
 import hashlib
 import math
 import types
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -71,7 +71,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
     """Fail with a clear message when `device` cannot run matrix products in `dtype`."""
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) cannot run bf16; use --precision fp16 or fp32")
+        raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) cannot run bf16; "
+                        "use --precision fp16 or fp32")
     try:
         a = torch.ones(4, 4, dtype=dtype, device=device)
         (a @ a).sum().item()
@@ -112,7 +113,8 @@ def _register_fp32_sdpa() -> str:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def forward(module, query, key, value, attention_mask, **kwargs):
-        mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask.float()
+        mask = (attention_mask if attention_mask is None or attention_mask.dtype == torch.bool
+                else attention_mask.float())
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
         return out.to(query.dtype), weights
 
@@ -183,7 +185,7 @@ class PrecisionPolicy:
     master: torch.dtype = torch.float32
 
     @classmethod
-    def from_names(cls, rollout: str, train: str) -> "PrecisionPolicy":
+    def from_names(cls, rollout: str, train: str) -> PrecisionPolicy:
         return cls(rollout=parse_precision(rollout), train=parse_precision(train))
 
     @property

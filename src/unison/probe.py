@@ -2,9 +2,9 @@
 
 For each precision setting: the rollout engine samples N responses per prompt with the weights cast to the rollout
 dtype (by default temperature 1, no top-k or top-p, as in the paper; the rollout section's sampling otherwise, and
-the learner recomputes the same truncated distribution); the learner recomputes the log-probs of those responses with one
-full-sequence forward in the train dtype; every mismatch metric of `unison.mismatch` is computed over all tokens
-and sequences. Two figures as in the paper: pi(y_t) against mu(y_t) per setting, and the sequence log-ratio
+the learner recomputes the same truncated distribution); the learner recomputes the log-probs of those responses
+with one full-sequence forward in the train dtype; every mismatch metric of `unison.mismatch` is computed over all
+tokens and sequences. Two figures as in the paper: pi(y_t) against mu(y_t) per setting, and the sequence log-ratio
 sum_t(log pi - log mu) against response length with the fitted slope per 1K tokens and the sequence-level KL.
 """
 
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from tqdm.auto import tqdm
 
 from unison import threads
@@ -47,7 +46,7 @@ class ProbeConfig:
     probe: ProbeSection = field(default_factory=ProbeSection)
     run: RunBase = field(default_factory=lambda: RunBase(out="runs/probe"))
 
-    def validate(self) -> "ProbeConfig":
+    def validate(self) -> ProbeConfig:
         self.model.validate()
         self.data.validate()
         self.run.validate()
@@ -60,7 +59,8 @@ class ProbeConfig:
         for name in self.probe.precisions:
             parts = str(name).split("/")
             check(len(parts) in (1, 2) and all(x in PRECISIONS for x in parts), "probe.precisions",
-                  f"unknown setting {name!r}; give a precision ({', '.join(sorted(PRECISIONS))}) or rollout/train")  # fmt: skip
+                  f"unknown setting {name!r}; give a precision ({', '.join(sorted(PRECISIONS))}) "
+                  "or rollout/train")  # fmt: skip
         return self
 
     def settings_names(self) -> list[tuple[str, str]]:
@@ -177,7 +177,8 @@ def format_table(results: list[ProbeResult]) -> str:
     values = [{**r.metrics, "seq_slope_per_1k_tokens": r.slope_per_1k} for r in results]
     by = {c: v for c, v in zip(cols, values)}
     ratio = "bf16/bf16" in by and "fp16/fp16" in by
-    head = f"{'metric (rollout/train)':26s}" + "".join(f"{c:>13s}" for c in cols) + (f"{'bf16÷fp16':>12s}" if ratio else "")
+    head = (f"{'metric (rollout/train)':26s}" + "".join(f"{c:>13s}" for c in cols)
+            + (f"{'bf16÷fp16':>12s}" if ratio else ""))
     lines = [head, "-" * len(head)]
     for key in TABLE_KEYS:
         row = f"{key:26s}" + "".join(f"{v.get(key, float('nan')):>13.3e}" for v in values)

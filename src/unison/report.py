@@ -34,7 +34,8 @@ def samples_markdown(rows: list[dict]) -> str:
     def cell(text) -> str:
         return str(text).replace("|", "\\|").replace("\n", "<br>")
 
-    lines = ["| id | reward | length | finished | mismatch | prompt | response |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| id | reward | length | finished | mismatch | prompt | response |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {cell(r['id'])} | {r['reward']:.3g} | {r['length']} | {r['finished']} | {r['mismatch']:.2e} | "
               f"{cell(r['prompt'])} | {cell(r['response'])} |" for r in rows]  # fmt: skip
     return "\n".join(lines)
@@ -97,7 +98,8 @@ class MlflowSink:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store opt-in
             mlflow.set_tracking_uri((Path(run_dir) / "mlruns").absolute().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "unison"))
-        self.run = mlflow.start_run(run_id=ids.get("mlflow"), run_name=None if ids.get("mlflow") else Path(run_dir).name)
+        self.run = mlflow.start_run(run_id=ids.get("mlflow"),
+                                    run_name=None if ids.get("mlflow") else Path(run_dir).name)
         if "mlflow" not in ids:
             ids["mlflow"] = self.run.info.run_id
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
@@ -138,7 +140,8 @@ def resolve_loggers(names: list[str]) -> list[str]:
         _, module, extra = LOGGERS[name]
         if importlib.util.find_spec(module) is None:
             raise UserError(f"run.loggers asks for {name}, which is not installed; install it with: "
-                            f"pip install 'unison[{extra}]' (or pip install {module}), or drop it from run.loggers")  # fmt: skip
+                            f"pip install 'unison[{extra}]' (or pip install {module}), "
+                            "or drop it from run.loggers")  # fmt: skip
     return list(dict.fromkeys(names))
 
 
@@ -240,7 +243,8 @@ def plot_runs(run_dirs: list[str | Path], metrics: list[str], out: str | Path, l
                 continue
             xs, ys = zip(*pts)
             if smooth > 1:
-                ys = [sum(ys[max(0, j - smooth + 1): j + 1]) / len(ys[max(0, j - smooth + 1): j + 1]) for j in range(len(ys))]
+                ys = [sum(ys[max(0, j - smooth + 1): j + 1]) / len(ys[max(0, j - smooth + 1): j + 1])
+                      for j in range(len(ys))]
             ax.plot(xs, ys, label=label)
     for ax, key in zip(axes[0], metrics):
         ax.set_title(key)

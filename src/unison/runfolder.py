@@ -77,7 +77,7 @@ def check_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> tuple[Path, "RunLock"]:
+def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> tuple[Path, RunLock]:
     """`check_run_dir`, then take the folder's lock, clear it for --overwrite and write the marker. The caller has
     built everything that could still fail on the inputs (model, learner, engine) before calling this."""
     run_dir = check_run_dir(out, resume, overwrite)
@@ -146,7 +146,8 @@ class RunLock:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise UserError(self.holder() or f"run folder {str(self.path.parent)!r} is in use by another process") from None
+            raise UserError(self.holder()
+                            or f"run folder {str(self.path.parent)!r} is in use by another process") from None
         left = self._read()
         host = socket.gethostname()
         if left.get("pid") and not (left.get("host") == host and _alive(int(left["pid"]))):

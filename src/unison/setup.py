@@ -40,7 +40,10 @@ HOW_DECODER = "give a decoder-only causal LM checkpoint (e.g. Qwen2, Qwen3, Llam
 def load_model_config(model_dir):
     """The checkpoint's transformers config; a model that is not a decoder-only causal LM is refused."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
@@ -49,8 +52,11 @@ def load_model_config(model_dir):
     kind = config.model_type
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, which is not a causal LM; {HOW_DECODER}")
-    if getattr(config, "is_encoder_decoder", False) or (kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder):
-        raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, an encoder, not a decoder-only causal LM; {HOW_DECODER}")
+    if getattr(config, "is_encoder_decoder", False) or (
+        kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
+    ):
+        raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, an encoder, not a decoder-only causal LM; "
+                        f"{HOW_DECODER}")
     return config
 
 
@@ -121,7 +127,8 @@ class Setup:
                 room = ctx - n
                 if self.rollout.context_limit == "clamp" and room >= 1:
                     warnings.warn(f"rollout.max_new_tokens lowered from {self.max_new_tokens} to {room}: prompt "
-                                  f"{name!r} has {n} tokens and the model's context is {ctx}", stacklevel=2)  # fmt: skip
+                                  f"{name!r} has {n} tokens and the model's context is {ctx}",
+                                  stacklevel=2)  # fmt: skip
                     self.max_new_tokens = room
                 elif room < 1:
                     raise UserError(f"prompt {name!r} has {n} tokens, leaving no room for a response in the model's "
@@ -230,5 +237,6 @@ def read_subset(path: str) -> set[str]:
             try:
                 ids.add(str(json.loads(line)["id"]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{n} is not a JSON object with an 'id'; build the subset with `unison filter`") from None
+                raise UserError(f"{path}:{n} is not a JSON object with an 'id'; "
+                                "build the subset with `unison filter`") from None
     return ids

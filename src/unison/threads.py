@@ -1,13 +1,14 @@
 """PyTorch's CPU thread count, fitted to what the machine's other processes leave free.
 
 PyTorch starts one OpenMP thread per core, and its threads spin while they wait for work. Where another process
-is busy on one of the cores, every parallel region waits for the thread that shares its core: on a 2-core machine
-with one busy neighbour a decode step ran 4x slower on two threads than on one. OpenMP's passive wait policy fixes
-the busy case but halves a quiet machine's speed (its threads sleep between the many small regions of a decode),
-so unison changes the thread count instead: `adapt()` reads how much CPU the other processes used since its last
-call (`/proc/stat` less this process's own time) and sets `torch.set_num_threads` to the cores they leave free, at
-least one. The trainer calls it once a step and the sampling commands once a batch; a library user can call it
-too. A thread count the user chose (`OMP_NUM_THREADS`, or `run.threads` a number) is kept.
+is busy on one of the cores, every parallel region waits for the thread that shares its core, so two threads on a
+2-core machine with one busy neighbour are several times slower than one. OpenMP's passive wait policy fixes the
+busy case but slows a quiet machine (its threads sleep between the many small regions of a decode), so unison
+changes the thread count instead (docs/reliability.md, "Speed on a shared machine"): `adapt()` reads how much CPU
+the other processes used since its last call (`/proc/stat` less this process's own time) and sets
+`torch.set_num_threads` to the cores they leave free, at least one. The trainer calls it once a step and the
+sampling commands once a batch; a library user can call it too. A thread count the user chose (`OMP_NUM_THREADS`,
+or `run.threads` a number) is kept.
 """
 
 from __future__ import annotations

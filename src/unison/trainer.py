@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from unison import checkpoint as ckpt
 from unison import threads
-from unison.algorithms import AGGREGATIONS, ADVANTAGES, aggregation_counts, kl_penalty, policy_loss
+from unison.algorithms import ADVANTAGES, AGGREGATIONS, aggregation_counts, kl_penalty, policy_loss
 from unison.config import TrainConfig, parse_size, to_dict
 from unison.conformance import self_test
 from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, UserError
@@ -152,7 +152,8 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     for _ in range(o.epochs):
         group_order = torch.randperm(groups, generator=shuffle)
         for g0 in range(0, groups, per_mb):
-            rows = torch.cat([torch.arange(g * r.group_size, (g + 1) * r.group_size) for g in group_order[g0: g0 + per_mb].tolist()])
+            rows = torch.cat([torch.arange(g * r.group_size, (g + 1) * r.group_size)
+                              for g in group_order[g0: g0 + per_mb].tolist()])
             total_tokens, total_seqs = aggregation_counts(mask[rows])
             step_loss = []
 
@@ -250,12 +251,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
     if changes and not allow_changes:
         k, (was, now) = next(iter(changes.items()))
         raise UserError(f"--resume would change {k} from {was!r} to {now!r} (the run saved in {out / 'config.yaml'}); "
-                        "resume with the same settings, or pass --allow-changes to continue with the new ones")  # fmt: skip
+                        "resume with the same settings, or pass --allow-changes to continue with the new "
+                        "ones")  # fmt: skip
     loggers = resolve_loggers(cfg.run.loggers)
     learner = make_learner(cfg, run, model)
     engine = s.engine(run.policy.rollout)
     run_dir, lock = prepare_run_dir(out, resume, overwrite)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    previous = (signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread()
+                else None)
     step = [latest_step(latest)]  # the step being run, for the message of a fault
     try:
         return _run(cfg, run, learner, engine, run_dir, latest, master, changes, quiet, step, loggers)
@@ -320,7 +323,8 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
     def watch(dtype):  # the FP16 range is fp16's concern: bf16 and fp32 share fp32's range
         return p.on_activation_overflow if dtype == torch.float16 else "off"
 
-    guards = {"learner": OverflowGuard.attach(learner.model, watch(run.policy.train), "learner (full-sequence forward)"),
+    guards = {"learner": OverflowGuard.attach(learner.model, watch(run.policy.train),
+                                              "learner (full-sequence forward)"),
               "engine": OverflowGuard.attach(getattr(engine, "model", None) or torch.nn.Module(),
                                              watch(run.policy.rollout), "rollout engine (decode)")}  # fmt: skip
     stream = PromptStream(run.train_examples, seed)
@@ -329,7 +333,8 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
     if latest is not None:
         state = ckpt.load_trainer_state(latest)
         learner_state = {**state["learner"], "master": master}
-        if state.get("precision") != {"rollout": precision_name(run.policy.rollout), "train": precision_name(run.policy.train)}:
+        if state.get("precision") != {"rollout": precision_name(run.policy.rollout),
+                                      "train": precision_name(run.policy.train)}:
             learner_state["scaler"] = learner.scaler.state_dict()  # a new precision starts with its own loss scale
         learner.load_state_dict(learner_state)
         for name, g in guards.items():
@@ -341,7 +346,8 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
         random.setstate(state["rng"]["python"])
         engine.set_rng_state(state["rng"]["engine"])
     if changes:
-        ckpt.append_jsonl(run_dir / "resumes.jsonl", {"step": start, "changes": {k: list(v) for k, v in changes.items()}})
+        ckpt.append_jsonl(run_dir / "resumes.jsonl",
+                          {"step": start, "changes": {k: list(v) for k, v in changes.items()}})
         print(f"unison train: resumed at step {start} with changed settings (--allow-changes): "
               + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)  # fmt: skip
     learner.sync(engine)
@@ -353,8 +359,10 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
     log = MetricsLog(run_dir, loggers, to_dict(cfg))
     if not quiet:
         print(f"unison train: {s.describe(engine)} | {run.policy.describe()} | preset {cfg.algorithm.preset} | "
-              f"{len(run.train_examples)} prompts | run folder {run_dir}" + (f" | resumed at step {start}" if start else "")
-              + (f" | engine self-test {checked['self_test/abs_log_ratio_mean']:.1e} (band {checked['self_test/band']:g})"
+              f"{len(run.train_examples)} prompts | run folder {run_dir}"
+              + (f" | resumed at step {start}" if start else "")
+              + (f" | engine self-test {checked['self_test/abs_log_ratio_mean']:.1e} "
+                 f"(band {checked['self_test/band']:g})"
                  if checked else ""))  # fmt: skip
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train", unit="step",
                disable=quiet or not cfg.run.progress)  # fmt: skip
@@ -399,4 +407,5 @@ def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: 
         "overflow": {name: g.state_dict() for name, g in (guards or {}).items() if g is not None},
     }  # fmt: skip
     return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, state["master"], trainer_state,
-                                keep=cfg.run.keep_checkpoints, shard_size=parse_size(cfg.run.shard_size, "run.shard_size"))
+                                keep=cfg.run.keep_checkpoints,
+                                shard_size=parse_size(cfg.run.shard_size, "run.shard_size"))

@@ -59,7 +59,7 @@ class Rollouts:
         """Response token ids per sequence, unpadded."""
         return [row[:n].tolist() for row, n in zip(self.response_ids, self.lengths.tolist())]
 
-    def select(self, index) -> "Rollouts":
+    def select(self, index) -> Rollouts:
         """A sub-batch (index: list of ints or a 1-D long tensor), trimmed to its longest response."""
         idx = torch.as_tensor(index, dtype=torch.long)
         T = max(int(self.lengths[idx].max().item()), 1) if len(idx) else 0
@@ -73,7 +73,7 @@ class Rollouts:
         )
 
 
-    def truncated(self, lengths: torch.Tensor, finished: torch.Tensor, pad_token_id: int = 0) -> "Rollouts":
+    def truncated(self, lengths: torch.Tensor, finished: torch.Tensor, pad_token_id: int = 0) -> Rollouts:
         """The same rows cut to `lengths` (each at most its own), with `finished` flags; trimmed to the longest."""
         T = max(int(lengths.max()), 1) if len(lengths) else 0
         mask = torch.arange(T)[None, :] < lengths[:, None]

@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 
 from unison.hf import cache_kwarg, output_cache, takes_logits_to_keep
 from unison.precision import cast_module, checksum, compute_dtype, matmul_mode, set_matmul
-from unison.rollout.base import Rollouts, SamplingParams, check_prompts, cut_at_stop_strings, response_text, stop_string_end
+from unison.rollout.base import (
+    Rollouts,
+    SamplingParams,
+    check_prompts,
+    cut_at_stop_strings,
+    response_text,
+    stop_string_end,
+)
 from unison.sampling import sample
 
 FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
@@ -143,9 +150,9 @@ def run_pre_hooks(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _packed(compute: torch.dtype, *linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights (and biases, zeros where a layer has none) of `linears` stacked along the output, in `compute`.
-    On a CPU the weight [out, in] is a view of a copy laid out [in, out], the order in which `x @ W.T` reads it:
-    decode steps, whose weights come back from memory every token, ran 4-9% faster so (built-in model, fp32 and
-    fp16, batch 16 and 64). Elsewhere a single layer's own tensor is used where it already is in `compute`."""
+    On a CPU the weight [out, in] is a view of a copy laid out [in, out], the order in which `x @ W.T` reads it
+    (decode steps, whose weights come back from memory every token, are faster so). Elsewhere a single layer's own
+    tensor is used where it already is in `compute`."""
     def stacked(tensors):
         return (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(compute)
 
@@ -451,7 +458,8 @@ class _StaticDecode:
                               mask[:, None])  # fmt: skip
         cache = StaticKVCache(e.num_layers, len(first), e.kv_heads, P, e.head_dim, self.cache.dtype, dev)
         pos = positions[first]
-        logits = e._forward(self.weights, self.prompts[first], self.cos[pos], self.sin[pos], cache, 0, mask[first, None])
+        logits = e._forward(self.weights, self.prompts[first], self.cos[pos], self.sin[pos], cache, 0,
+                            mask[first, None])
         self.cache.kv[:, :, :, :, :P] = cache.kv[:, :, inverse]  # in place: the decode step holds views of the cache
         return logits[inverse]
 
@@ -492,7 +500,7 @@ class _FlatStep:
         self.embed = embed.weight.float()  # the weight itself when it is fp32
         self.embed_hooks = embed if embed._forward_pre_hooks else None
         self.layers = []
-        for layer, w in zip(model.model.layers, weights.layers):
+        for w in weights.layers:
             mlp = w["mlp"]
             act = w["act_fn"]
             self.layers.append((
@@ -556,9 +564,9 @@ class _FlatStep:
             run_pre_hooks(self.embed_hooks, tok)
         x = F.embedding(tok, self.embed)  # [B, hidden] fp32
         bias = self.bias[:, :, :L]
-        for i, (ln1, ln2, qkv_w, o_w, gu_w, down_w, q_hooks, gate_hooks, mlp, qk_norm, scaling, act, window) in enumerate(
-            self.layers
-        ):
+        for i, (
+            ln1, ln2, qkv_w, o_w, gu_w, down_w, q_hooks, gate_hooks, mlp, qk_norm, scaling, act, window
+        ) in enumerate(self.layers):
             h = rnd(F.rms_norm(x, (x.shape[-1],), *ln1))
             if q_hooks is not None:
                 h = run_pre_hooks(q_hooks, h)

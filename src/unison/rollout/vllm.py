@@ -99,7 +99,8 @@ def refuse_unverified(config: dict, device: torch.device) -> None:
                         f"(vllm runs: {', '.join(VLLM_MODEL_TYPES)})")  # fmt: skip
     if device.type == "cpu" and config.get("attn_logit_softcapping"):
         raise UserError(f"vLLM-CPU's attention kernel does not compute {kind}'s attention soft-capping as the model "
-                        "does (fp32 log-probs 8e-5 apart on average on a tiny checkpoint); use --engine native")  # fmt: skip
+                        "does (fp32 log-probs 8e-5 apart on average on a tiny checkpoint); "
+                        "use --engine native")  # fmt: skip
 
 
 def engine_defaults(config: dict, device_type: str) -> dict:
@@ -142,7 +143,7 @@ class VLLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype: torch.dtype, device, seed: int = 0, matmul: str = "auto",
-                        attn_implementation: str = "auto", **engine_kwargs) -> "VLLMEngine":
+                        attn_implementation: str = "auto", **engine_kwargs) -> VLLMEngine:
         """Start vLLM on a local checkpoint. `engine_kwargs` go to `vllm.LLM` and override unison's defaults:
         gpu_memory_utilization (0.2 on CPU, 0.5 on GPU), enforce_eager (on CPU), max_model_len (the config's
         max_position_embeddings), enable_prefix_caching (on), enable_chunked_prefill (off on CPU), logprobs_mode
@@ -293,7 +294,8 @@ class VLLMEngine:
                 logprobs[i, :n] = torch.tensor([row.logprobs[t][tok].logprob for t, tok in enumerate(ids)])
             lengths[i] = n
             # ended on a stop id, or on a stop string (its text: `cut_at_stop_strings` below cuts it at the same token)
-            finished[i] = n > 0 and row.finish_reason == "stop" and (ids[-1] in stops or isinstance(row.stop_reason, str))
+            finished[i] = (n > 0 and row.finish_reason == "stop"
+                           and (ids[-1] in stops or isinstance(row.stop_reason, str)))
         mask = torch.arange(T)[None, :] < lengths[:, None]
         out = Rollouts(
             prompt_ids=[list(p) for p in prompt_ids],

@@ -17,8 +17,8 @@ import importlib
 import importlib.util
 import inspect
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from unison.errors import UserError
 from unison.tasks.base import Example
@@ -122,7 +122,8 @@ def load_reward(spec: str | RewardFn = "math") -> RewardFn:
     if callable(spec):
         return wrap_reward(spec, getattr(spec, "__name__", repr(spec)))
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"reward {spec!r} is not a name; give one of {', '.join(sorted(BUILTIN_REWARDS))} or 'package.module:function'")
+        raise UserError(f"reward {spec!r} is not a name; give one of {', '.join(sorted(BUILTIN_REWARDS))} "
+                        "or 'package.module:function'")
     spec = spec.strip()
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
@@ -138,6 +139,7 @@ def load_reward(spec: str | RewardFn = "math") -> RewardFn:
         raise UserError(f"module {module!r} has no attribute {attr!r} (reward {spec!r}); check the function's name")
     if not callable(fn):
         raise UserError(
-            f"reward {spec!r} is a {type(fn).__name__}, not a function; point it at a function (response, answer) -> float"
+            f"reward {spec!r} is a {type(fn).__name__}, not a function; "
+            "point it at a function (response, answer) -> float"
         )
     return wrap_reward(fn, spec)
