@@ -195,6 +195,11 @@ def test_export_writes_a_plain_model_folder_in_the_asked_dtype(tiny_dir, tmp_pat
     for name, p in model.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, master[name].to(torch.bfloat16)), name
     assert main(["export", str(run), "--out", str(tmp_path / "bf16")]) == 2  # not empty now: refused
+    weights = latest_checkpoint(run) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))  # damaged after it was written: never exported
+    assert main(["export", str(run), "--out", str(tmp_path / "again")]) == 2
+    assert main(["export", str(latest_checkpoint(run)), "--out", str(tmp_path / "again")]) == 2
+    assert not (tmp_path / "again").exists()
 
 
 # ---- one config shape, flags and overrides anywhere ------------------------------------------------------------

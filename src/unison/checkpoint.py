@@ -326,7 +326,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"{str(path)!r} is not a folder; give a run folder (runs/NAME) or one of its checkpoints")
     if (path / "checkpoints").is_dir():
-        latest = latest_checkpoint(path)
+        latest = latest_intact_checkpoint(path)
         if latest is None:
             raise UserError(f"run folder {str(path)!r} has no complete checkpoint; train until one is saved")
         return latest
@@ -334,6 +334,10 @@ def resolve_checkpoint(source: str | Path) -> Path:
         if not is_complete(path):
             raise UserError(f"checkpoint {str(path)!r} is incomplete (its files disagree with {MANIFEST}); export "
                             "another one")  # fmt: skip
+        bad = damaged_file(path)
+        if bad is not None:
+            raise UserError(f"checkpoint {str(path)!r} is damaged ({bad} does not match its hash); export another "
+                            "one")  # fmt: skip
         return path
     raise UserError(f"{str(path)!r} is neither a run folder (with checkpoints/) nor a checkpoint (with {MANIFEST}); "
                     "give one of those")  # fmt: skip
@@ -347,18 +351,14 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     from unison.errors import UserError
     from unison.models import load_model, load_tokenizer
     from unison.precision import parse_precision
+    from unison.setup import check_output_folder
 
     target = parse_precision(dtype)
     size = parse_size(shard_size, "--shard-size")
     ckpt = resolve_checkpoint(source)
-    out = Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = check_output_folder(Path(out).expanduser().absolute(), "--out")
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"{str(out)!r} already exists and is not empty; choose a new --out folder")
-    existing = out.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(f"cannot write into {str(existing)!r}; choose a writable --out")
     model = load_model(ckpt, dtype=torch.float32)
     tokenizer = load_tokenizer(ckpt)
     parent = out.parent

@@ -172,8 +172,6 @@ def cmd_train(args) -> None:
     from unison.trainer import train
 
     cfg = _config(TrainConfig, args, "train")
-    if args.allow_changes and not args.resume:
-        raise UserError("--allow-changes goes with --resume; pass both, or neither")
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     print(f"done: {run_dir}/metrics.jsonl, checkpoints in {run_dir}/checkpoints")
 

@@ -15,7 +15,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from unison import threads
-from unison.config import DataConfig, ModelConfig, PrecisionConfig, RolloutConfig, RunBase, check, doc
+from unison.config import (
+    DataConfig,
+    ModelConfig,
+    PrecisionConfig,
+    RolloutConfig,
+    RunBase,
+    check,
+    doc,
+    validate_sections,
+)
 from unison.evaluation import evaluate, score
 from unison.precision import parse_precision
 from unison.setup import Setup, build, check_output_file
@@ -42,9 +51,7 @@ class EvalConfig:
     run: RunBase = field(default_factory=lambda: RunBase(out=""))
 
     def validate(self):
-        for section in (self.model, self.precision, self.data, self.run):
-            section.validate()
-        self.rollout.validate(groups=1)
+        validate_sections(self)
         n = self.rollout.group_size
         check(all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.eval.k), "eval.k",
               "must be a list of positive integers, e.g. --k 1,4,8")  # fmt: skip
@@ -72,9 +79,7 @@ class FilterConfig:
     run: RunBase = field(default_factory=lambda: RunBase(out="perfectible.jsonl"))
 
     def validate(self):
-        for section in (self.model, self.precision, self.data, self.run):
-            section.validate()
-        self.rollout.validate(groups=1)
+        validate_sections(self)
         check(0 <= self.filter.lo <= self.filter.hi <= 1, "filter.lo", "need 0 <= filter.lo <= filter.hi <= 1")
         check(bool(self.run.out), "run.out", "give the output JSONL file")
         return self

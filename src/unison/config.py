@@ -156,10 +156,9 @@ class RolloutConfig:
                                       "prompt), or clamp (lower max_new_tokens to fit, with a warning)",
                              choices=CONTEXT_LIMITS, what="choice")
 
-    def validate(self, groups: int = 2) -> None:
+    def validate(self) -> None:
         check(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
-        check(self.group_size >= groups, "rollout.group_size", f"must be at least {groups}" +
-              (" (advantages compare responses within a group)" if groups > 1 else ""))  # fmt: skip
+        check(self.group_size >= 1, "rollout.group_size", "must be at least 1")
         check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")
         check(math.isfinite(self.temperature) and self.temperature >= 0, "rollout.temperature", "must be >= 0")
         check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
@@ -263,8 +262,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         r, o = self.rollout, self.optim
-        for section in (self.model, self.precision, self.data, r, self.run):
-            section.validate()
+        validate_sections(self)
+        check(r.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare responses within a "
+              "group)")  # fmt: skip
         check(r.temperature > 0, "rollout.temperature", "must be > 0 for RL sampling")
         check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")
         check(o.train_batch_size >= 1, "optim.train_batch_size", "must be at least 1")
@@ -339,6 +339,14 @@ def parse_size(text: str, name: str) -> int:
         value = float(t) if t.replace(".", "", 1).isdigit() else -1
     check(value >= 1, name, f"must be a size such as 5GB or 500MB, not {text!r}")
     return int(value)
+
+
+def validate_sections(cfg) -> None:
+    """Run each section's own checks (`validate`) of a command's config; the command checks what spans sections."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+            section.validate()
 
 
 def check(ok: bool, name: str, how: str) -> None:

@@ -93,7 +93,6 @@ def measure(model_dir, prompts: list[list[int]], max_new_tokens: int = 24, preci
     params = SamplingParams(max_new_tokens, 1.0, stop_token_ids=stop_token_ids)
     fp32 = PrecisionPolicy(torch.float32, torch.float32)
     model = load_model(model_dir, device=device)
-    ref_model = load_model(model_dir, device=device)
     learner = Learner(model, fp32, device)
     sampler = make_engine(engine, model_dir, dtype=torch.float32, device=device, seed=seed, **engine_kwargs)
     try:
@@ -102,9 +101,9 @@ def measure(model_dir, prompts: list[list[int]], max_new_tokens: int = 24, preci
         ro = sampler.generate(prompts, params)
     finally:
         getattr(sampler, "close", lambda: None)()
-    ref = reference_logprobs(ref_model, ro)
+    ref = reference_logprobs(learner.model, ro)  # an fp32 learner's model is the checkpoint's, untouched
     pi = learner.recompute(ro)
-    result = Conformance(ref_model.config.model_type, path, reason, _gap(ro.logprobs, ref, ro.mask),
+    result = Conformance(learner.model.config.model_type, path, reason, _gap(ro.logprobs, ref, ro.mask),
                          _gap(pi, ref, ro.mask), tokens=int(ro.mask.sum()))  # fmt: skip
     result.mismatch["fp32"] = float((pi - ro.logprobs).abs()[ro.mask].mean())
     for name in precisions:

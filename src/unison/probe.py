@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unison import threads
-from unison.config import DataConfig, ModelConfig, RolloutConfig, RunBase, check, doc
+from unison.config import DataConfig, ModelConfig, RolloutConfig, RunBase, check, doc, validate_sections
 from unison.mismatch import MismatchAccumulator
 from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
 from unison.setup import Setup, build, check_output_file, check_output_folder
@@ -47,10 +47,7 @@ class ProbeConfig:
     run: RunBase = field(default_factory=lambda: RunBase(out="runs/probe"))
 
     def validate(self) -> ProbeConfig:
-        self.model.validate()
-        self.data.validate()
-        self.run.validate()
-        self.rollout.validate(groups=1)
+        validate_sections(self)
         check(self.rollout.temperature > 0, "rollout.temperature", "must be > 0")
         check(bool(self.probe.precisions), "probe.precisions", "list at least one setting, e.g. [fp32, fp16, bf16]")
         check(self.probe.batch_size >= 1, "probe.batch_size", "must be at least 1")

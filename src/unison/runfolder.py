@@ -37,7 +37,9 @@ def is_run_folder(path: Path) -> bool:
     return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """The folder a path would be made in: the path itself where it is a folder, else its nearest existing
+    ancestor."""
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
@@ -46,8 +48,9 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
     """Every check on the run folder, with nothing written: a file in the way, an existing folder without --resume
-    or --overwrite, --overwrite of a folder unison did not make, --resume of a folder with nothing to resume, a
-    folder that cannot be written, a folder another process is running in."""
+    or --overwrite, --overwrite of a folder unison did not make, a folder that cannot be written, a folder another
+    process is running in. (--resume of a folder without a complete checkpoint starts the run over, as a fresh run
+    would.)"""
     run_dir = Path(out)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
@@ -62,7 +65,7 @@ def check_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
     if exists and overwrite and not is_run_folder(run_dir):
         raise UserError(f"--overwrite refused: {str(run_dir)!r} holds files but is not a unison run folder (no "
                         f"{MARKER}); choose another run.out, or empty it yourself")  # fmt: skip
-    parent = _nearest_existing(run_dir)
+    parent = nearest_existing(run_dir)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write into {str(parent)!r} (Permission denied); choose a writable run.out")
     probe = parent / f".unison-write-test-{os.getpid()}"

@@ -31,6 +31,7 @@ from unison.models import (
 from unison.precision import check_dtype_supported, resolve_device
 from unison.rollout import make_engine
 from unison.rollout.base import SamplingParams
+from unison.runfolder import nearest_existing
 from unison.tasks import load_task
 from unison.tasks.base import Example
 
@@ -203,9 +204,7 @@ def check_output_file(path: str | Path, name: str) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         raise UserError(f"{name} {str(p)!r} is a folder; give a file path there, e.g. {str(p / 'out')!r}")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(p)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{name} {str(p)!r}: cannot write into {str(parent)!r}; choose a writable path")
     return p
@@ -216,9 +215,7 @@ def check_output_folder(path: str | Path, name: str) -> Path:
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise UserError(f"{name} {str(p)!r} is a file; give a folder")
-    parent = p
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(p)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{name} {str(p)!r}: cannot write into {str(parent)!r}; choose a writable folder")
     return p

@@ -236,6 +236,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
     learner's optimizer, the engine) is built and checked before the run folder is locked, cleared (--overwrite)
     or written. A fault after that (a write that fails, SIGTERM, SIGINT) ends with `RunFault`: one line naming the
     newest complete checkpoint and the command that resumes."""
+    if allow_changes and not resume:
+        raise UserError("--allow-changes goes with --resume; pass both, or neither")
     check_run_dir(cfg.run.out, resume, overwrite)
     run = build_run(cfg)
     threads.configure(cfg.run.threads)
