@@ -1,10 +1,11 @@
-"""The table of bad inputs and their exact messages in docs/reliability.md, generated from tests/test_bad_input.py.
+"""The table of bad inputs and their exact messages, generated from tests/test_bad_input.py.
 
     OMP_NUM_THREADS=1 python bench/bad_input_table.py
 
 Runs every case of `CASES` (in-process, as the tests do) on a tiny random model and writes the section
-`bad_input` of docs/reliability.md: the input, the command, the exit code, and the one line printed. Temporary
-paths are shown as `<dir>` (the case's folder) and `<model>` (the tiny model).
+`bad_input` of docs/notes/reliability.md (the long tables of docs/reliability.md): the input, the command, the
+exit code, and the one line printed. Temporary paths are shown as `<dir>` (the case's folder) and `<model>` (the
+tiny model).
 """
 
 from __future__ import annotations

@@ -9,12 +9,17 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
 def replace_section(name: str, text: str, path: Path = DOC) -> None:
     """Replace (or append) section `name` of `path`, under an exclusive lock, so that benchmarks running side by side
-    (one per core) each keep the sections the others wrote; the new text replaces the file in one rename."""
+    (one per core) each keep the sections the others wrote; the new text replaces the file in one rename. A section
+    whose markers stand in the page's notes twin (`docs/notes/<page>`, where long tables and logs live) is replaced
+    there."""
     import fcntl
     import os
 
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     block = f"{begin}\n{text.rstrip()}\n{end}"
+    notes = path.parent / "notes" / path.name
+    if notes.exists() and begin in notes.read_text() and not (path.exists() and begin in path.read_text()):
+        path = notes
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         doc = path.read_text() if path.exists() else ""

@@ -9,7 +9,8 @@ save, then resumed with `--resume`. A resumed run is bit-exact when its final we
 sync/seconds) and its per-step sample digests (samples.jsonl) equal the reference's. Also reported: whether the kill
 tore a checkpoint (a .tmp folder or a step folder without manifest left behind), and the mismatch (mismatch/k3) of
 the first step after the resume against the same step of the reference and the last step before the kill.
-Writes the section `kill_resume` of docs/reliability.md and the raw results as JSON.
+Writes the section `kill_resume` of docs/notes/reliability.md (the long tables of docs/reliability.md) and the
+raw results as JSON.
 """
 
 from __future__ import annotations
