@@ -88,7 +88,7 @@ def test_nonfinite_grad_never_reaches_master(bad):
     def loss():
         return model(x).float().sum() * bad
 
-    res = backward_and_step([loss], w, opt, scaler)
+    res = backward_and_step([loss()], w, opt, scaler)
     assert res.skipped and scaler.skipped_steps == 1 and scaler.scale == 2.0**15
     for a, b in zip(before, w.params):
         assert torch.equal(a, b) and torch.isfinite(b).all()
@@ -101,7 +101,7 @@ def test_fp16_overflow_from_scaling_is_skipped_then_recovers():
     opt = torch.optim.AdamW(w.params, lr=1e-2)
     scaler = LossScaler(init_scale=2.0**30)  # scaled fp16 gradients overflow to inf
     x = torch.randn(8, 4, dtype=torch.float16)
-    results = [backward_and_step([lambda: model(x).float().pow(2).sum()], w, opt, scaler) for _ in range(30)]
+    results = [backward_and_step([model(x).float().pow(2).sum()], w, opt, scaler) for _ in range(30)]
     assert results[0].skipped
     assert not results[-1].skipped  # backed off into range
     assert all(torch.isfinite(p).all() for p in w.params)
@@ -116,7 +116,7 @@ def test_master_weights_fp32_and_model_in_train_dtype():
     opt = torch.optim.SGD(w.params, lr=0.5)
     x = torch.randn(3, 4, dtype=torch.bfloat16)
     scaler = LossScaler(enabled=False)
-    backward_and_step([lambda: model(x).float().sum()], w, opt, scaler)
+    backward_and_step([model(x).float().sum()], w, opt, scaler)
     for p, m in zip(model.parameters(), w.params):
         assert torch.equal(p, m.to(torch.bfloat16))  # compute copy re-cast from the updated master
 
@@ -127,8 +127,8 @@ def test_micro_batches_sum_like_one_batch():
     w1, w2 = MasterWeights(m1, torch.float32), MasterWeights(m2, torch.float32)
     o1, o2 = torch.optim.SGD(w1.params, lr=0.1), torch.optim.SGD(w2.params, lr=0.1)
     s = LossScaler(enabled=False)
-    backward_and_step([lambda: m1(x).sum()], w1, o1, s, max_grad_norm=None)
-    backward_and_step([lambda: m2(x[:4]).sum(), lambda: m2(x[4:]).sum()], w2, o2, s, max_grad_norm=None)
+    backward_and_step([m1(x).sum()], w1, o1, s, max_grad_norm=None)
+    backward_and_step([m2(x[:4]).sum(), m2(x[4:]).sum()], w2, o2, s, max_grad_norm=None)
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b)
 
@@ -138,7 +138,7 @@ def test_clip_uses_unscaled_norm():
     w = MasterWeights(model, torch.float32)
     opt = torch.optim.SGD(w.params, lr=1.0)
     x = torch.randn(4, 4)
-    res = backward_and_step([lambda: model(x).sum() * 1e3], w, opt, LossScaler(init_scale=1024.0), max_grad_norm=1.0)
+    res = backward_and_step([model(x).sum() * 1e3], w, opt, LossScaler(init_scale=1024.0), max_grad_norm=1.0)
     assert res.grad_norm > 1.0 and res.loss_scale == 1024.0  # the reported norm is unscaled and before clipping
 
 

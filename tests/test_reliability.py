@@ -37,7 +37,7 @@ def cli(args, **kw):
 def comparable(run_dir: Path) -> dict:
     """Everything that must match bit for bit: final weights, metrics without timings, sample digests."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    metrics = [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "sync/seconds"} for r in rows]
+    metrics = [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
     samples = (run_dir / "samples.jsonl").read_text().splitlines()
     weights = ckpt.load_master(ckpt.latest_checkpoint(run_dir))
     return {"metrics": metrics, "samples": samples, "weights": weights}

@@ -70,8 +70,9 @@ def set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: dict, trainer_state: dict,
-                    keep: int = 2, shard_size: int | str = "5GB") -> Path:
-    """Write checkpoint `step` atomically, then drop all but the newest `keep` complete ones."""
+                    keep: int = 2, shard_size: int | str = "5GB", rank_states: list | None = None) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep` complete ones. `rank_states` are the
+    states of ranks 1, 2, ... of a run on several ranks (`rank-001.pt`, ...; rank 0's is `trainer_state.pt`)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -84,6 +85,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
         set_config_dtype(tmp, torch.float32)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
+        for rank, state in enumerate(rank_states or [], start=1):
+            torch.save(state, tmp / rank_file(rank))
         _fsync_tree(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save (disk full) leaves the previous checkpoints as they were
@@ -197,6 +200,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_trainer_state(path: Path) -> dict:
     return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:03d}.pt"
+
+
+def load_rank_state(path: Path, rank: int) -> dict:
+    """Rank `rank`'s own state (its optimizer shard, RNG states, overflow counts) in a checkpoint of several ranks."""
+    return torch.load(Path(path) / rank_file(rank), map_location="cpu", weights_only=False)
+
+
+def checkpoint_world_size(path: Path) -> int:
+    """The number of ranks that saved a checkpoint: 1 plus its `rank-*.pt` files."""
+    return 1 + sum(1 for p in Path(path).glob("rank-*.pt"))
 
 
 INDEX = "model.safetensors.index.json"

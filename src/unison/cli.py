@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from unison import distributed
 from unison.errors import SIGINT_CODE, WRITE_FAILED, RunFault, UserError
 
 COMMANDS = ("probe", "train", "eval", "filter", "demo", "export", "samples", "plot")
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --resume: continue with a changed preset, seed, data source or precision")
         if name == "train":
             p.add_argument("--precision", help="fp32, bf16 or fp16 for both rollout and training")
+            p.add_argument("--nproc", type=int, default=1,
+                           help="ranks on this machine (starts them as torchrun does; one GPU each on CUDA)")
+            p.add_argument("--backend", default="auto", help="distributed backend: auto (gloo on CPU, NCCL on CUDA), "
+                           "gloo or nccl")  # fmt: skip
 
     p = sub.add_parser("export", help="write a checkpoint (or a run's newest) as a plain Hugging Face model folder")
     p.add_argument("source", help="a run folder (its newest complete checkpoint) or a checkpoint folder")
@@ -172,8 +177,45 @@ def cmd_train(args) -> None:
     from unison.trainer import train
 
     cfg = _config(TrainConfig, args, "train")
-    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
-    print(f"done: {run_dir}/metrics.jsonl, checkpoints in {run_dir}/checkpoints")
+    if args.nproc != 1 and not distributed.launched():
+        check_launch(cfg, args)
+        code = distributed.launch(args.nproc, without_nproc(args.argv))
+        if code:
+            raise SystemExit(code)
+        return
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes,
+                    backend=args.backend)  # fmt: skip
+    if distributed.rank() == 0:
+        print(f"done: {run_dir}/metrics.jsonl, checkpoints in {run_dir}/checkpoints")
+
+
+def check_launch(cfg, args) -> None:
+    """What `--nproc N` needs, checked before any rank starts: N within the devices, the backend for the device,
+    whole groups for every rank, the world size of the checkpoint to resume."""
+    from unison import checkpoint as ckpt
+    from unison.precision import resolve_device
+    from unison.trainer import check_resume_world, check_world_settings
+
+    device = resolve_device(cfg.model.device)
+    distributed.backend_for(device, args.backend)
+    check_world_settings(cfg, args.nproc, device)
+    if args.resume and Path(cfg.run.out).is_dir():
+        latest = ckpt.latest_checkpoint(Path(cfg.run.out))
+        if latest is not None:
+            check_resume_world(latest, args.nproc)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line without its --nproc setting (each rank runs the rest)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def cmd_eval(args) -> None:
@@ -259,17 +301,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    args.argv = argv
+    say = distributed.rank() == 0  # with several ranks, rank 0 says what went wrong (every rank stops)
     try:
-        globals()[f"cmd_{args.command}"](args)
+        try:
+            globals()[f"cmd_{args.command}"](args)
+        finally:
+            distributed.shutdown()
+    except SystemExit as exc:  # the exit code of ranks started by --nproc
+        return int(exc.code or 0)
     except UserError as exc:
-        print(f"unison {args.command}: error: {exc}", file=sys.stderr)
+        if say:
+            print(f"unison {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except RunFault as exc:
-        print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
+        if say:
+            print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"unison {args.command}: interrupted (SIGINT)", file=sys.stderr)
+        if say:
+            print(f"unison {args.command}: interrupted (SIGINT)", file=sys.stderr)
         return SIGINT_CODE
     except OSError as exc:  # a command's output that cannot be written (a run's own faults are RunFault)
         from unison.runfolder import WRITE_ERRNOS

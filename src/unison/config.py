@@ -155,8 +155,12 @@ class RolloutConfig:
     context_limit: str = doc("error", "a prompt + max_new_tokens beyond the model's context: error (say which "
                                       "prompt), or clamp (lower max_new_tokens to fit, with a warning)",
                              choices=CONTEXT_LIMITS, what="choice")
+    tensor_parallel_size: int = doc(1, "GPUs one vLLM engine spreads its model over (vLLM on CUDA only)")
 
     def validate(self) -> None:
+        check(self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be at least 1")
+        check(self.tensor_parallel_size == 1 or self.engine == "vllm", "rollout.tensor_parallel_size",
+              "applies to rollout.engine=vllm only (the native engine runs on one device)")  # fmt: skip
         check(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
         check(self.group_size >= 1, "rollout.group_size", "must be at least 1")
         check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")

@@ -20,16 +20,19 @@ from dataclasses import dataclass
 
 import torch
 
+from unison.distributed import SINGLE, World, shard
 from unison.hf import LogitsAt, cache_kwarg, output_cache
 from unison.precision import (
     LossScaler,
     MasterWeights,
     PrecisionPolicy,
     StepResult,
-    backward_and_step,
+    backward,
+    cast_module,
     checksum,
     matmul_mode,
     set_matmul,
+    step,
 )
 from unison.rollout.base import Rollouts
 from unison.rollout.native import layer_windows
@@ -142,6 +145,34 @@ def enable_checkpointing(model) -> None:
             module.training = True
 
 
+def split_to(buckets: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """`buckets` with the largest split in two until there are `count` of them (no more than the rows)."""
+    buckets = list(buckets)
+    while len(buckets) < count and max(map(len, buckets)) > 1:
+        i = max(range(len(buckets)), key=lambda j: len(buckets[j]))
+        half = len(buckets[i]) // 2
+        buckets[i : i + 1] = [buckets[i][:half], buckets[i][half:]]
+    return buckets
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of an update, as `Learner.update` hands it to the loss.
+
+    rows      [b]     the rows of the rollout batch it holds
+    rollouts  those rows (`Rollouts.select`)
+    batch     the rows laid out for the forward
+    logp      [b, T]  log pi_theta of the response tokens, with gradient (0 on padding)
+    entropy   [b, T]  the policy's entropy at each response position (without gradient), when asked for
+    """
+
+    rows: torch.Tensor
+    rollouts: Rollouts
+    batch: SequenceBatch
+    logp: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+
 class WeightSyncError(RuntimeError):
     """The rollout engine does not hold exactly the learner's weights after a sync."""
 
@@ -234,8 +265,10 @@ class Learner:
         share_prompts: bool = True,
         reference: bool = False,
         gradient_checkpointing: bool = False,
+        world: World = SINGLE,
     ):
         self.device = torch.device(device)
+        self.world = world
         # padded tokens per forward/backward at most (speed only: gradients are summed over micro-batches either way);
         # 0: CPU_MICRO_BATCH_VALUES / hidden size on a CPU, no limit elsewhere
         hidden = getattr(model.config, "hidden_size", 0) if hasattr(model, "config") else 0
@@ -247,26 +280,33 @@ class Learner:
         # cache HF can extend (no sliding window, no other cache kind)
         cfg = getattr(model, "config", None)
         # (not with gradient checkpointing: the recomputed prompt pass would append its keys and values again)
+        # (nor across ranks: every rank must run the same forwards, whose FSDP all-gathers pair up)
         self.share_prompts = bool(share_prompts and cfg is not None and cfg.model_type in SHARED_PROMPT_TYPES
-                                  and not any(layer_windows(cfg)) and not gradient_checkpointing)  # fmt: skip
+                                  and not any(layer_windows(cfg)) and not gradient_checkpointing
+                                  and not world.distributed)  # fmt: skip
         # the policy that is trained is the policy that samples: dropout (and any other train-time randomness, such
         # as a router's jitter) stays off, as in the rollout engine
         self.model = model.to(self.device).eval()
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
-        self.weights = MasterWeights(self.model, policy.train)
         self.matmul = matmul_mode(matmul, self.device, policy.train)
+        # a frozen copy of the starting policy in the train dtype, for a KL penalty (`reference_logprobs`)
+        self.reference = None
+        if reference:
+            self.reference = cast_module(copy.deepcopy(self.model), policy.train).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+            set_matmul(self.reference, self.matmul)
+            self.reference_logits_at = LogitsAt(self.reference)
+        if world.distributed:  # FSDP2: the sharded fp32 parameters are the master weights; it casts for compute
+            self.model = shard(self.model.float(), policy.train)
+            self.weights = MasterWeights(self.model, torch.float32)
+        else:
+            self.weights = MasterWeights(self.model, policy.train)
         set_matmul(self.model, self.matmul)
         self.logits_at = LogitsAt(self.model)
         if gradient_checkpointing:
             enable_checkpointing(self.model)
-        # a frozen copy of the starting policy in the train dtype, for a KL penalty (`reference_logprobs`)
-        self.reference = None
-        if reference:
-            self.reference = copy.deepcopy(self.model).eval()
-            for p in self.reference.parameters():
-                p.requires_grad_(False)
-            self.reference_logits_at = LogitsAt(self.reference)
         # PyTorch's fused AdamW (one kernel over all master weights) where it has one: the same update to an ulp as
         # the per-tensor loop, in a fraction of its time
         fused = self.device.type in ("cpu", "cuda") or None
@@ -297,6 +337,8 @@ class Learner:
         if rows is not None:
             plens, rlens = plens[rows], rlens[rows]
         plain = length_buckets(plens + rlens, size, max_tokens=self.micro_batch_tokens)
+        if self.world.distributed:  # every rank runs as many forwards as the rank that needs most
+            return split_to(plain, self.world.all_reduce_max(len(plain)))
         if not self.share_prompts or not self.auto_budget:
             return plain
         prompts = rollouts.prompt_ids if rows is None else [rollouts.prompt_ids[i] for i in rows.tolist()]
@@ -381,21 +423,49 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self, micro_losses) -> StepResult:
-        """One optimizer step over micro-batch losses (callables), through the precision module."""
-        return backward_and_step(micro_losses, self.weights, self.optimizer, self.scaler, self.max_grad_norm)
+    def update(self, rollouts: Rollouts, rows: torch.Tensor, loss_fn, micro_batch_size: int = 64,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, with_entropy: bool = False,
+               ) -> StepResult:  # fmt: skip
+        """One optimizer step on the rows `rows` of `rollouts`, in micro-batches of similar length.
+
+        For each micro-batch the learner computes log pi_theta, `loss_fn(MicroBatch)` returns its loss (weighted so
+        that the micro-batch losses sum to the step's loss, over every rank), and the loss is backpropagated before
+        the next micro-batch runs; then the precision module unscales, clips and steps or skips (`precision.step`)."""
+        self.weights.zero_grad()
+        for idx in self.micro_batches(rollouts, micro_batch_size, rows):
+            part_rows = rows[idx]
+            part = rollouts.select(part_rows)
+            batch = self.batch(part)
+            res = self.logprobs(batch, temperature, top_k, top_p, with_entropy=with_entropy)
+            logp, ent = res if with_entropy else (res, None)
+            backward(loss_fn(MicroBatch(part_rows, part, batch, logp, ent)), self.weights, self.scaler)
+        return self.finish_step()
+
+    def step(self, losses) -> StepResult:
+        """One optimizer step over plain micro-batch losses (an iterable; a generator computes each after the
+        previous one's backward)."""
+        self.weights.zero_grad()
+        for loss in losses:
+            backward(loss, self.weights, self.scaler)
+        return self.finish_step()
+
+    def finish_step(self) -> StepResult:
+        reduce = self.world.all_reduce_sum if self.world.distributed else None
+        return step(self.weights, self.optimizer, self.scaler, self.max_grad_norm, all_reduce=reduce)
 
     # ---- weight sync ----------------------------------------------------------------------------------------
     def export_weights(self, dtype: torch.dtype | None = None):
         """(name, master weight cast to `dtype`) for every parameter; the rollout dtype by default."""
         dtype = dtype or self.policy.rollout
-        return [(name, t.to(dtype)) for name, t in self.weights.named_master()]
+        return [(name, full_tensor(t).to(dtype)) for name, t in self.weights.named_master()]
 
     def sync(self, engine) -> dict:
-        """Load the master weights, cast to the engine's dtype, into the engine, then verify the engine's checksum."""
+        """Load the master weights, cast to the engine's dtype, into the engine, then verify the engine's checksum
+        (on every rank: each rank's engine receives the full weights)."""
         t0 = time.perf_counter()
         exported = self.export_weights(engine.dtype)
         engine.load_weights(exported)
+        t1 = time.perf_counter()
         expected = checksum(exported)
         got = engine.weights_checksum()
         if got != expected:
@@ -403,17 +473,55 @@ class Learner:
                 f"weight sync failed: the rollout engine's checksum {got} differs from the learner's {expected} "
                 "(weights cast to the rollout dtype); the engine is not sampling from the policy being trained"
             )
-        return {"sync/seconds": time.perf_counter() - t0, "sync/checksum_ok": 1.0}
+        t2 = time.perf_counter()
+        return {"perf/sync_seconds": t2 - t0, "perf/sync_verify_seconds": t2 - t1, "sync/checksum_ok": 1.0}
 
     # ---- state ----------------------------------------------------------------------------------------------
+    def master_state(self) -> dict[str, torch.Tensor]:
+        """The full fp32 master weights by name (gathered from every rank's shard when sharded)."""
+        return {n: full_tensor(t).clone() for n, t in self.weights.named_master()}
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state: the whole of it in one process; this rank's shard of it (plain tensors) with
+        several ranks."""
+        return {"state": {k: {n: local_tensor(v) for n, v in st.items()} for k, st in self.optimizer.state_dict()[
+            "state"].items()}, "param_groups": self.optimizer.state_dict()["param_groups"]}
+
     def state_dict(self) -> dict:
-        return {
-            "master": {n: t.clone() for n, t in self.weights.named_master()},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
+        return {"master": self.master_state(), "optimizer": self.optimizer_state(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.weights.load_master(state["master"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.world.distributed:  # each rank's shard of the full master weights
+            from torch.distributed.tensor import distribute_tensor
+
+            with torch.no_grad():
+                for name, p in zip(self.weights.names, self.weights.params):
+                    full = state["master"][name].to(device=p.device, dtype=p.dtype)
+                    p.copy_(distribute_tensor(full, p.device_mesh, p.placements))
+        else:
+            self.weights.load_master(state["master"])
+        self.optimizer.load_state_dict(self._as_sharded(state["optimizer"]))
         self.scaler.load_state_dict(state["scaler"])
+
+    def _as_sharded(self, optimizer_state: dict) -> dict:
+        """An optimizer state of plain tensors given the sharding of the parameters they belong to."""
+        if not self.world.distributed:
+            return optimizer_state
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for k, st in optimizer_state["state"].items():
+            p = self.weights.params[int(k)]
+            out[k] = {n: DTensor.from_local(v, p.device_mesh, p.placements) if torch.is_tensor(v) and v.dim() else v
+                      for n, v in st.items()}  # fmt: skip
+        return {"state": out, "param_groups": optimizer_state["param_groups"]}
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded (DTensor) tensor, gathered from every rank; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def local_tensor(t):
+    """This rank's shard of a sharded tensor; anything else as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

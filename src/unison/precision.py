@@ -1,8 +1,8 @@
 """Numerics in one place: precision names, the precision policy, the FP16 loss scaler and the one step function.
 
-Every backward pass and optimizer step in unison goes through `backward_and_step`, so that loss scaling,
-unscale-before-clip and skip-on-overflow cannot be bypassed, and a non-finite value never reaches the fp32 master
-weights.
+Every backward pass and optimizer step in unison goes through `backward` and `step` (`backward_and_step` is the
+two together), so that loss scaling, unscale-before-clip and skip-on-overflow cannot be bypassed, and a non-finite
+value never reaches the fp32 master weights.
 
     train dtype   forward and backward of the learner (a compute copy of the weights in that dtype)
     rollout dtype the rollout engine's copy of the weights
@@ -330,39 +330,42 @@ class StepResult:
     loss_scale: float  # the scale used for this step
 
 
-def backward_and_step(
-    micro_losses: Iterable[Callable[[], torch.Tensor]],
-    weights: MasterWeights,
-    optimizer: torch.optim.Optimizer,
-    scaler: LossScaler,
-    max_grad_norm: float | None = 1.0,
-) -> StepResult:
-    """The one path from losses to an optimizer step: scale, backward, unscale, clip, step-or-skip, update.
-
-    `micro_losses` yields zero-argument callables, each running one micro-batch forward and returning its loss
-    (already weighted so that the micro-batch losses sum to the step's loss); each is backpropagated before the
-    next runs. Gradients are unscaled in fp32; if any is inf/NaN the step is skipped (master weights untouched),
-    the scale backs off and the skip is counted.
-    """
+def backward(loss: torch.Tensor, weights: MasterWeights, scaler: LossScaler) -> None:
+    """Backpropagate one micro-batch's loss (weighted so that the micro-batch losses sum to the step's loss), scaled
+    by the loss scale, and add its gradients into the fp32 master gradients."""
     scale = scaler.scale
-    weights.zero_grad()
-    for compute in micro_losses:
-        loss = compute()
-        (loss * scale).backward() if scale != 1.0 else loss.backward()
-        weights.accumulate_grads()
+    (loss * scale).backward() if scale != 1.0 else loss.backward()
+    weights.accumulate_grads()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor; the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def step(weights: MasterWeights, optimizer: torch.optim.Optimizer, scaler: LossScaler,
+         max_grad_norm: float | None = 1.0, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+         ) -> StepResult:  # fmt: skip
+    """After the backward passes of a step: unscale the fp32 gradients, take their norm, and step or skip.
+
+    If the norm is inf/NaN the step is skipped (master weights untouched), the scale backs off and the skip is
+    counted. With sharded gradients (several ranks), `all_reduce` sums the squared norms of the ranks' shards, so
+    the norm, and with it the decision to skip, is the same on every rank."""
+    scale = scaler.scale
     grads = [p.grad for p in weights.params if p.grad is not None]
+    local = [_local(g) for g in grads]
     if scale != 1.0:
-        torch._foreach_mul_(grads, 1.0 / scale)
-    if grads:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
-    else:
-        norm = 0.0
+        torch._foreach_mul_(local, 1.0 / scale)
+    norm_t = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local))) if local else torch.zeros(())
+    if all_reduce is not None:  # the global norm: sqrt of the sum of the ranks' squared norms
+        norm_t = all_reduce(norm_t.double().pow(2).reshape(1)).sqrt()
+    norm = float(norm_t)
     if not math.isfinite(norm):
         weights.zero_grad()
         scaler.update(found_nonfinite=True)
         return StepResult(skipped=True, grad_norm=norm, loss_scale=scale)
     if max_grad_norm and norm > max_grad_norm:
-        torch._foreach_mul_(grads, max_grad_norm / (norm + 1e-6))
+        torch._foreach_mul_(local, max_grad_norm / (norm + 1e-6))
     optimizer.step()
     weights.zero_grad()
     weights.copy_to_model()
@@ -370,18 +373,58 @@ def backward_and_step(
     return StepResult(skipped=False, grad_norm=norm, loss_scale=scale)
 
 
-def checksum(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """A checksum over tensors, exact to the bit: a position-weighted sum of each tensor's bit patterns.
+def backward_and_step(losses: Iterable[torch.Tensor], weights: MasterWeights, optimizer: torch.optim.Optimizer,
+                      scaler: LossScaler, max_grad_norm: float | None = 1.0) -> StepResult:  # fmt: skip
+    """One optimizer step over micro-batch losses: `backward` each (a generator computes each loss after the
+    previous one's backward, so one micro-batch's graph is held at a time), then `step`."""
+    weights.zero_grad()
+    for loss in losses:
+        backward(loss, weights, scaler)
+    return step(weights, optimizer, scaler, max_grad_norm)
 
-    Computed where the tensors live (no copy to the host beyond one integer per tensor), in name order, so two
-    holders of the same values in the same dtype give the same string and any changed bit changes it.
-    """
+
+# positions' odd weights in the checksum repeat with this period; a chunk of the pass is a whole number of periods
+_PERIOD = 32749
+_CHUNK = _PERIOD * 64
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _position_weights(device: torch.device) -> torch.Tensor:
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = (2 * (torch.arange(_CHUNK, device=device, dtype=torch.int32) % _PERIOD) + 1)
+    return _WEIGHTS[device]
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as int32 words (zero-padded to a whole word), on its device, without a copy where the
+    tensor is contiguous, aligned and a whole number of words."""
+    flat = t.detach().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8)
+    if raw.numel() % 4 or flat.storage_offset() * flat.element_size() % 4:
+        pad = (-raw.numel()) % 4
+        raw = torch.cat((raw, raw.new_zeros(pad)))
+    return raw.view(torch.int32)
+
+
+def checksum(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A checksum over tensors, exact to the bit, computed where they live in one pass over their bytes.
+
+    Each tensor's bytes, read as 32-bit words, are multiplied by odd position weights (products wrap modulo 2^32,
+    so any changed bit changes its word's product) and summed in int64; the per-tensor sums, with names, dtypes and
+    shapes, are hashed in name order. Integer arithmetic makes the value the same on any device and thread count:
+    two holders of the same values in the same dtype give the same string."""
     h = hashlib.sha256()
-    int_view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
-        flat = t.detach().contiguous().reshape(-1)
-        bits = flat.view(int_view[flat.element_size()]).long()
-        weight = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
-        value = int(((bits & 0xFFFFFFFF) * weight).sum().item())
-        h.update(f"{name}|{flat.dtype}|{tuple(t.shape)}|{value};".encode())
+    items = sorted(named_tensors, key=lambda kv: kv[0])
+    sums = []
+    for _, t in items:
+        words = _words(t)
+        w = _position_weights(words.device)
+        total = torch.zeros((), dtype=torch.int64, device=words.device)
+        for i in range(0, words.numel(), _CHUNK):
+            part = words[i : i + _CHUNK]
+            total += (part * w[: part.numel()]).sum()
+        sums.append(total)
+    values = torch.stack([v.to(sums[0].device) for v in sums]).tolist() if sums else []  # one copy to the host
+    for (name, t), value in zip(items, values):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{value};".encode())
     return h.hexdigest()[:16]

@@ -155,7 +155,13 @@ class Setup:
 
     # ---- engines and learners -----------------------------------------------------------------------------
     def engine(self, dtype: torch.dtype, seed: int | None = None, name: str | None = None, **kwargs):
-        """A rollout engine (rollout.engine unless `name`) holding the checkpoint's weights in `dtype`."""
+        """A rollout engine (rollout.engine unless `name`) holding the checkpoint's weights in `dtype`; a vLLM engine
+        spreads over rollout.tensor_parallel_size GPUs."""
+        if (name or self.rollout.engine) == "vllm" and self.rollout.tensor_parallel_size > 1:
+            if self.device.type != "cuda":
+                raise UserError(f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size} needs CUDA GPUs; "
+                                "on a CPU use rollout.tensor_parallel_size=1")  # fmt: skip
+            kwargs.setdefault("tensor_parallel_size", self.rollout.tensor_parallel_size)
         return make_engine(name or self.rollout.engine, self.model_dir, dtype=dtype, device=self.device,
                            seed=self.seed if seed is None else seed, matmul=self.model.matmul,
                            attn_implementation=self.attn_implementation, **kwargs)  # fmt: skip

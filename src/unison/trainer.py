@@ -12,6 +12,7 @@ batch); the built-in default is smaller so that it runs on a laptop CPU (configs
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import sys
@@ -25,18 +26,19 @@ import yaml
 from tqdm.auto import tqdm
 
 from unison import checkpoint as ckpt
-from unison import threads
+from unison import distributed, threads
 from unison.algorithms import ADVANTAGES, AGGREGATIONS, aggregation_counts, kl_penalty, policy_loss
 from unison.config import TrainConfig, parse_size, to_dict
 from unison.conformance import self_test
+from unison.distributed import SINGLE, World
 from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, UserError
 from unison.evaluation import evaluate, score
-from unison.learner import Learner, lr_factor
+from unison.learner import Learner, MicroBatch, lr_factor
 from unison.mismatch import mismatch_metrics
 from unison.overflow import OverflowGuard
 from unison.precision import PrecisionPolicy, precision_name
 from unison.report import MetricsLog, console_line, resolve_loggers
-from unison.rollout.base import SamplingParams
+from unison.rollout.base import Rollouts, SamplingParams
 from unison.runfolder import WRITE_ERRNOS, check_run_dir, prepare_run_dir, resume_changes
 from unison.setup import Setup, build
 
@@ -107,102 +109,70 @@ def needs_recompute(optim, rollout_batch: int) -> bool:
 
 
 def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: PromptStream, preset,
-            shuffle: torch.Generator, samples: list | None = None, step: int = 0) -> dict:
-    """RL step `step` (0-based): rollout, reward, advantage, recompute, mismatch, updates, sync. Returns its metrics
-    (and appends a digest of the sampled responses, and `run.log_samples` decoded rows, to `samples` when given)."""
+            shuffle: torch.Generator, samples: list | None = None, step: int = 0, world: World = SINGLE) -> dict:
+    """RL step `step` (0-based): sample -> rewards and advantages -> log pi_old -> updates -> sync -> metrics.
+
+    With several ranks every rank takes the same prompts from the stream and samples its own share of the groups;
+    the updates see the whole batch through the global token and sequence counts, and the metrics are the whole
+    batch's. Returns the metrics (and appends a digest of the sampled responses, and `run.log_samples` decoded rows,
+    to `samples` when given)."""
     r, o, a = cfg.rollout, cfg.optim, cfg.algorithm
     threads.adapt()  # the cores the machine's other processes leave free
     lr = o.lr * lr_factor(o.schedule, step, cfg.run.steps, o.warmup_steps, o.min_lr_ratio)
     learner.set_lr(lr)
-    kl_loss, kl_reward = a.kl_coef > 0 and a.kl_in == "loss", a.kl_coef > 0 and a.kl_in == "reward"
     t_start = time.perf_counter()
-    examples = [e for e in stream.take(r.prompts_per_step) for _ in range(r.group_size)]  # groups are contiguous
-    s = run.setup
-    rollouts = engine.generate([s.prompt_ids[id(e)] for e in examples], run.sampling)
+    prompts = stream.take(r.prompts_per_step)  # the same on every rank
+    share = r.prompts_per_step // world.size
+    examples = [e for e in prompts[world.rank * share : (world.rank + 1) * share] for _ in range(r.group_size)]
+    rollouts = engine.generate([run.setup.prompt_ids[id(e)] for e in examples], run.sampling)  # groups contiguous
     t_rollout = time.perf_counter() - t_start
-    rewards, texts = score(s.task, s.tokenizer, rollouts, examples)
+    rewards, texts = score(run.setup.task, run.setup.tokenizer, rollouts, examples)
 
-    B = len(rollouts)
+    t0 = time.perf_counter()
     # With one update per rollout batch, pi_old is the policy of that update's own forward: its log-probs (detached)
     # are log pi_old, and a separate recompute pass would repeat the same forward. With several updates (or a KL
     # penalty in the reward, which needs log pi_old before the advantages), pi_old is recomputed once first.
-    single_update = not needs_recompute(o, B) and not kl_reward
-    t0 = time.perf_counter()
+    kl_reward = a.kl_coef > 0 and a.kl_in == "reward"
+    single_update = not needs_recompute(o, r.prompts_per_step * r.group_size) and not kl_reward
+    sampling = (r.temperature, r.top_k, r.top_p)
     if single_update:
         logp_old, entropy = torch.zeros(rollouts.response_ids.shape), torch.zeros(rollouts.response_ids.shape)
     else:
-        logp_old, entropy = learner.recompute(rollouts, o.micro_batch_size, r.temperature, r.top_k, r.top_p,
-                                              with_entropy=True)  # fmt: skip
+        logp_old, entropy = learner.recompute(rollouts, o.micro_batch_size, *sampling, with_entropy=True)
     t_recompute = time.perf_counter() - t0
-    mu, mask = rollouts.logprobs, rollouts.mask
     kl_metrics = {}
+    shaped = rewards
     if kl_reward:  # r_i - beta * sum_t KL_t(pi_old || ref)
-        logp_ref = learner.recompute(rollouts, o.micro_batch_size, r.temperature, r.top_k, r.top_p, reference=True)
-        kl = kl_penalty(a.kl_estimator, logp_old, logp_ref, mask)  # [B, T]
-        kl_metrics = {"kl/ref": float(kl.sum() / mask.sum().clamp(min=1)), "kl/ref_seq": float(kl.sum(1).mean())}
-        advantages = ADVANTAGES[preset.advantage](rewards - a.kl_coef * kl.sum(1), r.group_size)  # [B]
-    else:
-        advantages = ADVANTAGES[preset.advantage](rewards, r.group_size)  # [B]
+        logp_ref = learner.recompute(rollouts, o.micro_batch_size, *sampling, reference=True)
+        kl = kl_penalty(a.kl_estimator, logp_old, logp_ref, rollouts.mask)  # [B, T]
+        kl_metrics = {"kl/ref": kl.sum() / rollouts.mask.sum().clamp(min=1), "kl/ref_seq": kl.sum(1).mean()}
+        shaped = rewards - a.kl_coef * kl.sum(1)
+    advantages = ADVANTAGES[preset.advantage](shaped, r.group_size)  # [B], per group: whole groups on each rank
 
     t0 = time.perf_counter()
-    groups = B // r.group_size
-    per_mb = o.train_batch_size // r.group_size
-    sums: dict[str, float] = {}
-    losses, skipped, norms, scales = [], 0, [], []
-    for _ in range(o.epochs):
-        group_order = torch.randperm(groups, generator=shuffle)
-        for g0 in range(0, groups, per_mb):
-            rows = torch.cat([torch.arange(g * r.group_size, (g + 1) * r.group_size)
-                              for g in group_order[g0: g0 + per_mb].tolist()])
-            total_tokens, total_seqs = aggregation_counts(mask[rows])
-            step_loss = []
-
-            def micro_losses(rows=rows, total_tokens=total_tokens, total_seqs=total_seqs, step_loss=step_loss):
-                for idx in learner.micro_batches(rollouts, o.micro_batch_size, rows):
-                    part_rows = rows[idx]
-                    part = rollouts.select(part_rows)
-                    T = part.response_ids.shape[1]
-                    batch = learner.batch(part)
-                    if single_update:
-                        logp, ent = learner.logprobs(batch, r.temperature, r.top_k, r.top_p, with_entropy=True)
-                        logp_old[part_rows, :T], entropy[part_rows, :T] = logp.detach().float().cpu(), ent.float().cpu()
-                    else:
-                        logp = learner.logprobs(batch, r.temperature, r.top_k, r.top_p)
-                    part_mask = part.mask.to(logp.device)
-                    loss, lm = policy_loss(
-                        preset, logp, logp_old[part_rows, :T].to(logp.device), part.logprobs.to(logp.device),
-                        advantages[part_rows].to(logp.device), part_mask, run.sampling.max_new_tokens,
-                        total_tokens=total_tokens, total_seqs=total_seqs,
-                    )  # fmt: skip
-                    if kl_loss:  # + beta * aggregate_t KL_t(pi_theta || ref), aggregated as the policy loss is
-                        ref = learner.logprobs(batch, r.temperature, r.top_k, r.top_p, reference=True)
-                        kl = kl_penalty(a.kl_estimator, logp, ref, part_mask)  # [b, T]
-                        loss = loss + a.kl_coef * AGGREGATIONS[preset.aggregation](
-                            kl, part_mask, run.sampling.max_new_tokens, total_tokens=total_tokens,
-                            total_seqs=total_seqs)  # fmt: skip
-                        lm = {**lm, "kl/ref": float(kl.detach().sum() / part_mask.sum().clamp(min=1))}
-                    weight = len(part_rows) / len(rows)
-                    for k, v in lm.items():
-                        sums[k] = sums.get(k, 0.0) + weight * float(v)
-                    step_loss.append(float(loss.detach()))
-                    yield lambda loss=loss: loss
-
-            result = learner.step(micro_losses())
-            losses.append(sum(step_loss))
-            skipped += int(result.skipped)
-            norms.append(result.grad_norm)
-            scales.append(result.loss_scale)
-    n_updates = len(losses)
+    updates = update_policy(cfg, learner, rollouts, advantages, logp_old, entropy, preset, shuffle, single_update,
+                            run.sampling.max_new_tokens, world)  # fmt: skip
     t_learn = time.perf_counter() - t0
-    m = {f"mismatch/{k}": v for k, v in mismatch_metrics(logp_old, mu, mask).items()}
-    m.update(learner.sync(engine))  # with its time, sync/seconds
-    m.update(kl_metrics)
+    m = learner.sync(engine)  # with its time, perf/sync_seconds
+    if world.distributed:  # the whole batch, on every rank
+        parts = world.gather((rollouts, rewards, logp_old, entropy, advantages, texts, [e.id for e in examples],
+                              {k: float(v) for k, v in kl_metrics.items()}))  # fmt: skip
+        rollouts = Rollouts.concat([p[0] for p in parts], run.setup.tokenizer.pad_token_id or 0)
+        T = rollouts.response_ids.shape[1]
+        rewards, advantages = torch.cat([p[1] for p in parts]), torch.cat([p[4] for p in parts])
+        logp_old, entropy = (torch.cat([torch.nn.functional.pad(p[i], (0, T - p[i].shape[1])) for p in parts])
+                             for i in (2, 3))  # fmt: skip
+        texts = [t for p in parts for t in p[5]]
+        examples = [e for e in prompts for _ in range(r.group_size)]
+        kl_metrics = {k: sum(p[7][k] for p in parts) / world.size for k in kl_metrics}
+    mu, mask = rollouts.logprobs, rollouts.mask
+    m.update({f"mismatch/{k}": v for k, v in mismatch_metrics(logp_old, mu, mask).items()})
+    m.update({k: float(v) for k, v in kl_metrics.items()})
     m["learner/lr"] = lr
     if samples is not None:
         samples.append(ckpt.rollout_digest(rollouts))
         samples.append(readable_samples(cfg.run.log_samples, examples, rollouts, texts, rewards, logp_old, run))
     tokens = int(rollouts.lengths.sum())
-    finite_norms = [x for x in norms if x == x and x != float("inf")]
     m.update({
         "rollout/reward_mean": rewards.mean().item(),
         "rollout/accuracy": (rewards > 0.5).float().mean().item(),
@@ -211,12 +181,8 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
         "rollout/truncated_frac": (~rollouts.finished).float().mean().item(),
         "rollout/entropy": (entropy * mask).sum().item() / max(int(mask.sum()), 1),
         "rollout/advantage_abs_mean": advantages.abs().mean().item(),
-        "policy/loss": sum(losses) / n_updates,
-        **{k: v / n_updates for k, v in sums.items()},
-        "learner/grad_norm": sum(finite_norms) / len(finite_norms) if finite_norms else float("nan"),
-        "learner/updates": n_updates,
+        **updates,
         "precision/loss_scale": learner.scaler.scale,
-        "precision/skipped_this_step": skipped,
         "precision/skipped_steps": learner.scaler.skipped_steps,
         "perf/rollout_tokens_per_s": tokens / max(t_rollout, 1e-9),
         **({} if single_update else {"perf/recompute_tokens_per_s": tokens / max(t_recompute, 1e-9),
@@ -225,29 +191,104 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
         "perf/rollout_seconds": t_rollout, "perf/learn_seconds": t_learn,
         "perf/step_seconds": time.perf_counter() - t_start, "perf/threads": torch.get_num_threads(),
     })  # fmt: skip
+    m["perf/peak_rss_mib"] = max(world.gather(peak_rss_mib()))  # the largest rank's
+    if world.distributed:
+        m["perf/ranks"] = world.size
     return m
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def update_policy(cfg: TrainConfig, learner: Learner, rollouts, advantages: torch.Tensor, logp_old: torch.Tensor,
+                  entropy: torch.Tensor, preset, shuffle: torch.Generator, single_update: bool, max_new_tokens: int,
+                  world: World = SINGLE) -> dict:  # fmt: skip
+    """The optimizer steps of one rollout batch: `optim.epochs` passes over its groups in a seeded order, one
+    `Learner.update` per `optim.train_batch_size` samples (each rank takes its share of them). With
+    `single_update`, the update's own forward gives log pi_old and the entropy, written into `logp_old` and
+    `entropy`. Returns the update metrics (the policy loss and its terms, averaged over updates and ranks)."""
+    r, o, a = cfg.rollout, cfg.optim, cfg.algorithm
+    kl_loss = a.kl_coef > 0 and a.kl_in == "loss"
+    groups = len(rollouts) // r.group_size
+    per_update = o.train_batch_size // r.group_size // world.size  # groups of this rank in each update
+    sampling = (r.temperature, r.top_k, r.top_p)
+    sums: dict[str, torch.Tensor] = {}
+    losses, skipped, norms = [], 0, []
+    for _ in range(o.epochs):
+        group_order = torch.randperm(groups, generator=shuffle)
+        for g0 in range(0, groups, per_update):
+            rows = torch.cat([torch.arange(g * r.group_size, (g + 1) * r.group_size)
+                              for g in group_order[g0: g0 + per_update].tolist()])  # fmt: skip
+            counts = world.all_reduce_sum(torch.tensor(aggregation_counts(rollouts.mask[rows]), dtype=torch.long))
+            total_tokens, total_seqs = (int(c) for c in counts)
+            step_loss = []
+
+            def loss_fn(mb: MicroBatch, total_tokens=total_tokens, total_seqs=total_seqs, rows=rows,
+                        step_loss=step_loss):
+                logp, T = mb.logp, mb.logp.shape[1]
+                if single_update:
+                    logp_old[mb.rows, :T], entropy[mb.rows, :T] = logp.detach().float().cpu(), mb.entropy.float().cpu()
+                dev = logp.device
+                mask = mb.rollouts.mask.to(dev)
+                loss, lm = policy_loss(preset, logp, logp_old[mb.rows, :T].to(dev), mb.rollouts.logprobs.to(dev),
+                                       advantages[mb.rows].to(dev), mask, max_new_tokens, total_tokens=total_tokens,
+                                       total_seqs=total_seqs)  # fmt: skip
+                if kl_loss:  # + beta * aggregate_t KL_t(pi_theta || ref), aggregated as the policy loss is
+                    ref = learner.logprobs(mb.batch, *sampling, reference=True)
+                    kl = kl_penalty(a.kl_estimator, logp, ref, mask)  # [b, T]
+                    loss = loss + a.kl_coef * AGGREGATIONS[preset.aggregation](
+                        kl, mask, max_new_tokens, total_tokens=total_tokens, total_seqs=total_seqs)
+                    lm = {**lm, "kl/ref": kl.detach().sum() / mask.sum().clamp(min=1)}
+                weight = len(mb.rows) / (len(rows) * world.size)
+                for k, v in lm.items():
+                    sums[k] = sums.get(k, 0.0) + weight * float(v)
+                step_loss.append(float(loss.detach()))
+                return loss
+
+            result = learner.update(rollouts, rows, loss_fn, o.micro_batch_size, *sampling, with_entropy=single_update)
+            losses.append(sum(step_loss))
+            skipped += int(result.skipped)
+            norms.append(result.grad_norm)
+    n = len(losses)
+    keys = sorted(sums)
+    totals = world.all_reduce_sum(torch.tensor([sum(losses)] + [sums[k] for k in keys], dtype=torch.float64))
+    finite = [x for x in norms if math.isfinite(x)]
+    return {"policy/loss": float(totals[0]) / n, **{k: float(v) / n for k, v in zip(keys, totals[1:])},
+            "learner/grad_norm": sum(finite) / len(finite) if finite else float("nan"),
+            "learner/updates": n, "precision/skipped_this_step": skipped}  # fmt: skip
+
+
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False,
-          allow_changes: bool = False) -> Path:
+          allow_changes: bool = False, backend: str = "auto") -> Path:
     """Run RL fine-tuning as configured; returns the run folder.
 
     Everything that can fail on the inputs (the run folder, the config, the model, the checkpoint to resume, the
     learner's optimizer, the engine) is built and checked before the run folder is locked, cleared (--overwrite)
     or written. A fault after that (a write that fails, SIGTERM, SIGINT) ends with `RunFault`: one line naming the
-    newest complete checkpoint and the command that resumes."""
+    newest complete checkpoint and the command that resumes.
+
+    Started by torchrun (or `unison train --nproc N`), each process is one rank (`unison.distributed`): the learner
+    is sharded with FSDP2, each rank samples its share of the groups, rank 0 alone writes the run folder."""
     if allow_changes and not resume:
         raise UserError("--allow-changes goes with --resume; pass both, or neither")
     check_run_dir(cfg.run.out, resume, overwrite)
     run = build_run(cfg)
-    threads.configure(cfg.run.threads)
     s = run.setup
+    world, s.device = distributed.init(s.device, backend)
+    check_world_settings(cfg, world.size, s.device)
+    threads.configure(cfg.run.threads)
     seed = cfg.run.seed
     torch.manual_seed(seed)
     random.seed(seed)
     model = s.load_model()
     out = Path(cfg.run.out)
     latest = ckpt.latest_intact_checkpoint(out) if resume else None
+    if latest is not None:
+        check_resume_world(latest, world.size)
     master = ckpt.check_compatible(latest, model) if latest is not None else None
     changes = resume_changes(out, to_dict(cfg)) if latest is not None else {}
     if changes and not allow_changes:
@@ -256,14 +297,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
                         "resume with the same settings, or pass --allow-changes to continue with the new "
                         "ones")  # fmt: skip
     loggers = resolve_loggers(cfg.run.loggers)
-    learner = make_learner(cfg, run, model)
-    engine = s.engine(run.policy.rollout)
-    run_dir, lock = prepare_run_dir(out, resume, overwrite)
+    learner = make_learner(cfg, run, model, world)
+    engine = s.engine(run.policy.rollout, seed=seed + world.rank)  # each rank samples with its own stream
+    run_dir, lock = _prepare(world, out, resume, overwrite)
     previous = (signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread()
                 else None)
     step = [latest_step(latest)]  # the step being run, for the message of a fault
     try:
-        return _run(cfg, run, learner, engine, run_dir, latest, master, changes, quiet, step, loggers)
+        return _run(cfg, run, learner, engine, run_dir, latest, master, changes, quiet or not world.main, step,
+                    loggers, world)  # fmt: skip
     except KeyboardInterrupt:
         raise _stop(run_dir, "interrupted (SIGINT)", step[0], SIGINT_CODE) from None
     except Terminated:
@@ -275,14 +317,51 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def check_world_settings(cfg: TrainConfig, size: int, device: torch.device) -> None:
+    """The settings a run of `size` ranks needs (`distributed.check_world`), and what it cannot do yet."""
+    distributed.check_world(size, cfg.rollout.prompts_per_step, cfg.optim.train_batch_size // cfg.rollout.group_size,
+                            distributed.devices_for(device))  # fmt: skip
+    if size > 1 and cfg.rollout.engine != "native":
+        raise UserError(f"rollout.engine={cfg.rollout.engine} with {size} ranks is not supported yet; use "
+                        "rollout.engine=native with several ranks, or one rank with vLLM (rollout.tensor_parallel_size "
+                        "spreads vLLM over several GPUs)")  # fmt: skip
+
+
+def check_resume_world(latest: Path, size: int) -> None:
+    """A run resumes bit-exactly on the number of ranks it was saved with, and on no other."""
+    saved = ckpt.checkpoint_world_size(latest)
+    if saved != size:
+        raise UserError(f"{latest} was saved by {saved} rank(s) and this run has {size}: the optimizer state is "
+                        f"sharded and each rank's sampler state is its own, so resume with --nproc {saved} (or start "
+                        "a new run with --overwrite or another run.out)")  # fmt: skip
+
+
+def _prepare(world: World, out: Path, resume: bool, overwrite: bool):
+    """Rank 0 locks and prepares the run folder (`prepare_run_dir`); the other ranks hold no lock. A refusal on
+    rank 0 is every rank's. -> (run folder, lock or None)"""
+    if not world.distributed:
+        return prepare_run_dir(out, resume, overwrite)
+    result, error = (None, None), None
+    if world.main:
+        try:
+            result = prepare_run_dir(out, resume, overwrite)
+        except UserError as exc:
+            error = str(exc)
+    error = world.broadcast(error)
+    if error is not None:
+        raise UserError(error)
+    return (result[0] if world.main else out), result[1]
 
 
 def latest_step(path: Path | None) -> int:
     return int(path.name.split("-")[-1]) if path is not None else 0
 
 
-def make_learner(cfg: TrainConfig, run: RunInputs, model) -> Learner:
+def make_learner(cfg: TrainConfig, run: RunInputs, model, world: World = SINGLE) -> Learner:
     """The learner of a run: its optimizer, loss scaler and micro-batching from the config."""
     p, o = cfg.precision, cfg.optim
     scaling = None if p.loss_scaling == "auto" else p.loss_scaling == "on"
@@ -291,7 +370,7 @@ def make_learner(cfg: TrainConfig, run: RunInputs, model) -> Learner:
         max_grad_norm=o.max_grad_norm or None, pad_token_id=run.setup.tokenizer.pad_token_id or 0,
         loss_scaling=scaling, matmul=cfg.model.matmul, micro_batch_tokens=o.micro_batch_tokens,
         share_prompts=o.share_prompts, reference=cfg.algorithm.kl_coef > 0,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, world=world,
         scaler_kwargs={"init_scale": p.init_scale, "growth_interval": p.growth_interval, "min_scale": p.min_scale},
     )  # fmt: skip
 
@@ -313,12 +392,13 @@ def _stop(run_dir: Path, what: str, step: int, code: int) -> RunFault:
 
 
 def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Path, latest, master, changes: dict,
-         quiet: bool, current: list, loggers: list[str]) -> Path:
+         quiet: bool, current: list, loggers: list[str], world: World = SINGLE) -> Path:
     """The run itself, from its state (fresh, or the checkpoint `latest`) to its last step; `current[0]` is kept at
-    the step being run."""
+    the step being run. Rank 0 alone writes into the run folder and evaluates."""
     s, p, seed = run.setup, cfg.precision, cfg.run.seed
     config_file = run_dir / "config.yaml"
-    if latest is None or not config_file.exists():  # a resumed run keeps the config it was started with
+    main = world.main
+    if main and (latest is None or not config_file.exists()):  # a resumed run keeps the config it was started with
         config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     preset = cfg.algorithm_fields()
 
@@ -327,13 +407,17 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
 
     guards = {"learner": OverflowGuard.attach(learner.model, watch(run.policy.train),
                                               "learner (full-sequence forward)"),
-              "engine": OverflowGuard.attach(getattr(engine, "model", None) or torch.nn.Module(),
-                                             watch(run.policy.rollout), "rollout engine (decode)")}  # fmt: skip
+              "engine": OverflowGuard.attach(engine.watched_module(), watch(run.policy.rollout),
+                                             "rollout engine (decode)")}  # fmt: skip
     stream = PromptStream(run.train_examples, seed)
     shuffle = torch.Generator().manual_seed(seed + 1)
     start = 0
     if latest is not None:
         state = ckpt.load_trainer_state(latest)
+        if world.rank:  # this rank's own optimizer shard, samplers and overflow counts
+            own = ckpt.load_rank_state(latest, world.rank)
+            state = {**state, "learner": {**state["learner"], **own["learner"]}, "rng": {**state["rng"], **own["rng"]},
+                     "overflow": own["overflow"]}  # fmt: skip
         learner_state = {**state["learner"], "master": master}
         if state.get("precision") != {"rollout": precision_name(run.policy.rollout),
                                       "train": precision_name(run.policy.train)}:
@@ -347,7 +431,7 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         engine.set_rng_state(state["rng"]["engine"])
-    if changes:
+    if changes and main:
         ckpt.append_jsonl(run_dir / "resumes.jsonl",
                           {"step": start, "changes": {k: list(v) for k, v in changes.items()}})
         print(f"unison train: resumed at step {start} with changed settings (--allow-changes): "
@@ -356,12 +440,15 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
     checked = {}
     if cfg.run.self_test:  # before the first step: do the engine and the learner agree on a few tokens?
         checked = self_test(engine, learner, [s.prompt_ids[id(e)] for e in run.train_examples[:8]])
-    for name in ("metrics.jsonl", "samples.jsonl"):  # rows after the resumed step, and lines torn by a kill
-        ckpt.truncate_jsonl(run_dir / name, start)
-    log = MetricsLog(run_dir, loggers, to_dict(cfg))
+    log = None
+    if main:
+        for name in ("metrics.jsonl", "samples.jsonl"):  # rows after the resumed step, and lines torn by a kill
+            ckpt.truncate_jsonl(run_dir / name, start)
+        log = MetricsLog(run_dir, loggers, to_dict(cfg))
     if not quiet:
         print(f"unison train: {s.describe(engine)} | {run.policy.describe()} | preset {cfg.algorithm.preset} | "
               f"{len(run.train_examples)} prompts | run folder {run_dir}"
+              + (f" | {world.size} ranks ({world.backend})" if world.distributed else "")
               + (f" | resumed at step {start}" if start else "")
               + (f" | engine self-test {checked['self_test/abs_log_ratio_mean']:.1e} "
                  f"(band {checked['self_test/band']:g})"
@@ -372,42 +459,68 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
         for step in bar:
             current[0] = step
             samples: list = []
-            metrics = rl_step(cfg, run, learner, engine, stream, preset, shuffle, samples, step=step)
+            metrics = rl_step(cfg, run, learner, engine, stream, preset, shuffle, samples, step=step, world=world)
             done = step + 1
-            ckpt.append_jsonl(run_dir / "samples.jsonl", {"step": done, **samples[0], "rows": samples[1]})
-            log.samples(done, samples[1])
             if p.on_activation_overflow == "fp32_layers":
                 metrics["precision/fp32_layers"] = sum(len(g.upcast) for g in guards.values() if g is not None)
-            if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
-                prompts = [s.prompt_ids[id(e)] for e in run.test_examples]
-                n = cfg.run.eval_samples
-                ev = evaluate(engine, s.task, s.tokenizer, run.test_examples, prompts, run.sampling, n=n, ks=[1, n])
-                metrics.update({f"eval/{k}": v for k, v in ev.items() if k.startswith(("avg@", "pass@"))})
-            log.write(done, metrics)
-            bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", k3=f"{metrics['mismatch/k3']:.1e}",
-                            skip=metrics["precision/skipped_steps"])  # fmt: skip
-            if not quiet and not cfg.run.progress:
-                print(console_line(done, cfg.run.steps, metrics), flush=True)
+            if main:
+                report_step(cfg, run, engine, log, bar, done, metrics, samples, quiet)
             if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.steps:
-                save(run_dir, done, learner, engine, s.tokenizer, stream, shuffle, cfg, guards)
+                save(run_dir, done, learner, engine, s.tokenizer, stream, shuffle, cfg, guards, world)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     return run_dir
 
 
+def report_step(cfg: TrainConfig, run: RunInputs, engine, log: MetricsLog, bar, done: int, metrics: dict,
+                samples: list, quiet: bool) -> None:
+    """After step `done` (rank 0): its samples and metrics into the run folder and the trackers, the evaluation
+    when due, the progress bar or console line."""
+    s, run_dir = run.setup, log.path.parent
+    ckpt.append_jsonl(run_dir / "samples.jsonl", {"step": done, **samples[0], "rows": samples[1]})
+    log.samples(done, samples[1])
+    if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
+        prompts = [s.prompt_ids[id(e)] for e in run.test_examples]
+        n = cfg.run.eval_samples
+        ev = evaluate(engine, s.task, s.tokenizer, run.test_examples, prompts, run.sampling, n=n, ks=[1, n])
+        metrics.update({f"eval/{k}": v for k, v in ev.items() if k.startswith(("avg@", "pass@"))})
+    log.write(done, metrics)
+    bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", k3=f"{metrics['mismatch/k3']:.1e}",
+                    skip=metrics["precision/skipped_steps"])  # fmt: skip
+    if not quiet and not cfg.run.progress:
+        print(console_line(done, cfg.run.steps, metrics), flush=True)
+
+
 def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: PromptStream, shuffle, cfg,
-         guards: dict | None = None) -> Path:
-    state = learner.state_dict()
+         guards: dict | None = None, world: World = SINGLE) -> Path | None:
+    """Checkpoint `step`: the full master weights and rank 0's state in `trainer_state.pt`, and with several ranks
+    each other rank's own (its optimizer shard, RNG states, overflow counts) gathered to rank 0, which writes the
+    folder (`checkpoint.save_checkpoint`). Returns the folder on rank 0."""
+    master = learner.master_state()  # gathered from every rank's shard
+    own = {
+        "learner": {"optimizer": learner.optimizer_state()},
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "engine": engine.rng_state()},
+        "overflow": {name: g.state_dict() for name, g in (guards or {}).items() if g is not None},
+    }  # fmt: skip
+    ranks = world.gather_to_main(own)
+    if not world.main:
+        world.barrier()  # until rank 0 has written the checkpoint
+        return None
     trainer_state = {
         "step": step,
         "data_position": stream.position,
-        "learner": {"optimizer": state["optimizer"], "scaler": state["scaler"]},
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "shuffle": shuffle.get_state(),
-                "engine": engine.rng_state()},
+        "learner": {**own["learner"], "scaler": learner.scaler.state_dict()},
+        "rng": {**own["rng"], "shuffle": shuffle.get_state()},
         "precision": {"rollout": precision_name(learner.policy.rollout), "train": precision_name(learner.policy.train)},
-        "overflow": {name: g.state_dict() for name, g in (guards or {}).items() if g is not None},
+        "overflow": own["overflow"],
+        **({"world_size": world.size} if world.distributed else {}),
     }  # fmt: skip
-    return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, state["master"], trainer_state,
-                                keep=cfg.run.keep_checkpoints,
-                                shard_size=parse_size(cfg.run.shard_size, "run.shard_size"))
+    try:
+        return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, master, trainer_state,
+                                    keep=cfg.run.keep_checkpoints,
+                                    shard_size=parse_size(cfg.run.shard_size, "run.shard_size"),
+                                    rank_states=ranks[1:])  # fmt: skip
+    finally:
+        world.barrier()

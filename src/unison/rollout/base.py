@@ -72,6 +72,22 @@ class Rollouts:
             finished=self.finished[idx],
         )
 
+    @classmethod
+    def concat(cls, parts: list[Rollouts], pad_token_id: int = 0) -> Rollouts:
+        """The rows of `parts` in order, padded to the longest response."""
+        T = max(p.response_ids.shape[1] for p in parts)
+
+        def pad(t, value):
+            return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
+
+        return cls(
+            prompt_ids=[ids for p in parts for ids in p.prompt_ids],
+            response_ids=torch.cat([pad(p.response_ids, pad_token_id) for p in parts]),
+            logprobs=torch.cat([pad(p.logprobs, 0.0) for p in parts]),
+            mask=torch.cat([pad(p.mask, False) for p in parts]),
+            lengths=torch.cat([p.lengths for p in parts]),
+            finished=torch.cat([p.finished for p in parts]),
+        )
 
     def truncated(self, lengths: torch.Tensor, finished: torch.Tensor, pad_token_id: int = 0) -> Rollouts:
         """The same rows cut to `lengths` (each at most its own), with `finished` flags; trimmed to the longest."""
@@ -158,3 +174,24 @@ class RolloutEngine(Protocol):
     def describe(self) -> str:
         """One line: the engine, its dtype and the decode path it runs."""
         ...
+
+    def rng_state(self) -> torch.Tensor:
+        """The state of the engine's sampling randomness (saved in checkpoints)."""
+        ...
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore a state from `rng_state`: the next `generate` samples as it would have after it."""
+        ...
+
+    def watched_module(self) -> torch.nn.Module:
+        """The module the engine's forward runs through, for activation hooks (an empty module where none is
+        reachable)."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine's model and caches; an engine is also a context manager that closes on exit."""
+        ...
+
+    def __enter__(self) -> RolloutEngine: ...
+
+    def __exit__(self, *exc) -> None: ...

@@ -225,6 +225,10 @@ class NativeEngine:
     def close(self) -> None:
         """Nothing to free beyond what the garbage collector takes (here for the `RolloutEngine` protocol)."""
 
+    def watched_module(self) -> torch.nn.Module:
+        """The model this engine decodes with (activation-overflow hooks attach to it)."""
+        return self.model
+
     def __enter__(self):
         return self
 

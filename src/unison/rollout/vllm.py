@@ -213,6 +213,10 @@ class VLLMEngine:
         del llm, client
         gc.collect()
 
+    def watched_module(self) -> torch.nn.Module:
+        """No module: vLLM's model runs in its own engine, out of reach of activation hooks."""
+        return torch.nn.Module()
+
     # ---- weights -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def load_weights(self, named_tensors) -> None:

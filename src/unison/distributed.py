@@ -1,0 +1,201 @@
+"""Several ranks under torchrun: the process group, the few collectives the trainer needs, and FSDP2 sharding.
+
+Nothing here is a distributed layer of its own: the process group is `torch.distributed`'s (gloo on a CPU, NCCL on
+CUDA), the learner is sharded with FSDP2's `fully_shard`, and `unison train --nproc N` starts the ranks with
+PyTorch's elastic launcher (what `torchrun` runs). One process without torchrun is the world of one rank, `SINGLE`,
+where every collective is the identity.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from unison.errors import UserError
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks: `size` ranks, this one `rank` (0 writes logs, progress and files)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of `t` (a new tensor on `t`'s device; `t` itself with one rank)."""
+        if not self.distributed:
+            return t
+        out = t.clone()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out
+
+    def all_reduce_max(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.comm_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (any picklable value), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's `obj` in rank order on rank 0 (None on the others)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.size if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    @property
+    def comm_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+
+SINGLE = World()
+
+
+def rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched() -> bool:
+    """Whether this process is one rank of several started by torchrun (or `unison train --nproc`)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def backend_for(device: torch.device, requested: str = "auto") -> str:
+    """gloo on a CPU, NCCL on CUDA; NCCL asked for on a CPU is refused."""
+    if requested not in BACKENDS:
+        raise UserError(f"unknown distributed backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
+    if requested == "nccl" and device.type != "cuda":
+        raise UserError("the NCCL backend needs CUDA GPUs and this run is on the CPU; use --backend gloo (or auto)")
+    if requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init(device: torch.device, backend: str = "auto") -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (its RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR); the world of
+    one rank without it. On CUDA each rank takes the GPU of its local rank. -> (world, this rank's device)"""
+    if not launched():
+        return SINGLE, device
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    name = backend_for(device, backend)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(name, device_id=device if device.type == "cuda" else None)
+    return World(rank=rank, size=size, local_rank=local, backend=name), device
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, train_dtype: torch.dtype) -> torch.nn.Module:
+    """FSDP2 over the ranks: each decoder layer is a unit, then the rest (embeddings, final norm, LM head). The
+    parameters stay fp32 (sharded: they are the master weights); forward and backward run in `train_dtype`, and
+    gradients are reduced in fp32 and summed over the ranks (the loss is normalised by the global counts)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=train_dtype, reduce_dtype=torch.float32)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    units = list(layers) if layers is not None else []
+    for layer in units:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=True)  # no stale gathered copy after a forward
+    for module in [*units, model]:
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied one)
+    return model
+
+
+def check_world(size: int, prompts_per_step: int, train_groups: int, devices: int | None = None) -> None:
+    """The settings a world of `size` ranks needs: whole groups split evenly over the ranks in a rollout batch and
+    in each update, and (on GPUs) a device for each rank."""
+    if size < 1:
+        raise UserError(f"--nproc must be at least 1 (got {size})")
+    if devices is not None and size > devices:
+        raise UserError(f"--nproc {size} asks for more ranks than the {devices} devices (GPUs, or CPU cores) this "
+                        f"machine has; use --nproc {devices} or fewer")  # fmt: skip
+    if prompts_per_step % size:
+        raise UserError(f"{size} ranks cannot share rollout.prompts_per_step={prompts_per_step} prompts evenly (each "
+                        "rank samples whole groups); choose a number of ranks that divides it")  # fmt: skip
+    if train_groups % size:
+        raise UserError(f"{size} ranks cannot share the {train_groups} groups of each update "
+                        "(optim.train_batch_size / rollout.group_size) evenly; choose a number of ranks that divides "
+                        "it")  # fmt: skip
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `python -m unison <argv>` as `nproc` ranks on this machine with PyTorch's elastic launcher (what
+    `torchrun --standalone --nproc-per-node N` does); returns the exit code of the first rank that failed (0 when
+    every rank succeeded). Each rank gets an equal share of the cores unless OMP_NUM_THREADS is set."""
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # each rank says what went wrong in its own words
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1)  # fmt: skip
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "unison", *argv)
+    except ChildFailedError as exc:
+        codes = {rank: f.exitcode for rank, f in exc.failures.items()}
+        # rank 0's where it stopped on its own (it printed why), else the first rank's that failed
+        code = codes[0] if codes.get(0, 0) > 0 else exc.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code or 1  # killed by signal N: 128 + N, as a shell says
+    except SignalException as exc:  # SIGTERM or SIGINT to the launcher: the ranks were stopped with it
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def devices_for(device: torch.device) -> int | None:
+    """How many ranks a device type can hold on this machine: the visible GPUs on CUDA, the cores on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,116 @@
+"""Data-parallel training under torchrun (gloo on the CPU, 2 ranks): the same weights as 1 rank on the same global
+batch, the fp16 overflow decision shared by the ranks, a corrupted engine copy caught on its own rank, SIGKILL and
+resume bit-exact, and the bad input `--nproc` refuses before any rank starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def ranks(n: int, mode: str, out: Path) -> dict:
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(WORKER)]
+           if n > 1 else [sys.executable, str(WORKER)])  # fmt: skip
+    done = subprocess.run([*cmd, mode, str(out)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_two_ranks_end_with_the_weights_of_one_on_the_same_global_batch(tmp_path):
+    one, two = ranks(1, "same", tmp_path / "one.pt")["master"], ranks(2, "same", tmp_path / "two.pt")["master"]
+    from unison.models import load_model, resolve_model_dir
+
+    model = load_model(resolve_model_dir("builtin"), device="cpu", dtype=torch.float32)
+    start = {n: p.detach() for n, p in model.named_parameters()}
+    assert max(float((a - start[n]).abs().max()) for n, a in one.items()) > 1e-4  # the steps moved the weights
+    diff = torch.cat([(two[n] - a).reshape(-1) for n, a in one.items()])
+    norm = torch.cat([a.reshape(-1) for a in one.values()])
+    assert float(diff.norm() / norm.norm()) < 1e-5  # the weights to 1e-5 relative
+    for name, a in one.items():  # and each tensor to 1e-4 (Adam's step is lr-sized wherever a gradient is ~0)
+        assert float((two[name] - a).norm() / a.norm()) < 1e-4, name
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    r = ranks(2, "overflow", tmp_path / "o.pt")
+    assert r["skipped"] == [True, True]
+    assert r["scale"][1] == r["scale"][0] / 2  # backed off once
+    assert r["finite"] == [True, True] and r["checksums"][0] == r["checksums"][1]
+
+
+def test_a_corrupted_engine_copy_is_caught_by_its_own_rank(tmp_path):
+    caught = ranks(2, "corrupt", tmp_path / "c.pt")["caught"]
+    assert caught[0] == "" and "checksum" in caught[1]
+
+
+TRAIN = ["data.subset=builtin", "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=32",
+         "optim.train_batch_size=16", "run.progress=false", "run.save_every=1", "run.steps=4"]  # fmt: skip
+
+
+def unison(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "unison", "train", *TRAIN, *args], env=ENV, capture_output=True,
+                          text=True, timeout=400, **kw)  # fmt: skip
+
+
+def finals(run: Path):
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "checkpoints/step-000004/model.safetensors")
+    rows = [{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
+            for x in (run / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    return weights, rows, (run / "samples.jsonl").read_text()
+
+
+def test_sigkill_and_resume_with_two_ranks_is_bit_exact(tmp_path):
+    ref = unison("--nproc", "2", f"run.out={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "unison", "train", *TRAIN, "--nproc", "2", f"run.out={killed}"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints/step-000002/manifest.json").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    resumed = unison("--nproc", "2", f"run.out={killed}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (wa, ma, sa), (wb, mb, sb) = finals(tmp_path / "ref"), finals(killed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and ma == mb and sa == sb
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--nproc", "64"], "more ranks than"),
+    (["--nproc", "2", "--backend", "nccl"], "NCCL backend needs CUDA"),
+    (["--nproc", "2", "optim.train_batch_size=4"], "cannot share the 1 groups"),
+    (["--nproc", "2", "rollout.prompts_per_step=3", "optim.train_batch_size=12"],
+     "cannot share rollout.prompts_per_step=3"),
+])  # fmt: skip
+def test_bad_world_settings_refused_before_any_rank_starts(tmp_path, args, says):
+    out = tmp_path / "run"
+    done = unison(*args, f"run.out={out}")
+    assert done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not out.exists()
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    out = tmp_path / "run"
+    first = unison("--nproc", "2", f"run.out={out}", "run.steps=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(p.name for p in out.rglob("*"))
+    for args in (["--resume"], ["--resume", "--nproc", "1"]):
+        done = unison(*args, f"run.out={out}", "run.steps=2")
+        assert done.returncode == 2 and "saved by 2 rank(s)" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.rglob("*")) == before
