@@ -73,7 +73,7 @@ def fingerprint(run: Path) -> dict:
 
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     latest = ckpt.latest_checkpoint(run)
-    return {"metrics": [{k: v for k, v in r.items() if not k.startswith(("perf/", "sync/seconds"))} for r in rows],
+    return {"metrics": [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows],
             "samples": (run / "samples.jsonl").read_text(),
             "weights": {k: v.tolist() for k, v in ckpt.read_weights(latest).items()} if latest else None}  # fmt: skip
 

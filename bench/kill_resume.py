@@ -5,8 +5,8 @@
 For each precision (fp32, fp16, bf16) one uninterrupted reference run; then `--kills` runs spread over the three
 precisions, each killed at a random moment: after checkpoint k (k drawn from 1..steps-1) appears, a delay drawn
 uniformly within one step's duration (as timed on the reference), so the kill lands inside step k+1 or its checkpoint
-save, then resumed with `--resume`. A resumed run is bit-exact when its final weights, its metrics (all but perf/* and
-sync/seconds) and its per-step sample digests (samples.jsonl) equal the reference's. Also reported: whether the kill
+save, then resumed with `--resume`. A resumed run is bit-exact when its final weights, its metrics (all but the
+timings, perf/*) and its per-step sample digests (samples.jsonl) equal the reference's. Also reported: whether the kill
 tore a checkpoint (a .tmp folder or a step folder without manifest left behind), and the mismatch (mismatch/k3) of
 the first step after the resume against the same step of the reference and the last step before the kill.
 Writes the section `kill_resume` of docs/notes/reliability.md (the long tables of docs/reliability.md) and the
@@ -66,7 +66,7 @@ def rows(run):
 
 
 def comparable(run):
-    metrics = [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "sync/seconds"} for r in rows(run)]
+    metrics = [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows(run)]
     samples = (run / "samples.jsonl").read_text().splitlines()
     return metrics, samples, ckpt.load_master(ckpt.latest_checkpoint(run))
 

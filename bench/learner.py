@@ -66,14 +66,7 @@ def learner_of(name: str, precision: str, scaling: bool | None = None, share_pro
 def step(learner, r, micro: int) -> None:
     total = int(r.mask.sum())
 
-    def losses():
-        for idx in learner.micro_batches(r, micro):
-            part = r.select(idx)
-            batch = learner.batch(part)
-            logp = learner.logprobs(batch)
-            yield lambda logp=logp, batch=batch: -(logp * batch.mask).sum() / total
-
-    learner.step(losses())
+    learner.update(r, torch.arange(len(r)), lambda mb: -(mb.logp * mb.batch.mask).sum() / total, micro)
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ def run(steps: int, rate: float, growth_interval: int, seed: int) -> dict:
 
         before = [p.detach().clone() for p in weights.params]
         try:
-            res = backward_and_step([loss_fn], weights, opt, scaler, max_grad_norm=1.0)
+            res = backward_and_step([loss_fn()], weights, opt, scaler, max_grad_norm=1.0)
         except LossScaleFloorError as exc:
             out["stopped"] = f"step {step + 1}: {exc}"
             out["skipped"] += 1

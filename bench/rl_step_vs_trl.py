@@ -1,6 +1,8 @@
 """A full RL step, unison against TRL's GRPOTrainer, on the same model, prompts and settings.
 
-Both sides train the built-in model (0.8M-parameter Qwen2, `src/unison/assets/countdown-tiny`) on the built-in
+Both sides train the same checkpoint, `--model builtin` (the built-in 0.8M-parameter Qwen2,
+`src/unison/assets/countdown-tiny`) or `--model 30m` (the 25M-parameter random Qwen2 of bench/bench_models.py with
+the built-in tokenizer, built once and saved into a temporary folder that both tools load), on the built-in task's
 perfectible countdown prompts with the same settings: `--prompts` prompts x `--group` samples a step, at most
 `--new-tokens` new tokens at temperature 1 (no top-k/top-p), one optimizer step per rollout batch over all its
 completions in one micro-batch, AdamW at `--lr`, the same precision, no KL term, token-mean loss (unison `grpo`,
@@ -17,8 +19,9 @@ TRL is not a dependency of unison; install it beside unison with the pinned vers
 
     python3 -m venv .venv-bench && . .venv-bench/bin/activate
     pip install torch==2.13.0 -r bench/requirements.txt -e .
-    python bench/rl_step_vs_trl.py [--pairs 3] [--steps 4] [--precision fp32] [--threads N]
+    python bench/rl_step_vs_trl.py [--model builtin|30m] [--pairs 3] [--steps 4] [--precision fp32] [--threads N]
     python bench/rl_step_vs_trl.py --quick      # one pair of 2 timed steps, 16 completions of at most 64 tokens
+    python bench/rl_step_vs_trl.py --model 30m  # a 25M-parameter model: the learner's share of the step grows
     python bench/rl_step_vs_trl.py --shots 6     # few-shot prompts: 6 solved held-out examples before each prompt
 
 With `--shots K` every prompt starts with the same K solved examples from the task's test split (a few-shot
@@ -26,9 +29,9 @@ header, a few hundred tokens), so prompts are long and each is shared by the `--
 where unison runs a prompt once per group in its engine and its learner (TRL's `generate()` and forward run it for
 every sample). Both tools get the same prompts and reward.
 
-Writes its table into docs/benchmarks.md (section `rl-step-<precision>`, `rl-step-<precision>-shots<K>` with
-`--shots`; a --quick run prints it instead) and ends
-with a line `RESULT ratio_vs_trl=<median> ...`.
+Writes its table into docs/benchmarks.md (section `rl-step-<precision>`, `rl-step-<precision>-<model>` for a model
+other than the built-in one, then `-shots<K>` with `--shots`; a --quick run prints it instead and writes nothing) and
+ends with a line `RESULT ratio_vs_trl=<median> ...`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from docsection import bench_parser, count, machine_description, parse_bench_args, whole, write_section  # noqa: E402
+
+MODELS = ["builtin", "30m"]
+
+
+def model_folder(name: str, tmp: str) -> tuple[Path, int]:
+    """The checkpoint both tools train and its parameter count: the built-in one, or random Qwen2 `name` of
+    bench/bench_models.py saved with the built-in tokenizer into `tmp`."""
+    from bench_models import build
+
+    from unison.models import build_tokenizer, resolve_model_dir, save_model
+
+    model = build(name)
+    params = sum(p.numel() for p in model.parameters())
+    if name == "builtin":
+        return resolve_model_dir("builtin"), params
+    return save_model(model, build_tokenizer(), Path(tmp) / name), params
 
 
 def examples(args, seed: int) -> list[dict]:
@@ -73,7 +92,7 @@ def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
             path.write_text("".join(json.dumps(row) + "\n" for row in examples(args, seed)))
             data = {"data.source": str(path), "data.reward": "countdown", "data.template": "plain"}
         cfg = load_config(TrainConfig, None, {
-            "model.path": "builtin", **data,
+            "model.path": str(args.model_dir), **data,
             "precision.rollout": args.precision, "precision.train": args.precision,
             "rollout.prompts_per_step": args.prompts, "rollout.group_size": args.group,
             "rollout.max_new_tokens": args.new_tokens, "rollout.temperature": 1.0,
@@ -86,7 +105,7 @@ def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
         run_dir = train(cfg, overwrite=True, quiet=True)
         rows = read_metrics(run_dir)[warmup:]
     keys = {"rollout": "perf/rollout_seconds", "recompute": "perf/recompute_seconds", "learn": "perf/learn_seconds",
-            "sync": "sync/seconds"}  # recompute only where a batch gives several updates
+            "sync": "perf/sync_seconds"}  # recompute only where a batch gives several updates
     phases = {k: statistics.mean(r[key] for r in rows) for k, key in keys.items() if key in rows[0]}
     seconds = sum(r["perf/step_seconds"] for r in rows)
     tokens = sum(r["rollout/response_length_mean"] * args.prompts * args.group for r in rows)
@@ -99,10 +118,10 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from unison.models import load_tokenizer, resolve_model_dir
+    from unison.models import load_tokenizer
     from unison.tasks.countdown import final_answer
 
-    model_dir = resolve_model_dir("builtin")
+    model_dir = args.model_dir
     tokenizer = load_tokenizer(model_dir)
     data = Dataset.from_list(examples(args, seed))
 
@@ -150,6 +169,8 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
 
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin", choices=MODELS,
+                    help="the checkpoint both tools train: the built-in model or bench_models' random 30m")
     ap.add_argument("--pairs", type=count, default=3)
     ap.add_argument("--steps", type=count, default=4, help="timed steps per block")
     ap.add_argument("--warmup", type=whole, default=1, help="untimed steps at the start of each block")
@@ -165,33 +186,41 @@ def main() -> None:
 
     machine = machine_description()
     rows = []
-    for pair in range(args.pairs):
-        u = unison_block(args, args.warmup, args.steps, seed=pair)
-        t = trl_block(args, args.warmup, args.steps, seed=pair)
-        ratio = (u["completions"] / u["seconds"]) / (t["completions"] / t["seconds"])
-        rows.append((u, t, ratio))
-        print(f"pair {pair}: unison {u['completions'] / u['seconds']:.1f} completions/s "
-              f"({u['tokens'] / u['seconds']:.0f} tok/s), TRL {t['completions'] / t['seconds']:.1f} completions/s "
-              f"({t['tokens'] / t['seconds']:.0f} tok/s): ratio {ratio:.2f}; accuracy {u['accuracy']:.2f} / "
-              f"{t['accuracy']:.2f}; unison seconds per phase {u['phases']}", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="unison-rl-step-") as tmp:
+        args.model_dir, params = model_folder(args.model, tmp)  # built once: both tools, every pair, the same weights
+        print(f"model {args.model}: {params / 1e6:.1f}M parameters, {args.model_dir}", flush=True)
+        for pair in range(args.pairs):
+            u = unison_block(args, args.warmup, args.steps, seed=pair)
+            t = trl_block(args, args.warmup, args.steps, seed=pair)
+            ratio = (u["completions"] / u["seconds"]) / (t["completions"] / t["seconds"])
+            rows.append((u, t, ratio))
+            print(f"pair {pair}: unison {u['completions'] / u['seconds']:.1f} completions/s "
+                  f"({u['tokens'] / u['seconds']:.0f} tok/s), TRL {t['completions'] / t['seconds']:.1f} "
+                  f"completions/s ({t['tokens'] / t['seconds']:.0f} tok/s): ratio {ratio:.2f}; accuracy "
+                  f"{u['accuracy']:.2f} / {t['accuracy']:.2f}; unison seconds per phase {u['phases']}",
+                  flush=True)  # fmt: skip
     ratios = [r for _, _, r in rows]
     median = statistics.median(ratios)
     B = args.prompts * args.group
+    described = ("Built-in model" if args.model == "builtin"
+                 else f"Random Qwen2 `{args.model}` of bench/bench_models.py with the built-in tokenizer")  # fmt: skip
     shots = ""
     if args.shots:
         from unison.models import load_tokenizer, resolve_model_dir
 
-        tok = load_tokenizer(resolve_model_dir("builtin"))
+        tok = load_tokenizer(resolve_model_dir("builtin"))  # the tokenizer of every --model
         tokens = [len(tok(row["prompt"]).input_ids) for row in examples(args, 0)]
         shots = (f" after a header of {args.shots} solved held-out examples (prompts of {min(tokens)}-{max(tokens)} "
                  "tokens)")
     lines = [
-        f"Command: `python bench/rl_step_vs_trl.py --pairs {args.pairs} --steps {args.steps} --precision "
+        f"Command: `python bench/rl_step_vs_trl.py{f' --model {args.model}' if args.model != 'builtin' else ''}"
+        f" --pairs {args.pairs} --steps {args.steps} --precision "
         f"{args.precision} --prompts {args.prompts} --group {args.group} --new-tokens {args.new_tokens}"
         f"{f' --shots {args.shots}' if args.shots else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}` (TRL {trl.__version__}, transformers "
         f"{transformers.__version__}, torch {torch.__version__}, PyTorch threads: {torch.get_num_threads()}).", "",
-        f"Built-in model and perfectible prompts{shots}, {args.prompts} prompts x {args.group} samples = {B} "
+        f"{described} ({params / 1e6:.1f}M parameters), the built-in task's perfectible prompts{shots}, "
+        f"{args.prompts} prompts x {args.group} samples = {B} "
         f"completions of at most {args.new_tokens} tokens a step, {args.precision}, one update per step, "
         f"lr {args.lr:g}; {args.steps} timed steps per block after {args.warmup} untimed, blocks alternating "
         "unison, TRL.", "",
@@ -208,14 +237,15 @@ def main() -> None:
         )
     spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
     lines += ["", f"Median ratio {median:.2f} (range {spread} over {len(ratios)} pairs)."]
-    section = f"rl-step-{args.precision}" + (f"-shots{args.shots}" if args.shots else "")
+    model = f"-{args.model}" if args.model != "builtin" else ""
+    section = f"rl-step-{args.precision}{model}" + (f"-shots{args.shots}" if args.shots else "")
     title = (f"Full RL step against TRL's GRPOTrainer ({args.precision}"
-             + (f", {args.shots}-shot" if args.shots else "") + ")")
+             + (f", model {args.model}" if model else "") + (f", {args.shots}-shot" if args.shots else "") + ")")
     write_section(args.doc, section, title, lines, machine)
     u_tok = statistics.median(u["tokens"] / u["seconds"] for u, _, _ in rows)
     t_tok = statistics.median(t["tokens"] / t["seconds"] for _, t, _ in rows)
     print(f"RESULT ratio_vs_trl={median:.2f} ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f} "
-          f"unison_tok_s={u_tok:.0f} trl_tok_s={t_tok:.0f} precision={args.precision}")  # fmt: skip
+          f"unison_tok_s={u_tok:.0f} trl_tok_s={t_tok:.0f} precision={args.precision} model={args.model}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def bit_identical(work: Path) -> bool:
                         "run.progress=false", "run.eval_every=0", "run.eval_prompts=8", "rollout.prompts_per_step=4",
                         "optim.train_batch_size=16", f"run.threads={n}"],
                        capture_output=True, text=True, check=True)  # fmt: skip
-        runs.append([{k: v for k, v in json.loads(x).items() if not k.startswith(("perf/", "sync/seconds"))}
+        runs.append([{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
                      for x in (out / "metrics.jsonl").read_text().splitlines()])  # fmt: skip
     return runs[0] == runs[1]
 
