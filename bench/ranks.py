@@ -1,5 +1,5 @@
 """RL steps on 1 and 2 ranks (FSDP2 under `unison train --nproc`, gloo, one thread per rank) on the same global
-batch settings: step time and the peak resident memory of the largest rank.
+batch settings: step time, and the resident memory of the largest rank after the last step and at its peak.
 
     python bench/ranks.py [--models builtin,120m] [--steps 3]
 
@@ -49,7 +49,8 @@ def run(path: str, nproc: int, args) -> dict:
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"step": statistics.median(r["perf/step_seconds"] for r in rows[1:]),
-            "rss": max(r["perf/peak_rss_mib"] for r in rows), "k3": rows[-1]["mismatch/k3"]}
+            "rss": max(r["perf/peak_rss_mib"] for r in rows), "now": rows[-1]["perf/rss_mib"],
+            "k3": rows[-1]["mismatch/k3"]}
 
 
 def main(argv=None) -> None:
@@ -61,8 +62,8 @@ def main(argv=None) -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args(argv)
-    lines = ["| model | ranks | step (s) | speed-up | peak memory of a rank (MiB) |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | ranks | step (s) | speed-up | resident after the last step (MiB) | peak (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     result = []
     for name in args.models.split(","):
         path = model_dir(name)
@@ -73,9 +74,9 @@ def main(argv=None) -> None:
         one = statistics.median(r["step"] for r in got[1])
         for n in (1, 2):
             step = statistics.median(r["step"] for r in got[n])
-            rss = max(r["rss"] for r in got[n])
-            lines.append(f"| {name} | {n} | {step:.2f} | {one / step:.2f}x | {rss:.0f} |")
-            result.append(f"{name}_{n}rank_step={step:.2f} {name}_{n}rank_rss_mib={rss:.0f}")
+            rss, now = max(r["rss"] for r in got[n]), max(r["now"] for r in got[n])
+            lines.append(f"| {name} | {n} | {step:.2f} | {one / step:.2f}x | {now:.0f} | {rss:.0f} |")
+            result.append(f"{name}_{n}rank_step={step:.2f} {name}_{n}rank_rss_mib={now:.0f}")
     how = (f"`python bench/ranks.py --models {args.models} --steps {args.steps} --rounds {args.rounds}` (fp16, gloo, "
            f"one thread per rank on this 2-core machine; {args.prompts} x {args.group} samples of at most "
            f"{args.new_tokens} tokens a step, one update; median step after the first)")  # fmt: skip

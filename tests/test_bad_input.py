@@ -27,7 +27,7 @@ TINY_RUN = ["run.steps=2", "run.eval_every=0", "run.eval_prompts=4", "run.progre
 @dataclass
 class Case:
     id: str
-    area: str  # config, data, model, run folder
+    area: str  # config, data, model, run folder, ranks
     what: str  # the bad input, in words
     make: Callable  # (folder, tiny model dir) -> argv; writes the case's inputs into folder
     expect: str  # a piece of the message
@@ -372,6 +372,16 @@ CASES = [
       lambda d, t: ["probe", "--model", t, "--out", write(d / "f", "x")], "is a file"),
     C("plot-not-a-run", "run folder", "plot a folder without metrics.jsonl",
       lambda d, t: ["plot", d], "no metrics.jsonl"),
+    # ---- several ranks ---------------------------------------------------------------------------------------
+    C("nproc-beyond-devices", "ranks", "--nproc beyond the cores (CPU) or GPUs",
+      lambda d, t: train(t, "--nproc", "64"), "more ranks than"),
+    C("nccl-on-cpu", "ranks", "the NCCL backend on a CPU",
+      lambda d, t: train(t, "--nproc", "2", "--backend", "nccl"), "NCCL backend needs CUDA", tags=("cpu-only",)),
+    C("ranks-not-dividing-prompts", "ranks", "2 ranks for 3 prompts per step",
+      lambda d, t: train(t, "--nproc", "2", "rollout.prompts_per_step=3", "optim.train_batch_size=12"),
+      "cannot share rollout.prompts_per_step=3"),
+    C("tensor-parallel-native", "ranks", "rollout.tensor_parallel_size with the native engine",
+      lambda d, t: train(t, "rollout.tensor_parallel_size=2"), "applies to rollout.engine=vllm only"),
 ]  # fmt: skip
 
 

@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     say = distributed.rank() == 0  # with several ranks, rank 0 says what went wrong (every rank stops)
     try:
         try:
+            if distributed.launched() and args.command != "train":
+                raise UserError(f"unison {args.command} runs in one process; start it without torchrun (only "
+                                "`unison train` runs on several ranks)")  # fmt: skip
             globals()[f"cmd_{args.command}"](args)
         finally:
             distributed.shutdown()

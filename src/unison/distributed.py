@@ -39,9 +39,9 @@ class World:
         """The sum over ranks of `t` (a new tensor on `t`'s device; `t` itself with one rank)."""
         if not self.distributed:
             return t
-        out = t.clone()
+        out = t.to(self.comm_device, copy=True)  # NCCL reduces CUDA tensors only
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-        return out
+        return out.to(t.device)
 
     def all_reduce_max(self, value: int) -> int:
         if not self.distributed:

@@ -270,9 +270,11 @@ class Learner:
         self.device = torch.device(device)
         self.world = world
         # padded tokens per forward/backward at most (speed only: gradients are summed over micro-batches either way);
-        # 0: CPU_MICRO_BATCH_VALUES / hidden size on a CPU, no limit elsewhere
+        # 0: CPU_MICRO_BATCH_VALUES / hidden size on a CPU, no limit elsewhere, nor with several ranks (each
+        # micro-batch there gathers every weight from the ranks twice, which a cache-sized one does not repay)
         hidden = getattr(model.config, "hidden_size", 0) if hasattr(model, "config") else 0
-        auto = max(CPU_MICRO_BATCH_VALUES // hidden, 1) if self.device.type == "cpu" and hidden else 0
+        auto = (max(CPU_MICRO_BATCH_VALUES // hidden, 1) if self.device.type == "cpu" and hidden
+                and not world.distributed else 0)  # fmt: skip
         self.micro_batch_tokens = micro_batch_tokens or auto
         self.auto_budget = bool(auto and not micro_batch_tokens)
         self.policy = policy
@@ -432,7 +434,10 @@ class Learner:
         that the micro-batch losses sum to the step's loss, over every rank), and the loss is backpropagated before
         the next micro-batch runs; then the precision module unscales, clips and steps or skips (`precision.step`)."""
         self.weights.zero_grad()
-        for idx in self.micro_batches(rollouts, micro_batch_size, rows):
+        parts = self.micro_batches(rollouts, micro_batch_size, rows)
+        for i, idx in enumerate(parts):
+            if self.world.distributed:  # sharded: gradients reduced over the ranks once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(parts) - 1)
             part_rows = rows[idx]
             part = rollouts.select(part_rows)
             batch = self.batch(part)
@@ -457,7 +462,7 @@ class Learner:
     def export_weights(self, dtype: torch.dtype | None = None):
         """(name, master weight cast to `dtype`) for every parameter; the rollout dtype by default."""
         dtype = dtype or self.policy.rollout
-        return [(name, full_tensor(t).to(dtype)) for name, t in self.weights.named_master()]
+        return [(name, full_tensor(t.to(dtype))) for name, t in self.weights.named_master()]  # cast, then gather
 
     def sync(self, engine) -> dict:
         """Load the master weights, cast to the engine's dtype, into the engine, then verify the engine's checksum

@@ -191,10 +191,22 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
         "perf/rollout_seconds": t_rollout, "perf/learn_seconds": t_learn,
         "perf/step_seconds": time.perf_counter() - t_start, "perf/threads": torch.get_num_threads(),
     })  # fmt: skip
-    m["perf/peak_rss_mib"] = max(world.gather(peak_rss_mib()))  # the largest rank's
+    peak, now = zip(*world.gather((peak_rss_mib(), rss_mib())))
+    m["perf/peak_rss_mib"], m["perf/rss_mib"] = max(peak), max(now)  # the largest rank's
     if world.distributed:
         m["perf/ranks"] = world.size
     return m
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (MiB)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
 
 
 def peak_rss_mib() -> float:
@@ -298,7 +310,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
                         "ones")  # fmt: skip
     loggers = resolve_loggers(cfg.run.loggers)
     learner = make_learner(cfg, run, model, world)
-    engine = s.engine(run.policy.rollout, seed=seed + world.rank)  # each rank samples with its own stream
+    with s.engine(run.policy.rollout, seed=seed + world.rank) as engine:  # each rank samples with its own stream
+        return _train(cfg, run, learner, engine, world, out, resume, overwrite, latest, master, changes, quiet,
+                      loggers)  # fmt: skip
+
+
+def _train(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, world: World, out: Path, resume: bool,
+           overwrite: bool, latest, master, changes: dict, quiet: bool, loggers: list[str]) -> Path:
+    """The run folder locked and prepared, then the run, with its faults (SIGTERM, SIGINT, a failed write) turned
+    into `RunFault`."""
     run_dir, lock = _prepare(world, out, resume, overwrite)
     previous = (signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread()
                 else None)
