@@ -77,6 +77,7 @@ def main(mode: str, out: str) -> None:
         result = {"caught": world.gather(caught)}
     if world.main:
         torch.save(result, out)
+    world.barrier()  # every rank done with the group before any leaves it
     distributed.shutdown()
 
 

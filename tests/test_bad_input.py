@@ -380,6 +380,11 @@ CASES = [
     C("ranks-not-dividing-prompts", "ranks", "2 ranks for 3 prompts per step",
       lambda d, t: train(t, "--nproc", "2", "rollout.prompts_per_step=3", "optim.train_batch_size=12"),
       "cannot share rollout.prompts_per_step=3"),
+    C("exact-divergence-vllm", "config", "exact divergences asked of the vLLM engine",
+      lambda d, t: train(t, "rollout.engine=vllm", "metrics.exact_divergence=true"), "native engine keeps"),
+    C("probe-exact-vllm", "config", "the probe's exact divergences asked of the vLLM engine",
+      lambda d, t: ["probe", "--model", t, "--engine", "vllm", "probe.exact=on", "--out", d / "p"],
+      "native engine keeps"),
     C("tensor-parallel-native", "ranks", "rollout.tensor_parallel_size with the native engine",
       lambda d, t: train(t, "rollout.tensor_parallel_size=2"), "applies to rollout.engine=vllm only"),
 ]  # fmt: skip

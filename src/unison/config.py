@@ -253,6 +253,13 @@ class RunConfig(RunBase):
 
 
 @dataclass
+class MetricsConfig:
+    exact_divergence: bool = doc(False, "every step, the exact per-position KL(mu||pi), KL(pi||mu) and total "
+                                        "variation from both engines' whole distributions (an extra forward; the "
+                                        "engine keeps [samples, tokens, vocabulary] floats): native engine only")
+
+
+@dataclass
 class TrainConfig:
     """`unison train`."""
 
@@ -263,10 +270,14 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> TrainConfig:
         r, o = self.rollout, self.optim
         validate_sections(self)
+        check(not self.metrics.exact_divergence or r.engine == "native", "metrics.exact_divergence",
+              f"needs the whole distributions the native engine keeps; rollout.engine={r.engine} returns the sampled "
+              "tokens' log-probs only")  # fmt: skip
         check(r.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare responses within a "
               "group)")  # fmt: skip
         check(r.temperature > 0, "rollout.temperature", "must be > 0 for RL sampling")
@@ -397,6 +408,8 @@ def _coerce(value, typ, name: str):
     if typ is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"config field {name}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads on/off (and yes/no, true/false) as booleans
+            return "on" if value else "off"
         return "" if value is None else str(value)
     if typ is list:
         if value is None:

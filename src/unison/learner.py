@@ -37,7 +37,7 @@ from unison.precision import (
 from unison.rollout.base import Rollouts
 from unison.rollout.native import layer_windows
 from unison.sampling import entropy as entropy_of
-from unison.sampling import token_logprobs
+from unison.sampling import process_logits, token_logprobs
 
 
 def length_buckets(lengths: torch.Tensor, size: int, slack: float = 1.25, max_tokens: int = 0) -> list[torch.Tensor]:
@@ -400,6 +400,23 @@ class Learner:
         with torch.no_grad():
             ent = entropy_of(logits, temperature).masked_fill(~batch.mask, 0.0)
         return logp, ent
+
+    @torch.no_grad()
+    def distributions(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+        """log pi(.) at every response position: the learner's whole distribution (the same processing as the
+        sampler's, -inf outside a top-k/top-p support, 0 after the end). -> [B, T, V] fp32 on the CPU"""
+        B, T = rollouts.response_ids.shape
+        out = None
+        for idx in self.micro_batches(rollouts, micro_batch_size):
+            part = rollouts.select(idx)
+            batch = self.batch(part)
+            logq = process_logits(self.response_logits(batch), temperature, top_k, top_p).log_softmax(-1)
+            logq = logq.masked_fill(~batch.mask[..., None], 0.0).float().cpu()
+            if out is None:
+                out = torch.zeros(B, T, logq.shape[-1])
+            out[idx, : logq.shape[1]] = logq
+        return out
 
     @torch.no_grad()
     def recompute(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,

@@ -240,3 +240,92 @@ def mismatch_metrics(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.T
     acc = MismatchAccumulator()
     acc.add(logp_pi, logp_mu, mask)
     return acc.result()
+
+
+# ---- exact divergences from the whole distributions ------------------------------------------------------------
+EXACT_KEYS = (
+    "exact_kl_mu_pi", "exact_kl_pi_mu", "exact_tv", "exact_seq_kl_mu_pi", "exact_seq_kl_pi_mu", "exact_seq_tv",
+    "support_mismatch_frac", "k3_vs_exact", "seq_kl_vs_exact",
+)  # fmt: skip
+
+
+def token_divergences(logq_pi: torch.Tensor, logq_mu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """At each position, from the two whole distributions (log-probabilities over the vocabulary, -inf outside a
+    truncated support; [..., V]): KL(mu || pi), KL(pi || mu) and the total variation 1/2 sum_v |mu_v - pi_v|, in
+    float64 [...]. A token that one distribution can sample and the other cannot makes that KL infinite."""
+    lp, lm = logq_pi.detach().double(), logq_mu.detach().double()
+    lp, lm = lp - lp.logsumexp(-1, keepdim=True), lm - lm.logsumexp(-1, keepdim=True)  # each sums to 1 in float64
+    p, m = lp.exp(), lm.exp()
+    kl_mu_pi = torch.where(m > 0, m * (lm - lp), 0.0).sum(-1)
+    kl_pi_mu = torch.where(p > 0, p * (lp - lm), 0.0).sum(-1)
+    tv = 0.5 * (p - m).abs().sum(-1)
+    return kl_mu_pi, kl_pi_mu, tv
+
+
+class ExactAccumulator:
+    """The exact per-position divergences of batches (`token_divergences` at every sampled position, from the
+    rollout engine's distribution mu and the learner's pi), summed per sequence.
+
+    exact_kl_mu_pi, exact_kl_pi_mu, exact_tv      means over response tokens
+    exact_seq_kl_mu_pi, _pi_mu, exact_seq_tv       means over sequences of the per-sequence sums: by the chain rule
+                                                   the sequence-level KL(mu || pi) is the expectation of the sum of
+                                                   the per-position KLs, so this averages exact terms over sampled
+                                                   prefixes where `seq_kl` averages one sampled log-ratio each
+    support_mismatch_frac                          share of positions whose supports differ (top-k/top-p)
+    k3_vs_exact, seq_kl_vs_exact                   the sampled-token estimators against these: k3 / exact_kl_mu_pi
+                                                   and seq_kl / exact_seq_kl_mu_pi (1 when they agree)
+    """
+
+    def __init__(self) -> None:
+        self.tok = torch.zeros(3, dtype=torch.float64)
+        self.seq: list[torch.Tensor] = []
+        self.tokens = 0
+        self.mismatched = 0
+
+    def add(self, logq_pi: torch.Tensor, logq_mu: torch.Tensor, mask: torch.Tensor) -> None:
+        m = mask.bool()
+        kls = torch.stack(token_divergences(logq_pi, logq_mu), -1)  # [B, T, 3]
+        kls = torch.where(m[..., None], kls, 0.0)
+        self.tok += kls.sum((0, 1))
+        rows = m.any(-1)
+        self.seq.append(kls.sum(1)[rows])
+        self.tokens += int(m.sum())
+        differ = (torch.isfinite(logq_pi) != torch.isfinite(logq_mu)).any(-1)
+        self.mismatched += int((differ & m).sum())
+
+    def merge(self, others: list[ExactAccumulator]) -> ExactAccumulator:
+        """This accumulator with what `others` (say, the other ranks') hold added."""
+        for o in others:
+            if o is not self:  # (the same object is not added twice)
+                self.tok += o.tok
+                self.seq += o.seq
+                self.tokens += o.tokens
+                self.mismatched += o.mismatched
+        return self
+
+    def result(self, estimated: dict | None = None) -> dict[str, float]:
+        """The keys of `EXACT_KEYS`; the estimator comparisons with `estimated` (a `mismatch_metrics` result)."""
+        out = dict.fromkeys(EXACT_KEYS, 0.0)
+        if not self.tokens:
+            return out
+        tok = (self.tok / self.tokens).tolist()
+        seq = torch.cat(self.seq).mean(0).tolist()
+        out.update(zip(("exact_kl_mu_pi", "exact_kl_pi_mu", "exact_tv"), tok))
+        out.update(zip(("exact_seq_kl_mu_pi", "exact_seq_kl_pi_mu", "exact_seq_tv"), seq))
+        out["support_mismatch_frac"] = self.mismatched / self.tokens
+        if estimated is not None:
+            out["k3_vs_exact"] = _ratio(estimated.get("k3", 0.0), out["exact_kl_mu_pi"])
+            out["seq_kl_vs_exact"] = _ratio(estimated.get("seq_kl", 0.0), out["exact_seq_kl_mu_pi"])
+        return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and math.isfinite(b) else float("nan")
+
+
+def exact_metrics(logq_pi: torch.Tensor, logq_mu: torch.Tensor, mask: torch.Tensor,
+                  estimated: dict | None = None) -> dict[str, float]:  # fmt: skip
+    """`ExactAccumulator` over one batch."""
+    acc = ExactAccumulator()
+    acc.add(logq_pi, logq_mu, mask)
+    return acc.result(estimated)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from unison import threads
 from unison.config import DataConfig, ModelConfig, RolloutConfig, RunBase, check, doc, validate_sections
-from unison.mismatch import MismatchAccumulator
+from unison.mismatch import EXACT_KEYS, ExactAccumulator, MismatchAccumulator
 from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
 from unison.setup import Setup, build, check_output_file, check_output_folder
 
@@ -34,6 +34,9 @@ class ProbeSection:
     activations: bool = doc(False, "also measure each layer's largest |activation| (fp32 forward) against the FP16 "
                                    "limit 65504")
     json: str = doc("", "also write the results JSON here")
+    exact: str = doc("auto", "the exact per-position KL(mu||pi), KL(pi||mu) and total variation from both engines' "
+                             "whole distributions: on, off, or auto (on with the native engine)",
+                     choices=("auto", "on", "off"), what="choice")
 
 
 @dataclass
@@ -52,6 +55,9 @@ class ProbeConfig:
         check(bool(self.probe.precisions), "probe.precisions", "list at least one setting, e.g. [fp32, fp16, bf16]")
         check(self.probe.batch_size >= 1, "probe.batch_size", "must be at least 1")
         check(self.data.max_prompts >= 1, "data.max_prompts", "must be at least 1 (the prompts to sample from)")
+        check(self.probe.exact != "on" or self.rollout.engine == "native", "probe.exact",
+              f"needs the whole distributions the native engine keeps; rollout.engine={self.rollout.engine} returns "
+              "the sampled tokens' log-probs only: use rollout.engine=native, or probe.exact=auto")  # fmt: skip
         self.probe.precisions = [str(name).lower() for name in self.probe.precisions]
         for name in self.probe.precisions:
             parts = str(name).split("/")
@@ -75,29 +81,46 @@ class ProbeResult:
     points: dict = field(default_factory=dict, repr=False)  # subsampled pi/mu pairs and per-sequence values
 
 
+# memory the whole distributions of one batch may take (both engines' [rows, tokens, vocabulary] fp32)
+EXACT_BATCH_BYTES = 2**30
+
+
+def exact_on(cfg: ProbeConfig) -> bool:
+    """Whether the probe computes the exact divergences: `probe.exact`, auto meaning with the native engine."""
+    return cfg.probe.exact == "on" or (cfg.probe.exact == "auto" and cfg.rollout.engine == "native")
+
+
 def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_ids) -> ProbeResult:
     t0 = time.perf_counter()
     learner = s.learner(policy)
     label = f"{precision_name(policy.rollout)}/{precision_name(policy.train)}"
+    exact = exact_on(cfg)
+    batch = cfg.probe.batch_size
+    if exact:  # rows whose two [tokens, vocabulary] distributions fit the budget
+        batch = max(1, min(batch, EXACT_BATCH_BYTES // (8 * s.max_new_tokens * s.config.vocab_size)))
     with s.engine(policy.rollout) as engine:
         print(f"probe {label}: {s.describe(engine)}", flush=True)
         learner.sync(engine)  # the engine holds exactly the learner's weights cast to the rollout dtype
         params = s.sampling()
         rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
-        acc = MismatchAccumulator()
+        acc, exact_acc = MismatchAccumulator(), ExactAccumulator()
         pis, mus = [], []
         bar = tqdm(total=len(rows), desc=f"probe {label}", unit="seq", disable=not cfg.run.progress)
-        for start in range(0, len(rows), cfg.probe.batch_size):
+        sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
+        for start in range(0, len(rows), batch):
             threads.adapt()
-            ro = engine.generate(rows[start: start + cfg.probe.batch_size], params)
-            logp_pi = learner.recompute(ro, micro_batch_size=64, temperature=params.temperature, top_k=params.top_k,
-                                        top_p=params.top_p)  # fmt: skip
+            ro = engine.generate(rows[start: start + batch], params, keep_distributions=exact)
+            logp_pi = learner.recompute(ro, micro_batch_size=64, **sampling)
             acc.add(logp_pi, ro.logprobs, ro.mask)
+            if exact:
+                exact_acc.add(learner.distributions(ro, micro_batch_size=64, **sampling), ro.distributions, ro.mask)
             pis.append(logp_pi[ro.mask].exp())
             mus.append(ro.logprobs[ro.mask].exp())
             bar.update(len(ro))
         bar.close()
     metrics = acc.result()
+    if exact:
+        metrics.update(exact_acc.result(metrics))
     slope, intercept = acc.length_slope()
     pi, mu = torch.cat(pis), torch.cat(mus)
     keep = torch.randperm(len(pi), generator=torch.Generator().manual_seed(0))[:20000]
@@ -164,7 +187,7 @@ def results_json(cfg: ProbeConfig, results: list[ProbeResult], max_new_tokens: i
 TABLE_KEYS = [
     "abs_log_ratio_mean", "prob_abs_diff_mean", "prob_abs_diff_max", "log_ratio_mean", "log_ratio_min", "log_ratio_max",
     "k1", "k2", "k3", "chi2_token", "seq_log_ratio_mean", "seq_log_ratio_abs_mean", "seq_log_ratio_min",
-    "seq_log_ratio_max", "seq_kl", "chi2_seq", "seq_slope_per_1k_tokens", "num_tokens", "num_seqs",
+    "seq_log_ratio_max", "seq_kl", "chi2_seq", "seq_slope_per_1k_tokens", "num_tokens", "num_seqs", *EXACT_KEYS,
 ]  # fmt: skip
 
 
@@ -178,6 +201,8 @@ def format_table(results: list[ProbeResult]) -> str:
             + (f"{'bf16÷fp16':>12s}" if ratio else ""))
     lines = [head, "-" * len(head)]
     for key in TABLE_KEYS:
+        if not any(key in v for v in values):  # the exact divergences, where they were not computed
+            continue
         row = f"{key:26s}" + "".join(f"{v.get(key, float('nan')):>13.3e}" for v in values)
         if ratio:
             a, b = by["bf16/bf16"].get(key, 0.0), by["fp16/fp16"].get(key, 0.0)

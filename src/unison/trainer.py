@@ -34,7 +34,7 @@ from unison.distributed import SINGLE, World
 from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, UserError
 from unison.evaluation import evaluate, score
 from unison.learner import Learner, MicroBatch, lr_factor
-from unison.mismatch import mismatch_metrics
+from unison.mismatch import ExactAccumulator, mismatch_metrics
 from unison.overflow import OverflowGuard
 from unison.precision import PrecisionPolicy, precision_name
 from unison.report import MetricsLog, console_line, resolve_loggers
@@ -124,7 +124,9 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     prompts = stream.take(r.prompts_per_step)  # the same on every rank
     share = r.prompts_per_step // world.size
     examples = [e for e in prompts[world.rank * share : (world.rank + 1) * share] for _ in range(r.group_size)]
-    rollouts = engine.generate([run.setup.prompt_ids[id(e)] for e in examples], run.sampling)  # groups contiguous
+    exact = cfg.metrics.exact_divergence
+    rollouts = engine.generate([run.setup.prompt_ids[id(e)] for e in examples], run.sampling,
+                               keep_distributions=exact)  # groups contiguous  # fmt: skip
     t_rollout = time.perf_counter() - t_start
     rewards, texts = score(run.setup.task, run.setup.tokenizer, rollouts, examples)
 
@@ -149,6 +151,15 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
         shaped = rewards - a.kl_coef * kl.sum(1)
     advantages = ADVANTAGES[preset.advantage](shaped, r.group_size)  # [B], per group: whole groups on each rank
 
+    exact_acc, t_exact = None, 0.0
+    if exact:  # pi_old's whole distributions, before the update changes it
+        t0 = time.perf_counter()
+        exact_acc = ExactAccumulator()
+        exact_acc.add(learner.distributions(rollouts, o.micro_batch_size, *sampling), rollouts.distributions,
+                      rollouts.mask)  # fmt: skip
+        rollouts.distributions = None  # (not gathered nor kept)
+        exact_acc = exact_acc.merge([a for i, a in enumerate(world.gather(exact_acc)) if i != world.rank])
+        t_exact = time.perf_counter() - t0
     t0 = time.perf_counter()
     updates = update_policy(cfg, learner, rollouts, advantages, logp_old, entropy, preset, shuffle, single_update,
                             run.sampling.max_new_tokens, world)  # fmt: skip
@@ -166,7 +177,11 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
         examples = [e for e in prompts for _ in range(r.group_size)]
         kl_metrics = {k: sum(p[7][k] for p in parts) / world.size for k in kl_metrics}
     mu, mask = rollouts.logprobs, rollouts.mask
-    m.update({f"mismatch/{k}": v for k, v in mismatch_metrics(logp_old, mu, mask).items()})
+    estimated = mismatch_metrics(logp_old, mu, mask)
+    m.update({f"mismatch/{k}": v for k, v in estimated.items()})
+    if exact_acc is not None:
+        m.update({f"mismatch/{k}": v for k, v in exact_acc.result(estimated).items()})
+        m["perf/exact_divergence_seconds"] = t_exact
     m.update({k: float(v) for k, v in kl_metrics.items()})
     m["learner/lr"] = lr
     if samples is not None:

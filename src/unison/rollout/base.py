@@ -43,6 +43,9 @@ class Rollouts:
     lengths        [B]    long   number of response tokens (the stop token included)
     finished       [B]    bool   True where the response ended with a stop token, False where it was truncated
     prompt_ids     list of B lists of prompt token ids (unpadded)
+    distributions  [B, T, V] fp32 or None   log q(.) at each response position: the whole distribution the engine
+                                            sampled from (-inf outside a top-k/top-p support, 0 after the end),
+                                            where asked for (`generate(..., keep_distributions=True)`)
     """
 
     prompt_ids: list[list[int]]
@@ -51,6 +54,7 @@ class Rollouts:
     mask: torch.Tensor
     lengths: torch.Tensor
     finished: torch.Tensor
+    distributions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -70,6 +74,7 @@ class Rollouts:
             mask=self.mask[idx, :T],
             lengths=self.lengths[idx],
             finished=self.finished[idx],
+            distributions=None if self.distributions is None else self.distributions[idx, :T],
         )
 
     @classmethod
@@ -87,7 +92,9 @@ class Rollouts:
             mask=torch.cat([pad(p.mask, False) for p in parts]),
             lengths=torch.cat([p.lengths for p in parts]),
             finished=torch.cat([p.finished for p in parts]),
-        )
+            distributions=(torch.cat([torch.nn.functional.pad(p.distributions, (0, 0, 0, T - p.distributions.shape[1]))
+                                      for p in parts]) if all(p.distributions is not None for p in parts) else None),
+        )  # fmt: skip
 
     def truncated(self, lengths: torch.Tensor, finished: torch.Tensor, pad_token_id: int = 0) -> Rollouts:
         """The same rows cut to `lengths` (each at most its own), with `finished` flags; trimmed to the longest."""
@@ -100,6 +107,8 @@ class Rollouts:
             mask=mask,
             lengths=lengths,
             finished=finished,
+            distributions=None if self.distributions is None else self.distributions[:, :T].masked_fill(
+                ~mask[..., None], 0.0),
         )  # fmt: skip
 
 
@@ -159,8 +168,10 @@ class RolloutEngine(Protocol):
 
     dtype: torch.dtype
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False) -> Rollouts:
-        """Sample one response per prompt (repeat a prompt G times for a group)."""
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False,
+                 keep_distributions: bool = False) -> Rollouts:
+        """Sample one response per prompt (repeat a prompt G times for a group); with `keep_distributions`, keep
+        the whole distribution sampled from at each position (`Rollouts.distributions`) where the engine can."""
         ...
 
     def load_weights(self, named_tensors) -> None:

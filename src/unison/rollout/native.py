@@ -41,7 +41,7 @@ from unison.rollout.base import (
     response_text,
     stop_string_end,
 )
-from unison.sampling import sample
+from unison.sampling import draw, process_logits, sample
 
 FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
 # rotary variants whose angles depend on the position alone (a table built once is exact); `dynamic` and `longrope`
@@ -344,7 +344,10 @@ class NativeEngine:
 
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False,
+                 keep_distributions: bool = False) -> Rollouts:
+        """Sample one response per prompt; with `keep_distributions`, also every distribution sampled from
+        (`Rollouts.distributions`, [B, T, V] fp32 on the CPU: mind the memory for a large vocabulary)."""
         check_prompts(prompt_ids)
         B, N = len(prompt_ids), params.max_new_tokens
         P = max(len(p) for p in prompt_ids)
@@ -365,7 +368,13 @@ class NativeEngine:
         rows = torch.arange(B, device=dev)
         slot_tokens, slot_logprobs = torch.empty_like(tokens), torch.empty_like(logprobs)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        keep = keep_distributions and params.temperature > 0
+        dists = slot_dists = None
         logits = decoder.prefill()
+        if keep:
+            V = logits.shape[-1]
+            dists = torch.zeros((B, N, V), dtype=torch.float32, device=dev)
+            slot_dists = torch.zeros_like(dists)
         bar = tqdm(total=N, desc="sampling", unit="tok", leave=False, disable=not progress)
         T = N  # the number of steps taken
         strings = params.stop_strings
@@ -373,7 +382,12 @@ class NativeEngine:
             raise ValueError("stop strings need the engine's tokenizer (NativeEngine(..., tokenizer=...))")
         tail = 8 + 4 * max(map(len, strings), default=0)  # tokens enough to hold a stop string completed lately
         for t in range(N):
-            tok, lp = sample(logits, self.generator, params.temperature, params.top_k, params.top_p)
+            if keep:  # the same draw as `sample`, from a distribution kept whole
+                logq = process_logits(logits, params.temperature, params.top_k, params.top_p).log_softmax(-1)
+                slot_dists[:, t] = logq
+                tok, lp = draw(logq, self.generator)
+            else:
+                tok, lp = sample(logits, self.generator, params.temperature, params.top_k, params.top_p)
             slot_tokens[:, t] = tok
             slot_logprobs[:, t] = lp
             if params.stop_token_ids:
@@ -393,13 +407,19 @@ class NativeEngine:
                 if 4 * n_done >= len(done) and decoder.compact(~done):
                     tokens[rows[done], : t + 1] = slot_tokens[done, : t + 1]
                     logprobs[rows[done], : t + 1] = slot_logprobs[done, : t + 1]
-                    keep = ~done
-                    rows, tok, done = rows[keep], tok[keep], done[keep]
-                    slot_tokens, slot_logprobs = slot_tokens[keep], slot_logprobs[keep]
+                    if keep:
+                        dists[rows[done], : t + 1] = slot_dists[done, : t + 1]
+                    live = ~done
+                    rows, tok, done = rows[live], tok[live], done[live]
+                    slot_tokens, slot_logprobs = slot_tokens[live], slot_logprobs[live]
+                    if keep:
+                        slot_dists = slot_dists[live]
             logits = decoder.step(t, tok)
         bar.close()
         tokens[rows, :T] = slot_tokens[:, :T]
         logprobs[rows, :T] = slot_logprobs[:, :T]
+        if keep:
+            dists[rows, :T] = slot_dists[:, :T]
         # a response ends at its first stop token (included), or after N tokens
         hits = torch.isin(tokens[:, :T], stop)
         finished = hits.any(1)
@@ -413,6 +433,7 @@ class NativeEngine:
             mask=mask.cpu(),
             lengths=lengths.cpu(),
             finished=finished.cpu(),
+            distributions=dists[:, :T].masked_fill(~mask[..., None], 0.0).cpu() if keep else None,
         )
         return cut_at_stop_strings(out, self.text_of, strings, self.pad_token_id) if strings else out
 

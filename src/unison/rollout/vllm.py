@@ -271,9 +271,15 @@ class VLLMEngine:
         return [VSamplingParams(seed=(self.seed * 2**32 + first + i) % 2**63, **base) for i in range(n)]
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False,
+                 keep_distributions: bool = False) -> Rollouts:
+        """Sample one response per prompt. vLLM returns the log-probs of the sampled tokens only, so
+        `keep_distributions` is refused (`Rollouts.distributions` needs the native engine)."""
         from vllm.inputs import TokensPrompt
 
+        if keep_distributions:
+            raise UserError("the vllm engine returns the sampled tokens' log-probs only, not the whole distributions "
+                            "the exact divergences need; use rollout.engine=native for them")  # fmt: skip
         check_prompts(prompt_ids)
         B = len(prompt_ids)
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]

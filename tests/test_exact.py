@@ -1,0 +1,102 @@
+"""Exact divergences from the two engines' whole distributions: hand-computed values, truncated supports, per
+sequence sums against a float64 loop, and what the native engine and the learner hand over."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unison.mismatch import ExactAccumulator, exact_metrics, token_divergences
+
+
+def test_token_divergences_by_hand():
+    mu, pi = torch.tensor([0.5, 0.3, 0.2]).log(), torch.tensor([0.4, 0.4, 0.2]).log()
+    kl_mu_pi, kl_pi_mu, tv = token_divergences(pi, mu)
+    assert kl_mu_pi.item() == pytest.approx(0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.4), rel=1e-6)
+    assert kl_pi_mu.item() == pytest.approx(0.4 * math.log(0.4 / 0.5) + 0.4 * math.log(0.4 / 0.3), rel=1e-6)
+    assert tv.item() == pytest.approx(0.1, rel=1e-6)
+
+
+def test_truncated_supports():
+    mu = torch.tensor([0.5, 0.3, 0.2]).log()
+    pi = torch.tensor([0.6, 0.4, 0.0]).log()  # top-2: the third token is outside pi's support
+    kl_mu_pi, kl_pi_mu, tv = token_divergences(pi, mu)
+    assert kl_mu_pi.item() == math.inf  # mu samples a token pi cannot
+    assert kl_pi_mu.item() == pytest.approx(0.6 * math.log(0.6 / 0.5) + 0.4 * math.log(0.4 / 0.3), rel=1e-6)
+    assert tv.item() == pytest.approx(0.5 * (0.1 + 0.1 + 0.2), rel=1e-6)
+    r = exact_metrics(pi[None, None], mu[None, None], torch.ones(1, 1, dtype=torch.bool))
+    assert r["support_mismatch_frac"] == 1.0 and r["exact_kl_mu_pi"] == math.inf
+
+
+def test_sequence_sums_against_a_float64_loop():
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 5, 7
+    lp = torch.randn(B, T, V, generator=g).log_softmax(-1)
+    lm = (torch.randn(B, T, V, generator=g) * 0.5 + lp).log_softmax(-1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    acc = ExactAccumulator()
+    acc.add(lp[:2], lm[:2], mask[:2])
+    acc.add(lp[2:], lm[2:], mask[2:])
+    r = acc.result({"k3": 0.25, "seq_kl": 1.0})
+    per_tok, per_seq = [], []
+    for i in range(B):
+        s = 0.0
+        for t in range(T):
+            if mask[i, t]:
+                p, m = lp[i, t].double().exp(), lm[i, t].double().exp()
+                p, m = p / p.sum(), m / m.sum()
+                kl = float((m * (m.log() - p.log())).sum())
+                per_tok.append(kl)
+                s += kl
+        if mask[i].any():
+            per_seq.append(s)
+    assert r["exact_kl_mu_pi"] == pytest.approx(sum(per_tok) / len(per_tok), rel=1e-9)
+    assert r["exact_seq_kl_mu_pi"] == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-9)  # the empty row left out
+    assert r["k3_vs_exact"] == pytest.approx(0.25 / r["exact_kl_mu_pi"])
+    merged = ExactAccumulator()
+    merged.add(lp[:1], lm[:1], mask[:1])
+    other = ExactAccumulator()
+    other.add(lp[1:], lm[1:], mask[1:])
+    assert merged.merge([other]).result() == pytest.approx(acc.result())  # two ranks' parts, as one
+
+
+def test_native_engine_keeps_the_distributions_it_samples_from():
+    from unison.models import load_model, load_tokenizer, resolve_model_dir
+    from unison.rollout.base import SamplingParams
+    from unison.rollout.native import NativeEngine
+
+    path = resolve_model_dir("builtin")
+    tok = load_tokenizer(path)
+    prompts = [tok("12+34=")["input_ids"], tok("5+7=")["input_ids"]] * 3
+    params = SamplingParams(max_new_tokens=16, top_k=20, top_p=0.9, stop_token_ids=(tok.eos_token_id,))
+    runs = []
+    for keep in (False, True):
+        engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), torch.float16, "cpu", seed=3)
+        runs.append(engine.generate(prompts, params, keep_distributions=keep))
+    plain, kept = runs
+    assert plain.distributions is None and torch.equal(plain.response_ids, kept.response_ids)
+    d = kept.distributions
+    assert d.shape[:2] == kept.response_ids.shape
+    picked = d.gather(-1, kept.response_ids[..., None]).squeeze(-1)
+    assert torch.equal(picked[kept.mask], kept.logprobs[kept.mask])  # the reported log mu is read off the same q
+    assert (d[kept.mask].isinf().sum(-1) >= d.shape[-1] - 20).all()  # top-k 20: the rest is outside the support
+    assert (d[~kept.mask] == 0).all()
+
+
+def test_learner_and_engine_distributions_agree_in_fp32():
+    from unison.learner import Learner
+    from unison.models import load_model, load_tokenizer, resolve_model_dir
+    from unison.precision import PrecisionPolicy
+    from unison.rollout.base import SamplingParams
+    from unison.rollout.native import NativeEngine
+
+    path = resolve_model_dir("builtin")
+    tok = load_tokenizer(path)
+    engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), torch.float32, "cpu", seed=0)
+    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), PrecisionPolicy(torch.float32,
+                                                                                           torch.float32), "cpu")
+    ro = engine.generate([tok("40+2=")["input_ids"]] * 4, SamplingParams(max_new_tokens=24), keep_distributions=True)
+    r = exact_metrics(learner.distributions(ro), ro.distributions, ro.mask)
+    assert 0 <= r["exact_kl_mu_pi"] < 1e-9 and r["exact_tv"] < 1e-5 and r["support_mismatch_frac"] == 0
