@@ -385,6 +385,11 @@ CASES = [
     C("probe-exact-vllm", "config", "the probe's exact divergences asked of the vLLM engine",
       lambda d, t: ["probe", "--model", t, "--engine", "vllm", "probe.exact=on", "--out", d / "p"],
       "native engine keeps"),
+    C("lm-head-fp32-vllm", "config", "an fp32 LM head asked of the vLLM engine",
+      lambda d, t: train(t, "rollout.engine=vllm", "precision.lm_head=fp32"), "fp32 needs the native engine"),
+    C("lm-head-fp32-ranks", "ranks", "an fp32 LM head with several ranks",
+      lambda d, t: train(t, "--nproc", "2", "precision.lm_head=fp32", "optim.train_batch_size=8"),
+      "lm_head=fp32 with several ranks"),
     C("tensor-parallel-native", "ranks", "rollout.tensor_parallel_size with the native engine",
       lambda d, t: train(t, "rollout.tensor_parallel_size=2"), "applies to rollout.engine=vllm only"),
 ]  # fmt: skip

@@ -100,3 +100,38 @@ def test_learner_and_engine_distributions_agree_in_fp32():
     ro = engine.generate([tok("40+2=")["input_ids"]] * 4, SamplingParams(max_new_tokens=24), keep_distributions=True)
     r = exact_metrics(learner.distributions(ro), ro.distributions, ro.mask)
     assert 0 <= r["exact_kl_mu_pi"] < 1e-9 and r["exact_tv"] < 1e-5 and r["support_mismatch_frac"] == 0
+
+
+# ---- the LM head in fp32 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("matmul", ["native", "fp32-accumulate"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_lm_head_in_both_engines(dtype, matmul):
+    from unison.conformance import SELF_TEST_BANDS
+    from unison.learner import Learner
+    from unison.models import load_model, load_tokenizer, resolve_model_dir
+    from unison.precision import PrecisionPolicy
+    from unison.rollout.base import SamplingParams
+    from unison.rollout.native import NativeEngine
+
+    path = resolve_model_dir("builtin")
+    tok = load_tokenizer(path)
+    policy = PrecisionPolicy(dtype, dtype, lm_head_fp32=True)
+    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), policy, "cpu", matmul=matmul)
+    engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), dtype, "cpu", seed=0, matmul=matmul,
+                          lm_head="fp32")  # fmt: skip
+    head = engine.model.get_output_embeddings().weight
+    assert head.dtype == torch.float32 and learner.model.get_output_embeddings().weight.dtype == torch.float32
+    assert engine.model.model.layers[0].mlp.up_proj.weight.dtype == dtype  # the rest stays in the rollout dtype
+    exported = dict(learner.export_weights(dtype))
+    assert {n for n, t in exported.items() if t.dtype == torch.float32} == learner.fp32_names
+    assert learner.sync(engine)["sync/checksum_ok"] == 1.0  # the engine holds the fp32 head exactly
+    # the tied embeddings still give the rollout dtype (the head's fp32 values rounded)
+    ids = torch.tensor([tok("12+34=")["input_ids"]])
+    emb = engine.model.get_input_embeddings()(ids)
+    assert emb.dtype == dtype and torch.equal(emb, torch.nn.functional.embedding(ids, head).to(dtype))
+    ro = engine.generate([tok("12+34=")["input_ids"]] * 8, SamplingParams(max_new_tokens=24), keep_distributions=True)
+    logp = learner.recompute(ro)
+    gap = (logp - ro.logprobs)[ro.mask].abs().mean().item()
+    assert 0 < gap < SELF_TEST_BANDS[dtype]
+    logits = learner.response_logits(learner.batch(ro))
+    assert logits.dtype == torch.float32  # not rounded to the train dtype

@@ -111,6 +111,9 @@ class PrecisionConfig:
     min_scale: float = doc(1.0, "the run stops if the loss scale falls below this")
     loss_scaling: str = doc("auto", "auto (dynamic scaling for fp16 training), on, or off",
                             choices=("auto", "on", "off"), what="choice")
+    lm_head: str = doc("same", "the LM head's dtype in both engines: same (the rollout and train dtypes), or fp32 "
+                               "(fp32 weights and logits; native engine, one rank)",
+                       choices=("same", "fp32"), what="choice", lower=True)
     on_activation_overflow: str = doc("stop", "an fp16 activation beyond 65504 in either engine (checked where that "
                                               "engine runs in fp16): stop (naming the layer), fp32_layers (run that "
                                               "layer's MLP in fp32 from then on), or off (no checks)",
@@ -275,6 +278,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         r, o = self.rollout, self.optim
         validate_sections(self)
+        check(self.precision.lm_head == "same" or r.engine == "native", "precision.lm_head",
+              "fp32 needs the native engine: vLLM computes the LM head in the model's dtype")  # fmt: skip
         check(not self.metrics.exact_divergence or r.engine == "native", "metrics.exact_divergence",
               f"needs the whole distributions the native engine keeps; rollout.engine={r.engine} returns the sampled "
               "tokens' log-probs only")  # fmt: skip

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from unison.distributed import SINGLE, World, shard
+from unison.errors import UserError
 from unison.hf import LogitsAt, cache_kwarg, output_cache
 from unison.precision import (
     LossScaler,
@@ -33,6 +34,7 @@ from unison.precision import (
     matmul_mode,
     set_matmul,
     step,
+    upcast_lm_head,
 )
 from unison.rollout.base import Rollouts
 from unison.rollout.native import layer_windows
@@ -306,6 +308,15 @@ class Learner:
         else:
             self.weights = MasterWeights(self.model, policy.train)
         set_matmul(self.model, self.matmul)
+        # names of the LM head's parameters when it runs in fp32 (exported to the engine in fp32)
+        self.fp32_names: set[str] = set()
+        if policy.lm_head_fp32:
+            if world.distributed:
+                raise UserError("precision.lm_head=fp32 with several ranks is not supported yet; train on one rank "
+                                "or leave precision.lm_head=same")  # fmt: skip
+            self.fp32_names = upcast_lm_head(self.model, policy.train)
+            if self.reference is not None:
+                upcast_lm_head(self.reference, policy.train)
         self.logits_at = LogitsAt(self.model)
         if gradient_checkpointing:
             enable_checkpointing(self.model)
@@ -479,7 +490,8 @@ class Learner:
     def export_weights(self, dtype: torch.dtype | None = None):
         """(name, master weight cast to `dtype`) for every parameter; the rollout dtype by default."""
         dtype = dtype or self.policy.rollout
-        return [(name, full_tensor(t.to(dtype))) for name, t in self.weights.named_master()]  # cast, then gather
+        return [(name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype)))
+                for name, t in self.weights.named_master()]  # cast, then gather  # fmt: skip
 
     def sync(self, engine) -> dict:
         """Load the master weights, cast to the engine's dtype, into the engine, then verify the engine's checksum

@@ -143,6 +143,30 @@ def set_matmul(module: torch.nn.Module, mode: str) -> torch.nn.Module:
     return module
 
 
+LM_HEADS = ("same", "fp32")
+
+
+def _fp32_head_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x.float(), self.weight, self.bias)
+
+
+def upcast_lm_head(model: torch.nn.Module, dtype: torch.dtype) -> set[str]:
+    """Compute `model`'s LM head in fp32: its weight (and bias) stored in fp32, its input upcast, its logits left in
+    fp32 (not rounded to `dtype`, the dtype of the rest of the model). A head tied to the input embeddings shares
+    its fp32 weight with them; their lookups are rounded to `dtype`, as they were before. Returns the names of the
+    head's parameters (as `named_parameters` gives them)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise UserError(f"precision.lm_head=fp32 needs a linear LM head; this model's is a {type(head).__name__}")
+    ids = {id(head.weight)} | ({id(head.bias)} if head.bias is not None else set())
+    head.float()
+    head.forward = types.MethodType(_fp32_head_forward, head)
+    embed = model.get_input_embeddings()
+    if embed is not None and embed.weight is head.weight:
+        embed.register_forward_hook(lambda module, args, out: out.to(dtype))
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
 MATMUL_MODES = ("auto", "native", "fp32-accumulate")
 
 
@@ -183,17 +207,19 @@ class PrecisionPolicy:
     rollout: torch.dtype = torch.float16
     train: torch.dtype = torch.float16
     master: torch.dtype = torch.float32
+    lm_head_fp32: bool = False  # the LM head computed in fp32 in both engines (`upcast_lm_head`)
 
     @classmethod
-    def from_names(cls, rollout: str, train: str) -> PrecisionPolicy:
-        return cls(rollout=parse_precision(rollout), train=parse_precision(train))
+    def from_names(cls, rollout: str, train: str, lm_head: str = "same") -> PrecisionPolicy:
+        return cls(rollout=parse_precision(rollout), train=parse_precision(train), lm_head_fp32=lm_head == "fp32")
 
     @property
     def needs_loss_scaling(self) -> bool:
         return self.train == torch.float16
 
     def describe(self) -> str:
-        return f"rollout {precision_name(self.rollout)}, train {precision_name(self.train)}, master fp32"
+        head = ", LM head fp32" if self.lm_head_fp32 else ""
+        return f"rollout {precision_name(self.rollout)}, train {precision_name(self.train)}{head}, master fp32"
 
 
 class LossScaleFloorError(RuntimeError):

@@ -34,6 +34,8 @@ class ProbeSection:
     activations: bool = doc(False, "also measure each layer's largest |activation| (fp32 forward) against the FP16 "
                                    "limit 65504")
     json: str = doc("", "also write the results JSON here")
+    lm_head: str = doc("same", "the LM head's dtype in both engines: same (each setting's), or fp32 (native engine)",
+                       choices=("same", "fp32"), what="choice", lower=True)
     exact: str = doc("auto", "the exact per-position KL(mu||pi), KL(pi||mu) and total variation from both engines' "
                              "whole distributions: on, off, or auto (on with the native engine)",
                      choices=("auto", "on", "off"), what="choice")
@@ -55,6 +57,8 @@ class ProbeConfig:
         check(bool(self.probe.precisions), "probe.precisions", "list at least one setting, e.g. [fp32, fp16, bf16]")
         check(self.probe.batch_size >= 1, "probe.batch_size", "must be at least 1")
         check(self.data.max_prompts >= 1, "data.max_prompts", "must be at least 1 (the prompts to sample from)")
+        check(self.probe.lm_head == "same" or self.rollout.engine == "native", "probe.lm_head",
+              "fp32 needs the native engine: vLLM computes the LM head in the model's dtype")  # fmt: skip
         check(self.probe.exact != "on" or self.rollout.engine == "native", "probe.exact",
               f"needs the whole distributions the native engine keeps; rollout.engine={self.rollout.engine} returns "
               "the sampled tokens' log-probs only: use rollout.engine=native, or probe.exact=auto")  # fmt: skip
@@ -98,7 +102,7 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
     batch = cfg.probe.batch_size
     if exact:  # rows whose two [tokens, vocabulary] distributions fit the budget
         batch = max(1, min(batch, EXACT_BATCH_BYTES // (8 * s.max_new_tokens * s.config.vocab_size)))
-    with s.engine(policy.rollout) as engine:
+    with s.engine(policy.rollout, lm_head=cfg.probe.lm_head) as engine:
         print(f"probe {label}: {s.describe(engine)}", flush=True)
         learner.sync(engine)  # the engine holds exactly the learner's weights cast to the rollout dtype
         params = s.sampling()
@@ -134,7 +138,7 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     check_output_folder(cfg.run.out, "run.out (the probe's folder)")
     if cfg.probe.json:
         check_output_file(cfg.probe.json, "probe.json")
-    policies = [PrecisionPolicy.from_names(r, t) for r, t in cfg.settings_names()]
+    policies = [PrecisionPolicy.from_names(r, t, cfg.probe.lm_head) for r, t in cfg.settings_names()]
     dtypes = [d for pol in policies for d in (pol.rollout, pol.train)]
     s = build(cfg.model, cfg.data, cfg.rollout, dtypes=dtypes, seed=cfg.run.seed, require_answer=False)
     threads.configure(cfg.run.threads)

@@ -56,7 +56,7 @@ class RunInputs:
 
 def build_run(cfg: TrainConfig) -> RunInputs:
     """The set-up of a training run, every input checked (nothing is written)."""
-    policy = PrecisionPolicy.from_names(cfg.precision.rollout, cfg.precision.train)
+    policy = PrecisionPolicy.from_names(cfg.precision.rollout, cfg.precision.train, cfg.precision.lm_head)
     s = build(cfg.model, cfg.data, cfg.rollout, dtypes=(policy.rollout, policy.train), seed=cfg.run.seed)
     train_examples = s.examples("train", cfg.data.max_prompts or None)
     test_examples = s.task.examples("test", n=cfg.run.eval_prompts, seed=cfg.run.seed)
@@ -325,7 +325,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
                         "ones")  # fmt: skip
     loggers = resolve_loggers(cfg.run.loggers)
     learner = make_learner(cfg, run, model, world)
-    with s.engine(run.policy.rollout, seed=seed + world.rank) as engine:  # each rank samples with its own stream
+    # each rank samples with its own stream
+    with s.engine(run.policy.rollout, seed=seed + world.rank, lm_head=cfg.precision.lm_head) as engine:
         return _train(cfg, run, learner, engine, world, out, resume, overwrite, latest, master, changes, quiet,
                       loggers)  # fmt: skip
 
@@ -360,6 +361,9 @@ def check_world_settings(cfg: TrainConfig, size: int, device: torch.device) -> N
     """The settings a run of `size` ranks needs (`distributed.check_world`), and what it cannot do yet."""
     distributed.check_world(size, cfg.rollout.prompts_per_step, cfg.optim.train_batch_size // cfg.rollout.group_size,
                             distributed.devices_for(device))  # fmt: skip
+    if size > 1 and cfg.precision.lm_head != "same":
+        raise UserError("precision.lm_head=fp32 with several ranks is not supported yet; train on one rank or leave "
+                        "precision.lm_head=same")  # fmt: skip
     if size > 1 and cfg.rollout.engine != "native":
         raise UserError(f"rollout.engine={cfg.rollout.engine} with {size} ranks is not supported yet; use "
                         "rollout.engine=native with several ranks, or one rank with vLLM (rollout.tensor_parallel_size "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unison.hf import cache_kwarg, output_cache, takes_logits_to_keep
-from unison.precision import cast_module, checksum, compute_dtype, matmul_mode, set_matmul
+from unison.precision import cast_module, checksum, compute_dtype, matmul_mode, set_matmul, upcast_lm_head
 from unison.rollout.base import (
     Rollouts,
     SamplingParams,
@@ -171,7 +171,7 @@ class DecodeWeights:
     always holds what `weights_checksum` reads."""
 
     @torch.no_grad()
-    def __init__(self, model, compute: torch.dtype):
+    def __init__(self, model, compute: torch.dtype, head_fp32: bool = False):
         self.layers = []
         windows = layer_windows(model.config)
         for layer, window in zip(model.model.layers, windows):
@@ -186,18 +186,21 @@ class DecodeWeights:
             })  # fmt: skip
         norm = model.model.norm
         self.norm = (norm.weight.float(), norm.variance_epsilon)
-        self.head = _packed(compute, model.lm_head)
+        self.head = _packed(torch.float32 if head_fp32 else compute, model.lm_head)
 
 
 class NativeEngine:
     """Samples from a copy of the policy held in the rollout dtype."""
 
     def __init__(self, model, dtype: torch.dtype, device: torch.device, seed: int = 0, pad_token_id: int = 0,
-                 matmul: str = "auto", tokenizer=None):
+                 matmul: str = "auto", tokenizer=None, lm_head: str = "same"):
         self.tokenizer = tokenizer  # decodes responses for stop strings
         self.model = cast_module(model, dtype).to(device).eval()
         self.matmul = matmul_mode(matmul, torch.device(device), dtype)
         set_matmul(self.model, self.matmul)
+        self.lm_head_fp32 = lm_head == "fp32"  # the LM head in fp32, its logits not rounded (`upcast_lm_head`)
+        if self.lm_head_fp32:
+            upcast_lm_head(self.model, dtype)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.dtype = dtype
@@ -214,13 +217,13 @@ class NativeEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype: torch.dtype, device, seed: int = 0, matmul: str = "auto",
-                        attn_implementation: str = "auto"):
+                        attn_implementation: str = "auto", lm_head: str = "same"):
         from unison.models import load_model, load_tokenizer
 
         tok = load_tokenizer(model_dir)
         model = load_model(model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
         return cls(model, dtype=dtype, device=device, seed=seed, pad_token_id=tok.pad_token_id or 0, matmul=matmul,
-                   tokenizer=tok)  # fmt: skip
+                   tokenizer=tok, lm_head=lm_head)  # fmt: skip
 
     def close(self) -> None:
         """Nothing to free beyond what the garbage collector takes (here for the `RolloutEngine` protocol)."""
@@ -244,7 +247,8 @@ class NativeEngine:
         """One line: this engine, its dtype and the decode path it runs."""
         path, why = self.decode_path()
         how = "fast path" if path == "fast" else f"fallback to the model's own forward ({why})"
-        return f"native engine, {self.dtype}".replace("torch.", "") + f", {how}"
+        head = ", LM head fp32" if self.lm_head_fp32 else ""
+        return f"native engine, {self.dtype}".replace("torch.", "") + f"{head}, {how}"
 
     # ---- weights -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -323,6 +327,9 @@ class NativeEngine:
             x = x + self._attention(w, rms_norm_fp32(x, *w["ln1"]), cos, sin, cache, i, start, mask)
             x = x + self._mlp(w, rms_norm_fp32(x, *w["ln2"]))
         x = run_pre_hooks(self.model.lm_head, rms_norm_fp32(x[:, -1:], *weights.norm))
+        if self.lm_head_fp32:  # fp32 logits from the fp32 head, not rounded
+            weight, bias = weights.head
+            return F.linear(x.float(), weight, bias)[:, -1]
         return self._linear(x, weights.head)[:, -1]  # [B, V] in the rollout dtype
 
     # ---- sampling ------------------------------------------------------------------------------------------
@@ -454,7 +461,7 @@ class _StaticDecode:
         B, P = prompts.shape
         dev = prompts.device
         self.engine, self.prompts, self.pad_left, self.P = engine, prompts, pad_left, P
-        self.weights = DecodeWeights(engine.model, engine.compute_dtype)
+        self.weights = DecodeWeights(engine.model, engine.compute_dtype, engine.lm_head_fp32)
         L = P + max_new
         self.cache = StaticKVCache(engine.num_layers, B, engine.kv_heads, L, engine.head_dim, engine.compute_dtype, dev)
         self.valid = torch.arange(L, device=dev)[None, :] >= pad_left[:, None]  # [B, P+N] no left padding
@@ -522,7 +529,8 @@ class _FlatStep:
         self.H, self.Hkv, self.D = engine.num_heads, engine.kv_heads, engine.head_dim
         self.cache = cache
         embed = model.model.embed_tokens
-        self.embed = embed.weight.float()  # the weight itself when it is fp32
+        # the weight itself when it is fp32; a head in fp32 tied to it: its values rounded, as the lookup's
+        self.embed = embed.weight.to(engine.dtype).float()
         self.embed_hooks = embed if embed._forward_pre_hooks else None
         self.layers = []
         for w in weights.layers:
@@ -536,6 +544,7 @@ class _FlatStep:
             ))  # fmt: skip
         self.norm = weights.norm
         self.head = _transposed(weights.head)
+        self.head_fp32 = engine.lm_head_fp32
         self.head_hooks = model.lm_head if model.lm_head._forward_pre_hooks else None
         self.set_mask(valid)
         self.set_views()
@@ -620,6 +629,9 @@ class _FlatStep:
         h = rnd(F.rms_norm(x, (x.shape[-1],), *self.norm))
         if self.head_hooks is not None:
             h = run_pre_hooks(self.head_hooks, h)
+        if self.head_fp32:  # the fp32 head's logits, not rounded
+            w_t, b = self.head
+            return torch.mm(h, w_t) if b is None else torch.addmm(b, h, w_t)
         return linear(h, self.head)
 
 

@@ -156,6 +156,9 @@ class VLLMEngine:
 
         if dtype not in VLLM_DTYPES:
             raise UserError(f"the vllm engine cannot run {dtype}; choose fp32, bf16 or fp16")
+        if engine_kwargs.pop("lm_head", "same") != "same":
+            raise UserError("precision.lm_head=fp32 needs the native engine: vLLM computes the LM head in the model's "
+                            "dtype; use rollout.engine=native, or precision.lm_head=same")  # fmt: skip
         if matmul == "fp32-accumulate":
             warnings.warn("matmul=fp32-accumulate applies to the native engine only; vLLM uses its own kernels",
                           stacklevel=2)
