@@ -338,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         return WRITE_FAILED
     except Exception as exc:  # noqa: BLE001 - errors the run itself raises (loss-scale floor, sync, overflow)
         from unison.conformance import SelfTestError
+        from unison.guard import MismatchGuardStop
         from unison.learner import WeightSyncError
         from unison.overflow import ActivationOverflowError
         from unison.precision import LossScaleFloorError
 
-        if isinstance(exc, (LossScaleFloorError, WeightSyncError, ActivationOverflowError, SelfTestError)):
-            print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
+        if isinstance(exc, (LossScaleFloorError, WeightSyncError, ActivationOverflowError, SelfTestError,
+                            MismatchGuardStop)):  # fmt: skip
+            if say:
+                print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
             return 1
         raise
     return 0

@@ -263,6 +263,30 @@ class MetricsConfig:
 
 
 @dataclass
+class GuardConfig:
+    seq_kl_warn: float = doc(0.0, "warn when the sequence-level KL(mu||pi) (mismatch/seq_kl) exceeds this (0: off)")
+    seq_kl_stop: float = doc(0.0, "stop the run when mismatch/seq_kl exceeds this for guard.patience steps (0: off)")
+    k3_warn: float = doc(0.0, "warn when the per-token KL estimate mismatch/k3 exceeds this (0: off)")
+    k3_stop: float = doc(0.0, "stop the run when mismatch/k3 exceeds this for guard.patience steps (0: off)")
+    masked_warn: float = doc(0.0, "warn when the share of tokens the correction masks (is/masked_frac) exceeds "
+                                  "this (0: off)")
+    masked_stop: float = doc(0.0, "stop the run when is/masked_frac exceeds this for guard.patience steps (0: off)")
+    patience: int = doc(1, "steps in a row above a stop threshold before the run stops")
+
+    def validate(self) -> None:
+        for key in ("seq_kl", "k3", "masked"):
+            warn, stop = getattr(self, f"{key}_warn"), getattr(self, f"{key}_stop")
+            for level, v in (("warn", warn), ("stop", stop)):
+                check(math.isfinite(v) and v >= 0, f"guard.{key}_{level}", "must be a number >= 0 (0: off)")
+            check(not (warn and stop and warn > stop), f"guard.{key}_warn",
+                  f"is above guard.{key}_stop ({warn:g} > {stop:g}): warnings come before the stop; lower it or "
+                  "raise the stop threshold")  # fmt: skip
+        check(self.masked_warn <= 1 and self.masked_stop <= 1, "guard.masked_stop",
+              "is a share of tokens: at most 1")  # fmt: skip
+        check(self.patience >= 1, "guard.patience", "must be at least 1")
+
+
+@dataclass
 class TrainConfig:
     """`unison train`."""
 
@@ -274,6 +298,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self) -> TrainConfig:
         r, o = self.rollout, self.optim

@@ -33,6 +33,7 @@ from unison.conformance import self_test
 from unison.distributed import SINGLE, World
 from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, UserError
 from unison.evaluation import evaluate, score
+from unison.guard import Guard, MismatchGuardStop, advice_for
 from unison.learner import Learner, MicroBatch, lr_factor
 from unison.mismatch import ExactAccumulator, mismatch_metrics
 from unison.overflow import OverflowGuard
@@ -346,6 +347,11 @@ def _train(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, world: Wo
         raise _stop(run_dir, "interrupted (SIGINT)", step[0], SIGINT_CODE) from None
     except Terminated:
         raise _stop(run_dir, "terminated (SIGTERM)", step[0], SIGTERM_CODE) from None
+    except MismatchGuardStop as exc:
+        latest_saved = ckpt.latest_checkpoint(run_dir)
+        where = (f"the newest complete checkpoint is {latest_saved}" if latest_saved is not None
+                 else "no checkpoint was saved yet (start over with the changes)")  # fmt: skip
+        raise RunFault(f"{exc}; {where}", 1) from None
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
@@ -450,9 +456,12 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
                                              "rollout engine (decode)")}  # fmt: skip
     stream = PromptStream(run.train_examples, seed)
     shuffle = torch.Generator().manual_seed(seed + 1)
+    guard = Guard.from_config(cfg.guard)
+    advice = advice_for(p.rollout, p.train, cfg.algorithm.preset)
     start = 0
     if latest is not None:
         state = ckpt.load_trainer_state(latest)
+        guard.load_state_dict(state.get("guard", {}))
         if world.rank:  # this rank's own optimizer shard, samplers and overflow counts
             own = ckpt.load_rank_state(latest, world.rank)
             state = {**state, "learner": {**state["learner"], **own["learner"]}, "rng": {**state["rng"], **own["rng"]},
@@ -502,10 +511,22 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
             done = step + 1
             if p.on_activation_overflow == "fp32_layers":
                 metrics["precision/fp32_layers"] = sum(len(g.upcast) for g in guards.values() if g is not None)
+            stop = None
+            try:  # the same global metrics on every rank: every rank stops together
+                warnings = guard.check(done, metrics, advice) if guard.active else []
+            except MismatchGuardStop as exc:
+                stop, warnings = exc, [str(exc)]
+            if warnings:
+                metrics["guard/warnings"] = len(warnings)
+                if main:
+                    for line in warnings if stop is None else []:
+                        tqdm.write(f"unison train: guard: step {done}: {line}", file=sys.stderr)
             if main:
                 report_step(cfg, run, engine, log, bar, done, metrics, samples, quiet)
+            if stop is not None:  # after its metrics are written; the newest checkpoint is the one before
+                raise stop
             if (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.steps:
-                save(run_dir, done, learner, engine, s.tokenizer, stream, shuffle, cfg, guards, world)
+                save(run_dir, done, learner, engine, s.tokenizer, stream, shuffle, cfg, guards, world, guard)
     finally:
         bar.close()
         if log is not None:
@@ -533,7 +554,7 @@ def report_step(cfg: TrainConfig, run: RunInputs, engine, log: MetricsLog, bar, 
 
 
 def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: PromptStream, shuffle, cfg,
-         guards: dict | None = None, world: World = SINGLE) -> Path | None:
+         guards: dict | None = None, world: World = SINGLE, guard: Guard | None = None) -> Path | None:
     """Checkpoint `step`: the full master weights and rank 0's state in `trainer_state.pt`, and with several ranks
     each other rank's own (its optimizer shard, RNG states, overflow counts) gathered to rank 0, which writes the
     folder (`checkpoint.save_checkpoint`). Returns the folder on rank 0."""
@@ -554,6 +575,7 @@ def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: 
         "rng": {**own["rng"], "shuffle": shuffle.get_state()},
         "precision": {"rollout": precision_name(learner.policy.rollout), "train": precision_name(learner.policy.train)},
         "overflow": own["overflow"],
+        "guard": guard.state_dict() if guard is not None else {},
         **({"world_size": world.size} if world.distributed else {}),
     }  # fmt: skip
     try:
