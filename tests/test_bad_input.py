@@ -390,6 +390,9 @@ CASES = [
     C("lm-head-fp32-ranks", "ranks", "an fp32 LM head with several ranks",
       lambda d, t: train(t, "--nproc", "2", "precision.lm_head=fp32", "optim.train_batch_size=8"),
       "lm_head=fp32 with several ranks"),
+    C("attribute-vllm", "config", "component attribution asked of the vLLM engine",
+      lambda d, t: ["probe", "--model", t, "--engine", "vllm", "--attribute", "--out", d / "p"],
+      "cannot compute a component in fp32"),
     C("tensor-parallel-native", "ranks", "rollout.tensor_parallel_size with the native engine",
       lambda d, t: train(t, "rollout.tensor_parallel_size=2"), "applies to rollout.engine=vllm only"),
 ]  # fmt: skip

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--train-precision", help="train dtype of one mixed setting")
             p.add_argument("--activations", action="store_true", default=None,
                            help="also report each layer's largest |activation| against the FP16 limit 65504")
+            p.add_argument("--attribute", action="store_true", default=None,
+                           help="also say which component makes the mismatch: each in fp32 in both engines in turn")
         if name in ("train", "demo"):
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
             p.add_argument("--overwrite", action="store_true",
@@ -144,6 +146,8 @@ def _overrides(args, command: str) -> list:
             pairs.append(("probe.precisions", [x.strip() for x in args.precisions.split(",") if x.strip()]))
         if getattr(args, "activations", None):
             pairs.append(("probe.activations", True))
+        if getattr(args, "attribute", None):
+            pairs.append(("probe.attribute", True))
     return pairs + [_split_override(o) for o in args.overrides]
 
 
@@ -168,6 +172,11 @@ def cmd_probe(args) -> None:
 
         print("\nlargest |activation| per layer (fp32 forward over the prompts and one sampled response each):")
         print(format_activation_table(json.loads((out / "probe.json").read_text())["activations"]))
+    if cfg.probe.attribute:
+        from unison.probe import format_attribution
+
+        print("\nthe mismatch with one component in fp32 in both engines (model's own modules in both):")
+        print(format_attribution(json.loads((out / "probe.json").read_text())["attribution"]))
     print(f"wrote {out / 'probe.json'}, {out / 'pi_vs_mu.png'}, {out / 'seq_log_ratio_vs_length.png'}"
           + (f", {cfg.probe.json}" if cfg.probe.json else ""))  # fmt: skip
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unison import threads
+from unison.attribution import COMPONENTS, check_supported, upcast
 from unison.config import DataConfig, ModelConfig, RolloutConfig, RunBase, check, doc, validate_sections
 from unison.mismatch import EXACT_KEYS, ExactAccumulator, MismatchAccumulator
 from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
@@ -34,6 +35,9 @@ class ProbeSection:
     activations: bool = doc(False, "also measure each layer's largest |activation| (fp32 forward) against the FP16 "
                                    "limit 65504")
     json: str = doc("", "also write the results JSON here")
+    attribute: bool = doc(False, "also repeat each fp16/bf16 setting with one component (lm_head, attention, mlp, "
+                                 "norms, residual) in fp32 in both engines, then all: the share of the mismatch "
+                                 "each removes (native engine)")
     lm_head: str = doc("same", "the LM head's dtype in both engines: same (each setting's), or fp32 (native engine)",
                        choices=("same", "fp32"), what="choice", lower=True)
     exact: str = doc("auto", "the exact per-position KL(mu||pi), KL(pi||mu) and total variation from both engines' "
@@ -59,6 +63,11 @@ class ProbeConfig:
         check(self.data.max_prompts >= 1, "data.max_prompts", "must be at least 1 (the prompts to sample from)")
         check(self.probe.lm_head == "same" or self.rollout.engine == "native", "probe.lm_head",
               "fp32 needs the native engine: vLLM computes the LM head in the model's dtype")  # fmt: skip
+        check(not self.probe.attribute or self.rollout.engine == "native", "probe.attribute",
+              f"needs the native engine, which runs the model's own modules; rollout.engine={self.rollout.engine} "
+              "cannot compute a component in fp32: use rollout.engine=native")  # fmt: skip
+        check(not self.probe.attribute or self.probe.lm_head == "same", "probe.attribute",
+              "varies the LM head's dtype itself; leave probe.lm_head=same")  # fmt: skip
         check(self.probe.exact != "on" or self.rollout.engine == "native", "probe.exact",
               f"needs the whole distributions the native engine keeps; rollout.engine={self.rollout.engine} returns "
               "the sampled tokens' log-probs only: use rollout.engine=native, or probe.exact=auto")  # fmt: skip
@@ -94,17 +103,25 @@ def exact_on(cfg: ProbeConfig) -> bool:
     return cfg.probe.exact == "on" or (cfg.probe.exact == "auto" and cfg.rollout.engine == "native")
 
 
-def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_ids) -> ProbeResult:
+def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_ids,
+                  components: tuple | None = None) -> ProbeResult:  # fmt: skip
+    """One setting: sample, recompute, every metric. With `components` (a tuple, maybe empty), those computed in
+    fp32 in both engines, which run the model's own modules (`unison.attribution`)."""
     t0 = time.perf_counter()
     learner = s.learner(policy)
     label = f"{precision_name(policy.rollout)}/{precision_name(policy.train)}"
+    if components is not None:
+        label += " " + ("+".join(components) or "baseline") + " in fp32" * bool(components)
     exact = exact_on(cfg)
     batch = cfg.probe.batch_size
     if exact:  # rows whose two [tokens, vocabulary] distributions fit the budget
         batch = max(1, min(batch, EXACT_BATCH_BYTES // (8 * s.max_new_tokens * s.config.vocab_size)))
     with s.engine(policy.rollout, lm_head=cfg.probe.lm_head) as engine:
-        print(f"probe {label}: {s.describe(engine)}", flush=True)
         learner.sync(engine)  # the engine holds exactly the learner's weights cast to the rollout dtype
+        if components is not None:  # then both run the same components in fp32 (the weights' values unchanged)
+            engine.upcast_components(components)
+            upcast(learner.model, policy.train, components)
+        print(f"probe {label}: {s.describe(engine)}", flush=True)
         params = s.sampling()
         rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
         acc, exact_acc = MismatchAccumulator(), ExactAccumulator()
@@ -145,10 +162,15 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     split = "test" if cfg.data.source in ("builtin", "countdown", "") else "train"
     examples = s.examples(split, cfg.data.max_prompts)
     prompt_ids = s.encode(examples)
+    if cfg.probe.attribute:
+        check_supported(s.load_model())  # before any sampling
     results = [probe_setting(cfg, pol, s, prompt_ids) for pol in policies]
+    attribution = attribute(cfg, policies, s, prompt_ids) if cfg.probe.attribute else None
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = results_json(cfg, results, s.max_new_tokens)  # (clamped to the context where the config asks)
+    if attribution is not None:
+        payload["attribution"] = attribution
     if cfg.probe.activations:
         payload["activations"] = probe_activations(cfg, s, prompt_ids)
     (out / "probe.json").write_text(json.dumps(payload, indent=1))
@@ -158,6 +180,44 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     plot_token_scatter(results, out / "pi_vs_mu.png")
     plot_sequence_drift(results, out / "seq_log_ratio_vs_length.png")
     return results
+
+
+ATTRIBUTION_KEYS = ("abs_log_ratio_mean", "k3", "exact_kl_mu_pi")
+
+
+def attribute(cfg: ProbeConfig, policies: list[PrecisionPolicy], s: Setup, prompt_ids) -> list[dict]:
+    """Per fp16/bf16 setting: the probe with no component, each component alone, and all of them in fp32 in both
+    engines; each run's mismatch and the share of the baseline's it removes."""
+    out = []
+    for pol in policies:
+        if pol.rollout == torch.float32 and pol.train == torch.float32:
+            continue
+        runs = [(), *((c,) for c in COMPONENTS), COMPONENTS]
+        measured = {}
+        for comps in runs:
+            r = probe_setting(cfg, pol, s, prompt_ids, components=comps)
+            measured["+".join(comps) or "baseline"] = {k: r.metrics.get(k, float("nan")) for k in ATTRIBUTION_KEYS}
+        base = measured["baseline"]
+        rows = [{"components": name, **values,
+                 "share_removed": {k: (1 - values[k] / base[k]) if base[k] else float("nan") for k in ATTRIBUTION_KEYS}}
+                for name, values in measured.items()]  # fmt: skip
+        out.append({"rollout_precision": precision_name(pol.rollout), "train_precision": precision_name(pol.train),
+                    "runs": rows})  # fmt: skip
+    return out
+
+
+def format_attribution(attribution: list[dict]) -> str:
+    """One table per setting: each run's mean |log pi - log mu| and exact KL, and the share of the baseline's each
+    component in fp32 removes."""
+    lines = []
+    for setting in attribution:
+        lines.append(f"{setting['rollout_precision']}/{setting['train_precision']}:")
+        lines.append(f"  {'in fp32':36s}{'|log pi/mu|':>13s}{'removes':>9s}{'exact KL':>12s}{'removes':>9s}")
+        for r in setting["runs"]:
+            share = r["share_removed"]
+            lines.append(f"  {r['components']:36s}{r['abs_log_ratio_mean']:>13.3e}{share['abs_log_ratio_mean']:>9.0%}"
+                         f"{r['exact_kl_mu_pi']:>12.3e}{share['exact_kl_mu_pi']:>9.0%}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def probe_activations(cfg: ProbeConfig, s: Setup, prompt_ids) -> list[dict]:

@@ -127,7 +127,7 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     examples = [e for e in prompts[world.rank * share : (world.rank + 1) * share] for _ in range(r.group_size)]
     exact = cfg.metrics.exact_divergence
     rollouts = engine.generate([run.setup.prompt_ids[id(e)] for e in examples], run.sampling,
-                               keep_distributions=exact)  # groups contiguous  # fmt: skip
+                               **({"keep_distributions": True} if exact else {}))  # groups contiguous  # fmt: skip
     t_rollout = time.perf_counter() - t_start
     rewards, texts = score(run.setup.task, run.setup.tokenizer, rollouts, examples)
 

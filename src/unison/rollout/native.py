@@ -201,6 +201,7 @@ class NativeEngine:
         self.lm_head_fp32 = lm_head == "fp32"  # the LM head in fp32, its logits not rounded (`upcast_lm_head`)
         if self.lm_head_fp32:
             upcast_lm_head(self.model, dtype)
+        self.forced_fallback = ""  # why the model's own forward decodes where the fast path could (`upcast_components`)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.dtype = dtype
@@ -228,6 +229,14 @@ class NativeEngine:
     def close(self) -> None:
         """Nothing to free beyond what the garbage collector takes (here for the `RolloutEngine` protocol)."""
 
+    def upcast_components(self, components) -> None:
+        """Compute `components` of the model in fp32 from now on (`unison.attribution.upcast`); decoding then runs
+        the model's own modules (the fallback path)."""
+        from unison.attribution import upcast
+
+        upcast(self.model, self.dtype, components)
+        self.forced_fallback = "component attribution runs the model's own modules"
+
     def watched_module(self) -> torch.nn.Module:
         """The model this engine decodes with (activation-overflow hooks attach to it)."""
         return self.model
@@ -240,7 +249,7 @@ class NativeEngine:
 
     def decode_path(self) -> tuple[str, str]:
         """("fast", "") or ("fallback", why)."""
-        why = fast_path_blocker(self.config)
+        why = fast_path_blocker(self.config) or self.forced_fallback
         return ("fallback", why) if why else ("fast", "")
 
     def describe(self) -> str:
