@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--train-precision", help="train dtype of one mixed setting")
             p.add_argument("--activations", action="store_true", default=None,
                            help="also report each layer's largest |activation| against the FP16 limit 65504")
+            p.add_argument("--advise", action="store_true", default=None,
+                           help="also recommend a precision, with its reasons (table and probe.json)")
             p.add_argument("--attribute", action="store_true", default=None,
                            help="also say which component makes the mismatch: each in fp32 in both engines in turn")
         if name in ("train", "demo"):
@@ -148,6 +150,8 @@ def _overrides(args, command: str) -> list:
             pairs.append(("probe.activations", True))
         if getattr(args, "attribute", None):
             pairs.append(("probe.attribute", True))
+        if getattr(args, "advise", None):
+            pairs.append(("probe.advise", True))
     return pairs + [_split_override(o) for o in args.overrides]
 
 
@@ -172,6 +176,11 @@ def cmd_probe(args) -> None:
 
         print("\nlargest |activation| per layer (fp32 forward over the prompts and one sampled response each):")
         print(format_activation_table(json.loads((out / "probe.json").read_text())["activations"]))
+    if cfg.probe.advise:
+        from unison.advice import format_advice
+
+        print("\nprecision advice:")
+        print(format_advice(json.loads((out / "probe.json").read_text())["advice"]))
     if cfg.probe.attribute:
         from unison.probe import format_attribution
 

@@ -35,6 +35,8 @@ class ProbeSection:
     activations: bool = doc(False, "also measure each layer's largest |activation| (fp32 forward) against the FP16 "
                                    "limit 65504")
     json: str = doc("", "also write the results JSON here")
+    advise: bool = doc(False, "also recommend a precision from what the probe measures (activation headroom, fp16 "
+                              "gradient underflow, fp16 and bf16 mismatch); implies probe.activations")
     attribute: bool = doc(False, "also repeat each fp16/bf16 setting with one component (lm_head, attention, mlp, "
                                  "norms, residual) in fp32 in both engines, then all: the share of the mismatch "
                                  "each removes (native engine)")
@@ -171,8 +173,10 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     payload = results_json(cfg, results, s.max_new_tokens)  # (clamped to the context where the config asks)
     if attribution is not None:
         payload["attribution"] = attribution
-    if cfg.probe.activations:
+    if cfg.probe.activations or cfg.probe.advise:
         payload["activations"] = probe_activations(cfg, s, prompt_ids)
+    if cfg.probe.advise:
+        payload["advice"] = probe_advice(cfg, s, prompt_ids, results, payload["activations"])
     (out / "probe.json").write_text(json.dumps(payload, indent=1))
     if cfg.probe.json:
         Path(cfg.probe.json).parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +222,22 @@ def format_attribution(attribution: list[dict]) -> str:
             lines.append(f"  {r['components']:36s}{r['abs_log_ratio_mean']:>13.3e}{share['abs_log_ratio_mean']:>9.0%}"
                          f"{r['exact_kl_mu_pi']:>12.3e}{share['exact_kl_mu_pi']:>9.0%}")  # fmt: skip
     return "\n".join(lines)
+
+
+def probe_advice(cfg: ProbeConfig, s: Setup, prompt_ids, results: list[ProbeResult], activations) -> dict:
+    """`unison.advice.advise` on this probe: its activations, a few fp32 backward passes on fp32 samples at the
+    initial fp16 loss scale, and the fp16 and bf16 settings' mismatch."""
+    from unison.advice import advise, gradient_stats
+    from unison.config import PrecisionConfig
+
+    fp32 = PrecisionPolicy(torch.float32, torch.float32)
+    learner = s.learner(fp32)
+    with s.engine(torch.float32) as engine:
+        learner.sync(engine)
+        rollouts = engine.generate(prompt_ids[:16], s.sampling())
+    grads = gradient_stats(learner, rollouts, scale=PrecisionConfig().init_scale)
+    mismatch = {r.rollout_precision: r.metrics for r in results if r.rollout_precision == r.train_precision}
+    return advise(activations, grads, mismatch)
 
 
 def probe_activations(cfg: ProbeConfig, s: Setup, prompt_ids) -> list[dict]:
