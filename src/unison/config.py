@@ -260,6 +260,8 @@ class MetricsConfig:
     exact_divergence: bool = doc(False, "every step, the exact per-position KL(mu||pi), KL(pi||mu) and total "
                                         "variation from both engines' whole distributions (an extra forward; the "
                                         "engine keeps [samples, tokens, vocabulary] floats): native engine only")
+    routing: bool = doc(True, "for MoE models, every step: the share of tokens the two engines route to other "
+                              "experts and the router-probability gap, per layer (an extra forward; native engine)")
 
 
 @dataclass

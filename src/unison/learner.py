@@ -430,6 +430,30 @@ class Learner:
         return out
 
     @torch.no_grad()
+    def routing(self, rollouts: Rollouts, micro_batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """An MoE model's router logits [B, T, L, E] and chosen experts [B, T, L, k] at the inputs of the response
+        positions (each position that predicts a response token), from the learner's full-sequence forward."""
+        from unison.routing import RoutingRecorder
+
+        B, T = rollouts.response_ids.shape
+        logits_all = idx_all = None
+        for idx in self.micro_batches(rollouts, micro_batch_size):
+            part = rollouts.select(idx)
+            batch = SequenceBatch.from_rollouts(part, self.pad_token_id, self.device, share=False)
+            with RoutingRecorder(self.model) as rec:
+                self.response_logits(batch)
+            b, L = batch.input_ids.shape
+            where = batch.gather.to(torch.long)  # [b, t]
+            lg = torch.stack([c[0][0].view(b, L, -1)[torch.arange(b)[:, None], where] for c in rec.calls], 2)
+            ix = torch.stack([c[0][1].view(b, L, -1)[torch.arange(b)[:, None], where] for c in rec.calls], 2)
+            if logits_all is None:
+                logits_all = torch.zeros(B, T, *lg.shape[2:])
+                idx_all = torch.zeros(B, T, *ix.shape[2:], dtype=torch.long)
+            logits_all[idx, : lg.shape[1]] = lg.float().cpu()
+            idx_all[idx, : ix.shape[1]] = ix.cpu()
+        return logits_all, idx_all
+
+    @torch.no_grad()
     def recompute(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, with_entropy: bool = False, reference: bool = False):
         """log pi_old (with `reference`, the frozen starting policy's log-probs) for a whole rollout batch without

@@ -24,6 +24,7 @@ from unison.attribution import COMPONENTS, check_supported, upcast
 from unison.config import DataConfig, ModelConfig, RolloutConfig, RunBase, check, doc, validate_sections
 from unison.mismatch import EXACT_KEYS, ExactAccumulator, MismatchAccumulator
 from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
+from unison.routing import RoutingAccumulator, routers
 from unison.setup import Setup, build, check_output_file, check_output_folder
 
 
@@ -126,17 +127,21 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
         print(f"probe {label}: {s.describe(engine)}", flush=True)
         params = s.sampling()
         rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
-        acc, exact_acc = MismatchAccumulator(), ExactAccumulator()
+        acc, exact_acc, routing_acc = MismatchAccumulator(), ExactAccumulator(), RoutingAccumulator()
+        moe = bool(routers(learner.model))  # then the routing mismatch too (`unison.routing`)
         pis, mus = [], []
         bar = tqdm(total=len(rows), desc=f"probe {label}", unit="seq", disable=not cfg.run.progress)
         sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
         for start in range(0, len(rows), batch):
             threads.adapt()
-            ro = engine.generate(rows[start: start + batch], params, keep_distributions=exact)
+            ro = engine.generate(rows[start: start + batch], params, keep_distributions=exact,
+                                 **({"keep_routing": True} if moe else {}))  # fmt: skip
             logp_pi = learner.recompute(ro, micro_batch_size=64, **sampling)
             acc.add(logp_pi, ro.logprobs, ro.mask)
             if exact:
                 exact_acc.add(learner.distributions(ro, micro_batch_size=64, **sampling), ro.distributions, ro.mask)
+            if moe and ro.routing is not None:
+                routing_acc.add(*ro.routing, *learner.routing(ro), ro.mask)
             pis.append(logp_pi[ro.mask].exp())
             mus.append(ro.logprobs[ro.mask].exp())
             bar.update(len(ro))
@@ -144,6 +149,8 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
     metrics = acc.result()
     if exact:
         metrics.update(exact_acc.result(metrics))
+    if routing_acc.flip:
+        metrics.update(routing_acc.result())
     slope, intercept = acc.length_slope()
     pi, mu = torch.cat(pis), torch.cat(mus)
     keep = torch.randperm(len(pi), generator=torch.Generator().manual_seed(0))[:20000]
@@ -272,6 +279,7 @@ TABLE_KEYS = [
     "abs_log_ratio_mean", "prob_abs_diff_mean", "prob_abs_diff_max", "log_ratio_mean", "log_ratio_min", "log_ratio_max",
     "k1", "k2", "k3", "chi2_token", "seq_log_ratio_mean", "seq_log_ratio_abs_mean", "seq_log_ratio_min",
     "seq_log_ratio_max", "seq_kl", "chi2_seq", "seq_slope_per_1k_tokens", "num_tokens", "num_seqs", *EXACT_KEYS,
+    "routing_flip_frac", "router_prob_gap",
 ]  # fmt: skip
 
 

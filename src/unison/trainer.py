@@ -40,6 +40,7 @@ from unison.overflow import OverflowGuard
 from unison.precision import PrecisionPolicy, precision_name
 from unison.report import MetricsLog, console_line, resolve_loggers
 from unison.rollout.base import Rollouts, SamplingParams
+from unison.routing import RoutingAccumulator, routers
 from unison.runfolder import WRITE_ERRNOS, check_run_dir, prepare_run_dir, resume_changes
 from unison.setup import Setup, build
 
@@ -126,8 +127,10 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     share = r.prompts_per_step // world.size
     examples = [e for e in prompts[world.rank * share : (world.rank + 1) * share] for _ in range(r.group_size)]
     exact = cfg.metrics.exact_divergence
+    moe = cfg.metrics.routing and cfg.rollout.engine == "native" and bool(routers(learner.model))
+    asked = {**({"keep_distributions": True} if exact else {}), **({"keep_routing": True} if moe else {})}
     rollouts = engine.generate([run.setup.prompt_ids[id(e)] for e in examples], run.sampling,
-                               **({"keep_distributions": True} if exact else {}))  # groups contiguous  # fmt: skip
+                               **asked)  # groups contiguous  # fmt: skip
     t_rollout = time.perf_counter() - t_start
     rewards, texts = score(run.setup.task, run.setup.tokenizer, rollouts, examples)
 
@@ -161,6 +164,15 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
         rollouts.distributions = None  # (not gathered nor kept)
         exact_acc = exact_acc.merge([a for i, a in enumerate(world.gather(exact_acc)) if i != world.rank])
         t_exact = time.perf_counter() - t0
+    routing_acc = None
+    if moe and rollouts.routing is not None:  # pi_old's router decisions against the engine's
+        routing_acc = RoutingAccumulator()
+        routing_acc.add(*rollouts.routing, *learner.routing(rollouts, o.micro_batch_size), rollouts.mask)
+        rollouts.routing = None
+        for i, other in enumerate(world.gather(routing_acc)):
+            if i != world.rank:
+                routing_acc.flip += other.flip
+                routing_acc.gap += other.gap
     t0 = time.perf_counter()
     updates = update_policy(cfg, learner, rollouts, advantages, logp_old, entropy, preset, shuffle, single_update,
                             run.sampling.max_new_tokens, world)  # fmt: skip
@@ -182,6 +194,8 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     m.update({f"mismatch/{k}": v for k, v in estimated.items()})
     if exact_acc is not None:
         m.update({f"mismatch/{k}": v for k, v in exact_acc.result(estimated).items()})
+    if routing_acc is not None:
+        m.update({f"routing/{k}": v for k, v in routing_acc.result().items()})
         m["perf/exact_divergence_seconds"] = t_exact
     m.update({k: float(v) for k, v in kl_metrics.items()})
     m["learner/lr"] = lr

@@ -55,6 +55,9 @@ class Rollouts:
     lengths: torch.Tensor
     finished: torch.Tensor
     distributions: torch.Tensor | None = None
+    # MoE models, where asked for (`generate(..., keep_routing=True)`): each router's logits [B, T, L, E] and chosen
+    # experts [B, T, L, k] at the inputs of the response positions (`unison.routing`)
+    routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

@@ -361,9 +361,19 @@ class NativeEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False,
-                 keep_distributions: bool = False) -> Rollouts:
+                 keep_distributions: bool = False, keep_routing: bool = False) -> Rollouts:
         """Sample one response per prompt; with `keep_distributions`, also every distribution sampled from
-        (`Rollouts.distributions`, [B, T, V] fp32 on the CPU: mind the memory for a large vocabulary)."""
+        (`Rollouts.distributions`, [B, T, V] fp32 on the CPU: mind the memory for a large vocabulary); with
+        `keep_routing`, an MoE model's router decisions (`Rollouts.routing`)."""
+        from unison.routing import RoutingRecorder, routers, stack_decode
+
+        if keep_routing and routers(self.model):
+            with RoutingRecorder(self.model) as rec:
+                out = self.generate(prompt_ids, params, progress, keep_distributions)
+            B, T = out.response_ids.shape
+            logits, idx = stack_decode(rec.calls, B, T)
+            out.routing = (logits.cpu(), idx.cpu())
+            return out
         check_prompts(prompt_ids)
         B, N = len(prompt_ids), params.max_new_tokens
         P = max(len(p) for p in prompt_ids)

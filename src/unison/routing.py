@@ -1,0 +1,107 @@
+"""The mismatch MoE adds: the rollout engine and the learner routing a token to different experts.
+
+Mixture-of-experts layers (Qwen2-MoE, Qwen3-MoE, Mixtral) choose the top-k experts of each token from their
+router's probabilities; the two engines compute those probabilities in their own kernels, so a token near a tie can
+go to another expert set in each, and then its whole MLP output differs. Per MoE layer and overall:
+
+    routing_flip_frac       the share of tokens whose selected expert sets differ (as sets: the order of the k
+                            experts does not matter)
+    router_prob_gap         the mean |p_engine - p_learner| over tokens and experts of the router's softmax
+
+The positions compared are those whose router decisions shape the response: the last prompt token and every
+response token but the last (the inputs of the positions that predict the response), as the learner's
+full-sequence forward and the engine's decode both see them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The top-k routers of a model's MoE layers, in layer order (transformers' `*TopKRouter` modules)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+
+
+class RoutingRecorder:
+    """Records each router's logits and chosen experts while the model runs: `calls[i]` holds, for router i, one
+    (logits [N, E] fp32, indices [N, k]) per forward, N the tokens of that forward in row-major order."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.routers = routers(model)
+        self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.routers]
+        self.handles = []
+
+    def __enter__(self) -> RoutingRecorder:
+        for i, r in enumerate(self.routers):
+            def hook(module, args, out, i=i):
+                logits, _, indices = out
+                self.calls[i].append((logits.detach().float(), indices.detach()))
+
+            self.handles.append(r.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def flips(idx_a: torch.Tensor, idx_b: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Whether each token's expert set differs: idx [..., k] -> bool [...]."""
+    def as_set(idx):
+        return torch.zeros(*idx.shape[:-1], num_experts, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+
+    return (as_set(idx_a) != as_set(idx_b)).any(-1)
+
+
+class RoutingAccumulator:
+    """`routing_metrics` over several batches."""
+
+    def __init__(self) -> None:
+        self.flip: list[torch.Tensor] = []
+        self.gap: list[torch.Tensor] = []
+
+    def add(self, logits_a, idx_a, logits_b, idx_b, mask) -> None:
+        m = mask.bool()
+        self.flip.append(flips(idx_a, idx_b, logits_a.shape[-1])[m].float())  # [N, L]
+        self.gap.append((logits_a.softmax(-1) - logits_b.softmax(-1)).abs().mean(-1)[m].double())  # [N, L]
+
+    def result(self) -> dict[str, float]:
+        return _summary(torch.cat(self.flip), torch.cat(self.gap))
+
+
+def routing_metrics(logits_a: torch.Tensor, idx_a: torch.Tensor, logits_b: torch.Tensor, idx_b: torch.Tensor,
+                    mask: torch.Tensor) -> dict[str, float]:  # fmt: skip
+    """Routing mismatch between two engines' router logits [B, T, L, E] and chosen experts [B, T, L, k] on the
+    positions of `mask` [B, T]: overall and per layer (`routing_flip_frac/layer_<i>`, ...)."""
+    acc = RoutingAccumulator()
+    acc.add(logits_a, idx_a, logits_b, idx_b, mask)
+    return acc.result()
+
+
+def _summary(flip: torch.Tensor, gap: torch.Tensor) -> dict[str, float]:
+    if not flip.numel():
+        return {"routing_flip_frac": 0.0, "router_prob_gap": 0.0}
+    out = {"routing_flip_frac": flip.mean().item(), "router_prob_gap": gap.mean().item()}
+    for layer in range(flip.shape[1]):
+        out[f"routing_flip_frac/layer_{layer}"] = flip[:, layer].mean().item()
+        out[f"router_prob_gap/layer_{layer}"] = gap[:, layer].mean().item()
+    return out
+
+
+def stack_decode(calls: list[list[tuple[torch.Tensor, torch.Tensor]]], rows: int, steps: int):
+    """The engine's records of a fallback decode (a prefill of [rows, P] tokens, then one token per row per step)
+    as (logits [rows, steps, L, E], indices [rows, steps, L, k]): position t is the router's decision on the token
+    fed at step t (t = 0: the last prompt token)."""
+    logits, indices = [], []
+    for per_router in calls:
+        first_logits, first_idx = per_router[0]
+        lg = [first_logits.view(rows, -1, first_logits.shape[-1])[:, -1]]
+        ix = [first_idx.view(rows, -1, first_idx.shape[-1])[:, -1]]
+        for lo, i in per_router[1:steps]:
+            lg.append(lo.view(rows, -1)[:, : lo.shape[-1]])
+            ix.append(i.view(rows, -1)[:, : i.shape[-1]])
+        logits.append(torch.stack(lg, 1))
+        indices.append(torch.stack(ix, 1))
+    return torch.stack(logits, 2), torch.stack(indices, 2)
