@@ -60,8 +60,9 @@ def test_engine_and_learner_route_alike_in_fp32(arch, tmp_path):
     torch.testing.assert_close(theirs[0][ro.mask], logits[ro.mask], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("replay", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_two_steps_of_each_moe_architecture(precision, tmp_path):
+def test_two_steps_of_each_moe_architecture(precision, replay, tmp_path):
     from unison.archs import save_tiny
     from unison.cli import main
 
@@ -70,9 +71,58 @@ def test_two_steps_of_each_moe_architecture(precision, tmp_path):
         out = tmp_path / f"run-{arch}"
         code = main(["train", "--model", str(d), "--precision", precision, "--steps", "2", "--out", str(out),
                      "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
-                     "optim.train_batch_size=4", "run.eval_prompts=2", "run.progress=false", "data.max_prompts=4"])
+                     "optim.train_batch_size=4", "run.eval_prompts=2", "run.progress=false", "data.max_prompts=4",
+                     f"moe.routing_replay={str(replay).lower()}"])  # fmt: skip
         assert code == 0, arch
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(0 <= r["routing/routing_flip_frac"] <= 1 for r in rows)
-        if precision == "fp32":
+        if precision == "fp32" or replay:  # the same experts: fp32 agrees, and replay routes with the engine's
             assert all(r["routing/routing_flip_frac"] == 0 for r in rows)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_replay_makes_the_learner_route_as_the_engine_did(arch, tmp_path):
+    from unison.archs import save_tiny
+    from unison.learner import Learner
+    from unison.mismatch import mismatch_metrics
+    from unison.models import load_model, load_tokenizer
+    from unison.precision import PrecisionPolicy
+    from unison.rollout.base import SamplingParams
+    from unison.rollout.native import NativeEngine
+
+    d = save_tiny(arch, tmp_path / arch)
+    tok = load_tokenizer(d)
+    bf16 = torch.bfloat16
+    engine = NativeEngine(load_model(d, device="cpu", dtype=torch.float32), bf16, "cpu", seed=0, matmul="native")
+    ro = engine.generate([tok("hello world")["input_ids"]] * 48, SamplingParams(max_new_tokens=24), keep_routing=True)
+    assert [len(r) for r in ro.replay] == [len(p) + int(n) for p, n in zip(ro.prompt_ids, ro.lengths)]
+    got = {}
+    for replay in (False, True):
+        learner = Learner(load_model(d, device="cpu", dtype=torch.float32), PrecisionPolicy(bf16, bf16), "cpu",
+                          matmul="native", routing_replay=replay)  # fmt: skip
+        m = routing_metrics(*ro.routing, *learner.routing(ro), ro.mask)
+        got[replay] = (m["routing_flip_frac"], mismatch_metrics(learner.recompute(ro), ro.logprobs, ro.mask)["k3"])
+        if replay:  # the learner's chosen experts are the engine's, to the last token fed
+            assert torch.equal(learner.routing(ro)[1][ro.mask], ro.routing[1][ro.mask])
+    assert got[True][0] == 0.0 and got[True][1] < got[False][1]
+
+
+def test_replay_with_no_plan_changes_nothing(tmp_path):
+    from unison.archs import save_tiny
+    from unison.models import load_model
+    from unison.routing import install_replay
+
+    d = save_tiny("mixtral", tmp_path / "m")
+    a, b = (load_model(d, device="cpu", dtype=torch.float32) for _ in range(2))
+    assert len(install_replay(b)) == b.config.num_hidden_layers
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_replay_on_a_dense_model_is_refused(tiny_dir, tmp_path, capsys):
+    from unison.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_dir), "moe.routing_replay=true", f"run.out={out}", "run.steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "needs a mixture-of-experts model" in err[0] and not out.exists()

@@ -265,6 +265,12 @@ class MetricsConfig:
 
 
 @dataclass
+class MoeConfig:
+    routing_replay: bool = doc(False, "routing replay (R3): the learner routes each token with the experts the "
+                                      "rollout engine chose for it (MoE models, native engine)")
+
+
+@dataclass
 class GuardConfig:
     seq_kl_warn: float = doc(0.0, "warn when the sequence-level KL(mu||pi) (mismatch/seq_kl) exceeds this (0: off)")
     seq_kl_stop: float = doc(0.0, "stop the run when mismatch/seq_kl exceeds this for guard.patience steps (0: off)")
@@ -301,12 +307,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
     def validate(self) -> TrainConfig:
         r, o = self.rollout, self.optim
         validate_sections(self)
         check(self.precision.lm_head == "same" or r.engine == "native", "precision.lm_head",
               "fp32 needs the native engine: vLLM computes the LM head in the model's dtype")  # fmt: skip
+        check(not self.moe.routing_replay or r.engine == "native", "moe.routing_replay",
+              f"needs the native engine, which records the experts it chooses; rollout.engine={r.engine} does not")
         check(not self.metrics.exact_divergence or r.engine == "native", "metrics.exact_divergence",
               f"needs the whole distributions the native engine keeps; rollout.engine={r.engine} returns the sampled "
               "tokens' log-probs only")  # fmt: skip

@@ -38,6 +38,7 @@ from unison.precision import (
 )
 from unison.rollout.base import Rollouts
 from unison.rollout.native import layer_windows
+from unison.routing import install_replay
 from unison.sampling import entropy as entropy_of
 from unison.sampling import process_logits, token_logprobs
 
@@ -211,6 +212,7 @@ class SequenceBatch:
     targets: torch.Tensor
     mask: torch.Tensor
     shared: SharedPrompts | None = None
+    replay: list[torch.Tensor] | None = None  # per router, the experts to route each input token with [B * L, k]
 
     @classmethod
     def from_rollouts(cls, rollouts: Rollouts, pad_token_id: int, device, share: bool = False) -> SequenceBatch:
@@ -229,7 +231,15 @@ class SequenceBatch:
             ids[i, len(p) : len(p) + n] = rollouts.response_ids[i, :n]
         offsets = torch.tensor(plens, dtype=torch.long)[:, None] - 1
         gather = (offsets + torch.arange(T)[None, :]).clamp(max=ids.shape[1] - 1)
-        return cls(ids.to(device), gather.to(device), rollouts.response_ids.to(device), rollouts.mask.to(device))
+        replay = None
+        if rollouts.replay is not None:  # the engine's experts at each position, -1 on padding
+            first = rollouts.replay[0]
+            plan = torch.full((B, ids.shape[1], *first.shape[1:]), -1, dtype=torch.long)
+            for i, r in enumerate(rollouts.replay):
+                plan[i, : len(r)] = r
+            replay = [plan[:, :, layer].reshape(-1, plan.shape[-1]).to(device) for layer in range(plan.shape[2])]
+        return cls(ids.to(device), gather.to(device), rollouts.response_ids.to(device), rollouts.mask.to(device),
+                   replay=replay)  # fmt: skip
 
     @classmethod
     def shared_layout(cls, rollouts: Rollouts, prompts: list[tuple], groups: torch.Tensor, pad_token_id: int,
@@ -268,6 +278,7 @@ class Learner:
         reference: bool = False,
         gradient_checkpointing: bool = False,
         world: World = SINGLE,
+        routing_replay: bool = False,
     ):
         self.device = torch.device(device)
         self.world = world
@@ -287,7 +298,7 @@ class Learner:
         # (nor across ranks: every rank must run the same forwards, whose FSDP all-gathers pair up)
         self.share_prompts = bool(share_prompts and cfg is not None and cfg.model_type in SHARED_PROMPT_TYPES
                                   and not any(layer_windows(cfg)) and not gradient_checkpointing
-                                  and not world.distributed)  # fmt: skip
+                                  and not world.distributed and not routing_replay)  # fmt: skip
         # the policy that is trained is the policy that samples: dropout (and any other train-time randomness, such
         # as a router's jitter) stays off, as in the rollout engine
         self.model = model.to(self.device).eval()
@@ -318,6 +329,12 @@ class Learner:
             if self.reference is not None:
                 upcast_lm_head(self.reference, policy.train)
         self.logits_at = LogitsAt(self.model)
+        # routing replay (R3): an MoE model routes each token with the experts the engine chose for it
+        self.routing_replay = routing_replay
+        self.routers = install_replay(self.model) if routing_replay else []
+        if routing_replay and not self.routers:
+            raise UserError("moe.routing_replay needs a mixture-of-experts model (Qwen2-MoE, Qwen3-MoE, Mixtral); "
+                            f"this {cfg.model_type if cfg is not None else 'model'} has no routers")  # fmt: skip
         if gradient_checkpointing:
             enable_checkpointing(self.model)
         # PyTorch's fused AdamW (one kernel over all master weights) where it has one: the same update to an ulp as
@@ -376,7 +393,15 @@ class Learner:
         if batch.shared is not None:
             return self.shared_prompt_logits(batch, self.reference if reference else self.model)
         logits_at = self.reference_logits_at if reference else self.logits_at
-        return logits_at(batch.gather, input_ids=batch.input_ids)
+        if batch.replay is None or not self.routing_replay or reference:
+            return logits_at(batch.gather, input_ids=batch.input_ids)
+        for router, plan in zip(self.routers, batch.replay):  # route with the engine's experts
+            router.replay_plan = plan
+        try:
+            return logits_at(batch.gather, input_ids=batch.input_ids)
+        finally:
+            for router in self.routers:
+                router.replay_plan = None
 
     def shared_prompt_logits(self, batch: SequenceBatch, model=None) -> torch.Tensor:
         """Logits that predict the response tokens [B, T, V]: the distinct prompts run once (left-padded), their keys

@@ -38,6 +38,8 @@ class ProbeSection:
     json: str = doc("", "also write the results JSON here")
     advise: bool = doc(False, "also recommend a precision from what the probe measures (activation headroom, fp16 "
                               "gradient underflow, fp16 and bf16 mismatch); implies probe.activations")
+    routing_replay: bool = doc(False, "MoE models: also recompute with the learner routing each token with the "
+                                      "engine's experts (routing replay), the mismatch with it as replay_*")
     attribute: bool = doc(False, "also repeat each fp16/bf16 setting with one component (lm_head, attention, mlp, "
                                  "norms, residual) in fp32 in both engines, then all: the share of the mismatch "
                                  "each removes (native engine)")
@@ -129,6 +131,8 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
         rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
         acc, exact_acc, routing_acc = MismatchAccumulator(), ExactAccumulator(), RoutingAccumulator()
         moe = bool(routers(learner.model))  # then the routing mismatch too (`unison.routing`)
+        replayer = s.learner(policy, routing_replay=True) if moe and cfg.probe.routing_replay else None
+        replay_acc = MismatchAccumulator()
         pis, mus = [], []
         bar = tqdm(total=len(rows), desc=f"probe {label}", unit="seq", disable=not cfg.run.progress)
         sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
@@ -142,6 +146,8 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
                 exact_acc.add(learner.distributions(ro, micro_batch_size=64, **sampling), ro.distributions, ro.mask)
             if moe and ro.routing is not None:
                 routing_acc.add(*ro.routing, *learner.routing(ro), ro.mask)
+                if replayer is not None:
+                    replay_acc.add(replayer.recompute(ro, micro_batch_size=64, **sampling), ro.logprobs, ro.mask)
             pis.append(logp_pi[ro.mask].exp())
             mus.append(ro.logprobs[ro.mask].exp())
             bar.update(len(ro))
@@ -151,6 +157,9 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
         metrics.update(exact_acc.result(metrics))
     if routing_acc.flip:
         metrics.update(routing_acc.result())
+    if replay_acc.lengths:
+        replayed = replay_acc.result()
+        metrics.update({f"replay_{k}": replayed[k] for k in ("abs_log_ratio_mean", "k3", "seq_kl")})
     slope, intercept = acc.length_slope()
     pi, mu = torch.cat(pis), torch.cat(mus)
     keep = torch.randperm(len(pi), generator=torch.Generator().manual_seed(0))[:20000]
@@ -279,7 +288,7 @@ TABLE_KEYS = [
     "abs_log_ratio_mean", "prob_abs_diff_mean", "prob_abs_diff_max", "log_ratio_mean", "log_ratio_min", "log_ratio_max",
     "k1", "k2", "k3", "chi2_token", "seq_log_ratio_mean", "seq_log_ratio_abs_mean", "seq_log_ratio_min",
     "seq_log_ratio_max", "seq_kl", "chi2_seq", "seq_slope_per_1k_tokens", "num_tokens", "num_seqs", *EXACT_KEYS,
-    "routing_flip_frac", "router_prob_gap",
+    "routing_flip_frac", "router_prob_gap", "replay_abs_log_ratio_mean", "replay_k3",
 ]  # fmt: skip
 
 

@@ -90,6 +90,11 @@ def _summary(flip: torch.Tensor, gap: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def prefill_experts(calls: list[list[tuple[torch.Tensor, torch.Tensor]]], rows: int) -> torch.Tensor:
+    """The experts each router chose for every prompt position of a fallback decode's prefill: [rows, P, L, k]."""
+    return torch.stack([per_router[0][1].view(rows, -1, per_router[0][1].shape[-1]) for per_router in calls], 2)
+
+
 def stack_decode(calls: list[list[tuple[torch.Tensor, torch.Tensor]]], rows: int, steps: int):
     """The engine's records of a fallback decode (a prefill of [rows, P] tokens, then one token per row per step)
     as (logits [rows, steps, L, E], indices [rows, steps, L, k]): position t is the router's decision on the token
@@ -105,3 +110,46 @@ def stack_decode(calls: list[list[tuple[torch.Tensor, torch.Tensor]]], rows: int
         logits.append(torch.stack(lg, 1))
         indices.append(torch.stack(ix, 1))
     return torch.stack(logits, 2), torch.stack(indices, 2)
+
+
+# ---- routing replay --------------------------------------------------------------------------------------------
+def install_replay(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Let each router of `model` route with given experts (routing replay, R3): while a router's `replay_plan`
+    ([N, k] for the N tokens of a forward; -1 where it chooses itself) is set, its chosen experts are the plan's,
+    weighted by its own probabilities of them (renormalised as the router does), so gradients still reach the
+    router. With no plan the router runs as before. Returns the routers."""
+    found = routers(model)
+    for r in found:
+        if getattr(r, "replay_plan", "absent") != "absent":
+            continue  # installed already
+        r.replay_plan = None
+        original = r.forward
+
+        def forward(hidden_states, r=r, original=original):
+            logits, scores, indices = original(hidden_states)
+            plan = r.replay_plan
+            if plan is None:
+                return logits, scores, indices
+            plan = plan.to(indices.device)
+            chosen = torch.where(plan >= 0, plan, indices)
+            weights = torch.softmax(logits.float(), dim=-1).gather(-1, chosen)
+            if type(r).__name__.startswith("Mixtral") or getattr(r, "norm_topk_prob", False):
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return logits, weights.to(scores.dtype), chosen
+
+        r.forward = forward
+    return found
+
+
+def replay_rows(prefill_idx: torch.Tensor, decode_idx: torch.Tensor, prompt_lengths: list[int],
+                lengths: list[int]) -> list[torch.Tensor]:  # fmt: skip
+    """Each row's experts per position in the learner's layout [prompt, response] ([n + len, L, k]): the prompt's
+    from the engine's prefill (left-padded [rows, P, L, k]), the response tokens' from its decode steps
+    (`decode_idx` [rows, T, L, k], position t = the token fed at step t), and -1 for the last response token, which
+    the engine never fed."""
+    P = prefill_idx.shape[1]
+    out = []
+    for i, (n, m) in enumerate(zip(prompt_lengths, lengths)):
+        tail = torch.full((1, *decode_idx.shape[2:]), -1, dtype=decode_idx.dtype)
+        out.append(torch.cat([prefill_idx[i, P - n:], decode_idx[i, 1:m], tail]) if m else prefill_idx[i, P - n:])
+    return out

@@ -127,7 +127,8 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     share = r.prompts_per_step // world.size
     examples = [e for e in prompts[world.rank * share : (world.rank + 1) * share] for _ in range(r.group_size)]
     exact = cfg.metrics.exact_divergence
-    moe = cfg.metrics.routing and cfg.rollout.engine == "native" and bool(routers(learner.model))
+    moe = ((cfg.metrics.routing or cfg.moe.routing_replay) and cfg.rollout.engine == "native"
+           and bool(routers(learner.model)))  # fmt: skip
     asked = {**({"keep_distributions": True} if exact else {}), **({"keep_routing": True} if moe else {})}
     rollouts = engine.generate([run.setup.prompt_ids[id(e)] for e in examples], run.sampling,
                                **asked)  # groups contiguous  # fmt: skip
@@ -168,7 +169,7 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     if moe and rollouts.routing is not None:  # pi_old's router decisions against the engine's
         routing_acc = RoutingAccumulator()
         routing_acc.add(*rollouts.routing, *learner.routing(rollouts, o.micro_batch_size), rollouts.mask)
-        rollouts.routing = None
+        rollouts.routing = None  # (the experts to replay stay in rollouts.replay)
         for i, other in enumerate(world.gather(routing_acc)):
             if i != world.rank:
                 routing_acc.flip += other.flip
@@ -429,7 +430,7 @@ def make_learner(cfg: TrainConfig, run: RunInputs, model, world: World = SINGLE)
         max_grad_norm=o.max_grad_norm or None, pad_token_id=run.setup.tokenizer.pad_token_id or 0,
         loss_scaling=scaling, matmul=cfg.model.matmul, micro_batch_tokens=o.micro_batch_tokens,
         share_prompts=o.share_prompts, reference=cfg.algorithm.kl_coef > 0,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, world=world,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, world=world, routing_replay=cfg.moe.routing_replay,
         scaler_kwargs={"init_scale": p.init_scale, "growth_interval": p.growth_interval, "min_scale": p.min_scale},
     )  # fmt: skip
 

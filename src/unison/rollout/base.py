@@ -58,6 +58,9 @@ class Rollouts:
     # MoE models, where asked for (`generate(..., keep_routing=True)`): each router's logits [B, T, L, E] and chosen
     # experts [B, T, L, k] at the inputs of the response positions (`unison.routing`)
     routing: tuple[torch.Tensor, torch.Tensor] | None = None
+    # and each row's experts at every position of [prompt, response] ([n + len, L, k], -1: none recorded), for the
+    # learner to route with (`unison.routing.install_replay`)
+    replay: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -78,6 +81,7 @@ class Rollouts:
             lengths=self.lengths[idx],
             finished=self.finished[idx],
             distributions=None if self.distributions is None else self.distributions[idx, :T],
+            replay=None if self.replay is None else [self.replay[i] for i in idx.tolist()],
         )
 
     @classmethod
@@ -97,6 +101,7 @@ class Rollouts:
             finished=torch.cat([p.finished for p in parts]),
             distributions=(torch.cat([torch.nn.functional.pad(p.distributions, (0, 0, 0, T - p.distributions.shape[1]))
                                       for p in parts]) if all(p.distributions is not None for p in parts) else None),
+            replay=[r for p in parts for r in p.replay] if all(p.replay is not None for p in parts) else None,
         )  # fmt: skip
 
     def truncated(self, lengths: torch.Tensor, finished: torch.Tensor, pad_token_id: int = 0) -> Rollouts:
@@ -112,6 +117,9 @@ class Rollouts:
             finished=finished,
             distributions=None if self.distributions is None else self.distributions[:, :T].masked_fill(
                 ~mask[..., None], 0.0),
+            replay=None if self.replay is None else [
+                torch.cat([r[: len(p) + int(n) - 1], torch.full_like(r[:1], -1)]) if n else r[: len(p)]
+                for r, p, n in zip(self.replay, self.prompt_ids, lengths)],
         )  # fmt: skip
 
 

@@ -365,7 +365,7 @@ class NativeEngine:
         """Sample one response per prompt; with `keep_distributions`, also every distribution sampled from
         (`Rollouts.distributions`, [B, T, V] fp32 on the CPU: mind the memory for a large vocabulary); with
         `keep_routing`, an MoE model's router decisions (`Rollouts.routing`)."""
-        from unison.routing import RoutingRecorder, routers, stack_decode
+        from unison.routing import RoutingRecorder, prefill_experts, replay_rows, routers, stack_decode
 
         if keep_routing and routers(self.model):
             with RoutingRecorder(self.model) as rec:
@@ -373,6 +373,8 @@ class NativeEngine:
             B, T = out.response_ids.shape
             logits, idx = stack_decode(rec.calls, B, T)
             out.routing = (logits.cpu(), idx.cpu())
+            out.replay = replay_rows(prefill_experts(rec.calls, B).cpu(), idx.cpu(),
+                                     [len(p) for p in prompt_ids], out.lengths.tolist())  # fmt: skip
             return out
         check_prompts(prompt_ids)
         B, N = len(prompt_ids), params.max_new_tokens
