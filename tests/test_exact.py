@@ -3,6 +3,7 @@ sequence sums against a float64 loop, and what the native engine and the learner
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -135,3 +136,14 @@ def test_fp32_lm_head_in_both_engines(dtype, matmul):
     assert 0 < gap < SELF_TEST_BANDS[dtype]
     logits = learner.response_logits(learner.batch(ro))
     assert logits.dtype == torch.float32  # not rounded to the train dtype
+
+
+def test_a_training_step_logs_the_exact_divergences_and_their_time(tmp_path):
+    from unison.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "data.subset=builtin", "rollout.prompts_per_step=2", "rollout.group_size=2",
+                 "rollout.max_new_tokens=16", "optim.train_batch_size=4", "run.steps=1", "run.progress=false",
+                 "metrics.exact_divergence=true", f"run.out={out}"])  # fmt: skip
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert code == 0 and row["mismatch/exact_kl_mu_pi"] >= 0 and row["perf/exact_divergence_seconds"] > 0

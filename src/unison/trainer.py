@@ -195,9 +195,9 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     m.update({f"mismatch/{k}": v for k, v in estimated.items()})
     if exact_acc is not None:
         m.update({f"mismatch/{k}": v for k, v in exact_acc.result(estimated).items()})
+        m["perf/exact_divergence_seconds"] = t_exact
     if routing_acc is not None:
         m.update({f"routing/{k}": v for k, v in routing_acc.result().items()})
-        m["perf/exact_divergence_seconds"] = t_exact
     m.update({k: float(v) for k, v in kl_metrics.items()})
     m["learner/lr"] = lr
     if samples is not None:
