@@ -11,30 +11,19 @@ median of its steps after the first. Writes its table into docs/probe.md (sectio
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docsection import replace_section  # noqa: E402
-from ranks import model_dir  # noqa: E402
+from ranks import model_dir, train_rows  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs/probe.md"
 
 
 def run(path: str, exact: bool, args) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="exact-cost-")) / "run"
-    cmd = [sys.executable, "-m", "unison", "train", f"model.path={path}", "data.subset=builtin",
-           f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
-           f"rollout.max_new_tokens={args.new_tokens}", f"optim.train_batch_size={args.prompts * args.group}",
-           f"run.steps={args.steps}", "run.save_every=0", "run.eval_every=0", "run.progress=false",
-           "run.self_test=false", f"metrics.exact_divergence={str(exact).lower()}", f"run.out={out}"]  # fmt: skip
-    subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, text=True)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    rows = train_rows(path, args, f"metrics.exact_divergence={str(exact).lower()}")[1:]
     return {"step": statistics.median(r["perf/step_seconds"] for r in rows),
             "exact": statistics.median(r.get("perf/exact_divergence_seconds", 0.0) for r in rows)}
 

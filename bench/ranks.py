@@ -37,17 +37,21 @@ def model_dir(name: str) -> str:
     return str(folder)
 
 
-def run(path: str, nproc: int, args) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="ranks-run-")) / "run"
+def train_rows(path: str, args, *extra: str) -> list[dict]:
+    """The metrics rows of `unison train` on `path` with the benchmark's settings (`--prompts` x `--group`
+    samples of at most `--new-tokens` tokens, one update a step, `--steps` steps, one thread) and `extra`."""
+    out = Path(tempfile.mkdtemp(prefix="bench-run-")) / "run"
     cmd = [sys.executable, "-m", "unison", "train", f"model.path={path}", "data.subset=builtin",
            f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
            f"rollout.max_new_tokens={args.new_tokens}", f"optim.train_batch_size={args.prompts * args.group}",
            f"run.steps={args.steps}", "run.save_every=0", "run.eval_every=0", "run.progress=false",
-           "run.self_test=false", "precision.rollout=fp16", "precision.train=fp16", f"run.out={out}",
-           "--nproc", str(nproc)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+           "run.self_test=false", f"run.out={out}", *extra]  # fmt: skip
+    subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, text=True)
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(path: str, nproc: int, args) -> dict:
+    rows = train_rows(path, args, "precision.rollout=fp16", "precision.train=fp16", "--nproc", str(nproc))
     return {"step": statistics.median(r["perf/step_seconds"] for r in rows[1:]),
             "rss": max(r["perf/peak_rss_mib"] for r in rows), "now": rows[-1]["perf/rss_mib"],
             "k3": rows[-1]["mismatch/k3"]}

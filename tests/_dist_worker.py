@@ -10,9 +10,9 @@ import torch
 
 from unison import distributed
 from unison.config import TrainConfig
-from unison.learner import Learner, WeightSyncError, full_tensor
+from unison.learner import Learner, WeightSyncError
 from unison.models import load_model, load_tokenizer, resolve_model_dir
-from unison.precision import PrecisionPolicy, checksum
+from unison.precision import PrecisionPolicy, checksum, full_tensor
 from unison.rollout.base import SamplingParams
 from unison.rollout.native import NativeEngine
 from unison.trainer import update_policy

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from unison.config import GuardConfig
 from unison.guard import Guard, MismatchGuardStop, advice_for
 
 
@@ -15,7 +16,7 @@ def stream(values, key="mismatch/seq_kl"):
 
 
 def test_warns_then_stops_after_patience_steps():
-    g = Guard(seq_kl_warn=1e-3, seq_kl_stop=0.1, patience=2)
+    g = Guard(GuardConfig(seq_kl_warn=1e-3, seq_kl_stop=0.1, patience=2))
     said = [g.check(i + 1, m) for i, m in enumerate(stream([1e-4, 5e-3, 0.2]))]
     assert said[0] == [] and "1 of 2" not in said[1][0] and "> 0.001" in said[1][0]
     assert "stop threshold; 1 of 2 steps" in said[2][0]
@@ -24,24 +25,24 @@ def test_warns_then_stops_after_patience_steps():
 
 
 def test_a_step_back_under_the_stop_threshold_resets_the_count():
-    g = Guard(k3_stop=1e-2, patience=2)
+    g = Guard(GuardConfig(k3_stop=1e-2, patience=2))
     for i, v in enumerate([0.5, 1e-3, 0.5]):
         g.check(i + 1, {"mismatch/k3": v})
     assert g.streak == 1
-    g.load_state_dict(Guard(k3_stop=1e-2, streak=1).state_dict())  # resumed mid-streak
+    g.load_state_dict(Guard(GuardConfig(k3_stop=1e-2), streak=1).state_dict())  # resumed mid-streak
     with pytest.raises(MismatchGuardStop):
         g.check(4, {"mismatch/k3": 0.5})
 
 
 def test_non_finite_counts_as_crossing_and_missing_metrics_are_skipped():
-    g = Guard(masked_stop=0.5, k3_warn=1.0)
+    g = Guard(GuardConfig(masked_stop=0.5, k3_warn=1.0))
     assert g.check(1, {"mismatch/k3": 0.1}) == []  # no correction: no is/masked_frac, nothing to check
     with pytest.raises(MismatchGuardStop, match="share of tokens masked nan"):
         g.check(2, {"is/masked_frac": math.nan})
 
 
 def test_off_by_default_and_the_advice_names_what_to_change():
-    assert not Guard().active and Guard(k3_warn=1e-3).active
+    assert not Guard().active and Guard(GuardConfig(k3_warn=1e-3)).active
     bf16 = advice_for("bf16", "bf16", "grpo")
     assert "precision.rollout=fp16" in bf16 and "grpo-seq-mis" in bf16 and "optim.lr" in bf16
     fp16 = advice_for("fp16", "fp16", "grpo-seq-mis")

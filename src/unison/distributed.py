@@ -58,6 +58,10 @@ class World:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def gather_others(self, obj) -> list:
+        """The other ranks' `obj`, in rank order (none with one rank)."""
+        return [o for i, o in enumerate(self.gather(obj)) if i != self.rank]
+
     def gather_to_main(self, obj) -> list | None:
         """Every rank's `obj` in rank order on rank 0 (None on the others)."""
         if not self.distributed:
@@ -175,8 +179,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    from unison.threads import cores
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.ERROR)  # each rank says what went wrong in its own words
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
@@ -198,4 +203,6 @@ def devices_for(device: torch.device) -> int | None:
     """How many ranks a device type can hold on this machine: the visible GPUs on CUDA, the cores on a CPU."""
     if device.type == "cuda":
         return torch.cuda.device_count()
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from unison.threads import cores
+
+    return cores()

@@ -16,7 +16,9 @@ Each has a warning and a stop threshold (`guard.*`, 0: off). Above a warning thr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from unison.config import GuardConfig
 
 WATCHED = {"seq_kl": "mismatch/seq_kl", "k3": "mismatch/k3", "masked": "is/masked_frac"}
 NAMES = {"seq_kl": "sequence-level KL(mu||pi)", "k3": "per-token KL k3", "masked": "share of tokens masked"}
@@ -28,25 +30,14 @@ class MismatchGuardStop(RuntimeError):
 
 @dataclass
 class Guard:
-    """Thresholds (0: off) and the count of steps in a row above a stop threshold."""
+    """The thresholds of `guard.*` (0: off) and the count of steps in a row above a stop threshold."""
 
-    seq_kl_warn: float = 0.0
-    seq_kl_stop: float = 0.0
-    k3_warn: float = 0.0
-    k3_stop: float = 0.0
-    masked_warn: float = 0.0
-    masked_stop: float = 0.0
-    patience: int = 1
+    limits: GuardConfig = field(default_factory=GuardConfig)
     streak: int = 0
-
-    @classmethod
-    def from_config(cls, cfg) -> Guard:
-        return cls(**{k: getattr(cfg, k) for k in ("seq_kl_warn", "seq_kl_stop", "k3_warn", "k3_stop",
-                                                   "masked_warn", "masked_stop", "patience")})  # fmt: skip
 
     @property
     def active(self) -> bool:
-        return any(getattr(self, f"{k}_{level}") > 0 for k in WATCHED for level in ("warn", "stop"))
+        return any(getattr(self.limits, f"{k}_{level}") > 0 for k in WATCHED for level in ("warn", "stop"))
 
     def check(self, step: int, metrics: dict, advice: str = "") -> list[str]:
         """The warnings of step `step` (1-based) from its metrics; raises `MismatchGuardStop` once a stop threshold
@@ -57,27 +48,23 @@ class Guard:
                 continue
             value = metrics[metric]
             for level, out in (("stop", stops), ("warn", warnings)):
-                limit = getattr(self, f"{key}_{level}")
+                limit = getattr(self.limits, f"{key}_{level}")
                 if limit > 0 and not (math.isfinite(value) and value <= limit):
                     out.append(f"{NAMES[key]} {value:.3g} > {limit:g} ({metric})")
                     break
         self.streak = self.streak + 1 if stops else 0
-        if stops and self.streak >= self.patience:
+        patience = self.limits.patience
+        if stops and self.streak >= patience:
             steps = f"{self.streak} steps in a row" if self.streak > 1 else "this step"
             raise MismatchGuardStop(f"mismatch guard at step {step}: {'; '.join(stops)}, {steps}; "
-                                    f"{advice or ADVICE}")  # fmt: skip
-        return warnings + [f"{s} (stop threshold; {self.streak} of {self.patience} steps)" for s in stops]
+                                    f"{advice or advice_for('', '', '')}")  # fmt: skip
+        return warnings + [f"{s} (stop threshold; {self.streak} of {patience} steps)" for s in stops]
 
     def state_dict(self) -> dict:
         return {"streak": self.streak}
 
     def load_state_dict(self, state: dict) -> None:
         self.streak = int(state.get("streak", 0))
-
-
-ADVICE = ("the policy being trained is drifting from the one that samples: train and sample in fp16 "
-          "(precision.rollout=fp16 precision.train=fp16), add a sequence-level correction (--preset grpo-seq-mis), "
-          "or lower optim.lr; then resume with --resume --allow-changes")  # fmt: skip
 
 
 def advice_for(precision_rollout: str, precision_train: str, preset: str) -> str:

@@ -31,6 +31,8 @@ from unison.precision import (
     backward,
     cast_module,
     checksum,
+    full_tensor,
+    local_tensor,
     matmul_mode,
     set_matmul,
     step,
@@ -38,7 +40,7 @@ from unison.precision import (
 )
 from unison.rollout.base import Rollouts
 from unison.rollout.native import layer_windows
-from unison.routing import install_replay
+from unison.routing import install_replay, routers
 from unison.sampling import entropy as entropy_of
 from unison.sampling import process_logits, token_logprobs
 
@@ -331,6 +333,7 @@ class Learner:
         self.logits_at = LogitsAt(self.model)
         # routing replay (R3): an MoE model routes each token with the experts the engine chose for it
         self.routing_replay = routing_replay
+        self.moe = bool(routers(self.model))  # an MoE model: the routing mismatch can be measured
         self.routers = install_replay(self.model) if routing_replay else []
         if routing_replay and not self.routers:
             raise UserError("moe.routing_replay needs a mixture-of-experts model (Qwen2-MoE, Qwen3-MoE, Mixtral); "
@@ -437,22 +440,31 @@ class Learner:
             ent = entropy_of(logits, temperature).masked_fill(~batch.mask, 0.0)
         return logp, ent
 
+    def _per_row(self, rollouts: Rollouts, micro_batch_size: int, compute) -> tuple[torch.Tensor, ...]:
+        """`compute(part)` over micro-batches of similar length, each of its tensors ([b, t, ...], on the CPU) put
+        in the rows of one [B, T, ...] tensor of its dtype, zeros elsewhere."""
+        B, T = rollouts.response_ids.shape
+        out = None
+        for idx in self.micro_batches(rollouts, micro_batch_size):
+            got = compute(rollouts.select(idx))
+            if out is None:
+                out = tuple(torch.zeros(B, T, *g.shape[2:], dtype=g.dtype) for g in got)
+            for o, g in zip(out, got):
+                o[idx, : g.shape[1]] = g
+        return out
+
     @torch.no_grad()
     def distributions(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
         """log pi(.) at every response position: the learner's whole distribution (the same processing as the
         sampler's, -inf outside a top-k/top-p support, 0 after the end). -> [B, T, V] fp32 on the CPU"""
-        B, T = rollouts.response_ids.shape
-        out = None
-        for idx in self.micro_batches(rollouts, micro_batch_size):
-            part = rollouts.select(idx)
+
+        def compute(part):
             batch = self.batch(part)
             logq = process_logits(self.response_logits(batch), temperature, top_k, top_p).log_softmax(-1)
-            logq = logq.masked_fill(~batch.mask[..., None], 0.0).float().cpu()
-            if out is None:
-                out = torch.zeros(B, T, logq.shape[-1])
-            out[idx, : logq.shape[1]] = logq
-        return out
+            return (logq.masked_fill(~batch.mask[..., None], 0.0).float().cpu(),)
+
+        return self._per_row(rollouts, micro_batch_size, compute)[0]
 
     @torch.no_grad()
     def routing(self, rollouts: Rollouts, micro_batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,23 +472,17 @@ class Learner:
         positions (each position that predicts a response token), from the learner's full-sequence forward."""
         from unison.routing import RoutingRecorder
 
-        B, T = rollouts.response_ids.shape
-        logits_all = idx_all = None
-        for idx in self.micro_batches(rollouts, micro_batch_size):
-            part = rollouts.select(idx)
+        def compute(part):
             batch = SequenceBatch.from_rollouts(part, self.pad_token_id, self.device, share=False)
             with RoutingRecorder(self.model) as rec:
                 self.response_logits(batch)
             b, L = batch.input_ids.shape
-            where = batch.gather.to(torch.long)  # [b, t]
-            lg = torch.stack([c[0][0].view(b, L, -1)[torch.arange(b)[:, None], where] for c in rec.calls], 2)
-            ix = torch.stack([c[0][1].view(b, L, -1)[torch.arange(b)[:, None], where] for c in rec.calls], 2)
-            if logits_all is None:
-                logits_all = torch.zeros(B, T, *lg.shape[2:])
-                idx_all = torch.zeros(B, T, *ix.shape[2:], dtype=torch.long)
-            logits_all[idx, : lg.shape[1]] = lg.float().cpu()
-            idx_all[idx, : ix.shape[1]] = ix.cpu()
-        return logits_all, idx_all
+            rows, where = torch.arange(b)[:, None], batch.gather.to(torch.long)  # [b, 1], [b, t]
+            logits = torch.stack([c[0][0].view(b, L, -1)[rows, where] for c in rec.calls], 2)
+            experts = torch.stack([c[0][1].view(b, L, -1)[rows, where] for c in rec.calls], 2)
+            return logits.float().cpu(), experts.cpu()
+
+        return self._per_row(rollouts, micro_batch_size, compute)
 
     @torch.no_grad()
     def recompute(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,
@@ -484,18 +490,14 @@ class Learner:
         """log pi_old (with `reference`, the frozen starting policy's log-probs) for a whole rollout batch without
         gradient, in micro-batches of similar length (less padding).
         -> [B, T] fp32 on the CPU (and the entropy [B, T] with `with_entropy`)"""
-        B, T = rollouts.response_ids.shape
-        logp_all = torch.zeros(B, T)
-        ent_all = torch.zeros(B, T)
-        for idx in self.micro_batches(rollouts, micro_batch_size):
-            part = rollouts.select(idx)
+
+        def compute(part):
             res = self.logprobs(self.batch(part), temperature, top_k, top_p, with_entropy=with_entropy,
                                 reference=reference)  # fmt: skip
-            logp, ent = res if with_entropy else (res, None)
-            logp_all[idx, : logp.shape[1]] = logp.float().cpu()
-            if with_entropy:
-                ent_all[idx, : ent.shape[1]] = ent.float().cpu()
-        return (logp_all, ent_all) if with_entropy else logp_all
+            return tuple(x.float().cpu() for x in (res if with_entropy else (res,)))
+
+        out = self._per_row(rollouts, micro_batch_size, compute)
+        return out if with_entropy else out[0]
 
     # ---- update ---------------------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -599,12 +601,3 @@ class Learner:
                       for n, v in st.items()}  # fmt: skip
         return {"state": out, "param_groups": optimizer_state["param_groups"]}
 
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole of a sharded (DTensor) tensor, gathered from every rank; a plain tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def local_tensor(t):
-    """This rank's shard of a sharded tensor; anything else as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t

@@ -296,11 +296,10 @@ class ExactAccumulator:
     def merge(self, others: list[ExactAccumulator]) -> ExactAccumulator:
         """This accumulator with what `others` (say, the other ranks') hold added."""
         for o in others:
-            if o is not self:  # (the same object is not added twice)
-                self.tok += o.tok
-                self.seq += o.seq
-                self.tokens += o.tokens
-                self.mismatched += o.mismatched
+            self.tok += o.tok
+            self.seq += o.seq
+            self.tokens += o.tokens
+            self.mismatched += o.mismatched
         return self
 
     def result(self, estimated: dict | None = None) -> dict[str, float]:

@@ -364,9 +364,14 @@ def backward(loss: torch.Tensor, weights: MasterWeights, scaler: LossScaler) -> 
     weights.accumulate_grads()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a sharded (DTensor) tensor; the tensor itself otherwise."""
+def local_tensor(t):
+    """This rank's shard of a sharded (DTensor) tensor; anything else as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded (DTensor) tensor, gathered from every rank; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def step(weights: MasterWeights, optimizer: torch.optim.Optimizer, scaler: LossScaler,
@@ -379,7 +384,7 @@ def step(weights: MasterWeights, optimizer: torch.optim.Optimizer, scaler: LossS
     the norm, and with it the decision to skip, is the same on every rank."""
     scale = scaler.scale
     grads = [p.grad for p in weights.params if p.grad is not None]
-    local = [_local(g) for g in grads]
+    local = [local_tensor(g) for g in grads]
     if scale != 1.0:
         torch._foreach_mul_(local, 1.0 / scale)
     norm_t = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local))) if local else torch.zeros(())

@@ -24,7 +24,7 @@ from unison.attribution import COMPONENTS, check_supported, upcast
 from unison.config import DataConfig, ModelConfig, RolloutConfig, RunBase, check, doc, validate_sections
 from unison.mismatch import EXACT_KEYS, ExactAccumulator, MismatchAccumulator
 from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
-from unison.routing import RoutingAccumulator, routers
+from unison.routing import RoutingAccumulator
 from unison.setup import Setup, build, check_output_file, check_output_folder
 
 
@@ -130,7 +130,7 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
         params = s.sampling()
         rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
         acc, exact_acc, routing_acc = MismatchAccumulator(), ExactAccumulator(), RoutingAccumulator()
-        moe = bool(routers(learner.model))  # then the routing mismatch too (`unison.routing`)
+        moe = learner.moe  # then the routing mismatch too (`unison.routing`)
         replayer = s.learner(policy, routing_replay=True) if moe and cfg.probe.routing_replay else None
         replay_acc = MismatchAccumulator()
         pis, mus = [], []
@@ -180,8 +180,11 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     split = "test" if cfg.data.source in ("builtin", "countdown", "") else "train"
     examples = s.examples(split, cfg.data.max_prompts)
     prompt_ids = s.encode(examples)
-    if cfg.probe.attribute:
-        check_supported(s.load_model())  # before any sampling
+    if cfg.probe.attribute:  # before any sampling: the model's structure, built without its weights
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            check_supported(AutoModelForCausalLM.from_config(s.config))
     results = [probe_setting(cfg, pol, s, prompt_ids) for pol in policies]
     attribution = attribute(cfg, policies, s, prompt_ids) if cfg.probe.attribute else None
     out = Path(cfg.run.out)

@@ -67,6 +67,13 @@ class RoutingAccumulator:
         self.flip.append(flips(idx_a, idx_b, logits_a.shape[-1])[m].float())  # [N, L]
         self.gap.append((logits_a.softmax(-1) - logits_b.softmax(-1)).abs().mean(-1)[m].double())  # [N, L]
 
+    def merge(self, others: list[RoutingAccumulator]) -> RoutingAccumulator:
+        """This accumulator with what `others` (say, the other ranks') hold added."""
+        for o in others:
+            self.flip += o.flip
+            self.gap += o.gap
+        return self
+
     def result(self) -> dict[str, float]:
         return _summary(torch.cat(self.flip), torch.cat(self.gap))
 
@@ -104,9 +111,9 @@ def stack_decode(calls: list[list[tuple[torch.Tensor, torch.Tensor]]], rows: int
         first_logits, first_idx = per_router[0]
         lg = [first_logits.view(rows, -1, first_logits.shape[-1])[:, -1]]
         ix = [first_idx.view(rows, -1, first_idx.shape[-1])[:, -1]]
-        for lo, i in per_router[1:steps]:
-            lg.append(lo.view(rows, -1)[:, : lo.shape[-1]])
-            ix.append(i.view(rows, -1)[:, : i.shape[-1]])
+        for lo, i in per_router[1:steps]:  # one token per row: [rows, E] and [rows, k]
+            lg.append(lo)
+            ix.append(i)
         logits.append(torch.stack(lg, 1))
         indices.append(torch.stack(ix, 1))
     return torch.stack(logits, 2), torch.stack(indices, 2)

@@ -37,12 +37,17 @@ def _own_seconds() -> float:
     return t.user + t.system
 
 
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class ThreadPolicy:
     """Sets PyTorch's thread count from the cores the other processes leave free (`setting` "auto"), or to a fixed
     number."""
 
     def __init__(self, setting: str | int = "auto"):
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.cores = cores()
         user = os.environ.get("OMP_NUM_THREADS")
         self.fixed = int(setting) if str(setting) != "auto" else (int(user) if user and user.isdigit() else None)
         self.last = (time.monotonic(), _busy_seconds(), _own_seconds())

@@ -40,7 +40,7 @@ from unison.overflow import OverflowGuard
 from unison.precision import PrecisionPolicy, precision_name
 from unison.report import MetricsLog, console_line, resolve_loggers
 from unison.rollout.base import Rollouts, SamplingParams
-from unison.routing import RoutingAccumulator, routers
+from unison.routing import RoutingAccumulator
 from unison.runfolder import WRITE_ERRNOS, check_run_dir, prepare_run_dir, resume_changes
 from unison.setup import Setup, build
 
@@ -127,8 +127,7 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
     share = r.prompts_per_step // world.size
     examples = [e for e in prompts[world.rank * share : (world.rank + 1) * share] for _ in range(r.group_size)]
     exact = cfg.metrics.exact_divergence
-    moe = ((cfg.metrics.routing or cfg.moe.routing_replay) and cfg.rollout.engine == "native"
-           and bool(routers(learner.model)))  # fmt: skip
+    moe = (cfg.metrics.routing or cfg.moe.routing_replay) and cfg.rollout.engine == "native" and learner.moe
     asked = {**({"keep_distributions": True} if exact else {}), **({"keep_routing": True} if moe else {})}
     rollouts = engine.generate([run.setup.prompt_ids[id(e)] for e in examples], run.sampling,
                                **asked)  # groups contiguous  # fmt: skip
@@ -163,17 +162,14 @@ def rl_step(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, stream: 
         exact_acc.add(learner.distributions(rollouts, o.micro_batch_size, *sampling), rollouts.distributions,
                       rollouts.mask)  # fmt: skip
         rollouts.distributions = None  # (not gathered nor kept)
-        exact_acc = exact_acc.merge([a for i, a in enumerate(world.gather(exact_acc)) if i != world.rank])
+        exact_acc.merge(world.gather_others(exact_acc))
         t_exact = time.perf_counter() - t0
     routing_acc = None
-    if moe and rollouts.routing is not None:  # pi_old's router decisions against the engine's
+    if cfg.metrics.routing and moe and rollouts.routing is not None:  # pi_old's router decisions against the engine's
         routing_acc = RoutingAccumulator()
         routing_acc.add(*rollouts.routing, *learner.routing(rollouts, o.micro_batch_size), rollouts.mask)
         rollouts.routing = None  # (the experts to replay stay in rollouts.replay)
-        for i, other in enumerate(world.gather(routing_acc)):
-            if i != world.rank:
-                routing_acc.flip += other.flip
-                routing_acc.gap += other.gap
+        routing_acc.merge(world.gather_others(routing_acc))
     t0 = time.perf_counter()
     updates = update_policy(cfg, learner, rollouts, advantages, logp_old, entropy, preset, shuffle, single_update,
                             run.sampling.max_new_tokens, world)  # fmt: skip
@@ -471,7 +467,7 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
                                              "rollout engine (decode)")}  # fmt: skip
     stream = PromptStream(run.train_examples, seed)
     shuffle = torch.Generator().manual_seed(seed + 1)
-    guard = Guard.from_config(cfg.guard)
+    guard = Guard(cfg.guard)
     advice = advice_for(p.rollout, p.train, cfg.algorithm.preset)
     start = 0
     if latest is not None:
@@ -591,7 +587,6 @@ def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: 
         "precision": {"rollout": precision_name(learner.policy.rollout), "train": precision_name(learner.policy.train)},
         "overflow": own["overflow"],
         "guard": guard.state_dict() if guard is not None else {},
-        **({"world_size": world.size} if world.distributed else {}),
     }  # fmt: skip
     try:
         return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, master, trainer_state,
