@@ -9,7 +9,7 @@ import sys
 import torch
 
 from unison import distributed
-from unison.config import TrainConfig
+from unison.config import LoraConfig, TrainConfig
 from unison.learner import Learner, WeightSyncError
 from unison.models import load_model, load_tokenizer, resolve_model_dir
 from unison.precision import PrecisionPolicy, checksum, full_tensor
@@ -22,10 +22,12 @@ def main(mode: str, out: str) -> None:
     world, device = distributed.init(torch.device("cpu"))
     path = resolve_model_dir("builtin")
     tok = load_tokenizer(path)
-    dtype = torch.float32 if mode == "same" else torch.float16
+    dtype = torch.float32 if mode in ("same", "lora") else torch.float16
     policy = PrecisionPolicy(dtype, dtype)
+    torch.manual_seed(0)  # the same LoRA initialisation on every rank
+    lora = LoraConfig(enabled=True, rank=4, alpha=8.0) if mode == "lora" else None
     learner = Learner(load_model(path, device="cpu", dtype=torch.float32), policy, device, lr=1e-3, world=world,
-                      matmul="native")  # fmt: skip
+                      matmul="native", lora=lora)  # fmt: skip
     engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), dtype, device, seed=0, matmul="native")
     prompts = [tok(f"{a}+{b}=")["input_ids"] for a, b in ((12, 34), (5, 7), (40, 2), (9, 9))]
     G = 4
@@ -35,7 +37,7 @@ def main(mode: str, out: str) -> None:
     share = torch.arange(world.rank * B // world.size, (world.rank + 1) * B // world.size)
     mine = rollouts.select(share)
     result: dict = {}
-    if mode == "same":  # 3 fp32 steps on the same global batch
+    if mode in ("same", "lora"):  # 3 fp32 steps on the same global batch (full fine-tuning, or LoRA)
         cfg = TrainConfig()
         cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.optim.train_batch_size = G, 4, 16
         advantages = torch.linspace(-1.0, 1.0, B)[share]
@@ -45,6 +47,8 @@ def main(mode: str, out: str) -> None:
             update_policy(cfg, learner, mine, advantages, torch.zeros(len(mine), T), torch.zeros(len(mine), T),
                           cfg.algorithm_fields(), shuffle, True, 24, world)  # fmt: skip
         result["master"] = learner.master_state()
+        if lora is not None:  # and the merged weights the engines receive
+            result["merged"] = dict(learner.export_weights(torch.float32))
     elif mode == "overflow":  # fp16: an inf loss on the last rank only
         scale = learner.scaler.scale
         bad = world.rank == world.size - 1

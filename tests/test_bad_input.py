@@ -63,6 +63,21 @@ def train(tiny, *extra):
     return ["train", "--model", str(tiny), *TINY_RUN, *extra]
 
 
+def adapter_copy(d: Path, tiny: Path, rank: int, base: Path | None = None) -> Path:
+    """A peft LoRA adapter (q_proj, v_proj) of the tiny model, saved as peft saves one, with the tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    from unison.models import load_model
+
+    out = d / "adapter"
+    wrapped = get_peft_model(load_model(tiny), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj",
+                                                                                                      "v_proj"]))
+    wrapped.peft_config["default"].base_model_name_or_path = str(base or tiny)
+    wrapped.save_pretrained(out)
+    model_copy(d, tiny, "adapter")
+    return out
+
+
 def with_config(d: Path, tiny: Path, name: str, **changes) -> Path:
     """A copy of the tiny checkpoint's config and tokenizer (no weights) with `changes` in its config.json."""
     config = {**json.loads((tiny / "config.json").read_text()), **changes}
@@ -395,6 +410,21 @@ CASES = [
       "cannot compute a component in fp32"),
     C("tensor-parallel-native", "ranks", "rollout.tensor_parallel_size with the native engine",
       lambda d, t: train(t, "rollout.tensor_parallel_size=2"), "applies to rollout.engine=vllm only"),
+    # ---- LoRA and MoE ----------------------------------------------------------------------------------------
+    C("lora-targets-nothing", "config", "LoRA target modules that match no layer",
+      lambda d, t: train(t, "lora.enabled=true", "lora.target_modules=q_proj,qkv"),
+      "'qkv' matches no linear layer"),
+    C("lora-rank-zero", "config", "a LoRA rank of 0",
+      lambda d, t: train(t, "lora.enabled=true", "lora.rank=0"), "lora.rank"),
+    C("lora-rank-above-layer", "config", "a LoRA rank larger than a layer",
+      lambda d, t: train(t, "lora.enabled=true", "lora.rank=4096"), "is larger than the layer"),
+    C("lora-adapter-other-shape", "model", "LoRA on a checkpoint holding an adapter of another rank",
+      lambda d, t: train(adapter_copy(d, t, rank=4), "lora.enabled=true", "lora.rank=8"),
+      "holds a LoRA adapter with rank 4"),
+    C("lora-adapter-base-missing", "model", "a LoRA adapter whose base model is not here",
+      lambda d, t: train(adapter_copy(d, t, rank=4, base=d / "gone"), "run.steps=1"), "not a local model folder"),
+    C("replay-dense", "config", "routing replay asked for on a dense model",
+      lambda d, t: train(t, "moe.routing_replay=true"), "has no routers"),
 ]  # fmt: skip
 
 

@@ -17,7 +17,7 @@ def test_defaults_validate():
 def test_every_shipped_config_loads(path):
     from unison.demo import DemoConfig
 
-    cls = DemoConfig if path.name.startswith("demo") else TrainConfig
+    cls = DemoConfig if path.stem.endswith("demo") else TrainConfig
     cfg = load_config(cls, path)
     cfg.algorithm_fields()
 

@@ -42,6 +42,16 @@ def test_two_ranks_end_with_the_weights_of_one_on_the_same_global_batch(tmp_path
         assert float((two[name] - a).norm() / a.norm()) < 1e-4, name
 
 
+def test_lora_on_two_ranks_ends_with_the_adapters_and_merged_weights_of_one(tmp_path):
+    one, two = ranks(1, "lora", tmp_path / "one.pt"), ranks(2, "lora", tmp_path / "two.pt")
+    assert set(one["master"]) == set(two["master"]) and all(".lora_" in n for n in one["master"])
+    for what in ("master", "merged"):
+        a, b = one[what], two[what]
+        diff = torch.cat([(b[n] - t).reshape(-1) for n, t in a.items()])
+        assert float(diff.norm() / torch.cat([t.reshape(-1) for t in a.values()]).norm()) < 1e-5, what
+    assert any(float(t.abs().max()) > 0 for n, t in one["master"].items() if ".lora_B." in n)  # B moved off 0
+
+
 def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     r = ranks(2, "overflow", tmp_path / "o.pt")
     assert r["skipped"] == [True, True]

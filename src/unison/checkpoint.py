@@ -81,8 +81,13 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
     tmp.mkdir()
     try:
         state_dict = {name: t.detach().float().cpu().contiguous() for name, t in master_state.items()}
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=shard_size)
-        set_config_dtype(tmp, torch.float32)
+        if hasattr(model, "peft_config"):  # LoRA: the adapter in peft's format (its fp32 masters)
+            from unison.lora import save_adapter
+
+            save_adapter(tmp, model.peft_config["default"], state_dict)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=shard_size)
+            set_config_dtype(tmp, torch.float32)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
         for rank, state in enumerate(rank_states or [], start=1):
@@ -360,10 +365,12 @@ def resolve_checkpoint(source: str | Path) -> Path:
                     "give one of those")  # fmt: skip
 
 
-def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard_size: str = "5GB") -> Path:
+def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard_size: str = "5GB",
+                 adapter: bool = False) -> Path:
     """Write a checkpoint's weights cast to `dtype`, with its config (stating that dtype), generation config and
-    tokenizer, as a plain Hugging Face model folder `out`. Everything is checked before anything is written; the
-    folder is written beside `out` and renamed into place."""
+    tokenizer, as a plain Hugging Face model folder `out` (a LoRA run's checkpoint: its base with the adapter
+    merged in); with `adapter`, a LoRA checkpoint's adapter alone, in peft's format, with the tokenizer.
+    Everything is checked before anything is written; the folder is written beside `out` and renamed into place."""
     from unison.config import parse_size
     from unison.errors import UserError
     from unison.models import load_model, load_tokenizer
@@ -376,15 +383,33 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     out = check_output_folder(Path(out).expanduser().absolute(), "--out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{str(out)!r} already exists and is not empty; choose a new --out folder")
-    model = load_model(ckpt, dtype=torch.float32)
+    from unison.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, read_adapter_config
+
+    if adapter and not is_adapter(ckpt):
+        raise UserError(f"--adapter writes a LoRA run's adapter, and {str(ckpt)!r} holds whole weights (a full "
+                        "fine-tuning run); export it without --adapter")  # fmt: skip
+    model = None if adapter else load_model(ckpt, dtype=torch.float32)
+    if adapter:
+        read_adapter_config(ckpt)
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ckpt / ADAPTER_WEIGHTS))
     tokenizer = load_tokenizer(ckpt)
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".tmp-export-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.to(target).save_pretrained(tmp, safe_serialization=True, max_shard_size=size)
-        set_config_dtype(tmp, target)
+        if adapter:
+            from safetensors.torch import save_file
+
+            tmp.mkdir()
+            shutil.copyfile(ckpt / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+            save_file({k: v.to(target).contiguous() for k, v in weights.items()}, str(tmp / ADAPTER_WEIGHTS),
+                      metadata={"format": "pt"})  # fmt: skip
+        else:
+            model.to(target).save_pretrained(tmp, safe_serialization=True, max_shard_size=size)
+            set_config_dtype(tmp, target)
         tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)
         if out.exists():

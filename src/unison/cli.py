@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new model folder (must not exist, or be empty)")
     p.add_argument("--dtype", default="fp32", help="dtype of the written weights: fp32, bf16 or fp16")
     p.add_argument("--shard-size", default="5GB", help="largest weights file (bigger models are sharded)")
+    p.add_argument("--adapter", action="store_true", help="a LoRA run's checkpoint: write the adapter alone, in "
+                   "peft's format (default: the base with the adapter merged in)")  # fmt: skip
 
     p = sub.add_parser("samples", help="print a run's decoded samples of one step (prompt, response, reward, ...)")
     p.add_argument("run", help="a run folder")
@@ -272,7 +274,7 @@ def cmd_samples(args) -> None:
 def cmd_export(args) -> None:
     from unison.checkpoint import export_model
 
-    out = export_model(args.source, args.out, args.dtype, args.shard_size)
+    out = export_model(args.source, args.out, args.dtype, args.shard_size, adapter=args.adapter)
     print(f"wrote {out}")
 
 

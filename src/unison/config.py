@@ -84,7 +84,8 @@ CONTEXT_LIMITS = ("error", "clamp")
 @dataclass
 class ModelConfig:
     path: str = doc("builtin", "a local Hugging Face checkpoint directory (a run's checkpoints/step-N works), or "
-                               "'builtin' for the built-in tiny model")
+                               "'builtin' for the built-in tiny model, 'builtin-moe' for its mixture-of-experts "
+                               "variant")
     device: str = doc("auto", "auto (cuda where a GPU is visible), cpu, cuda or cuda:N")
     matmul: str = doc("auto", "fp16/bf16 matrix products: native kernels, or fp32-accumulate (auto: native where fast)",
                       choices=_matmul_modes, what="matmul mode")
@@ -127,7 +128,8 @@ class PrecisionConfig:
 
 @dataclass
 class DataConfig:
-    source: str = doc("builtin", "'builtin' (the countdown task) or a JSONL/Parquet prompt file")
+    source: str = doc("builtin", "'builtin' (the countdown task), 'countdown-long' (its variant with responses of "
+                                 "300 to 1,300 tokens) or a JSONL/Parquet prompt file")
     prompt_key: str = doc("prompt", "column holding the prompt (a string or a list of chat messages)")
     answer_key: str = doc("answer", "column holding the reference answer")
     reward: str = doc("", "reward: math, exact, countdown, or a dotted path module:function (empty: the task's own)")
@@ -271,6 +273,23 @@ class MoeConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = doc(False, "train low-rank adapters (peft LoRA) on the frozen base instead of every weight; the "
+                               "engine gets the merged weights")
+    rank: int = doc(8, "the adapters' rank r")
+    alpha: float = doc(16.0, "the adapters' alpha: the update is alpha / rank x B A")
+    target_modules: str = doc("auto", "comma-separated names of the linear layers to adapt (q_proj,v_proj, ...); "
+                                      "auto: every linear layer of the decoder blocks (not an MoE router)")
+    dropout: float = doc(0.0, "dropout on the adapters' input in the learner (0: the policy trained is the one "
+                              "that samples)")
+
+    def validate(self) -> None:
+        check(self.rank >= 1, "lora.rank", f"must be at least 1 (got {self.rank}); 8 to 64 are usual")
+        check(math.isfinite(self.alpha) and self.alpha > 0, "lora.alpha", "must be a positive number")
+        check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1) (0: no dropout, as RL wants)")
+
+
+@dataclass
 class GuardConfig:
     seq_kl_warn: float = doc(0.0, "warn when the sequence-level KL(mu||pi) (mismatch/seq_kl) exceeds this (0: off)")
     seq_kl_stop: float = doc(0.0, "stop the run when mismatch/seq_kl exceeds this for guard.patience steps (0: off)")
@@ -308,6 +327,7 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     moe: MoeConfig = field(default_factory=MoeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> TrainConfig:
         r, o = self.rollout, self.optim

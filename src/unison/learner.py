@@ -23,6 +23,7 @@ import torch
 from unison.distributed import SINGLE, World, shard
 from unison.errors import UserError
 from unison.hf import LogitsAt, cache_kwarg, output_cache
+from unison.lora import check_rank, check_same_shape, merged_weights, read_adapter, resolve_targets, set_dropout, wrap
 from unison.precision import (
     LossScaler,
     MasterWeights,
@@ -281,6 +282,8 @@ class Learner:
         gradient_checkpointing: bool = False,
         world: World = SINGLE,
         routing_replay: bool = False,
+        lora=None,
+        adapter=None,
     ):
         self.device = torch.device(device)
         self.world = world
@@ -303,7 +306,12 @@ class Learner:
                                   and not world.distributed and not routing_replay)  # fmt: skip
         # the policy that is trained is the policy that samples: dropout (and any other train-time randomness, such
         # as a router's jitter) stays off, as in the rollout engine
+        # LoRA (`unison.lora`): peft adapts the target layers in place; the model itself then runs the adapters, the
+        # base frozen, the adapters alone trainable (so alone with fp32 masters); `peft` keeps peft's wrapper
+        self.peft = self._adapt(model, lora, adapter) if lora is not None else None
         self.model = model.to(self.device).eval()
+        if lora is not None and lora.dropout > 0:
+            set_dropout(self.model, True)
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
         self.matmul = matmul_mode(matmul, self.device, policy.train)
@@ -349,6 +357,23 @@ class Learner:
         self.scaler = LossScaler(enabled=enabled, **(scaler_kwargs or {}))
         self.max_grad_norm = max_grad_norm
         self.pad_token_id = pad_token_id
+
+    @staticmethod
+    def _adapt(model, lora, adapter):
+        """peft's LoRA wrapper around `model` as `lora` (a LoraConfig section) asks, checked first: targets that
+        match layers, a rank each layer can take, and, going on from a saved adapter, one of that shape."""
+        targets = resolve_targets(model, lora.target_modules)
+        check_rank(model, targets, lora.rank)
+        if adapter is not None:
+            check_same_shape(adapter, lora.rank, lora.alpha, targets)
+        wrapped = wrap(model, lora.rank, lora.alpha, targets, lora.dropout)
+        if adapter is not None:  # go on from a saved adapter (before any copy of the model is taken)
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            saved = read_adapter(adapter, list(trainable), {n: p.shape for n, p in trainable.items()})
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    p.copy_(saved[n])
+        return wrapped
 
     @classmethod
     def from_pretrained(cls, model_dir, policy: PrecisionPolicy, device, **kwargs) -> Learner:
@@ -541,6 +566,9 @@ class Learner:
     def export_weights(self, dtype: torch.dtype | None = None):
         """(name, master weight cast to `dtype`) for every parameter; the rollout dtype by default."""
         dtype = dtype or self.policy.rollout
+        if self.peft is not None:  # W + scale * B A for the adapted layers
+            return merged_weights(self.model, dict(self.weights.named_master()), dtype, self.policy.train,
+                                  self.fp32_names)  # fmt: skip
         return [(name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype)))
                 for name, t in self.weights.named_master()]  # cast, then gather  # fmt: skip
 

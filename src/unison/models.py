@@ -24,6 +24,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 BUILTIN = "builtin"
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_DIR = ASSETS / "countdown-tiny"
+# its mixture-of-experts variant (a Qwen3-MoE of the same size, 4 experts, 2 per token), warm-started the same way:
+# `python -m unison.warmstart --arch qwen3-moe --out src/unison/assets/countdown-tiny-moe`
+BUILTIN_MOE = "builtin-moe"
+BUILTIN_MOE_DIR = ASSETS / "countdown-tiny-moe"
 
 PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, EOS, UNK, "<|im_start|>", "<|im_end|>"]
@@ -86,18 +90,29 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
 
 
 def resolve_model_dir(name: str | Path) -> Path:
-    """`builtin` (or empty) to the shipped checkpoint; otherwise a local checkpoint directory, checked."""
+    """`builtin` (or empty) and `builtin-moe` to the shipped checkpoints; otherwise a local checkpoint directory (or
+    a LoRA adapter's), checked."""
     if name in (None, "", BUILTIN):
         if not (BUILTIN_DIR / "config.json").exists():
             raise UserError(f"the built-in model is missing from {BUILTIN_DIR}; "
                             "rebuild it with: python -m unison.warmstart")
         return BUILTIN_DIR
+    if name == BUILTIN_MOE:
+        if not (BUILTIN_MOE_DIR / "config.json").exists():
+            raise UserError(f"the built-in MoE model is missing from {BUILTIN_MOE_DIR}; rebuild it with: python -m "
+                            f"unison.warmstart --arch qwen3-moe --out {BUILTIN_MOE_DIR}")  # fmt: skip
+        return BUILTIN_MOE_DIR
     path = Path(name).expanduser()
     if not path.exists():
         raise UserError(f"model directory {str(path)!r} does not exist; "
                         "give a local Hugging Face checkpoint directory or 'builtin'")
     if not path.is_dir():
         raise UserError(f"model path {str(path)!r} is a file; give the checkpoint's directory (with config.json)")
+    from unison.lora import adapter_base, is_adapter
+
+    if is_adapter(path):  # a LoRA adapter (a LoRA run's checkpoint): checked, with its base model
+        adapter_base(path)
+        return path
     if not (path / "config.json").exists():
         raise UserError(f"{str(path)!r} has no config.json, so it is not a Hugging Face checkpoint; "
                         "give the checkpoint's directory")
@@ -110,12 +125,21 @@ def resolve_model_dir(name: str | Path) -> Path:
     return path
 
 
+def base_model_dir(path: Path) -> Path:
+    """The folder of the whole model: `path` itself, or, for a LoRA adapter, its base model's."""
+    from unison.lora import adapter_base, is_adapter
+
+    return adapter_base(path) if is_adapter(path) else path
+
+
 def load_tokenizer(model_dir: str | Path):
     """The tokenizer saved in a checkpoint directory (offline); a missing one is a user error."""
     from transformers import AutoTokenizer
 
     path = resolve_model_dir(model_dir)
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((path / n).exists() for n in names):
+        path = base_model_dir(path)  # an adapter saved without one: its base model's
     if not any((path / n).exists() for n in names):
         raise UserError(f"{str(path)!r} has no tokenizer (tokenizer.json or tokenizer_config.json); "
                         "save it beside the model with tokenizer.save_pretrained")
@@ -186,6 +210,10 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     from unison.precision import cast_module
 
     path = resolve_model_dir(model_dir)
+    from unison.lora import is_adapter, load_merged
+
+    if is_adapter(path):  # the base model with the adapter merged in
+        return load_merged(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         attn = resolve_attn_implementation(config, attn_implementation, device)
@@ -227,7 +255,7 @@ def eos_token_ids(tokenizer, model_dir: str | Path | None = None) -> tuple[int, 
     generation_config.json (an int or a list) and of its config.json (and its text_config, for multimodal configs)."""
     ids = _ids(tokenizer.eos_token_id)
     if model_dir is not None:
-        path = resolve_model_dir(model_dir)
+        path = base_model_dir(resolve_model_dir(model_dir))
         for name in ("generation_config.json", "config.json"):
             try:
                 data = json.loads((path / name).read_text())

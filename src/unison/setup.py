@@ -22,6 +22,7 @@ from unison.config import DataConfig, ModelConfig, RolloutConfig
 from unison.errors import UserError
 from unison.evaluation import encode_all
 from unison.models import (
+    base_model_dir,
     eos_token_ids,
     load_model,
     load_tokenizer,
@@ -166,19 +167,41 @@ class Setup:
                            seed=self.seed if seed is None else seed, matmul=self.model.matmul,
                            attn_implementation=self.attn_implementation, **kwargs)  # fmt: skip
 
-    def load_model(self, dtype: torch.dtype = torch.float32):
-        return load_model(self.model_dir, device=self.device, dtype=dtype, attn_implementation=self.attn_implementation)
+    @property
+    def adapter(self) -> Path | None:
+        """The model folder when it holds a LoRA adapter (a LoRA run's checkpoint), else None."""
+        from unison.lora import is_adapter
+
+        return self.model_dir if is_adapter(self.model_dir) else None
+
+    def load_model(self, dtype: torch.dtype = torch.float32, base: bool = False):
+        """The checkpoint's model (a LoRA adapter merged into its base); with `base`, an adapter's base alone."""
+        path = base_model_dir(self.model_dir) if base else self.model_dir
+        return load_model(path, device=self.device, dtype=dtype, attn_implementation=self.attn_implementation)
 
     def learner(self, policy, **kwargs):
-        """A learner on a fresh fp32 copy of the checkpoint, with this set-up's pad id and matmul mode."""
+        """A learner on a fresh fp32 copy of the checkpoint, with this set-up's pad id and matmul mode; on a LoRA
+        adapter, its base with the adapter on it, as LoRA training computes."""
         from unison.learner import Learner
 
-        return Learner(self.load_model(), policy, self.device, pad_token_id=self.tokenizer.pad_token_id or 0,
+        if self.adapter is not None and "lora" not in kwargs:
+            from unison.config import LoraConfig
+            from unison.lora import adapter_shape, read_adapter_config
+
+            shape = adapter_shape(read_adapter_config(self.adapter))
+            kwargs.update(lora=LoraConfig(enabled=True, **shape), adapter=self.adapter)
+        model = self.load_model(base=kwargs.get("lora") is not None)
+        return Learner(model, policy, self.device, pad_token_id=self.tokenizer.pad_token_id or 0,
                        matmul=self.model.matmul, **kwargs)  # fmt: skip
 
     def describe(self, engine=None) -> str:
         """The model, its architecture and, given an engine, the decode path it runs for this set-up's prompts."""
         text = f"{self.model.path} ({self.config.model_type}, attention {self.attn_implementation})"
+        if self.adapter is not None:
+            from unison.lora import adapter_base, adapter_shape, read_adapter_config
+
+            shape = adapter_shape(read_adapter_config(self.adapter))
+            text += f" | LoRA adapter (rank {shape['rank']}) on {adapter_base(self.adapter)}"
         if engine is not None:
             what = engine.describe() if hasattr(engine, "describe") else type(engine).__name__
             text += f" | {what}"
@@ -193,9 +216,10 @@ def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtype
     for dtype in dict.fromkeys(dtypes):
         check_dtype_supported(dtype, device)
     model_dir = resolve_model_dir(model.path)
-    config = load_model_config(model_dir)
+    base = base_model_dir(model_dir)  # a LoRA adapter's base model
+    config = load_model_config(base)
     refuse_inexact(config, model_dir)
-    weight_files(model_dir)  # a sharded checkpoint with a shard missing is refused before anything loads
+    weight_files(base)  # a sharded checkpoint with a shard missing is refused before anything loads
     attn = resolve_attn_implementation(config, model.attn_implementation, device)
     tokenizer = load_tokenizer(model_dir)
     stops = eos_token_ids(tokenizer, model_dir)

@@ -35,6 +35,8 @@ from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, Use
 from unison.evaluation import evaluate, score
 from unison.guard import Guard, MismatchGuardStop, advice_for
 from unison.learner import Learner, MicroBatch, lr_factor
+from unison.lora import describe as describe_lora
+from unison.lora import is_adapter, read_adapter
 from unison.mismatch import ExactAccumulator, mismatch_metrics
 from unison.overflow import OverflowGuard
 from unison.precision import PrecisionPolicy, precision_name
@@ -323,12 +325,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
     seed = cfg.run.seed
     torch.manual_seed(seed)
     random.seed(seed)
-    model = s.load_model()
+    lora = cfg.lora.enabled
+    model = s.load_model(base=lora)  # LoRA: the base, adapted by the learner
     out = Path(cfg.run.out)
     latest = ckpt.latest_intact_checkpoint(out) if resume else None
     if latest is not None:
         check_resume_world(latest, world.size)
-    master = ckpt.check_compatible(latest, model) if latest is not None else None
+        check_resume_kind(latest, lora)
+    master = ckpt.check_compatible(latest, model) if latest is not None and not lora else None
     changes = resume_changes(out, to_dict(cfg)) if latest is not None else {}
     if changes and not allow_changes:
         k, (was, now) = next(iter(changes.items()))
@@ -337,6 +341,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
                         "ones")  # fmt: skip
     loggers = resolve_loggers(cfg.run.loggers)
     learner = make_learner(cfg, run, model, world)
+    if latest is not None and lora:  # the saved adapter's fp32 masters
+        names = learner.weights.names
+        master = read_adapter(latest, names, {n: p.shape for n, p in zip(names, learner.weights.params)})
     # each rank samples with its own stream
     with s.engine(run.policy.rollout, seed=seed + world.rank, lm_head=cfg.precision.lm_head) as engine:
         return _train(cfg, run, learner, engine, world, out, resume, overwrite, latest, master, changes, quiet,
@@ -387,6 +394,15 @@ def check_world_settings(cfg: TrainConfig, size: int, device: torch.device) -> N
                         "spreads vLLM over several GPUs)")  # fmt: skip
 
 
+def check_resume_kind(latest: Path, lora: bool) -> None:
+    """A LoRA run resumes from an adapter, a full fine-tuning run from whole weights."""
+    if is_adapter(latest) != lora:
+        saved = "a LoRA adapter" if is_adapter(latest) else "whole weights (full fine-tuning)"
+        raise UserError(f"{latest} holds {saved}, and this run has lora.enabled={str(lora).lower()}; resume with "
+                        f"lora.enabled={str(not lora).lower()} (or start a new run with --overwrite or another "
+                        "run.out)")  # fmt: skip
+
+
 def check_resume_world(latest: Path, size: int) -> None:
     """A run resumes bit-exactly on the number of ranks it was saved with, and on no other."""
     saved = ckpt.checkpoint_world_size(latest)
@@ -427,6 +443,7 @@ def make_learner(cfg: TrainConfig, run: RunInputs, model, world: World = SINGLE)
         loss_scaling=scaling, matmul=cfg.model.matmul, micro_batch_tokens=o.micro_batch_tokens,
         share_prompts=o.share_prompts, reference=cfg.algorithm.kl_coef > 0,
         gradient_checkpointing=cfg.model.gradient_checkpointing, world=world, routing_replay=cfg.moe.routing_replay,
+        lora=cfg.lora if cfg.lora.enabled else None, adapter=run.setup.adapter if cfg.lora.enabled else None,
         scaler_kwargs={"init_scale": p.init_scale, "growth_interval": p.growth_interval, "min_scale": p.min_scale},
     )  # fmt: skip
 
@@ -507,6 +524,7 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
     if not quiet:
         print(f"unison train: {s.describe(engine)} | {run.policy.describe()} | preset {cfg.algorithm.preset} | "
               f"{len(run.train_examples)} prompts | run folder {run_dir}"
+              + (f" | {describe_lora(learner.peft)}" if learner.peft is not None else "")
               + (f" | {world.size} ranks ({world.backend})" if world.distributed else "")
               + (f" | resumed at step {start}" if start else "")
               + (f" | engine self-test {checked['self_test/abs_log_ratio_mean']:.1e} "
@@ -589,7 +607,8 @@ def save(run_dir: Path, step: int, learner: Learner, engine, tokenizer, stream: 
         "guard": guard.state_dict() if guard is not None else {},
     }  # fmt: skip
     try:
-        return ckpt.save_checkpoint(run_dir, step, learner.model, tokenizer, master, trainer_state,
+        model = learner.peft if learner.peft is not None else learner.model  # LoRA: the adapter is saved
+        return ckpt.save_checkpoint(run_dir, step, model, tokenizer, master, trainer_state,
                                     keep=cfg.run.keep_checkpoints,
                                     shard_size=parse_size(cfg.run.shard_size, "run.shard_size"),
                                     rank_states=ranks[1:])  # fmt: skip

@@ -152,7 +152,7 @@ class VLLMEngine:
         `matmul` and `attn_implementation` are settings of the native engine and the learner: vLLM chooses its own
         kernels, so only `auto` and `native` apply, and the attention implementation is vLLM's own.
         """
-        from unison.models import load_tokenizer, resolve_model_dir
+        from unison.models import base_model_dir, load_model, load_tokenizer, resolve_model_dir
 
         if dtype not in VLLM_DTYPES:
             raise UserError(f"the vllm engine cannot run {dtype}; choose fp32, bf16 or fp16")
@@ -162,11 +162,14 @@ class VLLMEngine:
         if matmul == "fp32-accumulate":
             warnings.warn("matmul=fp32-accumulate applies to the native engine only; vLLM uses its own kernels",
                           stacklevel=2)
-        path = resolve_model_dir(model_dir)
+        from unison.lora import is_adapter
+
+        adapter = resolve_model_dir(model_dir)
+        path = base_model_dir(adapter)  # a LoRA adapter: vLLM starts on its base, then takes the merged weights
         config = json.loads((path / "config.json").read_text())
         refuse_unverified(config, torch.device(device))  # before vLLM starts (or is even imported)
         vllm = import_vllm()
-        tok = load_tokenizer(path)
+        tok = load_tokenizer(adapter)
         from vllm.platforms import current_platform
 
         device = torch.device(device)
@@ -184,7 +187,11 @@ class VLLMEngine:
             raise UserError(f"vLLM could not start on {str(path)!r}: {first}") from None
         finally:
             torch.set_num_threads = set_num_threads
-        return cls(llm, dtype, device, seed=seed, pad_token_id=tok.pad_token_id or 0, tokenizer=tok)
+        engine = cls(llm, dtype, device, seed=seed, pad_token_id=tok.pad_token_id or 0, tokenizer=tok)
+        if is_adapter(adapter):
+            merged = load_model(adapter, dtype=dtype)
+            engine.load_weights([(n, p.detach()) for n, p in merged.named_parameters()])
+        return engine
 
     def describe(self) -> str:
         return f"vllm engine, {self.dtype}".replace("torch.", "")

@@ -1,0 +1,286 @@
+"""LoRA through peft: low-rank adapters on a frozen base, synced to the rollout engine as merged weights.
+
+The learner wraps its model with peft's `get_peft_model` (`wrap`): the base weights are frozen and held in the
+train dtype only; the adapters' A and B matrices are the only trainable parameters, so they alone get fp32 master
+weights and optimizer state (`unison.precision.MasterWeights` keeps twins of what requires a gradient). The
+learner's forward is peft's: the base layer, plus scale * B A x through the adapter, both in the train dtype, with
+the adapter's dropout only where lora.dropout asks for it (0 by default: the policy trained is the policy that
+samples).
+
+The rollout engine holds a plain model. Every sync gives it the merged weights (`merged_weights`): for each adapted
+layer W + scale * B A, computed in fp32 from the base as the learner holds it and the adapters' fp32 masters (the
+same operations as peft's merge), then cast to the rollout dtype; every other weight as the learner holds it, cast.
+The engine's checksum is checked against them, as for full fine-tuning.
+
+A LoRA run's checkpoints hold the adapter in peft's format (`adapter_config.json`, whose base_model_name_or_path is
+the base model's folder, and `adapter_model.safetensors`: the fp32 masters). Such a folder is a model path for every
+command: `load_merged` gives the plain model with the adapter merged (the engines, `export`), `Setup.learner` the
+base with the adapter on it (`probe` measures the mismatch as LoRA training has it).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from unison.errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # what peft's files put before the base model's parameter names
+
+
+def is_adapter(path) -> bool:
+    """Whether a folder holds a peft adapter (and not a whole model)."""
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def read_adapter_config(path) -> dict:
+    """An adapter folder's adapter_config.json; a LoRA adapter with a readable base path, or a UserError."""
+    path = Path(path)
+    try:
+        data = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path / ADAPTER_CONFIG} cannot be read ({exc}); re-save the adapter") from None
+    if not isinstance(data, dict) or str(data.get("peft_type", "")).upper() != "LORA":
+        raise UserError(f"{path} holds a {data.get('peft_type') if isinstance(data, dict) else 'broken'} adapter; "
+                        "unison trains and loads LoRA adapters only")  # fmt: skip
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; re-save the adapter")
+    if not data.get("base_model_name_or_path"):
+        raise UserError(f"{path / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path); add the "
+                        "base model's local folder there")  # fmt: skip
+    return data
+
+
+def adapter_base(path) -> Path:
+    """The local folder of the base model an adapter was trained on."""
+    data = read_adapter_config(path)
+    base = Path(data["base_model_name_or_path"]).expanduser()
+    if not base.is_absolute():
+        base = (Path(path) / base).resolve() if (Path(path) / base).exists() else base
+    if not (base / "config.json").is_file():
+        raise UserError(f"the adapter in {str(path)!r} was trained on the base model {str(base)!r}, which is not a "
+                        f"local model folder here; copy the base model there, or set base_model_name_or_path in "
+                        f"{Path(path) / ADAPTER_CONFIG} to its folder")  # fmt: skip
+    return base
+
+
+def adapter_shape(data: dict) -> dict:
+    """What makes two LoRA adapters interchangeable: rank, alpha and the modules adapted."""
+    targets = data.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    return {"rank": int(data.get("r", 0)), "alpha": float(data.get("lora_alpha", 0)),
+            "target_modules": ",".join(sorted(targets))}  # fmt: skip
+
+
+# ---- targets ------------------------------------------------------------------------------------------------------
+def _adaptable(module) -> bool:
+    """A layer peft's LoRA wraps: a linear layer (or GPT-2's Conv1D, a transposed one)."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _dims(module) -> tuple[int, int]:
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if isinstance(module, torch.nn.Linear) else (w.shape[0], w.shape[1])
+
+
+def decoder_linears(model) -> dict[str, list[tuple[str, tuple[int, int]]]]:
+    """The linear layers of the decoder blocks (not the embeddings, the LM head or an MoE router) by their last name:
+    [(full name, (in, out)), ...]. The blocks are found as the repeated layer list (model.layers, h, ...)."""
+    from unison.routing import routers
+
+    skip = {id(r) for r in routers(model)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out: dict[str, list] = {}
+    for name, module in model.named_modules():
+        if not _adaptable(module) or id(module) in skip or module is head:
+            continue
+        parts = name.split(".")
+        if not any(p.isdigit() for p in parts):  # outside the decoder blocks
+            continue
+        out.setdefault(parts[-1], []).append((name, _dims(module)))
+    return out
+
+
+def resolve_targets(model, requested: str) -> list[str]:
+    """The module names (last part of the name, as peft matches them) to adapt: `auto` is every linear layer of the
+    decoder blocks (attention and MLP projections; not an MoE router, whose experts' choice would then be trained);
+    or a comma-separated list, each of which must name such a layer."""
+    found = decoder_linears(model)
+    kind = getattr(getattr(model, "config", None), "model_type", "this")
+    if not found:
+        raise UserError(f"this {kind} model has no linear layers in its decoder blocks for LoRA to adapt; train it "
+                        "without LoRA (lora.enabled=false)")  # fmt: skip
+    if requested.strip().lower() in ("auto", "all-linear", ""):
+        return sorted(found)
+    names = [n.strip() for n in requested.split(",") if n.strip()]
+    for n in names:
+        if n not in found:
+            raise UserError(f"lora.target_modules: {n!r} matches no linear layer of this {kind} model's decoder "
+                            f"blocks; choose among {', '.join(sorted(found))} (or auto)")  # fmt: skip
+    return sorted(set(names))
+
+
+def check_rank(model, targets: list[str], rank: int) -> None:
+    found = decoder_linears(model)
+    if rank < 1:
+        raise UserError(f"lora.rank must be at least 1 (got {rank}); 8 to 64 are usual")
+    for t in targets:
+        for name, (fan_in, fan_out) in found[t]:
+            if rank > min(fan_in, fan_out):
+                raise UserError(f"lora.rank={rank} is larger than the layer {name} ({fan_in} -> {fan_out}): a "
+                                f"rank-{rank} update of it is no low-rank update; use lora.rank <= "
+                                f"{min(fan_in, fan_out)}")  # fmt: skip
+
+
+def wrap(model, rank: int, alpha: float, targets: list[str], dropout: float = 0.0):
+    """peft's LoRA model around `model`, whose `targets` layers it replaces in place by adapted ones: base frozen,
+    A and B trainable (A random, B zero: the model computes what the base did until the first step). `model`
+    itself (`get_base_model()`) then runs the adapters: the learner calls it as it calls any model."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, bias="none")
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question about checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = get_peft_model(model, config, autocast_adapter_dtype=False)
+    base = getattr(model.config, "_name_or_path", "") or ""
+    if base:
+        wrapped.peft_config["default"].base_model_name_or_path = str(Path(base).absolute())
+    return wrapped
+
+
+def set_dropout(model, on: bool) -> None:
+    """The adapters' dropout modules in train mode (on) while everything else stays in eval mode."""
+    for name, module in model.named_modules():
+        if name.split(".")[-2:-1] == ["lora_dropout"]:
+            module.train(on)
+
+
+def describe(wrapped) -> str:
+    """LoRA's rank, targets and share of the parameters trained, in a few words."""
+    c = wrapped.peft_config["default"]
+    trained = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
+    return (f"LoRA rank {c.r}, alpha {c.lora_alpha:g} on {','.join(sorted(c.target_modules))} "
+            f"({trained:,} of {total:,} parameters trained)")  # fmt: skip
+
+
+# ---- weights ------------------------------------------------------------------------------------------------------
+def plain_name(name: str) -> str:
+    """A parameter's name in the adapted model as the plain model names it."""
+    return name.replace(".base_layer.", ".")
+
+
+def merged_weights(model, masters: dict[str, torch.Tensor], dtype: torch.dtype, train: torch.dtype,
+                   fp32: set[str] = frozenset()):
+    """(name, weight) for every parameter of the plain model: W + scale * B A in fp32 for adapted layers (base W as
+    the learner computes with it, in the `train` dtype; A and B from the fp32 `masters` by name), every
+    other weight as the learner holds it; cast to `dtype` (fp32 for the plain names in `fp32`). Sharded tensors are
+    gathered first."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import transpose
+
+    from unison.precision import full_tensor
+
+    adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    out = []
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        plain = plain_name(name)
+        w = full_tensor(p.detach())
+        if plain not in fp32:
+            w = w.to(train)  # (a no-op in one process, where the frozen base is held in the train dtype)
+        owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
+        if owner is not None and name.endswith(".base_layer.weight") and owner in adapted:
+            layer = adapted[owner]
+            a = full_tensor(masters[f"{owner}.lora_A.default.weight"])
+            b = full_tensor(masters[f"{owner}.lora_B.default.weight"])
+            delta = transpose(b @ a, layer.fan_in_fan_out) * layer.scaling["default"]
+            w = w.float() + delta
+        out.append((plain, w.to(torch.float32 if plain in fp32 else dtype)))
+    return out
+
+
+def saved_name(name: str) -> str:
+    """An adapter parameter's name (in the adapted model) as adapter_model.safetensors stores it."""
+    return PREFIX + name.replace(".default.", ".")
+
+
+def read_adapter(path, names: list[str], shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """An adapter folder's fp32 weights under the learner's parameter names `names`; an adapter of another shape
+    is a UserError."""
+    from safetensors.torch import load_file
+
+    stored = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    out = {}
+    for n in names:
+        key = saved_name(n)
+        if key not in stored:
+            raise UserError(f"the adapter in {str(path)!r} has no {key}: it adapts other layers than lora.* asks for")
+        if tuple(stored[key].shape) != tuple(shapes[n]):
+            raise UserError(f"the adapter in {str(path)!r} holds {key} in shape {tuple(stored[key].shape)}, not "
+                            f"{tuple(shapes[n])}: it was trained with another lora.rank")  # fmt: skip
+        out[n] = stored[key].float()
+    extra = set(stored) - {saved_name(n) for n in names}
+    if extra:
+        raise UserError(f"the adapter in {str(path)!r} adapts layers lora.* does not ask for (such as "
+                        f"{sorted(extra)[0]}); set lora.target_modules to the adapter's")  # fmt: skip
+    return out
+
+
+def save_adapter(folder: Path, config, masters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
+    """The adapter in peft's format into `folder`: adapter_config.json (peft's LoraConfig `config`) and
+    adapter_model.safetensors (`masters`, by their names in the adapted model, cast to `dtype`)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    config.save_pretrained(str(folder))
+    save_file({saved_name(n): t.detach().to(dtype).cpu().contiguous() for n, t in masters.items()},
+              str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # fmt: skip
+
+
+def check_same_shape(path, rank: int, alpha: float, targets: list[str]) -> None:
+    """Training goes on with the adapter in `path` only if lora.* asks for one of its shape."""
+    have = adapter_shape(read_adapter_config(path))
+    want = {"rank": rank, "alpha": float(alpha), "target_modules": ",".join(sorted(targets))}
+    if have != want:
+        key = next(k for k in want if want[k] != have[k])
+        raise UserError(f"model.path {str(path)!r} holds a LoRA adapter with {key} {have[key]!r}, and lora.* asks "
+                        f"for {want[key]!r}: to go on training it, set lora.rank={have['rank']} "
+                        f"lora.alpha={have['alpha']:g} lora.target_modules={have['target_modules']}; to train a new "
+                        "adapter on it, export it merged first (unison export PATH --out DIR) and train on DIR")
+        # fmt: skip
+
+
+def load_merged(path, device="cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "auto"):
+    """The base model of an adapter folder with the adapter merged in (peft's merge, in fp32), cast to `dtype`: a
+    plain model."""
+    from peft import PeftModel
+
+    from unison.models import load_model
+    from unison.precision import cast_module
+
+    base = load_model(adapter_base(path), dtype=torch.float32, attn_implementation=attn_implementation)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            merged = PeftModel.from_pretrained(base, str(path), is_trainable=False).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise UserError(f"cannot load the adapter in {str(path)!r} onto its base model: "
+                        f"{str(exc).splitlines()[0]}; re-save the adapter") from None  # fmt: skip
+    for name, p in merged.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(f"{str(path)!r}: the merged weight {name} holds NaN or inf values; use another "
+                            "checkpoint")  # fmt: skip
+    cast_module(merged, dtype)
+    return merged.to(device).eval()
