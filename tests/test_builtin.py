@@ -47,3 +47,18 @@ def test_warm_start_answer_noise():
     noisy = [training_response(task, ex, rng, 0.5) for _ in range(200)]
     assert set(noisy) == {task.reference(ex), "47,38,29,20,11,2\n#11"}
     assert 60 < sum(r == task.reference(ex) for r in noisy) < 140
+
+
+def test_the_builtin_moe_model_is_a_warm_started_qwen3_moe():
+    from unison.models import load_model, resolve_model_dir
+    from unison.routing import routers
+
+    path = resolve_model_dir("builtin-moe")
+    model = load_model(path)
+    assert model.config.model_type == "qwen3_moe" and len(routers(model)) == model.config.num_hidden_layers
+    task, tok = CountdownTask(), load_tokenizer(path)
+    engine = NativeEngine(model, torch.float32, "cpu", seed=0)
+    examples = task.examples("test", n=64, seed=0)
+    res = evaluate(engine, task, tok, examples, encode_all(tok, examples, "plain"),
+                   SamplingParams(256, 1.0, stop_token_ids=(1,)), n=1)  # fmt: skip
+    assert 0.10 <= res["avg@1"] <= 0.75, res["avg@1"]

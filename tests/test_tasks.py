@@ -243,6 +243,20 @@ def test_file_task_answer_optional(tmp_path):
 def test_load_task_builtin():
     assert isinstance(load_task("builtin"), CountdownTask)
     assert isinstance(load_task("countdown"), CountdownTask)
+    assert load_task("countdown-long").name == "countdown-long"
+
+
+def test_countdown_long_responses_run_from_300_to_1500_tokens():
+    from unison.models import build_tokenizer
+
+    task, tok = load_task("countdown-long"), build_tokenizer()
+    train, test = task.all_examples("train"), task.all_examples("test")
+    assert len(train) > 1000 and test and not {e.prompt for e in train} & {e.prompt for e in test}
+    lengths = [len(tok(task.reference(e), add_special_tokens=False).input_ids) + 1 for e in train]  # with EOS
+    assert 300 <= min(lengths) and max(lengths) <= 1500
+    assert max(int(e.prompt.split("-")[0]) for e in train) < 1000  # the same arithmetic: three digits at most
+    ex = train[0]
+    assert task.reward(task.reference(ex), ex, True) == 1.0
     with pytest.raises(UserError, match="own reward"):
         load_task("builtin", reward="math")
 

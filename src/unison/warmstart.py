@@ -13,7 +13,9 @@ deterministic for a seed on one machine:
 
 The result is a model in the paper's starting situation: it can solve the task and does so some of the time (the
 sampled accuracy lands between 10% and 60%), and RL has a consistent signal to learn from. It is the checkpoint
-shipped in `unison/assets/countdown-tiny`.
+shipped in `unison/assets/countdown-tiny`; `--arch qwen3-moe` makes its mixture-of-experts variant
+(`unison/assets/countdown-tiny-moe`, `builtin-moe`), and `--long` goes on from it on the long-response variant
+(`countdown-long`, a context of 2048 positions).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from unison.models import BUILTIN_DIR, build_tokenizer, random_model, save_model
 from unison.rollout.base import SamplingParams
 from unison.rollout.native import NativeEngine
-from unison.tasks.countdown import CountdownTask, chain, parse_prompt
+from unison.tasks.countdown import LONG, CountdownTask, chain, parse_prompt
 
 
 def training_response(task, ex, rng: random.Random, answer_noise: float) -> str:
@@ -59,24 +61,48 @@ def sft_batch(tokenizer, texts: list[tuple[str, str]], device):
 
 
 @torch.no_grad()
-def sampled_accuracy(model, tokenizer, task, examples, seed: int) -> tuple[float, float]:
+def sampled_accuracy(model, tokenizer, task, examples, seed: int, max_new_tokens: int = 256) -> tuple[float, float]:
     """(answer accuracy, chain accuracy) of responses sampled at temperature 1, one per prompt."""
-    engine = NativeEngine(random_model(seed=seed), torch.float32, "cpu", seed=seed, pad_token_id=tokenizer.pad_token_id)
-    engine.load_weights(model.named_parameters())
+    import copy
+
+    engine = NativeEngine(copy.deepcopy(model), torch.float32, "cpu", seed=seed, pad_token_id=tokenizer.pad_token_id)
     prompts = [tokenizer(e.prompt, add_special_tokens=False).input_ids for e in examples]
-    ro = engine.generate(prompts, SamplingParams(max_new_tokens=256, stop_token_ids=(tokenizer.eos_token_id,)))
+    ro = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens,
+                                                 stop_token_ids=(tokenizer.eos_token_id,)))  # fmt: skip
     texts = tokenizer.batch_decode(ro.responses(), skip_special_tokens=True)
     answers = [task.reward(t, e, bool(f)) for t, e, f in zip(texts, examples, ro.finished.tolist())]
     chains = [t.split("\n")[0] == task.reference(e).split("\n")[0] for t, e in zip(texts, examples)]
     return sum(answers) / len(answers), sum(chains) / len(chains)
 
 
+# the mixture-of-experts variant of the built-in model (`--arch qwen3-moe`): the built-in model's attention and
+# size, each dense MLP replaced by 4 experts of a third of its width, 2 chosen per token (two thirds of its active
+# MLP compute per token)
+MOE_CONFIG = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                  max_position_embeddings=1024, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                  intermediate_size=384, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+                  initializer_range=0.02, tie_word_embeddings=True)  # fmt: skip
+
+
+def initial_model(arch: str, seed: int):
+    """The random-initialised model a warm start begins from: the built-in Qwen2, or its MoE variant."""
+    if arch == "qwen2":
+        return random_model(seed=seed)
+    from unison.archs import tiny_model
+
+    return tiny_model(arch, seed=seed, **MOE_CONFIG)
+
+
 def warm_start(out: Path, seed: int = 0, target: float = 0.35, phase2_steps: int = 600, answer_noise: float = 0.5,
                batch_size: int = 32, lr: float = 3e-3, phase2_lr: float = 1e-3, max_steps: int = 3000,
-               eval_every: int = 50, eval_prompts: int = 64, init: Path | None = None, log=print) -> dict:
+               eval_every: int = 50, eval_prompts: int = 64, init: Path | None = None, log=print,
+               arch: str = "qwen2", long: bool = False, start: Path | None = None) -> dict:
+    """The two phases (see the module docstring); `long`: on the long-response variant (`countdown-long`), with a
+    context of 2048 positions; `start`: phase 1 begins from this checkpoint's weights instead of a random model."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    task = CountdownTask()
+    task = CountdownTask(**LONG) if long else CountdownTask()
+    max_new_tokens = 1600 if long else 256
     train = task.examples("train", seed=seed)
     probe = task.examples("train", n=eval_prompts, seed=seed + 1)
     t0 = time.time()
@@ -100,7 +126,7 @@ def warm_start(out: Path, seed: int = 0, target: float = 0.35, phase2_steps: int
                 raise RuntimeError("warm start diverged")
             if step % eval_every == 0 or step == steps:
                 model.eval()
-                acc, chain_acc = sampled_accuracy(model, tokenizer, task, probe, seed)
+                acc, chain_acc = sampled_accuracy(model, tokenizer, task, probe, seed, max_new_tokens)
                 model.train()
                 history.append((step, loss.item(), acc, chain_acc))
                 log(f"step {step}  loss {loss.item():.4f}  sampled accuracy {acc:.3f}  chain {chain_acc:.3f}  "
@@ -111,7 +137,15 @@ def warm_start(out: Path, seed: int = 0, target: float = 0.35, phase2_steps: int
         return step, acc, chain_acc
 
     if init is None:
-        model = random_model(seed=seed)
+        if start is not None:
+            from unison.models import load_model
+
+            model = load_model(start)
+        else:
+            model = initial_model(arch, seed)
+        if long:  # responses of up to 1,500 tokens after a prompt
+            model.config.max_position_embeddings = 2048
+            tokenizer.model_max_length = 2048
         phase1 = run_phase(model, max_steps, lr, 0.0, target, random.Random(seed))
     else:  # phase 1 done before (its output saved at `init`)
         from unison.models import load_model
@@ -130,9 +164,22 @@ def main(argv=None) -> None:
     ap.add_argument("--phase2-steps", type=int, default=600)
     ap.add_argument("--answer-noise", type=float, default=0.5)
     ap.add_argument("--init", default=None, help="skip phase 1: start phase 2 from this checkpoint (phase 1's output)")
+    ap.add_argument("--arch", default="qwen2", choices=("qwen2", "qwen3-moe", "qwen2-moe", "mixtral"),
+                    help="qwen2: the built-in model; an MoE family: its variant with 4 experts, 2 per token")
+    ap.add_argument("--long", action="store_true", help="the long-response variant (countdown-long), from --start")
+    ap.add_argument("--start", default=None, help="phase 1 begins from this checkpoint (default: a random model; "
+                    "with --long: the built-in model)")  # fmt: skip
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-steps", type=int, default=3000, help="phase 1 stops here at the latest")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--phase2-lr", type=float, default=1e-3)
     args = ap.parse_args(argv)
+    start = args.start or (str(BUILTIN_DIR) if args.long else None)
     result = warm_start(Path(args.out), seed=args.seed, target=args.target, phase2_steps=args.phase2_steps,
-                        answer_noise=args.answer_noise, init=Path(args.init) if args.init else None)  # fmt: skip
+                        answer_noise=args.answer_noise, init=Path(args.init) if args.init else None,
+                        arch=args.arch, long=args.long, start=Path(start) if start else None,
+                        batch_size=args.batch_size, lr=args.lr, phase2_lr=args.phase2_lr,
+                        max_steps=args.max_steps)  # fmt: skip
     print(f"saved {args.out}: {result}")
 
 

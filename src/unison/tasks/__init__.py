@@ -10,7 +10,7 @@ from unison.tasks.base import Example, Task
 
 __all__ = ["Example", "Task", "load_task", "BUILTIN_TASKS"]
 
-BUILTIN_TASKS = ("builtin", "countdown")
+BUILTIN_TASKS = ("builtin", "countdown", "countdown-long")
 
 
 def load_task(
@@ -22,7 +22,8 @@ def load_task(
     test_path: str | Path | None = None,
     require_answer: bool = True,
 ) -> Task:
-    """The built-in countdown task (`builtin` or `countdown`) or a `FileTask` over a JSONL/Parquet prompt file.
+    """The built-in countdown task (`builtin` or `countdown`; `countdown-long`: its long-response variant) or a
+    `FileTask` over a JSONL/Parquet prompt file.
 
     `reward` (default `math` for files) picks a file task's reward; the built-in task has its own.
     """
@@ -32,9 +33,9 @@ def load_task(
                 f"the built-in countdown task has its own reward, so reward={reward!r} cannot be used with it; "
                 "drop the reward setting or give a prompt file (.jsonl or .parquet)"
             )
-        from unison.tasks.countdown import CountdownTask
+        from unison.tasks.countdown import LONG, CountdownTask
 
-        return CountdownTask()
+        return CountdownTask(**LONG) if str(source) == "countdown-long" else CountdownTask()
     from unison.tasks.files import FileTask
 
     return FileTask(

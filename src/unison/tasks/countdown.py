@@ -5,9 +5,11 @@
     answer:    47 mod 9 = 2
 
 The chain is 4 to 40 numbers long, so responses run from about 15 to about 170 tokens with the built-in byte-level
-tokenizer (the train-inference mismatch grows with length). The reward is 1 when the number after the last "#"
-equals the answer and the response ended with EOS, else 0. Prompts are drawn by a seeded generator; a fixed hash of
-(start, step) puts one prompt in five into the `test` split, so held-out prompts never appear in training.
+tokenizer (the train-inference mismatch grows with length). The long variant (`countdown-long`, `LONG`) counts down
+in steps of 2 or 3 through 90 to 333 numbers of at most three digits: responses of about 300 to 1,300 tokens. The
+reward is 1 when the number after the last "#" equals the answer and the response ended with EOS, else 0. Prompts
+are drawn by a seeded generator; a fixed hash of (start, step) puts one prompt in five into the `test` split, so
+held-out prompts never appear in training.
 """
 
 from __future__ import annotations
@@ -84,3 +86,7 @@ class CountdownTask:
     def reference(self, example: Example) -> str:
         """The correct response for a prompt (used by the supervised warm start)."""
         return solution(*parse_prompt(example.prompt))
+
+
+# the long-response variant: the same arithmetic (numbers of at most three digits), chains of 90 to 370 numbers
+LONG = dict(min_step=2, max_step=3, min_len=90, max_len=333, name="countdown-long")
