@@ -175,3 +175,19 @@ def test_training_goes_on_from_a_saved_adapter_of_the_same_shape(tiny_dir, tmp_p
     for n, p in learner.weights.named_master():
         assert torch.equal(p, stored["base_model.model." + n.replace(".default.", ".")]), n
     train(tiny_cfg(first, tmp_path / "b", **extra), quiet=True)
+
+
+def test_adapter_dropout_only_where_asked(tiny_dir):
+    r = _group_rollouts([12, 9], group=2, T=8)
+    for dropout, same in ((0.0, True), (0.5, False)):
+        from unison.models import load_model
+
+        learner = Learner(load_model(tiny_dir), FP32, "cpu", matmul="native",
+                          lora=LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=dropout))  # fmt: skip
+        with torch.no_grad():  # B != 0: the adapters' input reaches the output
+            for n, p in learner.model.named_parameters():
+                if ".lora_B." in n:
+                    p.fill_(0.05)
+        a, b = learner.recompute(r), learner.recompute(r)
+        assert torch.equal(a, b) == same
+        assert not any(m.training for n, m in learner.model.named_modules() if "lora_dropout" not in n)

@@ -310,8 +310,6 @@ class Learner:
         # base frozen, the adapters alone trainable (so alone with fp32 masters); `peft` keeps peft's wrapper
         self.peft = self._adapt(model, lora, adapter) if lora is not None else None
         self.model = model.to(self.device).eval()
-        if lora is not None and lora.dropout > 0:
-            set_dropout(self.model, True)
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
         self.matmul = matmul_mode(matmul, self.device, policy.train)
@@ -357,6 +355,8 @@ class Learner:
         self.scaler = LossScaler(enabled=enabled, **(scaler_kwargs or {}))
         self.max_grad_norm = max_grad_norm
         self.pad_token_id = pad_token_id
+        if lora is not None and lora.dropout > 0:  # the adapters' dropout alone in train mode (after LogitsAt's probe)
+            set_dropout(self.model, True)
 
     @staticmethod
     def _adapt(model, lora, adapter):

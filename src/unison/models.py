@@ -24,10 +24,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 BUILTIN = "builtin"
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_DIR = ASSETS / "countdown-tiny"
-# its mixture-of-experts variant (a Qwen3-MoE of the same size, 4 experts, 2 per token), warm-started the same way:
-# `python -m unison.warmstart --arch qwen3-moe --out src/unison/assets/countdown-tiny-moe`
-BUILTIN_MOE = "builtin-moe"
-BUILTIN_MOE_DIR = ASSETS / "countdown-tiny-moe"
+# the shipped warm starts by name (`model.path`), with the command that rebuilds each: the built-in model; its
+# mixture-of-experts variant (a Qwen3-MoE of the same size, 4 experts, 2 per token); and the built-in model taken on
+# to the long-response task (`countdown-long`, a context of 2048 positions)
+BUILTINS = {
+    BUILTIN: (BUILTIN_DIR, "python -m unison.warmstart"),
+    "builtin-moe": (ASSETS / "countdown-tiny-moe",
+                    "python -m unison.warmstart --arch qwen3-moe --out src/unison/assets/countdown-tiny-moe"),
+    "builtin-long": (ASSETS / "countdown-tiny-long", "python -m unison.warmstart --long --batch-size 8 --lr 1e-3 "
+                     "--phase2-lr 5e-4 --target 0.25 --phase2-steps 200 --out src/unison/assets/countdown-tiny-long"),
+}  # fmt: skip
 
 PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, EOS, UNK, "<|im_start|>", "<|im_end|>"]
@@ -90,18 +96,15 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
 
 
 def resolve_model_dir(name: str | Path) -> Path:
-    """`builtin` (or empty) and `builtin-moe` to the shipped checkpoints; otherwise a local checkpoint directory (or
+    """A shipped model's name (`BUILTINS`; empty: `builtin`) to its folder; otherwise a local checkpoint directory (or
     a LoRA adapter's), checked."""
-    if name in (None, "", BUILTIN):
-        if not (BUILTIN_DIR / "config.json").exists():
-            raise UserError(f"the built-in model is missing from {BUILTIN_DIR}; "
-                            "rebuild it with: python -m unison.warmstart")
-        return BUILTIN_DIR
-    if name == BUILTIN_MOE:
-        if not (BUILTIN_MOE_DIR / "config.json").exists():
-            raise UserError(f"the built-in MoE model is missing from {BUILTIN_MOE_DIR}; rebuild it with: python -m "
-                            f"unison.warmstart --arch qwen3-moe --out {BUILTIN_MOE_DIR}")  # fmt: skip
-        return BUILTIN_MOE_DIR
+    if name in (None, ""):
+        name = BUILTIN
+    if isinstance(name, str) and name in BUILTINS:
+        folder, command = BUILTINS[name]
+        if not (folder / "config.json").exists():
+            raise UserError(f"the shipped model {name!r} is missing from {folder}; rebuild it with: {command}")
+        return folder
     path = Path(name).expanduser()
     if not path.exists():
         raise UserError(f"model directory {str(path)!r} does not exist; "
