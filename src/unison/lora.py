@@ -267,8 +267,7 @@ def load_merged(path, device="cpu", dtype: torch.dtype = torch.float32, attn_imp
     plain model."""
     from peft import PeftModel
 
-    from unison.models import load_model
-    from unison.precision import cast_module
+    from unison.models import finish_loading, load_model
 
     base = load_model(adapter_base(path), dtype=torch.float32, attn_implementation=attn_implementation)
     try:
@@ -278,9 +277,4 @@ def load_merged(path, device="cpu", dtype: torch.dtype = torch.float32, attn_imp
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise UserError(f"cannot load the adapter in {str(path)!r} onto its base model: "
                         f"{str(exc).splitlines()[0]}; re-save the adapter") from None  # fmt: skip
-    for name, p in merged.named_parameters():
-        if not torch.isfinite(p).all():
-            raise UserError(f"{str(path)!r}: the merged weight {name} holds NaN or inf values; use another "
-                            "checkpoint")  # fmt: skip
-    cast_module(merged, dtype)
-    return merged.to(device).eval()
+    return finish_loading(merged, path, device, dtype)

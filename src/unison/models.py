@@ -210,7 +210,6 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from unison.precision import cast_module
 
     path = resolve_model_dir(model_dir)
     from unison.lora import is_adapter, load_merged
@@ -235,6 +234,14 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise UserError(f"{str(path)!r} {what} {found[0]}{more} that its config.json calls for; re-save the "
                             "checkpoint, or fix config.json to match its weights")  # fmt: skip
+    return finish_loading(model, path, device, dtype)
+
+
+def finish_loading(model, path, device, dtype: torch.dtype):
+    """A loaded fp32 model checked for NaN/inf weights (a UserError naming the first), cast to `dtype`, on `device`,
+    in eval mode."""
+    from unison.precision import cast_module
+
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise UserError(f"{str(path)!r}: weight {name} holds NaN or inf values; use another checkpoint (a run's "
