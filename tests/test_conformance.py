@@ -12,8 +12,8 @@ import torch
 from unison.archs import ARCHS, save_tiny, tiny_model
 from unison.conformance import MAX_TOL, MEAN_TOL, default_prompts, measure, reference_logprobs
 
-FAST = {"qwen2", "qwen2-window", "qwen3", "llama", "llama-untied", "llama3-rope",
-        "mistral-window"}  # the rest: own forward
+FAST = {"qwen2", "qwen2-window", "qwen3", "llama", "llama-untied", "llama3-rope", "mistral-window",
+        "qwen2-moe", "qwen3-moe", "mixtral"}  # the rest: own forward
 WINDOWED = {"qwen2-window", "mistral-window", "gemma2", "gemma3"}
 TRANSFORMS = {"cohere", "granite", "gemma2", "gemma3"}  # logit scale, logit divisor, final softcap
 REWARDS = Path(__file__).parent / "reward_fixture.py"

@@ -185,6 +185,98 @@ def test_fallback_path_matches_fast_path(tiny_dir):
     assert torch.equal(fast.response_ids, slow.response_ids)
 
 
+# ---- mixture-of-experts models on the fast path ---------------------------------------------------------------
+# the three MoE families, a Qwen2-MoE with a dense layer among its sparse ones (`mlp_only_layers`), and a Mixtral
+# with an 8-token window on every layer
+MOE_CASES = [("qwen2-moe", {}), ("qwen3-moe", {}), ("mixtral", {}),
+             ("qwen2-moe", {"num_hidden_layers": 3, "mlp_only_layers": [1]}), ("mixtral", {"sliding_window": 8})]
+MOE_IDS = ["qwen2-moe", "qwen3-moe", "mixtral", "qwen2-moe-dense-layer", "mixtral-window"]
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "layered"])
+@pytest.mark.parametrize(("name", "overrides"), MOE_CASES, ids=MOE_IDS)
+def test_moe_families_take_the_fast_path_with_their_blocks_called_as_modules(name, overrides, flat, monkeypatch):
+    # sparse layers are not packed; the MoE block (router, experts, shared expert) runs as the model's module on
+    # the prefill and on every decode step, in both step variants; a dense layer is packed as a dense family's
+    from unison.archs import tiny_model
+    from unison.rollout.native import DecodeWeights, _StaticDecode
+
+    eng = NativeEngine(tiny_model(name, **overrides), torch.float32, "cpu", seed=0)
+    assert eng.decode_path() == ("fast", "")
+    layers = eng.model.model.layers
+    sparse = [hasattr(layer.mlp, "experts") for layer in layers]
+    assert sparse == [i not in overrides.get("mlp_only_layers", []) for i in range(len(layers))]
+    packed = DecodeWeights(eng.model, eng.compute_dtype).layers
+    assert [w["sparse"] for w in packed] == sparse
+    assert all((w["gate_up"] is None) == s and (w["down"] is None) == s for w, s in zip(packed, sparse))
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    init = _StaticDecode.__init__
+
+    def layered(self, *a, **k):
+        init(self, *a, **k)
+        self.flat = None
+
+    if not flat:
+        monkeypatch.setattr(_StaticDecode, "__init__", layered)
+    eng.generate(PROMPTS, SamplingParams(max_new_tokens=6, stop_token_ids=()))
+    assert calls == [1 + 5 if s else 0 for s in sparse], calls  # the prefill, then 5 steps
+
+
+@pytest.mark.parametrize(("name", "overrides"), MOE_CASES, ids=MOE_IDS)
+def test_moe_fast_path_equals_the_models_own_forward_in_every_layout(name, overrides, monkeypatch):
+    # fp32, both step variants: rows of other prompt lengths (left padding), identical prompts (one prefill), rows
+    # dropped; log-probs against the model's own forward, and against the fallback's sampling the same tokens
+    from unison.archs import tiny_model
+    from unison.conformance import MAX_TOL, MEAN_TOL, reference_logprobs
+    from unison.rollout.native import _StaticDecode
+
+    prompts = [list(range(5, 5 + n)) for n in (3, 9, 14, 6)] * 2
+    init = _StaticDecode.__init__
+
+    def layered(self, *a, **k):
+        init(self, *a, **k)
+        self.flat = None
+
+    for flat in (True, False):
+        if not flat:
+            monkeypatch.setattr(_StaticDecode, "__init__", layered)
+        eng = NativeEngine(tiny_model(name, **overrides), torch.float32, "cpu", seed=2)
+        r = eng.generate(prompts, SamplingParams(max_new_tokens=20, stop_token_ids=tuple(range(100, 120))))
+        d = (r.logprobs - reference_logprobs(tiny_model(name, **overrides), r)).abs()[r.mask]
+        assert d.mean() <= MEAN_TOL and d.max() <= MAX_TOL and r.lengths.max() > 8, (flat, d.mean(), d.max())
+        assert (r.lengths < 20).sum() >= 2  # some rows stopped early: the batch was compacted
+        p = SamplingParams(max_new_tokens=16, stop_token_ids=())  # no row dropped: both paths draw alike
+        fast = NativeEngine(tiny_model(name, **overrides), torch.float32, "cpu", seed=3).generate(prompts, p)
+        slow_engine = NativeEngine(tiny_model(name, **overrides), torch.float32, "cpu", seed=3)
+        slow_engine.forced_fallback = "tested"
+        slow = slow_engine.generate(prompts, p)
+        assert torch.equal(fast.response_ids, slow.response_ids)
+        assert (fast.logprobs - slow.logprobs).abs().mean() <= MEAN_TOL
+
+
+@pytest.mark.parametrize("matmul", ["native", "fp32-accumulate"])
+@pytest.mark.parametrize("name", ["qwen2-moe", "qwen3-moe", "mixtral"])
+def test_moe_fast_path_mismatch_in_fp16_bf16_is_finite_and_within_the_dense_band(name, matmul):
+    # the layer-by-layer step (native fp16/bf16 kernels) and the flat one (fp32-accumulate): the engine-learner
+    # mismatch is above fp32's and inside the band a run's self-test allows every family (`SELF_TEST_BANDS`), which
+    # the dense families' fast path meets
+    from unison.archs import tiny_model
+    from unison.conformance import SELF_TEST_BANDS, default_prompts
+
+    prompts = [p for seed in range(3) for p in default_prompts(seed)]
+    gaps = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        eng = NativeEngine(tiny_model(name), dtype, "cpu", seed=0, matmul=matmul)
+        assert eng.decode_path() == ("fast", "")
+        r = eng.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=()))
+        lr = Learner(tiny_model(name), PrecisionPolicy(dtype, dtype), "cpu", matmul=matmul)
+        gaps[dtype] = float((lr.recompute(r) - r.logprobs).abs()[r.mask].mean())
+    for dtype in (torch.float16, torch.bfloat16):
+        assert gaps[torch.float32] < gaps[dtype] < SELF_TEST_BANDS[dtype], gaps
+
+
 def _random_qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 

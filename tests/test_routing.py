@@ -1,5 +1,7 @@
-"""The routing mismatch of MoE models: expert-set flips and router-probability gaps by hand, the engine's and the
-learner's recorded decisions agreeing in fp32, and a 2-step train of each MoE architecture in each precision."""
+"""The routing mismatch of MoE models: expert-set flips and router-probability gaps by hand, the engine's (on its fast
+path, identical prompts prefilled once and finished rows dropped) and the learner's recorded decisions agreeing in
+fp32, the fast path recording what the fallback records, and a 2-step train of each MoE architecture in each
+precision."""
 
 from __future__ import annotations
 
@@ -48,8 +50,12 @@ def test_engine_and_learner_route_alike_in_fp32(arch, tmp_path):
     f32 = torch.float32
     learner = Learner(load_model(d, device="cpu", dtype=f32), PrecisionPolicy(f32, f32), "cpu")
     engine = NativeEngine(load_model(d, device="cpu", dtype=f32), f32, "cpu", seed=0)
-    ro = engine.generate([tok("hello world")["input_ids"], tok("a b")["input_ids"]] * 3,
-                         SamplingParams(max_new_tokens=12), keep_routing=True)  # fmt: skip
+    assert engine.decode_path() == ("fast", "")
+    # identical prompts (one prefill for each), and rows that stop early (dropped from the batch)
+    ro = engine.generate([tok("hello world")["input_ids"], tok("a b")["input_ids"]] * 4,
+                         SamplingParams(max_new_tokens=12, stop_token_ids=tuple(range(60, 140))),
+                         keep_routing=True)  # fmt: skip
+    assert (ro.lengths < ro.lengths.max()).sum() >= 2
     logits, idx = ro.routing
     layers = engine.model.config.num_hidden_layers
     assert logits.shape[:3] == (*ro.response_ids.shape, layers)
@@ -58,6 +64,29 @@ def test_engine_and_learner_route_alike_in_fp32(arch, tmp_path):
     m = routing_metrics(logits, idx, *theirs, ro.mask)
     assert m["routing_flip_frac"] == 0.0 and m["router_prob_gap"] < 1e-6
     torch.testing.assert_close(theirs[0][ro.mask], logits[ro.mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_the_fast_path_records_what_the_fallback_records(arch):
+    # greedy, so both paths decode the same tokens; rows of other lengths, identical prompts, rows dropped
+    from unison.archs import tiny_model
+    from unison.rollout.base import SamplingParams
+    from unison.rollout.native import NativeEngine
+
+    prompts = [list(range(5, 5 + n)) for n in (3, 9, 14, 6)] * 3
+    p = SamplingParams(max_new_tokens=24, temperature=0.0, stop_token_ids=tuple(range(60, 120)))
+    out = {}
+    for path in ("fast", "fallback"):
+        eng = NativeEngine(tiny_model(arch), torch.float32, "cpu", seed=0)
+        eng.forced_fallback = "tested" if path == "fallback" else ""
+        assert eng.decode_path()[0] == path
+        out[path] = eng.generate(prompts, p, keep_routing=True)
+    fast, slow = out["fast"], out["fallback"]
+    assert torch.equal(fast.response_ids, slow.response_ids) and len(set(fast.lengths.tolist())) > 1
+    m = fast.mask
+    assert fast.routing[0].shape == slow.routing[0].shape and torch.equal(fast.routing[1][m], slow.routing[1][m])
+    torch.testing.assert_close(fast.routing[0][m], slow.routing[0][m], atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(fast.replay, slow.replay))
 
 
 @pytest.mark.parametrize("replay", [False, True])

@@ -25,12 +25,33 @@ def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 class RoutingRecorder:
     """Records each router's logits and chosen experts while the model runs: `calls[i]` holds, for router i, one
-    (logits [N, E] fp32, indices [N, k]) per forward, N the tokens of that forward in row-major order."""
+    (logits [N, E] fp32, indices [N, k]) per forward, N the tokens of that forward in row-major order.
+
+    A caller whose forwards do not run every row of its batch in order (the native engine's fast path: identical
+    prompts prefilled once, finished rows dropped) appends to `sources`, for each forward, None (every row, in order)
+    or a [rows] tensor: the row of that forward's batch holding each row, -1 where the row was not run. `by_row`
+    gives the calls laid out as if every forward had run every row."""
 
     def __init__(self, model: torch.nn.Module):
         self.routers = routers(model)
         self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.routers]
+        self.sources: list[torch.Tensor | None] = []
         self.handles = []
+
+    def by_row(self, rows: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """`calls` with each forward's records for all `rows` rows in row order ([rows * S, E] and [rows * S, k]):
+        a row that forward did not run gets logits 0 and expert 0."""
+        out = []
+        for per_router in self.calls:
+            laid = []
+            for f, (logits, idx) in enumerate(per_router):
+                source = self.sources[f] if f < len(self.sources) else None
+                if source is not None:
+                    n = len(logits) // (int(source.max()) + 1)  # tokens per row of that forward
+                    logits, idx = (_gather_rows(x, source.to(x.device), n) for x in (logits, idx))
+                laid.append((logits, idx))
+            out.append(laid)
+        return out
 
     def __enter__(self) -> RoutingRecorder:
         for i, r in enumerate(self.routers):
@@ -45,6 +66,13 @@ class RoutingRecorder:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _gather_rows(x: torch.Tensor, source: torch.Tensor, per_row: int) -> torch.Tensor:
+    """x [n * per_row, C] (n rows of a forward) -> [len(source) * per_row, C]: row i is x's row source[i], zeros
+    where source[i] is -1."""
+    rows = x.view(-1, per_row, x.shape[-1])[source.clamp(min=0)]
+    return rows.masked_fill((source < 0)[:, None, None], 0).view(-1, x.shape[-1])
 
 
 def flips(idx_a: torch.Tensor, idx_b: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -98,14 +126,15 @@ def _summary(flip: torch.Tensor, gap: torch.Tensor) -> dict[str, float]:
 
 
 def prefill_experts(calls: list[list[tuple[torch.Tensor, torch.Tensor]]], rows: int) -> torch.Tensor:
-    """The experts each router chose for every prompt position of a fallback decode's prefill: [rows, P, L, k]."""
+    """The experts each router chose for every prompt position of a decode's prefill: [rows, P, L, k] (calls in
+    row order: `RoutingRecorder.by_row`)."""
     return torch.stack([per_router[0][1].view(rows, -1, per_router[0][1].shape[-1]) for per_router in calls], 2)
 
 
 def stack_decode(calls: list[list[tuple[torch.Tensor, torch.Tensor]]], rows: int, steps: int):
-    """The engine's records of a fallback decode (a prefill of [rows, P] tokens, then one token per row per step)
-    as (logits [rows, steps, L, E], indices [rows, steps, L, k]): position t is the router's decision on the token
-    fed at step t (t = 0: the last prompt token)."""
+    """The engine's records of a decode (a prefill of [rows, P] tokens, then one token per row per step; calls in
+    row order: `RoutingRecorder.by_row`) as (logits [rows, steps, L, E], indices [rows, steps, L, k]): position t
+    is the router's decision on the token fed at step t (t = 0: the last prompt token)."""
     logits, indices = [], []
     for per_router in calls:
         first_logits, first_idx = per_router[0]

@@ -56,7 +56,8 @@ class Rollouts:
     finished: torch.Tensor
     distributions: torch.Tensor | None = None
     # MoE models, where asked for (`generate(..., keep_routing=True)`): each router's logits [B, T, L, E] and chosen
-    # experts [B, T, L, k] at the inputs of the response positions (`unison.routing`)
+    # experts [B, T, L, k] at the inputs of the response positions (`unison.routing`; past a row's end, logits 0 and
+    # expert 0 where the native engine's fast path had dropped the row)
     routing: tuple[torch.Tensor, torch.Tensor] | None = None
     # and each row's experts at every position of [prompt, response] ([n + len, L, k], -1: none recorded), for the
     # learner to route with (`unison.routing.install_replay`)

@@ -5,9 +5,12 @@ written in place), and fuses elementwise work the way inference engines do (RMSN
 SiLU gate computed in fp32 and rounded once, where the learner's Hugging Face forward rounds after each op), so its
 kernels differ from the learner's full-sequence forward the way an inference engine's do: same weights, other
 reduction orders and roundings. Llama-family decoders (Qwen2, Qwen3, Llama, Mistral; sliding windows included, per
-layer) take this path where it computes what the model computes (`fast_path_blocker`: rotary angles that depend on
-the position alone, no logit transform); any other causal LM falls back to the model's own forward with its own
-cache (`_HFDecode`), its logit transforms included.
+layer) and their mixture-of-experts variants (Qwen2-MoE, Qwen3-MoE, Mixtral) take this path where it computes what
+the model computes (`fast_path_blocker`: rotary angles that depend on the position alone, no logit transform); any
+other causal LM falls back to the model's own forward with its own cache (`_HFDecode`), its logit transforms
+included. A sparse MoE block (router, top-k, renormalisation, shared expert) is called as the model's own module on
+the hidden state in the rollout dtype, in the prefill and in every decode step (`is_sparse_moe`), so its routing is
+the model's and the routing recorder sees it.
 
 Per call of `generate` the engine packs its weights for decoding once (`DecodeWeights`): q/k/v and gate/up
 concatenated into one matrix product each, and, in `fp32-accumulate` mode, the fp16/bf16 weights held as fp32 copies
@@ -43,7 +46,7 @@ from unison.rollout.base import (
 )
 from unison.sampling import draw, process_logits, sample
 
-FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral"}
+FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral", "qwen2_moe", "qwen3_moe", "mixtral"}
 # rotary variants whose angles depend on the position alone (a table built once is exact); `dynamic` and `longrope`
 # change every angle with the length of the sequence
 FAST_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
@@ -81,7 +84,7 @@ def fast_path_blocker(config) -> str:
     """Why the fast path would not compute exactly what the model computes, or '' where it does."""
     kind = config.model_type
     if kind not in FAST_PATH_TYPES:
-        return f"{kind} is not a fast-path family (Qwen2, Qwen3, Llama, Mistral)"
+        return f"{kind} is not a fast-path family (Qwen2, Qwen3, Llama, Mistral, Qwen2-MoE, Qwen3-MoE, Mixtral)"
     other = sorted(rope_types(config) - FAST_ROPE_TYPES)
     if other:
         return f"rotary type {other[0]!r}, whose angles change with the sequence length"
@@ -132,6 +135,17 @@ def fused_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj((mlp.act_fn(mlp.gate_proj(x).float()) * mlp.up_proj(x).float()).to(x.dtype))
 
 
+def is_sparse_moe(mlp) -> bool:
+    """Whether a decoder layer's MLP is a sparse MoE block (router and experts, a shared expert in Qwen2-MoE), which
+    the fast path calls as the model's module; False for a dense gated MLP (Qwen2-MoE's `mlp_only_layers`)."""
+    return hasattr(mlp, "experts")
+
+
+def moe_block(mlp, x: torch.Tensor) -> torch.Tensor:
+    """The sparse MoE block called as the model's module on x [B, S, hidden] or [B, hidden] (rollout dtype)."""
+    return mlp(x) if x.dim() == 3 else mlp(x[:, None])[:, 0]
+
+
 def mlp_called_as_module(mlp) -> bool:
     """Whether the overflow guard watches or replaces this MLP's output (or moved it to fp32): then it is called as a
     module, whatever the engine fuses around it."""
@@ -167,8 +181,9 @@ def _packed(compute: torch.dtype, *linears) -> tuple[torch.Tensor, torch.Tensor 
 class DecodeWeights:
     """The engine's weights packed for decoding: q/k/v and gate/up concatenated, in the compute dtype (fp32 copies
     of the fp16/bf16 values in `fp32-accumulate` mode), norm weights in fp32, and the modules and constants each
-    layer needs (looked up once, not per token). Built from the parameters at the start of every `generate`, so it
-    always holds what `weights_checksum` reads."""
+    layer needs (looked up once, not per token). A sparse MoE layer's MLP is not packed (`gate_up`, `down`,
+    `gate_proj` and `act_fn` None, `sparse` True): it runs as the model's module. Built from the parameters at the
+    start of every `generate`, so it always holds what `weights_checksum` reads."""
 
     @torch.no_grad()
     def __init__(self, model, compute: torch.dtype, head_fp32: bool = False):
@@ -177,12 +192,15 @@ class DecodeWeights:
         for layer, window in zip(model.model.layers, windows):
             a, m = layer.self_attn, layer.mlp
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            sparse = is_sparse_moe(m)
             self.layers.append({
                 "qkv": _packed(compute, a.q_proj, a.k_proj, a.v_proj), "o": _packed(compute, a.o_proj),
-                "gate_up": _packed(compute, m.gate_proj, m.up_proj), "down": _packed(compute, m.down_proj),
+                "gate_up": None if sparse else _packed(compute, m.gate_proj, m.up_proj),
+                "down": None if sparse else _packed(compute, m.down_proj),
                 "ln1": (ln1.weight.float(), ln1.variance_epsilon), "ln2": (ln2.weight.float(), ln2.variance_epsilon),
                 "q_proj": a.q_proj, "qk_norm": (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
-                "scaling": a.scaling, "mlp": m, "gate_proj": m.gate_proj, "act_fn": m.act_fn, "window": window,
+                "scaling": a.scaling, "mlp": m, "sparse": sparse, "gate_proj": None if sparse else m.gate_proj,
+                "act_fn": None if sparse else m.act_fn, "window": window,
             })  # fmt: skip
         norm = model.model.norm
         self.norm = (norm.weight.float(), norm.variance_epsilon)
@@ -322,8 +340,11 @@ class NativeEngine:
         return self._linear(out, w["o"])
 
     def _mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
-        """Gated MLP: gate and up in one product, act(gate) * up in fp32 rounded once (a fused silu-and-mul)."""
+        """Gated MLP: gate and up in one product, act(gate) * up in fp32 rounded once (a fused silu-and-mul); a sparse
+        MoE block: the model's module."""
         mlp = w["mlp"]
+        if w["sparse"]:
+            return moe_block(mlp, x)
         if mlp_called_as_module(mlp):
             return fused_mlp(mlp, x)
         gate, up = self._linear(run_pre_hooks(w["gate_proj"], x), w["gate_up"]).chunk(2, dim=-1)
@@ -364,18 +385,26 @@ class NativeEngine:
                  keep_distributions: bool = False, keep_routing: bool = False) -> Rollouts:
         """Sample one response per prompt; with `keep_distributions`, also every distribution sampled from
         (`Rollouts.distributions`, [B, T, V] fp32 on the CPU: mind the memory for a large vocabulary); with
-        `keep_routing`, an MoE model's router decisions (`Rollouts.routing`)."""
+        `keep_routing`, an MoE model's router decisions (`Rollouts.routing`, `Rollouts.replay`), recorded on the
+        routers as modules in either decode path."""
         from unison.routing import RoutingRecorder, prefill_experts, replay_rows, routers, stack_decode
 
-        if keep_routing and routers(self.model):
-            with RoutingRecorder(self.model) as rec:
-                out = self.generate(prompt_ids, params, progress, keep_distributions)
-            B, T = out.response_ids.shape
-            logits, idx = stack_decode(rec.calls, B, T)
-            out.routing = (logits.cpu(), idx.cpu())
-            out.replay = replay_rows(prefill_experts(rec.calls, B).cpu(), idx.cpu(),
-                                     [len(p) for p in prompt_ids], out.lengths.tolist())  # fmt: skip
-            return out
+        if not (keep_routing and routers(self.model)):
+            return self._generate(prompt_ids, params, progress, keep_distributions)
+        with RoutingRecorder(self.model) as rec:
+            out = self._generate(prompt_ids, params, progress, keep_distributions, rec.sources)
+        B, T = out.response_ids.shape
+        calls = rec.by_row(B)  # the fast path's deduplicated prefill and compacted steps, in row order
+        logits, idx = stack_decode(calls, B, T)
+        out.routing = (logits.cpu(), idx.cpu())
+        out.replay = replay_rows(prefill_experts(calls, B).cpu(), idx.cpu(), [len(p) for p in prompt_ids],
+                                 out.lengths.tolist())  # fmt: skip
+        return out
+
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool,
+                  keep_distributions: bool, sources: list | None = None) -> Rollouts:
+        """`generate` without routing; `sources`, where given, receives each forward's row layout
+        (`RoutingRecorder.sources`)."""
         check_prompts(prompt_ids)
         B, N = len(prompt_ids), params.max_new_tokens
         P = max(len(p) for p in prompt_ids)
@@ -391,6 +420,7 @@ class NativeEngine:
         logprobs = torch.zeros((B, N), dtype=torch.float32, device=dev)
         fast = self.decode_path()[0] == "fast"
         decoder = (_StaticDecode if fast else _HFDecode)(self, prompts, pad_left, N)
+        decoder.sources = sources
         # per slot (a row still decoded): its original row, its tokens and log-probs so far, whether it stopped.
         # A stopped row goes on sampling until it is dropped; what it samples after its stop token is cut below.
         rows = torch.arange(B, device=dev)
@@ -482,6 +512,10 @@ class _StaticDecode:
         B, P = prompts.shape
         dev = prompts.device
         self.engine, self.prompts, self.pad_left, self.P = engine, prompts, pad_left, P
+        # where a recorder asks (`RoutingRecorder.sources`): per forward, the row of its batch holding each row
+        self.sources: list | None = None
+        self.source = None  # the decode steps' (None: every row, in order; -1 for a row dropped)
+        self.B, self.rows = B, torch.arange(B, device=dev)  # the rows of `prompts` still decoded
         self.weights = DecodeWeights(engine.model, engine.compute_dtype, engine.lm_head_fp32)
         L = P + max_new
         self.cache = StaticKVCache(engine.num_layers, B, engine.kv_heads, L, engine.head_dim, engine.compute_dtype, dev)
@@ -506,6 +540,8 @@ class _StaticDecode:
         mask = (causal[None] & self.valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
         positions = (q_pos[None, :] - self.pad_left[:, None]).clamp(min=0)  # [B, P]
         first, inverse = distinct_rows(torch.cat((self.pad_left[:, None], self.prompts), 1))
+        if self.sources is not None:
+            self.sources.append(None if len(first) == len(inverse) else inverse)
         if len(first) == len(inverse):
             return e._forward(self.weights, self.prompts, self.cos[positions], self.sin[positions], self.cache, 0,
                               mask[:, None])  # fmt: skip
@@ -519,6 +555,8 @@ class _StaticDecode:
     def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
         cur = self.P + t
         pos = cur - self.pad_left  # [B] each row's rotary position: its cache slot less its left padding
+        if self.sources is not None:
+            self.sources.append(self.source)
         if self.flat is not None:
             return self.flat(tok, cur, self.cos[pos], self.sin[pos])
         mask = self.valid[:, None, None, : cur + 1]  # [B, 1, 1, cur+1]
@@ -528,6 +566,10 @@ class _StaticDecode:
     def compact(self, keep: torch.Tensor) -> bool:
         self.cache.keep(keep)
         self.valid, self.pad_left = self.valid[keep], self.pad_left[keep]
+        self.rows = self.rows[keep]
+        if self.sources is not None:
+            self.source = torch.full((self.B,), -1, device=keep.device)
+            self.source[self.rows] = torch.arange(len(self.rows), device=keep.device)
         if self.flat is not None:
             self.flat.keep(self.valid)
         return True
@@ -555,12 +597,12 @@ class _FlatStep:
         self.embed_hooks = embed if embed._forward_pre_hooks else None
         self.layers = []
         for w in weights.layers:
-            mlp = w["mlp"]
-            act = w["act_fn"]
+            mlp, act, gate = w["mlp"], w["act_fn"], w["gate_proj"]
             self.layers.append((
-                w["ln1"], w["ln2"], _transposed(w["qkv"]), _transposed(w["o"]), _transposed(w["gate_up"]),
-                _transposed(w["down"]), w["q_proj"] if w["q_proj"]._forward_pre_hooks else None,
-                w["gate_proj"] if w["gate_proj"]._forward_pre_hooks else None, mlp, w["qk_norm"], w["scaling"],
+                w["ln1"], w["ln2"], _transposed(w["qkv"]), _transposed(w["o"]),
+                None if w["sparse"] else _transposed(w["gate_up"]), None if w["sparse"] else _transposed(w["down"]),
+                w["q_proj"] if w["q_proj"]._forward_pre_hooks else None,
+                gate if gate is not None and gate._forward_pre_hooks else None, mlp, w["qk_norm"], w["scaling"],
                 F.silu if type(act) is torch.nn.SiLU else act, w["window"],
             ))  # fmt: skip
         self.norm = weights.norm
@@ -640,6 +682,9 @@ class _FlatStep:
             out = rnd(torch.bmm(scores.softmax(-1), values.narrow(1, lo, L - lo)).view(B, H * D))  # [B * Hkv, G, L]
             x = linear(out, o_w, residual=x)
             h = rnd(F.rms_norm(x, (x.shape[-1],), *ln2))
+            if gu_w is None:  # a sparse MoE block: the model's module
+                x = rnd(x + moe_block(mlp, h.to(self.dtype)).float())
+                continue
             if mlp_called_as_module(mlp):
                 x = rnd(x + fused_mlp(mlp, h.to(self.dtype)).float())
                 continue
@@ -663,6 +708,8 @@ def _transposed(packed: tuple) -> tuple:
 
 class _HFDecode:
     """Fallback for architectures without the fast path: the model's own forward and dynamic cache."""
+
+    sources = None  # every forward runs every row in order: no row layout to record
 
     def __init__(self, engine: NativeEngine, prompts, pad_left, max_new: int):
         self.model = engine.model
