@@ -155,3 +155,24 @@ def test_replay_on_a_dense_model_is_refused(tiny_dir, tmp_path, capsys):
     code = main(["train", "--model", str(tiny_dir), "moe.routing_replay=true", f"run.out={out}", "run.steps=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "needs a mixture-of-experts model" in err[0] and not out.exists()
+
+
+def test_the_engine_self_test_routes_an_moe_learner_with_the_engines_experts(monkeypatch):
+    # the self-test holds the engine's numerics to their band: with the engine's experts the learner's log-probs in
+    # bf16 come closer to the engine's than routing itself, and a learner that may not replay is the comparison
+    from unison.archs import tiny_model
+    from unison.conformance import self_test
+    from unison.learner import Learner
+    from unison.precision import PrecisionPolicy
+    from unison.rollout.native import NativeEngine
+
+    bf16 = PrecisionPolicy(torch.bfloat16, torch.bfloat16)
+    engine = NativeEngine(tiny_model("qwen3-moe", seed=3), torch.bfloat16, "cpu", seed=0, matmul="native")
+    learner = Learner(tiny_model("qwen3-moe", seed=3), bf16, "cpu", matmul="native")
+    assert learner.moe and not learner.routing_replay
+    prompts = [[5 + i, 9, 17 + i, 40] for i in range(8)]
+    replayed = self_test(engine, learner, prompts, tokens=32)["self_test/abs_log_ratio_mean"]
+    assert not learner.routing_replay  # as it was
+    monkeypatch.setattr(Learner, "replaying", lambda self: __import__("contextlib").nullcontext())
+    plain = self_test(engine, learner, prompts, tokens=32)["self_test/abs_log_ratio_mean"]
+    assert replayed < plain

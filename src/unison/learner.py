@@ -13,6 +13,7 @@ the same up to rounding.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -340,7 +341,9 @@ class Learner:
         # routing replay (R3): an MoE model routes each token with the experts the engine chose for it
         self.routing_replay = routing_replay
         self.moe = bool(routers(self.model))  # an MoE model: the routing mismatch can be measured
-        self.routers = install_replay(self.model) if routing_replay else []
+        # (installed on every MoE model: without a plan a router runs as before; `replaying` turns replay on for a
+        # while, as the engine self-test does)
+        self.routers = install_replay(self.model) if self.moe else []
         if routing_replay and not self.routers:
             raise UserError("moe.routing_replay needs a mixture-of-experts model (Qwen2-MoE, Qwen3-MoE, Mixtral); "
                             f"this {cfg.model_type if cfg is not None else 'model'} has no routers")  # fmt: skip
@@ -430,6 +433,16 @@ class Learner:
         finally:
             for router in self.routers:
                 router.replay_plan = None
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """Within: an MoE learner routes every token of rollouts that carry the engine's experts (`Rollouts.replay`)
+        with them, whatever moe.routing_replay says."""
+        was, self.routing_replay = self.routing_replay, bool(self.routers)
+        try:
+            yield
+        finally:
+            self.routing_replay = was
 
     def shared_prompt_logits(self, batch: SequenceBatch, model=None) -> torch.Tensor:
         """Logits that predict the response tokens [B, T, V]: the distinct prompts run once (left-padded), their keys
