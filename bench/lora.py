@@ -118,7 +118,8 @@ def main(argv=None) -> None:
                             f"| {s['mismatch_k3_mean']:.2e} | {s['skipped_steps']:.0f} |")
                 summary.append(f"{'lora' if lora else 'full'}/{precision}/acc={s['final_train_accuracy']:.3f}")
                 print(rows[-1], flush=True)
-        command = (f"python bench/lora.py --models '{args.models}' --demo --demo-steps {args.demo_steps} --demo-lr {args.demo_lr:g} --rank "
+        command = (f"python bench/lora.py --models '{args.models}' --demo --demo-steps {args.demo_steps} "
+                   f"--demo-lr {args.demo_lr:g} --rank "
                    f"{args.rank} --alpha {args.alpha:g}")  # fmt: skip
         replace_section("lora-demo", "\n".join([*rows, "", f"    {command}"]), DOC)
     print("RESULT " + " ".join(summary))
