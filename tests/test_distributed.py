@@ -24,6 +24,10 @@ def ranks(n: int, mode: str, out: Path) -> dict:
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(WORKER)]
            if n > 1 else [sys.executable, str(WORKER)])  # fmt: skip
     done = subprocess.run([*cmd, mode, str(out)], env=ENV, capture_output=True, text=True, timeout=300)
+    if done.returncode and "terminate called without an active exception" in done.stderr:
+        # a rank aborted by gloo's threads as the processes end (seen about once in a few full runs, never
+        # reproduced alone): run the same world once more, which must then end cleanly
+        done = subprocess.run([*cmd, mode, str(out)], env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
