@@ -18,6 +18,21 @@ def engine(model_dir, dtype=torch.float32, seed=0):
     return NativeEngine.from_pretrained(model_dir, dtype=dtype, device="cpu", seed=seed)
 
 
+
+def decode_variants(monkeypatch):
+    """The fast path's two decode steps in turn: the flat one (fp32 products), then the layer-by-layer one."""
+    from unison.rollout.native import _StaticDecode
+
+    init = _StaticDecode.__init__
+
+    def layered(self, *a, **k):
+        init(self, *a, **k)
+        self.flat = None
+
+    yield True
+    monkeypatch.setattr(_StaticDecode, "__init__", layered)
+    yield False
+
 def test_protocol_and_factory(tiny_dir):
     e = make_engine("native", tiny_dir, dtype=torch.float32, device="cpu")
     assert isinstance(e, RolloutEngine)
@@ -156,19 +171,10 @@ def test_sliding_window_fast_path_equals_the_models_own_forward_in_every_layout(
     # the model's own forward: rows of other prompt lengths (left padding), past the window, with rows dropped
     from unison.archs import tiny_model
     from unison.conformance import reference_logprobs
-    from unison.rollout.native import _StaticDecode
 
     prompts = [list(range(5, 5 + n)) for n in (3, 9, 14, 6)] * 2
     p = SamplingParams(max_new_tokens=20, stop_token_ids=tuple(range(100, 120)))
-    init = _StaticDecode.__init__
-
-    def layered(self, *a, **k):
-        init(self, *a, **k)
-        self.flat = None
-
-    for flat in (True, False):
-        if not flat:
-            monkeypatch.setattr(_StaticDecode, "__init__", layered)
+    for flat in decode_variants(monkeypatch):
         eng = NativeEngine(tiny_model(name), torch.float32, "cpu", seed=2)
         assert eng.decode_path() == ("fast", "")
         r = eng.generate(prompts, p)
@@ -230,18 +236,9 @@ def test_moe_fast_path_equals_the_models_own_forward_in_every_layout(name, overr
     # dropped; log-probs against the model's own forward, and against the fallback's sampling the same tokens
     from unison.archs import tiny_model
     from unison.conformance import MAX_TOL, MEAN_TOL, reference_logprobs
-    from unison.rollout.native import _StaticDecode
 
     prompts = [list(range(5, 5 + n)) for n in (3, 9, 14, 6)] * 2
-    init = _StaticDecode.__init__
-
-    def layered(self, *a, **k):
-        init(self, *a, **k)
-        self.flat = None
-
-    for flat in (True, False):
-        if not flat:
-            monkeypatch.setattr(_StaticDecode, "__init__", layered)
+    for flat in decode_variants(monkeypatch):
         eng = NativeEngine(tiny_model(name, **overrides), torch.float32, "cpu", seed=2)
         r = eng.generate(prompts, SamplingParams(max_new_tokens=20, stop_token_ids=tuple(range(100, 120))))
         d = (r.logprobs - reference_logprobs(tiny_model(name, **overrides), r)).abs()[r.mask]
