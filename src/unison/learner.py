@@ -580,10 +580,14 @@ class Learner:
         """(name, master weight cast to `dtype`) for every parameter; the rollout dtype by default."""
         dtype = dtype or self.policy.rollout
         if self.peft is not None:  # W + scale * B A for the adapted layers
-            return merged_weights(self.model, dict(self.weights.named_master()), dtype, self.policy.train,
-                                  self.fp32_names)  # fmt: skip
-        return [(name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype)))
-                for name, t in self.weights.named_master()]  # cast, then gather  # fmt: skip
+            out = merged_weights(self.model, dict(self.weights.named_master()), dtype, self.policy.train,
+                                 self.fp32_names)  # fmt: skip
+        else:
+            out = [(name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype)))
+                   for name, t in self.weights.named_master()]  # cast, then gather  # fmt: skip
+        # a value that rounds to -0.0 sent as +0.0 (x + 0.0): vLLM's loader stores every zero as +0.0, and the two
+        # holders must agree to the bit; a zero's sign changes no product or sum the engine computes
+        return [(name, t + 0.0) for name, t in out]
 
     def sync(self, engine) -> dict:
         """Load the master weights, cast to the engine's dtype, into the engine, then verify the engine's checksum
