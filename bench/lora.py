@@ -106,21 +106,23 @@ def main(argv=None) -> None:
     if models:
         replace_section("lora-cost", "\n".join([*lines, "", f"    {command}"]), DOC)
     if args.demo:
+        from unison.demo import DemoConfig
+
         # (no time column: the two demos run one after the other, under whatever else the machine runs; the timing
         # table above takes turns)
         rows = ["| fine-tuning | precision | final training accuracy | held-out accuracy | mismatch k3 (mean) | "
                 "skipped steps |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for lora in (False, True):
             got = demo(lora, args)
-            what = f"LoRA r{args.rank}, lr {args.demo_lr:g}" if lora else "full, lr 5e-05"
+            what = f"LoRA r{args.rank}, lr {args.demo_lr:g}" if lora else f"full, lr {DemoConfig().optim.lr:g}"
             for precision, s in got.items():
                 rows.append(f"| {what} | {precision} | {s['final_train_accuracy']:.3f} | {s['heldout_accuracy']:.3f} "
                             f"| {s['mismatch_k3_mean']:.2e} | {s['skipped_steps']:.0f} |")
                 summary.append(f"{'lora' if lora else 'full'}/{precision}/acc={s['final_train_accuracy']:.3f}")
                 print(rows[-1], flush=True)
-        command = (f"python bench/lora.py --models '{args.models}' --demo --demo-steps {args.demo_steps} "
-                   f"--demo-lr {args.demo_lr:g} --rank "
-                   f"{args.rank} --alpha {args.alpha:g}")  # fmt: skip
+        threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+        command = (f"{threads}python bench/lora.py --models '{args.models}' --demo --demo-steps {args.demo_steps} "
+                   f"--demo-lr {args.demo_lr:g} --rank {args.rank} --alpha {args.alpha:g}")  # fmt: skip
         replace_section("lora-demo", "\n".join([*rows, "", f"    {command}"]), DOC)
     print("RESULT " + " ".join(summary))
 

@@ -81,9 +81,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
     tmp.mkdir()
     try:
         state_dict = {name: t.detach().float().cpu().contiguous() for name, t in master_state.items()}
-        if hasattr(model, "peft_config"):  # LoRA: the adapter in peft's format (its fp32 masters)
-            from unison.lora import save_adapter
+        from unison.lora import is_peft, save_adapter
 
+        if is_peft(model):  # LoRA: the adapter in peft's format (its fp32 masters)
             save_adapter(tmp, model.peft_config["default"], state_dict)
         else:
             model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=shard_size)

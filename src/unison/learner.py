@@ -372,7 +372,7 @@ class Learner:
         wrapped = wrap(model, lora.rank, lora.alpha, targets, lora.dropout)
         if adapter is not None:  # go on from a saved adapter (before any copy of the model is taken)
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            saved = read_adapter(adapter, list(trainable), {n: p.shape for n, p in trainable.items()})
+            saved = read_adapter(adapter, trainable)
             with torch.no_grad():
                 for n, p in trainable.items():
                     p.copy_(saved[n])

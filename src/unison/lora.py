@@ -40,6 +40,7 @@ def is_adapter(path) -> bool:
 
 
 def is_peft(model) -> bool:
+    """Whether `model` is peft's wrapper (a LoRA learner's `peft`), whose checkpoint is its adapter."""
     return hasattr(model, "peft_config")
 
 
@@ -216,9 +217,10 @@ def saved_name(name: str) -> str:
     return PREFIX + name.replace(".default.", ".")
 
 
-def read_adapter(path, names: list[str], shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    """An adapter folder's fp32 weights under the learner's parameter names `names`; an adapter of another shape
-    is a UserError."""
+def read_adapter(path, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapter folder's fp32 weights for the adapter parameters `params` (by their names in the adapted model);
+    an adapter of another shape is a UserError."""
+    names, shapes = list(params), {n: p.shape for n, p in params.items()}
     from safetensors.torch import load_file
 
     stored = load_file(str(Path(path) / ADAPTER_WEIGHTS))

@@ -210,7 +210,6 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
-
     path = resolve_model_dir(model_dir)
     from unison.lora import is_adapter, load_merged
 

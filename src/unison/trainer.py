@@ -342,8 +342,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
     loggers = resolve_loggers(cfg.run.loggers)
     learner = make_learner(cfg, run, model, world)
     if latest is not None and lora:  # the saved adapter's fp32 masters
-        names = learner.weights.names
-        master = read_adapter(latest, names, {n: p.shape for n, p in zip(names, learner.weights.params)})
+        master = read_adapter(latest, dict(zip(learner.weights.names, learner.weights.params)))
     # each rank samples with its own stream
     with s.engine(run.policy.rollout, seed=seed + world.rank, lm_head=cfg.precision.lm_head) as engine:
         return _train(cfg, run, learner, engine, world, out, resume, overwrite, latest, master, changes, quiet,

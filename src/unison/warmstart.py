@@ -143,7 +143,7 @@ def warm_start(out: Path, seed: int = 0, target: float = 0.35, phase2_steps: int
             model = load_model(start)
         else:
             model = initial_model(arch, seed)
-        if long:  # responses of up to 1,500 tokens after a prompt
+        if long:  # responses of up to 1,300 tokens after a prompt
             model.config.max_position_embeddings = 2048
             tokenizer.model_max_length = 2048
         phase1 = run_phase(model, max_steps, lr, 0.0, target, random.Random(seed))
@@ -164,8 +164,8 @@ def main(argv=None) -> None:
     ap.add_argument("--phase2-steps", type=int, default=600)
     ap.add_argument("--answer-noise", type=float, default=0.5)
     ap.add_argument("--init", default=None, help="skip phase 1: start phase 2 from this checkpoint (phase 1's output)")
-    ap.add_argument("--arch", default="qwen2", choices=("qwen2", "qwen3-moe", "qwen2-moe", "mixtral"),
-                    help="qwen2: the built-in model; an MoE family: its variant with 4 experts, 2 per token")
+    ap.add_argument("--arch", default="qwen2", choices=("qwen2", "qwen3-moe"),
+                    help="qwen2: the built-in model; qwen3-moe: its variant with 4 experts, 2 per token")
     ap.add_argument("--long", action="store_true", help="the long-response variant (countdown-long), from --start")
     ap.add_argument("--start", default=None, help="phase 1 begins from this checkpoint (default: a random model; "
                     "with --long: the built-in model)")  # fmt: skip

@@ -88,5 +88,5 @@ class CountdownTask:
         return solution(*parse_prompt(example.prompt))
 
 
-# the long-response variant: the same arithmetic (numbers of at most three digits), chains of 90 to 370 numbers
+# the long-response variant: the same arithmetic (numbers of at most three digits), chains of 90 to 333 numbers
 LONG = dict(min_step=2, max_step=3, min_len=90, max_len=333, name="countdown-long")
