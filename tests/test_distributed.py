@@ -96,12 +96,33 @@ def test_sigkill_and_resume_with_two_ranks_is_bit_exact(tmp_path):
     while not (killed / "checkpoints/step-000002/manifest.json").exists() and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher (the ranks, in groups of their own, die with it)
     proc.wait()
     resumed = unison("--nproc", "2", f"run.out={killed}", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (wa, ma, sa), (wb, mb, sb) = finals(tmp_path / "ref"), finals(killed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and ma == mb and sa == sb
+
+
+def test_the_ranks_end_when_the_launcher_is_killed_alone(tmp_path):
+    from unison.runfolder import RunLock
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "unison", "train", *TRAIN, "--nproc", "2", "run.steps=40",
+                             f"run.out={run}"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints/step-000001/manifest.json").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()  # the launcher alone
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while RunLock(run).holder() is not None:  # rank 0 holds the lock while it runs
+        assert time.monotonic() < deadline, "rank 0 went on without its launcher"
+        time.sleep(0.1)
+    size = (run / "metrics.jsonl").stat().st_size
+    time.sleep(3)
+    assert (run / "metrics.jsonl").stat().st_size == size  # no rank is still training
 
 
 @pytest.mark.parametrize("args, says", [

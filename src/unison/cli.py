@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     args.argv = argv
     say = distributed.rank() == 0  # with several ranks, rank 0 says what went wrong (every rank stops)
+    if distributed.launched():
+        distributed.end_with_launcher()
     try:
         try:
             if distributed.launched() and args.command != "train":

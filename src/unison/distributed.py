@@ -9,6 +9,8 @@ where every collective is the identity.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +102,26 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when the process that started it ends
+LAUNCHER_PID = "UNISON_LAUNCHER_PID"  # set by `launch` for its ranks
+
+
+def end_with_launcher() -> None:
+    """In a rank: be killed (SIGKILL) as soon as the launcher that started it ends, however it ends, so that a
+    killed `unison train --nproc N` or torchrun leaves no rank training on its own (the launcher starts each rank in
+    a process group of its own, out of reach of a signal to the launcher's group). Linux only; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = int(os.environ.get(LAUNCHER_PID, "0")) or os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() != launcher:  # it ended before the request took effect
+        os._exit(128 + signal.SIGKILL)
+
+
 def backend_for(device: torch.device, requested: str = "auto") -> str:
     """gloo on a CPU, NCCL on CUDA; NCCL asked for on a CPU is refused."""
     if requested not in BACKENDS:
@@ -172,7 +194,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     `torchrun --standalone --nproc-per-node N` does); returns the exit code of the first rank that failed (0 when
     every rank succeeded). Each rank gets an equal share of the cores unless OMP_NUM_THREADS is set."""
     import logging
-    import sys
     import uuid
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -182,6 +203,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     from unison.threads import cores
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.ERROR)  # each rank says what went wrong in its own words
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),

@@ -316,7 +316,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet
     is sharded with FSDP2, each rank samples its share of the groups, rank 0 alone writes the run folder."""
     if allow_changes and not resume:
         raise UserError("--allow-changes goes with --resume; pass both, or neither")
-    check_run_dir(cfg.run.out, resume, overwrite)
+    if distributed.rank() == 0:  # the other ranks would find the lock rank 0 takes: its refusal is theirs
+        check_run_dir(cfg.run.out, resume, overwrite)
     run = build_run(cfg)
     s = run.setup
     world, s.device = distributed.init(s.device, backend)
