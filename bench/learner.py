@@ -56,11 +56,13 @@ def rollouts(batch: int, prompt: int, response: int, seed: int = 0, group: int =
 
 
 def learner_of(name: str, precision: str, scaling: bool | None = None, share_prompts: bool = True):
+    from unison.config import OptimConfig, PrecisionConfig
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
 
-    return Learner(build(name), PrecisionPolicy.from_names(precision, precision), "cpu", lr=1e-6,
-                   loss_scaling=scaling, share_prompts=share_prompts)  # fmt: skip
+    scaling = "auto" if scaling is None else ("on" if scaling else "off")
+    return Learner(build(name), PrecisionPolicy.from_names(precision, precision), precision=PrecisionConfig(
+        loss_scaling=scaling), optim=OptimConfig(lr=1e-6, share_prompts=share_prompts))
 
 
 def step(learner, r, micro: int) -> None:

@@ -57,9 +57,11 @@ def main() -> None:
     ap.add_argument("--micro", type=count, default=None, help="rows per forward/backward (default: all)")
     ap.add_argument("--repeats", type=count, default=5)
     args = parse_bench_args(ap, {"model": "builtin", "batch": 8, "prompt": 8, "response": 56, "repeats": 2})
+    from unison.config import OptimConfig
     from unison.errors import UserError
     from unison.learner import Learner
-    from unison.precision import PrecisionPolicy, compute_dtype, parse_precision, resolve_device
+    from unison.matmul import compute_dtype
+    from unison.precision import PrecisionPolicy, parse_precision, resolve_device
 
     machine = machine_description()
     try:
@@ -74,7 +76,7 @@ def main() -> None:
     learners, modes, computes = {}, {}, {}
     for name in args.precisions:
         dtype = parse_precision(name)
-        learner = Learner(build(args.model), PrecisionPolicy(dtype, dtype), device, lr=1e-6)
+        learner = Learner(build(args.model).to(device), PrecisionPolicy(dtype, dtype), optim=OptimConfig(lr=1e-6))
         learners[name] = learner
         modes[name] = learner.matmul
         computes[name] = compute_dtype(learner.matmul, dtype)

@@ -30,24 +30,27 @@ from flops import timed  # noqa: E402
 from learner import rollouts  # noqa: E402
 
 
-def step(learner, ro, kl: bool) -> None:
+def step(learner, ro, reference=None) -> None:
     from unison.algorithms import kl_penalty
+    from unison.precision import backward_and_step
 
     def losses():
         batch = learner.batch(ro)
         logp = learner.logprobs(batch)
         loss = -(logp * ro.mask).sum() / ro.mask.sum()
-        if kl:
-            ref = learner.logprobs(batch, reference=True)
+        if reference is not None:
+            with torch.no_grad():
+                ref = reference.logprobs(batch)
             loss = loss + 0.01 * kl_penalty("k3", logp, ref, ro.mask).sum() / ro.mask.sum()
         yield loss
 
-    learner.step(losses())
+    backward_and_step(losses(), learner.weights, learner.optimizer, learner.scaler, learner.max_grad_norm)
 
 
 def main() -> int:
+    from unison.config import ModelConfig
     from unison.conformance import SELF_TEST_BANDS, self_test
-    from unison.learner import Learner
+    from unison.learner import Learner, frozen_copy
     from unison.precision import PrecisionPolicy, precision_name
     from unison.rollout.native import NativeEngine
 
@@ -59,19 +62,22 @@ def main() -> int:
     args = parse_bench_args(ap, {"model": "builtin", "batch": 8, "response": 32, "repeats": 2})
     fp32 = PrecisionPolicy(torch.float32, torch.float32)
     ro = rollouts(args.batch, 8, args.response)
+    kl_model = build(args.model)
+    reference = frozen_copy(kl_model, fp32)
     variants = {
-        "plain": Learner(build(args.model), fp32, "cpu"),
-        "KL in the loss": Learner(build(args.model), fp32, "cpu", reference=True),
-        "gradient checkpointing": Learner(build(args.model), fp32, "cpu", gradient_checkpointing=True),
+        "plain": Learner(build(args.model), fp32),
+        "KL in the loss": Learner(kl_model, fp32),
+        "gradient checkpointing": Learner(build(args.model), fp32, model_cfg=ModelConfig(gradient_checkpointing=True)),
     }
+    refs = {"KL in the loss": reference}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for name, learner in variants.items():  # warm-up
-        step(learner, ro, kl=name == "KL in the loss")
+        step(learner, ro, refs.get(name))
     for _ in range(args.repeats):
         for name, learner in variants.items():
-            times[name].append(timed(lambda learner=learner, name=name: step(learner, ro, name == "KL in the loss")))
+            times[name].append(timed(lambda learner=learner, name=name: step(learner, ro, refs.get(name))))
     base = variants["KL in the loss"]
-    recompute = [timed(lambda: base.recompute(ro, reference=True)) for _ in range(args.repeats)]
+    recompute = [timed(lambda: base.recompute(ro, policy=reference)) for _ in range(args.repeats)]
     med = {name: statistics.median(t) for name, t in times.items()}
     tokens = args.batch * (8 + args.response)
     lines = [f"`python bench/options_cost.py --model {args.model} --batch {args.batch} --response {args.response}` "

@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from docsection import count, replace_section  # noqa: E402
 
+from unison.matmul import set_matmul  # noqa: E402
 from unison.models import random_model  # noqa: E402
-from unison.precision import LossScaleFloorError, LossScaler, MasterWeights, backward_and_step, set_matmul  # noqa: E402
+from unison.precision import LossScaleFloorError, LossScaler, MasterWeights, backward_and_step  # noqa: E402
 
 
 def run(steps: int, rate: float, growth_interval: int, seed: int) -> dict:
@@ -90,9 +91,9 @@ def guard_cost(repeats: int = 5) -> dict:
     res = {}
     for guarded in (False, True):
         eng = NativeEngine(random_model(seed=1), torch.float16, "cpu", seed=0)
-        learner = Learner(random_model(seed=1), PrecisionPolicy(torch.float16, torch.float16), "cpu")
+        learner = Learner(random_model(seed=1), PrecisionPolicy(torch.float16, torch.float16))
         if guarded:
-            OverflowGuard.attach(eng.model, "stop", "engine")
+            eng.overflow_guard("stop", "engine")
             OverflowGuard.attach(learner.model, "stop", "learner")
         t_gen, t_rec = [], []
         for _ in range(repeats):

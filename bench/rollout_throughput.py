@@ -10,7 +10,7 @@ call each; the table gives the median tokens/s and the ratios of the native engi
     vllm      unison's vLLM engine (vLLM's offline LLM in-process); skipped with a note where vLLM is not installed
               (scripts/install-vllm.sh)
     native    unison's engine (`model.matmul=auto`: on CPUs without fast fp16/bf16 units, fp16/bf16 operands are
-              multiplied in fp32 and rounded back, see unison.precision.set_matmul)
+              multiplied in fp32 and rounded back, see unison.matmul.set_matmul)
 
     python bench/rollout_throughput.py [--precisions fp32,fp16,bf16] [--batches 16,64] [--new 128,512] [--repeats 2]
     python bench/rollout_throughput.py --group 8 --prompt-tokens 256   # GRPO-style: 8 samples of each long prompt

@@ -65,7 +65,7 @@ def measure(engine_name: str, model_dir: Path, dtype: torch.dtype, args) -> dict
     t0 = time.perf_counter()
     engine = start(engine_name, model_dir, dtype)
     startup = time.perf_counter() - t0
-    learner = Learner.from_pretrained(model_dir, PrecisionPolicy(dtype, dtype), "cpu")
+    learner = Learner.from_pretrained(model_dir, PrecisionPolicy(dtype, dtype))
     syncs = [learner.sync(engine)["perf/sync_seconds"] for _ in range(3)]
     probe = engine.generate(prompts(args.probe_prompts), SamplingParams(max_new_tokens=args.probe_tokens))
     mismatch = mismatch_metrics(learner.recompute(probe), probe.logprobs, probe.mask)["abs_log_ratio_mean"]

@@ -47,7 +47,7 @@ def build(name: str):
 def matmul_rate(hidden: int, precision: str) -> float:
     """FLOP/s of the CPU's matrix products as the engines run them in `precision` (fp16/bf16 in fp32-accumulate mode
     share the fp32 figure)."""
-    from unison.precision import compute_dtype, matmul_mode
+    from unison.matmul import compute_dtype, matmul_mode
 
     dtype = parse_precision(precision)
     cpu = torch.device("cpu")
@@ -69,6 +69,7 @@ def main() -> None:
     args = parse_bench_args(ap, {"models": ["builtin", "30m"], "lengths": [64], "precisions": ["fp32"]})
     from learner import step
 
+    from unison.config import OptimConfig
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
     from unison.rollout.base import SamplingParams
@@ -86,7 +87,7 @@ def main() -> None:
             params = sum(p.numel() for p in model.parameters())
             rate = matmul_rate(model.config.hidden_size, precision)
             engine = NativeEngine(build(name), dtype=dtype, device="cpu")
-            learner = Learner(model, PrecisionPolicy(dtype, dtype), "cpu", lr=1e-6)
+            learner = Learner(model, PrecisionPolicy(dtype, dtype), optim=OptimConfig(lr=1e-6))
             prompts = [[5 + (7 * i + j) % 250 for j in range(prompt)] for i in range(args.batch)]
             engine.generate(prompts[:2], SamplingParams(max_new_tokens=4, stop_token_ids=[]))  # warm-up
             for new in args.lengths:

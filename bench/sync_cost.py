@@ -51,7 +51,8 @@ def old_checksum(named_tensors) -> str:
 def measure(name: str, args) -> dict:
     from unison.config import TrainConfig
     from unison.models import load_tokenizer, resolve_model_dir
-    from unison.trainer import PromptStream, build_run, make_learner, rl_step
+    from unison.step import RLStep
+    from unison.trainer import PromptStream, build_run
 
     folder = Path(tempfile.mkdtemp(prefix=f"sync-{name}-"))
     if name == "builtin":
@@ -66,8 +67,9 @@ def measure(name: str, args) -> dict:
     cfg.optim.train_batch_size = args.prompts * args.group
     cfg.run.self_test = False
     run = build_run(cfg)
-    learner = make_learner(cfg, run, run.setup.load_model())
+    learner = run.setup.learner(run.policy, optim=cfg.optim, precision=cfg.precision, moe=cfg.moe)
     engine = run.setup.engine(run.policy.rollout)
+    rl_step = RLStep(cfg, run, learner, engine)
     params = sum(p.numel() for p in learner.weights.params)
     rows = {"load": [], "verify_before": [], "verify_after": [], "step": [], "sync_in_step": []}
     stream, shuffle = PromptStream(run.train_examples, 0), torch.Generator().manual_seed(1)
@@ -83,7 +85,7 @@ def measure(name: str, args) -> dict:
         rows["load"].append(t1 - t0)
         rows["verify_before"].append(t2 - t1)
         rows["verify_after"].append(m["perf/sync_verify_seconds"])
-        s = rl_step(cfg, run, learner, engine, stream, cfg.algorithm_fields(), shuffle, step=0)
+        s = rl_step(0, stream, shuffle)
         rows["step"].append(s["perf/step_seconds"])
         rows["sync_in_step"].append(s["perf/sync_seconds"])
     med = {k: statistics.median(v) for k, v in rows.items()}

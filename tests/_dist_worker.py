@@ -9,13 +9,14 @@ import sys
 import torch
 
 from unison import distributed
-from unison.config import LoraConfig, TrainConfig
+from unison.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig
 from unison.learner import Learner, WeightSyncError
+from unison.lora import adapt
 from unison.models import load_model, load_tokenizer, resolve_model_dir
 from unison.precision import PrecisionPolicy, checksum, full_tensor
 from unison.rollout.base import SamplingParams
 from unison.rollout.native import NativeEngine
-from unison.trainer import update_policy
+from unison.step import Batch, PolicyUpdate
 
 
 def main(mode: str, out: str) -> None:
@@ -26,8 +27,9 @@ def main(mode: str, out: str) -> None:
     policy = PrecisionPolicy(dtype, dtype)
     torch.manual_seed(0)  # the same LoRA initialisation on every rank
     lora = LoraConfig(enabled=True, rank=4, alpha=8.0) if mode == "lora" else None
-    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), policy, device, lr=1e-3, world=world,
-                      matmul="native", lora=lora)  # fmt: skip
+    model = load_model(path, device="cpu", dtype=torch.float32)
+    learner = Learner(adapt(model, lora) if lora else model, policy, optim=OptimConfig(lr=1e-3), world=world,
+                      model_cfg=ModelConfig(matmul="native"))
     engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), dtype, device, seed=0, matmul="native")
     prompts = [tok(f"{a}+{b}=")["input_ids"] for a, b in ((12, 34), (5, 7), (40, 2), (9, 9))]
     G = 4
@@ -42,10 +44,11 @@ def main(mode: str, out: str) -> None:
         cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.optim.train_batch_size = G, 4, 16
         advantages = torch.linspace(-1.0, 1.0, B)[share]
         shuffle = torch.Generator().manual_seed(1)
+        update = PolicyUpdate(cfg, learner, world, single_update=True, max_new_tokens=24)
         for _ in range(3):
             T = mine.response_ids.shape[1]
-            update_policy(cfg, learner, mine, advantages, torch.zeros(len(mine), T), torch.zeros(len(mine), T),
-                          cfg.algorithm_fields(), shuffle, True, 24, world)  # fmt: skip
+            zeros = torch.zeros(len(mine), T)
+            update(Batch(mine, None, [], [], zeros, zeros.clone(), advantages), shuffle)
         result["master"] = learner.master_state()
         if lora is not None:  # and the merged weights the engines receive
             result["merged"] = dict(learner.export_weights(torch.float32))

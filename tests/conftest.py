@@ -1,9 +1,8 @@
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import unison.offline  # noqa: F401 - the command line's environment (offline, no library progress bars), as in `unison`
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -50,8 +50,8 @@ def test_gradient_underflow_share(scale, expected):
 
     path = resolve_model_dir("builtin")
     tok = load_tokenizer(path)
-    learner = Learner(load_model(path, device="cpu", dtype=torch.float32),
-                      PrecisionPolicy(torch.float32, torch.float32), "cpu")  # fmt: skip
+    fp32 = PrecisionPolicy(torch.float32, torch.float32)
+    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), fp32)
     engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), torch.float32, "cpu")
     ro = engine.generate([tok("12+34=")["input_ids"]] * 4, SamplingParams(max_new_tokens=8))
     g = gradient_stats(learner, ro, scale=scale, passes=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from unison.attribution import COMPONENTS, upcast
+from unison.config import ModelConfig
 from unison.errors import UserError
 
 
@@ -20,8 +21,8 @@ def pair(dtype, components):
 
     path = resolve_model_dir("builtin")
     tok = load_tokenizer(path)
-    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), PrecisionPolicy(dtype, dtype), "cpu",
-                      matmul="native")  # fmt: skip
+    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), PrecisionPolicy(dtype, dtype),
+                      model_cfg=ModelConfig(matmul="native"))
     engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), dtype, "cpu", seed=0, matmul="native")
     learner.sync(engine)
     engine.upcast_components(components)

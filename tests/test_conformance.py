@@ -70,7 +70,7 @@ def test_dropout_is_off_in_the_update_pass(checkpoints):
     ro = make_engine("native", d, dtype=torch.float32, device="cpu").generate(PROMPTS, SamplingParams(16))
     model = tiny_model("gpt2")
     assert model.config.resid_pdrop == 0.1
-    learner = Learner(model, PrecisionPolicy(torch.float32, torch.float32), "cpu")
+    learner = Learner(model, PrecisionPolicy(torch.float32, torch.float32))
     logp = learner.logprobs(learner.batch(ro))
     assert logp.requires_grad and not learner.model.training
     torch.testing.assert_close(logp.detach(), reference_logprobs(tiny_model("gpt2"), ro) * ro.mask, rtol=0, atol=1e-5)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from unison.config import ModelConfig
 from unison.learner import Learner, WeightSyncError
 from unison.mismatch import mismatch_metrics
 from unison.models import build_tokenizer, load_model
@@ -268,7 +269,7 @@ def test_moe_fast_path_mismatch_in_fp16_bf16_is_finite_and_within_the_dense_band
         eng = NativeEngine(tiny_model(name), dtype, "cpu", seed=0, matmul=matmul)
         assert eng.decode_path() == ("fast", "")
         r = eng.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=()))
-        lr = Learner(tiny_model(name), PrecisionPolicy(dtype, dtype), "cpu", matmul=matmul)
+        lr = Learner(tiny_model(name), PrecisionPolicy(dtype, dtype), model_cfg=ModelConfig(matmul=matmul))
         gaps[dtype] = float((lr.recompute(r) - r.logprobs).abs()[r.mask].mean())
     for dtype in (torch.float16, torch.bfloat16):
         assert gaps[torch.float32] < gaps[dtype] < SELF_TEST_BANDS[dtype], gaps

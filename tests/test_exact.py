@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from unison.config import ModelConfig
 from unison.mismatch import ExactAccumulator, exact_metrics, token_divergences
 
 
@@ -96,8 +97,8 @@ def test_learner_and_engine_distributions_agree_in_fp32():
     path = resolve_model_dir("builtin")
     tok = load_tokenizer(path)
     engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), torch.float32, "cpu", seed=0)
-    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), PrecisionPolicy(torch.float32,
-                                                                                           torch.float32), "cpu")
+    fp32 = PrecisionPolicy(torch.float32, torch.float32)
+    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), fp32)
     ro = engine.generate([tok("40+2=")["input_ids"]] * 4, SamplingParams(max_new_tokens=24), keep_distributions=True)
     r = exact_metrics(learner.distributions(ro), ro.distributions, ro.mask)
     assert 0 <= r["exact_kl_mu_pi"] < 1e-9 and r["exact_tv"] < 1e-5 and r["support_mismatch_frac"] == 0
@@ -117,7 +118,7 @@ def test_fp32_lm_head_in_both_engines(dtype, matmul):
     path = resolve_model_dir("builtin")
     tok = load_tokenizer(path)
     policy = PrecisionPolicy(dtype, dtype, lm_head_fp32=True)
-    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), policy, "cpu", matmul=matmul)
+    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), policy, model_cfg=ModelConfig(matmul=matmul))
     engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), dtype, "cpu", seed=0, matmul=matmul,
                           lm_head="fp32")  # fmt: skip
     head = engine.model.get_output_embeddings().weight
@@ -134,7 +135,7 @@ def test_fp32_lm_head_in_both_engines(dtype, matmul):
     logp = learner.recompute(ro)
     gap = (logp - ro.logprobs)[ro.mask].abs().mean().item()
     assert 0 < gap < SELF_TEST_BANDS[dtype]
-    logits = learner.response_logits(learner.batch(ro))
+    logits = learner.forward.response_logits(learner.batch(ro))
     assert logits.dtype == torch.float32  # not rounded to the train dtype
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from test_train import _group_rollouts, tiny_cfg
 
-from unison.config import LoraConfig
+from unison.config import LoraConfig, ModelConfig, OptimConfig
 from unison.learner import Learner, WeightSyncError
+from unison.lora import adapt
 from unison.precision import PrecisionPolicy
 from unison.rollout.native import NativeEngine
 
@@ -15,11 +16,13 @@ FP16 = PrecisionPolicy(torch.float16, torch.float16)
 FP32 = PrecisionPolicy(torch.float32, torch.float32)
 
 
-def lora_learner(model_dir, policy, targets="auto", rank=4, alpha=8.0, **kw):
+def lora_learner(model_dir, policy, targets="auto", rank=4, alpha=8.0, adapter=None):
     from unison.models import load_model
 
-    return Learner(load_model(model_dir), policy, "cpu", lr=1e-2, matmul="native",
-                   lora=LoraConfig(enabled=True, rank=rank, alpha=alpha, target_modules=targets), **kw)  # fmt: skip
+    lora = LoraConfig(enabled=True, rank=rank, alpha=alpha, target_modules=targets)
+    native = ModelConfig(matmul="native")
+    model = adapt(load_model(model_dir), lora, adapter)
+    return Learner(model, policy, optim=OptimConfig(lr=1e-2), model_cfg=native)
 
 
 def one_update(learner, seed=0):
@@ -103,7 +106,7 @@ def test_the_lora_gradient_is_the_full_gradient_projected_on_its_directions(tiny
             if ".lora_B." in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     merged = dict(learner.export_weights(torch.float32))
-    full = Learner(load_model(tiny_dir), FP32, "cpu", matmul="native")
+    full = Learner(load_model(tiny_dir), FP32, model_cfg=ModelConfig(matmul="native"))
     full.weights.load_master(merged)
     r = _group_rollouts([12, 9], group=2, T=8)
     weights = torch.linspace(-1, 1, r.mask.numel()).view_as(r.mask)
@@ -182,8 +185,8 @@ def test_adapter_dropout_only_where_asked(tiny_dir):
     for dropout, same in ((0.0, True), (0.5, False)):
         from unison.models import load_model
 
-        learner = Learner(load_model(tiny_dir), FP32, "cpu", matmul="native",
-                          lora=LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=dropout))  # fmt: skip
+        lora = LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=dropout)
+        learner = Learner(adapt(load_model(tiny_dir), lora), FP32, model_cfg=ModelConfig(matmul="native"))
         with torch.no_grad():  # B != 0: the adapters' input reaches the output
             for n, p in learner.model.named_parameters():
                 if ".lora_B." in n:

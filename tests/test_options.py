@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from unison.algorithms import kl_penalty
-from unison.config import TrainConfig, load_config
+from unison.config import ModelConfig, TrainConfig, load_config
 from unison.evaluation import pass_at_k
-from unison.learner import lr_factor
+from unison.schedules import lr_factor
 from unison.trainer import train
 
 REWARD = f"{Path(__file__).parent / 'reward_fixture.py'}:even_length"
@@ -108,9 +108,9 @@ def test_checkpointed_layers_recompute_in_the_backward_with_dropout_off():
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
 
-    learner = Learner(tiny_model("gpt2"), PrecisionPolicy(torch.float32, torch.float32), "cpu",
-                      gradient_checkpointing=True)  # fmt: skip
-    assert not learner.share_prompts
+    learner = Learner(tiny_model("gpt2"), PrecisionPolicy(torch.float32, torch.float32),
+                      model_cfg=ModelConfig(gradient_checkpointing=True))
+    assert not learner.batcher.share_prompts
     dropouts = [m for m in learner.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and not any(m.training for m in dropouts)
     calls = []

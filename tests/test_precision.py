@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from unison.errors import UserError
+from unison.matmul import set_matmul
 from unison.precision import (
     LossScaleFloorError,
     LossScaler,
@@ -14,7 +15,6 @@ from unison.precision import (
     checksum,
     parse_precision,
     resolve_device,
-    set_matmul,
 )
 
 

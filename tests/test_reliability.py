@@ -217,11 +217,11 @@ def test_fp16_overflow_stops_naming_the_layer(engine):
     prompts = _prompts()
     if engine == "native":
         eng = NativeEngine(model, torch.float16, "cpu")
-        guard = OverflowGuard.attach(eng.model, "stop", "rollout engine (decode)")
+        guard = eng.overflow_guard("stop", "rollout engine (decode)")
         with pytest.raises(ActivationOverflowError, match=r"rollout engine .* layer 2 \(MLP block"):
             eng.generate(prompts, SamplingParams(max_new_tokens=4))
     else:
-        learner = Learner(model, PrecisionPolicy(torch.float16, torch.float16), "cpu")
+        learner = Learner(model, PrecisionPolicy(torch.float16, torch.float16))
         guard = OverflowGuard.attach(learner.model, "stop", "learner (full-sequence forward)")
         ro = Rollouts(prompts, torch.ones(3, 2, dtype=torch.long) * 7, torch.zeros(3, 2),
                       torch.ones(3, 2, dtype=torch.bool), torch.full((3,), 2),
@@ -239,7 +239,7 @@ def test_fp16_overflow_in_the_learners_shared_prompt_pass_is_named():
     from unison.precision import PrecisionPolicy
     from unison.rollout.base import Rollouts
 
-    learner = Learner(_overflowing_model(2, 1000.0), PrecisionPolicy(torch.float16, torch.float16), "cpu")
+    learner = Learner(_overflowing_model(2, 1000.0), PrecisionPolicy(torch.float16, torch.float16))
     guard = OverflowGuard.attach(learner.model, "stop", "learner (full-sequence forward)")
     mlp, passes = learner.model.model.layers[2].mlp, []
 
@@ -268,7 +268,7 @@ def test_fp32_layers_cures_an_mlp_overflow_in_the_engine():
 
     params = SamplingParams(max_new_tokens=6)
     eng = NativeEngine(_overflowing_model(2, 1000.0), torch.float16, "cpu", seed=3)
-    guard = OverflowGuard.attach(eng.model, "fp32_layers", "rollout engine (decode)")
+    guard = eng.overflow_guard("fp32_layers", "rollout engine (decode)")
     out = eng.generate(_prompts(), params)
     assert guard.upcast == [2]
     assert torch.isfinite(out.logprobs).all()

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from unison.config import ModelConfig, MoeConfig
 from unison.routing import flips, routing_metrics
 
 MOE = ("qwen2-moe", "qwen3-moe", "mixtral")
@@ -48,7 +49,7 @@ def test_engine_and_learner_route_alike_in_fp32(arch, tmp_path):
     d = save_tiny(arch, tmp_path / arch)
     tok = load_tokenizer(d)
     f32 = torch.float32
-    learner = Learner(load_model(d, device="cpu", dtype=f32), PrecisionPolicy(f32, f32), "cpu")
+    learner = Learner(load_model(d, device="cpu", dtype=f32), PrecisionPolicy(f32, f32))
     engine = NativeEngine(load_model(d, device="cpu", dtype=f32), f32, "cpu", seed=0)
     assert engine.decode_path() == ("fast", "")
     # identical prompts (one prefill for each), and rows that stop early (dropped from the batch)
@@ -127,8 +128,8 @@ def test_replay_makes_the_learner_route_as_the_engine_did(arch, tmp_path):
     assert [len(r) for r in ro.replay] == [len(p) + int(n) for p, n in zip(ro.prompt_ids, ro.lengths)]
     got = {}
     for replay in (False, True):
-        learner = Learner(load_model(d, device="cpu", dtype=torch.float32), PrecisionPolicy(bf16, bf16), "cpu",
-                          matmul="native", routing_replay=replay)  # fmt: skip
+        learner = Learner(load_model(d, device="cpu", dtype=torch.float32), PrecisionPolicy(bf16, bf16),
+                          model_cfg=ModelConfig(matmul="native"), moe=MoeConfig(routing_replay=replay))
         m = routing_metrics(*ro.routing, *learner.routing(ro), ro.mask)
         got[replay] = (m["routing_flip_frac"], mismatch_metrics(learner.recompute(ro), ro.logprobs, ro.mask)["k3"])
         if replay:  # the learner's chosen experts are the engine's, to the last token fed
@@ -168,7 +169,7 @@ def test_the_engine_self_test_routes_an_moe_learner_with_the_engines_experts(mon
 
     bf16 = PrecisionPolicy(torch.bfloat16, torch.bfloat16)
     engine = NativeEngine(tiny_model("qwen3-moe", seed=3), torch.bfloat16, "cpu", seed=0, matmul="native")
-    learner = Learner(tiny_model("qwen3-moe", seed=3), bf16, "cpu", matmul="native")
+    learner = Learner(tiny_model("qwen3-moe", seed=3), bf16, model_cfg=ModelConfig(matmul="native"))
     assert learner.moe and not learner.routing_replay
     prompts = [[5 + i, 9, 17 + i, 40] for i in range(8)]
     replayed = self_test(engine, learner, prompts, tokens=32)["self_test/abs_log_ratio_mean"]

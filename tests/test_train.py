@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unison.algorithms import PRESETS
-from unison.config import TrainConfig, load_config
+from unison.config import OptimConfig, TrainConfig, load_config
 from unison.trainer import train
 
 
@@ -99,7 +99,7 @@ def test_existing_run_folder_needs_resume_or_overwrite(tiny_dir, tmp_path):
 
 
 def test_length_buckets_cut_by_padding_waste():
-    from unison.learner import length_buckets
+    from unison.batching import length_buckets
 
     lengths = torch.tensor([5, 100, 7, 90, 8, 120, 6, 30])
     # sorted 5 6 7 8 30 90 100 120 (rows 0 6 2 4 7 3 1 5). Size 3: [5 6 7] is full; 8 then 30 would pad to
@@ -112,7 +112,7 @@ def test_length_buckets_cut_by_padding_waste():
 
 
 def test_length_buckets_keep_a_token_budget():
-    from unison.learner import length_buckets
+    from unison.batching import length_buckets
 
     lengths = torch.tensor([5, 100, 7, 90, 8, 120, 6, 30])
     # the buckets of test_length_buckets_cut_by_padding_waste (size 64), with 200 padded tokens at most:
@@ -127,25 +127,25 @@ def test_learner_micro_batches_count_prompt_tokens_within_the_device_budget(buil
     from unison.rollout.base import Rollouts
 
     policy = PrecisionPolicy(torch.float32, torch.float32)
-    assert Learner.from_pretrained(builtin_dir, policy, "cpu").micro_batch_tokens == 2**18 // 128  # hidden 128
-    learner = Learner.from_pretrained(builtin_dir, policy, "cpu", micro_batch_tokens=100)
+    assert Learner.from_pretrained(builtin_dir, policy).batcher.token_budget == 2**18 // 128  # hidden 128
+    learner = Learner.from_pretrained(builtin_dir, policy, optim=OptimConfig(micro_batch_tokens=100))
     n = torch.tensor([10, 40, 20, 30])  # with prompts of 30, 0, 20, 10 tokens: 40 each
     r = Rollouts(prompt_ids=[[5] * 30, [], [5] * 20, [5] * 10], response_ids=torch.zeros(4, 40, dtype=torch.long),
                  logprobs=torch.zeros(4, 40), mask=torch.arange(40)[None] < n[:, None], lengths=n,
                  finished=torch.ones(4, dtype=torch.bool))  # fmt: skip
-    assert [b.tolist() for b in learner.micro_batches(r, 64)] == [[0, 1], [2, 3]]  # 2 x 40 <= 100 < 3 x 40
-    assert [b.tolist() for b in learner.micro_batches(r, 64, rows=torch.tensor([3, 1]))] == [[0, 1]]
+    assert [b.tolist() for b in learner.batcher.plan(r, 64)] == [[0, 1], [2, 3]]  # 2 x 40 <= 100 < 3 x 40
+    assert [b.tolist() for b in learner.batcher.plan(r, 64, rows=torch.tensor([3, 1]))] == [[0, 1]]
 
 
 def test_one_update_per_batch_takes_pi_old_from_its_own_forward(builtin_dir, tmp_path, monkeypatch):
     """With one update per rollout batch the recompute pass is skipped; metrics match the run that recomputes."""
-    import unison.trainer as trainer
+    import unison.step as step
 
     extra = {"rollout.max_new_tokens": 96, "optim.train_batch_size": 8, "optim.micro_batch_size": 8, "run.steps": 2}
     fast = [json.loads(x) for x in (train(tiny_cfg(builtin_dir, tmp_path / "a", **extra), quiet=True)
                                      / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert "perf/recompute_tokens_per_s" not in fast[0]
-    monkeypatch.setattr(trainer, "needs_recompute", lambda optim, batch: True)
+    monkeypatch.setattr(step, "needs_recompute", lambda optim, batch: True)
     slow = [json.loads(x) for x in (train(tiny_cfg(builtin_dir, tmp_path / "b", **extra), quiet=True)
                                      / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert "perf/recompute_tokens_per_s" in slow[0]
@@ -174,12 +174,13 @@ def test_shared_prompts_give_the_one_forward_logprobs_and_gradients(tiny_dir):
     # the rows of a group run on their prompt's keys and values, computed once: in fp32 the same log-probs and
     # gradients as one forward over every [prompt, response] row, up to summation order. Prompts of other lengths
     # (left-padded in the prompt forward), responses from 1 token to the longest.
-    from unison.learner import Learner, SequenceBatch
+    from unison.batching import SequenceBatch
+    from unison.learner import Learner
     from unison.precision import PrecisionPolicy
 
     r = _group_rollouts([40, 55, 12], group=4, T=20)
-    learner = Learner.from_pretrained(tiny_dir, PrecisionPolicy(torch.float32, torch.float32), "cpu")
-    assert learner.share_prompts
+    learner = Learner.from_pretrained(tiny_dir, PrecisionPolicy(torch.float32, torch.float32))
+    assert learner.batcher.share_prompts
     out = {}
     for share in (False, True):
         learner.model.zero_grad()
@@ -196,7 +197,8 @@ def test_shared_prompts_give_the_one_forward_logprobs_and_gradients(tiny_dir):
 
 
 def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
-    from unison.learner import Learner, SequenceBatch
+    from unison.batching import SequenceBatch
+    from unison.learner import Learner
     from unison.models import random_model
     from unison.precision import PrecisionPolicy
 
@@ -212,28 +214,28 @@ def test_prompts_are_shared_only_where_that_saves_tokens(tiny_dir):
     # two 40-token prompts, 4 rows each, 10-token responses, a budget of 100 tokens: 2 rows a micro-batch (4 x 58
     # tokens, each run as its prompt then 2 x 9 response tokens: 232). Without the budget all 8 rows run in one,
     # 2 x 40 + 8 x 9 = 152 <= 0.8 x 232 tokens, so that is chosen; with short prompts it would not be
-    learner = Learner.from_pretrained(tiny_dir, policy, "cpu")
-    assert learner.auto_budget
-    learner.micro_batch_tokens = 100  # as if this machine's automatic budget were 100 tokens
+    learner = Learner.from_pretrained(tiny_dir, policy)
+    assert learner.batcher.auto_budget
+    learner.batcher.token_budget = 100  # as if this machine's automatic budget were 100 tokens
     even = _group_rollouts([40, 40], group=4, T=10, lengths=[10] * 8)
-    assert [b.tolist() for b in learner.micro_batches(even, 64)] == [list(range(8))]
-    assert [b.tolist() for b in learner.micro_batches(even, 64, rows=torch.tensor([4, 5, 6]))] == [[0, 1, 2]]
-    learner.share_prompts = False
-    assert [b.tolist() for b in learner.micro_batches(even, 64)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    learner.share_prompts = True
+    assert [b.tolist() for b in learner.batcher.plan(even, 64)] == [list(range(8))]
+    assert [b.tolist() for b in learner.batcher.plan(even, 64, rows=torch.tensor([4, 5, 6]))] == [[0, 1, 2]]
+    learner.batcher.share_prompts = False
+    assert [b.tolist() for b in learner.batcher.plan(even, 64)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    learner.batcher.share_prompts = True
     short = _group_rollouts([3, 3], group=4, T=10, lengths=[10] * 8)  # 8 x 13 tokens either way
-    assert [b.tolist() for b in learner.micro_batches(short, 64)] == [[0, 1, 2, 3, 4, 5, 6], [7]]
-    user = Learner.from_pretrained(tiny_dir, policy, "cpu", micro_batch_tokens=100)  # a budget the user set is kept
-    assert [b.tolist() for b in user.micro_batches(even, 64)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert not Learner.from_pretrained(tiny_dir, policy, "cpu", share_prompts=False).share_prompts
-    assert not Learner(random_model(use_sliding_window=True, sliding_window=16, max_window_layers=0), policy,
-                       "cpu").share_prompts
+    assert [b.tolist() for b in learner.batcher.plan(short, 64)] == [[0, 1, 2, 3, 4, 5, 6], [7]]
+    user = Learner.from_pretrained(tiny_dir, policy, optim=OptimConfig(micro_batch_tokens=100))  # the user's is kept
+    assert [b.tolist() for b in user.batcher.plan(even, 64)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert not Learner.from_pretrained(tiny_dir, policy, optim=OptimConfig(share_prompts=False)).batcher.share_prompts
+    windowed = random_model(use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    assert not Learner(windowed, policy).batcher.share_prompts
 
 
 def test_shared_prompts_train_like_one_forward_per_row(tiny_dir, tmp_path, monkeypatch):
     # long prompts shared by their group: the learner runs each once (in the update and, with two updates per rollout
     # batch, in the recompute of log pi_old). Over two fp32 steps the run matches one that runs every row's prompt.
-    from unison.learner import Learner
+    from unison.learner import PolicyForward
 
     shots = "12-3:12,9,6,3,0\n#0\n" * 4
     starts, steps = (40, 47, 54, 61), (3, 4, 5, 6)
@@ -244,9 +246,9 @@ def test_shared_prompts_train_like_one_forward_per_row(tiny_dir, tmp_path, monke
              "optim.share_prompts": True, "precision.rollout": "fp32", "precision.train": "fp32"}
 
     passes = []
-    shared_logits = Learner.shared_prompt_logits
-    monkeypatch.setattr(Learner, "shared_prompt_logits", lambda self, batch, *a: passes.append(len(batch.shared.ids))
-                        or shared_logits(self, batch, *a))  # fmt: skip
+    shared_logits = PolicyForward.shared_prompt_logits
+    monkeypatch.setattr(PolicyForward, "shared_prompt_logits",
+                        lambda self, batch: passes.append(len(batch.shared.ids)) or shared_logits(self, batch))
     runs = {}
     for share in (True, False):
         passes.clear()

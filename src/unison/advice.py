@@ -107,7 +107,7 @@ def gradient_stats(learner, rollouts, scale: float, passes: int = 3, seed: int =
         adv = torch.randint(0, 2, (len(rollouts),), generator=g).float() * 2 - 1
         n = int(rollouts.mask.sum())
         learner.weights.zero_grad()
-        for idx in learner.micro_batches(rollouts, 64):
+        for idx in learner.batcher.plan(rollouts, 64):
             part = rollouts.select(idx)
             batch = learner.batch(part)
             logp = learner.logprobs(batch)

@@ -377,15 +377,27 @@ def get_preset(name: str) -> Preset:
     return choose("algorithm preset", PRESETS, name)
 
 
+@dataclass(frozen=True)
+class KLTerm:
+    """A KL penalty to a reference policy in the loss: + coef x the estimator's per-token KL(pi_theta || ref),
+    aggregated as the policy loss is. logp_ref [B, T] log ref(y_t), without grad."""
+
+    coef: float
+    estimator: str
+    logp_ref: torch.Tensor
+
+
 def policy_loss(preset: Preset | str | Mapping, logp, logp_old, logp_mu, advantages, mask, max_len=None,
-                total_tokens=None, total_seqs=None):  # fmt: skip
-    """The one call site of every policy loss: correction -> objective -> aggregation. Returns (loss, metrics).
+                total_tokens=None, total_seqs=None, kl: KLTerm | None = None):  # fmt: skip
+    """The one call site of every policy loss: correction -> objective -> aggregation (+ the KL term). Returns
+    (loss, metrics).
 
     preset        a Preset, a preset name, or a mapping of Preset fields
     logp          [B, T] log pi_theta(y_t), with grad          logp_old  [B, T] log pi_old (None for ratio_base current)
     logp_mu       [B, T] log mu(y_t) from the sampler          advantages [B] one per sequence
     mask          [B, T] bool response tokens                  max_len   configured max response length
     total_tokens, total_seqs   the mini-batch's `aggregation_counts` when this is one of its micro-batches
+    kl            a KL penalty to the reference policy (`KLTerm`), with its metric kl/ref (per-token mean)
     """
     if isinstance(preset, str):
         preset = get_preset(preset)
@@ -403,7 +415,11 @@ def policy_loss(preset: Preset | str | Mapping, logp, logp_old, logp_mu, advanta
         logp, logp_base if logp_old is None else logp_old, logp_mu, advantages, mask, weights,
         clip_low=preset.clip_low, clip_high=preset.clip_high,
     )  # fmt: skip
-    loss = AGGREGATIONS[preset.aggregation](
-        per_token, mask, max_len, total_tokens=total_tokens, total_seqs=total_seqs
-    )
-    return loss, metrics | obj_metrics
+    aggregate = AGGREGATIONS[preset.aggregation]
+    loss = aggregate(per_token, mask, max_len, total_tokens=total_tokens, total_seqs=total_seqs)
+    metrics = metrics | obj_metrics
+    if kl is not None:  # + beta * aggregate_t KL_t(pi_theta || ref)
+        per_kl = kl_penalty(kl.estimator, logp, kl.logp_ref, mask)  # [B, T]
+        loss = loss + kl.coef * aggregate(per_kl, mask, max_len, total_tokens=total_tokens, total_seqs=total_seqs)
+        metrics = {**metrics, "kl/ref": per_kl.detach().sum() / mask.sum().clamp(min=1)}
+    return loss, metrics

@@ -375,7 +375,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     from unison.errors import UserError
     from unison.models import load_model, load_tokenizer
     from unison.precision import parse_precision
-    from unison.setup import check_output_folder
+    from unison.runfolder import check_output_folder
 
     target = parse_precision(dtype)
     size = parse_size(shard_size, "--shard-size")

@@ -12,10 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from unison import distributed
+from unison import distributed, offline  # noqa: F401 (offline: the environment, before any library reads it)
 from unison.errors import SIGINT_CODE, WRITE_FAILED, RunFault, UserError
-
-COMMANDS = ("probe", "train", "eval", "filter", "demo", "export", "samples", "plot")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -280,7 +278,7 @@ def cmd_export(args) -> None:
 
 def cmd_plot(args) -> None:
     from unison.report import plot_runs, read_metrics
-    from unison.setup import check_output_file
+    from unison.runfolder import check_output_file
 
     known: set[str] = set()
     for run in args.runs:

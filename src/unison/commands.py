@@ -27,7 +27,8 @@ from unison.config import (
 )
 from unison.evaluation import evaluate, score
 from unison.precision import parse_precision
-from unison.setup import Setup, build, check_output_file
+from unison.runfolder import check_output_file
+from unison.setup import Setup, build
 
 
 @dataclass

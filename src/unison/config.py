@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from unison.errors import UserError
+from unison.rollout import check_capability
 
 
 def doc(default, text: str, **kw):
@@ -34,7 +35,7 @@ def _precisions():
 
 
 def _matmul_modes():
-    from unison.precision import MATMUL_MODES
+    from unison.matmul import MATMUL_MODES
 
     return MATMUL_MODES
 
@@ -164,8 +165,9 @@ class RolloutConfig:
 
     def validate(self) -> None:
         check(self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be at least 1")
-        check(self.tensor_parallel_size == 1 or self.engine == "vllm", "rollout.tensor_parallel_size",
-              "applies to rollout.engine=vllm only (the native engine runs on one device)")  # fmt: skip
+        if self.tensor_parallel_size > 1:
+            size = self.tensor_parallel_size
+            check_capability(self.engine, "tensor_parallel", f"rollout.tensor_parallel_size={size}")
         check(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
         check(self.group_size >= 1, "rollout.group_size", "must be at least 1")
         check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1")
@@ -201,7 +203,7 @@ class OptimConfig:
     lr: float = doc(2e-5, "AdamW learning rate (the peak, under a schedule)")
     schedule: str = doc("constant", "learning-rate schedule over the run's steps, after optim.warmup_steps of "
                                     "linear warm-up: constant, linear (to optim.min_lr_ratio x lr at the last step) or "
-                                    "cosine (likewise)", choices=_table("LR_SCHEDULES", "unison.learner"))
+                                    "cosine (likewise)", choices=_table("LR_SCHEDULES", "unison.schedules"))
     warmup_steps: int = doc(0, "RL steps of linear warm-up from 0 to optim.lr")
     min_lr_ratio: float = doc(0.0, "the learning rate at the last step of a linear or cosine schedule, as a share of "
                                    "optim.lr")
@@ -332,13 +334,13 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         r, o = self.rollout, self.optim
         validate_sections(self)
-        check(self.precision.lm_head == "same" or r.engine == "native", "precision.lm_head",
-              "fp32 needs the native engine: vLLM computes the LM head in the model's dtype")  # fmt: skip
-        check(not self.moe.routing_replay or r.engine == "native", "moe.routing_replay",
-              f"needs the native engine, which records the experts it chooses; rollout.engine={r.engine} does not")
-        check(not self.metrics.exact_divergence or r.engine == "native", "metrics.exact_divergence",
-              f"needs the whole distributions the native engine keeps; rollout.engine={r.engine} returns the sampled "
-              "tokens' log-probs only")  # fmt: skip
+        needs = {"fp32_lm_head": self.precision.lm_head == "fp32", "routing": self.moe.routing_replay,
+                 "distributions": self.metrics.exact_divergence}  # fmt: skip
+        settings = {"fp32_lm_head": "precision.lm_head=fp32", "routing": "moe.routing_replay=true",
+                    "distributions": "metrics.exact_divergence=true"}  # fmt: skip
+        for capability, asked in needs.items():
+            if asked:
+                check_capability(r.engine, capability, settings[capability])
         check(r.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare responses within a "
               "group)")  # fmt: skip
         check(r.temperature > 0, "rollout.temperature", "must be > 0 for RL sampling")

@@ -95,7 +95,7 @@ def measure(model_dir, prompts: list[list[int]], max_new_tokens: int = 24, preci
     params = SamplingParams(max_new_tokens, 1.0, stop_token_ids=stop_token_ids)
     fp32 = PrecisionPolicy(torch.float32, torch.float32)
     model = load_model(model_dir, device=device)
-    learner = Learner(model, fp32, device)
+    learner = Learner(model, fp32)
     sampler = make_engine(engine, model_dir, dtype=torch.float32, device=device, seed=seed, **engine_kwargs)
     try:
         learner.sync(sampler)  # the weights reach the engine and read back exactly
@@ -110,7 +110,7 @@ def measure(model_dir, prompts: list[list[int]], max_new_tokens: int = 24, preci
     result.mismatch["fp32"] = float((pi - ro.logprobs).abs()[ro.mask].mean())
     for name in precisions:
         dtype = PrecisionPolicy.from_names(name, name)
-        learner = Learner(load_model(model_dir, device=device), dtype, device)
+        learner = Learner(load_model(model_dir, device=device), dtype)
         sampler = make_engine(engine, model_dir, dtype=dtype.rollout, device=device, seed=seed, **engine_kwargs)
         try:
             learner.sync(sampler)

@@ -7,24 +7,27 @@ model's logit transforms (`unison.hf.LogitsAt`), and their logits are upcast to 
 (`unison.sampling`). The model stays in eval mode: no dropout, so the policy trained is the policy that samples.
 Where several rows of a micro-batch share a prompt (the samples of a group) and that costs fewer tokens, the
 micro-batch runs in two forwards instead: each distinct prompt once, then every response on its prompt's keys and
-values (`SharedPrompts`); gradients through those keys and values sum over the rows that share them, so the step is
-the same up to rounding.
+values (`unison.batching.SharedPrompts`); gradients through those keys and values sum over the rows that share them,
+so the step is the same up to rounding.
+
+The model arrives prepared (`unison.setup.Setup.learner`): a LoRA model is peft's wrapper, whose adapters alone are
+trained; an MoE model's routers can replay the engine's experts (`unison.routing.install_replay`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
-from dataclasses import dataclass
 
 import torch
 
+from unison.batching import MicroBatch, MicroBatcher, SequenceBatch
+from unison.config import ModelConfig, MoeConfig, OptimConfig, PrecisionConfig
 from unison.distributed import SINGLE, World, shard
-from unison.errors import UserError
 from unison.hf import LogitsAt, cache_kwarg, output_cache
-from unison.lora import check_rank, check_same_shape, merged_weights, read_adapter, resolve_targets, set_dropout, wrap
+from unison.lora import is_peft, merged_weights, set_dropout
+from unison.matmul import matmul_mode, set_matmul
 from unison.precision import (
     LossScaler,
     MasterWeights,
@@ -35,110 +38,17 @@ from unison.precision import (
     checksum,
     full_tensor,
     local_tensor,
-    matmul_mode,
-    set_matmul,
     step,
     upcast_lm_head,
 )
 from unison.rollout.base import Rollouts
-from unison.rollout.native import layer_windows
-from unison.routing import install_replay, routers
+from unison.routing import RoutingRecorder, install_replay, routers
 from unison.sampling import entropy as entropy_of
 from unison.sampling import process_logits, token_logprobs
 
 
-def length_buckets(lengths: torch.Tensor, size: int, slack: float = 1.25, max_tokens: int = 0) -> list[torch.Tensor]:
-    """Row indices in micro-batches of at most `size` rows, rows of similar length together.
-
-    Rows are sorted by length and cut greedily: a micro-batch closes when it holds `size` rows, when the next row
-    would make its padded size (rows x longest row) exceed `slack` times its real tokens, or (with `max_tokens`)
-    exceed `max_tokens`. A forward then costs about the tokens it holds rather than rows x the longest response of
-    the whole batch (RL responses spread from a few tokens to the limit), at the price of a few more, smaller
-    forwards. A row longer than `max_tokens` gets a micro-batch of its own.
-    """
-    order = torch.argsort(lengths, stable=True)
-    lens = lengths[order].clamp(min=1).tolist()
-    buckets, start, real = [], 0, 0
-    for i, n in enumerate(lens):
-        rows = i - start
-        padded = (rows + 1) * n
-        if rows and (rows == size or padded > slack * (real + n) or (max_tokens and padded > max_tokens)):
-            buckets.append(order[start:i])
-            start, real = i, 0
-        real += n
-    if start < len(lens):
-        buckets.append(order[start:])
-    return buckets
-
-
-def prompt_groups(prompts: list[list[int]]) -> tuple[torch.Tensor, list[tuple]]:
-    """Each row's prompt as an index into the distinct prompts, and those prompts (in order of first use)."""
-    index: dict[tuple, int] = {}
-    groups = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts], dtype=torch.long)
-    return groups, list(index)
-
-
-def plain_cost(prompt_lengths: torch.Tensor, response_lengths: torch.Tensor) -> int:
-    """Padded tokens of a one-forward micro-batch: rows x the longest prompt + response."""
-    return len(prompt_lengths) * int((prompt_lengths + response_lengths).max())
-
-
-def shared_cost(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor) -> int:
-    """Padded tokens of a micro-batch run as distinct prompts, then responses (all but their last token)."""
-    return len(torch.unique(groups)) * int(prompt_lengths.max()) + len(groups) * max(int(response_lengths.max()) - 1, 0)
-
-
-# Prompts are shared (a micro-batch laid out as `SharedPrompts`; on a CPU, micro-batches cut without the token budget)
-# where that costs at most this share of the tokens of the other way: the two-forward layout pays a masked attention
-# and a second pass of per-call work, which a small saving does not repay
-SHARE_GAIN = 0.8
-# ... and only for prompts of at least this many tokens on average: a short prompt saves less than a second pass costs
-SHARE_MIN_PROMPT = 32
-
-
-def prefer_shared(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor) -> bool:
-    """Whether a micro-batch runs each distinct prompt once (`SharedPrompts`): some rows share a prompt, the prompts
-    average SHARE_MIN_PROMPT tokens, and that layout costs at most SHARE_GAIN of the tokens of one forward."""
-    return (len(torch.unique(groups)) < len(groups)
-            and int(prompt_lengths.sum()) >= SHARE_MIN_PROMPT * len(groups)
-            and shared_cost(groups, prompt_lengths, response_lengths)
-            <= SHARE_GAIN * plain_cost(prompt_lengths, response_lengths))  # fmt: skip
-
-
-# Hidden activation values per forward/backward on a CPU (padded tokens x hidden size): the learner step per token is
-# fastest with micro-batches whose activations stay in cache (docs/benchmarks.md, the learner tables). GPUs want
-# the biggest micro-batch that fits.
-CPU_MICRO_BATCH_VALUES = 2**18
-
-# models whose prompts can be run once per micro-batch (`SharedPrompts`): full causal attention over a DynamicCache
-SHARED_PROMPT_TYPES = {"qwen2", "qwen3", "llama"}
-
-
-# learning-rate schedules: the share of the peak learning rate after warm-up, at progress p in [0, 1] through the
-# rest of the run (floor: optim.min_lr_ratio)
-def _constant(p: float, floor: float) -> float:
-    return 1.0
-
-
-def _linear(p: float, floor: float) -> float:
-    return 1.0 - (1.0 - floor) * p
-
-
-def _cosine(p: float, floor: float) -> float:
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-LR_SCHEDULES = {"constant": _constant, "linear": _linear, "cosine": _cosine}
-
-
-def lr_factor(schedule: str, step: int, total: int, warmup: int = 0, floor: float = 0.0) -> float:
-    """The share of the peak learning rate for RL step `step` (0-based) of `total`: a linear warm-up over the first
-    `warmup` steps (step 0 of a warm-up gets 1/warmup of it, not 0), then the schedule from 1 at the warm-up's end
-    to `floor` at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    rest = max(total - warmup - 1, 1)
-    return LR_SCHEDULES[schedule](min((step - warmup) / rest, 1.0), floor)
+class WeightSyncError(RuntimeError):
+    """The rollout engine does not hold exactly the learner's weights after a sync."""
 
 
 def enable_checkpointing(model) -> None:
@@ -152,304 +62,35 @@ def enable_checkpointing(model) -> None:
             module.training = True
 
 
-def split_to(buckets: list[torch.Tensor], count: int) -> list[torch.Tensor]:
-    """`buckets` with the largest split in two until there are `count` of them (no more than the rows)."""
-    buckets = list(buckets)
-    while len(buckets) < count and max(map(len, buckets)) > 1:
-        i = max(range(len(buckets)), key=lambda j: len(buckets[j]))
-        half = len(buckets[i]) // 2
-        buckets[i : i + 1] = [buckets[i][:half], buckets[i][half:]]
-    return buckets
+class PolicyForward:
+    """A model's log-probs of response tokens over `SequenceBatch` rows: its own logits (LM head and logit
+    transforms) at the response positions, upcast to fp32 before the log-softmax. An MoE model's routers, where
+    `replay` is on and a batch carries the engine's experts, route each token with them."""
 
+    def __init__(self, model, replay: bool = False):
+        self.model = model
+        self.logits_at = LogitsAt(model)
+        self.routers = routers(model)
+        self.replay = replay
 
-@dataclass
-class MicroBatch:
-    """One micro-batch of an update, as `Learner.update` hands it to the loss.
-
-    rows      [b]     the rows of the rollout batch it holds
-    rollouts  those rows (`Rollouts.select`)
-    batch     the rows laid out for the forward
-    logp      [b, T]  log pi_theta of the response tokens, with gradient (0 on padding)
-    entropy   [b, T]  the policy's entropy at each response position (without gradient), when asked for
-    """
-
-    rows: torch.Tensor
-    rollouts: Rollouts
-    batch: SequenceBatch
-    logp: torch.Tensor
-    entropy: torch.Tensor | None = None
-
-
-class WeightSyncError(RuntimeError):
-    """The rollout engine does not hold exactly the learner's weights after a sync."""
-
-
-@dataclass
-class SharedPrompts:
-    """The distinct prompts of a micro-batch, run once. U prompts, P = the longest.
-
-    ids        [U, P]  left-padded
-    mask       [U, P]  1 on prompt tokens (long)
-    inverse    [B]     each row's prompt (an index into ids)
-    lengths    [B]     each row's prompt length
-    """
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    inverse: torch.Tensor
-    lengths: torch.Tensor
-
-
-@dataclass
-class SequenceBatch:
-    """Rows of [prompt, response] ready for a forward. B rows, L = longest row, T = longest response.
-
-    input_ids  [B, L]  right-padded; with `shared`, the responses but their last token [B, T-1]
-    gather     [B, T]  for response token j of row i, the position whose logits predict it (without `shared`)
-    targets    [B, T]  the response tokens (pad after the end)
-    mask       [B, T]  True on real response tokens
-    shared     the distinct prompts, run once (None: every row carries its prompt)
-    """
-
-    input_ids: torch.Tensor
-    gather: torch.Tensor | None
-    targets: torch.Tensor
-    mask: torch.Tensor
-    shared: SharedPrompts | None = None
-    replay: list[torch.Tensor] | None = None  # per router, the experts to route each input token with [B * L, k]
-
-    @classmethod
-    def from_rollouts(cls, rollouts: Rollouts, pad_token_id: int, device, share: bool = False) -> SequenceBatch:
-        """The rows of `rollouts`; with `share`, as distinct prompts and responses where `prefer_shared`."""
-        B, T = rollouts.response_ids.shape
-        plens = [len(p) for p in rollouts.prompt_ids]
-        lengths = rollouts.lengths.tolist()
-        if share and T > 1 and min(plens) > 0:
-            groups, distinct = prompt_groups(rollouts.prompt_ids)
-            if prefer_shared(groups, torch.tensor(plens), rollouts.lengths):
-                return cls.shared_layout(rollouts, distinct, groups, pad_token_id, device)
-        L = max(pl + n for pl, n in zip(plens, lengths))
-        ids = torch.full((B, max(L, 1)), pad_token_id, dtype=torch.long)
-        for i, (p, n) in enumerate(zip(rollouts.prompt_ids, lengths)):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-            ids[i, len(p) : len(p) + n] = rollouts.response_ids[i, :n]
-        offsets = torch.tensor(plens, dtype=torch.long)[:, None] - 1
-        gather = (offsets + torch.arange(T)[None, :]).clamp(max=ids.shape[1] - 1)
-        replay = None
-        if rollouts.replay is not None:  # the engine's experts at each position, -1 on padding
-            first = rollouts.replay[0]
-            plan = torch.full((B, ids.shape[1], *first.shape[1:]), -1, dtype=torch.long)
-            for i, r in enumerate(rollouts.replay):
-                plan[i, : len(r)] = r
-            replay = [plan[:, :, layer].reshape(-1, plan.shape[-1]).to(device) for layer in range(plan.shape[2])]
-        return cls(ids.to(device), gather.to(device), rollouts.response_ids.to(device), rollouts.mask.to(device),
-                   replay=replay)  # fmt: skip
-
-    @classmethod
-    def shared_layout(cls, rollouts: Rollouts, prompts: list[tuple], groups: torch.Tensor, pad_token_id: int,
-                      device) -> SequenceBatch:
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), P), dtype=torch.long)
-        for u, p in enumerate(prompts):
-            ids[u, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[u, P - len(p) :] = 1
-        lengths = torch.tensor([len(p) for p in rollouts.prompt_ids])
-        shared = SharedPrompts(ids.to(device), mask.to(device), groups.to(device), lengths.to(device))
-        return cls(rollouts.response_ids[:, :-1].to(device), None, rollouts.response_ids.to(device),
-                   rollouts.mask.to(device), shared)
-
-
-class Learner:
-    """Trains a causal LM with fp32 master weights; forward/backward in the train dtype."""
-
-    def __init__(
-        self,
-        model,
-        policy: PrecisionPolicy,
-        device,
-        lr: float = 1e-6,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        max_grad_norm: float | None = 1.0,
-        pad_token_id: int = 0,
-        loss_scaling: bool | None = None,
-        scaler_kwargs: dict | None = None,
-        matmul: str = "auto",
-        micro_batch_tokens: int = 0,
-        share_prompts: bool = True,
-        reference: bool = False,
-        gradient_checkpointing: bool = False,
-        world: World = SINGLE,
-        routing_replay: bool = False,
-        lora=None,
-        adapter=None,
-    ):
-        self.device = torch.device(device)
-        self.world = world
-        # padded tokens per forward/backward at most (speed only: gradients are summed over micro-batches either way);
-        # 0: CPU_MICRO_BATCH_VALUES / hidden size on a CPU, no limit elsewhere, nor with several ranks (each
-        # micro-batch there gathers every weight from the ranks twice, which a cache-sized one does not repay)
-        hidden = getattr(model.config, "hidden_size", 0) if hasattr(model, "config") else 0
-        auto = (max(CPU_MICRO_BATCH_VALUES // hidden, 1) if self.device.type == "cpu" and hidden
-                and not world.distributed else 0)  # fmt: skip
-        self.micro_batch_tokens = micro_batch_tokens or auto
-        self.auto_budget = bool(auto and not micro_batch_tokens)
-        self.policy = policy
-        # distinct prompts run once per micro-batch where the model's attention is plain causal attention whose
-        # cache HF can extend (no sliding window, no other cache kind)
-        cfg = getattr(model, "config", None)
-        # (not with gradient checkpointing: the recomputed prompt pass would append its keys and values again)
-        # (nor across ranks: every rank must run the same forwards, whose FSDP all-gathers pair up)
-        self.share_prompts = bool(share_prompts and cfg is not None and cfg.model_type in SHARED_PROMPT_TYPES
-                                  and not any(layer_windows(cfg)) and not gradient_checkpointing
-                                  and not world.distributed and not routing_replay)  # fmt: skip
-        # the policy that is trained is the policy that samples: dropout (and any other train-time randomness, such
-        # as a router's jitter) stays off, as in the rollout engine
-        # LoRA (`unison.lora`): peft adapts the target layers in place; the model itself then runs the adapters, the
-        # base frozen, the adapters alone trainable (so alone with fp32 masters); `peft` keeps peft's wrapper
-        self.peft = self._adapt(model, lora, adapter) if lora is not None else None
-        self.model = model.to(self.device).eval()
-        if hasattr(self.model.config, "use_cache"):
-            self.model.config.use_cache = False
-        self.matmul = matmul_mode(matmul, self.device, policy.train)
-        # a frozen copy of the starting policy in the train dtype, for a KL penalty (`reference_logprobs`)
-        self.reference = None
-        if reference:
-            self.reference = cast_module(copy.deepcopy(self.model), policy.train).eval()
-            for p in self.reference.parameters():
-                p.requires_grad_(False)
-            set_matmul(self.reference, self.matmul)
-            self.reference_logits_at = LogitsAt(self.reference)
-        if world.distributed:  # FSDP2: the sharded fp32 parameters are the master weights; it casts for compute
-            self.model = shard(self.model.float(), policy.train)
-            self.weights = MasterWeights(self.model, torch.float32)
-        else:
-            self.weights = MasterWeights(self.model, policy.train)
-        set_matmul(self.model, self.matmul)
-        # names of the LM head's parameters when it runs in fp32 (exported to the engine in fp32)
-        self.fp32_names: set[str] = set()
-        if policy.lm_head_fp32:
-            if world.distributed:
-                raise UserError("precision.lm_head=fp32 with several ranks is not supported yet; train on one rank "
-                                "or leave precision.lm_head=same")  # fmt: skip
-            self.fp32_names = upcast_lm_head(self.model, policy.train)
-            if self.reference is not None:
-                upcast_lm_head(self.reference, policy.train)
-        self.logits_at = LogitsAt(self.model)
-        # routing replay (R3): an MoE model routes each token with the experts the engine chose for it
-        self.routing_replay = routing_replay
-        self.moe = bool(routers(self.model))  # an MoE model: the routing mismatch can be measured
-        # (installed on every MoE model: without a plan a router runs as before; `replaying` turns replay on for a
-        # while, as the engine self-test does)
-        self.routers = install_replay(self.model) if self.moe else []
-        if routing_replay and not self.routers:
-            raise UserError("moe.routing_replay needs a mixture-of-experts model (Qwen2-MoE, Qwen3-MoE, Mixtral); "
-                            f"this {cfg.model_type if cfg is not None else 'model'} has no routers")  # fmt: skip
-        if gradient_checkpointing:
-            enable_checkpointing(self.model)
-        # PyTorch's fused AdamW (one kernel over all master weights) where it has one: the same update to an ulp as
-        # the per-tensor loop, in a fraction of its time
-        fused = self.device.type in ("cpu", "cuda") or None
-        self.optimizer = torch.optim.AdamW(self.weights.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                           fused=fused)  # fmt: skip
-        enabled = policy.needs_loss_scaling if loss_scaling is None else loss_scaling
-        self.scaler = LossScaler(enabled=enabled, **(scaler_kwargs or {}))
-        self.max_grad_norm = max_grad_norm
-        self.pad_token_id = pad_token_id
-        if lora is not None and lora.dropout > 0:  # the adapters' dropout alone in train mode (after LogitsAt's probe)
-            set_dropout(self.model, True)
-
-    @staticmethod
-    def _adapt(model, lora, adapter):
-        """peft's LoRA wrapper around `model` as `lora` (a LoraConfig section) asks, checked first: targets that
-        match layers, a rank each layer can take, and, going on from a saved adapter, one of that shape."""
-        targets = resolve_targets(model, lora.target_modules)
-        check_rank(model, targets, lora.rank)
-        if adapter is not None:
-            check_same_shape(adapter, lora.rank, lora.alpha, targets)
-        wrapped = wrap(model, lora.rank, lora.alpha, targets, lora.dropout)
-        if adapter is not None:  # go on from a saved adapter (before any copy of the model is taken)
-            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            saved = read_adapter(adapter, trainable)
-            with torch.no_grad():
-                for n, p in trainable.items():
-                    p.copy_(saved[n])
-        return wrapped
-
-    @classmethod
-    def from_pretrained(cls, model_dir, policy: PrecisionPolicy, device, **kwargs) -> Learner:
-        from unison.models import load_model, load_tokenizer
-
-        tok = load_tokenizer(model_dir)
-        model = load_model(model_dir, device=device, dtype=torch.float32)
-        return cls(model, policy, device, pad_token_id=tok.pad_token_id or 0, **kwargs)
-
-    # ---- forward --------------------------------------------------------------------------------------------
-    def micro_batches(self, rollouts: Rollouts, size: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """`length_buckets` of the rows (all, or `rows`; indices into them) by prompt + response length, within this
-        learner's token budget per micro-batch. Where rows share prompts and the budget is the automatic CPU one, the
-        buckets cut without it are taken instead if, each distinct prompt run once (`SharedPrompts`), they cost at
-        most SHARE_GAIN of the tokens: the budget keeps one forward's activations in cache, and a prompt pass that
-        serves more rows is worth more. A budget the user set is always kept."""
-        plens = torch.tensor([len(p) for p in rollouts.prompt_ids], dtype=torch.long)
-        rlens = rollouts.lengths
-        if rows is not None:
-            plens, rlens = plens[rows], rlens[rows]
-        plain = length_buckets(plens + rlens, size, max_tokens=self.micro_batch_tokens)
-        if self.world.distributed:  # every rank runs as many forwards as the rank that needs most
-            return split_to(plain, self.world.all_reduce_max(len(plain)))
-        if not self.share_prompts or not self.auto_budget:
-            return plain
-        prompts = rollouts.prompt_ids if rows is None else [rollouts.prompt_ids[i] for i in rows.tolist()]
-        groups, distinct = prompt_groups(prompts)
-        if len(distinct) == len(prompts) or not all(prompts):
-            return plain
-        free = length_buckets(plens + rlens, size)
-
-        def cost(b):  # tokens of a micro-batch, laid out as SequenceBatch.from_rollouts would
-            if prefer_shared(groups[b], plens[b], rlens[b]):
-                return shared_cost(groups[b], plens[b], rlens[b])
-            return plain_cost(plens[b], rlens[b])
-
-        return free if sum(map(cost, free)) <= SHARE_GAIN * sum(map(cost, plain)) else plain
-
-    def batch(self, rollouts: Rollouts) -> SequenceBatch:
-        return SequenceBatch.from_rollouts(rollouts, self.pad_token_id, self.device, share=self.share_prompts)
-
-    def response_logits(self, batch: SequenceBatch, reference: bool = False) -> torch.Tensor:
-        """The model's own logits (its LM head and logit transforms) at the response positions, in the train dtype;
-        with `reference`, the frozen starting policy's. -> [B, T, V]"""
+    def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        """The model's own logits at the response positions, in its dtype. -> [B, T, V]"""
         if batch.shared is not None:
-            return self.shared_prompt_logits(batch, self.reference if reference else self.model)
-        logits_at = self.reference_logits_at if reference else self.logits_at
-        if batch.replay is None or not self.routing_replay or reference:
-            return logits_at(batch.gather, input_ids=batch.input_ids)
+            return self.shared_prompt_logits(batch)
+        if batch.replay is None or not self.replay:
+            return self.logits_at(batch.gather, input_ids=batch.input_ids)
         for router, plan in zip(self.routers, batch.replay):  # route with the engine's experts
             router.replay_plan = plan
         try:
-            return logits_at(batch.gather, input_ids=batch.input_ids)
+            return self.logits_at(batch.gather, input_ids=batch.input_ids)
         finally:
             for router in self.routers:
                 router.replay_plan = None
 
-    @contextlib.contextmanager
-    def replaying(self):
-        """Within: an MoE learner routes every token of rollouts that carry the engine's experts (`Rollouts.replay`)
-        with them, whatever moe.routing_replay says."""
-        was, self.routing_replay = self.routing_replay, bool(self.routers)
-        try:
-            yield
-        finally:
-            self.routing_replay = was
-
-    def shared_prompt_logits(self, batch: SequenceBatch, model=None) -> torch.Tensor:
+    def shared_prompt_logits(self, batch: SequenceBatch) -> torch.Tensor:
         """Logits that predict the response tokens [B, T, V]: the distinct prompts run once (left-padded), their keys
         and values given to every row of them, then the responses on top."""
-        model = self.model if model is None else model
-        sp = batch.shared
-        cache_kw = cache_kwarg(model)
+        model, sp = self.model, batch.shared
         positions = (sp.mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=sp.ids, attention_mask=sp.mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)  # fmt: skip
@@ -459,18 +100,14 @@ class Learner:
         attention = torch.cat((sp.mask[sp.inverse], sp.mask.new_ones(B, T1)), 1)
         positions = sp.lengths[:, None] + torch.arange(T1, device=sp.lengths.device)[None, :]
         logits = model(input_ids=batch.input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                       **{cache_kw: cache}).logits  # fmt: skip
+                       **{cache_kwarg(model): cache}).logits  # fmt: skip
         return torch.cat((out.logits[sp.inverse], logits), 1)
 
     def logprobs(self, batch: SequenceBatch, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 with_entropy: bool = False, reference: bool = False):
-        """log pi of each response token (fp32, 0 on padding), with gradient; with `reference`, the frozen starting
-        policy's (no gradient). -> [B, T] (and entropy [B, T])"""
-        if reference:
-            with torch.no_grad():
-                logits = self.response_logits(batch, reference=True)
-        else:
-            logits = self.response_logits(batch)
+                 with_entropy: bool = False):
+        """log pi of each response token (fp32, 0 on padding), with gradient where the model has one.
+        -> [B, T] (and the entropy [B, T], without gradient, with `with_entropy`)"""
+        logits = self.response_logits(batch)
         logp = token_logprobs(logits, batch.targets, temperature, top_k, top_p).masked_fill(~batch.mask, 0.0)
         if not with_entropy:
             return logp
@@ -478,18 +115,133 @@ class Learner:
             ent = entropy_of(logits, temperature).masked_fill(~batch.mask, 0.0)
         return logp, ent
 
-    def _per_row(self, rollouts: Rollouts, micro_batch_size: int, compute) -> tuple[torch.Tensor, ...]:
-        """`compute(part)` over micro-batches of similar length, each of its tensors ([b, t, ...], on the CPU) put
-        in the rows of one [B, T, ...] tensor of its dtype, zeros elsewhere."""
-        B, T = rollouts.response_ids.shape
-        out = None
-        for idx in self.micro_batches(rollouts, micro_batch_size):
-            got = compute(rollouts.select(idx))
-            if out is None:
-                out = tuple(torch.zeros(B, T, *g.shape[2:], dtype=g.dtype) for g in got)
-            for o, g in zip(out, got):
-                o[idx, : g.shape[1]] = g
-        return out
+
+def frozen_copy(model, policy: PrecisionPolicy, matmul: str = "auto") -> PolicyForward:
+    """The starting policy of a KL penalty: a frozen copy of `model` (taken before training changes it, and before
+    routing replay is installed) in the train dtype, computed as the learner computes."""
+    device = next(model.parameters()).device
+    reference = cast_module(copy.deepcopy(model), policy.train).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    set_matmul(reference, matmul_mode(matmul, device, policy.train))
+    forward = PolicyForward(reference)
+    if policy.lm_head_fp32:
+        upcast_lm_head(reference, policy.train)
+    return forward
+
+
+class Learner:
+    """Trains a causal LM with fp32 master weights; forward/backward in the train dtype.
+
+    model          the prepared model (`Setup.learner`): peft's wrapper for LoRA, routers installed for replay
+    policy         the rollout, train and master dtypes
+    pad_token_id   what pads rows (never read: masked)
+    optim          AdamW, clipping and micro-batching (`OptimConfig`)
+    precision      loss scaling (`PrecisionConfig`: loss_scaling, init_scale, growth_interval, min_scale)
+    model_cfg      matmul mode and gradient checkpointing (`ModelConfig`)
+    moe            routing replay (`MoeConfig`)
+    world          the ranks (FSDP2 sharding with several)
+    """
+
+    def __init__(self, model, policy: PrecisionPolicy, *, pad_token_id: int = 0, optim: OptimConfig | None = None,
+                 precision: PrecisionConfig | None = None, model_cfg: ModelConfig | None = None,
+                 moe: MoeConfig | None = None, world: World = SINGLE):  # fmt: skip
+        optim, precision = optim or OptimConfig(), precision or PrecisionConfig()
+        model_cfg, moe = model_cfg or ModelConfig(), moe or MoeConfig()
+        self.peft = model if is_peft(model) else None  # peft's wrapper, whose checkpoint is its adapter
+        model = model.get_base_model() if self.peft is not None else model  # runs the adapters
+        self.device = next(model.parameters()).device
+        self.policy, self.world, self.pad_token_id = policy, world, pad_token_id
+        self.model = model.eval()  # no dropout (nor a router's jitter): the policy trained is the one that samples
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+        self.matmul = matmul_mode(model_cfg.matmul, self.device, policy.train)
+        self.batcher = MicroBatcher.for_model(model.config, self.device, optim.micro_batch_tokens, optim.share_prompts,
+                                              world, model_cfg.gradient_checkpointing or moe.routing_replay)
+        self._cast(policy, world)
+        install_replay(self.model)  # an MoE model's routers: inert without a plan (routing replay, the self-test)
+        self.forward = PolicyForward(self.model, replay=moe.routing_replay)
+        if model_cfg.gradient_checkpointing:
+            enable_checkpointing(self.model)
+        self._optimizer(optim, precision)
+        if self.peft is not None and self.peft.peft_config["default"].lora_dropout > 0:
+            set_dropout(self.model, True)  # the adapters' dropout alone in train mode (after LogitsAt's probe)
+
+    def _cast(self, policy: PrecisionPolicy, world: World) -> None:
+        """The compute copy in the train dtype beside the fp32 master weights (FSDP2's sharded fp32 parameters with
+        several ranks, which casts for compute), the matmul mode, and an LM head in fp32 where asked."""
+        if world.distributed:
+            self.model = shard(self.model.float(), policy.train)
+            self.weights = MasterWeights(self.model, torch.float32)
+        else:
+            self.weights = MasterWeights(self.model, policy.train)
+        set_matmul(self.model, self.matmul)
+        self.fp32_names: set[str] = set()  # the LM head's parameters when it runs in fp32 (exported in fp32)
+        if policy.lm_head_fp32:
+            self.fp32_names = upcast_lm_head(self.model, policy.train)
+
+    def _optimizer(self, optim: OptimConfig, precision: PrecisionConfig) -> None:
+        """PyTorch's fused AdamW (one kernel over all master weights, the same update to an ulp as the per-tensor
+        loop) where it has one; the loss scaler (dynamic for fp16 training unless precision.loss_scaling says)."""
+        fused = self.device.type in ("cpu", "cuda") or None
+        self.optimizer = torch.optim.AdamW(self.weights.params, lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                                           eps=1e-8, weight_decay=optim.weight_decay, fused=fused)  # fmt: skip
+        p = precision
+        enabled = self.policy.needs_loss_scaling if p.loss_scaling == "auto" else p.loss_scaling == "on"
+        self.scaler = LossScaler(enabled=enabled, init_scale=p.init_scale, growth_interval=p.growth_interval,
+                                 min_scale=p.min_scale)  # fmt: skip
+        self.max_grad_norm = optim.max_grad_norm or None
+
+    @classmethod
+    def from_pretrained(cls, model_dir, policy: PrecisionPolicy, device="cpu", **sections) -> Learner:
+        from unison.models import load_model, load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+        model = load_model(model_dir, device=device, dtype=torch.float32)
+        return cls(model, policy, pad_token_id=tok.pad_token_id or 0, **sections)
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    @property
+    def moe(self) -> bool:
+        """Whether the model is a mixture of experts (its routing mismatch can be measured)."""
+        return bool(self.forward.routers)
+
+    @property
+    def routing_replay(self) -> bool:
+        return self.forward.replay
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """Within: an MoE learner routes every token of rollouts that carry the engine's experts (`Rollouts.replay`)
+        with them, whatever moe.routing_replay says."""
+        was, self.forward.replay = self.forward.replay, self.moe
+        try:
+            yield
+        finally:
+            self.forward.replay = was
+
+    def batch(self, rollouts: Rollouts, share: bool | None = None) -> SequenceBatch:
+        share = self.batcher.share_prompts if share is None else share
+        return SequenceBatch.from_rollouts(rollouts, self.pad_token_id, self.device, share=share)
+
+    def logprobs(self, batch: SequenceBatch, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 with_entropy: bool = False):
+        """log pi_theta of each response token (fp32, 0 on padding), with gradient. -> [B, T] (and entropy)"""
+        return self.forward.logprobs(batch, temperature, top_k, top_p, with_entropy)
+
+    @torch.no_grad()
+    def recompute(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, with_entropy: bool = False, policy: PolicyForward | None = None):
+        """log pi_old for a whole rollout batch without gradient (with `policy`, that policy's: the reference), in
+        micro-batches of similar length. -> [B, T] fp32 on the CPU (and the entropy [B, T] with `with_entropy`)"""
+        policy = policy or self.forward
+
+        def compute(part):
+            res = policy.logprobs(self.batch(part), temperature, top_k, top_p, with_entropy=with_entropy)
+            return tuple(x.float().cpu() for x in (res if with_entropy else (res,)))
+
+        out = self.batcher.per_row(rollouts, micro_batch_size, compute)
+        return out if with_entropy else out[0]
 
     @torch.no_grad()
     def distributions(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0,
@@ -499,43 +251,27 @@ class Learner:
 
         def compute(part):
             batch = self.batch(part)
-            logq = process_logits(self.response_logits(batch), temperature, top_k, top_p).log_softmax(-1)
+            logq = process_logits(self.forward.response_logits(batch), temperature, top_k, top_p).log_softmax(-1)
             return (logq.masked_fill(~batch.mask[..., None], 0.0).float().cpu(),)
 
-        return self._per_row(rollouts, micro_batch_size, compute)[0]
+        return self.batcher.per_row(rollouts, micro_batch_size, compute)[0]
 
     @torch.no_grad()
     def routing(self, rollouts: Rollouts, micro_batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """An MoE model's router logits [B, T, L, E] and chosen experts [B, T, L, k] at the inputs of the response
         positions (each position that predicts a response token), from the learner's full-sequence forward."""
-        from unison.routing import RoutingRecorder
 
         def compute(part):
-            batch = SequenceBatch.from_rollouts(part, self.pad_token_id, self.device, share=False)
+            batch = self.batch(part, share=False)
             with RoutingRecorder(self.model) as rec:
-                self.response_logits(batch)
+                self.forward.response_logits(batch)
             b, L = batch.input_ids.shape
             rows, where = torch.arange(b)[:, None], batch.gather.to(torch.long)  # [b, 1], [b, t]
             logits = torch.stack([c[0][0].view(b, L, -1)[rows, where] for c in rec.calls], 2)
             experts = torch.stack([c[0][1].view(b, L, -1)[rows, where] for c in rec.calls], 2)
             return logits.float().cpu(), experts.cpu()
 
-        return self._per_row(rollouts, micro_batch_size, compute)
-
-    @torch.no_grad()
-    def recompute(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, with_entropy: bool = False, reference: bool = False):
-        """log pi_old (with `reference`, the frozen starting policy's log-probs) for a whole rollout batch without
-        gradient, in micro-batches of similar length (less padding).
-        -> [B, T] fp32 on the CPU (and the entropy [B, T] with `with_entropy`)"""
-
-        def compute(part):
-            res = self.logprobs(self.batch(part), temperature, top_k, top_p, with_entropy=with_entropy,
-                                reference=reference)  # fmt: skip
-            return tuple(x.float().cpu() for x in (res if with_entropy else (res,)))
-
-        out = self._per_row(rollouts, micro_batch_size, compute)
-        return out if with_entropy else out[0]
+        return self.batcher.per_row(rollouts, micro_batch_size, compute)
 
     # ---- update ---------------------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -551,7 +287,7 @@ class Learner:
         that the micro-batch losses sum to the step's loss, over every rank), and the loss is backpropagated before
         the next micro-batch runs; then the precision module unscales, clips and steps or skips (`precision.step`)."""
         self.weights.zero_grad()
-        parts = self.micro_batches(rollouts, micro_batch_size, rows)
+        parts = self.batcher.plan(rollouts, micro_batch_size, rows)
         for i, idx in enumerate(parts):
             if self.world.distributed:  # sharded: gradients reduced over the ranks once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(parts) - 1)
@@ -561,17 +297,6 @@ class Learner:
             res = self.logprobs(batch, temperature, top_k, top_p, with_entropy=with_entropy)
             logp, ent = res if with_entropy else (res, None)
             backward(loss_fn(MicroBatch(part_rows, part, batch, logp, ent)), self.weights, self.scaler)
-        return self.finish_step()
-
-    def step(self, losses) -> StepResult:
-        """One optimizer step over plain micro-batch losses (an iterable; a generator computes each after the
-        previous one's backward)."""
-        self.weights.zero_grad()
-        for loss in losses:
-            backward(loss, self.weights, self.scaler)
-        return self.finish_step()
-
-    def finish_step(self) -> StepResult:
         reduce = self.world.all_reduce_sum if self.world.distributed else None
         return step(self.weights, self.optimizer, self.scaler, self.max_grad_norm, all_reduce=reduce)
 
@@ -614,8 +339,9 @@ class Learner:
     def optimizer_state(self) -> dict:
         """The optimizer's state: the whole of it in one process; this rank's shard of it (plain tensors) with
         several ranks."""
-        return {"state": {k: {n: local_tensor(v) for n, v in st.items()} for k, st in self.optimizer.state_dict()[
-            "state"].items()}, "param_groups": self.optimizer.state_dict()["param_groups"]}
+        state = self.optimizer.state_dict()
+        return {"state": {k: {n: local_tensor(v) for n, v in st.items()} for k, st in state["state"].items()},
+                "param_groups": state["param_groups"]}  # fmt: skip
 
     def state_dict(self) -> dict:
         return {"master": self.master_state(), "optimizer": self.optimizer_state(), "scaler": self.scaler.state_dict()}
@@ -645,4 +371,3 @@ class Learner:
             out[k] = {n: DTensor.from_local(v, p.device_mesh, p.placements) if torch.is_tensor(v) and v.dim() else v
                       for n, v in st.items()}  # fmt: skip
         return {"state": out, "param_groups": optimizer_state["param_groups"]}
-

@@ -14,8 +14,8 @@ The engine's checksum is checked against them, as for full fine-tuning.
 
 A LoRA run's checkpoints hold the adapter in peft's format (`adapter_config.json`, whose base_model_name_or_path is
 the base model's folder, and `adapter_model.safetensors`: the fp32 masters). Such a folder is a model path for every
-command: `load_merged` gives the plain model with the adapter merged (the engines, `export`), `Setup.learner` the
-base with the adapter on it (`probe` measures the mismatch as LoRA training has it).
+command: `unison.models.load_merged` gives the plain model with the adapter merged (the engines, `export`),
+`Setup.learner` the base with the adapter on it (`probe` measures the mismatch as LoRA training has it).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from unison.errors import UserError
+from unison.precision import full_tensor
+from unison.routing import routers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -97,8 +99,6 @@ def _dims(module) -> tuple[int, int]:
 def decoder_linears(model) -> dict[str, list[tuple[str, tuple[int, int]]]]:
     """The linear layers of the decoder blocks (not the embeddings, the LM head or an MoE router) by their last name:
     [(full name, (in, out)), ...]. The blocks are found as the repeated layer list (model.layers, h, ...)."""
-    from unison.routing import routers
-
     skip = {id(r) for r in routers(model)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out: dict[str, list] = {}
@@ -159,6 +159,24 @@ def wrap(model, rank: int, alpha: float, targets: list[str], dropout: float = 0.
     return wrapped
 
 
+def adapt(model, lora, adapter=None):
+    """peft's LoRA wrapper around `model` as `lora` (a LoraConfig section) asks, checked first: targets that match
+    layers, a rank each layer can take, and, going on from a saved adapter (`adapter`, a folder), one of that shape,
+    whose fp32 weights the adapters start from."""
+    targets = resolve_targets(model, lora.target_modules)
+    check_rank(model, targets, lora.rank)
+    if adapter is not None:
+        check_same_shape(adapter, lora.rank, lora.alpha, targets)
+    wrapped = wrap(model, lora.rank, lora.alpha, targets, lora.dropout)
+    if adapter is not None:
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        saved = read_adapter(adapter, trainable)
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(saved[n])
+    return wrapped
+
+
 def set_dropout(model, on: bool) -> None:
     """The adapters' dropout modules in train mode (on) while everything else stays in eval mode."""
     for name, module in model.named_modules():
@@ -189,8 +207,6 @@ def merged_weights(model, masters: dict[str, torch.Tensor], dtype: torch.dtype, 
     gathered first."""
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import transpose
-
-    from unison.precision import full_tensor
 
     adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
     out = []
@@ -262,21 +278,3 @@ def check_same_shape(path, rank: int, alpha: float, targets: list[str]) -> None:
                         f"lora.alpha={have['alpha']:g} lora.target_modules={have['target_modules']}; to train a new "
                         "adapter on it, export it merged first (unison export PATH --out DIR) and train on DIR")
         # fmt: skip
-
-
-def load_merged(path, device="cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "auto"):
-    """The base model of an adapter folder with the adapter merged in (peft's merge, in fp32), cast to `dtype`: a
-    plain model."""
-    from peft import PeftModel
-
-    from unison.models import finish_loading, load_model
-
-    base = load_model(adapter_base(path), dtype=torch.float32, attn_implementation=attn_implementation)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            merged = PeftModel.from_pretrained(base, str(path), is_trainable=False).merge_and_unload()
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise UserError(f"cannot load the adapter in {str(path)!r} onto its base model: "
-                        f"{str(exc).splitlines()[0]}; re-save the adapter") from None  # fmt: skip
-    return finish_loading(merged, path, device, dtype)

@@ -38,16 +38,6 @@ def _prepare(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor):
     return logp_pi.detach().double(), logp_mu.detach().double(), mask.bool()
 
 
-def _tokens(logp_pi, logp_mu, mask) -> torch.Tensor:
-    """r_t on the response tokens only, flattened: float64 [N]."""
-    lp, lm, m = _prepare(logp_pi, logp_mu, mask)
-    return (lp - lm)[m]
-
-
-def _mean(values: torch.Tensor) -> float:
-    return values.mean().item() if values.numel() else 0.0
-
-
 def _expm1_or_inf(x: float) -> float:
     """exp(x) - 1, accurate near 0, and inf (never NaN, never an exception) when exp(x) overflows."""
     try:
@@ -79,42 +69,6 @@ def prob_abs_diff(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tens
 def seq_log_ratio(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """s_i = sum_t r_t = log(pi(y_i) / mu(y_i)), the paper's sequence-level mismatch; 0 for empty rows. float64 [B]."""
     return token_log_ratio(logp_pi, logp_mu, mask).sum(dim=-1)  # [B]
-
-
-def kl_k1(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
-    """k1 = mean_t(log mu_t - log pi_t): unbiased for KL(mu || pi), high variance, can be negative (oat)."""
-    return -_mean(_tokens(logp_pi, logp_mu, mask))
-
-
-def kl_k2(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
-    """k2 = 0.5 * mean_t((log mu_t - log pi_t)^2): biased, low variance, never negative (oat)."""
-    return 0.5 * _mean(_tokens(logp_pi, logp_mu, mask).square())
-
-
-def kl_k3(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
-    """k3 = mean_t(exp(r_t) - r_t - 1): unbiased for KL(mu || pi) and never negative (verl)."""
-    r = _tokens(logp_pi, logp_mu, mask)
-    return _mean(torch.expm1(r) - r)
-
-
-def chi2_token(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
-    """chi2_token = mean_t(rho_t^2) - 1, the chi-square divergence of pi from mu per token (verl)."""
-    return _chi2(_tokens(logp_pi, logp_mu, mask))
-
-
-def _seq_values(logp_pi, logp_mu, mask) -> torch.Tensor:
-    """s_i of the rows that have at least one token: float64 [n]."""
-    return seq_log_ratio(logp_pi, logp_mu, mask)[mask.bool().any(dim=-1)]
-
-
-def seq_kl(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
-    """seq_kl = mean_i(-s_i): sequence-level KL(mu || pi), the paper's "KL[mu||pi]" (7.64 in BF16, 0.32 in FP16)."""
-    return -_mean(_seq_values(logp_pi, logp_mu, mask))
-
-
-def chi2_seq(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> float:
-    """chi2_seq = mean_i(exp(2 s_i)) - 1 = E[(prod_t rho_t)^2] - 1 (verl); inf when it overflows float64."""
-    return _chi2(_seq_values(logp_pi, logp_mu, mask))
 
 
 def length_slope(seq_log_ratio: Sequence[float] | torch.Tensor, lengths: Sequence[float] | torch.Tensor):

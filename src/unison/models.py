@@ -8,18 +8,14 @@ trained from them by `unison.warmstart` on the built-in task.
 from __future__ import annotations
 
 import json
-import os
+import warnings
 from pathlib import Path
 
 import torch
 
 from unison.errors import UserError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from unison.lora import adapter_base, is_adapter
+from unison.precision import cast_module
 
 BUILTIN = "builtin"
 ASSETS = Path(__file__).parent / "assets"
@@ -111,8 +107,6 @@ def resolve_model_dir(name: str | Path) -> Path:
                         "give a local Hugging Face checkpoint directory or 'builtin'")
     if not path.is_dir():
         raise UserError(f"model path {str(path)!r} is a file; give the checkpoint's directory (with config.json)")
-    from unison.lora import adapter_base, is_adapter
-
     if is_adapter(path):  # a LoRA adapter (a LoRA run's checkpoint): checked, with its base model
         adapter_base(path)
         return path
@@ -130,8 +124,6 @@ def resolve_model_dir(name: str | Path) -> Path:
 
 def base_model_dir(path: Path) -> Path:
     """The folder of the whole model: `path` itself, or, for a LoRA adapter, its base model's."""
-    from unison.lora import adapter_base, is_adapter
-
     return adapter_base(path) if is_adapter(path) else path
 
 
@@ -211,8 +203,6 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_dir(model_dir)
-    from unison.lora import is_adapter, load_merged
-
     if is_adapter(path):  # the base model with the adapter merged in
         return load_merged(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
     try:
@@ -239,8 +229,6 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
 def finish_loading(model, path, device, dtype: torch.dtype):
     """A loaded fp32 model checked for NaN/inf weights (a UserError naming the first), cast to `dtype`, on `device`,
     in eval mode."""
-    from unison.precision import cast_module
-
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise UserError(f"{str(path)!r}: weight {name} holds NaN or inf values; use another checkpoint (a run's "
@@ -275,3 +263,19 @@ def eos_token_ids(tokenizer, model_dir: str | Path | None = None) -> tuple[int, 
                 if isinstance(data.get("text_config"), dict):
                     ids |= _ids(data["text_config"].get("eos_token_id"))
     return tuple(sorted(ids))
+
+
+def load_merged(path, device="cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "auto"):
+    """The base model of an adapter folder with the adapter merged in (peft's merge, in fp32), cast to `dtype`: a
+    plain model."""
+    from peft import PeftModel
+
+    base = load_model(adapter_base(path), dtype=torch.float32, attn_implementation=attn_implementation)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            merged = PeftModel.from_pretrained(base, str(path), is_trainable=False).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise UserError(f"cannot load the adapter in {str(path)!r} onto its base model: "
+                        f"{str(exc).splitlines()[0]}; re-save the adapter") from None  # fmt: skip
+    return finish_loading(merged, path, device, dtype)

@@ -35,6 +35,8 @@ import sys
 
 import torch
 
+from unison.architecture import decoder_parts
+from unison.errors import UserError
 from unison.precision import FP16_MAX
 
 MODES = ("stop", "fp32_layers", "off")
@@ -42,19 +44,6 @@ MODES = ("stop", "fp32_layers", "off")
 
 class ActivationOverflowError(RuntimeError):
     """An activation left the FP16 range in a forward pass."""
-
-
-def decoder_parts(model) -> tuple[torch.nn.Module, list, torch.nn.Module] | None:
-    """(inner model, decoder layers, final norm) of a Llama-family causal LM, or None for other architectures."""
-    inner = getattr(model, "model", None) or getattr(model, "base_model", None)
-    layers = getattr(inner, "layers", None)
-    norm = getattr(inner, "norm", None)
-    if layers is None or norm is None or not len(layers):
-        return None
-    need = ("input_layernorm", "post_attention_layernorm", "mlp")
-    if not all(hasattr(layer, n) for layer in layers for n in need):
-        return None
-    return inner, list(layers), norm
 
 
 def _first_tensor(args) -> torch.Tensor | None:
@@ -65,12 +54,21 @@ def _first_tensor(args) -> torch.Tensor | None:
 
 
 class OverflowGuard:
-    """Forward hooks on one model (one engine's compute copy) that catch FP16 activation overflow."""
+    """Catches FP16 activation overflow in one model's forward passes (one engine's compute copy), at named check
+    points that the engine's forward passes in order:
 
-    def __init__(self, model: torch.nn.Module, mode: str = "stop", where: str = "model"):
+        attention_input(i, x)  the normed residual entering layer i's attention (for i > 0: layer i-1's MLP output)
+        mlp_input(i, x)        the normed residual entering layer i's MLP (layer i's attention output)
+        head_input(x)          the normed residual entering the LM head; then the checks are read (one sync)
+        mlp_as_module(i)       whether layer i's MLP must run as the model's module (fp32_layers: its hooks recompute
+                               or replace its output)
+
+    A model's own forward (the learner's, the native engine's fallback) passes them through hooks on its modules
+    (`hooks="all"`); an engine that fuses its own forward calls them itself (`hooks="mlp"`: only the MLPs' hooks of
+    fp32_layers, which run where the engine calls the MLP as a module)."""
+
+    def __init__(self, model: torch.nn.Module, mode: str = "stop", where: str = "model", hooks: str = "all"):
         if mode not in MODES:
-            from unison.errors import UserError
-
             raise UserError(f"unknown activation-overflow mode {mode!r}; choose one of: {', '.join(MODES)}")
         self.model, self.mode, self.where = model, mode, where
         self.flags: list[torch.Tensor] = []
@@ -80,46 +78,77 @@ class OverflowGuard:
         self._busy = False
         self.saved: dict[int, torch.Tensor] = {}  # fp32_layers: each MLP's input, for a recompute
         self.cured: dict[int, torch.Tensor] = {}  # fp32_layers: the recomputed output replacing an overflowed one
+        self.layers = []
         parts = decoder_parts(model)
         if mode == "off" or parts is None:
             return
         inner, layers, norm = parts
-        self.layers = layers
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         mlps = [getattr(layer.mlp, n, None) for layer in layers for n in ("gate_proj", "down_proj")]
         if head is None or not hasattr(inner, "embed_tokens") or any(m is None for m in mlps):
             return
+        self.layers = layers
+        self._hook(layers, head, hooks)
+
+    def _hook(self, layers: list, head: torch.nn.Module, hooks: str) -> None:
         add = self.handles.append
         for i, layer in enumerate(layers):
-            add(layer.mlp.gate_proj.register_forward_pre_hook(self._watch(i, "attention", save=True)))
-            if mode == "fp32_layers":  # in stop mode an overflowed MLP shows in the residual after it
+            if self.mode == "fp32_layers":  # in stop mode an overflowed MLP shows in the residual after it
                 add(layer.mlp.down_proj.register_forward_pre_hook(self._hidden(i)))
                 add(layer.mlp.down_proj.register_forward_hook(self._output(i)))
-            after = layers[i + 1].self_attn.q_proj if i + 1 < len(layers) else head
-            add(after.register_forward_pre_hook(self._watch(i, "mlp")))
-        add(head.register_forward_pre_hook(self._check))  # after the last _watch on the head, so it sees it
+            if hooks != "all":
+                continue
+            if i:
+                add(layer.self_attn.q_proj.register_forward_pre_hook(self._point(self.attention_input, i)))
+            add(layer.mlp.gate_proj.register_forward_pre_hook(self._point(self.mlp_input, i)))
+        if hooks == "all":
+            add(head.register_forward_pre_hook(self._point(self.head_input)))
 
     @classmethod
-    def attach(cls, model, mode: str, where: str) -> OverflowGuard | None:
+    def attach(cls, model, mode: str, where: str, hooks: str = "all") -> OverflowGuard | None:
         """A guard on `model` when its weights are fp16 (bf16 and fp32 hold 3e38) and `mode` is not off."""
         first = next(model.parameters(), None)
         if mode == "off" or first is None or first.dtype != torch.float16:
             return None
-        return cls(model, mode, where)
+        return cls(model, mode, where, hooks)
 
-    # ---- hooks --------------------------------------------------------------------------------------------
+    # ---- check points ---------------------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return bool(self.layers)
+
+    def attention_input(self, layer: int, x: torch.Tensor) -> None:
+        if layer and self.active and not self._busy:
+            self._flag(x, layer - 1, "mlp")
+
+    def mlp_input(self, layer: int, x: torch.Tensor) -> None:
+        if not self.active or self._busy:
+            return
+        self._flag(x, layer, "attention")
+        if self.mode == "fp32_layers":
+            self.saved[layer] = x
+
+    def head_input(self, x: torch.Tensor) -> None:
+        """The last layer's output, then one sync for all the checks of this forward."""
+        if not self.active or self._busy:
+            return
+        self._flag(x, len(self.layers) - 1, "mlp")
+        self._check()
+
+    def mlp_as_module(self, layer: int) -> bool:
+        return self.active and self.mode == "fp32_layers"
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
     def _flag(self, x, layer: int, block: str):
         self.flags.append(torch.isfinite(x).all())
         self.labels.append((layer, block))
 
-    def _watch(self, layer: int, block: str, save: bool = False):
+    @staticmethod
+    def _point(check, *layer):
         def hook(module, args):
             x = _first_tensor(args)
-            if x is None or self._busy:
-                return
-            self._flag(x, layer, block)
-            if save and self.mode == "fp32_layers":
-                self.saved[layer] = x
+            if x is not None:
+                check(*layer, x)
 
         return hook
 
@@ -166,8 +195,7 @@ class OverflowGuard:
             raise ActivationOverflowError(self.message(layer, "mlp", fp32_failed=True))
         return out
 
-    def _check(self, module, args):
-        """Before the LM head: one sync for all the checks of this forward."""
+    def _check(self) -> None:
         if not self.flags:
             return
         ok = torch.stack(self.flags)
@@ -203,11 +231,6 @@ class OverflowGuard:
             if layer not in self.upcast:
                 run_in_fp32(self.layers[layer].mlp)
                 self.upcast.append(layer)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 def run_in_fp32(module: torch.nn.Module) -> None:

@@ -11,7 +11,6 @@ value never reaches the fp32 master weights.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import types
@@ -82,67 +81,6 @@ def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
         ) from None
 
 
-@functools.cache
-def native_low_precision_matmul(device_type: str) -> bool:
-    """Whether the device multiplies fp16/bf16 matrices in hardware at least as fast as fp32.
-
-    GPUs do. CPUs do with AMX or AVX-512 BF16/FP16; on an AVX2-only CPU PyTorch emulates fp16/bf16 matrix products
-    element by element, 10 to 50 times slower than fp32.
-    """
-    if device_type != "cpu":
-        return True
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16", "avx512_fp16"))
-
-
-def _fp32_accumulate_linear(self, x: torch.Tensor) -> torch.Tensor:
-    bias = None if self.bias is None else self.bias.float()
-    return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-
-
-FP32_SDPA = "unison_fp32_sdpa"
-
-
-def _register_fp32_sdpa() -> str:
-    """Register fp32-accumulate attention with transformers' attention interface (once)."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def forward(module, query, key, value, attention_mask, **kwargs):
-        mask = (attention_mask if attention_mask is None or attention_mask.dtype == torch.bool
-                else attention_mask.float())
-        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
-        return out.to(query.dtype), weights
-
-    AttentionInterface.register(FP32_SDPA, forward)
-    AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
-    return FP32_SDPA
-
-
-def set_matmul(module: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """Choose how the linear layers of a fp16/bf16 model multiply.
-
-    `native`: PyTorch's fp16/bf16 kernels. `fp32-accumulate`: the fp16/bf16 inputs and weights are multiplied in
-    fp32 and the result is rounded back to fp16/bf16 — what a GPU tensor core does (low-precision operands, fp32
-    accumulation, rounded output), computed with fp32 kernels; used on CPUs without fast fp16/bf16 matrix units.
-    Attention is computed the same way. Weights are stored in the low-precision dtype either way.
-    """
-    config = getattr(module, "config", None)
-    if config is not None and getattr(config, "_attn_implementation", None) in ("sdpa", FP32_SDPA):
-        config._attn_implementation = _register_fp32_sdpa() if mode == "fp32-accumulate" else "sdpa"
-    for m in module.modules():
-        if isinstance(m, torch.nn.Linear):
-            if mode == "fp32-accumulate":
-                m.forward = types.MethodType(_fp32_accumulate_linear, m)
-            elif "forward" in m.__dict__:
-                del m.forward
-    return module
-
-
 LM_HEADS = ("same", "fp32")
 
 
@@ -165,25 +103,6 @@ def upcast_lm_head(model: torch.nn.Module, dtype: torch.dtype) -> set[str]:
     if embed is not None and embed.weight is head.weight:
         embed.register_forward_hook(lambda module, args, out: out.to(dtype))
     return {name for name, p in model.named_parameters() if id(p) in ids}
-
-
-MATMUL_MODES = ("auto", "native", "fp32-accumulate")
-
-
-def matmul_mode(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve `auto` to `native` where the device has fast fp16/bf16 matrix units, else `fp32-accumulate`."""
-    if requested not in MATMUL_MODES:
-        raise UserError(f"unknown matmul mode {requested!r}; choose one of: {', '.join(MATMUL_MODES)}")
-    if requested != "auto":
-        return requested
-    if dtype == torch.float32 or native_low_precision_matmul(device.type):
-        return "native"
-    return "fp32-accumulate"
-
-
-def compute_dtype(mode: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype matrix products run in under a resolved matmul mode: fp32 in `fp32-accumulate`, else `dtype`."""
-    return torch.float32 if mode == "fp32-accumulate" else dtype
 
 
 def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 
 from unison import threads
 from unison.attribution import COMPONENTS, check_supported, upcast
-from unison.config import DataConfig, ModelConfig, RolloutConfig, RunBase, check, doc, validate_sections
+from unison.config import DataConfig, ModelConfig, MoeConfig, RolloutConfig, RunBase, check, doc, validate_sections
 from unison.mismatch import EXACT_KEYS, ExactAccumulator, MismatchAccumulator
 from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
+from unison.rollout import capable, check_capability
 from unison.routing import RoutingAccumulator
-from unison.setup import Setup, build, check_output_file, check_output_folder
+from unison.runfolder import check_output_file, check_output_folder
+from unison.setup import Setup, build
 
 
 @dataclass
@@ -66,16 +68,15 @@ class ProbeConfig:
         check(bool(self.probe.precisions), "probe.precisions", "list at least one setting, e.g. [fp32, fp16, bf16]")
         check(self.probe.batch_size >= 1, "probe.batch_size", "must be at least 1")
         check(self.data.max_prompts >= 1, "data.max_prompts", "must be at least 1 (the prompts to sample from)")
-        check(self.probe.lm_head == "same" or self.rollout.engine == "native", "probe.lm_head",
-              "fp32 needs the native engine: vLLM computes the LM head in the model's dtype")  # fmt: skip
-        check(not self.probe.attribute or self.rollout.engine == "native", "probe.attribute",
-              f"needs the native engine, which runs the model's own modules; rollout.engine={self.rollout.engine} "
-              "cannot compute a component in fp32: use rollout.engine=native")  # fmt: skip
+        engine = self.rollout.engine
+        if self.probe.lm_head == "fp32":
+            check_capability(engine, "fp32_lm_head", "probe.lm_head=fp32")
+        if self.probe.attribute:
+            check_capability(engine, "attribution", "probe.attribute=true")
         check(not self.probe.attribute or self.probe.lm_head == "same", "probe.attribute",
               "varies the LM head's dtype itself; leave probe.lm_head=same")  # fmt: skip
-        check(self.probe.exact != "on" or self.rollout.engine == "native", "probe.exact",
-              f"needs the whole distributions the native engine keeps; rollout.engine={self.rollout.engine} returns "
-              "the sampled tokens' log-probs only: use rollout.engine=native, or probe.exact=auto")  # fmt: skip
+        if self.probe.exact == "on":
+            check_capability(engine, "distributions", "probe.exact=on")
         self.probe.precisions = [str(name).lower() for name in self.probe.precisions]
         for name in self.probe.precisions:
             parts = str(name).split("/")
@@ -105,7 +106,7 @@ EXACT_BATCH_BYTES = 2**30
 
 def exact_on(cfg: ProbeConfig) -> bool:
     """Whether the probe computes the exact divergences: `probe.exact`, auto meaning with the native engine."""
-    return cfg.probe.exact == "on" or (cfg.probe.exact == "auto" and cfg.rollout.engine == "native")
+    return cfg.probe.exact == "on" or (cfg.probe.exact == "auto" and capable(cfg.rollout.engine, "distributions"))
 
 
 def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_ids,
@@ -131,7 +132,7 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
         rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
         acc, exact_acc, routing_acc = MismatchAccumulator(), ExactAccumulator(), RoutingAccumulator()
         moe = learner.moe  # then the routing mismatch too (`unison.routing`)
-        replayer = s.learner(policy, routing_replay=True) if moe and cfg.probe.routing_replay else None
+        replayer = s.learner(policy, moe=MoeConfig(routing_replay=True)) if moe and cfg.probe.routing_replay else None
         replay_acc = MismatchAccumulator()
         pis, mus = [], []
         bar = tqdm(total=len(rows), desc=f"probe {label}", unit="seq", disable=not cfg.run.progress)

@@ -194,3 +194,25 @@ def resume_changes(run_dir: Path, cfg_dict: dict) -> dict[str, tuple]:
 
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
+
+
+def check_output_file(path: str | Path, name: str) -> Path:
+    """An output file's path, refused (one line) where it is a folder or its folder cannot be written."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{name} {str(p)!r} is a folder; give a file path there, e.g. {str(p / 'out')!r}")
+    parent = nearest_existing(p)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {str(p)!r}: cannot write into {str(parent)!r}; choose a writable path")
+    return p
+
+
+def check_output_folder(path: str | Path, name: str) -> Path:
+    """An output folder's path, refused where it is a file or cannot be created."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{name} {str(p)!r} is a file; give a folder")
+    parent = nearest_existing(p)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {str(p)!r}: cannot write into {str(parent)!r}; choose a writable folder")
+    return p

@@ -10,17 +10,19 @@ the model's context are each one `UserError`.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from unison.architecture import LENGTH_DEPENDENT_ROPE_TYPES, rope_types
 from unison.checkpoint import weight_files
-from unison.config import DataConfig, ModelConfig, RolloutConfig
+from unison.config import DataConfig, LoraConfig, ModelConfig, RolloutConfig
 from unison.errors import UserError
 from unison.evaluation import encode_all
+from unison.learner import Learner
+from unison.lora import adapt, adapter_base, adapter_shape, is_adapter, read_adapter_config
 from unison.models import (
     base_model_dir,
     eos_token_ids,
@@ -29,10 +31,10 @@ from unison.models import (
     resolve_attn_implementation,
     resolve_model_dir,
 )
-from unison.precision import check_dtype_supported, resolve_device
-from unison.rollout import make_engine
+from unison.precision import PrecisionPolicy, check_dtype_supported, resolve_device
+from unison.rollout import capable, make_engine
 from unison.rollout.base import SamplingParams
-from unison.runfolder import nearest_existing
+from unison.routing import routers
 from unison.tasks import load_task
 from unison.tasks.base import Example
 
@@ -70,9 +72,7 @@ def refuse_inexact(config, model_dir) -> None:
         method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else type(quant).__name__
         raise UserError(f"{where!r} holds {method} quantized weights, which the learner cannot train with fp32 master "
                         "weights; give the checkpoint in fp32, bf16 or fp16")  # fmt: skip
-    from unison.rollout.native import rope_types
-
-    varying = sorted(rope_types(config) & {"dynamic", "longrope"})
+    varying = sorted(rope_types(config) & LENGTH_DEPENDENT_ROPE_TYPES)
     if varying:
         rope = varying[0]
         raise UserError(f"{where!r} uses {rope!r} rotary scaling, whose angles change with the sequence length, so a "
@@ -158,7 +158,7 @@ class Setup:
     def engine(self, dtype: torch.dtype, seed: int | None = None, name: str | None = None, **kwargs):
         """A rollout engine (rollout.engine unless `name`) holding the checkpoint's weights in `dtype`; a vLLM engine
         spreads over rollout.tensor_parallel_size GPUs."""
-        if (name or self.rollout.engine) == "vllm" and self.rollout.tensor_parallel_size > 1:
+        if self.rollout.tensor_parallel_size > 1 and capable(name or self.rollout.engine, "tensor_parallel"):
             if self.device.type != "cuda":
                 raise UserError(f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size} needs CUDA GPUs; "
                                 "on a CPU use rollout.tensor_parallel_size=1")  # fmt: skip
@@ -170,8 +170,6 @@ class Setup:
     @property
     def adapter(self) -> Path | None:
         """The model folder when it holds a LoRA adapter (a LoRA run's checkpoint), else None."""
-        from unison.lora import is_adapter
-
         return self.model_dir if is_adapter(self.model_dir) else None
 
     def load_model(self, dtype: torch.dtype = torch.float32, base: bool = False):
@@ -179,27 +177,31 @@ class Setup:
         path = base_model_dir(self.model_dir) if base else self.model_dir
         return load_model(path, device=self.device, dtype=dtype, attn_implementation=self.attn_implementation)
 
-    def learner(self, policy, **kwargs):
-        """A learner on a fresh fp32 copy of the checkpoint, with this set-up's pad id and matmul mode; on a LoRA
-        adapter, its base with the adapter on it, as LoRA training computes."""
-        from unison.learner import Learner
+    def policy_model(self, lora: LoraConfig | None = None):
+        """The model a learner trains, prepared before the learner is built: the checkpoint in fp32 on the device;
+        with LoRA (`lora` enabled, or, where `lora` is None, the adapter model.path holds), its base wrapped by peft
+        (`unison.lora.adapt`), going on from the adapter model.path holds where it holds one."""
+        if lora is None and self.adapter is not None:
+            lora = LoraConfig(enabled=True, **adapter_shape(read_adapter_config(self.adapter)))
+        if lora is None or not lora.enabled:
+            return self.load_model()
+        return adapt(self.load_model(base=True), lora, self.adapter)
 
-        if self.adapter is not None and "lora" not in kwargs:
-            from unison.config import LoraConfig
-            from unison.lora import adapter_shape, read_adapter_config
-
-            shape = adapter_shape(read_adapter_config(self.adapter))
-            kwargs.update(lora=LoraConfig(enabled=True, **shape), adapter=self.adapter)
-        model = self.load_model(base=kwargs.get("lora") is not None)
-        return Learner(model, policy, self.device, pad_token_id=self.tokenizer.pad_token_id or 0,
-                       matmul=self.model.matmul, **kwargs)  # fmt: skip
+    def learner(self, policy: PrecisionPolicy, model=None, **sections) -> Learner:
+        """A learner on `model` (default: a fresh `policy_model`) with this set-up's pad id and model section;
+        `sections` are the Learner's (optim, precision, moe, world). Routing replay asked of a dense model is
+        refused."""
+        model = self.policy_model() if model is None else model
+        moe = sections.get("moe")
+        if moe is not None and moe.routing_replay and not routers(model):
+            raise UserError("moe.routing_replay needs a mixture-of-experts model (Qwen2-MoE, Qwen3-MoE, Mixtral); "
+                            f"this {self.config.model_type} has no routers")  # fmt: skip
+        return Learner(model, policy, pad_token_id=self.tokenizer.pad_token_id or 0, model_cfg=self.model, **sections)
 
     def describe(self, engine=None) -> str:
         """The model, its architecture and, given an engine, the decode path it runs for this set-up's prompts."""
         text = f"{self.model.path} ({self.config.model_type}, attention {self.attn_implementation})"
         if self.adapter is not None:
-            from unison.lora import adapter_base, adapter_shape, read_adapter_config
-
             shape = adapter_shape(read_adapter_config(self.adapter))
             text += f" | LoRA adapter (rank {shape['rank']}) on {adapter_base(self.adapter)}"
         if engine is not None:
@@ -227,28 +229,6 @@ def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtype
                      test_path=data.test_source or None, require_answer=require_answer)  # fmt: skip
     return Setup(device, model_dir, config, model, rollout, data, attn, tokenizer, stops, task, seed=seed,
                  max_new_tokens=rollout.max_new_tokens)  # fmt: skip
-
-
-def check_output_file(path: str | Path, name: str) -> Path:
-    """An output file's path, refused (one line) where it is a folder or its folder cannot be written."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise UserError(f"{name} {str(p)!r} is a folder; give a file path there, e.g. {str(p / 'out')!r}")
-    parent = nearest_existing(p)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{name} {str(p)!r}: cannot write into {str(parent)!r}; choose a writable path")
-    return p
-
-
-def check_output_folder(path: str | Path, name: str) -> Path:
-    """An output folder's path, refused where it is a file or cannot be created."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise UserError(f"{name} {str(p)!r} is a file; give a folder")
-    parent = nearest_existing(p)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{name} {str(p)!r}: cannot write into {str(parent)!r}; choose a writable folder")
-    return p
 
 
 def read_subset(path: str) -> set[str]:

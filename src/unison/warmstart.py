@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from unison.models import BUILTIN_DIR, build_tokenizer, random_model, save_model
+from unison.archs import tiny_model
+from unison.models import BUILTIN_DIR, build_tokenizer, load_model, random_model, save_model
 from unison.rollout.base import SamplingParams
 from unison.rollout.native import NativeEngine
 from unison.tasks.countdown import LONG, CountdownTask, chain, parse_prompt
@@ -88,9 +89,54 @@ def initial_model(arch: str, seed: int):
     """The random-initialised model a warm start begins from: the built-in Qwen2, or its MoE variant."""
     if arch == "qwen2":
         return random_model(seed=seed)
-    from unison.archs import tiny_model
-
     return tiny_model(arch, seed=seed, **MOE_CONFIG)
+
+
+class _Phases:
+    """Supervised fine-tuning on the task's worked responses, with the sampled accuracy measured as it goes."""
+
+    def __init__(self, task, tokenizer, seed: int, batch_size: int, eval_every: int, eval_prompts: int,
+                 max_new_tokens: int, log):  # fmt: skip
+        self.task, self.tokenizer, self.seed, self.log = task, tokenizer, seed, log
+        self.batch_size, self.eval_every, self.max_new_tokens = batch_size, eval_every, max_new_tokens
+        self.train = task.examples("train", seed=seed)
+        self.probe = task.examples("train", n=eval_prompts, seed=seed + 1)
+        self.t0, self.history = time.time(), []
+
+    def run(self, model, steps: int, lr: float, noise: float, stop_at: float | None, rng: random.Random):
+        """Up to `steps` optimizer steps (fewer where the sampled accuracy reaches `stop_at`), the answers wrong with
+        probability `noise`. -> (steps taken, sampled accuracy, chain accuracy)"""
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+        acc = chain_acc = 0.0
+        for step in range(1, steps + 1):
+            batch = [(e.prompt, training_response(self.task, e, rng, noise))
+                     for e in rng.sample(self.train, self.batch_size)]  # fmt: skip
+            ids, labels = sft_batch(self.tokenizer, batch, "cpu")
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if not math.isfinite(loss.item()):
+                raise RuntimeError("warm start diverged")
+            if step % self.eval_every == 0 or step == steps:
+                acc, chain_acc = self.evaluate(model, step, loss.item())
+                if stop_at is not None and acc >= stop_at:
+                    break
+        model.eval()
+        return step, acc, chain_acc
+
+    def evaluate(self, model, step: int, loss: float) -> tuple[float, float]:
+        model.eval()
+        acc, chain_acc = sampled_accuracy(model, self.tokenizer, self.task, self.probe, self.seed, self.max_new_tokens)
+        model.train()
+        self.history.append((step, loss, acc, chain_acc))
+        self.log(f"step {step}  loss {loss:.4f}  sampled accuracy {acc:.3f}  chain {chain_acc:.3f}  "
+                 f"{time.time() - self.t0:.0f}s")  # fmt: skip
+        return acc, chain_acc
 
 
 def warm_start(out: Path, seed: int = 0, target: float = 0.35, phase2_steps: int = 600, answer_noise: float = 0.5,
@@ -102,58 +148,18 @@ def warm_start(out: Path, seed: int = 0, target: float = 0.35, phase2_steps: int
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     task = CountdownTask(**LONG) if long else CountdownTask()
-    max_new_tokens = 1600 if long else 256
-    train = task.examples("train", seed=seed)
-    probe = task.examples("train", n=eval_prompts, seed=seed + 1)
-    t0 = time.time()
-    history = []
-
-    def run_phase(model, steps, lr, noise, stop_at, rng):
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-        acc = chain_acc = 0.0
-        for step in range(1, steps + 1):
-            batch = [(e.prompt, training_response(task, e, rng, noise)) for e in rng.sample(train, batch_size)]
-            ids, labels = sft_batch(tokenizer, batch, "cpu")
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if not math.isfinite(loss.item()):
-                raise RuntimeError("warm start diverged")
-            if step % eval_every == 0 or step == steps:
-                model.eval()
-                acc, chain_acc = sampled_accuracy(model, tokenizer, task, probe, seed, max_new_tokens)
-                model.train()
-                history.append((step, loss.item(), acc, chain_acc))
-                log(f"step {step}  loss {loss.item():.4f}  sampled accuracy {acc:.3f}  chain {chain_acc:.3f}  "
-                    f"{time.time() - t0:.0f}s")  # fmt: skip
-                if stop_at is not None and acc >= stop_at:
-                    break
-        model.eval()
-        return step, acc, chain_acc
-
+    phases = _Phases(task, tokenizer, seed, batch_size, eval_every, eval_prompts, 1600 if long else 256, log)
     if init is None:
-        if start is not None:
-            from unison.models import load_model
-
-            model = load_model(start)
-        else:
-            model = initial_model(arch, seed)
+        model = load_model(start) if start is not None else initial_model(arch, seed)
         if long:  # responses of up to 1,300 tokens after a prompt
             model.config.max_position_embeddings = 2048
             tokenizer.model_max_length = 2048
-        phase1 = run_phase(model, max_steps, lr, 0.0, target, random.Random(seed))
+        phase1 = phases.run(model, max_steps, lr, 0.0, target, random.Random(seed))
     else:  # phase 1 done before (its output saved at `init`)
-        from unison.models import load_model
-
         model, phase1 = load_model(init), None
-    phase2 = run_phase(model, phase2_steps, phase2_lr, answer_noise, None, random.Random(seed + 7))
+    phase2 = phases.run(model, phase2_steps, phase2_lr, answer_noise, None, random.Random(seed + 7))
     save_model(model, tokenizer, out)
-    return {"phase1": phase1, "phase2": phase2, "seconds": time.time() - t0}
+    return {"phase1": phase1, "phase2": phase2, "seconds": time.time() - phases.t0}
 
 
 def main(argv=None) -> None:

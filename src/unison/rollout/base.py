@@ -206,9 +206,10 @@ class RolloutEngine(Protocol):
         """Restore a state from `rng_state`: the next `generate` samples as it would have after it."""
         ...
 
-    def watched_module(self) -> torch.nn.Module:
-        """The module the engine's forward runs through, for activation hooks (an empty module where none is
-        reachable)."""
+    def overflow_guard(self, mode: str, where: str):
+        """The fp16 activation guard of the engine's forward (`unison.overflow.OverflowGuard`, `mode` as
+        precision.on_activation_overflow), or None where the engine runs in another dtype, the mode is off, or its
+        forward is out of reach (saying so)."""
         ...
 
     def close(self) -> None:

@@ -18,9 +18,9 @@ of exactly the same values, so no token pays for an upcast. A decode step attend
 over the cache (a single query row gains nothing from a flash kernel), applies rotary to q and k at once, and reads
 the angles from a table built once. Where the products run in fp32 (`_FlatStep`) the step keeps its activations as
 fp32 [B, hidden] rounded to the rollout dtype where the layer-by-layer forward rounds, in about half the operations.
-Forward pre-hooks on the projections, the embedding and the LM head (the FP16 overflow guard's) still run where
-the modules would have been called; an MLP that the guard moved to fp32, or whose output it may replace, is called
-as a module (`mlp_called_as_module`).
+The FP16 overflow guard (`unison.overflow`) is given the activations at its named check points as the decode
+passes them (`overflow_guard`); an MLP that the guard moved to fp32, or whose output it may replace, is called as a
+module.
 
 Prompts are left-padded to a common length; identical prompts (the samples of a group) are run through the
 prefill once and their cache copied to each. Finished rows are dropped from the batch once a quarter of it is done
@@ -34,8 +34,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from unison.architecture import fast_path_blocker, layer_windows
 from unison.hf import cache_kwarg, output_cache, takes_logits_to_keep
-from unison.precision import cast_module, checksum, compute_dtype, matmul_mode, set_matmul, upcast_lm_head
+from unison.matmul import compute_dtype, matmul_mode, set_matmul
+from unison.overflow import OverflowGuard
+from unison.precision import cast_module, checksum, upcast_lm_head
 from unison.rollout.base import (
     Rollouts,
     SamplingParams,
@@ -45,53 +48,6 @@ from unison.rollout.base import (
     stop_string_end,
 )
 from unison.sampling import draw, process_logits, sample
-
-FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral", "qwen2_moe", "qwen3_moe", "mixtral"}
-# rotary variants whose angles depend on the position alone (a table built once is exact); `dynamic` and `longrope`
-# change every angle with the length of the sequence
-FAST_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
-# config fields of a transform the model applies to its logits or attention scores, which the fast path does not
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "attn_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def rope_types(config) -> set[str]:
-    """The model's rotary variants (`default` where the config names none): one, or one per layer type where the
-    config keys its rotary settings by layer type (Gemma3's sliding and full layers)."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(params, dict):
-        return {"default"}
-    nested = [v for v in params.values() if isinstance(v, dict)]
-    return {str(p.get("rope_type") or p.get("type") or "default") for p in (nested or [params])}
-
-
-def layer_windows(config) -> list[int | None]:
-    """Each decoder layer's attention window in tokens (None: the whole sequence): from `layer_types` where the
-    config lists them (Qwen2/Qwen3 derive them from `use_sliding_window` and `max_window_layers`), else every layer's
-    `sliding_window` (Mistral)."""
-    n = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None) or None
-    types = getattr(config, "layer_types", None)
-    if window is None:
-        return [None] * n
-    if types is not None:
-        return [int(window) if t == "sliding_attention" else None for t in types]
-    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
-        return [None] * n
-    return [int(window)] * n
-
-
-def fast_path_blocker(config) -> str:
-    """Why the fast path would not compute exactly what the model computes, or '' where it does."""
-    kind = config.model_type
-    if kind not in FAST_PATH_TYPES:
-        return f"{kind} is not a fast-path family (Qwen2, Qwen3, Llama, Mistral, Qwen2-MoE, Qwen3-MoE, Mixtral)"
-    other = sorted(rope_types(config) - FAST_ROPE_TYPES)
-    if other:
-        return f"rotary type {other[0]!r}, whose angles change with the sequence length"
-    for key in LOGIT_TRANSFORMS:
-        if getattr(config, key, None) not in (None, 1, 1.0):
-            return f"{key} {getattr(config, key)}"
-    return ""
 
 
 class StaticKVCache:
@@ -146,22 +102,6 @@ def moe_block(mlp, x: torch.Tensor) -> torch.Tensor:
     return mlp(x) if x.dim() == 3 else mlp(x[:, None])[:, 0]
 
 
-def mlp_called_as_module(mlp) -> bool:
-    """Whether the overflow guard watches or replaces this MLP's output (or moved it to fp32): then it is called as a
-    module, whatever the engine fuses around it."""
-    down = mlp.down_proj
-    return getattr(mlp, "_unison_fp32", False) or bool(down._forward_hooks) or bool(down._forward_pre_hooks)
-
-
-def run_pre_hooks(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run `module`'s forward pre-hooks on input x, as a call of the module would, and return the input they leave."""
-    for hook in module._forward_pre_hooks.values():
-        out = hook(module, (x,))
-        if out is not None:
-            x = out[0] if isinstance(out, tuple) else out
-    return x
-
-
 def _packed(compute: torch.dtype, *linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights (and biases, zeros where a layer has none) of `linears` stacked along the output, in `compute`.
     On a CPU the weight [out, in] is a view of a copy laid out [in, out], the order in which `x @ W.T` reads it
@@ -181,8 +121,8 @@ def _packed(compute: torch.dtype, *linears) -> tuple[torch.Tensor, torch.Tensor 
 class DecodeWeights:
     """The engine's weights packed for decoding: q/k/v and gate/up concatenated, in the compute dtype (fp32 copies
     of the fp16/bf16 values in `fp32-accumulate` mode), norm weights in fp32, and the modules and constants each
-    layer needs (looked up once, not per token). A sparse MoE layer's MLP is not packed (`gate_up`, `down`,
-    `gate_proj` and `act_fn` None, `sparse` True): it runs as the model's module. Built from the parameters at the
+    layer needs (looked up once, not per token). A sparse MoE layer's MLP is not packed (`gate_up`, `down` and
+    `act_fn` None, `sparse` True): it runs as the model's module. Built from the parameters at the
     start of every `generate`, so it always holds what `weights_checksum` reads."""
 
     @torch.no_grad()
@@ -198,8 +138,8 @@ class DecodeWeights:
                 "gate_up": None if sparse else _packed(compute, m.gate_proj, m.up_proj),
                 "down": None if sparse else _packed(compute, m.down_proj),
                 "ln1": (ln1.weight.float(), ln1.variance_epsilon), "ln2": (ln2.weight.float(), ln2.variance_epsilon),
-                "q_proj": a.q_proj, "qk_norm": (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
-                "scaling": a.scaling, "mlp": m, "sparse": sparse, "gate_proj": None if sparse else m.gate_proj,
+                "qk_norm": (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
+                "scaling": a.scaling, "mlp": m, "sparse": sparse,
                 "act_fn": None if sparse else m.act_fn, "window": window,
             })  # fmt: skip
         norm = model.model.norm
@@ -219,6 +159,7 @@ class NativeEngine:
         self.lm_head_fp32 = lm_head == "fp32"  # the LM head in fp32, its logits not rounded (`upcast_lm_head`)
         if self.lm_head_fp32:
             upcast_lm_head(self.model, dtype)
+        self.checks: OverflowGuard | None = None  # the fp16 activation guard's check points (`overflow_guard`)
         self.forced_fallback = ""  # why the model's own forward decodes where the fast path could (`upcast_components`)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -255,9 +196,13 @@ class NativeEngine:
         upcast(self.model, self.dtype, components)
         self.forced_fallback = "component attribution runs the model's own modules"
 
-    def watched_module(self) -> torch.nn.Module:
-        """The model this engine decodes with (activation-overflow hooks attach to it)."""
-        return self.model
+    def overflow_guard(self, mode: str, where: str) -> OverflowGuard | None:
+        """The fp16 activation guard of this engine's decode (`unison.overflow`), where it runs in fp16 and `mode`
+        is not off: the fast path calls its check points, the fallback runs the model's modules, which the guard
+        hooks."""
+        fast = self.decode_path()[0] == "fast"
+        self.checks = OverflowGuard.attach(self.model, mode, where, hooks="mlp" if fast else "all")
+        return self.checks
 
     def __enter__(self):
         return self
@@ -312,7 +257,9 @@ class NativeEngine:
         """x [B, S, hidden]; cos, sin [B, S, 1, D] fp32 (sin with rotate-half's sign folded in, see _StaticDecode)."""
         B, S, _ = x.shape
         H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
-        qkv = self._linear(run_pre_hooks(w["q_proj"], x), w["qkv"]).view(B, S, H + 2 * Hkv, D)
+        if self.checks is not None:
+            self.checks.attention_input(index, x)
+        qkv = self._linear(x, w["qkv"]).view(B, S, H + 2 * Hkv, D)
         qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv:]
         if w["qk_norm"] is not None:  # Qwen3
             q_norm, k_norm = w["qk_norm"]
@@ -339,15 +286,17 @@ class NativeEngine:
             out = out.to(self.dtype).transpose(1, 2).reshape(B, S, H * D)
         return self._linear(out, w["o"])
 
-    def _mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, w: dict, x: torch.Tensor, index: int) -> torch.Tensor:
         """Gated MLP: gate and up in one product, act(gate) * up in fp32 rounded once (a fused silu-and-mul); a sparse
-        MoE block: the model's module."""
+        MoE block, or an MLP the overflow guard watches as a module: the model's module."""
         mlp = w["mlp"]
         if w["sparse"]:
             return moe_block(mlp, x)
-        if mlp_called_as_module(mlp):
-            return fused_mlp(mlp, x)
-        gate, up = self._linear(run_pre_hooks(w["gate_proj"], x), w["gate_up"]).chunk(2, dim=-1)
+        if self.checks is not None:
+            self.checks.mlp_input(index, x)
+            if self.checks.mlp_as_module(index):
+                return fused_mlp(mlp, x)
+        gate, up = self._linear(x, w["gate_up"]).chunk(2, dim=-1)
         return self._linear((w["act_fn"](gate.float()) * up.float()).to(self.dtype), w["down"])
 
     def _forward(self, weights: DecodeWeights, ids, cos, sin, cache: StaticKVCache, start: int, mask) -> torch.Tensor:
@@ -355,8 +304,10 @@ class NativeEngine:
         x = self.model.model.embed_tokens(ids)
         for i, w in enumerate(weights.layers):
             x = x + self._attention(w, rms_norm_fp32(x, *w["ln1"]), cos, sin, cache, i, start, mask)
-            x = x + self._mlp(w, rms_norm_fp32(x, *w["ln2"]))
-        x = run_pre_hooks(self.model.lm_head, rms_norm_fp32(x[:, -1:], *weights.norm))
+            x = x + self._mlp(w, rms_norm_fp32(x, *w["ln2"]), i)
+        x = rms_norm_fp32(x[:, -1:], *weights.norm)
+        if self.checks is not None:
+            self.checks.head_input(x)
         if self.lm_head_fp32:  # fp32 logits from the fp32 head, not rounded
             weight, bias = weights.head
             return F.linear(x.float(), weight, bias)[:, -1]
@@ -406,94 +357,117 @@ class NativeEngine:
         """`generate` without routing; `sources`, where given, receives each forward's row layout
         (`RoutingRecorder.sources`)."""
         check_prompts(prompt_ids)
-        B, N = len(prompt_ids), params.max_new_tokens
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer (NativeEngine(..., tokenizer=...))")
+        B, N, dev = len(prompt_ids), params.max_new_tokens, self.device
         P = max(len(p) for p in prompt_ids)
-        dev = self.device
         prompts = torch.full((B, P), self.pad_token_id, dtype=torch.long)
         for i, p in enumerate(prompt_ids):
             prompts[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompts = prompts.to(dev)
         pad_left = torch.tensor([P - len(p) for p in prompt_ids], device=dev)  # [B]
         stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=dev)
-
-        tokens = torch.full((B, N), self.pad_token_id, dtype=torch.long, device=dev)
-        logprobs = torch.zeros((B, N), dtype=torch.float32, device=dev)
-        fast = self.decode_path()[0] == "fast"
-        decoder = (_StaticDecode if fast else _HFDecode)(self, prompts, pad_left, N)
+        decoder = (_StaticDecode if self.decode_path()[0] == "fast" else _HFDecode)(self, prompts.to(dev), pad_left, N)
         decoder.sources = sources
-        # per slot (a row still decoded): its original row, its tokens and log-probs so far, whether it stopped.
-        # A stopped row goes on sampling until it is dropped; what it samples after its stop token is cut below.
-        rows = torch.arange(B, device=dev)
-        slot_tokens, slot_logprobs = torch.empty_like(tokens), torch.empty_like(logprobs)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        keep = keep_distributions and params.temperature > 0
-        dists = slot_dists = None
         logits = decoder.prefill()
-        if keep:
-            V = logits.shape[-1]
-            dists = torch.zeros((B, N, V), dtype=torch.float32, device=dev)
-            slot_dists = torch.zeros_like(dists)
-        bar = tqdm(total=N, desc="sampling", unit="tok", leave=False, disable=not progress)
-        T = N  # the number of steps taken
-        strings = params.stop_strings
-        if strings and self.tokenizer is None:
-            raise ValueError("stop strings need the engine's tokenizer (NativeEngine(..., tokenizer=...))")
+        keep = keep_distributions and params.temperature > 0
+        slots = _Slots(B, N, logits.shape[-1] if keep else 0, self.pad_token_id, dev)
+        T = self._decode(decoder, logits, slots, params, stop, prompt_ids, progress)
+        slots.finish(T)
+        return self._rollouts(prompt_ids, slots, stop, T, params.stop_strings)
+
+    def _decode(self, decoder, logits: torch.Tensor, slots: _Slots, params: SamplingParams, stop: torch.Tensor,
+                prompt_ids: list[list[int]], progress: bool) -> int:
+        """Sample token after token until every row is done or max_new_tokens is reached. -> the steps taken"""
+        N, strings, dev = params.max_new_tokens, params.stop_strings, self.device
         tail = 8 + 4 * max(map(len, strings), default=0)  # tokens enough to hold a stop string completed lately
+        bar = tqdm(total=N, desc="sampling", unit="tok", leave=False, disable=not progress)
+        T = N
         for t in range(N):
-            if keep:  # the same draw as `sample`, from a distribution kept whole
+            if slots.dists is not None:  # the same draw as `sample`, from a distribution kept whole
                 logq = process_logits(logits, params.temperature, params.top_k, params.top_p).log_softmax(-1)
-                slot_dists[:, t] = logq
+                slots.slot_dists[:, t] = logq
                 tok, lp = draw(logq, self.generator)
             else:
                 tok, lp = sample(logits, self.generator, params.temperature, params.top_k, params.top_p)
-            slot_tokens[:, t] = tok
-            slot_logprobs[:, t] = lp
+            slots.slot_tokens[:, t], slots.slot_logprobs[:, t] = tok, lp
             if params.stop_token_ids:
-                done |= torch.isin(tok, stop)
+                slots.done |= torch.isin(tok, stop)
             if strings and t % 8 == 7:  # stop early where a stop string appeared (the exact cut is made below)
-                live_prompts = [prompt_ids[i] for i in rows.tolist()]
-                done |= self._completed_stop_string(slot_tokens[:, : t + 1], done, live_prompts, strings, tail)
+                live_prompts = [prompt_ids[i] for i in slots.rows.tolist()]
+                slots.done |= self._completed_stop_string(slots.slot_tokens[:, : t + 1], slots.done, live_prompts,
+                                                          strings, tail)  # fmt: skip
             bar.update(1)
             if t == N - 1:
                 break
             if dev.type == "cpu" or t % 8 == 7:  # on a GPU, look at the host only every 8 tokens
-                n_done = int(done.sum())
-                if n_done == len(done):
+                n_done = int(slots.done.sum())
+                if n_done == len(slots.done):
                     T = t + 1
                     break
                 # drop finished rows from the batch once a quarter of it is done (a copy of the cache)
-                if 4 * n_done >= len(done) and decoder.compact(~done):
-                    tokens[rows[done], : t + 1] = slot_tokens[done, : t + 1]
-                    logprobs[rows[done], : t + 1] = slot_logprobs[done, : t + 1]
-                    if keep:
-                        dists[rows[done], : t + 1] = slot_dists[done, : t + 1]
-                    live = ~done
-                    rows, tok, done = rows[live], tok[live], done[live]
-                    slot_tokens, slot_logprobs = slot_tokens[live], slot_logprobs[live]
-                    if keep:
-                        slot_dists = slot_dists[live]
+                if 4 * n_done >= len(slots.done) and decoder.compact(~slots.done):
+                    tok = slots.drop_done(t, tok)
             logits = decoder.step(t, tok)
         bar.close()
-        tokens[rows, :T] = slot_tokens[:, :T]
-        logprobs[rows, :T] = slot_logprobs[:, :T]
-        if keep:
-            dists[rows, :T] = slot_dists[:, :T]
-        # a response ends at its first stop token (included), or after N tokens
-        hits = torch.isin(tokens[:, :T], stop)
+        return T
+
+    def _rollouts(self, prompt_ids: list[list[int]], slots: _Slots, stop: torch.Tensor, T: int, strings) -> Rollouts:
+        """The sampled rows as `Rollouts`: each response ends at its first stop token (included), or after T tokens,
+        and at the token that completes a stop string."""
+        hits = torch.isin(slots.tokens[:, :T], stop)
         finished = hits.any(1)
         lengths = torch.where(finished, hits.int().argmax(1) + 1, T)
         T = int(lengths.max().item())
-        mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]
+        mask = torch.arange(T, device=self.device)[None, :] < lengths[:, None]
+        dists = slots.dists
         out = Rollouts(
             prompt_ids=[list(p) for p in prompt_ids],
-            response_ids=tokens[:, :T].masked_fill(~mask, self.pad_token_id).cpu(),
-            logprobs=logprobs[:, :T].masked_fill(~mask, 0.0).cpu(),
+            response_ids=slots.tokens[:, :T].masked_fill(~mask, self.pad_token_id).cpu(),
+            logprobs=slots.logprobs[:, :T].masked_fill(~mask, 0.0).cpu(),
             mask=mask.cpu(),
             lengths=lengths.cpu(),
             finished=finished.cpu(),
-            distributions=dists[:, :T].masked_fill(~mask[..., None], 0.0).cpu() if keep else None,
+            distributions=dists[:, :T].masked_fill(~mask[..., None], 0.0).cpu() if dists is not None else None,
         )
         return cut_at_stop_strings(out, self.text_of, strings, self.pad_token_id) if strings else out
+
+
+class _Slots:
+    """The rows of a batch as they are sampled. Per slot (a row still decoded): its original row (`rows`), its
+    tokens, log-probs (and distributions, where kept) so far, whether it stopped (`done`). A stopped row goes on
+    sampling until it is dropped (`drop_done`); what it samples after its stop token is cut at the end. `tokens`,
+    `logprobs` and `dists` hold every original row's, written when a slot is dropped and at the end (`finish`)."""
+
+    def __init__(self, B: int, N: int, vocab: int, pad_token_id: int, dev: torch.device):
+        self.tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=dev)
+        self.logprobs = torch.zeros((B, N), dtype=torch.float32, device=dev)
+        self.rows = torch.arange(B, device=dev)
+        self.slot_tokens, self.slot_logprobs = torch.empty_like(self.tokens), torch.empty_like(self.logprobs)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.dists = self.slot_dists = None
+        if vocab:
+            self.dists = torch.zeros((B, N, vocab), dtype=torch.float32, device=dev)
+            self.slot_dists = torch.zeros_like(self.dists)
+
+    def drop_done(self, t: int, tok: torch.Tensor) -> torch.Tensor:
+        """Write the stopped slots' first t + 1 tokens into their rows and drop them. -> the live slots' `tok`"""
+        done, rows = self.done, self.rows
+        self.tokens[rows[done], : t + 1] = self.slot_tokens[done, : t + 1]
+        self.logprobs[rows[done], : t + 1] = self.slot_logprobs[done, : t + 1]
+        if self.dists is not None:
+            self.dists[rows[done], : t + 1] = self.slot_dists[done, : t + 1]
+            self.slot_dists = self.slot_dists[~done]
+        live = ~done
+        self.rows, self.done = rows[live], done[live]
+        self.slot_tokens, self.slot_logprobs = self.slot_tokens[live], self.slot_logprobs[live]
+        return tok[live]
+
+    def finish(self, T: int) -> None:
+        """Write the live slots' first T tokens into their rows."""
+        self.tokens[self.rows, :T] = self.slot_tokens[:, :T]
+        self.logprobs[self.rows, :T] = self.slot_logprobs[:, :T]
+        if self.dists is not None:
+            self.dists[self.rows, :T] = self.slot_dists[:, :T]
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -594,21 +568,19 @@ class _FlatStep:
         embed = model.model.embed_tokens
         # the weight itself when it is fp32; a head in fp32 tied to it: its values rounded, as the lookup's
         self.embed = embed.weight.to(engine.dtype).float()
-        self.embed_hooks = embed if embed._forward_pre_hooks else None
+        self.checks = engine.checks
         self.layers = []
         for w in weights.layers:
-            mlp, act, gate = w["mlp"], w["act_fn"], w["gate_proj"]
+            mlp, act = w["mlp"], w["act_fn"]
             self.layers.append((
                 w["ln1"], w["ln2"], _transposed(w["qkv"]), _transposed(w["o"]),
                 None if w["sparse"] else _transposed(w["gate_up"]), None if w["sparse"] else _transposed(w["down"]),
-                w["q_proj"] if w["q_proj"]._forward_pre_hooks else None,
-                gate if gate is not None and gate._forward_pre_hooks else None, mlp, w["qk_norm"], w["scaling"],
+                mlp, w["qk_norm"], w["scaling"],
                 F.silu if type(act) is torch.nn.SiLU else act, w["window"],
             ))  # fmt: skip
         self.norm = weights.norm
         self.head = _transposed(weights.head)
         self.head_fp32 = engine.lm_head_fp32
-        self.head_hooks = model.lm_head if model.lm_head._forward_pre_hooks else None
         self.set_mask(valid)
         self.set_views()
 
@@ -656,17 +628,15 @@ class _FlatStep:
         [B, 1, D] the rotary angles of each row's position."""
         H, Hkv, D = self.H, self.Hkv, self.D
         B, G, L = tok.shape[0], H // Hkv, cur + 1
-        rnd, linear = self.rnd, self.linear
-        if self.embed_hooks is not None:
-            run_pre_hooks(self.embed_hooks, tok)
+        rnd, linear, checks = self.rnd, self.linear, self.checks
         x = F.embedding(tok, self.embed)  # [B, hidden] fp32
         bias = self.bias[:, :, :L]
         for i, (
-            ln1, ln2, qkv_w, o_w, gu_w, down_w, q_hooks, gate_hooks, mlp, qk_norm, scaling, act, window
+            ln1, ln2, qkv_w, o_w, gu_w, down_w, mlp, qk_norm, scaling, act, window
         ) in enumerate(self.layers):
             h = rnd(F.rms_norm(x, (x.shape[-1],), *ln1))
-            if q_hooks is not None:
-                h = run_pre_hooks(q_hooks, h)
+            if checks is not None:
+                checks.attention_input(i, h)
             qkv = linear(h, qkv_w).view(B, H + 2 * Hkv, D)
             qk = qkv[:, : H + Hkv]
             if qk_norm is not None:  # Qwen3
@@ -685,16 +655,16 @@ class _FlatStep:
             if gu_w is None:  # a sparse MoE block: the model's module
                 x = rnd(x + moe_block(mlp, h.to(self.dtype)).float())
                 continue
-            if mlp_called_as_module(mlp):
-                x = rnd(x + fused_mlp(mlp, h.to(self.dtype)).float())
-                continue
-            if gate_hooks is not None:
-                h = run_pre_hooks(gate_hooks, h)
+            if checks is not None:
+                checks.mlp_input(i, h)
+                if checks.mlp_as_module(i):
+                    x = rnd(x + fused_mlp(mlp, h.to(self.dtype)).float())
+                    continue
             gate, up = linear(h, gu_w).chunk(2, dim=-1)
             x = linear(rnd(act(gate) * up), down_w, residual=x)
         h = rnd(F.rms_norm(x, (x.shape[-1],), *self.norm))
-        if self.head_hooks is not None:
-            h = run_pre_hooks(self.head_hooks, h)
+        if checks is not None:
+            checks.head_input(h)
         if self.head_fp32:  # the fp32 head's logits, not rounded
             w_t, b = self.head
             return torch.mm(h, w_t) if b is None else torch.addmm(b, h, w_t)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -223,9 +224,13 @@ class VLLMEngine:
         del llm, client
         gc.collect()
 
-    def watched_module(self) -> torch.nn.Module:
-        """No module: vLLM's model runs in its own engine, out of reach of activation hooks."""
-        return torch.nn.Module()
+    def overflow_guard(self, mode: str, where: str) -> None:
+        """None: vLLM's model runs in its own kernels, out of reach of the guard's check points. In fp16 with the
+        guard on, say so once: an overflow in vLLM's decode is not caught there (the learner's forward still is)."""
+        if mode != "off" and self.dtype == torch.float16:
+            print("unison: warning: the vLLM engine's fp16 activations are not checked for overflow (vLLM runs its own "
+                  "kernels), only the learner's are; use rollout.engine=native to check both", file=sys.stderr)
+        return None
 
     # ---- weights -----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,335 @@
+"""One RL step, top to bottom (`RLStep.__call__`):
+
+    sample        G responses to each prompt from the rollout engine (rollout dtype), and their rewards
+    old log-probs log pi_old in the train dtype: its own pass only when a batch gives several updates, or when a KL
+                  penalty in the reward needs it first; otherwise the first update's forward gives it
+    advantages    per group, from the rewards (less the KL penalty to the reference where it goes into the reward)
+    measurements  what the optional measurements (`unison.measurements`) need of pi_old before it changes
+    update        optim.epochs passes over the batch, one optimizer step per optim.train_batch_size samples
+    sync          the new master weights into the engine, verified by checksum
+    metrics       the whole batch's (gathered from every rank): rollout, mismatch, measurements, loss, precision, perf
+
+With several ranks every rank takes the same prompts and samples its own share of the groups; the updates see the
+whole batch through the global token and sequence counts, and the metrics are the whole batch's.
+
+The paper's sanity setting is 64 prompts x 8 samples per step and train batch 128 (4 optimizer steps per rollout
+batch); the built-in default is smaller so that it runs on a laptop CPU (configs/ has both).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from unison import checkpoint as ckpt
+from unison import threads
+from unison.algorithms import ADVANTAGES, KLTerm, aggregation_counts, kl_penalty, policy_loss
+from unison.batching import MicroBatch
+from unison.config import TrainConfig
+from unison.distributed import SINGLE, World
+from unison.evaluation import score
+from unison.measurements import Measurement
+from unison.mismatch import mismatch_metrics
+from unison.rollout.base import Rollouts
+from unison.schedules import lr_factor
+
+
+@dataclass
+class Batch:
+    """What one step sampled and computed, row by row (B rows; on one rank its share, after `gather` the whole).
+
+    rollouts     the engine's samples with log mu                       rewards     [B]
+    texts        the decoded responses                                  examples    each row's prompt
+    logp_old     [B, T] log pi_old (filled by the first update's forward where it has no pass of its own)
+    entropy      [B, T] pi_old's entropy at each position               advantages  [B]
+    kl           the KL-in-the-reward metrics (kl/ref, kl/ref_seq), where it applies
+    """
+
+    rollouts: Rollouts
+    rewards: torch.Tensor
+    texts: list[str]
+    examples: list
+    logp_old: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    kl: dict = field(default_factory=dict)
+
+
+def needs_recompute(optim, rollout_batch: int) -> bool:
+    """Whether log pi_old needs its own forward pass: only when a rollout batch gives more than one update."""
+    return optim.epochs > 1 or optim.train_batch_size < rollout_batch
+
+
+class RLStep:
+    """The RL step of a run: its config, its learner and engine, the reference policy of a KL penalty (or None),
+    its optional measurements and its ranks."""
+
+    def __init__(self, cfg: TrainConfig, run, learner, engine, reference=None,
+                 measurements: list[Measurement] = (), world: World = SINGLE):  # fmt: skip
+        self.cfg, self.run, self.learner, self.engine = cfg, run, learner, engine
+        self.reference, self.measurements, self.world = reference, list(measurements), world
+        r, a = cfg.rollout, cfg.algorithm
+        self.preset = cfg.algorithm_fields()
+        self.sampling = (r.temperature, r.top_k, r.top_p)
+        self.kl_reward = a.kl_coef > 0 and a.kl_in == "reward"
+        # one update per rollout batch: pi_old is the policy of that update's own forward (unless a KL penalty in the
+        # reward needs log pi_old before the advantages)
+        self.single_update = not needs_recompute(cfg.optim, r.prompts_per_step * r.group_size) and not self.kl_reward
+        self.update = PolicyUpdate(cfg, learner, world, reference, self.single_update, run.sampling.max_new_tokens)
+        replay = cfg.moe.routing_replay and learner.moe  # the engine's experts, for the learner to route with
+        self.asks = {"keep_routing": True} if replay else {}
+        for m in self.measurements:
+            self.asks.update(m.asks)
+
+    def __call__(self, step: int, stream, shuffle: torch.Generator, samples: list | None = None) -> dict:
+        """RL step `step` (0-based). Returns its metrics, and appends a digest of the sampled responses and
+        `run.log_samples` decoded rows to `samples` when given."""
+        threads.adapt()  # the cores the machine's other processes leave free
+        lr = self.set_lr(step)
+        t_start = time.perf_counter()
+        batch, prompts = self.sample(stream)
+        t_rollout = time.perf_counter() - t_start
+        t0 = time.perf_counter()
+        self.old_logprobs(batch)
+        t_recompute = time.perf_counter() - t0
+        self.advantages(batch)
+        for m in self.measurements:  # pi_old, before the update changes it
+            m.before_update(self.learner, batch.rollouts, self.cfg.optim.micro_batch_size, self.sampling)
+        t0 = time.perf_counter()
+        updates = self.update(batch, shuffle)
+        t_learn = time.perf_counter() - t0
+        metrics = self.learner.sync(self.engine)  # with its time, perf/sync_seconds
+        batch = self.gather(batch, prompts)
+        metrics.update(self.mismatch(batch))
+        metrics.update({**{k: float(v) for k, v in batch.kl.items()}, "learner/lr": lr})
+        if samples is not None:
+            samples.append(ckpt.rollout_digest(batch.rollouts))
+            samples.append(readable_samples(self.cfg.run.log_samples, batch, self.run.setup.tokenizer))
+        metrics.update({**rollout_metrics(batch), **updates, **self.precision_metrics()})
+        times = {"rollout": t_rollout, "recompute": None if self.single_update else t_recompute, "learn": t_learn}
+        metrics.update(self.perf_metrics(batch, times, time.perf_counter() - t_start))
+        return metrics
+
+    # ---- the parts, in order ---------------------------------------------------------------------------------
+    def set_lr(self, step: int) -> float:
+        o = self.cfg.optim
+        lr = o.lr * lr_factor(o.schedule, step, self.cfg.run.steps, o.warmup_steps, o.min_lr_ratio)
+        self.learner.set_lr(lr)
+        return lr
+
+    def sample(self, stream) -> tuple[Batch, list]:
+        """This rank's share of the step's prompts (the same on every rank), G responses each, and their rewards.
+        -> (the batch, the step's prompts)"""
+        r, w, s = self.cfg.rollout, self.world, self.run.setup
+        prompts = stream.take(r.prompts_per_step)
+        share = r.prompts_per_step // w.size
+        examples = [e for e in prompts[w.rank * share : (w.rank + 1) * share] for _ in range(r.group_size)]
+        rollouts = self.engine.generate([s.prompt_ids[id(e)] for e in examples], self.run.sampling,
+                                        **self.asks)  # groups contiguous  # fmt: skip
+        rewards, texts = score(s.task, s.tokenizer, rollouts, examples)
+        return Batch(rollouts, rewards, texts, examples), prompts
+
+    def old_logprobs(self, batch: Batch) -> None:
+        """log pi_old and the entropy: recomputed, or zeros that the first update's forward fills."""
+        shape = batch.rollouts.response_ids.shape
+        if self.single_update:
+            batch.logp_old, batch.entropy = torch.zeros(shape), torch.zeros(shape)
+            return
+        batch.logp_old, batch.entropy = self.learner.recompute(batch.rollouts, self.cfg.optim.micro_batch_size,
+                                                               *self.sampling, with_entropy=True)  # fmt: skip
+
+    def advantages(self, batch: Batch) -> None:
+        """Per group (whole groups on each rank), from the rewards, less beta x sum_t KL_t(pi_old || ref) where the
+        KL penalty goes into the reward."""
+        a, ro, shaped = self.cfg.algorithm, batch.rollouts, batch.rewards
+        if self.kl_reward:  # r_i - beta * sum_t KL_t(pi_old || ref)
+            logp_ref = self.learner.recompute(ro, self.cfg.optim.micro_batch_size, *self.sampling,
+                                              policy=self.reference)  # fmt: skip
+            kl = kl_penalty(a.kl_estimator, batch.logp_old, logp_ref, ro.mask)  # [B, T]
+            batch.kl = {"kl/ref": kl.sum() / ro.mask.sum().clamp(min=1), "kl/ref_seq": kl.sum(1).mean()}
+            shaped = batch.rewards - a.kl_coef * kl.sum(1)
+        batch.advantages = ADVANTAGES[self.preset.advantage](shaped, self.cfg.rollout.group_size)  # [B]
+
+    def gather(self, batch: Batch, prompts: list) -> Batch:
+        """The whole batch on every rank (each rank's rows in rank order); one rank's batch as it is."""
+        w = self.world
+        if not w.distributed:
+            return batch
+        b = batch
+        parts = w.gather((b.rollouts, b.rewards, b.logp_old, b.entropy, b.advantages, b.texts,
+                          {k: float(v) for k, v in b.kl.items()}))  # fmt: skip
+        rollouts = Rollouts.concat([p[0] for p in parts], self.run.setup.tokenizer.pad_token_id or 0)
+        T = rollouts.response_ids.shape[1]
+        logp_old, entropy = (torch.cat([torch.nn.functional.pad(p[i], (0, T - p[i].shape[1])) for p in parts])
+                             for i in (2, 3))  # fmt: skip
+        examples = [e for e in prompts for _ in range(self.cfg.rollout.group_size)]
+        kl = {k: sum(p[6][k] for p in parts) / w.size for k in b.kl}
+        return Batch(rollouts, torch.cat([p[1] for p in parts]), [t for p in parts for t in p[5]], examples,
+                     logp_old, entropy, torch.cat([p[4] for p in parts]), kl)  # fmt: skip
+
+    # ---- metrics ---------------------------------------------------------------------------------------------
+    def mismatch(self, batch: Batch) -> dict:
+        """The estimators on the sampled tokens (pi_old against mu), then the measurements' metrics."""
+        estimated = mismatch_metrics(batch.logp_old, batch.rollouts.logprobs, batch.rollouts.mask)
+        out = {f"mismatch/{k}": v for k, v in estimated.items()}
+        for m in self.measurements:
+            out.update(m.metrics(estimated))
+        return out
+
+    def precision_metrics(self) -> dict:
+        return {"precision/loss_scale": self.learner.scaler.scale,
+                "precision/skipped_steps": self.learner.scaler.skipped_steps}  # fmt: skip
+
+    def perf_metrics(self, batch: Batch, times: dict, step_seconds: float) -> dict:
+        """Tokens per second of each part, the step's time, threads and memory (the largest rank's)."""
+        tokens = int(batch.rollouts.lengths.sum())
+        out = {"perf/rollout_tokens_per_s": tokens / max(times["rollout"], 1e-9)}
+        if times["recompute"] is not None:
+            out.update({"perf/recompute_tokens_per_s": tokens / max(times["recompute"], 1e-9),
+                        "perf/recompute_seconds": times["recompute"]})  # fmt: skip
+        out.update({"perf/learner_tokens_per_s": tokens * self.cfg.optim.epochs / max(times["learn"], 1e-9),
+                    "perf/rollout_seconds": times["rollout"], "perf/learn_seconds": times["learn"],
+                    "perf/step_seconds": step_seconds, "perf/threads": torch.get_num_threads()})  # fmt: skip
+        peak, now = zip(*self.world.gather((peak_rss_mib(), rss_mib())))
+        out["perf/peak_rss_mib"], out["perf/rss_mib"] = max(peak), max(now)
+        if self.world.distributed:
+            out["perf/ranks"] = self.world.size
+        return out
+
+
+def rollout_metrics(batch: Batch) -> dict:
+    """Rewards, accuracy, lengths, truncation, entropy and advantages of the whole batch."""
+    ro, mask = batch.rollouts, batch.rollouts.mask
+    return {
+        "rollout/reward_mean": batch.rewards.mean().item(),
+        "rollout/accuracy": (batch.rewards > 0.5).float().mean().item(),
+        "rollout/response_length_mean": ro.lengths.float().mean().item(),
+        "rollout/response_length_max": int(ro.lengths.max()),
+        "rollout/truncated_frac": (~ro.finished).float().mean().item(),
+        "rollout/entropy": (batch.entropy * mask).sum().item() / max(int(mask.sum()), 1),
+        "rollout/advantage_abs_mean": batch.advantages.abs().mean().item(),
+    }
+
+
+def readable_samples(n: int, batch: Batch, tokenizer) -> list[dict]:
+    """`n` rows of a step spread over its groups: the prompt as the model saw it, the response, its reward, length,
+    whether it ended on a stop, and its mean |log pi_old - log mu| (the mismatch on its tokens)."""
+    B, ro = len(batch.examples), batch.rollouts
+    if n <= 0 or B == 0:
+        return []
+    picks = sorted({round(j * (B - 1) / max(n - 1, 1)) for j in range(min(n, B))})
+    rows = []
+    for i in picks:
+        length = int(ro.lengths[i])
+        gap = (batch.logp_old[i, :length] - ro.logprobs[i, :length]).abs().mean().item() if length else 0.0
+        rows.append({"id": batch.examples[i].id, "prompt": tokenizer.decode(ro.prompt_ids[i]),
+                     "response": batch.texts[i], "reward": float(batch.rewards[i]), "length": length,
+                     "finished": bool(ro.finished[i]), "mismatch": gap})  # fmt: skip
+    return rows
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (MiB)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- the update ----------------------------------------------------------------------------------------------------
+@dataclass
+class LossTotals:
+    """A step's updates as they go: the loss terms summed over micro-batches (each weighted by its share of its
+    update's rows, over every rank), each update's loss, the skipped steps and the gradient norms."""
+
+    sums: dict = field(default_factory=dict)
+    losses: list = field(default_factory=list)
+    skipped: int = 0
+    norms: list = field(default_factory=list)
+
+    def add(self, weight: float, terms: dict, loss: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + weight * float(v)
+        self.losses[-1] += loss
+
+    def result(self, world: World) -> dict:
+        """The loss and its terms averaged over the updates (and summed over the ranks), the mean finite norm."""
+        n, keys = len(self.losses), sorted(self.sums)
+        totals = world.all_reduce_sum(torch.tensor([sum(self.losses)] + [self.sums[k] for k in keys],
+                                                   dtype=torch.float64))  # fmt: skip
+        finite = [x for x in self.norms if math.isfinite(x)]
+        return {"policy/loss": float(totals[0]) / n, **{k: float(v) / n for k, v in zip(keys, totals[1:])},
+                "learner/grad_norm": sum(finite) / len(finite) if finite else float("nan"),
+                "learner/updates": n, "precision/skipped_this_step": self.skipped}  # fmt: skip
+
+
+class PolicyUpdate:
+    """The optimizer steps of one rollout batch (`__call__`): `optim.epochs` passes over its groups in a seeded
+    order, one `Learner.update` per `optim.train_batch_size` samples (each rank takes its share of them). With
+    `single_update`, the update's own forward gives log pi_old and the entropy (written into the batch's); with a
+    KL penalty in the loss, `reference` is the policy it is measured against."""
+
+    def __init__(self, cfg: TrainConfig, learner, world: World = SINGLE, reference=None, single_update: bool = False,
+                 max_new_tokens: int | None = None):  # fmt: skip
+        self.cfg, self.learner, self.world, self.reference = cfg, learner, world, reference
+        self.preset, self.single_update = cfg.algorithm_fields(), single_update
+        self.max_new_tokens = cfg.rollout.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self.sampling = (cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p)
+        a = cfg.algorithm
+        self.kl_loss = a.kl_coef > 0 and a.kl_in == "loss"
+
+    def __call__(self, batch: Batch, shuffle: torch.Generator) -> dict:
+        self.batch, self.totals = batch, LossTotals()
+        G, o = self.cfg.rollout.group_size, self.cfg.optim
+        groups = len(batch.rollouts) // G
+        per_update = o.train_batch_size // G // self.world.size  # groups of this rank in each update
+        for _ in range(o.epochs):
+            group_order = torch.randperm(groups, generator=shuffle)
+            for g0 in range(0, groups, per_update):
+                chosen = group_order[g0 : g0 + per_update].tolist()
+                self.one(torch.cat([torch.arange(g * G, (g + 1) * G) for g in chosen]))
+        return self.totals.result(self.world)
+
+    def one(self, rows: torch.Tensor) -> None:
+        """One optimizer step on `rows`, the loss normalised by the whole update's token and sequence counts."""
+        ro = self.batch.rollouts
+        counts = self.world.all_reduce_sum(torch.tensor(aggregation_counts(ro.mask[rows]), dtype=torch.long))
+        total_tokens, total_seqs = (int(c) for c in counts)
+        self.totals.losses.append(0.0)
+
+        def loss_fn(mb: MicroBatch) -> torch.Tensor:
+            return self.loss(mb, len(rows), total_tokens, total_seqs)
+
+        result = self.learner.update(ro, rows, loss_fn, self.cfg.optim.micro_batch_size, *self.sampling,
+                                     with_entropy=self.single_update)  # fmt: skip
+        self.totals.skipped += int(result.skipped)
+        self.totals.norms.append(result.grad_norm)
+
+    def loss(self, mb: MicroBatch, update_rows: int, total_tokens: int, total_seqs: int) -> torch.Tensor:
+        """One micro-batch's loss: the preset's policy loss (with the KL term where it goes into the loss), weighted
+        so that the micro-batch losses sum to the update's; with a single update, its forward gives log pi_old."""
+        b, a = self.batch, self.cfg.algorithm
+        logp, T = mb.logp, mb.logp.shape[1]
+        if self.single_update:
+            b.logp_old[mb.rows, :T], b.entropy[mb.rows, :T] = logp.detach().float().cpu(), mb.entropy.float().cpu()
+        dev = logp.device
+        kl = None
+        if self.kl_loss:
+            with torch.no_grad():
+                kl = KLTerm(a.kl_coef, a.kl_estimator, self.reference.logprobs(mb.batch, *self.sampling))
+        loss, terms = policy_loss(self.preset, logp, b.logp_old[mb.rows, :T].to(dev), mb.rollouts.logprobs.to(dev),
+                                  b.advantages[mb.rows].to(dev), mb.rollouts.mask.to(dev), self.max_new_tokens,
+                                  total_tokens=total_tokens, total_seqs=total_seqs, kl=kl)  # fmt: skip
+        self.totals.add(len(mb.rows) / (update_rows * self.world.size), terms, float(loss.detach()))
+        return loss
