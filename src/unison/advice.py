@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # the smallest fp16 subnormal: a smaller scaled gradient flushes to zero
 HEADROOM_MIN = 4.0  # a layer whose activations come within 4x of 65504 is named
@@ -98,7 +100,6 @@ def gradient_stats(learner, rollouts, scale: float, passes: int = 3, seed: int =
     """Gradients of a policy-gradient loss (token mean of -A log pi, random advantages of +-1 per sequence) on
     `rollouts`, in the learner's dtype (fp32 for this measure): over `passes` backward passes, the share of nonzero
     values below 2^-24 once multiplied by `scale`, and the largest |value|."""
-    import torch
 
     g = torch.Generator().manual_seed(seed)
     total = tiny = 0

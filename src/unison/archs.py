@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from unison.errors import choose
 from unison.models import VOCAB_SIZE, build_tokenizer, save_model
@@ -49,7 +51,6 @@ def _family(class_name: str, **fields) -> Callable[..., PretrainedConfig]:
     """A builder of `transformers.<class_name>`: the shared vocabulary and size, then `fields`, then overrides."""
 
     def build(**overrides) -> PretrainedConfig:
-        import transformers
 
         return getattr(transformers, class_name)(**{**TOKENS, **SIZE, **fields, **overrides})
 
@@ -59,7 +60,6 @@ def _family(class_name: str, **fields) -> Callable[..., PretrainedConfig]:
 
 def _gpt2(**overrides) -> PretrainedConfig:
     """GPT-2, whose config names its sizes differently; its default dropout (0.1) is kept."""
-    from transformers import GPT2Config
 
     fields = dict(TOKENS, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=256, initializer_range=0.125)
     return GPT2Config(**{**fields, **overrides})
@@ -113,7 +113,6 @@ def tiny_config(name: str, **overrides) -> PretrainedConfig:
 
 def tiny_model(name: str, seed: int = 0, **overrides):
     """A random-initialised fp32 causal LM of architecture `name`, seeded by `seed`, in eval mode."""
-    from transformers import AutoModelForCausalLM
 
     config = tiny_config(name, **overrides)
     torch.manual_seed(seed)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from unison.errors import UserError
-from unison.precision import upcast_lm_head
+from unison.precision import cast_module, upcast_lm_head
 
 COMPONENTS = ("lm_head", "attention", "mlp", "norms", "residual")
 
@@ -43,7 +43,6 @@ def _cast(x, dtype: torch.dtype):
 def run_in(module: torch.nn.Module, compute: torch.dtype, out: torch.dtype | None = None) -> None:
     """Run `module` in `compute`: its parameters cast (rotary frequencies stay fp32), its floating inputs cast on
     the way in, and its floating outputs cast to `out` on the way out (None: left as computed)."""
-    from unison.precision import cast_module
 
     cast_module(module, compute)
     module.register_forward_pre_hook(lambda m, args, kwargs: (_cast(args, compute), _cast(kwargs, compute)),

@@ -15,12 +15,24 @@ Leftovers of a killed save (a `.tmp-step-*` folder, a step folder without manife
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from unison.config import parse_size
+from unison.errors import UserError
+from unison.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, is_peft, read_adapter_config, save_adapter
+from unison.models import load_model, load_tokenizer
+from unison.precision import parse_precision
+from unison.runfolder import check_output_folder
 
 MANIFEST = "manifest.json"
 
@@ -81,8 +93,6 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
     tmp.mkdir()
     try:
         state_dict = {name: t.detach().float().cpu().contiguous() for name, t in master_state.items()}
-        from unison.lora import is_peft, save_adapter
-
         if is_peft(model):  # LoRA: the adapter in peft's format (its fp32 masters)
             save_adapter(tmp, model.peft_config["default"], state_dict)
         else:
@@ -113,9 +123,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
 
 def _as_os_error(exc: BaseException) -> BaseException:
     """A write error of the safetensors writer (its own exception type) as the OSError it wraps; others as they are."""
-    import re
 
-    from safetensors import SafetensorError
 
     if not isinstance(exc, SafetensorError):
         return exc
@@ -150,7 +158,6 @@ def is_complete(path: Path) -> bool:
 
 def file_hash(path: Path) -> str:
     """SHA-256 of a file's bytes."""
-    import hashlib
 
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -169,9 +176,7 @@ def damaged_file(path: Path) -> str | None:
 def latest_intact_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint whose files match their hashes; each newer damaged one is reported by name
     (stderr). None where the run has no complete checkpoint; a UserError where every one is damaged."""
-    import sys
 
-    from unison.errors import UserError
 
     found = list_checkpoints(run_dir)
     damaged = []
@@ -227,7 +232,6 @@ INDEX = "model.safetensors.index.json"
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a model folder: its shards (from the index; a missing one is a UserError) or
     model.safetensors."""
-    from unison.errors import UserError
 
     path = Path(path)
     if (path / INDEX).is_file():
@@ -246,7 +250,6 @@ def weight_files(path: Path) -> list[Path]:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint's weights files (one file or its shards), under the names stored there."""
-    from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
@@ -260,7 +263,6 @@ def load_master(path: Path) -> dict[str, torch.Tensor]:
     These can differ from the names stored in the file: transformers maps some on load (a mixture of experts'
     per-expert weights to one fused tensor per layer, GPT-NeoX's `embed_out` to `lm_head`), so the weights are read
     through the model's own loader (which refuses a weight missing, misshapen or not finite)."""
-    from unison.models import load_model
 
     model = load_model(path, dtype=torch.float32)
     return {name: p.detach() for name, p in model.named_parameters()}
@@ -274,7 +276,6 @@ ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "nu
 def check_compatible(path: Path, model) -> dict[str, torch.Tensor]:
     """Refuse (UserError) a checkpoint written for another architecture or vocabulary than `model`'s; return its
     master weights (`load_master`)."""
-    from unison.errors import UserError
 
     how = ("resume with the model the run was started from (model.path), or start a new run with --overwrite or "
            "another run.out")  # fmt: skip
@@ -330,7 +331,6 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 def rollout_digest(rollouts) -> dict:
     """Short hashes of a step's sampled responses and their log-probs: equal digests, the same samples bit for bit."""
-    import hashlib
 
     def h(t: torch.Tensor) -> str:
         return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
@@ -342,7 +342,6 @@ def rollout_digest(rollouts) -> dict:
 # ---- export -------------------------------------------------------------------------------------------------------
 def resolve_checkpoint(source: str | Path) -> Path:
     """A run folder (its newest complete checkpoint) or a complete checkpoint folder; anything else is refused."""
-    from unison.errors import UserError
 
     path = Path(source).expanduser()
     if not path.is_dir():
@@ -371,11 +370,6 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     tokenizer, as a plain Hugging Face model folder `out` (a LoRA run's checkpoint: its base with the adapter
     merged in); with `adapter`, a LoRA checkpoint's adapter alone, in peft's format, with the tokenizer.
     Everything is checked before anything is written; the folder is written beside `out` and renamed into place."""
-    from unison.config import parse_size
-    from unison.errors import UserError
-    from unison.models import load_model, load_tokenizer
-    from unison.precision import parse_precision
-    from unison.runfolder import check_output_folder
 
     target = parse_precision(dtype)
     size = parse_size(shard_size, "--shard-size")
@@ -383,7 +377,6 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     out = check_output_folder(Path(out).expanduser().absolute(), "--out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{str(out)!r} already exists and is not empty; choose a new --out folder")
-    from unison.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, read_adapter_config
 
     if adapter and not is_adapter(ckpt):
         raise UserError(f"--adapter writes a LoRA run's adapter, and {str(ckpt)!r} holds whole weights (a full "
@@ -391,7 +384,6 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     model = None if adapter else load_model(ckpt, dtype=torch.float32)
     if adapter:
         read_adapter_config(ckpt)
-        from safetensors.torch import load_file
 
         weights = load_file(str(ckpt / ADAPTER_WEIGHTS))
     tokenizer = load_tokenizer(ckpt)
@@ -401,7 +393,6 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if adapter:
-            from safetensors.torch import save_file
 
             tmp.mkdir()
             shutil.copyfile(ckpt / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)

@@ -12,8 +12,23 @@ import json
 import sys
 from pathlib import Path
 
+from unison import checkpoint as ckpt
 from unison import distributed, offline  # noqa: F401 (offline: the environment, before any library reads it)
+from unison.advice import format_advice
+from unison.checkpoint import export_model
+from unison.commands import EvalConfig, FilterConfig, run_eval, run_filter
+from unison.config import TrainConfig, _split_override, describe, load_config
+from unison.conformance import SelfTestError
+from unison.demo import DemoConfig, run_demo
 from unison.errors import SIGINT_CODE, WRITE_FAILED, RunFault, UserError
+from unison.guard import MismatchGuardStop
+from unison.learner import WeightSyncError
+from unison.overflow import ActivationOverflowError, format_activation_table
+from unison.precision import LossScaleFloorError, resolve_device
+from unison.probe import ProbeConfig, format_attribution, format_table, run_probe
+from unison.report import format_samples, plot_runs, read_metrics, read_samples
+from unison.runfolder import WRITE_ERRNOS, check_output_file
+from unison.trainer import check_resume_world, check_world_settings, train
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -119,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args, command: str) -> list:
-    from unison.config import _split_override
 
     pairs = []
     for _, key, _, _ in SHORTCUTS.get(command, []):
@@ -156,7 +170,6 @@ def _overrides(args, command: str) -> list:
 
 
 def _config(cls, args, command: str):
-    from unison.config import describe, load_config
 
     if getattr(args, "help_config", False):
         print("\n".join(describe(cls)))
@@ -165,24 +178,20 @@ def _config(cls, args, command: str):
 
 
 def cmd_probe(args) -> None:
-    from unison.probe import ProbeConfig, format_table, run_probe
 
     cfg = _config(ProbeConfig, args, "probe")
     results = run_probe(cfg)
     print(format_table(results))
     out = Path(cfg.run.out)
     if cfg.probe.activations:
-        from unison.overflow import format_activation_table
 
         print("\nlargest |activation| per layer (fp32 forward over the prompts and one sampled response each):")
         print(format_activation_table(json.loads((out / "probe.json").read_text())["activations"]))
     if cfg.probe.advise:
-        from unison.advice import format_advice
 
         print("\nprecision advice:")
         print(format_advice(json.loads((out / "probe.json").read_text())["advice"]))
     if cfg.probe.attribute:
-        from unison.probe import format_attribution
 
         print("\nthe mismatch with one component in fp32 in both engines (model's own modules in both):")
         print(format_attribution(json.loads((out / "probe.json").read_text())["attribution"]))
@@ -191,8 +200,6 @@ def cmd_probe(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from unison.config import TrainConfig
-    from unison.trainer import train
 
     cfg = _config(TrainConfig, args, "train")
     if args.nproc != 1 and not distributed.launched():
@@ -210,9 +217,6 @@ def cmd_train(args) -> None:
 def check_launch(cfg, args) -> None:
     """What `--nproc N` needs, checked before any rank starts: N within the devices, the backend for the device,
     whole groups for every rank, the world size of the checkpoint to resume."""
-    from unison import checkpoint as ckpt
-    from unison.precision import resolve_device
-    from unison.trainer import check_resume_world, check_world_settings
 
     device = resolve_device(cfg.model.device)
     distributed.backend_for(device, args.backend)
@@ -237,7 +241,6 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 
 def cmd_eval(args) -> None:
-    from unison.commands import EvalConfig, run_eval
 
     cfg = _config(EvalConfig, args, "eval")
     result = run_eval(cfg)
@@ -245,21 +248,18 @@ def cmd_eval(args) -> None:
 
 
 def cmd_filter(args) -> None:
-    from unison.commands import FilterConfig, run_filter
 
     cfg = _config(FilterConfig, args, "filter")
     run_filter(cfg)
 
 
 def cmd_demo(args) -> None:
-    from unison.demo import DemoConfig, run_demo
 
     cfg = _config(DemoConfig, args, "demo")
     run_demo(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
 
 
 def cmd_samples(args) -> None:
-    from unison.report import format_samples, read_samples
 
     steps = read_samples(args.run)
     step = args.step if args.step is not None else max(steps, default=None)
@@ -270,15 +270,12 @@ def cmd_samples(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from unison.checkpoint import export_model
 
     out = export_model(args.source, args.out, args.dtype, args.shard_size, adapter=args.adapter)
     print(f"wrote {out}")
 
 
 def cmd_plot(args) -> None:
-    from unison.report import plot_runs, read_metrics
-    from unison.runfolder import check_output_file
 
     known: set[str] = set()
     for run in args.runs:
@@ -348,7 +345,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unison {args.command}: interrupted (SIGINT)", file=sys.stderr)
         return SIGINT_CODE
     except OSError as exc:  # a command's output that cannot be written (a run's own faults are RunFault)
-        from unison.runfolder import WRITE_ERRNOS
 
         if exc.errno not in WRITE_ERRNOS:
             raise
@@ -357,11 +353,6 @@ def main(argv: list[str] | None = None) -> int:
               "output, then run it again", file=sys.stderr)  # fmt: skip
         return WRITE_FAILED
     except Exception as exc:  # noqa: BLE001 - errors the run itself raises (loss-scale floor, sync, overflow)
-        from unison.conformance import SelfTestError
-        from unison.guard import MismatchGuardStop
-        from unison.learner import WeightSyncError
-        from unison.overflow import ActivationOverflowError
-        from unison.precision import LossScaleFloorError
 
         if isinstance(exc, (LossScaleFloorError, WeightSyncError, ActivationOverflowError, SelfTestError,
                             MismatchGuardStop)):  # fmt: skip

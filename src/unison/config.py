@@ -7,6 +7,7 @@ the field and say how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import types
 import typing
@@ -15,8 +16,14 @@ from pathlib import Path
 
 import yaml
 
+from unison.algorithms import PRESETS, get_preset
 from unison.errors import UserError
-from unison.rollout import check_capability
+from unison.matmul import MATMUL_MODES
+from unison.models import ATTN_IMPLEMENTATIONS
+from unison.overflow import MODES
+from unison.precision import PRECISIONS
+from unison.rollout import ENGINES, check_capability
+from unison.tasks.templates import TEMPLATES
 
 
 def doc(default, text: str, **kw):
@@ -29,50 +36,42 @@ def doc(default, text: str, **kw):
 
 # ---- sections: every command's config is made of these, with the same dotted keys ------------------------------
 def _precisions():
-    from unison.precision import PRECISIONS
 
     return PRECISIONS
 
 
 def _matmul_modes():
-    from unison.matmul import MATMUL_MODES
 
     return MATMUL_MODES
 
 
 def _attn_implementations():
-    from unison.models import ATTN_IMPLEMENTATIONS
 
     return ATTN_IMPLEMENTATIONS
 
 
 def _engines():
-    from unison.rollout import ENGINES
 
     return ENGINES
 
 
 def _templates():
-    from unison.tasks.templates import TEMPLATES
 
     return TEMPLATES
 
 
 def _overflow_modes():
-    from unison.overflow import MODES
 
     return MODES
 
 
 def _presets():
-    from unison.algorithms import PRESETS
 
     return PRESETS
 
 
 def _table(name: str, module: str = "unison.algorithms"):
     def get():
-        import importlib
 
         return getattr(importlib.import_module(module), name)
 
@@ -382,7 +381,6 @@ class TrainConfig:
 
     def algorithm_fields(self):
         """The preset with this config's overrides applied."""
-        from unison.algorithms import get_preset
 
         a = self.algorithm
         preset = get_preset(a.preset)

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from unison.learner import Learner
+from unison.models import load_model
 from unison.precision import PrecisionPolicy, precision_name
 from unison.rollout import make_engine
 from unison.rollout.base import Rollouts, SamplingParams
@@ -89,7 +91,6 @@ def measure(model_dir, prompts: list[list[int]], max_new_tokens: int = 24, preci
             **engine_kwargs) -> Conformance:
     """Sample `prompts` with the rollout engine and hold its log-probs and the learner's against the model's own
     forward (fp32); then the fp16/bf16 engine-learner mismatch on the same prompts."""
-    from unison.models import load_model
 
     device = torch.device("cpu")
     params = SamplingParams(max_new_tokens, 1.0, stop_token_ids=stop_token_ids)
@@ -140,9 +141,7 @@ class SelfTestError(RuntimeError):
 def self_test(engine, learner, prompts: list[list[int]], rows: int = 8, tokens: int = 16) -> dict:
     """Sample `tokens` tokens for `rows` prompts with the engine (its random state left as it was), recompute them
     with the learner and hold the mean |log pi - log mu| against `SELF_TEST_BANDS`; raises SelfTestError outside."""
-    import time
 
-    from unison.precision import precision_name
 
     t0 = time.perf_counter()
     state = engine.rng_state()

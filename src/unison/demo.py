@@ -26,6 +26,8 @@ from unison.config import (
 )
 from unison.precision import PRECISIONS
 from unison.report import plot_runs, read_metrics
+from unison.runfolder import check_run_dir
+from unison.trainer import train
 
 
 @dataclass
@@ -88,8 +90,6 @@ def format_summary(summary: dict[str, dict]) -> str:
 
 
 def run_demo(cfg: DemoConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict:
-    from unison.runfolder import check_run_dir
-    from unison.trainer import train
 
     root = Path(cfg.run.out)
     runs = {name: cfg.for_precision(name) for name in cfg.compare}

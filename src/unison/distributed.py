@@ -8,14 +8,21 @@ where every collective is the identity.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+import uuid
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from unison.errors import UserError
+from unison.threads import cores
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -158,7 +165,6 @@ def shard(model: torch.nn.Module, train_dtype: torch.dtype) -> torch.nn.Module:
     """FSDP2 over the ranks: each decoder layer is a unit, then the rest (embeddings, final norm, LM head). The
     parameters stay fp32 (sharded: they are the master weights); forward and backward run in `train_dtype`, and
     gradients are reduced in fp32 and summed over the ranks (the loss is normalised by the global counts)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=train_dtype, reduce_dtype=torch.float32)
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -193,14 +199,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m unison <argv>` as `nproc` ranks on this machine with PyTorch's elastic launcher (what
     `torchrun --standalone --nproc-per-node N` does); returns the exit code of the first rank that failed (0 when
     every rank succeeded). Each rank gets an equal share of the cores unless OMP_NUM_THREADS is set."""
-    import logging
-    import uuid
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from unison.threads import cores
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
     os.environ[LAUNCHER_PID] = str(os.getpid())
@@ -225,6 +225,5 @@ def devices_for(device: torch.device) -> int | None:
     """How many ranks a device type can hold on this machine: the visible GPUs on CUDA, the cores on a CPU."""
     if device.type == "cuda":
         return torch.cuda.device_count()
-    from unison.threads import cores
 
     return cores()

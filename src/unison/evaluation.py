@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from unison import threads
+from unison.errors import UserError
 from unison.rollout.base import Rollouts, SamplingParams
 from unison.tasks.base import Example
 from unison.tasks.templates import encode_prompt
@@ -14,7 +16,6 @@ from unison.tasks.templates import encode_prompt
 def encode_all(tokenizer, examples: list[Example], template: str = "auto", system_prompt: str = "") -> list[list[int]]:
     """Token ids of each example's templated prompt (after `system_prompt`, where given); an empty one is a user
     error (`Setup.encode` checks them against the model's context)."""
-    from unison.errors import UserError
 
     out = []
     for ex in examples:
@@ -32,7 +33,6 @@ FP32_MAX = float(torch.finfo(torch.float32).max)
 def reward_of(task, text: str, example: Example, finished: bool) -> float:
     """The task's reward of one response, checked: a reward function that raises, or returns something other than a
     finite number fp32 holds, is a UserError naming the function and the prompt."""
-    from unison.errors import UserError
 
     name = str(getattr(task, "reward_spec", None) or getattr(task, "name", type(task).__name__))
     where = f"on prompt {example.id or example.prompt[:40]!r}"
@@ -75,7 +75,6 @@ def evaluate(engine, task, tokenizer, examples: list[Example], prompts: list[lis
              n: int = 1, ks: list[int] | None = None, batch_size: int = 256, progress: bool = False) -> dict:
     """avg@n (the mean reward over n samples per prompt) and the unbiased pass@k for each k of `ks` (default: n),
     with each prompt's result; `prompts` are the examples' encoded prompts (`Setup.encode`)."""
-    from unison import threads
 
     ks = sorted(set(ks or [n]))
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]

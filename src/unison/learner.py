@@ -21,6 +21,7 @@ import copy
 import time
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from unison.batching import MicroBatch, MicroBatcher, SequenceBatch
 from unison.config import ModelConfig, MoeConfig, OptimConfig, PrecisionConfig
@@ -28,6 +29,7 @@ from unison.distributed import SINGLE, World, shard
 from unison.hf import LogitsAt, cache_kwarg, output_cache
 from unison.lora import is_peft, merged_weights, set_dropout
 from unison.matmul import matmul_mode, set_matmul
+from unison.models import load_model, load_tokenizer
 from unison.precision import (
     LossScaler,
     MasterWeights,
@@ -194,7 +196,6 @@ class Learner:
 
     @classmethod
     def from_pretrained(cls, model_dir, policy: PrecisionPolicy, device="cpu", **sections) -> Learner:
-        from unison.models import load_model, load_tokenizer
 
         tok = load_tokenizer(model_dir)
         model = load_model(model_dir, device=device, dtype=torch.float32)
@@ -348,7 +349,6 @@ class Learner:
 
     def load_state_dict(self, state: dict) -> None:
         if self.world.distributed:  # each rank's shard of the full master weights
-            from torch.distributed.tensor import distribute_tensor
 
             with torch.no_grad():
                 for name, p in zip(self.weights.names, self.weights.params):
@@ -363,7 +363,6 @@ class Learner:
         """An optimizer state of plain tensors given the sharding of the parameters they belong to."""
         if not self.world.distributed:
             return optimizer_state
-        from torch.distributed.tensor import DTensor
 
         out = {}
         for k, st in optimizer_state["state"].items():

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from unison.errors import UserError
 from unison.precision import full_tensor
@@ -237,7 +238,6 @@ def read_adapter(path, params: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """An adapter folder's fp32 weights for the adapter parameters `params` (by their names in the adapted model);
     an adapter of another shape is a UserError."""
     names, shapes = list(params), {n: p.shape for n, p in params.items()}
-    from safetensors.torch import load_file
 
     stored = load_file(str(Path(path) / ADAPTER_WEIGHTS))
     out = {}
@@ -259,7 +259,6 @@ def read_adapter(path, params: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def save_adapter(folder: Path, config, masters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
     """The adapter in peft's format into `folder`: adapter_config.json (peft's LoraConfig `config`) and
     adapter_model.safetensors (`masters`, by their names in the adapted model, cast to `dtype`)."""
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     config.save_pretrained(str(folder))

@@ -16,6 +16,9 @@ import functools
 import types
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from unison.errors import UserError
 
@@ -46,9 +49,6 @@ FP32_SDPA = "unison_fp32_sdpa"
 
 def _register_fp32_sdpa() -> str:
     """Register fp32-accumulate attention with transformers' attention interface (once)."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def forward(module, query, key, value, attention_mask, **kwargs):
         mask = (attention_mask if attention_mask is None or attention_mask.dtype == torch.bool

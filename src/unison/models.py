@@ -7,11 +7,24 @@ trained from them by `unison.warmstart` on the built-in task.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from unison.errors import UserError
 from unison.lora import adapter_base, is_adapter
@@ -54,9 +67,6 @@ def build_tokenizer():
     Byte-level BPE without merges is what Qwen2's tokenizer class expects, so every loader (transformers 4 and 5,
     vLLM) reads it the same way; each character of the built-in task is one token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     byte_chars = bytes_to_unicode()
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + [byte_chars[b] for b in range(256)])}
@@ -71,7 +81,6 @@ def build_tokenizer():
 
 def random_model(seed: int = 0, **overrides):
     """A random-initialised Qwen2 causal LM with the built-in tokenizer's vocabulary (fp32)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = dict(BUILTIN_CONFIG, **overrides)
     config = Qwen2Config(vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=1, pad_token_id=0, **cfg)
@@ -129,7 +138,6 @@ def base_model_dir(path: Path) -> Path:
 
 def load_tokenizer(model_dir: str | Path):
     """The tokenizer saved in a checkpoint directory (offline); a missing one is a user error."""
-    from transformers import AutoTokenizer
 
     path = resolve_model_dir(model_dir)
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -153,7 +161,6 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 def causal_lm_class(config):
     """The transformers class that `AutoModelForCausalLM` builds for `config` (None where it has none)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
@@ -176,7 +183,6 @@ def resolve_attn_implementation(config, requested: str = "auto", device: torch.d
                else "this transformers has no SDPA for it")
         raise UserError(f"{kind} models cannot run model.attn_implementation=sdpa: {why}; use auto or eager")
     if requested == "flash_attention_2":
-        import importlib.util
 
         if importlib.util.find_spec("flash_attn") is None:
             raise UserError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
@@ -199,8 +205,6 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     The weights are loaded as fp32, whatever `config.json`'s dtype says, then cast once to `dtype`. A weight the files
     lack or hold in another shape (which transformers would initialise at random), and a weight holding NaN or inf,
     are UserErrors naming the weight."""
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_dir(model_dir)
     if is_adapter(path):  # the base model with the adapter merged in

@@ -18,11 +18,24 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 from unison import threads
+from unison.advice import advise, gradient_stats
 from unison.attribution import COMPONENTS, check_supported, upcast
-from unison.config import DataConfig, ModelConfig, MoeConfig, RolloutConfig, RunBase, check, doc, validate_sections
+from unison.config import (
+    DataConfig,
+    ModelConfig,
+    MoeConfig,
+    PrecisionConfig,
+    RolloutConfig,
+    RunBase,
+    check,
+    doc,
+    validate_sections,
+)
 from unison.mismatch import EXACT_KEYS, ExactAccumulator, MismatchAccumulator
+from unison.overflow import activation_stats
 from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
 from unison.rollout import capable, check_capability
 from unison.routing import RoutingAccumulator
@@ -182,7 +195,6 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     examples = s.examples(split, cfg.data.max_prompts)
     prompt_ids = s.encode(examples)
     if cfg.probe.attribute:  # before any sampling: the model's structure, built without its weights
-        from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
             check_supported(AutoModelForCausalLM.from_config(s.config))
@@ -247,8 +259,6 @@ def format_attribution(attribution: list[dict]) -> str:
 def probe_advice(cfg: ProbeConfig, s: Setup, prompt_ids, results: list[ProbeResult], activations) -> dict:
     """`unison.advice.advise` on this probe: its activations, a few fp32 backward passes on fp32 samples at the
     initial fp16 loss scale, and the fp16 and bf16 settings' mismatch."""
-    from unison.advice import advise, gradient_stats
-    from unison.config import PrecisionConfig
 
     fp32 = PrecisionPolicy(torch.float32, torch.float32)
     learner = s.learner(fp32)
@@ -262,7 +272,6 @@ def probe_advice(cfg: ProbeConfig, s: Setup, prompt_ids, results: list[ProbeResu
 
 def probe_activations(cfg: ProbeConfig, s: Setup, prompt_ids) -> list[dict]:
     """Largest |activation| per layer over the prompts, each with one response sampled in fp32 (`unison.overflow`)."""
-    from unison.overflow import activation_stats
 
     with s.engine(torch.float32) as engine:
         ro = engine.generate(prompt_ids, s.sampling())

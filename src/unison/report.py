@@ -3,6 +3,7 @@ console lines, and figures."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from unison.checkpoint import append_jsonl
+from unison.errors import UserError
 
 
 def _clean(value):
@@ -129,9 +131,7 @@ LOGGERS = {
 def resolve_loggers(names: list[str]) -> list[str]:
     """The loggers to start: those asked for, each installed (a UserError naming the extra otherwise); none asked
     for: tensorboard where it is installed."""
-    import importlib.util
 
-    from unison.errors import UserError
 
     if not names:
         return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
@@ -174,7 +174,6 @@ class MetricsLog:
 
 def read_samples(run_dir: str | Path) -> dict[int, list[dict]]:
     """{step: decoded rows} from a run folder's samples.jsonl (steps logged before rows were kept have none)."""
-    from unison.errors import UserError
 
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():

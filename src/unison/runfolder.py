@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from unison import __version__
 from unison.errors import UserError
 
 MARKER = "unison-run.json"  # written into every run folder unison makes
@@ -93,7 +96,6 @@ def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> tuple[Pat
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     marker = run_dir / MARKER
     if not marker.exists():
-        from unison import __version__
 
         marker.write_text(json.dumps({"unison": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     return run_dir, lock
@@ -177,7 +179,6 @@ class RunLock:
 
 def resume_changes(run_dir: Path, cfg_dict: dict) -> dict[str, tuple]:
     """{key: (saved, now)} for the RESUME_KEYS whose value differs from the run's saved config.yaml."""
-    import yaml
 
     try:
         saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from unison.architecture import LENGTH_DEPENDENT_ROPE_TYPES, rope_types
 from unison.checkpoint import weight_files
@@ -24,6 +26,7 @@ from unison.evaluation import encode_all
 from unison.learner import Learner
 from unison.lora import adapt, adapter_base, adapter_shape, is_adapter, read_adapter_config
 from unison.models import (
+    ASSETS,
     base_model_dir,
     eos_token_ids,
     load_model,
@@ -43,11 +46,6 @@ HOW_DECODER = "give a decoder-only causal LM checkpoint (e.g. Qwen2, Qwen3, Llam
 
 def load_model_config(model_dir):
     """The checkpoint's transformers config; a model that is not a decoder-only causal LM is refused."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
@@ -233,7 +231,6 @@ def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtype
 
 def read_subset(path: str) -> set[str]:
     """Prompt ids from a `unison filter` output file (JSONL with an `id` field per line)."""
-    from unison.models import ASSETS
 
     p = ASSETS / "countdown-perfectible.jsonl" if path == "builtin" else Path(path)
     if not p.is_file():

@@ -21,6 +21,7 @@ shipped in `unison/assets/countdown-tiny`; `--arch qwen3-moe` makes its mixture-
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import random
 import time
@@ -64,7 +65,6 @@ def sft_batch(tokenizer, texts: list[tuple[str, str]], device):
 @torch.no_grad()
 def sampled_accuracy(model, tokenizer, task, examples, seed: int, max_new_tokens: int = 256) -> tuple[float, float]:
     """(answer accuracy, chain accuracy) of responses sampled at temperature 1, one per prompt."""
-    import copy
 
     engine = NativeEngine(copy.deepcopy(model), torch.float32, "cpu", seed=seed, pad_token_id=tokenizer.pad_token_id)
     prompts = [tokenizer(e.prompt, add_special_tokens=False).input_ids for e in examples]

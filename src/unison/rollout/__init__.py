@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from unison.errors import UserError, choose
 from unison.rollout.base import RolloutEngine, Rollouts, SamplingParams
+from unison.rollout.native import NativeEngine
+from unison.rollout.vllm import VLLMEngine
 
 __all__ = ["CAPABILITIES", "ENGINES", "RolloutEngine", "Rollouts", "SamplingParams", "capable", "check_capability",
            "make_engine"]  # fmt: skip
@@ -37,13 +39,11 @@ class EngineKind:
 
 
 def _native(model_dir, **kwargs):
-    from unison.rollout.native import NativeEngine
 
     return NativeEngine.from_pretrained(model_dir, **kwargs)
 
 
 def _vllm(model_dir, **kwargs):
-    from unison.rollout.vllm import VLLMEngine  # vLLM: imported only where it is asked for
 
     return VLLMEngine.from_pretrained(model_dir, **kwargs)
 

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unison.architecture import fast_path_blocker, layer_windows
+from unison.attribution import upcast
 from unison.hf import cache_kwarg, output_cache, takes_logits_to_keep
 from unison.matmul import compute_dtype, matmul_mode, set_matmul
+from unison.models import load_model, load_tokenizer
 from unison.overflow import OverflowGuard
 from unison.precision import cast_module, checksum, upcast_lm_head
 from unison.rollout.base import (
@@ -47,6 +49,7 @@ from unison.rollout.base import (
     response_text,
     stop_string_end,
 )
+from unison.routing import RoutingRecorder, prefill_experts, replay_rows, routers, stack_decode
 from unison.sampling import draw, process_logits, sample
 
 
@@ -178,7 +181,6 @@ class NativeEngine:
     @classmethod
     def from_pretrained(cls, model_dir, dtype: torch.dtype, device, seed: int = 0, matmul: str = "auto",
                         attn_implementation: str = "auto", lm_head: str = "same"):
-        from unison.models import load_model, load_tokenizer
 
         tok = load_tokenizer(model_dir)
         model = load_model(model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
@@ -191,7 +193,6 @@ class NativeEngine:
     def upcast_components(self, components) -> None:
         """Compute `components` of the model in fp32 from now on (`unison.attribution.upcast`); decoding then runs
         the model's own modules (the fallback path)."""
-        from unison.attribution import upcast
 
         upcast(self.model, self.dtype, components)
         self.forced_fallback = "component attribution runs the model's own modules"
@@ -338,7 +339,6 @@ class NativeEngine:
         (`Rollouts.distributions`, [B, T, V] fp32 on the CPU: mind the memory for a large vocabulary); with
         `keep_routing`, an MoE model's router decisions (`Rollouts.routing`, `Rollouts.replay`), recorded on the
         routers as modules in either decode path."""
-        from unison.routing import RoutingRecorder, prefill_experts, replay_rows, routers, stack_decode
 
         if not (keep_routing and routers(self.model)):
             return self._generate(prompt_ids, params, progress, keep_distributions)

@@ -47,6 +47,8 @@ import warnings
 import torch
 
 from unison.errors import UserError
+from unison.lora import is_adapter
+from unison.models import base_model_dir, load_model, load_tokenizer, resolve_model_dir
 from unison.precision import checksum
 from unison.rollout.base import Rollouts, SamplingParams, check_prompts, cut_at_stop_strings, response_text
 
@@ -153,7 +155,6 @@ class VLLMEngine:
         `matmul` and `attn_implementation` are settings of the native engine and the learner: vLLM chooses its own
         kernels, so only `auto` and `native` apply, and the attention implementation is vLLM's own.
         """
-        from unison.models import base_model_dir, load_model, load_tokenizer, resolve_model_dir
 
         if dtype not in VLLM_DTYPES:
             raise UserError(f"the vllm engine cannot run {dtype}; choose fp32, bf16 or fp16")
@@ -163,7 +164,6 @@ class VLLMEngine:
         if matmul == "fp32-accumulate":
             warnings.warn("matmul=fp32-accumulate applies to the native engine only; vLLM uses its own kernels",
                           stacklevel=2)
-        from unison.lora import is_adapter
 
         adapter = resolve_model_dir(model_dir)
         path = base_model_dir(adapter)  # a LoRA adapter: vLLM starts on its base, then takes the merged weights

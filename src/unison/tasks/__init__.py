@@ -7,6 +7,8 @@ from pathlib import Path
 
 from unison.errors import UserError
 from unison.tasks.base import Example, Task
+from unison.tasks.countdown import LONG, CountdownTask
+from unison.tasks.files import FileTask
 
 __all__ = ["Example", "Task", "load_task", "BUILTIN_TASKS"]
 
@@ -33,10 +35,8 @@ def load_task(
                 f"the built-in countdown task has its own reward, so reward={reward!r} cannot be used with it; "
                 "drop the reward setting or give a prompt file (.jsonl or .parquet)"
             )
-        from unison.tasks.countdown import LONG, CountdownTask
 
         return CountdownTask(**LONG) if str(source) == "countdown-long" else CountdownTask()
-    from unison.tasks.files import FileTask
 
     return FileTask(
         source,
