@@ -565,14 +565,20 @@ def _run(cfg: TrainConfig, run: RunInputs, learner: Learner, engine, run_dir: Pa
 def report_step(cfg: TrainConfig, run: RunInputs, engine, log: MetricsLog, bar, done: int, metrics: dict,
                 samples: list, quiet: bool) -> None:
     """After step `done` (rank 0): its samples and metrics into the run folder and the trackers, the evaluation
-    when due, the progress bar or console line."""
+    when due, the progress bar or console line. The evaluation leaves the engine's random state as it found it, so
+    the steps after it sample what they would without it: a run resumed from one that ended (and so evaluated) at
+    its step N goes on as one run of more steps would."""
     s, run_dir = run.setup, log.path.parent
     ckpt.append_jsonl(run_dir / "samples.jsonl", {"step": done, **samples[0], "rows": samples[1]})
     log.samples(done, samples[1])
     if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
         prompts = [s.prompt_ids[id(e)] for e in run.test_examples]
         n = cfg.run.eval_samples
-        ev = evaluate(engine, s.task, s.tokenizer, run.test_examples, prompts, run.sampling, n=n, ks=[1, n])
+        state = engine.rng_state()
+        try:
+            ev = evaluate(engine, s.task, s.tokenizer, run.test_examples, prompts, run.sampling, n=n, ks=[1, n])
+        finally:
+            engine.set_rng_state(state)
         metrics.update({f"eval/{k}": v for k, v in ev.items() if k.startswith(("avg@", "pass@"))})
     log.write(done, metrics)
     bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", k3=f"{metrics['mismatch/k3']:.1e}",
