@@ -189,6 +189,40 @@ def checkpoint_of(d: Path, run: Path, **overrides) -> Path:
     return run
 
 
+def tiny_gguf(d: Path, name: str = "m.gguf", cut: bool = False, **kwargs) -> Path:
+    """A tiny GGUF file (tests/gguf_fixture.py), or its first half with `cut`."""
+    from gguf_fixture import write_tiny_gguf
+
+    write_tiny_gguf(d / name, **kwargs)
+    if cut:
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[: len(data) // 2])
+    return d / name
+
+
+@contextlib.contextmanager
+def gguf_cache(d: Path, transformers_version: str | None = None):
+    """The model cache in the case's folder (UNISON_CACHE); with `transformers_version`, transformers says it is
+    that version."""
+    import transformers
+
+    before, version = os.environ.get("UNISON_CACHE"), transformers.__version__
+    os.environ["UNISON_CACHE"] = str(d / "cache")
+    transformers.__version__ = transformers_version or version
+    try:
+        yield
+    finally:
+        transformers.__version__ = version
+        if before is None:
+            os.environ.pop("UNISON_CACHE")
+        else:
+            os.environ["UNISON_CACHE"] = before
+
+
+def no_cache(d: Path) -> None:
+    assert not (d / "cache").exists(), "the model cache was written"
+
+
 @contextlib.contextmanager
 def read_only(folder: Path):
     """Writing anywhere under `folder` fails with EACCES, as on a read-only mount (tests run as root, so chmod
@@ -331,6 +365,24 @@ CASES = [
       "rotary"),
     C("model-shard-missing", "model", "a sharded checkpoint missing a shard",
       lambda d, t: train(sharded_missing_one(d)), "missing"),
+    C("gguf-not-gguf", "model", "a .gguf file that is not GGUF",
+      lambda d, t: train(write(d / "m.gguf", "not a model")), "is not a GGUF file", fault=gguf_cache, check=no_cache),
+    C("gguf-truncated", "model", "a GGUF file cut off half-way",
+      lambda d, t: train(tiny_gguf(d, cut=True)), "cut short", fault=gguf_cache, check=no_cache),
+    C("gguf-architecture", "model", "a GGUF file of an architecture transformers cannot read",
+      lambda d, t: train(tiny_gguf(d, arch="mystery")), "holds a 'mystery' model, which transformers",
+      fault=gguf_cache, check=no_cache),
+    C("gguf-two-files", "model", "a folder holding two .gguf files",
+      lambda d, t: train(tiny_gguf(d, "a.gguf") and tiny_gguf(d, "b.gguf").parent), "holds 2 GGUF files",
+      fault=gguf_cache, check=no_cache),
+    C("gguf-transformers-4", "model", "a GGUF file with transformers 4",
+      lambda d, t: train(tiny_gguf(d)), "transformers >= 5", fault=lambda d: gguf_cache(d, "4.57.1"),
+      check=no_cache),
+    C("model-not-fetched", "model", "a fetchable model not fetched yet",
+      lambda d, t: train("smollm2-135m-instruct"), "fetch it once with: unison fetch smollm2-135m-instruct",
+      fault=gguf_cache, check=no_cache),
+    C("fetch-unknown", "model", "unison fetch of a model it does not know",
+      lambda d, t: ["fetch", "gpt-5"], "unknown fetchable model 'gpt-5'; choose one of: smollm2-135m-instruct"),
     C("attn-flash-missing", "model", "flash_attention_2 without flash-attn installed",
       lambda d, t: train(t, "model.attn_implementation=flash_attention_2"), "flash-attn"),
     C("attn-sdpa-gemma2", "model", "sdpa for Gemma2, which sdpa cannot run",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """Flush every file under a folder, and the folder, to disk (before it is renamed into place)."""
     for p in sorted(path.rglob("*")):
         if p.is_file():
             with open(p, "rb+") as f:
@@ -92,7 +94,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
         torch.save(trainer_state, tmp / "trainer_state.pt")
         for rank, state in enumerate(rank_states or [], start=1):
             torch.save(state, tmp / rank_file(rank))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save (disk full) leaves the previous checkpoints as they were
         plain = _as_os_error(exc)
@@ -341,10 +343,15 @@ def rollout_digest(rollouts) -> dict:
 
 # ---- export -------------------------------------------------------------------------------------------------------
 def resolve_checkpoint(source: str | Path) -> Path:
-    """A run folder (its newest complete checkpoint) or a complete checkpoint folder; anything else is refused."""
+    """A run folder (its newest complete checkpoint), a complete checkpoint folder, or a GGUF model (a .gguf file, a
+    folder holding one, a fetched model's name: its converted folder); anything else is refused."""
+    from unison import gguf
     from unison.errors import UserError
+    from unison.models import resolve_model_dir
 
     path = Path(source).expanduser()
+    if str(source) in gguf.FETCHABLE or (path.exists() and gguf.source_file(path) is not None):
+        return resolve_model_dir(source if str(source) in gguf.FETCHABLE else path)
     if not path.is_dir():
         raise UserError(f"{str(path)!r} is not a folder; give a run folder (runs/NAME) or one of its checkpoints")
     if (path / "checkpoints").is_dir():
@@ -361,16 +368,18 @@ def resolve_checkpoint(source: str | Path) -> Path:
             raise UserError(f"checkpoint {str(path)!r} is damaged ({bad} does not match its hash); export another "
                             "one")  # fmt: skip
         return path
-    raise UserError(f"{str(path)!r} is neither a run folder (with checkpoints/) nor a checkpoint (with {MANIFEST}); "
-                    "give one of those")  # fmt: skip
+    raise UserError(f"{str(path)!r} is neither a run folder (with checkpoints/), a checkpoint (with {MANIFEST}) nor "
+                    "a .gguf file; give one of those")  # fmt: skip
 
 
 def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard_size: str = "5GB",
                  adapter: bool = False) -> Path:
     """Write a checkpoint's weights cast to `dtype`, with its config (stating that dtype), generation config and
     tokenizer, as a plain Hugging Face model folder `out` (a LoRA run's checkpoint: its base with the adapter
-    merged in); with `adapter`, a LoRA checkpoint's adapter alone, in peft's format, with the tokenizer.
-    Everything is checked before anything is written; the folder is written beside `out` and renamed into place."""
+    merged in; a GGUF model: its dequantized weights); with `adapter`, a LoRA checkpoint's adapter alone, in peft's
+    format, with the tokenizer. Everything is checked before anything is written (but a GGUF model's conversion
+    into the cache); the folder is written beside `out` and renamed into place."""
+    from unison import gguf
     from unison.config import parse_size
     from unison.errors import UserError
     from unison.models import load_model, load_tokenizer
@@ -379,10 +388,10 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
 
     target = parse_precision(dtype)
     size = parse_size(shard_size, "--shard-size")
-    ckpt = resolve_checkpoint(source)
     out = check_output_folder(Path(out).expanduser().absolute(), "--out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{str(out)!r} already exists and is not empty; choose a new --out folder")
+    ckpt = resolve_checkpoint(source)
     from unison.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, read_adapter_config
 
     if adapter and not is_adapter(ckpt):
@@ -395,6 +404,9 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
 
         weights = load_file(str(ckpt / ADAPTER_WEIGHTS))
     tokenizer = load_tokenizer(ckpt)
+    converted = gguf.note(ckpt)
+    if converted:
+        print(f"unison: {converted}; written in {dtype}", file=sys.stderr, flush=True)
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".tmp-export-{out.name}"
@@ -411,7 +423,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
             model.to(target).save_pretrained(tmp, safe_serialization=True, max_shard_size=size)
             set_config_dtype(tmp, target)
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)

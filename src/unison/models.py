@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from unison import gguf
 from unison.errors import UserError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,8 +97,9 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
 
 
 def resolve_model_dir(name: str | Path) -> Path:
-    """A shipped model's name (`BUILTINS`; empty: `builtin`) to its folder; otherwise a local checkpoint directory (or
-    a LoRA adapter's), checked."""
+    """A shipped model's name (`BUILTINS`; empty: `builtin`) or a fetched one's (`gguf.FETCHABLE`) to its folder; a
+    GGUF file (or a folder holding one) to its converted folder (`gguf.converted`); otherwise a local checkpoint
+    directory (or a LoRA adapter's), checked."""
     if name in (None, ""):
         name = BUILTIN
     if isinstance(name, str) and name in BUILTINS:
@@ -105,12 +107,18 @@ def resolve_model_dir(name: str | Path) -> Path:
         if not (folder / "config.json").exists():
             raise UserError(f"the shipped model {name!r} is missing from {folder}; rebuild it with: {command}")
         return folder
+    if isinstance(name, str) and name in gguf.FETCHABLE:
+        return gguf.fetched(name)
     path = Path(name).expanduser()
     if not path.exists():
-        raise UserError(f"model directory {str(path)!r} does not exist; "
-                        "give a local Hugging Face checkpoint directory or 'builtin'")
+        raise UserError(f"model directory {str(path)!r} does not exist; give a local Hugging Face checkpoint "
+                        f"directory, a .gguf file, 'builtin' or a fetched model ({', '.join(gguf.FETCHABLE)})")
+    source = gguf.source_file(path)
+    if source is not None:
+        return gguf.converted(source)
     if not path.is_dir():
-        raise UserError(f"model path {str(path)!r} is a file; give the checkpoint's directory (with config.json)")
+        how = "give the checkpoint's directory (with config.json) or a .gguf file"
+        raise UserError(f"model path {str(path)!r} is a file, not a GGUF one; {how}")
     from unison.lora import adapter_base, is_adapter
 
     if is_adapter(path):  # a LoRA adapter (a LoRA run's checkpoint): checked, with its base model
