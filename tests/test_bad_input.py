@@ -3,7 +3,8 @@ traceback, and every file that existed before left as it was.
 
 The cases live in `CASES` so that `bench/bad_input_table.py` can run them and write the table of exact messages in
 docs/reliability.md. Each case prepares its inputs under a fresh folder and returns the command line; a few also
-inject a fault in-process (a read-only folder, a full disk).
+inject a fault in-process (a read-only folder, a full disk). Every case runs with the model cache (UNISON_CACHE, where
+GGUF files are converted and models fetched) in its folder, empty.
 """
 
 from __future__ import annotations
@@ -201,18 +202,26 @@ def tiny_gguf(d: Path, name: str = "m.gguf", cut: bool = False, **kwargs) -> Pat
 
 
 @contextlib.contextmanager
-def gguf_cache(d: Path, transformers_version: str | None = None):
-    """The model cache in the case's folder (UNISON_CACHE); with `transformers_version`, transformers says it is
-    that version."""
+def transformers_says(version: str):
+    """transformers says it is `version`."""
     import transformers
 
-    before, version = os.environ.get("UNISON_CACHE"), transformers.__version__
-    os.environ["UNISON_CACHE"] = str(d / "cache")
-    transformers.__version__ = transformers_version or version
+    real = transformers.__version__
+    transformers.__version__ = version
     try:
         yield
     finally:
-        transformers.__version__ = version
+        transformers.__version__ = real
+
+
+@contextlib.contextmanager
+def cache_in(folder: Path):
+    """The model cache of GGUF conversions and fetched models (UNISON_CACHE) in a case's folder, empty."""
+    before = os.environ.get("UNISON_CACHE")
+    os.environ["UNISON_CACHE"] = str(folder / "cache")
+    try:
+        yield
+    finally:
         if before is None:
             os.environ.pop("UNISON_CACHE")
         else:
@@ -366,21 +375,21 @@ CASES = [
     C("model-shard-missing", "model", "a sharded checkpoint missing a shard",
       lambda d, t: train(sharded_missing_one(d)), "missing"),
     C("gguf-not-gguf", "model", "a .gguf file that is not GGUF",
-      lambda d, t: train(write(d / "m.gguf", "not a model")), "is not a GGUF file", fault=gguf_cache, check=no_cache),
+      lambda d, t: train(write(d / "m.gguf", "not a model")), "is not a GGUF file", check=no_cache),
     C("gguf-truncated", "model", "a GGUF file cut off half-way",
-      lambda d, t: train(tiny_gguf(d, cut=True)), "cut short", fault=gguf_cache, check=no_cache),
+      lambda d, t: train(tiny_gguf(d, cut=True)), "cut short", check=no_cache),
     C("gguf-architecture", "model", "a GGUF file of an architecture transformers cannot read",
       lambda d, t: train(tiny_gguf(d, arch="mystery")), "holds a 'mystery' model, which transformers",
-      fault=gguf_cache, check=no_cache),
+      check=no_cache),
     C("gguf-two-files", "model", "a folder holding two .gguf files",
       lambda d, t: train(tiny_gguf(d, "a.gguf") and tiny_gguf(d, "b.gguf").parent), "holds 2 GGUF files",
-      fault=gguf_cache, check=no_cache),
+      check=no_cache),
     C("gguf-transformers-4", "model", "a GGUF file with transformers 4",
-      lambda d, t: train(tiny_gguf(d)), "transformers >= 5", fault=lambda d: gguf_cache(d, "4.57.1"),
+      lambda d, t: train(tiny_gguf(d)), "transformers >= 5", fault=lambda d: transformers_says("4.57.1"),
       check=no_cache),
     C("model-not-fetched", "model", "a fetchable model not fetched yet",
       lambda d, t: train("smollm2-135m-instruct"), "fetch it once with: unison fetch smollm2-135m-instruct",
-      fault=gguf_cache, check=no_cache),
+      check=no_cache),
     C("fetch-unknown", "model", "unison fetch of a model it does not know",
       lambda d, t: ["fetch", "gpt-5"], "unknown fetchable model 'gpt-5'; choose one of: smollm2-135m-instruct"),
     C("attn-flash-missing", "model", "flash_attention_2 without flash-attn installed",
@@ -499,7 +508,7 @@ def run_case(case: Case, folder: Path, tiny: Path) -> dict:
     cwd = os.getcwd()
     os.chdir(folder)  # anything written to a default path lands here
     try:
-        with fault, redirect_stderr(err), redirect_stdout(out):
+        with cache_in(folder), fault, redirect_stderr(err), redirect_stdout(out):
             try:
                 code = main(argv)
             except SystemExit as exc:  # argparse
