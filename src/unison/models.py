@@ -111,8 +111,9 @@ def resolve_model_dir(name: str | Path) -> Path:
         return gguf.fetched(name)
     path = Path(name).expanduser()
     if not path.exists():
-        raise UserError(f"model directory {str(path)!r} does not exist; give a local Hugging Face checkpoint "
-                        f"directory, a .gguf file, 'builtin' or a fetched model ({', '.join(gguf.FETCHABLE)})")
+        names = ", ".join(gguf.FETCHABLE)
+        how = f"give a local Hugging Face checkpoint directory, a .gguf file, 'builtin' or a fetched model ({names})"
+        raise UserError(f"model directory {str(path)!r} does not exist; {how}")
     source = gguf.source_file(path)
     if source is not None:
         return gguf.converted(source)
