@@ -3,7 +3,8 @@ traceback, and every file that existed before left as it was.
 
 The cases live in `CASES` so that `bench/bad_input_table.py` can run them and write the table of exact messages in
 docs/reliability.md. Each case prepares its inputs under a fresh folder and returns the command line; a few also
-inject a fault in-process (a read-only folder, a full disk).
+inject a fault in-process (a read-only folder, a full disk). Every case runs with the model cache (UNISON_CACHE, where
+GGUF files are converted and models fetched) in its folder, empty.
 """
 
 from __future__ import annotations
@@ -189,6 +190,48 @@ def checkpoint_of(d: Path, run: Path, **overrides) -> Path:
     return run
 
 
+def tiny_gguf(d: Path, name: str = "m.gguf", cut: bool = False, **kwargs) -> Path:
+    """A tiny GGUF file (tests/gguf_fixture.py), or its first half with `cut`."""
+    from gguf_fixture import write_tiny_gguf
+
+    write_tiny_gguf(d / name, **kwargs)
+    if cut:
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[: len(data) // 2])
+    return d / name
+
+
+@contextlib.contextmanager
+def transformers_says(version: str):
+    """transformers says it is `version` (to unison's GGUF reader)."""
+    from unison import gguf
+
+    real = gguf.transformers_version
+    gguf.transformers_version = lambda: version
+    try:
+        yield
+    finally:
+        gguf.transformers_version = real
+
+
+@contextlib.contextmanager
+def cache_in(folder: Path):
+    """The model cache of GGUF conversions and fetched models (UNISON_CACHE) in a case's folder, empty."""
+    before = os.environ.get("UNISON_CACHE")
+    os.environ["UNISON_CACHE"] = str(folder / "cache")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("UNISON_CACHE")
+        else:
+            os.environ["UNISON_CACHE"] = before
+
+
+def no_cache(d: Path) -> None:
+    assert not (d / "cache").exists(), "the model cache was written"
+
+
 @contextlib.contextmanager
 def read_only(folder: Path):
     """Writing anywhere under `folder` fails with EACCES, as on a read-only mount (tests run as root, so chmod
@@ -331,6 +374,24 @@ CASES = [
       "rotary"),
     C("model-shard-missing", "model", "a sharded checkpoint missing a shard",
       lambda d, t: train(sharded_missing_one(d)), "missing"),
+    C("gguf-not-gguf", "model", "a .gguf file that is not GGUF",
+      lambda d, t: train(write(d / "m.gguf", "not a model")), "is not a GGUF file", check=no_cache),
+    C("gguf-truncated", "model", "a GGUF file cut off half-way",
+      lambda d, t: train(tiny_gguf(d, cut=True)), "cut short", check=no_cache),
+    C("gguf-architecture", "model", "a GGUF file of an architecture transformers cannot read",
+      lambda d, t: train(tiny_gguf(d, arch="mystery")), "holds a 'mystery' model, which transformers",
+      check=no_cache),
+    C("gguf-two-files", "model", "a folder holding two .gguf files",
+      lambda d, t: train(tiny_gguf(d, "a.gguf") and tiny_gguf(d, "b.gguf").parent), "holds 2 GGUF files",
+      check=no_cache),
+    C("gguf-transformers-4", "model", "a GGUF file with transformers 4",
+      lambda d, t: train(tiny_gguf(d)), "transformers >= 5", fault=lambda d: transformers_says("4.57.1"),
+      check=no_cache),
+    C("model-not-fetched", "model", "a fetchable model not fetched yet",
+      lambda d, t: train("smollm2-135m-instruct"), "fetch it once with: unison fetch smollm2-135m-instruct",
+      check=no_cache),
+    C("fetch-unknown", "model", "unison fetch of a model it does not know",
+      lambda d, t: ["fetch", "gpt-5"], "unknown fetchable model 'gpt-5'; choose one of: smollm2-135m-instruct"),
     C("attn-flash-missing", "model", "flash_attention_2 without flash-attn installed",
       lambda d, t: train(t, "model.attn_implementation=flash_attention_2"), "flash-attn"),
     C("attn-sdpa-gemma2", "model", "sdpa for Gemma2, which sdpa cannot run",
@@ -448,7 +509,7 @@ def run_case(case: Case, folder: Path, tiny: Path) -> dict:
     cwd = os.getcwd()
     os.chdir(folder)  # anything written to a default path lands here
     try:
-        with fault, redirect_stderr(err), redirect_stdout(out):
+        with cache_in(folder), fault, redirect_stderr(err), redirect_stdout(out):
             try:
                 code = main(argv)
             except SystemExit as exc:  # argparse

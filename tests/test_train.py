@@ -87,6 +87,34 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
+def test_a_finished_run_resumed_for_more_steps_goes_on_as_one_run(tiny_dir, tmp_path):
+    # a run evaluates at its end; the steps resumed after that sample what one longer run samples (a reward that
+    # varies, so that the weights move and a different sample would show)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{i}-3:", "answer": "0"}}\n' for i in range(10, 30)))
+    reward = f"{Path(__file__).parent / 'reward_fixture.py'}:even_length"
+    extra = {
+        "data.source": str(prompts),
+        "data.reward": reward,
+        "data.template": "plain",
+        "precision.rollout": "fp16",
+        "precision.train": "fp16",
+    }
+    full = train(tiny_cfg(tiny_dir, tmp_path / "full", **{**extra, "run.steps": 3}), quiet=True)
+    part = tiny_cfg(tiny_dir, tmp_path / "part", **extra)
+    train(part, quiet=True)
+    part.run.steps = 3
+    resumed = train(part, resume=True, quiet=True)
+
+    def rows(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith(("perf/", "eval/"))} for x in lines]
+
+    assert rows(full) == rows(resumed) and max(r["rollout/advantage_abs_mean"] for r in rows(full)) > 0
+    a, b = params_of(full), params_of(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_existing_run_folder_needs_resume_or_overwrite(tiny_dir, tmp_path):
     from unison.errors import UserError
 

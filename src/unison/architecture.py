@@ -11,6 +11,7 @@ place for the engines, the learner and the set-up.
 from __future__ import annotations
 
 import torch
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 # families the native engine's fast path decodes (Llama-family attention and gated MLP, and their MoE variants)
 FAST_PATH_TYPES = {"qwen2", "qwen3", "llama", "mistral", "qwen2_moe", "qwen3_moe", "mixtral"}
@@ -82,3 +83,11 @@ def decoder_parts(model) -> tuple[torch.nn.Module, list, torch.nn.Module] | None
     if not all(hasattr(layer, n) for layer in layers for n in need):
         return None
     return inner, list(layers), norm
+
+
+def causal_lm_class(config):
+    """The transformers class that `AutoModelForCausalLM` builds for `config` (None where it has none)."""
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None

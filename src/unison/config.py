@@ -83,9 +83,10 @@ CONTEXT_LIMITS = ("error", "clamp")
 
 @dataclass
 class ModelConfig:
-    path: str = doc("builtin", "a local Hugging Face checkpoint directory (a run's checkpoints/step-N works), or "
-                               "'builtin' for the built-in tiny model, 'builtin-moe' for its mixture-of-experts "
-                               "variant, 'builtin-long' for its warm start on countdown-long")
+    path: str = doc("builtin", "a local Hugging Face checkpoint directory (a run's checkpoints/step-N works), a .gguf "
+                               "file (converted once into the cache), a model fetched by `unison fetch NAME` (its "
+                               "NAME), or 'builtin' for the built-in tiny model, 'builtin-moe' for its "
+                               "mixture-of-experts variant, 'builtin-long' for its warm start on countdown-long")
     device: str = doc("auto", "auto (cuda where a GPU is visible), cpu, cuda or cuda:N")
     matmul: str = doc("auto", "fp16/bf16 matrix products: native kernels, or fp32-accumulate (auto: native where fast)",
                       choices=_matmul_modes, what="matmul mode")

@@ -24,8 +24,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from unison import gguf
+from unison.architecture import causal_lm_class
 from unison.errors import UserError
 from unison.lora import adapter_base, is_adapter
 from unison.precision import cast_module
@@ -101,8 +102,9 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
 
 
 def resolve_model_dir(name: str | Path) -> Path:
-    """A shipped model's name (`BUILTINS`; empty: `builtin`) to its folder; otherwise a local checkpoint directory (or
-    a LoRA adapter's), checked."""
+    """A shipped model's name (`BUILTINS`; empty: `builtin`) or a fetched one's (`gguf.FETCHABLE`) to its folder; a
+    GGUF file (or a folder holding one) to its converted folder (`gguf.converted`); otherwise a local checkpoint
+    directory (or a LoRA adapter's), checked."""
     if name in (None, ""):
         name = BUILTIN
     if isinstance(name, str) and name in BUILTINS:
@@ -110,12 +112,19 @@ def resolve_model_dir(name: str | Path) -> Path:
         if not (folder / "config.json").exists():
             raise UserError(f"the shipped model {name!r} is missing from {folder}; rebuild it with: {command}")
         return folder
+    if isinstance(name, str) and name in gguf.FETCHABLE:
+        return gguf.fetched(name)
     path = Path(name).expanduser()
     if not path.exists():
-        raise UserError(f"model directory {str(path)!r} does not exist; "
-                        "give a local Hugging Face checkpoint directory or 'builtin'")
+        names = ", ".join(gguf.FETCHABLE)
+        how = f"give a local Hugging Face checkpoint directory, a .gguf file, 'builtin' or a fetched model ({names})"
+        raise UserError(f"model directory {str(path)!r} does not exist; {how}")
+    source = gguf.source_file(path)
+    if source is not None:
+        return gguf.converted(source)
     if not path.is_dir():
-        raise UserError(f"model path {str(path)!r} is a file; give the checkpoint's directory (with config.json)")
+        how = "give the checkpoint's directory (with config.json) or a .gguf file"
+        raise UserError(f"model path {str(path)!r} is a file, not a GGUF one; {how}")
     if is_adapter(path):  # a LoRA adapter (a LoRA run's checkpoint): checked, with its base model
         adapter_base(path)
         return path
@@ -157,15 +166,6 @@ def load_tokenizer(model_dir: str | Path):
 
 # attention kernels a Hugging Face model can be loaded with (model.attn_implementation)
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-
-
-def causal_lm_class(config):
-    """The transformers class that `AutoModelForCausalLM` builds for `config` (None where it has none)."""
-
-    try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        return None
 
 
 def resolve_attn_implementation(config, requested: str = "auto", device: torch.device | str = "cpu") -> str:

@@ -10,6 +10,7 @@ the model's context are each one `UserError`.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from unison import distributed, gguf
 from unison.architecture import LENGTH_DEPENDENT_ROPE_TYPES, rope_types
 from unison.checkpoint import weight_files
 from unison.config import DataConfig, LoraConfig, ModelConfig, RolloutConfig
@@ -34,7 +36,7 @@ from unison.models import (
     resolve_attn_implementation,
     resolve_model_dir,
 )
-from unison.precision import PrecisionPolicy, check_dtype_supported, resolve_device
+from unison.precision import PrecisionPolicy, check_dtype_supported, precision_name, resolve_device
 from unison.rollout import capable, make_engine
 from unison.rollout.base import SamplingParams
 from unison.routing import routers
@@ -211,7 +213,8 @@ class Setup:
 def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtypes=(), seed: int = 0,
           require_answer: bool = True) -> Setup:
     """Resolve and check the shared sections: device, dtypes on it, model folder and config, attention
-    implementation, tokenizer, stop ids, task. Nothing is written."""
+    implementation, tokenizer, stop ids, task. Nothing is written but, on a GGUF model's first use, its converted
+    folder in the cache (`unison.gguf`); for such a model the last thing done is one line to stderr saying so."""
     device = resolve_device(model.device)
     for dtype in dict.fromkeys(dtypes):
         check_dtype_supported(dtype, device)
@@ -225,6 +228,10 @@ def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtype
     stops = eos_token_ids(tokenizer, model_dir)
     task = load_task(data.source, prompt_key=data.prompt_key, answer_key=data.answer_key, reward=data.reward or None,
                      test_path=data.test_source or None, require_answer=require_answer)  # fmt: skip
+    converted = gguf.note(base)
+    if converted and distributed.rank() == 0:  # every check passed: the first line the command prints
+        names = " and ".join(dict.fromkeys(precision_name(d) for d in dtypes)) or "fp32"
+        print(f"unison: {converted}; loaded in {names}", file=sys.stderr, flush=True)
     return Setup(device, model_dir, config, model, rollout, data, attn, tokenizer, stops, task, seed=seed,
                  max_new_tokens=rollout.max_new_tokens)  # fmt: skip
 

@@ -364,20 +364,29 @@ class Run:
     def report(self, done: int, metrics: dict, samples: list, bar) -> None:
         """After step `done` (rank 0): its samples and metrics into the run folder and the trackers, the evaluation
         when due, the progress bar or console line."""
-        cfg, s = self.cfg, self.inputs.setup
+        cfg = self.cfg
         ckpt.append_jsonl(self.run_dir / "samples.jsonl", {"step": done, **samples[0], "rows": samples[1]})
         self.log.samples(done, samples[1])
         if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
-            tests = self.inputs.test_examples
-            n = cfg.run.eval_samples
-            ev = evaluate(self.engine, s.task, s.tokenizer, tests, [s.prompt_ids[id(e)] for e in tests],
-                          self.inputs.sampling, n=n, ks=[1, n])  # fmt: skip
-            metrics.update({f"eval/{k}": v for k, v in ev.items() if k.startswith(("avg@", "pass@"))})
+            metrics.update(self.evaluate())
         self.log.write(done, metrics)
         bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", k3=f"{metrics['mismatch/k3']:.1e}",
                         skip=metrics["precision/skipped_steps"])  # fmt: skip
         if not self.quiet and not cfg.run.progress:
             print(console_line(done, cfg.run.steps, metrics), flush=True)
+
+    def evaluate(self) -> dict:
+        """avg@n and pass@1, pass@n on the held-out prompts. The engine's random state is left as it was found, so
+        the steps after an evaluation sample what they would without it: a run resumed from one that ended (and so
+        evaluated) at its step N goes on as one run of more steps would."""
+        s, tests, n = self.inputs.setup, self.inputs.test_examples, self.cfg.run.eval_samples
+        state = self.engine.rng_state()
+        try:
+            ev = evaluate(self.engine, s.task, s.tokenizer, tests, [s.prompt_ids[id(e)] for e in tests],
+                          self.inputs.sampling, n=n, ks=[1, n])  # fmt: skip
+        finally:
+            self.engine.set_rng_state(state)
+        return {f"eval/{k}": v for k, v in ev.items() if k.startswith(("avg@", "pass@"))}
 
     def save(self, step: int) -> Path | None:
         """Checkpoint `step`: the full master weights and rank 0's state in `trainer_state.pt`, and with several
