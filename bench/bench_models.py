@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 MODELS = {
-    "3m": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2),
-    "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=4),
-    "120m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=4),
-}  # fmt: skip
+    "3m": dict(
+        hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "30m": dict(
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4
+    ),
+    "120m": dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4
+    ),
+}
 NAMES = ["builtin", *MODELS]
 
 

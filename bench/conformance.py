@@ -41,8 +41,11 @@ def readme_table() -> str:
     """Supported architectures, from the results each engine's run left in bench/results."""
     import json
 
-    results = {e: json.loads((RESULTS / f"conformance-{e}.json").read_text())
-               for e in ("native", "vllm") if (RESULTS / f"conformance-{e}.json").exists()}  # fmt: skip
+    results = {
+        e: json.loads((RESULTS / f"conformance-{e}.json").read_text())
+        for e in ("native", "vllm")
+        if (RESULTS / f"conformance-{e}.json").exists()
+    }
     native = results.get("native", {})
     vllm = results.get("vllm")
 
@@ -58,8 +61,10 @@ def readme_table() -> str:
 
     lines = ["| checkpoint | model_type | native engine | vLLM engine (CPU) |", "| --- | --- | --- | --- |"]
     for name, row in native.items():
-        lines.append(f"| {name} | {row.get('model_type', '-')} | {cell(row)} | "
-                     f"{cell(vllm.get(name)) if vllm is not None else 'not measured'} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {row.get('model_type', '-')} | {cell(row)} | "
+            f"{cell(vllm.get(name)) if vllm is not None else 'not measured'} |"
+        )
     return "\n".join(lines)
 
 
@@ -88,8 +93,14 @@ def main() -> int:
         t0 = time.perf_counter()
         d = save_tiny(name, work / name, **({"n_head": 2} if name == "gpt2" and shape else shape))
         try:
-            r = measure(d, default_prompts(), max_new_tokens=args.max_new_tokens, precisions=precisions,
-                        engine=args.engine, **extra)  # fmt: skip
+            r = measure(
+                d,
+                default_prompts(),
+                max_new_tokens=args.max_new_tokens,
+                precisions=precisions,
+                engine=args.engine,
+                **extra,
+            )
         except Exception as exc:  # noqa: BLE001 - a refused or failing architecture is a row of the table
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             why = reason(first, d)
@@ -102,17 +113,30 @@ def main() -> int:
         path = r.decode_path + (f" ({r.reason})" if r.reason else "")
         fp16 = r.mismatch.get("fp16")
         ratio = f"{r.mismatch['bf16'] / fp16:.1f}" if fp16 else "-"
-        rows.append(f"| {name} | {r.model_type} | {path} | {fmt(r.engine_vs_hf[0])} / {fmt(r.engine_vs_hf[1])} | "
-                    f"{fmt(r.learner_vs_hf[0])} / {fmt(r.learner_vs_hf[1])} | {fmt(r.mismatch['fp32'])} | "
-                    f"{fmt(fp16) if fp16 is not None else '-'} | {fmt(r.mismatch['bf16'])} | {ratio} |")  # fmt: skip
-        results[name] = {"status": "exact" if ok else "NOT EXACT", "model_type": r.model_type, "path": r.decode_path,
-                         "why": r.reason, "engine_mean": r.engine_vs_hf[0], "engine_max": r.engine_vs_hf[1],
-                         "learner_mean": r.learner_vs_hf[0], "learner_max": r.learner_vs_hf[1],
-                         "mismatch": r.mismatch}  # fmt: skip
-        print(f"{name}: {path}, engine {r.engine_vs_hf}, learner {r.learner_vs_hf}, {r.mismatch} "
-              f"({time.perf_counter() - t0:.1f} s){'' if ok else '  NOT EXACT'}", flush=True)
+        rows.append(
+            f"| {name} | {r.model_type} | {path} | {fmt(r.engine_vs_hf[0])} / {fmt(r.engine_vs_hf[1])} | "
+            f"{fmt(r.learner_vs_hf[0])} / {fmt(r.learner_vs_hf[1])} | {fmt(r.mismatch['fp32'])} | "
+            f"{fmt(fp16) if fp16 is not None else '-'} | {fmt(r.mismatch['bf16'])} | {ratio} |"
+        )
+        results[name] = {
+            "status": "exact" if ok else "NOT EXACT",
+            "model_type": r.model_type,
+            "path": r.decode_path,
+            "why": r.reason,
+            "engine_mean": r.engine_vs_hf[0],
+            "engine_max": r.engine_vs_hf[1],
+            "learner_mean": r.learner_vs_hf[0],
+            "learner_max": r.learner_vs_hf[1],
+            "mismatch": r.mismatch,
+        }
+        print(
+            f"{name}: {path}, engine {r.engine_vs_hf}, learner {r.learner_vs_hf}, {r.mismatch} "
+            f"({time.perf_counter() - t0:.1f} s){'' if ok else '  NOT EXACT'}",
+            flush=True,
+        )
     lines = [
-        f"## {args.engine} engine", "",
+        f"## {args.engine} engine",
+        "",
         f"`OMP_NUM_THREADS=1 python bench/conformance.py{' --engine vllm' if args.engine == 'vllm' else ''}`; "
         f"machine: {machine}. Each row: a tiny random checkpoint of `unison.archs`"
         f"{' with 2 attention heads of 32 (vLLM-CPU attends with head sizes 32, 64, ...)' if shape else ''} "
@@ -121,11 +145,13 @@ def main() -> int:
         f"fp32; its log-probs and the learner's recompute held against the model's own forward "
         f"(`model(ids).logits`, one row at a time, fp32). Contract: mean <= {MEAN_TOL:g}, max <= {MAX_TOL:g}. "
         f"Then mean |log pi - log mu| with both engines in fp32, fp16 and bf16. {len(rows) - bad} of {len(rows)} "
-        "rows meet the contract.", "",
+        "rows meet the contract.",
+        "",
         "| checkpoint | model_type | decode path | engine vs HF, fp32 mean / max | learner vs HF, fp32 mean / max "
         "| mismatch fp32 | fp16 | bf16 | bf16 / fp16 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows,
-    ]  # fmt: skip
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
     if not doc.exists():
         doc.write_text("# Conformance\n")
     replace_section(f"conformance-{args.engine}", "\n".join(lines), doc)

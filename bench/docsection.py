@@ -46,8 +46,9 @@ def machine_description() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-        mem_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines()
-                      if x.startswith("MemTotal"))
+        mem_kb = next(
+            int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
+        )
         mem = f"{mem_kb / 2**20:.0f} GiB"
     except (OSError, StopIteration):
         mem = "unknown memory"
@@ -75,8 +76,12 @@ def bench_parser(description: str):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--threads", type=whole, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--quick", action="store_true", help="a run of under a minute")
-    ap.add_argument("--doc", default=None, help="the Markdown file to write the table into (default: "
-                    "docs/benchmarks.md; none for --quick, so a quick run leaves the measured tables as they are)")
+    ap.add_argument(
+        "--doc",
+        default=None,
+        help="the Markdown file to write the table into (default: "
+        "docs/benchmarks.md; none for --quick, so a quick run leaves the measured tables as they are)",
+    )
     return ap
 
 
@@ -108,8 +113,9 @@ def listed(choices=None, kind=str, allow_empty: bool = False):
         bad = [x for x in items if choices is not None and x not in choices]
         if bad or not (items or allow_empty):
             allowed = f"; choose from {', '.join(map(str, choices))}" if choices is not None else ""
-            raise argparse.ArgumentTypeError(f"{text!r}: {'unknown ' + ', '.join(map(str, bad)) if bad else 'empty'}"
-                                             f"{allowed}")  # fmt: skip
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {'unknown ' + ', '.join(map(str, bad)) if bad else 'empty'}{allowed}"
+            )
         return items
 
     parse.__name__ = "list"

@@ -24,8 +24,10 @@ DOC = Path(__file__).resolve().parent.parent / "docs/probe.md"
 
 def run(path: str, exact: bool, args) -> dict:
     rows = train_rows(path, args, f"metrics.exact_divergence={str(exact).lower()}")[1:]
-    return {"step": statistics.median(r["perf/step_seconds"] for r in rows),
-            "exact": statistics.median(r.get("perf/exact_divergence_seconds", 0.0) for r in rows)}
+    return {
+        "step": statistics.median(r["perf/step_seconds"] for r in rows),
+        "exact": statistics.median(r.get("perf/exact_divergence_seconds", 0.0) for r in rows),
+    }
 
 
 def main(argv=None) -> None:
@@ -37,8 +39,10 @@ def main(argv=None) -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args(argv)
-    lines = ["| model | step, off (s) | step, on (s) | on / off | the exact pass (s) |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| model | step, off (s) | step, on (s) | on / off | the exact pass (s) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     result = []
     for name in args.models.split(","):
         path = model_dir(name)
@@ -50,9 +54,11 @@ def main(argv=None) -> None:
         e = statistics.median(r["exact"] for r in on)
         lines.append(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x | {e:.3f} |")
         result.append(f"{name}_ratio={b / a:.3f}")
-    how = (f"`python bench/exact_cost.py --models {args.models} --steps {args.steps} --rounds {args.rounds}` (fp16, "
-           f"{args.prompts} x {args.group} samples of at most {args.new_tokens} tokens a step, one thread, runs "
-           "taking turns)")  # fmt: skip
+    how = (
+        f"`python bench/exact_cost.py --models {args.models} --steps {args.steps} --rounds {args.rounds}` (fp16, "
+        f"{args.prompts} x {args.group} samples of at most {args.new_tokens} tokens a step, one thread, runs "
+        "taking turns)"
+    )
     table = "\n".join(lines)
     replace_section("exact-cost", f"{how}\n\n{table}", DOC)
     print(table)

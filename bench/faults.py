@@ -42,17 +42,41 @@ checkpoint.append_jsonl = _append
 
 
 def args(model: Path, prompts: Path, out: Path, *extra) -> list[str]:
-    return ["train", "--model", str(model), "--data", str(prompts), "--out", str(out), "--precision", "fp16",
-            "--steps", str(STEPS), f"data.reward={REWARD}", "data.template=plain", "run.eval_every=0",
-            "run.eval_prompts=4", "run.save_every=1", "run.keep_checkpoints=2", "run.progress=false",
-            "run.loggers=[jsonl]", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24",
-            "optim.train_batch_size=4", "optim.lr=1e-3", "data.max_prompts=8", *extra]  # fmt: skip
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(prompts),
+        "--out",
+        str(out),
+        "--precision",
+        "fp16",
+        "--steps",
+        str(STEPS),
+        f"data.reward={REWARD}",
+        "data.template=plain",
+        "run.eval_every=0",
+        "run.eval_prompts=4",
+        "run.save_every=1",
+        "run.keep_checkpoints=2",
+        "run.progress=false",
+        "run.loggers=[jsonl]",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=24",
+        "optim.train_batch_size=4",
+        "optim.lr=1e-3",
+        "data.max_prompts=8",
+        *extra,
+    ]
 
 
 def start(argv: list[str], pythonpath: str = "") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
-    return subprocess.Popen([sys.executable, "-m", "unison.cli", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "unison.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(p: subprocess.Popen) -> tuple[int, str]:
@@ -73,9 +97,11 @@ def fingerprint(run: Path) -> dict:
 
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     latest = ckpt.latest_checkpoint(run)
-    return {"metrics": [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows],
-            "samples": (run / "samples.jsonl").read_text(),
-            "weights": {k: v.tolist() for k, v in ckpt.read_weights(latest).items()} if latest else None}  # fmt: skip
+    return {
+        "metrics": [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows],
+        "samples": (run / "samples.jsonl").read_text(),
+        "weights": {k: v.tolist() for k, v in ckpt.read_weights(latest).items()} if latest else None,
+    }
 
 
 def on_disk(run: Path) -> str:
@@ -86,8 +112,12 @@ def on_disk(run: Path) -> str:
 
 def mount(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def main() -> int:
@@ -113,8 +143,11 @@ def main() -> int:
         code, msg = finish(start(["train", "--config", str(run / "config.yaml"), "--resume"]))
         return code == 0 and fingerprint(run) == reference
 
-    for sig, name in ((signal.SIGTERM, "SIGTERM mid-run"), (signal.SIGINT, "SIGINT (Ctrl-C) mid-run"),
-                      (signal.SIGKILL, "SIGKILL mid-run")):
+    for sig, name in (
+        (signal.SIGTERM, "SIGTERM mid-run"),
+        (signal.SIGINT, "SIGINT (Ctrl-C) mid-run"),
+        (signal.SIGKILL, "SIGKILL mid-run"),
+    ):
         run = work / f"sig-{sig}"
         p = start(args(model, prompts, run))
         wait_for(run / "checkpoints" / "step-000002" / "manifest.json", p)
@@ -131,8 +164,13 @@ def main() -> int:
     weights.write_bytes(bytes(data))
     left = on_disk(run)
     code, msg = finish(start(args(model, prompts, run, "--resume")))
-    record("newest checkpoint damaged after it was written (same size), then --resume", code, msg, left,
-           fingerprint(run) == reference)  # fmt: skip
+    record(
+        "newest checkpoint damaged after it was written (same size), then --resume",
+        code,
+        msg,
+        left,
+        fingerprint(run) == reference,
+    )
 
     run = work / "locked"
     first = start(args(model, prompts, run, "--steps", "200"))
@@ -152,8 +190,13 @@ def main() -> int:
     (fake / "__init__.py").write_text("raise ImportError('vLLM left out for this fault')\n")
     code, msg = finish(start(args(model, prompts, run, "--overwrite", "--engine", "vllm"), pythonpath=str(fake.parent)))
     kept = all(p.read_bytes() == b for p, b in before.items())
-    record(f"--overwrite with an error found late (the engine){'' if kept else ' — OLD RUN CHANGED'}", code, msg,
-           "the old run's, untouched" if kept else on_disk(run), None)  # fmt: skip
+    record(
+        f"--overwrite with an error found late (the engine){'' if kept else ' — OLD RUN CHANGED'}",
+        code,
+        msg,
+        "the old run's, untouched" if kept else on_disk(run),
+        None,
+    )
 
     mine = work / "mine"
     mine.mkdir()
@@ -167,8 +210,13 @@ def main() -> int:
     (inject / "sitecustomize.py").write_text(READ_ONLY_AFTER_TWO_ROWS)
     code, msg = finish(start(args(model, prompts, run), pythonpath=str(inject)))
     left = on_disk(run)
-    record("the run folder turns read-only mid-run (writes fail with EROFS from the third run-log line on), "
-           "then --resume", code, msg, left, resume(run))  # fmt: skip
+    record(
+        "the run folder turns read-only mid-run (writes fail with EROFS from the third run-log line on), then --resume",
+        code,
+        msg,
+        left,
+        resume(run),
+    )
     small = work / "small"
     if mount(small, "10m"):
         try:
@@ -176,18 +224,27 @@ def main() -> int:
             code, msg = finish(start(args(model, prompts, run)))
             left = on_disk(run)
             subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
-            record("disk full while writing a checkpoint (a 10 MB tmpfs), then room made and --resume", code, msg,
-                   left, resume(run))  # fmt: skip
+            record(
+                "disk full while writing a checkpoint (a 10 MB tmpfs), then room made and --resume",
+                code,
+                msg,
+                left,
+                resume(run),
+            )
         finally:
             subprocess.run(["umount", str(small)], capture_output=True)
     else:
         rows.append("| disk full (a small tmpfs) | - | not measured: mounting a tmpfs is not allowed here | - | - |")
-    lines = ["Generated by `OMP_NUM_THREADS=1 python bench/faults.py` (as root, for the tmpfs rows): `unison train` on "
-             f"a tiny random model, fp16, {STEPS} steps, a checkpoint every step (2 kept), each fault in a fresh "
-             "process; resume bit-exact: final weights, metrics without timings and sample digests equal to an "
-             "uninterrupted run's. Exit codes: README, \"Exit codes\".", "",
-             "| fault | exit | what unison printed (stderr) | checkpoints left | resume bit-exact |",
-             "| --- | --- | --- | --- | --- |", *rows]  # fmt: skip
+    lines = [
+        "Generated by `OMP_NUM_THREADS=1 python bench/faults.py` (as root, for the tmpfs rows): `unison train` on "
+        f"a tiny random model, fp16, {STEPS} steps, a checkpoint every step (2 kept), each fault in a fresh "
+        "process; resume bit-exact: final weights, metrics without timings and sample digests equal to an "
+        'uninterrupted run\'s. Exit codes: README, "Exit codes".',
+        "",
+        "| fault | exit | what unison printed (stderr) | checkpoints left | resume bit-exact |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+    ]
     replace_section("faults", "\n".join(lines), ROOT / "docs" / "reliability.md")
     bad = [r for r in rows if "| NO |" in r or "OLD RUN CHANGED" in r]
     return 1 if bad else 0

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 _RATES: dict = {}
 
 
-def matmul_rate(device: torch.device, compute: torch.dtype, hidden: int, repeats: int = 5,
-                again: bool = False) -> float:
+def matmul_rate(
+    device: torch.device, compute: torch.dtype, hidden: int, repeats: int = 5, again: bool = False
+) -> float:
     """FLOP/s of one matrix product in `compute` on `device`, the best of `repeats` (measured once per setting, or
     once more with `again`, keeping the best of all measurements).
 
@@ -24,6 +25,7 @@ def matmul_rate(device: torch.device, compute: torch.dtype, hidden: int, repeats
     x, w = torch.randn(m, k, dtype=compute, device=device), torch.randn(n, k, dtype=compute, device=device)
     calls = 20 if device.type == "cuda" else 1
     F.linear(x, w)
+
     def products():
         for _ in range(calls):
             F.linear(x, w)

@@ -55,8 +55,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 PRECISIONS = ["fp32", "fp16", "bf16"]
 # a random Qwen2 of about half a billion parameters (0.426B with the built-in tokenizer's vocabulary)
-QWEN_0_4B = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=4)  # fmt: skip
+QWEN_0_4B = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=4
+)
 # seconds per check, and for the whole run (each check gets at most what the run has left)
 BUDGETS = {"probe-builtin": 90, "probe-0.4b": 180, "train": 90, "mfu": 120, "nproc": 150}
 QUICK_BUDGETS = {"probe-builtin": 60, "train": 45, "mfu": 45}
@@ -139,8 +140,9 @@ def unison_command() -> str:
     here = Path(sys.executable).parent / "unison"
     found = str(here) if here.exists() else shutil.which("unison")
     if not found:
-        raise SystemExit("gpu_check: no `unison` command beside this Python or on PATH; install unison first "
-                         "(pip install -e .)")  # fmt: skip
+        raise SystemExit(
+            "gpu_check: no `unison` command beside this Python or on PATH; install unison first (pip install -e .)"
+        )
     return found
 
 
@@ -148,8 +150,13 @@ def cli(args: list[str], log: Path, seconds: float) -> str:
     """Run `unison ARGS` into `log`, within `seconds`; its whole process group (torchrun's ranks too) is stopped
     when time runs out or the check is interrupted. Returns the output; raises CheckFailed on a non-zero exit."""
     with open(log, "w") as out:
-        proc = subprocess.Popen([unison_command(), *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [unison_command(), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=max(1.0, seconds - 2))
         except subprocess.TimeoutExpired:
@@ -208,9 +215,23 @@ def probe_check(args, checks: Checks, work: Path, label: str, model: str, model_
         path = model_fn() if model_fn else model
         out = work / f"probe-{label}"
         sizes = ["--num-prompts", "4", "--samples", "4", "--max-new-tokens", "32"] if args.quick else []
-        cli(["probe", "--model", str(path), "--device", args.device, "--precisions", ",".join(PRECISIONS),
-             "--out", str(out), *sizes, "run.progress=false"], work / f"probe-{label}.log",
-            seconds - (time.monotonic() - t0))  # fmt: skip
+        cli(
+            [
+                "probe",
+                "--model",
+                str(path),
+                "--device",
+                args.device,
+                "--precisions",
+                ",".join(PRECISIONS),
+                "--out",
+                str(out),
+                *sizes,
+                "run.progress=false",
+            ],
+            work / f"probe-{label}.log",
+            seconds - (time.monotonic() - t0),
+        )
         results = json.loads((out / "probe.json").read_text())["results"]
         by = {r["rollout_precision"]: r["metrics"] for r in results if r["rollout_precision"] == r["train_precision"]}
         if set(by) != set(PRECISIONS):
@@ -221,10 +242,12 @@ def probe_check(args, checks: Checks, work: Path, label: str, model: str, model_
         checks.numbers[f"probe_{label}_k3_bf16_over_fp16"] = f"{ratio:.1f}"
         for p in PRECISIONS:
             checks.numbers[f"probe_{label}_abs_log_ratio_{p}"] = f"{gaps[p]:.2e}"
-        text = ("mean abs log(pi/mu) " + ", ".join(f"{p} {gaps[p]:.1e}" for p in PRECISIONS)
-                + f"; k3 bf16/fp16 {ratio:.1f}x")  # fmt: skip
-        outside = [p for p in PRECISIONS
-                   if not math.isfinite(gaps[p]) or gaps[p] > SELF_TEST_BANDS[parse_precision(p)]]  # fmt: skip
+        text = (
+            "mean abs log(pi/mu) "
+            + ", ".join(f"{p} {gaps[p]:.1e}" for p in PRECISIONS)
+            + f"; k3 bf16/fp16 {ratio:.1f}x"
+        )
+        outside = [p for p in PRECISIONS if not math.isfinite(gaps[p]) or gaps[p] > SELF_TEST_BANDS[parse_precision(p)]]
         if outside:
             bands = ", ".join(f"{p} {SELF_TEST_BANDS[parse_precision(p)]:g}" for p in outside)
             raise CheckFailed(f"{text}; beyond the band ({bands})")
@@ -247,12 +270,39 @@ def build_random_model(work: Path) -> Path:
 def train_check(args, checks: Checks, work: Path, precision: str, steps: int):
     def fn(seconds: float) -> str:
         run = work / f"train-{precision}"
-        sizes = (["rollout.prompts_per_step=4", "rollout.group_size=4", "optim.train_batch_size=16",
-                  "optim.micro_batch_size=16", "rollout.max_new_tokens=32", "run.eval_prompts=4"]
-                 if args.quick else [])  # fmt: skip
-        cli(["train", "--model", "builtin", "--device", args.device, "--precision", precision, "--steps", str(steps),
-             "--out", str(run), *sizes, "run.eval_every=0", "run.save_every=0", "run.progress=false"],
-            work / f"train-{precision}.log", seconds)  # fmt: skip
+        sizes = (
+            [
+                "rollout.prompts_per_step=4",
+                "rollout.group_size=4",
+                "optim.train_batch_size=16",
+                "optim.micro_batch_size=16",
+                "rollout.max_new_tokens=32",
+                "run.eval_prompts=4",
+            ]
+            if args.quick
+            else []
+        )
+        cli(
+            [
+                "train",
+                "--model",
+                "builtin",
+                "--device",
+                args.device,
+                "--precision",
+                precision,
+                "--steps",
+                str(steps),
+                "--out",
+                str(run),
+                *sizes,
+                "run.eval_every=0",
+                "run.save_every=0",
+                "run.progress=false",
+            ],
+            work / f"train-{precision}.log",
+            seconds,
+        )
         rows = metrics_rows(run, steps)
         timed = rows[1:] or rows  # the first step compiles kernels and fills caches
         step_s = statistics.median(r["perf/step_seconds"] for r in timed)
@@ -281,8 +331,20 @@ def mfu_check(args, checks: Checks, work: Path):
         import mfu
 
         if args.quick:
-            setting = ["--model", "builtin", "--precisions", ",".join(PRECISIONS), "--batch", "4", "--prompt", "8",
-                       "--response", "24", "--repeats", "1"]  # fmt: skip
+            setting = [
+                "--model",
+                "builtin",
+                "--precisions",
+                ",".join(PRECISIONS),
+                "--batch",
+                "4",
+                "--prompt",
+                "8",
+                "--response",
+                "24",
+                "--repeats",
+                "1",
+            ]
         else:
             setting = ["--model", "120m", "--precisions", ",".join(PRECISIONS), "--repeats", "3"]
         argv, sys.argv = sys.argv, ["mfu.py", "--device", args.device, *setting, "--doc", str(work / "mfu.md")]
@@ -304,8 +366,12 @@ def mfu_check(args, checks: Checks, work: Path):
         step = {p: values[f"step_mfu_{p}"] for p in PRECISIONS}
         for p in PRECISIONS:
             checks.numbers[f"mfu_step_{p}"] = f"{step[p]:.3f}"
-        text = ("step MFU " + ", ".join(f"{p} {step[p]:.1%}" for p in PRECISIONS) + "; matmul TFLOP/s "
-                + "/".join(f"{values[f'matmul_tflops_{p}']:.3g}" for p in PRECISIONS))  # fmt: skip
+        text = (
+            "step MFU "
+            + ", ".join(f"{p} {step[p]:.1%}" for p in PRECISIONS)
+            + "; matmul TFLOP/s "
+            + "/".join(f"{values[f'matmul_tflops_{p}']:.3g}" for p in PRECISIONS)
+        )
         if not all(0 < v < 1 for v in step.values()):
             raise CheckFailed(f"{text}: an MFU outside (0, 1)")
         return f"ok: {text}"
@@ -330,9 +396,28 @@ def nproc_check(args, checks: Checks, work: Path, steps: int):
         if "--nproc" not in helptext:
             raise CheckFailed("`unison train` has no --nproc flag in this unison")
         run = work / "train-nproc2"
-        cli(["train", "--nproc", "2", "--model", "builtin", "--device", args.device, "--precision", "bf16",
-             "--steps", str(steps), "--out", str(run), "run.eval_every=0", "run.save_every=0", "run.progress=false"],
-            work / "train-nproc2.log", seconds - (time.monotonic() - t0))  # fmt: skip
+        cli(
+            [
+                "train",
+                "--nproc",
+                "2",
+                "--model",
+                "builtin",
+                "--device",
+                args.device,
+                "--precision",
+                "bf16",
+                "--steps",
+                str(steps),
+                "--out",
+                str(run),
+                "run.eval_every=0",
+                "run.save_every=0",
+                "run.progress=false",
+            ],
+            work / "train-nproc2.log",
+            seconds - (time.monotonic() - t0),
+        )
         rows = metrics_rows(run, steps)
         step_s = statistics.median(r["perf/step_seconds"] for r in rows[1:] or rows)
         k3 = statistics.mean(r["mismatch/k3"] for r in rows)
@@ -384,8 +469,10 @@ def main() -> int:
         print("gpu_check: --device cuda but PyTorch sees no CUDA GPU; use --device cpu --quick for the CPU smoke test")
         return 2
     if args.device == "cpu" and not args.quick:
-        print("gpu_check: the full check needs a CUDA GPU (it probes a 0.4B model); on a CPU run "
-              "`python bench/gpu_check.py --device cpu --quick`")  # fmt: skip
+        print(
+            "gpu_check: the full check needs a CUDA GPU (it probes a 0.4B model); on a CPU run "
+            "`python bench/gpu_check.py --device cpu --quick`"
+        )
         return 2
     unison_command()
     print(f"gpu_check: {environment(args.device)}", flush=True)
@@ -395,20 +482,33 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="unison-gpu-check-"))
     all_precisions = ",".join(PRECISIONS)
     try:
-        checks.run("probe", f"builtin, {all_precisions}", budgets["probe-builtin"],
-                   probe_check(args, checks, work, "builtin", "builtin"))  # fmt: skip
+        checks.run(
+            "probe",
+            f"builtin, {all_precisions}",
+            budgets["probe-builtin"],
+            probe_check(args, checks, work, "builtin", "builtin"),
+        )
         if not args.quick:
-            checks.run("probe", f"random qwen2 0.43B, {all_precisions}", budgets["probe-0.4b"],
-                       probe_check(args, checks, work, "qwen2_0.4b", "", lambda: build_random_model(work)))
+            checks.run(
+                "probe",
+                f"random qwen2 0.43B, {all_precisions}",
+                budgets["probe-0.4b"],
+                probe_check(args, checks, work, "qwen2_0.4b", "", lambda: build_random_model(work)),
+            )
         for precision in PRECISIONS:
-            checks.run("train", f"builtin, {precision}, {steps} steps", budgets["train"],
-                       train_check(args, checks, work, precision, steps))  # fmt: skip
+            checks.run(
+                "train",
+                f"builtin, {precision}, {steps} steps",
+                budgets["train"],
+                train_check(args, checks, work, precision, steps),
+            )
         mfu_model = "builtin" if args.quick else "120m (104M)"
         checks.run("mfu", f"{mfu_model}, {all_precisions}", budgets["mfu"], mfu_check(args, checks, work))
         gpus = torch.cuda.device_count() if args.device == "cuda" else 0
         if gpus >= 2:
-            checks.run("nproc", "2 ranks (NCCL), builtin, bf16, 3 steps", budgets["nproc"],
-                       nproc_check(args, checks, work, 3))  # fmt: skip
+            checks.run(
+                "nproc", "2 ranks (NCCL), builtin, bf16, 3 steps", budgets["nproc"], nproc_check(args, checks, work, 3)
+            )
         else:
             checks.add("nproc", "2 ranks (NCCL)", "skipped (1 GPU)" if gpus == 1 else "skipped (CPU)", 0.0, "skipped")
             checks.numbers["nproc"] = "skipped"
@@ -424,8 +524,10 @@ def main() -> int:
     total = sum(r[3] for r in checks.rows)
     print()
     print(checks.table())
-    print(f"RESULT ok={ok}/{ok + failed} skipped={skipped} device={args.device} quick={int(args.quick)} "
-          f"seconds={total:.0f} " + " ".join(f"{k}={v}" for k, v in checks.numbers.items()))  # fmt: skip
+    print(
+        f"RESULT ok={ok}/{ok + failed} skipped={skipped} device={args.device} quick={int(args.quick)} "
+        f"seconds={total:.0f} " + " ".join(f"{k}={v}" for k, v in checks.numbers.items())
+    )
     return 0 if failed == 0 else 1
 
 

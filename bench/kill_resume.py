@@ -39,11 +39,33 @@ REWARD = f"{ROOT / 'tests' / 'reward_fixture.py'}:even_length"
 
 
 def args_for(model, prompts, out, precision, steps):
-    return ["train", "--model", str(model), "--data", str(prompts), "--out", str(out), "--precision", precision,
-            "--steps", str(steps), f"data.reward={REWARD}", "data.template=plain", "run.eval_every=3",
-            "run.eval_prompts=4", "run.save_every=1", "run.progress=false", "run.loggers=[jsonl]",
-            "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=32",
-            "optim.train_batch_size=4", "optim.micro_batch_size=3", "optim.lr=1e-3", "data.max_prompts=8"]  # fmt: skip
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(prompts),
+        "--out",
+        str(out),
+        "--precision",
+        precision,
+        "--steps",
+        str(steps),
+        f"data.reward={REWARD}",
+        "data.template=plain",
+        "run.eval_every=3",
+        "run.eval_prompts=4",
+        "run.save_every=1",
+        "run.progress=false",
+        "run.loggers=[jsonl]",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=32",
+        "optim.train_batch_size=4",
+        "optim.micro_batch_size=3",
+        "optim.lr=1e-3",
+        "data.max_prompts=8",
+    ]
 
 
 SNAPSHOT: Path | None = None  # a copy of src/ taken at the start, so edits to the tree during the bench change nothing
@@ -51,8 +73,13 @@ SNAPSHOT: Path | None = None  # a copy of src/ taken at the start, so edits to t
 
 def start(args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SNAPSHOT)}
-    return subprocess.Popen([sys.executable, "-m", "unison.cli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "unison.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(p):
@@ -72,8 +99,12 @@ def comparable(run):
 
 
 def same(a, b):
-    return (a[0] == b[0] and a[1] == b[1] and a[2].keys() == b[2].keys()
-            and all(torch.equal(a[2][k], b[2][k]) for k in a[2]))
+    return (
+        a[0] == b[0]
+        and a[1] == b[1]
+        and a[2].keys() == b[2].keys()
+        and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+    )
 
 
 def main():
@@ -128,8 +159,11 @@ def main():
             p.send_signal(signal.SIGKILL)
         p.wait()
         root = out / "checkpoints"
-        torn = ([q.name for q in root.iterdir() if q.name.startswith(".tmp-") or not ckpt.is_complete(q)]
-                if root.is_dir() else [])
+        torn = (
+            [q.name for q in root.iterdir() if q.name.startswith(".tmp-") or not ckpt.is_complete(q)]
+            if root.is_dir()
+            else []
+        )
         latest = ckpt.latest_checkpoint(out)
         at_step = int(latest.name.split("-")[1]) if latest else 0
         logged = rows(out) if (out / "metrics.jsonl").exists() else []
@@ -139,11 +173,17 @@ def main():
         exact = same(got, ref["data"])
         after = next((r for r in rows(out) if r["step"] == at_step + 1), None)
         ref_after = next((r for r in rows(ref["dir"]) if r["step"] == at_step + 1), None)
-        res = {"precision": prec, "kill_after_s": round(delay, 3), "killed": killed, "resumed_from_step": at_step,
-               "torn_left_behind": torn, "bit_exact": exact,
-               "k3_before_kill": before and before["mismatch/k3"],
-               "k3_first_after_resume": after and after["mismatch/k3"],
-               "k3_reference_same_step": ref_after and ref_after["mismatch/k3"]}  # fmt: skip
+        res = {
+            "precision": prec,
+            "kill_after_s": round(delay, 3),
+            "killed": killed,
+            "resumed_from_step": at_step,
+            "torn_left_behind": torn,
+            "bit_exact": exact,
+            "k3_before_kill": before and before["mismatch/k3"],
+            "k3_first_after_resume": after and after["mismatch/k3"],
+            "k3_reference_same_step": ref_after and ref_after["mismatch/k3"],
+        }
         results.append(res)
         print(json.dumps(res), flush=True)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
@@ -166,17 +206,26 @@ def write_doc(results, a):
     ]
     fmt = lambda v: "-" if v is None else f"{v:.3e}"  # noqa: E731
     for i, r in enumerate(results):
-        lines.append(f"| {i} | {r['precision']} | {r['kill_after_s']:.2f}{'' if r['killed'] else ' (had ended)'} | "
-                     f"{r['resumed_from_step']} | {', '.join(r['torn_left_behind']) or '-'} | "
-                     f"{'yes' if r['bit_exact'] else 'NO'} | "
-                     f"{fmt(r['k3_before_kill'])} | {fmt(r['k3_first_after_resume'])} | "
-                     f"{fmt(r['k3_reference_same_step'])} |")  # fmt: skip
-    higher = [r for r in results
-              if r["k3_first_after_resume"] is not None and r["k3_reference_same_step"] is not None
-              and r["k3_first_after_resume"] > r["k3_reference_same_step"]]  # fmt: skip
-    lines += ["", "First step after a resume with a higher mismatch than the uninterrupted run's same step: "
-              f"{len(higher)} of {len(results)} (a resume changes nothing the sampler or learner computes, so no "
-              "mismatch spike)."]  # fmt: skip
+        lines.append(
+            f"| {i} | {r['precision']} | {r['kill_after_s']:.2f}{'' if r['killed'] else ' (had ended)'} | "
+            f"{r['resumed_from_step']} | {', '.join(r['torn_left_behind']) or '-'} | "
+            f"{'yes' if r['bit_exact'] else 'NO'} | "
+            f"{fmt(r['k3_before_kill'])} | {fmt(r['k3_first_after_resume'])} | "
+            f"{fmt(r['k3_reference_same_step'])} |"
+        )
+    higher = [
+        r
+        for r in results
+        if r["k3_first_after_resume"] is not None
+        and r["k3_reference_same_step"] is not None
+        and r["k3_first_after_resume"] > r["k3_reference_same_step"]
+    ]
+    lines += [
+        "",
+        "First step after a resume with a higher mismatch than the uninterrupted run's same step: "
+        f"{len(higher)} of {len(results)} (a resume changes nothing the sampler or learner computes, so no "
+        "mismatch spike).",
+    ]
     replace_section("kill_resume", "\n".join(lines))
 
 

@@ -49,10 +49,13 @@ def rollouts(batch: int, prompt: int, response: int, seed: int = 0, group: int =
     ids = torch.randint(5, 261, (batch, prompt + response), generator=g)
     ids[:, :prompt] = ids[torch.arange(batch) // group * group, :prompt]
     return Rollouts(
-        prompt_ids=[row[:prompt].tolist() for row in ids], response_ids=ids[:, prompt:].clone(),
-        logprobs=torch.zeros(batch, response), mask=torch.ones(batch, response, dtype=torch.bool),
-        lengths=torch.full((batch,), response), finished=torch.ones(batch, dtype=torch.bool),
-    )  # fmt: skip
+        prompt_ids=[row[:prompt].tolist() for row in ids],
+        response_ids=ids[:, prompt:].clone(),
+        logprobs=torch.zeros(batch, response),
+        mask=torch.ones(batch, response, dtype=torch.bool),
+        lengths=torch.full((batch,), response),
+        finished=torch.ones(batch, dtype=torch.bool),
+    )
 
 
 def learner_of(name: str, precision: str, scaling: bool | None = None, share_prompts: bool = True):
@@ -61,8 +64,12 @@ def learner_of(name: str, precision: str, scaling: bool | None = None, share_pro
     from unison.precision import PrecisionPolicy
 
     scaling = "auto" if scaling is None else ("on" if scaling else "off")
-    return Learner(build(name), PrecisionPolicy.from_names(precision, precision), precision=PrecisionConfig(
-        loss_scaling=scaling), optim=OptimConfig(lr=1e-6, share_prompts=share_prompts))
+    return Learner(
+        build(name),
+        PrecisionPolicy.from_names(precision, precision),
+        precision=PrecisionConfig(loss_scaling=scaling),
+        optim=OptimConfig(lr=1e-6, share_prompts=share_prompts),
+    )
 
 
 def step(learner, r, micro: int) -> None:
@@ -85,9 +92,11 @@ def main() -> None:
     r = rollouts(args.batch, args.prompt, args.response, group=args.group)
     tokens = int(r.mask.sum())
     variants = {
-        "fp32": learner_of(args.model, "fp32"), "bf16": learner_of(args.model, "bf16"),
-        "fp16": learner_of(args.model, "fp16"), "fp16 no scaler": learner_of(args.model, "fp16", scaling=False),
-    }  # fmt: skip
+        "fp32": learner_of(args.model, "fp32"),
+        "bf16": learner_of(args.model, "bf16"),
+        "fp16": learner_of(args.model, "fp16"),
+        "fp16 no scaler": learner_of(args.model, "fp16", scaling=False),
+    }
     if args.group > 1:
         variants["fp32 prompt per row"] = learner_of(args.model, "fp32", share_prompts=False)
     rec = {k: [] for k in ("fp32", "bf16", "fp16")}
@@ -111,26 +120,31 @@ def main() -> None:
     group = ""
     if args.group > 1:
         shared = statistics.median(a / b for a, b in zip(stp["fp32"], stp["fp32 prompt per row"]))  # tok/s
-        group = (f" Each prompt is given to {args.group} rows in a row; running each distinct prompt once (and cutting "
-                 "micro-batches without the token budget where that saves a fifth of the tokens) makes the fp32 step "
-                 f"{shared:.2f}x as fast as running every row's prompt (median of the per-round ratios).")
+        group = (
+            f" Each prompt is given to {args.group} rows in a row; running each distinct prompt once (and cutting "
+            "micro-batches without the token budget where that saves a fifth of the tokens) makes the fp32 step "
+            f"{shared:.2f}x as fast as running every row's prompt (median of the per-round ratios)."
+        )
     scalers = {k: v.scaler.scale if v.scaler.enabled else None for k, v in variants.items()}
     lines = [
         f"Command: `python bench/learner.py --model {args.model} --batch {args.batch} --prompt {args.prompt} "
         f"--response {args.response} --micro {args.micro} --repeats {args.repeats}"
         f"{f' --group {args.group}' if args.group > 1 else ''}"
-        f"{f' --threads {args.threads}' if args.threads else ''}` (PyTorch threads: {torch.get_num_threads()}).", "",
+        f"{f' --threads {args.threads}' if args.threads else ''}` (PyTorch threads: {torch.get_num_threads()}).",
+        "",
         f"Model `{args.model}` ({params / 1e6:.1f}M parameters), {args.batch} sequences of {args.prompt} + "
         f"{args.response} tokens ({tokens} response tokens), micro-batches of at most {args.micro} rows and "
         f"{variants['fp32'].micro_batch_tokens} padded tokens (the learner's default budget here); median of "
         f"{args.repeats} rounds, variants taking turns. fp16/bf16 use `model.matmul=auto` (here: fp32-accumulate)."
-        f"{group}", "",
+        f"{group}",
+        "",
         "| precision | recompute tok/s | step tok/s (forward + backward + update) |",
         "| --- | --- | --- |",
-    ]  # fmt: skip
+    ]
     for name in variants:
-        recompute = (f"{statistics.median(rec[name]):.0f}" if name in rec
-                     else "(same as fp16)" if "fp16" in name else "-")
+        recompute = (
+            f"{statistics.median(rec[name]):.0f}" if name in rec else "(same as fp16)" if "fp16" in name else "-"
+        )
         lines.append(f"| {name} | {recompute} | {med[name]:.0f} |")
     lines += [
         "",
@@ -138,15 +152,18 @@ def main() -> None:
         f"the per-round ratios; scale {scalers['fp16']:g} after the warm-up's overflow skips, {skipped} steps "
         f"skipped in the timed rounds); the fp16 step with the scaler takes {vs_bf16 * 100:+.1f}% against the bf16 "
         "step.",
-    ]  # fmt: skip
+    ]
     section = f"learner-{args.model}" + (f"-g{args.group}" if args.group > 1 else "")
     title = f"Learner throughput ({args.model} model" + (f", groups of {args.group}" if args.group > 1 else "") + ")"
     write_section(args.doc, section, title, lines, machine)
     if args.doc:  # (without a document, write_section printed the table)
         print("\n".join(lines))
-    print(f"RESULT fp16_scaler_overhead={overhead:.4f} fp16_vs_bf16={vs_bf16:.4f} "
-          + " ".join(f"step_{k.replace(' ', '_')}_tok_s={v:.0f}" for k, v in med.items()) + " "
-          + " ".join(f"recompute_{k}_tok_s={statistics.median(v):.0f}" for k, v in rec.items()))  # fmt: skip
+    print(
+        f"RESULT fp16_scaler_overhead={overhead:.4f} fp16_vs_bf16={vs_bf16:.4f} "
+        + " ".join(f"step_{k.replace(' ', '_')}_tok_s={v:.0f}" for k, v in med.items())
+        + " "
+        + " ".join(f"recompute_{k}_tok_s={statistics.median(v):.0f}" for k, v in rec.items())
+    )
 
 
 if __name__ == "__main__":

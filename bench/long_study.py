@@ -49,8 +49,7 @@ def length_table(model: str, task: str, args, max_new_tokens: int) -> dict:
     from unison.setup import build
 
     torch.manual_seed(0)
-    s = build(ModelConfig(path=model), DataConfig(source=task), RolloutConfig(max_new_tokens=max_new_tokens),
-              seed=0)  # fmt: skip
+    s = build(ModelConfig(path=model), DataConfig(source=task), RolloutConfig(max_new_tokens=max_new_tokens), seed=0)
     examples = s.examples("test", n=args.probe_prompts, subset=False)
     prompts = [p for p in s.encode(examples) for _ in range(args.group)]
     out = {}
@@ -71,13 +70,30 @@ def run_one(preset: str, precision: str, args) -> Path:
     done = run_dir / "metrics.jsonl"
     if args.reuse and done.exists() and len(done.read_text().splitlines()) >= args.steps:
         return run_dir  # a finished run of an earlier call
-    cmd = [sys.executable, "-m", "unison", "train", f"model.path={args.model}", "data.source=countdown-long",
-           f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
-           f"rollout.max_new_tokens={args.new_tokens}", f"optim.train_batch_size={args.prompts * args.group}",
-           f"optim.lr={args.lr}", f"algorithm.preset={preset}", f"precision.rollout={precision}",
-           f"precision.train={precision}", f"run.steps={args.steps}", f"run.save_every={args.steps}",
-           "run.eval_every=0", "run.progress=false", "metrics.exact_divergence=true", f"run.seed={args.seed}",
-           f"run.out={run_dir}", "--overwrite"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "unison",
+        "train",
+        f"model.path={args.model}",
+        "data.source=countdown-long",
+        f"rollout.prompts_per_step={args.prompts}",
+        f"rollout.group_size={args.group}",
+        f"rollout.max_new_tokens={args.new_tokens}",
+        f"optim.train_batch_size={args.prompts * args.group}",
+        f"optim.lr={args.lr}",
+        f"algorithm.preset={preset}",
+        f"precision.rollout={precision}",
+        f"precision.train={precision}",
+        f"run.steps={args.steps}",
+        f"run.save_every={args.steps}",
+        "run.eval_every=0",
+        "run.progress=false",
+        "metrics.exact_divergence=true",
+        f"run.seed={args.seed}",
+        f"run.out={run_dir}",
+        "--overwrite",
+    ]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{preset} {precision}: {done.stderr[-2000:]}")
@@ -89,16 +105,23 @@ def summarize(run_dir: Path) -> dict:
 
     rows = read_metrics(run_dir)
     acc = [r["rollout/accuracy"] for r in rows]
-    smooth = [statistics.mean(acc[max(0, i - 4): i + 1]) for i in range(len(acc))]
+    smooth = [statistics.mean(acc[max(0, i - 4) : i + 1]) for i in range(len(acc))]
     peak = max(range(len(smooth)), key=smooth.__getitem__)
     mean = lambda key: statistics.mean(r.get(key, 0.0) for r in rows)  # noqa: E731
-    return {"first": statistics.mean(acc[:5]), "last": statistics.mean(acc[-5:]), "peak": smooth[peak],
-            "collapsed": any(v < 0.5 * smooth[peak] for v in smooth[peak:]) and smooth[peak] > 0.2,
-            "length": mean("rollout/response_length_mean"), "seq_kl": mean("mismatch/exact_seq_kl_mu_pi"),
-            "seq_kl_last": statistics.mean(r["mismatch/exact_seq_kl_mu_pi"] for r in rows[-5:]),
-            "heldout": next((r["eval/avg@1"] for r in reversed(rows) if "eval/avg@1" in r), float("nan")),
-            "k3": mean("mismatch/k3"), "masked": mean("is/masked_frac"), "skipped": rows[-1]["precision/skipped_steps"],
-            "step_s": statistics.median(r["perf/step_seconds"] for r in rows)}  # fmt: skip
+    return {
+        "first": statistics.mean(acc[:5]),
+        "last": statistics.mean(acc[-5:]),
+        "peak": smooth[peak],
+        "collapsed": any(v < 0.5 * smooth[peak] for v in smooth[peak:]) and smooth[peak] > 0.2,
+        "length": mean("rollout/response_length_mean"),
+        "seq_kl": mean("mismatch/exact_seq_kl_mu_pi"),
+        "seq_kl_last": statistics.mean(r["mismatch/exact_seq_kl_mu_pi"] for r in rows[-5:]),
+        "heldout": next((r["eval/avg@1"] for r in reversed(rows) if "eval/avg@1" in r), float("nan")),
+        "k3": mean("mismatch/k3"),
+        "masked": mean("is/masked_frac"),
+        "skipped": rows[-1]["precision/skipped_steps"],
+        "step_s": statistics.median(r["perf/step_seconds"] for r in rows),
+    }
 
 
 def main(argv=None) -> None:
@@ -122,11 +145,17 @@ def main(argv=None) -> None:
     result = []
     if not args.skip_length:
         t0 = time.perf_counter()
-        seqs = {"built-in": length_table("builtin", "builtin", args, 192),
-                "long": length_table(args.model, "countdown-long", args, args.new_tokens)}
+        seqs = {
+            "built-in": length_table("builtin", "builtin", args, 192),
+            "long": length_table(args.model, "countdown-long", args, args.new_tokens),
+        }
         names = args.precisions.split(",")
-        lines = ["| model | responses (tokens) | " + " | ".join(f"{p}: mean seq KL (n)" for p in names)
-                 + f" | {names[-1]} / {names[0]} |", "| --- | --- |" + " --- |" * (len(names) + 1)]  # fmt: skip
+        lines = [
+            "| model | responses (tokens) | "
+            + " | ".join(f"{p}: mean seq KL (n)" for p in names)
+            + f" | {names[-1]} / {names[0]} |",
+            "| --- | --- |" + " --- |" * (len(names) + 1),
+        ]
         for model, per in seqs.items():
             for lo, hi in BINS:
                 cells, means = [], []
@@ -138,11 +167,14 @@ def main(argv=None) -> None:
                     continue
                 ratio = means[-1] / means[0] if len(means) > 1 and means[0] > 0 else float("nan")
                 lines.append(f"| {model} | {lo}-{hi} | " + " | ".join(cells) + f" | {ratio:.0f} |")
-        command = (f"OMP_NUM_THREADS=1 python bench/long_study.py --skip-rl --probe-prompts {args.probe_prompts} "
-                   f"--group {args.group} "
-                   f"--new-tokens {args.new_tokens}")  # fmt: skip
-        replace_section("long-length", "\n".join([*lines, "", f"    {command}",
-                                                  f"({time.perf_counter() - t0:.0f} s)"]), DOC)  # fmt: skip
+        command = (
+            f"OMP_NUM_THREADS=1 python bench/long_study.py --skip-rl --probe-prompts {args.probe_prompts} "
+            f"--group {args.group} "
+            f"--new-tokens {args.new_tokens}"
+        )
+        replace_section(
+            "long-length", "\n".join([*lines, "", f"    {command}", f"({time.perf_counter() - t0:.0f} s)"]), DOC
+        )
         print("\n".join(lines), flush=True)
         for model, per in seqs.items():
             for name, rows in per.items():
@@ -153,35 +185,57 @@ def main(argv=None) -> None:
         runs = [(p, q) for p in args.presets.split(",") for q in args.precisions.split(",")]
         with ThreadPoolExecutor(args.jobs) as pool:
             dirs = list(pool.map(lambda pq: run_one(*pq, args), runs))
-        lines = ["| preset | precision | accuracy, first 5 steps | last 5 | peak | collapsed | held-out at the end | "
-                 "response length | exact seq KL (mean) | last 5 | k3 (mean) | masked by seq-MIS | skipped steps | "
-                 "s/step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        # fmt: skip
+        lines = [
+            "| preset | precision | accuracy, first 5 steps | last 5 | peak | collapsed | held-out at the end | "
+            "response length | exact seq KL (mean) | last 5 | k3 (mean) | masked by seq-MIS | skipped steps | "
+            "s/step |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+
         total = 0.0
         for (preset, precision), d in zip(runs, dirs):
             s = summarize(d)
             total += s["step_s"] * args.steps
-            lines.append(f"| {preset} | {precision} | {s['first']:.3f} | {s['last']:.3f} | {s['peak']:.3f} | "
-                         f"{'yes' if s['collapsed'] else 'no'} | {s['heldout']:.3f} | {s['length']:.0f} | "
-                         f"{s['seq_kl']:.2e} | "
-                         f"{s['seq_kl_last']:.2e} | {s['k3']:.2e} | "
-                         f"{s['masked']:.3f} | {s['skipped']:.0f} | {s['step_s']:.1f} |")
+            lines.append(
+                f"| {preset} | {precision} | {s['first']:.3f} | {s['last']:.3f} | {s['peak']:.3f} | "
+                f"{'yes' if s['collapsed'] else 'no'} | {s['heldout']:.3f} | {s['length']:.0f} | "
+                f"{s['seq_kl']:.2e} | "
+                f"{s['seq_kl_last']:.2e} | {s['k3']:.2e} | "
+                f"{s['masked']:.3f} | {s['skipped']:.0f} | {s['step_s']:.1f} |"
+            )
             result.append(f"{preset}/{precision}/acc={s['last']:.3f}")
         FIGURES.mkdir(parents=True, exist_ok=True)
-        fig = plot_runs(dirs, ["rollout/accuracy", "mismatch/exact_seq_kl_mu_pi", "rollout/response_length_mean"],
-                        FIGURES / "long_rl.png", labels=[f"{p} {q}" for p, q in runs], smooth=3,
-                        log_scale=["mismatch/exact_seq_kl_mu_pi"])  # fmt: skip
-        command = (f"python bench/long_study.py --skip-length --presets {args.presets} --precisions {args.precisions} "
-                   f"--steps {args.steps} --prompts {args.prompts} --group {args.group} --new-tokens "
-                   f"{args.new_tokens} --lr {args.lr:g} --jobs {args.jobs}")  # fmt: skip
-        text = "\n".join([*lines, "", f"![accuracy, exact sequence KL and length against step]"
-                          f"(figures/{fig.name})", "", f"    {command}",
-                          f"({total / 60:.0f} min of steps over the {len(runs)} runs, {args.jobs} at a time, one "
-                          "thread each; the machine also ran other work meanwhile, so s/step is indicative)"])
+        fig = plot_runs(
+            dirs,
+            ["rollout/accuracy", "mismatch/exact_seq_kl_mu_pi", "rollout/response_length_mean"],
+            FIGURES / "long_rl.png",
+            labels=[f"{p} {q}" for p, q in runs],
+            smooth=3,
+            log_scale=["mismatch/exact_seq_kl_mu_pi"],
+        )
+        command = (
+            f"python bench/long_study.py --skip-length --presets {args.presets} --precisions {args.precisions} "
+            f"--steps {args.steps} --prompts {args.prompts} --group {args.group} --new-tokens "
+            f"{args.new_tokens} --lr {args.lr:g} --jobs {args.jobs}"
+        )
+        text = "\n".join(
+            [
+                *lines,
+                "",
+                f"![accuracy, exact sequence KL and length against step](figures/{fig.name})",
+                "",
+                f"    {command}",
+                f"({total / 60:.0f} min of steps over the {len(runs)} runs, {args.jobs} at a time, one "
+                "thread each; the machine also ran other work meanwhile, so s/step is indicative)",
+            ]
+        )
         replace_section("long-rl", text, DOC)
         print("\n".join(lines), flush=True)
-        json.dump({f"{p}-{q}": summarize(d) for (p, q), d in zip(runs, dirs)},
-                  open(Path(args.out) / "summary.json", "w"), indent=1)  # fmt: skip
+        json.dump(
+            {f"{p}-{q}": summarize(d) for (p, q), d in zip(runs, dirs)},
+            open(Path(args.out) / "summary.json", "w"),
+            indent=1,
+        )
     print("RESULT " + " ".join(result))
 
 

@@ -50,16 +50,26 @@ def lora_args(args) -> list[str]:
 def timing(path: str, precision: str, lora: bool, args) -> dict:
     extra = [f"precision.rollout={precision}", f"precision.train={precision}", *(lora_args(args) if lora else [])]
     rows = train_rows(path, args, *extra)
-    return {"step": statistics.median(r["perf/step_seconds"] for r in rows[1:]),
-            "learn": statistics.median(r["perf/learn_seconds"] for r in rows[1:]),
-            "rss": max(r["perf/peak_rss_mib"] for r in rows)}  # fmt: skip
+    return {
+        "step": statistics.median(r["perf/step_seconds"] for r in rows[1:]),
+        "learn": statistics.median(r["perf/learn_seconds"] for r in rows[1:]),
+        "rss": max(r["perf/peak_rss_mib"] for r in rows),
+    }
 
 
 def demo(lora: bool, args) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-lora-demo-")) / "demo"
     extra = [*lora_args(args), f"optim.lr={args.demo_lr}"] if lora else []
-    cmd = [sys.executable, "-m", "unison", "demo", f"run.out={out}", "run.progress=false",
-           f"run.steps={args.demo_steps}", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "unison",
+        "demo",
+        f"run.out={out}",
+        "run.progress=false",
+        f"run.steps={args.demo_steps}",
+        *extra,
+    ]
     subprocess.run(cmd, env={**os.environ}, check=True, capture_output=True, text=True)
     return json.loads((out / "summary.json").read_text())
 
@@ -79,9 +89,11 @@ def main(argv=None) -> None:
     ap.add_argument("--demo-lr", type=float, default=1e-3)
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]  # --models '': the demo alone
-    lines = ["| model | precision | parameters trained | step, full (s) | step, LoRA (s) | LoRA / full | "
-             "learner, full (s) | learner, LoRA (s) | peak memory, full (MiB) | peak memory, LoRA (MiB) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| model | precision | parameters trained | step, full (s) | step, LoRA (s) | LoRA / full | "
+        "learner, full (s) | learner, LoRA (s) | peak memory, full (MiB) | peak memory, LoRA (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     summary = []
     for name in models:
         path = model_dir(name)
@@ -92,17 +104,23 @@ def main(argv=None) -> None:
                 for lora in (False, True):  # taking turns
                     runs.setdefault((precision, lora), []).append(timing(path, precision, lora, args))
         for precision in ("fp16", "bf16"):
-            full, lo = ({k: statistics.median(r[k] for r in runs[(precision, flag)]) for k in ("step", "learn", "rss")}
-                        for flag in (False, True))  # fmt: skip
+            full, lo = (
+                {k: statistics.median(r[k] for r in runs[(precision, flag)]) for k in ("step", "learn", "rss")}
+                for flag in (False, True)
+            )
             label = "built-in (0.8M)" if name == "builtin" else f"{name} ({total / 1e6:.0f}M)"
-            lines.append(f"| {label} | {precision} | {lora_params:,} of {total:,} ({lora_params / total:.1%}) | "
-                         f"{full['step']:.2f} | {lo['step']:.2f} | {lo['step'] / full['step']:.2f} | "
-                         f"{full['learn']:.2f} | {lo['learn']:.2f} | {full['rss']:.0f} | {lo['rss']:.0f} |")
+            lines.append(
+                f"| {label} | {precision} | {lora_params:,} of {total:,} ({lora_params / total:.1%}) | "
+                f"{full['step']:.2f} | {lo['step']:.2f} | {lo['step'] / full['step']:.2f} | "
+                f"{full['learn']:.2f} | {lo['learn']:.2f} | {full['rss']:.0f} | {lo['rss']:.0f} |"
+            )
             summary.append(f"{name}/{precision}={lo['step'] / full['step']:.2f}x")
             print(lines[-1], flush=True)
-    command = (f"python bench/lora.py --models {args.models} --steps {args.steps} --rounds {args.rounds} --prompts "
-               f"{args.prompts} --group {args.group} --new-tokens {args.new_tokens} --rank {args.rank} --alpha "
-               f"{args.alpha:g}")  # fmt: skip
+    command = (
+        f"python bench/lora.py --models {args.models} --steps {args.steps} --rounds {args.rounds} --prompts "
+        f"{args.prompts} --group {args.group} --new-tokens {args.new_tokens} --rank {args.rank} --alpha "
+        f"{args.alpha:g}"
+    )
     if models:
         replace_section("lora-cost", "\n".join([*lines, "", f"    {command}"]), DOC)
     if args.demo:
@@ -110,19 +128,26 @@ def main(argv=None) -> None:
 
         # (no time column: the two demos run one after the other, under whatever else the machine runs; the timing
         # table above takes turns)
-        rows = ["| fine-tuning | precision | final training accuracy | held-out accuracy | mismatch k3 (mean) | "
-                "skipped steps |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        rows = [
+            "| fine-tuning | precision | final training accuracy | held-out accuracy | mismatch k3 (mean) | "
+            "skipped steps |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for lora in (False, True):
             got = demo(lora, args)
             what = f"LoRA r{args.rank}, lr {args.demo_lr:g}" if lora else f"full, lr {DemoConfig().optim.lr:g}"
             for precision, s in got.items():
-                rows.append(f"| {what} | {precision} | {s['final_train_accuracy']:.3f} | {s['heldout_accuracy']:.3f} "
-                            f"| {s['mismatch_k3_mean']:.2e} | {s['skipped_steps']:.0f} |")
+                rows.append(
+                    f"| {what} | {precision} | {s['final_train_accuracy']:.3f} | {s['heldout_accuracy']:.3f} "
+                    f"| {s['mismatch_k3_mean']:.2e} | {s['skipped_steps']:.0f} |"
+                )
                 summary.append(f"{'lora' if lora else 'full'}/{precision}/acc={s['final_train_accuracy']:.3f}")
                 print(rows[-1], flush=True)
         threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-        command = (f"{threads}python bench/lora.py --models '{args.models}' --demo --demo-steps {args.demo_steps} "
-                   f"--demo-lr {args.demo_lr:g} --rank {args.rank} --alpha {args.alpha:g}")  # fmt: skip
+        command = (
+            f"{threads}python bench/lora.py --models '{args.models}' --demo --demo-steps {args.demo_steps} "
+            f"--demo-lr {args.demo_lr:g} --rank {args.rank} --alpha {args.alpha:g}"
+        )
         replace_section("lora-demo", "\n".join([*rows, "", f"    {command}"]), DOC)
     print("RESULT " + " ".join(summary))
 

@@ -52,8 +52,9 @@ def main() -> None:
     ap.add_argument("--precisions", type=listed(["fp32", "fp16", "bf16"]), default=["bf16", "fp16", "fp32"])
     ap.add_argument("--batch", type=count, default=None, help="rows (default: 64 on a GPU, 8 on a CPU)")
     ap.add_argument("--prompt", type=count, default=None, help="prompt tokens (default: 64 on a GPU, 8 on a CPU)")
-    ap.add_argument("--response", type=count, default=None,
-                    help="response tokens (default: 448 on a GPU, 120 on a CPU)")
+    ap.add_argument(
+        "--response", type=count, default=None, help="response tokens (default: 448 on a GPU, 120 on a CPU)"
+    )
     ap.add_argument("--micro", type=count, default=None, help="rows per forward/backward (default: all)")
     ap.add_argument("--repeats", type=count, default=5)
     args = parse_bench_args(ap, {"model": "builtin", "batch": 8, "prompt": 8, "response": 56, "repeats": 2})
@@ -68,8 +69,9 @@ def main() -> None:
         device = resolve_device(args.device)
     except UserError as exc:
         ap.error(str(exc))  # one line, exit code 2
-    rows, prompt, response = (given or default for given, default in
-                              zip((args.batch, args.prompt, args.response), SHAPES[device.type]))  # fmt: skip
+    rows, prompt, response = (
+        given or default for given, default in zip((args.batch, args.prompt, args.response), SHAPES[device.type])
+    )
     micro = args.micro or rows
     r = rollouts(rows, prompt, response)
     tokens = rows * response
@@ -113,20 +115,25 @@ def main() -> None:
     memory = ""
     if device.type == "cuda":
         memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-    extra = "".join(f" --{k} {v}" for k, v in (("batch", args.batch), ("prompt", args.prompt),
-                                              ("response", args.response), ("micro", args.micro)) if v)  # fmt: skip
+    extra = "".join(
+        f" --{k} {v}"
+        for k, v in (("batch", args.batch), ("prompt", args.prompt), ("response", args.response), ("micro", args.micro))
+        if v
+    )
     lines = [
         f"Command: `python bench/mfu.py --device {args.device} --model {args.model} --precisions "
         f"{joined(args.precisions)}{extra} --repeats {args.repeats}"
         f"{f' --threads {args.threads}' if args.threads else ''}`"
-        f" (device {device}{f', PyTorch threads: {torch.get_num_threads()}' if device.type == 'cpu' else ''}).", "",
+        f" (device {device}{f', PyTorch threads: {torch.get_num_threads()}' if device.type == 'cpu' else ''}).",
+        "",
         f"Model `{args.model}` ({params / 1e6:.1f}M parameters), {rows} sequences of {prompt} + {response} tokens "
         f"({tokens} response tokens), micro-batches of {micro} rows; {forward / 1e9:.1f} GFLOP per forward, three "
-        f"times that per step; median of {args.repeats} rounds, precisions taking turns{memory}.", "",
+        f"times that per step; median of {args.repeats} rounds, precisions taking turns{memory}.",
+        "",
         "| precision | products | matmul TFLOP/s | recompute tok/s | recompute MFU | step tok/s | step TFLOP/s "
         "| step MFU | fp16 steps skipped |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]  # fmt: skip
+    ]
     for k, learner in learners.items():
         lines.append(
             f"| {k} | {modes[k]} | {rates[k] / 1e12:.3f} | {tokens / t_rec[k]:.0f} | {mfu_rec[k]:.1%} | "
@@ -136,8 +143,13 @@ def main() -> None:
     write_section(args.doc, f"mfu-{device.type}", f"Learner MFU ({device.type})", lines, machine)
     if args.doc:  # (without a document, write_section printed the table)
         print("\n".join(lines))
-    print("RESULT " + " ".join(f"step_mfu_{k}={mfu_stp[k]:.4f} recompute_mfu_{k}={mfu_rec[k]:.4f} "
-                               f"matmul_tflops_{k}={rates[k] / 1e12:.3f}" for k in learners))  # fmt: skip
+    print(
+        "RESULT "
+        + " ".join(
+            f"step_mfu_{k}={mfu_stp[k]:.4f} recompute_mfu_{k}={mfu_rec[k]:.4f} matmul_tflops_{k}={rates[k] / 1e12:.3f}"
+            for k in learners
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,10 +35,20 @@ MODELS = {
     "qwen2-moe": ("qwen2-moe", {}),
     "qwen3-moe": ("qwen3-moe", {}),
     "mixtral": ("mixtral", {}),
-    "qwen3-moe-35m": ("qwen3-moe", dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                                        num_key_value_heads=4, head_dim=64, num_experts=6, num_experts_per_tok=2,
-                                        moe_intermediate_size=384)),
-}  # fmt: skip
+    "qwen3-moe-35m": (
+        "qwen3-moe",
+        dict(
+            hidden_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=384,
+        ),
+    ),
+}
 GROUPS = {"tiny": ["qwen2-moe", "qwen3-moe", "mixtral"], "moe35": ["qwen3-moe-35m"]}
 
 
@@ -110,7 +120,7 @@ def main() -> None:
                 engines[path] = e
             speed = {p: [] for p in engines}
             for r in range(args.repeats):
-                for path in (("fast", "fallback") if r % 2 == 0 else ("fallback", "fast")):
+                for path in ("fast", "fallback") if r % 2 == 0 else ("fallback", "fast"):
                     t0 = time.perf_counter()
                     out = engines[path].generate(batch, params)
                     speed[path].append(int(out.lengths.sum()) / (time.perf_counter() - t0))
@@ -120,30 +130,42 @@ def main() -> None:
             params_m = sum(p.numel() for p in engines["fast"].model.parameters()) / 1e6
             matmul = engines["fast"].matmul
             results[(name, pname)] = ratio
-            rows.append(f"| {name} | {params_m:.2g}M | {pname} | {matmul} | {med['fast']:.0f} | {med['fallback']:.0f} "
-                        f"| {ratio:.2f} | {share['fast']:.0%} / {share['fallback']:.0%} |")  # fmt: skip
-            print(f"{name} {pname} ({matmul}): fast {med['fast']:.0f}, fallback {med['fallback']:.0f} tok/s, "
-                  f"x{ratio:.2f}; MoE blocks {share['fast']:.0%} / {share['fallback']:.0%} of the time", flush=True)
-    command = (f"OMP_NUM_THREADS=1 python bench/moe_decode.py --precisions {joined(args.precisions)} --models "
-               f"{joined(args.models)} --prompts {args.prompts} --group {args.group} --new {args.new} --repeats "
-               f"{args.repeats}{f' --threads {args.threads}' if args.threads else ''}")  # fmt: skip
+            rows.append(
+                f"| {name} | {params_m:.2g}M | {pname} | {matmul} | {med['fast']:.0f} | {med['fallback']:.0f} "
+                f"| {ratio:.2f} | {share['fast']:.0%} / {share['fallback']:.0%} |"
+            )
+            print(
+                f"{name} {pname} ({matmul}): fast {med['fast']:.0f}, fallback {med['fallback']:.0f} tok/s, "
+                f"x{ratio:.2f}; MoE blocks {share['fast']:.0%} / {share['fallback']:.0%} of the time",
+                flush=True,
+            )
+    command = (
+        f"OMP_NUM_THREADS=1 python bench/moe_decode.py --precisions {joined(args.precisions)} --models "
+        f"{joined(args.models)} --prompts {args.prompts} --group {args.group} --new {args.new} --repeats "
+        f"{args.repeats}{f' --threads {args.threads}' if args.threads else ''}"
+    )
     lines = [
-        "## Decode throughput: the fast path against the fallback", "",
+        "## Decode throughput: the fast path against the fallback",
+        "",
         f"What it shows: the native engine's fast path (its own attention, norms, rotary and static cache around "
         f"the model's MoE blocks) decodes these MoE checkpoints {min(results.values()):.2f}-"
         f"{max(results.values()):.2f}x as fast as the fallback (the model's own forward and dynamic cache); the "
-        f"less, the more of the time the MoE blocks take.", "",
+        f"less, the more of the time the MoE blocks take.",
+        "",
         "| model | parameters | precision | matmul | fast path tok/s | fallback tok/s | fast / fallback "
         "| time in the MoE blocks, fast / fallback |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
         f"Random checkpoints of `unison.archs`, {args.prompts} prompts of 12-19 tokens x {args.group} samples, "
         f"{args.new} new tokens each (temperature 1, no stop token); median of {args.repeats} rounds, the two paths "
         f"taking turns in one run; PyTorch threads: {threads}; `model.matmul=auto`, resolved as the matmul column "
         f"says. Both paths run the MoE blocks as the model's modules, so the fast path gains on the rest of the "
         f"step alone: the last column (one more call per path, the blocks timed by hooks) is the share it cannot "
-        f"change. Machine: {machine}.", "",
+        f"change. Machine: {machine}.",
+        "",
         f"    {command}",
-    ]  # fmt: skip
+    ]
     if args.quick and args.doc is None:
         print("\n".join(lines))
     else:

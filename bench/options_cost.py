@@ -80,18 +80,28 @@ def main() -> int:
     recompute = [timed(lambda: base.recompute(ro, policy=reference)) for _ in range(args.repeats)]
     med = {name: statistics.median(t) for name, t in times.items()}
     tokens = args.batch * (8 + args.response)
-    lines = [f"`python bench/options_cost.py --model {args.model} --batch {args.batch} --response {args.response}` "
-             f"(fp32, {args.batch} rows x {8 + args.response} tokens, medians of {args.repeats} rounds taking "
-             f"turns; torch threads {torch.get_num_threads()}).", "",
-             "| variant | optimizer step | against plain |", "| --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"`python bench/options_cost.py --model {args.model} --batch {args.batch} --response {args.response}` "
+        f"(fp32, {args.batch} rows x {8 + args.response} tokens, medians of {args.repeats} rounds taking "
+        f"turns; torch threads {torch.get_num_threads()}).",
+        "",
+        "| variant | optimizer step | against plain |",
+        "| --- | --- | --- |",
+    ]
     for name, t in med.items():
         lines.append(f"| {name} | {t:.3f} s ({tokens / t:,.0f} tok/s) | {t / med['plain']:.2f}x |")
-    lines.append(f"| KL in the reward: the reference recompute of the batch, once a step | "
-                 f"{statistics.median(recompute):.3f} s | "
-                 f"+{statistics.median(recompute) / med['plain']:.2f} of a plain step |")  # fmt: skip
-    lines += ["", "The engine self-test on the built-in model (8 prompts x 16 tokens, before the first step):", "",
-              "| rollout / train | mean \\|log pi - log mu\\| | band | time |",
-              "| --- | --- | --- | --- |"]  # fmt: skip
+    lines.append(
+        f"| KL in the reward: the reference recompute of the batch, once a step | "
+        f"{statistics.median(recompute):.3f} s | "
+        f"+{statistics.median(recompute) / med['plain']:.2f} of a plain step |"
+    )
+    lines += [
+        "",
+        "The engine self-test on the built-in model (8 prompts x 16 tokens, before the first step):",
+        "",
+        "| rollout / train | mean \\|log pi - log mu\\| | band | time |",
+        "| --- | --- | --- | --- |",
+    ]
     from unison.models import build_tokenizer
 
     tok = build_tokenizer()
@@ -101,12 +111,21 @@ def main() -> int:
         learner = Learner.from_pretrained("builtin", PrecisionPolicy(dtype, dtype), "cpu")
         r = self_test(engine, learner, prompts)
         name = precision_name(dtype)
-        lines.append(f"| {name} / {name} | {r['self_test/abs_log_ratio_mean']:.2e} | {SELF_TEST_BANDS[dtype]:g} | "
-                     f"{r['self_test/seconds']:.2f} s |")  # fmt: skip
-    write_section(args.doc, f"options-{args.model}", f"What the options around the loop cost ({args.model} model)",
-                  lines, machine_description())  # fmt: skip
-    print(f"RESULT kl_loss={med['KL in the loss'] / med['plain']:.3f} checkpointing="
-          f"{med['gradient checkpointing'] / med['plain']:.3f}")  # fmt: skip
+        lines.append(
+            f"| {name} / {name} | {r['self_test/abs_log_ratio_mean']:.2e} | {SELF_TEST_BANDS[dtype]:g} | "
+            f"{r['self_test/seconds']:.2f} s |"
+        )
+    write_section(
+        args.doc,
+        f"options-{args.model}",
+        f"What the options around the loop cost ({args.model} model)",
+        lines,
+        machine_description(),
+    )
+    print(
+        f"RESULT kl_loss={med['KL in the loss'] / med['plain']:.3f} checkpointing="
+        f"{med['gradient checkpointing'] / med['plain']:.3f}"
+    )
     return 0
 
 

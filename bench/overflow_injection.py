@@ -41,9 +41,19 @@ def run(steps: int, rate: float, growth_interval: int, seed: int) -> dict:
     forced = sorted(rng.sample(range(steps), int(round(rate * steps))))
     forced_set = set(forced)
     data = torch.Generator().manual_seed(seed)
-    out = {"growth_interval": growth_interval, "steps_asked": steps, "forced": len(forced), "skipped": 0,
-           "skipped_unforced": 0, "changed_while_skipped": 0, "nonfinite_master_max": 0, "min_scale": scaler.scale,
-           "max_scale": scaler.scale, "stopped": None, "steps_done": 0}  # fmt: skip
+    out = {
+        "growth_interval": growth_interval,
+        "steps_asked": steps,
+        "forced": len(forced),
+        "skipped": 0,
+        "skipped_unforced": 0,
+        "changed_while_skipped": 0,
+        "nonfinite_master_max": 0,
+        "min_scale": scaler.scale,
+        "max_scale": scaler.scale,
+        "stopped": None,
+        "steps_done": 0,
+    }
     for step in range(steps):
         ids = torch.randint(5, 272, (4, 17), generator=data)
         kind = ("inf" if forced.index(step) % 2 == 0 else "1e6") if step in forced_set else None
@@ -115,29 +125,43 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     results = [run(a.steps, a.rate, gi, a.seed) for gi in (10, 400)]
-    lines = [f"Command: `OMP_NUM_THREADS=1 python bench/overflow_injection.py --steps {a.steps} --rate {a.rate} "
-             f"--seed {a.seed}`",
-             "", "| growth_interval | steps run | overflows forced | steps skipped | skipped without a forced overflow "
-             "| master weights changed on a skipped step | non-finite values in master weights (max over steps) | "
-             "loss scale min / max / final | stopped |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"Command: `OMP_NUM_THREADS=1 python bench/overflow_injection.py --steps {a.steps} --rate {a.rate} "
+        f"--seed {a.seed}`",
+        "",
+        "| growth_interval | steps run | overflows forced | steps skipped | skipped without a forced overflow "
+        "| master weights changed on a skipped step | non-finite values in master weights (max over steps) | "
+        "loss scale min / max / final | stopped |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         forced_run = r["forced"] if r["stopped"] is None else f"{r['forced']} planned"
-        lines.append(f"| {r['growth_interval']} | {r['steps_done']} | {forced_run} | {r['skipped']} | "
-                     f"{r['skipped_unforced']} | {r['changed_while_skipped']} | {r['nonfinite_master_max']} | "
-                     f"{r['min_scale']:g} / {r['max_scale']:g} / {r['final_scale']:g} | "
-                     f"{r['stopped'] or 'no'} |")  # fmt: skip
+        lines.append(
+            f"| {r['growth_interval']} | {r['steps_done']} | {forced_run} | {r['skipped']} | "
+            f"{r['skipped_unforced']} | {r['changed_while_skipped']} | {r['nonfinite_master_max']} | "
+            f"{r['min_scale']:g} / {r['max_scale']:g} / {r['final_scale']:g} | "
+            f"{r['stopped'] or 'no'} |"
+        )
         print(r, flush=True)
     replace_section("overflow_injection", "\n".join(lines))
     cost = guard_cost()
     (g0, r0), (g1, r1) = cost["none"], cost["guard"]
     print(cost, flush=True)
-    replace_section("guard_cost", "\n".join([
-        "Cost of the activation guard (`stop` mode), measured by the same script (built-in architecture, 4 layers, "
-        "fp16 with fp32-accumulate matmuls on CPU, 16 prompts x 64 new tokens, best of 5):", "",
-        "| | without guard | with guard | overhead |", "| --- | --- | --- | --- |",
-        f"| native engine generate | {g0:.3f} s | {g1:.3f} s | {100 * (g1 / g0 - 1):+.1f}% |",
-        f"| learner recompute (full-sequence forward) | {r0:.3f} s | {r1:.3f} s | {100 * (r1 / r0 - 1):+.1f}% |"]))
+    replace_section(
+        "guard_cost",
+        "\n".join(
+            [
+                "Cost of the activation guard (`stop` mode), measured by the same script (built-in architecture, "
+                "4 layers, fp16 with fp32-accumulate matmuls on CPU, 16 prompts x 64 new tokens, best of 5):",
+                "",
+                "| | without guard | with guard | overhead |",
+                "| --- | --- | --- | --- |",
+                f"| native engine generate | {g0:.3f} s | {g1:.3f} s | {100 * (g1 / g0 - 1):+.1f}% |",
+                f"| learner recompute (full-sequence forward) | {r0:.3f} s | {r1:.3f} s "
+                f"| {100 * (r1 / r0 - 1):+.1f}% |",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -91,26 +91,51 @@ def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
             path = Path(tmp) / "prompts.jsonl"
             path.write_text("".join(json.dumps(row) + "\n" for row in examples(args, seed)))
             data = {"data.source": str(path), "data.reward": "countdown", "data.template": "plain"}
-        cfg = load_config(TrainConfig, None, {
-            "model.path": str(args.model_dir), **data,
-            "precision.rollout": args.precision, "precision.train": args.precision,
-            "rollout.prompts_per_step": args.prompts, "rollout.group_size": args.group,
-            "rollout.max_new_tokens": args.new_tokens, "rollout.temperature": 1.0,
-            "algorithm.preset": "grpo", "optim.lr": args.lr, "optim.train_batch_size": args.prompts * args.group,
-            "optim.micro_batch_size": args.prompts * args.group, "optim.epochs": 1,
-            "run.steps": warmup + steps, "run.seed": seed, "run.out": str(Path(tmp) / "run"),
-            "run.eval_every": 0, "run.eval_prompts": 1, "run.save_every": 0, "run.progress": False,
-            "run.loggers": ["jsonl"],
-        })  # fmt: skip
+        cfg = load_config(
+            TrainConfig,
+            None,
+            {
+                "model.path": str(args.model_dir),
+                **data,
+                "precision.rollout": args.precision,
+                "precision.train": args.precision,
+                "rollout.prompts_per_step": args.prompts,
+                "rollout.group_size": args.group,
+                "rollout.max_new_tokens": args.new_tokens,
+                "rollout.temperature": 1.0,
+                "algorithm.preset": "grpo",
+                "optim.lr": args.lr,
+                "optim.train_batch_size": args.prompts * args.group,
+                "optim.micro_batch_size": args.prompts * args.group,
+                "optim.epochs": 1,
+                "run.steps": warmup + steps,
+                "run.seed": seed,
+                "run.out": str(Path(tmp) / "run"),
+                "run.eval_every": 0,
+                "run.eval_prompts": 1,
+                "run.save_every": 0,
+                "run.progress": False,
+                "run.loggers": ["jsonl"],
+            },
+        )
         run_dir = train(cfg, overwrite=True, quiet=True)
         rows = read_metrics(run_dir)[warmup:]
-    keys = {"rollout": "perf/rollout_seconds", "recompute": "perf/recompute_seconds", "learn": "perf/learn_seconds",
-            "sync": "perf/sync_seconds"}  # recompute only where a batch gives several updates
+    keys = {
+        "rollout": "perf/rollout_seconds",
+        "recompute": "perf/recompute_seconds",
+        "learn": "perf/learn_seconds",
+        "sync": "perf/sync_seconds",
+    }  # recompute only where a batch gives several updates
     phases = {k: statistics.mean(r[key] for r in rows) for k, key in keys.items() if key in rows[0]}
     seconds = sum(r["perf/step_seconds"] for r in rows)
     tokens = sum(r["rollout/response_length_mean"] * args.prompts * args.group for r in rows)
-    return {"seconds": seconds, "completions": len(rows) * args.prompts * args.group, "tokens": tokens,
-            "accuracy": statistics.mean(r["rollout/accuracy"] for r in rows), "phases": phases}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "completions": len(rows) * args.prompts * args.group,
+        "tokens": tokens,
+        "accuracy": statistics.mean(r["rollout/accuracy"] for r in rows),
+        "phases": phases,
+    }
 
 
 def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
@@ -145,32 +170,65 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
-            gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+            output_dir=tmp,
+            per_device_train_batch_size=args.prompts * args.group,
+            num_generations=args.group,
+            gradient_accumulation_steps=1,
+            steps_per_generation=1,
+            num_iterations=1,
             max_completion_length=args.new_tokens,
-            temperature=1.0, top_p=1.0, top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-            weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", max_steps=warmup + steps, logging_steps=1,
-            save_strategy="no", report_to="none", use_cpu=True, bf16=args.precision == "bf16",
-            fp16=args.precision == "fp16", seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            beta=0.0,
+            loss_type="dapo",
+            max_steps=warmup + steps,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            bf16=args.precision == "bf16",
+            fp16=args.precision == "fp16",
+            seed=seed,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
             gradient_checkpointing=False,  # TRL's default is True: it would recompute activations unison keeps
-        )  # fmt: skip
+        )
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         clock = Clock()
-        trainer = GRPOTrainer(model=model, reward_funcs=correct, args=config, train_dataset=data,
-                              processing_class=tokenizer, callbacks=[clock])  # fmt: skip
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=correct,
+            args=config,
+            train_dataset=data,
+            processing_class=tokenizer,
+            callbacks=[clock],
+        )
         trainer.remove_callback(PrinterCallback)  # one dict per step on stdout otherwise
         trainer.train()
     timed = clock.marks[warmup:]
     lengths = clock.lengths[-steps:]  # one log per step: the timed steps are the last ones
-    return {"seconds": sum(b - a for a, b in timed), "completions": len(timed) * args.prompts * args.group,
-            "tokens": sum(lengths) * args.prompts * args.group,
-            "accuracy": statistics.mean(clock.rewards[-steps:]) if clock.rewards else float("nan")}  # fmt: skip
+    return {
+        "seconds": sum(b - a for a, b in timed),
+        "completions": len(timed) * args.prompts * args.group,
+        "tokens": sum(lengths) * args.prompts * args.group,
+        "accuracy": statistics.mean(clock.rewards[-steps:]) if clock.rewards else float("nan"),
+    }
 
 
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
-    ap.add_argument("--model", default="builtin", choices=MODELS,
-                    help="the checkpoint both tools train: the built-in model or bench_models' random 30m")
+    ap.add_argument(
+        "--model",
+        default="builtin",
+        choices=MODELS,
+        help="the checkpoint both tools train: the built-in model or bench_models' random 30m",
+    )
     ap.add_argument("--pairs", type=count, default=3)
     ap.add_argument("--steps", type=count, default=4, help="timed steps per block")
     ap.add_argument("--warmup", type=whole, default=1, help="untimed steps at the start of each block")
@@ -194,40 +252,48 @@ def main() -> None:
             t = trl_block(args, args.warmup, args.steps, seed=pair)
             ratio = (u["completions"] / u["seconds"]) / (t["completions"] / t["seconds"])
             rows.append((u, t, ratio))
-            print(f"pair {pair}: unison {u['completions'] / u['seconds']:.1f} completions/s "
-                  f"({u['tokens'] / u['seconds']:.0f} tok/s), TRL {t['completions'] / t['seconds']:.1f} "
-                  f"completions/s ({t['tokens'] / t['seconds']:.0f} tok/s): ratio {ratio:.2f}; accuracy "
-                  f"{u['accuracy']:.2f} / {t['accuracy']:.2f}; unison seconds per phase {u['phases']}",
-                  flush=True)  # fmt: skip
+            print(
+                f"pair {pair}: unison {u['completions'] / u['seconds']:.1f} completions/s "
+                f"({u['tokens'] / u['seconds']:.0f} tok/s), TRL {t['completions'] / t['seconds']:.1f} "
+                f"completions/s ({t['tokens'] / t['seconds']:.0f} tok/s): ratio {ratio:.2f}; accuracy "
+                f"{u['accuracy']:.2f} / {t['accuracy']:.2f}; unison seconds per phase {u['phases']}",
+                flush=True,
+            )
     ratios = [r for _, _, r in rows]
     median = statistics.median(ratios)
     B = args.prompts * args.group
-    described = ("Built-in model" if args.model == "builtin"
-                 else f"Random Qwen2 `{args.model}` of bench/bench_models.py with the built-in tokenizer")  # fmt: skip
+    described = (
+        "Built-in model"
+        if args.model == "builtin"
+        else f"Random Qwen2 `{args.model}` of bench/bench_models.py with the built-in tokenizer"
+    )
     shots = ""
     if args.shots:
         from unison.models import load_tokenizer, resolve_model_dir
 
         tok = load_tokenizer(resolve_model_dir("builtin"))  # the tokenizer of every --model
         tokens = [len(tok(row["prompt"]).input_ids) for row in examples(args, 0)]
-        shots = (f" after a header of {args.shots} solved held-out examples (prompts of {min(tokens)}-{max(tokens)} "
-                 "tokens)")
+        shots = (
+            f" after a header of {args.shots} solved held-out examples (prompts of {min(tokens)}-{max(tokens)} tokens)"
+        )
     lines = [
         f"Command: `python bench/rl_step_vs_trl.py{f' --model {args.model}' if args.model != 'builtin' else ''}"
         f" --pairs {args.pairs} --steps {args.steps} --precision "
         f"{args.precision} --prompts {args.prompts} --group {args.group} --new-tokens {args.new_tokens}"
         f"{f' --shots {args.shots}' if args.shots else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}` (TRL {trl.__version__}, transformers "
-        f"{transformers.__version__}, torch {torch.__version__}, PyTorch threads: {torch.get_num_threads()}).", "",
+        f"{transformers.__version__}, torch {torch.__version__}, PyTorch threads: {torch.get_num_threads()}).",
+        "",
         f"{described} ({params / 1e6:.1f}M parameters), the built-in task's perfectible prompts{shots}, "
         f"{args.prompts} prompts x {args.group} samples = {B} "
         f"completions of at most {args.new_tokens} tokens a step, {args.precision}, one update per step, "
         f"lr {args.lr:g}; {args.steps} timed steps per block after {args.warmup} untimed, blocks alternating "
-        "unison, TRL.", "",
+        "unison, TRL.",
+        "",
         "| pair | unison s/step | unison completions/s | unison tok/s | TRL s/step | TRL completions/s | TRL tok/s "
         "| ratio (completions/s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]  # fmt: skip
+    ]
     for i, (u, t, ratio) in enumerate(rows):
         lines.append(
             f"| {i} | {u['seconds'] / args.steps:.3f} | {u['completions'] / u['seconds']:.1f} | "
@@ -239,13 +305,19 @@ def main() -> None:
     lines += ["", f"Median ratio {median:.2f} (range {spread} over {len(ratios)} pairs)."]
     model = f"-{args.model}" if args.model != "builtin" else ""
     section = f"rl-step-{args.precision}{model}" + (f"-shots{args.shots}" if args.shots else "")
-    title = (f"Full RL step against TRL's GRPOTrainer ({args.precision}"
-             + (f", model {args.model}" if model else "") + (f", {args.shots}-shot" if args.shots else "") + ")")
+    title = (
+        f"Full RL step against TRL's GRPOTrainer ({args.precision}"
+        + (f", model {args.model}" if model else "")
+        + (f", {args.shots}-shot" if args.shots else "")
+        + ")"
+    )
     write_section(args.doc, section, title, lines, machine)
     u_tok = statistics.median(u["tokens"] / u["seconds"] for u, _, _ in rows)
     t_tok = statistics.median(t["tokens"] / t["seconds"] for _, t, _ in rows)
-    print(f"RESULT ratio_vs_trl={median:.2f} ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f} "
-          f"unison_tok_s={u_tok:.0f} trl_tok_s={t_tok:.0f} precision={args.precision} model={args.model}")  # fmt: skip
+    print(
+        f"RESULT ratio_vs_trl={median:.2f} ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f} "
+        f"unison_tok_s={u_tok:.0f} trl_tok_s={t_tok:.0f} precision={args.precision} model={args.model}"
+    )
 
 
 if __name__ == "__main__":

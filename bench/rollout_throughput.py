@@ -71,11 +71,20 @@ class Generate:
         ids = torch.zeros(len(batch), P, dtype=torch.long)
         attn = torch.zeros(len(batch), P, dtype=torch.long)
         for i, p in enumerate(batch):  # left padding, as generation needs
-            ids[i, P - len(p):] = torch.tensor(p)
-            attn[i, P - len(p):] = 1
+            ids[i, P - len(p) :] = torch.tensor(p)
+            attn[i, P - len(p) :] = 1
         with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
-                                      top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)  # fmt: skip
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=0,
+            )
         return (out.shape[1] - P) * len(batch)
 
 
@@ -146,10 +155,12 @@ def main() -> None:
                 runner.close()
     cols = engines
     shape = (f" --group {args.group}" if args.group > 1 else "") + (
-        f" --prompt-tokens {args.prompt_tokens}" if args.prompt_tokens else "")
+        f" --prompt-tokens {args.prompt_tokens}" if args.prompt_tokens else ""
+    )
     section, title = "rollout", "Rollout throughput: native engine, generate() and vLLM"
     prompt_text = (f"{args.prompt_tokens}-token random prompts" if args.prompt_tokens else "the task's prompts") + (
-        f", each given to {args.group} rows" if args.group > 1 else ", one per row")
+        f", each given to {args.group} rows" if args.group > 1 else ", one per row"
+    )
     if shape:
         section = f"rollout-g{args.group}-p{args.prompt_tokens}"
         title += f" ({prompt_text})"
@@ -158,13 +169,17 @@ def main() -> None:
         f"Command: `python bench/rollout_throughput.py --precisions {joined(args.precisions)} --batches "
         f"{joined(args.batches)} --new {joined(args.new)} --repeats {args.repeats}{shape}"
         f"{f' --threads {args.threads}' if args.threads else ''}` "
-        f"(PyTorch threads: {threads}).", "",
+        f"(PyTorch threads: {threads}).",
+        "",
         f"Built-in model, {prompt_text}, temperature 1, no stop token (every row makes all its new tokens); median "
-        f"tokens/s of {args.repeats} rounds, engines taking turns.", "",
-        "| precision | batch | new tokens | " + " | ".join(f"{e} tok/s" for e in cols)
-        + "".join(f" | native / {o}" for o in ratios) + " |",
+        f"tokens/s of {args.repeats} rounds, engines taking turns.",
+        "",
+        "| precision | batch | new tokens | "
+        + " | ".join(f"{e} tok/s" for e in cols)
+        + "".join(f" | native / {o}" for o in ratios)
+        + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in cols) + "".join(" | ---" for _ in ratios) + " |",
-    ]  # fmt: skip
+    ]
     for (pname, B, new), per in results.items():
         med = {e: statistics.median(v) for e, v in per.items()}
         cells = [f"{med[e]:.0f}" for e in cols]
@@ -172,13 +187,19 @@ def main() -> None:
             ratios[o].append(med["native"] / med[o])
             cells.append(f"{med['native'] / med[o]:.2f}")
         lines.append(f"| {pname} | {B} | {new} | " + " | ".join(cells) + " |")
-    summary = ", ".join(f"native / {o}: median {statistics.median(v):.2f} (range {min(v):.2f}-{max(v):.2f})"
-                        for o, v in ratios.items())  # fmt: skip
+    summary = ", ".join(
+        f"native / {o}: median {statistics.median(v):.2f} (range {min(v):.2f}-{max(v):.2f})" for o, v in ratios.items()
+    )
     lines += ["", f"Over all rows: {summary}."]
     write_section(args.doc, section, title, lines, machine)
-    print("RESULT " + " ".join(f"native_vs_{o}={statistics.median(v):.2f}" for o, v in ratios.items()) + " "
-          + " ".join(f"{p}_{B}x{n}_{e}={statistics.median(v):.0f}" for (p, B, n), per in results.items()
-                     for e, v in per.items()))  # fmt: skip
+    print(
+        "RESULT "
+        + " ".join(f"native_vs_{o}={statistics.median(v):.2f}" for o, v in ratios.items())
+        + " "
+        + " ".join(
+            f"{p}_{B}x{n}_{e}={statistics.median(v):.0f}" for (p, B, n), per in results.items() for e, v in per.items()
+        )
+    )
 
 
 if __name__ == "__main__":

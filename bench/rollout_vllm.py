@@ -76,8 +76,12 @@ def measure(engine_name: str, model_dir: Path, dtype: torch.dtype, args) -> dict
     seconds = time.perf_counter() - t0
     if hasattr(engine, "close"):
         engine.close()
-    return {"mismatch": mismatch, "sync_s": statistics.median(syncs), "tok_s": int(out.lengths.sum()) / seconds,
-            "start_s": startup}
+    return {
+        "mismatch": mismatch,
+        "sync_s": statistics.median(syncs),
+        "tok_s": int(out.lengths.sum()) / seconds,
+        "start_s": startup,
+    }
 
 
 def main() -> None:
@@ -99,8 +103,10 @@ def main() -> None:
 
     import vllm  # noqa: F401 - fail early, before any model is built
 
-    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}, "
-          f"batch {args.batch} x {args.new_tokens} new tokens, probe {args.probe_prompts} x {args.probe_tokens}")
+    print(
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}, "
+        f"batch {args.batch} x {args.new_tokens} new tokens, probe {args.probe_prompts} x {args.probe_tokens}"
+    )
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="unison-bench-") as tmp:
         for model in args.models:
@@ -111,8 +117,11 @@ def main() -> None:
                     rows.append((model, dname, engine, m))
                     for k in ("mismatch", "sync_s", "tok_s"):
                         results[f"{model}_{dname}_{engine}_{k}"] = m[k]
-                    print(f"  {model:>4} {dname} {engine:<6} mismatch {m['mismatch']:.3e}  sync {m['sync_s']:.3f} s  "
-                          f"{m['tok_s']:8.1f} tok/s  (start {m['start_s']:.1f} s)", flush=True)
+                    print(
+                        f"  {model:>4} {dname} {engine:<6} mismatch {m['mismatch']:.3e}  sync {m['sync_s']:.3f} s  "
+                        f"{m['tok_s']:8.1f} tok/s  (start {m['start_s']:.1f} s)",
+                        flush=True,
+                    )
     print()
     print("| model | precision | engine | mean abs(log pi - log mu) | sync s/step | rollout tok/s |")
     print("| --- | --- | --- | --- | --- | --- |")

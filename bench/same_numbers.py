@@ -24,22 +24,66 @@ import time
 from pathlib import Path
 
 FAST = ["run.progress=false", "run.loggers=[jsonl]", "run.eval_prompts=8", "run.save_every=0"]
-SMALL = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=48",
-         "optim.train_batch_size=8", "optim.micro_batch_size=8", "data.subset=builtin"]
+SMALL = [
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=48",
+    "optim.train_batch_size=8",
+    "optim.micro_batch_size=8",
+    "data.subset=builtin",
+]
 # name -> (command, arguments, the run folders under --out it writes)
 RUNS = {
     "demo6": (["demo", "--steps", "6"], ["fp16", "bf16"]),
     "demo20": (["demo", "--steps", "20"], ["fp16", "bf16"]),
-    "exact-kl-reward": (["train", "--steps", "3", *SMALL, "metrics.exact_divergence=true", "algorithm.kl_coef=0.1",
-                         "algorithm.kl_in=reward", "precision.rollout=bf16", "precision.train=bf16"], ["."]),
-    "kl-loss-epochs": (["train", "--steps", "3", *SMALL, "algorithm.kl_coef=0.05", "optim.epochs=2",
-                        "algorithm.preset=grpo-token-tis", "optim.schedule=cosine", "optim.warmup_steps=1"], ["."]),
-    "fp32-head-seqmis": (["train", "--steps", "3", *SMALL, "precision.lm_head=fp32", "algorithm.preset=grpo-seq-mis",
-                          "precision.rollout=bf16", "precision.train=fp16", "run.eval_every=2"], ["."]),
+    "exact-kl-reward": (
+        [
+            "train",
+            "--steps",
+            "3",
+            *SMALL,
+            "metrics.exact_divergence=true",
+            "algorithm.kl_coef=0.1",
+            "algorithm.kl_in=reward",
+            "precision.rollout=bf16",
+            "precision.train=bf16",
+        ],
+        ["."],
+    ),
+    "kl-loss-epochs": (
+        [
+            "train",
+            "--steps",
+            "3",
+            *SMALL,
+            "algorithm.kl_coef=0.05",
+            "optim.epochs=2",
+            "algorithm.preset=grpo-token-tis",
+            "optim.schedule=cosine",
+            "optim.warmup_steps=1",
+        ],
+        ["."],
+    ),
+    "fp32-head-seqmis": (
+        [
+            "train",
+            "--steps",
+            "3",
+            *SMALL,
+            "precision.lm_head=fp32",
+            "algorithm.preset=grpo-seq-mis",
+            "precision.rollout=bf16",
+            "precision.train=fp16",
+            "run.eval_every=2",
+        ],
+        ["."],
+    ),
     "lora": (["train", "--steps", "3", *SMALL, "lora.enabled=true", "lora.rank=4", "optim.lr=1e-3"], ["."]),
     "moe-replay": (["train", "--steps", "3", *SMALL, "--model", "builtin-moe", "moe.routing_replay=true"], ["."]),
-    "moe-routing": (["train", "--steps", "3", *SMALL, "--model", "builtin-moe", "precision.rollout=bf16",
-                     "precision.train=bf16"], ["."]),
+    "moe-routing": (
+        ["train", "--steps", "3", *SMALL, "--model", "builtin-moe", "precision.rollout=bf16", "precision.train=bf16"],
+        ["."],
+    ),
     "ranks2": (["train", "--nproc", "2", "--steps", "3", *SMALL, "algorithm.kl_coef=0.05"], ["."]),
 }
 

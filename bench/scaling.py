@@ -98,12 +98,24 @@ def main() -> None:
                 step(learner, r, micro=args.batch)
                 t_update = time.perf_counter() - t0
                 f_sample, f_update = flops(model, args.batch, prompt, new)
-                row = dict(precision=precision, model=name, params=params, new=new, rate=rate, t_sample=t_sample,
-                           t_update=t_update, floor_sample=f_sample / rate, floor_update=f_update / rate)  # fmt: skip
+                row = dict(
+                    precision=precision,
+                    model=name,
+                    params=params,
+                    new=new,
+                    rate=rate,
+                    t_sample=t_sample,
+                    t_update=t_update,
+                    floor_sample=f_sample / rate,
+                    floor_update=f_update / rate,
+                )
                 rows.append(row)
-                print(f"{precision} {name} ({params / 1e6:.1f}M) {new} tokens: sample {t_sample:.2f}s "
-                      f"(floor {row['floor_sample']:.2f}s), update {t_update:.2f}s (floor {row['floor_update']:.2f}s), "
-                      f"matmul rate {rate / 1e9:.0f} GFLOP/s", flush=True)  # fmt: skip
+                print(
+                    f"{precision} {name} ({params / 1e6:.1f}M) {new} tokens: sample {t_sample:.2f}s "
+                    f"(floor {row['floor_sample']:.2f}s), update {t_update:.2f}s (floor {row['floor_update']:.2f}s), "
+                    f"matmul rate {rate / 1e9:.0f} GFLOP/s",
+                    flush=True,
+                )
     done = {(w["precision"], w["model"], w["new"]) for w in rows}
     rows = [w for w in kept if (w["precision"], w["model"], w["new"]) not in done] + rows
     order = {p: i for i, p in enumerate(SHORT)}
@@ -115,7 +127,8 @@ def main() -> None:
         f"Command: `python bench/scaling.py --models {joined(args.models)} --lengths {joined(args.lengths)} "
         f"--batch {args.batch} --precisions {joined(args.precisions)}"
         f"{f' --threads {args.threads}' if args.threads else ''}` "
-        f"(PyTorch threads: {torch.get_num_threads()}).", "",
+        f"(PyTorch threads: {torch.get_num_threads()}).",
+        "",
         f"{args.batch} sequences, {prompt}-token prompts, N new tokens each; step = sampling + one update. Floor = "
         "matrix-product FLOPs / the measured matrix-product rate in that precision (fp16/bf16 run fp32-accumulate "
         "here, so their rate is the fp32 rate); efficiency = floor / measured. Rows this command did not redo are "
@@ -124,7 +137,7 @@ def main() -> None:
         "| precision | model | parameters | N | matmul GFLOP/s | sample s | sample floor s | update s | update floor s "
         "| step s | step efficiency |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]  # fmt: skip
+    ]
     for w in rows:
         step_s = w["t_sample"] + w["t_update"]
         eff = (w["floor_sample"] + w["floor_update"]) / step_s
@@ -134,10 +147,15 @@ def main() -> None:
             f"{step_s:.2f} | {eff:.0%} |"
         )
     write_section(args.doc, "scaling", "Scaling with model size and response length", lines, machine)
-    print("RESULT " + " ".join(
-        f"{w['precision']}_{w['model']}_{w['new']}_step_s={w['t_sample'] + w['t_update']:.3f} "
-        f"{w['precision']}_{w['model']}_{w['new']}_efficiency="
-        f"{(w['floor_sample'] + w['floor_update']) / (w['t_sample'] + w['t_update']):.3f}" for w in rows))  # fmt: skip
+    print(
+        "RESULT "
+        + " ".join(
+            f"{w['precision']}_{w['model']}_{w['new']}_step_s={w['t_sample'] + w['t_update']:.3f} "
+            f"{w['precision']}_{w['model']}_{w['new']}_efficiency="
+            f"{(w['floor_sample'] + w['floor_update']) / (w['t_sample'] + w['t_update']):.3f}"
+            for w in rows
+        )
+    )
 
 
 if __name__ == "__main__":

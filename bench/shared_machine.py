@@ -50,8 +50,15 @@ print(min(times), torch.get_num_threads())
 
 
 # `unison demo`'s settings (configs/demo.yaml), for one run of `unison train`
-DEMO = ["data.subset=builtin", "rollout.prompts_per_step=8", "rollout.group_size=8", "rollout.max_new_tokens=192",
-        "optim.lr=5e-5", "optim.train_batch_size=32", "optim.micro_batch_size=64"]
+DEMO = [
+    "data.subset=builtin",
+    "rollout.prompts_per_step=8",
+    "rollout.group_size=8",
+    "rollout.max_new_tokens=192",
+    "optim.lr=5e-5",
+    "optim.train_batch_size=32",
+    "optim.micro_batch_size=64",
+]
 
 
 def neighbour() -> subprocess.Popen:
@@ -70,17 +77,36 @@ def threads_of(setting: str, cores: int) -> str:
 
 
 def decode(setting: str, cores: int) -> tuple[float, int]:
-    out = subprocess.run([sys.executable, "-c", DECODE, threads_of(setting, cores)], env=env_for(setting),
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", DECODE, threads_of(setting, cores)],
+        env=env_for(setting),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     seconds, threads = out.stdout.split()[-2:]
     return float(seconds), int(threads)
 
 
 def rl_steps(setting: str, cores: int, work: Path, steps: int) -> tuple[float, list]:
     out = work / f"run-{setting}-{time.monotonic_ns()}"
-    cmd = [sys.executable, "-m", "unison.cli", "train", "--out", str(out), "--steps", str(steps), *DEMO,
-           "run.progress=false", "run.eval_every=0", "run.eval_prompts=8", "run.save_every=0", "run.loggers=[jsonl]",
-           f"run.threads={threads_of(setting, cores)}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "unison.cli",
+        "train",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        *DEMO,
+        "run.progress=false",
+        "run.eval_every=0",
+        "run.eval_prompts=8",
+        "run.save_every=0",
+        "run.loggers=[jsonl]",
+        f"run.threads={threads_of(setting, cores)}",
+    ]
     done = subprocess.run(cmd, env=env_for(setting), capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"unison train failed: {done.stderr.strip().splitlines()[-1]}")
@@ -92,12 +118,33 @@ def bit_identical(work: Path) -> bool:
     runs = []
     for n in (1, 2):
         out = work / f"det-{n}"
-        subprocess.run([sys.executable, "-m", "unison.cli", "train", "--out", str(out), "--steps", "3",
-                        "run.progress=false", "run.eval_every=0", "run.eval_prompts=8", "rollout.prompts_per_step=4",
-                        "optim.train_batch_size=16", f"run.threads={n}"],
-                       capture_output=True, text=True, check=True)  # fmt: skip
-        runs.append([{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
-                     for x in (out / "metrics.jsonl").read_text().splitlines()])  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "unison.cli",
+                "train",
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "run.progress=false",
+                "run.eval_every=0",
+                "run.eval_prompts=8",
+                "rollout.prompts_per_step=4",
+                "optim.train_batch_size=16",
+                f"run.threads={n}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        runs.append(
+            [
+                {k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
+                for x in (out / "metrics.jsonl").read_text().splitlines()
+            ]
+        )
     return runs[0] == runs[1]
 
 
@@ -124,29 +171,44 @@ def main() -> int:
                         busy.kill()
                         busy.wait()
                 results.setdefault((load, setting), []).append((d, s, dthreads, sthreads))
-                print(f"round {r + 1} {load:5s} {setting:8s} decode {d:.2f} s ({dthreads} threads)  step {s:.2f} s "
-                      f"(threads {sthreads})", flush=True)  # fmt: skip
+                print(
+                    f"round {r + 1} {load:5s} {setting:8s} decode {d:.2f} s ({dthreads} threads)  step {s:.2f} s "
+                    f"(threads {sthreads})",
+                    flush=True,
+                )
     same = bit_identical(work)
     base = {key: min(v[0] for v in vals) for key, vals in results.items()}
     step = {key: min(v[1] for v in vals) for key, vals in results.items()}
-    names = {"default": f"{cores} threads (PyTorch's default)", "auto": "run.threads=auto (unison's default)",
-             "passive": f"{cores} threads, OMP_WAIT_POLICY=PASSIVE", "1": "1 thread"}  # fmt: skip
-    lines = [f"Command: `python bench/shared_machine.py{' --quick' if args.quick else ''}` (no OMP_NUM_THREADS set); "
-             f"machine: {machine}. Best of {args.rounds} rounds, settings taking turns; busy: one other process "
-             f"spinning on one core. The decode: built-in model, 64 x 128 new tokens, fp32, best of 3. The RL step: "
-             f"`unison train` with `unison demo`'s settings (fp16), the median of steps 2-{args.steps}.", "",
-             "| setting | decode quiet | decode busy | busy / quiet | RL step quiet | RL step busy | busy / quiet |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    names = {
+        "default": f"{cores} threads (PyTorch's default)",
+        "auto": "run.threads=auto (unison's default)",
+        "passive": f"{cores} threads, OMP_WAIT_POLICY=PASSIVE",
+        "1": "1 thread",
+    }
+    lines = [
+        f"Command: `python bench/shared_machine.py{' --quick' if args.quick else ''}` (no OMP_NUM_THREADS set); "
+        f"machine: {machine}. Best of {args.rounds} rounds, settings taking turns; busy: one other process "
+        f"spinning on one core. The decode: built-in model, 64 x 128 new tokens, fp32, best of 3. The RL step: "
+        f"`unison train` with `unison demo`'s settings (fp16), the median of steps 2-{args.steps}.",
+        "",
+        "| setting | decode quiet | decode busy | busy / quiet | RL step quiet | RL step busy | busy / quiet |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for setting in settings:
         dq, db = base[("quiet", setting)], base[("busy", setting)]
         sq, sb = step[("quiet", setting)], step[("busy", setting)]
-        lines.append(f"| {names[setting]} | {dq:.2f} s | {db:.2f} s | {db / dq:.2f}x | {sq:.2f} s | {sb:.2f} s | "
-                     f"{sb / sq:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {names[setting]} | {dq:.2f} s | {db:.2f} s | {db / dq:.2f}x | {sq:.2f} s | {sb:.2f} s | "
+            f"{sb / sq:.2f}x |"
+        )
     dq0, sq0 = base[("quiet", "default")], step[("quiet", "default")]
-    lines += ["", f"On the quiet machine `auto` takes {base[('quiet', 'auto')] / dq0:.2f}x the default's decode time "
-              f"and {step[('quiet', 'auto')] / sq0:.2f}x its step time. The same 3-step run on 1 and on 2 threads is "
-              f"{'bit-identical' if same else 'NOT bit-identical'} (metrics without timings), so the thread count "
-              "changing with the load leaves a run's numbers as they are."]  # fmt: skip
+    lines += [
+        "",
+        f"On the quiet machine `auto` takes {base[('quiet', 'auto')] / dq0:.2f}x the default's decode time "
+        f"and {step[('quiet', 'auto')] / sq0:.2f}x its step time. The same 3-step run on 1 and on 2 threads is "
+        f"{'bit-identical' if same else 'NOT bit-identical'} (metrics without timings), so the thread count "
+        "changing with the load leaves a run's numbers as they are.",
+    ]
     if args.quick:
         print("\n".join(lines))
         return 0

@@ -62,8 +62,11 @@ def measure(name: str, args) -> dict:
         load_tokenizer(resolve_model_dir("builtin")).save_pretrained(folder)
     cfg = TrainConfig()
     cfg.model.path, cfg.data.subset = str(folder), "builtin"
-    cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.max_new_tokens = args.prompts, args.group, \
-        args.new_tokens
+    cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.max_new_tokens = (
+        args.prompts,
+        args.group,
+        args.new_tokens,
+    )
     cfg.optim.train_batch_size = args.prompts * args.group
     cfg.run.self_test = False
     run = build_run(cfg)
@@ -90,9 +93,13 @@ def measure(name: str, args) -> dict:
         rows["sync_in_step"].append(s["perf/sync_seconds"])
     med = {k: statistics.median(v) for k, v in rows.items()}
     before_step = med["step"] - med["verify_after"] + med["verify_before"]
-    return {"model": name, "params": params, **med,
-            "share_before": (med["load"] + med["verify_before"]) / before_step,
-            "share_after": med["sync_in_step"] / med["step"]}  # fmt: skip
+    return {
+        "model": name,
+        "params": params,
+        **med,
+        "share_before": (med["load"] + med["verify_before"]) / before_step,
+        "share_after": med["sync_in_step"] / med["step"],
+    }
 
 
 def main(argv=None) -> None:
@@ -107,22 +114,33 @@ def main(argv=None) -> None:
     if args.quick:
         args.models, args.repeats = "builtin", 1
     results = [measure(m, args) for m in args.models.split(",")]
-    lines = ["| model | parameters | export + load (s) | verify before (s) | verify after (s) | RL step (s) | "
-             "sync share before | sync share after |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| model | parameters | export + load (s) | verify before (s) | verify after (s) | RL step (s) | "
+        "sync share before | sync share after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['load']:.3f} | {r['verify_before']:.3f} | "
-                     f"{r['verify_after']:.3f} | {r['step']:.2f} | {r['share_before']:.1%} | {r['share_after']:.1%} |")
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['load']:.3f} | {r['verify_before']:.3f} | "
+            f"{r['verify_after']:.3f} | {r['step']:.2f} | {r['share_before']:.1%} | {r['share_after']:.1%} |"
+        )
     table = "\n".join(lines)
-    how = (f"`OMP_NUM_THREADS=1 python bench/sync_cost.py --models {args.models} --repeats {args.repeats}` "
-           f"(fp16 engine and train, fp32 master, matmul native; RL step of {args.prompts} x {args.group} samples of "
-           f"at most {args.new_tokens} tokens; medians; one thread)")  # fmt: skip
+    how = (
+        f"`OMP_NUM_THREADS=1 python bench/sync_cost.py --models {args.models} --repeats {args.repeats}` "
+        f"(fp16 engine and train, fp32 master, matmul native; RL step of {args.prompts} x {args.group} samples of "
+        f"at most {args.new_tokens} tokens; medians; one thread)"
+    )
     if args.quick:
         print(table)
     else:
         replace_section("sync-cost", f"{how}\n\n{table}", DOC)
         print(table)
-    print("RESULT " + " ".join(f"sync_share_{r['model']}={r['share_after']:.3f}" for r in results)
-          + " " + " ".join(f"sync_share_before_{r['model']}={r['share_before']:.3f}" for r in results))
+    print(
+        "RESULT "
+        + " ".join(f"sync_share_{r['model']}={r['share_after']:.3f}" for r in results)
+        + " "
+        + " ".join(f"sync_share_before_{r['model']}={r['share_before']:.3f}" for r in results)
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,13 @@ def main(mode: str, out: str) -> None:
     torch.manual_seed(0)  # the same LoRA initialisation on every rank
     lora = LoraConfig(enabled=True, rank=4, alpha=8.0) if mode == "lora" else None
     model = load_model(path, device="cpu", dtype=torch.float32)
-    learner = Learner(adapt(model, lora) if lora else model, policy, optim=OptimConfig(lr=1e-3), world=world,
-                      model_cfg=ModelConfig(matmul="native"))
+    learner = Learner(
+        adapt(model, lora) if lora else model,
+        policy,
+        optim=OptimConfig(lr=1e-3),
+        world=world,
+        model_cfg=ModelConfig(matmul="native"),
+    )
     engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), dtype, device, seed=0, matmul="native")
     prompts = [tok(f"{a}+{b}=")["input_ids"] for a, b in ((12, 34), (5, 7), (40, 2), (9, 9))]
     G = 4
@@ -63,8 +68,12 @@ def main(mode: str, out: str) -> None:
         res = learner.update(mine, torch.arange(len(mine)), loss_fn)
         sums = world.gather(checksum(learner.master_state().items()))
         finite = all(bool(torch.isfinite(full_tensor(p)).all()) for p in learner.weights.params)
-        result = {"skipped": world.gather(res.skipped), "scale": (scale, learner.scaler.scale),
-                  "finite": world.gather(finite), "checksums": sums}  # fmt: skip
+        result = {
+            "skipped": world.gather(res.skipped),
+            "scale": (scale, learner.scaler.scale),
+            "finite": world.gather(finite),
+            "checksums": sums,
+        }
     elif mode == "corrupt":  # the engine of the last rank loads a flipped bit
         learner.sync(engine)
         if world.rank == world.size - 1:

@@ -61,10 +61,24 @@ def test_gradient_underflow_share(scale, expected):
 def test_probe_advise_writes_its_advice(tmp_path, capsys):
     from unison.cli import main
 
-    code = main(["probe", "--advise", "--precisions", "fp16,bf16", "--num-prompts", "2", "--samples", "2",
-                 "--max-new-tokens", "16", "--out", str(tmp_path), "run.progress=false"])  # fmt: skip
+    code = main(
+        [
+            "probe",
+            "--advise",
+            "--precisions",
+            "fp16,bf16",
+            "--num-prompts",
+            "2",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--out",
+            str(tmp_path),
+            "run.progress=false",
+        ]
+    )
     out = capsys.readouterr().out
     advice = json.loads((tmp_path / "probe.json").read_text())["advice"]
     assert code == 0 and "recommendation: " + advice["recommendation"] in out
-    assert {c["check"].split(" (")[0] for c in advice["checks"]} >= {"fp16 activation headroom",
-                                                                     "mismatch bf16 / fp16"}  # fmt: skip
+    assert {c["check"].split(" (")[0] for c in advice["checks"]} >= {"fp16 activation headroom", "mismatch bf16 / fp16"}

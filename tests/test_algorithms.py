@@ -189,8 +189,10 @@ def test_micro_batches_sum_to_the_mini_batch(name):
     tokens, seqs = alg.aggregation_counts(mask)
     parts = [fn(loss[a:b], mask[a:b], 10, total_tokens=tokens, total_seqs=seqs) for a, b in ((0, 3), (3, 5), (5, 8))]
     assert sum(p.item() for p in parts) == pytest.approx(whole.item(), rel=1e-12)
-    parts_t = [fn(loss[a:b], mask[a:b], 10, total_tokens=torch.tensor(tokens), total_seqs=torch.tensor(seqs))
-               for a, b in ((0, 4), (4, 8))]  # fmt: skip
+    parts_t = [
+        fn(loss[a:b], mask[a:b], 10, total_tokens=torch.tensor(tokens), total_seqs=torch.tensor(seqs))
+        for a, b in ((0, 4), (4, 8))
+    ]
     assert sum(p.item() for p in parts_t) == pytest.approx(whole.item(), rel=1e-12)
 
 
@@ -283,8 +285,13 @@ def test_pg_preset_weights_carry_no_gradient_and_need_no_logp_old():
 
 def test_policy_loss_accepts_a_mapping_of_fields():
     logp, old, mu, adv, mask = _preset_inputs(5)
-    fields = {"advantage": "grpo", "objective": "ppo_clip", "correction": "token_tis", "aggregation": "token_mean",
-              "correction_params": {"cap": 2.0}}  # fmt: skip
+    fields = {
+        "advantage": "grpo",
+        "objective": "ppo_clip",
+        "correction": "token_tis",
+        "aggregation": "token_mean",
+        "correction_params": {"cap": 2.0},
+    }
     a, _ = alg.policy_loss(fields, logp, old, mu, adv, mask)
     b, _ = alg.policy_loss("grpo-token-tis", logp, old, mu, adv, mask)
     assert a.item() == b.item()

@@ -21,8 +21,11 @@ def pair(dtype, components):
 
     path = resolve_model_dir("builtin")
     tok = load_tokenizer(path)
-    learner = Learner(load_model(path, device="cpu", dtype=torch.float32), PrecisionPolicy(dtype, dtype),
-                      model_cfg=ModelConfig(matmul="native"))
+    learner = Learner(
+        load_model(path, device="cpu", dtype=torch.float32),
+        PrecisionPolicy(dtype, dtype),
+        model_cfg=ModelConfig(matmul="native"),
+    )
     engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), dtype, "cpu", seed=0, matmul="native")
     learner.sync(engine)
     engine.upcast_components(components)
@@ -38,8 +41,9 @@ def test_every_component_in_fp32_reaches_the_fp32_floor(dtype):
     for comps in ((), COMPONENTS):
         tok, learner, engine = pair(dtype, comps)
         assert engine.decode_path()[0] == "fallback"  # both engines run the model's own modules
-        ro = engine.generate([tok("12+34=")["input_ids"], tok("40+2=")["input_ids"]] * 4,
-                             SamplingParams(max_new_tokens=32))  # fmt: skip
+        ro = engine.generate(
+            [tok("12+34=")["input_ids"], tok("40+2=")["input_ids"]] * 4, SamplingParams(max_new_tokens=32)
+        )
         gaps[comps] = (learner.recompute(ro) - ro.logprobs)[ro.mask].abs().mean().item()
     assert gaps[()] > 1e-5  # the precision's own mismatch
     assert gaps[COMPONENTS] < 1e-6  # fp32's floor (about 1e-7 on this model)
@@ -69,8 +73,23 @@ def test_one_component_is_fp32_and_the_rest_is_not():
 def test_probe_attribute_table(tmp_path, capsys):
     from unison.cli import main
 
-    code = main(["probe", "--attribute", "--precisions", "fp32,bf16", "--num-prompts", "2", "--samples", "2",
-                 "--max-new-tokens", "16", "--out", str(tmp_path), "run.progress=false"])  # fmt: skip
+    code = main(
+        [
+            "probe",
+            "--attribute",
+            "--precisions",
+            "fp32,bf16",
+            "--num-prompts",
+            "2",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--out",
+            str(tmp_path),
+            "run.progress=false",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "bf16/bf16:" in out and "lm_head+attention+mlp+norms+residual" in out
     (setting,) = json.loads((tmp_path / "probe.json").read_text())["attribution"]  # fp32 has nothing to attribute

@@ -59,8 +59,15 @@ def test_the_builtin_moe_model_is_a_warm_started_qwen3_moe():
     task, tok = CountdownTask(), load_tokenizer(path)
     engine = NativeEngine(model, torch.float32, "cpu", seed=0)
     examples = task.examples("test", n=64, seed=0)
-    res = evaluate(engine, task, tok, examples, encode_all(tok, examples, "plain"),
-                   SamplingParams(256, 1.0, stop_token_ids=(1,)), n=1)  # fmt: skip
+    res = evaluate(
+        engine,
+        task,
+        tok,
+        examples,
+        encode_all(tok, examples, "plain"),
+        SamplingParams(256, 1.0, stop_token_ids=(1,)),
+        n=1,
+    )
     assert 0.10 <= res["avg@1"] <= 0.75, res["avg@1"]
 
 
@@ -68,7 +75,6 @@ def test_the_builtin_long_model_takes_long_responses():
     from unison.config import DataConfig, ModelConfig, RolloutConfig
     from unison.setup import build
 
-    s = build(ModelConfig(path="builtin-long"), DataConfig(source="countdown-long"),
-              RolloutConfig(max_new_tokens=1400))  # fmt: skip
+    s = build(ModelConfig(path="builtin-long"), DataConfig(source="countdown-long"), RolloutConfig(max_new_tokens=1400))
     assert s.context == 2048 and s.task.name == "countdown-long" and s.max_new_tokens == 1400
     assert s.config.model_type == "qwen2" and s.tokenizer.model_max_length == 2048

@@ -6,19 +6,37 @@ import sys
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "unison.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "unison.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_probe_writes_table_json_and_figures(tiny_dir, tmp_path):
     out = tmp_path / "probe"
-    r = run("probe", "--model", tiny_dir, "--num-prompts", 2, "--samples", 2, "--max-new-tokens", 16, "--out", out,
-            "--json", tmp_path / "p.json", "run.progress=false")  # fmt: skip
+    r = run(
+        "probe",
+        "--model",
+        tiny_dir,
+        "--num-prompts",
+        2,
+        "--samples",
+        2,
+        "--max-new-tokens",
+        16,
+        "--out",
+        out,
+        "--json",
+        tmp_path / "p.json",
+        "run.progress=false",
+    )
     assert r.returncode == 0, r.stderr
     assert "abs_log_ratio_mean" in r.stdout and "bf16÷fp16" in r.stdout
     data = json.loads((tmp_path / "p.json").read_text())
     assert [(x["rollout_precision"], x["train_precision"]) for x in data["results"]] == [
-        ("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")]
+        ("fp32", "fp32"),
+        ("fp16", "fp16"),
+        ("bf16", "bf16"),
+    ]
     for x in data["results"]:
         assert {"abs_log_ratio_mean", "k1", "k2", "k3", "chi2_token", "chi2_seq", "seq_kl"} <= set(x["metrics"])
     assert json.loads((out / "probe.json").read_text()) == data
@@ -27,9 +45,24 @@ def test_probe_writes_table_json_and_figures(tiny_dir, tmp_path):
 
 
 def test_probe_mixed_setting(tiny_dir, tmp_path):
-    r = run("probe", "--model", tiny_dir, "--rollout-precision", "fp32", "--train-precision", "bf16",
-            "--num-prompts", 1, "--samples", 2, "--max-new-tokens", 8, "--out", tmp_path,
-            "run.progress=false")  # fmt: skip
+    r = run(
+        "probe",
+        "--model",
+        tiny_dir,
+        "--rollout-precision",
+        "fp32",
+        "--train-precision",
+        "bf16",
+        "--num-prompts",
+        1,
+        "--samples",
+        2,
+        "--max-new-tokens",
+        8,
+        "--out",
+        tmp_path,
+        "run.progress=false",
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "probe.json").read_text())["results"]
     assert [(x["rollout_precision"], x["train_precision"]) for x in res] == [("fp32", "bf16")]
@@ -68,8 +101,16 @@ def _bad_inputs(tmp_path, tiny_dir):
         "unknown key": ["train", *m, "optim.learning_rate=1"],
         "batch not divisible": ["train", *m, "optim.train_batch_size=24"],
         "answer column missing": ["train", *m, "--data", noans, "--out", tmp_path / "r4"],
-        "reward does not import": ["train", *m, "--data", nocol, "data.prompt_key=question",
-                                   "data.reward=nosuchmodule:fn", "--out", tmp_path / "r5"],
+        "reward does not import": [
+            "train",
+            *m,
+            "--data",
+            nocol,
+            "data.prompt_key=question",
+            "data.reward=nosuchmodule:fn",
+            "--out",
+            tmp_path / "r5",
+        ],
         "eval unknown engine": ["eval", *m, "--engine", "sglang"],
         "filter bad range": ["filter", *m, "--lo", "0.9", "--hi", "0.1"],
         "plot not a run": ["plot", tmp_path],
@@ -110,19 +151,43 @@ def test_existing_run_folder_untouched(tiny_dir, tmp_path):
 
 
 def test_eval_and_filter_and_plot(tiny_dir, tmp_path):
-    r = run("eval", "--model", tiny_dir, "--k", 2, "--json", tmp_path / "e.json", "data.max_prompts=3",
-            "rollout.max_new_tokens=8")
+    r = run(
+        "eval",
+        "--model",
+        tiny_dir,
+        "--k",
+        2,
+        "--json",
+        tmp_path / "e.json",
+        "data.max_prompts=3",
+        "rollout.max_new_tokens=8",
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["num_prompts"] == 3 and 0 <= res["avg@2"] <= res["pass@2"] <= 1
-    r = run("filter", "--model", tiny_dir, "--k", 2, "--num-prompts", 3, "--lo", 0, "--hi", 1, "--out",
-            tmp_path / "f.jsonl", "rollout.max_new_tokens=8")  # fmt: skip
+    r = run(
+        "filter",
+        "--model",
+        tiny_dir,
+        "--k",
+        2,
+        "--num-prompts",
+        3,
+        "--lo",
+        0,
+        "--hi",
+        1,
+        "--out",
+        tmp_path / "f.jsonl",
+        "rollout.max_new_tokens=8",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "f.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all({"id", "prompt", "answer", "solve_rate"} <= set(x) for x in rows)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text('{"step": 1, "rollout/accuracy": 0.5}\n'
-                                           '{"step": 2, "rollout/accuracy": 0.7}\n')
+    (run_dir / "metrics.jsonl").write_text(
+        '{"step": 1, "rollout/accuracy": 0.5}\n{"step": 2, "rollout/accuracy": 0.7}\n'
+    )
     r = run("plot", run_dir, "--metrics", "rollout/accuracy", "--out", tmp_path / "p.png")
     assert r.returncode == 0, r.stderr and (tmp_path / "p.png").exists()

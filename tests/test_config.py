@@ -27,8 +27,9 @@ def test_shipped_configs_exist():
 
 
 def test_dotted_overrides_and_types():
-    cfg = load_config(TrainConfig, None, ["optim.lr=3e-6", "rollout.group_size=4", "run.loggers=[jsonl]",
-                                          "optim.train_batch_size=16"])  # fmt: skip
+    cfg = load_config(
+        TrainConfig, None, ["optim.lr=3e-6", "rollout.group_size=4", "run.loggers=[jsonl]", "optim.train_batch_size=16"]
+    )
     assert cfg.optim.lr == 3e-6 and cfg.rollout.group_size == 4 and cfg.run.loggers == ["jsonl"]
 
 

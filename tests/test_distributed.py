@@ -21,8 +21,11 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def ranks(n: int, mode: str, out: Path) -> dict:
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(WORKER)]
-           if n > 1 else [sys.executable, str(WORKER)])  # fmt: skip
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(WORKER)]
+        if n > 1
+        else [sys.executable, str(WORKER)]
+    )
     done = subprocess.run([*cmd, mode, str(out)], env=ENV, capture_output=True, text=True, timeout=300)
     if done.returncode and "terminate called without an active exception" in done.stderr:
         # a rank aborted by gloo's threads as the processes end (seen about once in a few full runs, never
@@ -68,21 +71,37 @@ def test_a_corrupted_engine_copy_is_caught_by_its_own_rank(tmp_path):
     assert caught[0] == "" and "checksum" in caught[1]
 
 
-TRAIN = ["data.subset=builtin", "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=32",
-         "optim.train_batch_size=16", "run.progress=false", "run.save_every=1", "run.steps=4"]  # fmt: skip
+TRAIN = [
+    "data.subset=builtin",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=32",
+    "optim.train_batch_size=16",
+    "run.progress=false",
+    "run.save_every=1",
+    "run.steps=4",
+]
 
 
 def unison(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "unison", "train", *TRAIN, *args], env=ENV, capture_output=True,
-                          text=True, timeout=400, **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "unison", "train", *TRAIN, *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        **kw,
+    )
 
 
 def finals(run: Path):
     from safetensors.torch import load_file
 
     weights = load_file(run / "checkpoints/step-000004/model.safetensors")
-    rows = [{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
-            for x in (run / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    rows = [
+        {k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+    ]
     return weights, rows, (run / "samples.jsonl").read_text()
 
 
@@ -90,8 +109,13 @@ def test_sigkill_and_resume_with_two_ranks_is_bit_exact(tmp_path):
     ref = unison("--nproc", "2", f"run.out={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr[-3000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "unison", "train", *TRAIN, "--nproc", "2", f"run.out={killed}"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unison", "train", *TRAIN, "--nproc", "2", f"run.out={killed}"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (killed / "checkpoints/step-000002/manifest.json").exists() and proc.poll() is None:
         assert time.monotonic() < deadline
@@ -108,8 +132,12 @@ def test_the_ranks_end_when_the_launcher_is_killed_alone(tmp_path):
     from unison.runfolder import RunLock
 
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "unison", "train", *TRAIN, "--nproc", "2", "run.steps=40",
-                             f"run.out={run}"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unison", "train", *TRAIN, "--nproc", "2", "run.steps=40", f"run.out={run}"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not (run / "checkpoints/step-000001/manifest.json").exists() and proc.poll() is None:
         assert time.monotonic() < deadline
@@ -125,13 +153,18 @@ def test_the_ranks_end_when_the_launcher_is_killed_alone(tmp_path):
     assert (run / "metrics.jsonl").stat().st_size == size  # no rank is still training
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--nproc", "64"], "more ranks than"),
-    (["--nproc", "2", "--backend", "nccl"], "NCCL backend needs CUDA"),
-    (["--nproc", "2", "optim.train_batch_size=4"], "cannot share the 1 groups"),
-    (["--nproc", "2", "rollout.prompts_per_step=3", "optim.train_batch_size=12"],
-     "cannot share rollout.prompts_per_step=3"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--nproc", "64"], "more ranks than"),
+        (["--nproc", "2", "--backend", "nccl"], "NCCL backend needs CUDA"),
+        (["--nproc", "2", "optim.train_batch_size=4"], "cannot share the 1 groups"),
+        (
+            ["--nproc", "2", "rollout.prompts_per_step=3", "optim.train_batch_size=12"],
+            "cannot share rollout.prompts_per_step=3",
+        ),
+    ],
+)
 def test_bad_world_settings_refused_before_any_rank_starts(tmp_path, args, says):
     out = tmp_path / "run"
     done = unison(*args, f"run.out={out}")

@@ -19,7 +19,6 @@ def engine(model_dir, dtype=torch.float32, seed=0):
     return NativeEngine.from_pretrained(model_dir, dtype=dtype, device="cpu", seed=seed)
 
 
-
 def decode_variants(monkeypatch):
     """The fast path's two decode steps in turn: the flat one (fp32 products), then the layer-by-layer one."""
     from unison.rollout.native import _StaticDecode
@@ -33,6 +32,7 @@ def decode_variants(monkeypatch):
     yield True
     monkeypatch.setattr(_StaticDecode, "__init__", layered)
     yield False
+
 
 def test_protocol_and_factory(tiny_dir):
     e = make_engine("native", tiny_dir, dtype=torch.float32, device="cpu")
@@ -78,7 +78,7 @@ def test_greedy_matches_hf_generate(tiny_dir):
     model = load_model(tiny_dir)
     for i, p in enumerate(PROMPTS[:2]):
         out = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert out[0, len(p):].tolist() == r.response_ids[i].tolist()
+        assert out[0, len(p) :].tolist() == r.response_ids[i].tolist()
 
 
 def test_learner_agrees_with_engine_in_fp32(tiny_dir):
@@ -89,12 +89,14 @@ def test_learner_agrees_with_engine_in_fp32(tiny_dir):
     assert m["abs_log_ratio_mean"] < 1e-5 and m["num_tokens"] == int(r.lengths.sum())
 
 
-def test_mismatch_ordering_fp32_fp16_bf16(builtin_dir):
+@pytest.mark.parametrize("matmul", ["native", "fp32-accumulate"])
+def test_mismatch_ordering_fp32_fp16_bf16(builtin_dir, matmul):
     prompts = [TOK(p).input_ids for p in ["97-7:", "250-9:", "61-4:", "140-5:"]] * 4
     values = {}
     for dt in (torch.float32, torch.float16, torch.bfloat16):
-        r = engine(builtin_dir, dt).generate(prompts, SamplingParams(max_new_tokens=128, stop_token_ids=(1,)))
-        lr = Learner.from_pretrained(builtin_dir, PrecisionPolicy(dt, dt), "cpu")
+        eng = NativeEngine.from_pretrained(builtin_dir, dtype=dt, device="cpu", seed=0, matmul=matmul)
+        r = eng.generate(prompts, SamplingParams(max_new_tokens=128, stop_token_ids=(1,)))
+        lr = Learner.from_pretrained(builtin_dir, PrecisionPolicy(dt, dt), model_cfg=ModelConfig(matmul=matmul))
         values[dt] = mismatch_metrics(lr.recompute(r), r.logprobs, r.mask)["abs_log_ratio_mean"]
     assert values[torch.float32] < values[torch.float16] < values[torch.bfloat16]
     assert values[torch.float32] < 1e-5
@@ -119,9 +121,14 @@ def test_sample_draws_from_the_processed_distribution():
     rows = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 0.0, 0.0], [9.0, -9.0, 0.0, 0.0]])
     # top-k 2 keeps e^2 / (e^2 + e) = 0.731059 and 0.268941 of row 0; a tie at the k-th value keeps all tied
     # tokens: all 4 of row 1, and of row 2 e^9 / (e^9 + 2) = 0.999753 and 1 / (e^9 + 2) = 1.2338e-4 twice
-    expected = torch.tensor([
-        [0.731059, 0.268941, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.999753, 0.0, 1.2338e-4, 1.2338e-4],
-    ], dtype=torch.float64)  # fmt: skip
+    expected = torch.tensor(
+        [
+            [0.731059, 0.268941, 0.0, 0.0],
+            [0.25, 0.25, 0.25, 0.25],
+            [0.999753, 0.0, 1.2338e-4, 1.2338e-4],
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(process_logits(rows, top_k=2).softmax(-1).double(), expected, atol=1e-6, rtol=1e-4)
     logits = rows.repeat_interleave(n, 0)
     tokens, logp = sample(logits, g, temperature=1.0, top_k=2, top_p=1.0)
@@ -195,8 +202,13 @@ def test_fallback_path_matches_fast_path(tiny_dir):
 # ---- mixture-of-experts models on the fast path ---------------------------------------------------------------
 # the three MoE families, a Qwen2-MoE with a dense layer among its sparse ones (`mlp_only_layers`), and a Mixtral
 # with an 8-token window on every layer
-MOE_CASES = [("qwen2-moe", {}), ("qwen3-moe", {}), ("mixtral", {}),
-             ("qwen2-moe", {"num_hidden_layers": 3, "mlp_only_layers": [1]}), ("mixtral", {"sliding_window": 8})]
+MOE_CASES = [
+    ("qwen2-moe", {}),
+    ("qwen3-moe", {}),
+    ("mixtral", {}),
+    ("qwen2-moe", {"num_hidden_layers": 3, "mlp_only_layers": [1]}),
+    ("mixtral", {"sliding_window": 8}),
+]
 MOE_IDS = ["qwen2-moe", "qwen3-moe", "mixtral", "qwen2-moe-dense-layer", "mixtral-window"]
 
 
@@ -279,8 +291,17 @@ def _random_qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=32, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = Qwen3Config(
+        vocab_size=272,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return Qwen3ForCausalLM(cfg).eval()
 
 
@@ -296,8 +317,11 @@ def test_flat_decode_step_computes_the_layerwise_forward(builtin_dir, arch, dtyp
     # fp32-accumulate: what `auto` gives on a CPU without fast fp16/bf16 units (fp32 runs the flat step either way)
     # (the windowed models: 8-token windows, which the 14 slots of this test pass)
     model = {"builtin": None, "qwen3": _random_qwen3}.get(arch, lambda: tiny_model(arch))
-    eng = (NativeEngine.from_pretrained(builtin_dir, dtype, "cpu", matmul="fp32-accumulate") if arch == "builtin"
-           else NativeEngine(model(), dtype, "cpu", matmul="fp32-accumulate"))  # fmt: skip
+    eng = (
+        NativeEngine.from_pretrained(builtin_dir, dtype, "cpu", matmul="fp32-accumulate")
+        if arch == "builtin"
+        else NativeEngine(model(), dtype, "cpu", matmul="fp32-accumulate")
+    )
     prompts = [p + [5] * (8 - len(p)) for p in PROMPTS]  # a common length; rows still start at other positions
     ids = torch.tensor(prompts)
     pad_left = torch.tensor([0, 1, 2, 0, 3, 0, 1, 0])

@@ -119,8 +119,9 @@ def test_fp32_lm_head_in_both_engines(dtype, matmul):
     tok = load_tokenizer(path)
     policy = PrecisionPolicy(dtype, dtype, lm_head_fp32=True)
     learner = Learner(load_model(path, device="cpu", dtype=torch.float32), policy, model_cfg=ModelConfig(matmul=matmul))
-    engine = NativeEngine(load_model(path, device="cpu", dtype=torch.float32), dtype, "cpu", seed=0, matmul=matmul,
-                          lm_head="fp32")  # fmt: skip
+    engine = NativeEngine(
+        load_model(path, device="cpu", dtype=torch.float32), dtype, "cpu", seed=0, matmul=matmul, lm_head="fp32"
+    )
     head = engine.model.get_output_embeddings().weight
     assert head.dtype == torch.float32 and learner.model.get_output_embeddings().weight.dtype == torch.float32
     assert engine.model.model.layers[0].mlp.up_proj.weight.dtype == dtype  # the rest stays in the rollout dtype
@@ -143,8 +144,19 @@ def test_a_training_step_logs_the_exact_divergences_and_their_time(tmp_path):
     from unison.cli import main
 
     out = tmp_path / "run"
-    code = main(["train", "data.subset=builtin", "rollout.prompts_per_step=2", "rollout.group_size=2",
-                 "rollout.max_new_tokens=16", "optim.train_batch_size=4", "run.steps=1", "run.progress=false",
-                 "metrics.exact_divergence=true", f"run.out={out}"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "data.subset=builtin",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            "rollout.max_new_tokens=16",
+            "optim.train_batch_size=4",
+            "run.steps=1",
+            "run.progress=false",
+            "metrics.exact_divergence=true",
+            f"run.out={out}",
+        ]
+    )
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert code == 0 and row["mismatch/exact_kl_mu_pi"] >= 0 and row["perf/exact_divergence_seconds"] > 0

@@ -57,8 +57,11 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_resumes_
     assert ckpt.is_complete(weights.parent) and ckpt.damaged_file(weights.parent) == "model.safetensors"
     code, err = run_cli(train_args(tiny_dir, prompts, run, "fp16", 3) + keep3 + ["--resume"], capsys)
     assert code == 0
-    assert any("checkpoint step-000003 is damaged (model.safetensors does not match its hash); resuming from "
-               "step-000002" in line for line in err), err  # fmt: skip
+    assert any(
+        "checkpoint step-000003 is damaged (model.safetensors does not match its hash); resuming from "
+        "step-000002" in line
+        for line in err
+    ), err
     assert same(comparable(ref), comparable(run))  # step 3 trained again, from the intact step 2
 
 
@@ -97,8 +100,9 @@ def test_overwrite_with_a_late_error_keeps_the_old_run(tiny_dir, tmp_path, promp
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str):
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({(r.stderr or r.stdout).strip() or r.returncode})")
     try:
@@ -158,8 +162,10 @@ def test_a_folder_that_turns_read_only_mid_run(tiny_dir, tmp_path, prompts, caps
     check_write_fault(err, run, "(Read-only file system)", "step-000002")
 
 
-@pytest.mark.parametrize("sig, code, what", [(signal.SIGTERM, SIGTERM_CODE, "terminated (SIGTERM)"),
-                                             (signal.SIGINT, SIGINT_CODE, "interrupted (SIGINT)")])
+@pytest.mark.parametrize(
+    "sig, code, what",
+    [(signal.SIGTERM, SIGTERM_CODE, "terminated (SIGTERM)"), (signal.SIGINT, SIGINT_CODE, "interrupted (SIGINT)")],
+)
 def test_a_signal_ends_with_one_line_and_resume_is_bit_exact(tiny_dir, tmp_path, prompts, sig, code, what):
     steps = 4
     ref = cli(train_args(tiny_dir, prompts, tmp_path / "ref", "fp16", steps))

@@ -49,12 +49,15 @@ def test_off_by_default_and_the_advice_names_what_to_change():
     assert "fp16 (" not in fp16 and "grpo-seq-mis" not in fp16 and "optim.lr" in fp16
 
 
-@pytest.mark.parametrize("overrides, says", [
-    (["guard.k3_warn=-1"], "guard.k3_warn: must be a number >= 0"),
-    (["guard.seq_kl_warn=0.5", "guard.seq_kl_stop=0.1"], "is above guard.seq_kl_stop"),
-    (["guard.masked_stop=1.5"], "at most 1"),
-    (["guard.patience=0"], "guard.patience: must be at least 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["guard.k3_warn=-1"], "guard.k3_warn: must be a number >= 0"),
+        (["guard.seq_kl_warn=0.5", "guard.seq_kl_stop=0.1"], "is above guard.seq_kl_stop"),
+        (["guard.masked_stop=1.5"], "at most 1"),
+        (["guard.patience=0"], "guard.patience: must be at least 1"),
+    ],
+)
 def test_contradicting_or_negative_thresholds_are_refused(tmp_path, overrides, says, capsys):
     from unison.cli import main
 
@@ -68,9 +71,22 @@ def test_a_run_the_guard_stops(tmp_path, capsys):
     from unison.cli import main
 
     out = tmp_path / "run"
-    code = main(["train", "data.subset=builtin", "rollout.prompts_per_step=4", "rollout.group_size=4",
-                 "rollout.max_new_tokens=32", "optim.train_batch_size=16", "run.steps=3", "run.progress=false",
-                 "precision.rollout=bf16", "precision.train=bf16", "guard.k3_stop=1e-12", f"run.out={out}"])
+    code = main(
+        [
+            "train",
+            "data.subset=builtin",
+            "rollout.prompts_per_step=4",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=32",
+            "optim.train_batch_size=16",
+            "run.steps=3",
+            "run.progress=false",
+            "precision.rollout=bf16",
+            "precision.train=bf16",
+            "guard.k3_stop=1e-12",
+            f"run.out={out}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "stopped: mismatch guard at step 1: per-token KL k3" in err and "precision.rollout=fp16" in err

@@ -29,8 +29,7 @@ def one_update(learner, seed=0):
     """One optimizer step on random rollouts with a loss whose gradient reaches every adapter."""
     r = _group_rollouts([12, 9], group=2, T=8, seed=seed)
     weights = torch.linspace(-1, 1, r.mask.numel()).view_as(r.mask) / r.mask.sum()  # a per-token mean
-    return learner.update(r, torch.arange(len(r)),
-                          lambda mb: (mb.logp * weights[mb.rows, : mb.logp.shape[1]]).sum())  # fmt: skip
+    return learner.update(r, torch.arange(len(r)), lambda mb: (mb.logp * weights[mb.rows, : mb.logp.shape[1]]).sum())
 
 
 def test_only_the_adapters_train_with_fp32_masters(tiny_dir):
@@ -136,8 +135,14 @@ def test_train_resume_probe_eval_and_export(tiny_dir, tmp_path):
     from unison.models import load_model
     from unison.trainer import train
 
-    extra = {"lora.enabled": True, "lora.rank": 4, "lora.alpha": 8.0, "precision.rollout": "fp16",
-             "precision.train": "fp16", "run.save_every": 2}  # fmt: skip
+    extra = {
+        "lora.enabled": True,
+        "lora.rank": 4,
+        "lora.alpha": 8.0,
+        "precision.rollout": "fp16",
+        "precision.train": "fp16",
+        "run.save_every": 2,
+    }
     full = train(tiny_cfg(tiny_dir, tmp_path / "full", **{**extra, "run.steps": 4}), quiet=True)
     part = tiny_cfg(tiny_dir, tmp_path / "part", **{**extra, "run.steps": 2})
     train(part, quiet=True)
@@ -157,8 +162,25 @@ def test_train_resume_probe_eval_and_export(tiny_dir, tmp_path):
     for n, p in via_peft.named_parameters():
         assert torch.equal(p, merged[n]), n
     assert main(["eval", "--model", str(a), "--num-prompts", "4", "--n", "2", "--json", str(tmp_path / "e.json")]) == 0
-    assert main(["probe", "--model", str(a), "--num-prompts", "4", "--precisions", "fp16", "--max-new-tokens", "16",
-                 "--out", str(tmp_path / "probe"), "probe.exact=false"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "probe",
+                "--model",
+                str(a),
+                "--num-prompts",
+                "4",
+                "--precisions",
+                "fp16",
+                "--max-new-tokens",
+                "16",
+                "--out",
+                str(tmp_path / "probe"),
+                "probe.exact=false",
+            ]
+        )
+        == 0
+    )
     probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert probe  # the learner on the adapter, the engine on the merged weights
 

@@ -22,8 +22,9 @@ def _hand_batch():
     r = log pi - log mu: [L, -L, L], [-L, -L]  (L = ln 2);  rho: [2, .5, 2], [.5, .5];  s = [L, -2L]
     """
     logp_pi = torch.tensor([[math.log(0.5), math.log(0.25), 0.0], [math.log(0.25), math.log(0.5), NAN], [NAN] * 3])
-    logp_mu = torch.tensor([[math.log(0.25), math.log(0.5), math.log(0.5)], [math.log(0.5), 0.0, -math.inf],
-                            [-math.inf] * 3])  # fmt: skip
+    logp_mu = torch.tensor(
+        [[math.log(0.25), math.log(0.5), math.log(0.5)], [math.log(0.5), 0.0, -math.inf], [-math.inf] * 3]
+    )
     mask = torch.tensor([[True, True, True], [True, True, False], [False, False, False]])
     return logp_pi, logp_mu, mask
 

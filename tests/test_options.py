@@ -21,12 +21,32 @@ REWARD = f"{Path(__file__).parent / 'reward_fixture.py'}:even_length"
 
 
 def cfg(tiny_dir, out, **extra):
-    return load_config(TrainConfig, None, {
-        "model.path": str(tiny_dir), "run.out": str(out), "run.steps": 3, "run.eval_every": 0, "run.eval_prompts": 4,
-        "run.save_every": 0, "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2,
-        "rollout.group_size": 4, "rollout.max_new_tokens": 16, "optim.train_batch_size": 8, "optim.lr": 1e-3,
-        "data.max_prompts": 8, "data.source": str(out.parent / "prompts.jsonl"), "data.reward": REWARD,
-        "data.template": "plain", "precision.rollout": "fp32", "precision.train": "fp32", **extra})  # fmt: skip
+    return load_config(
+        TrainConfig,
+        None,
+        {
+            "model.path": str(tiny_dir),
+            "run.out": str(out),
+            "run.steps": 3,
+            "run.eval_every": 0,
+            "run.eval_prompts": 4,
+            "run.save_every": 0,
+            "run.progress": False,
+            "run.loggers": ["jsonl"],
+            "rollout.prompts_per_step": 2,
+            "rollout.group_size": 4,
+            "rollout.max_new_tokens": 16,
+            "optim.train_batch_size": 8,
+            "optim.lr": 1e-3,
+            "data.max_prompts": 8,
+            "data.source": str(out.parent / "prompts.jsonl"),
+            "data.reward": REWARD,
+            "data.template": "plain",
+            "precision.rollout": "fp32",
+            "precision.train": "fp32",
+            **extra,
+        },
+    )
 
 
 @pytest.fixture
@@ -58,8 +78,10 @@ def test_lr_factor_by_hand():
 
 
 def test_the_schedule_sets_each_steps_learning_rate(tiny_dir, tmp_path, prompts):
-    run = train(cfg(tiny_dir, tmp_path / "run", **{"optim.schedule": "linear", "optim.warmup_steps": 1,
-                                                    "run.steps": 3}), quiet=True)  # fmt: skip
+    run = train(
+        cfg(tiny_dir, tmp_path / "run", **{"optim.schedule": "linear", "optim.warmup_steps": 1, "run.steps": 3}),
+        quiet=True,
+    )
     assert [r["learner/lr"] for r in rows(run)] == pytest.approx([1e-3, 1e-3, 0.0])
 
 
@@ -80,8 +102,14 @@ def test_a_kl_penalty_keeps_the_policy_nearer_its_start(tiny_dir, tmp_path, prom
 
     start = dict(load_model(tiny_dir).named_parameters())
     free = train(cfg(tiny_dir, tmp_path / "free"), quiet=True)
-    held = train(cfg(tiny_dir, tmp_path / "held", **{"algorithm.kl_coef": 50.0, "algorithm.kl_in": where,
-                                                      "algorithm.kl_estimator": "k2"}), quiet=True)  # fmt: skip
+    held = train(
+        cfg(
+            tiny_dir,
+            tmp_path / "held",
+            **{"algorithm.kl_coef": 50.0, "algorithm.kl_in": where, "algorithm.kl_estimator": "k2"},
+        ),
+        quiet=True,
+    )
     m = rows(held)
     assert m[0]["kl/ref"] == 0.0 and m[-1]["kl/ref"] > 0  # the policy is its reference before the first update
 
@@ -108,8 +136,11 @@ def test_checkpointed_layers_recompute_in_the_backward_with_dropout_off():
     from unison.learner import Learner
     from unison.precision import PrecisionPolicy
 
-    learner = Learner(tiny_model("gpt2"), PrecisionPolicy(torch.float32, torch.float32),
-                      model_cfg=ModelConfig(gradient_checkpointing=True))
+    learner = Learner(
+        tiny_model("gpt2"),
+        PrecisionPolicy(torch.float32, torch.float32),
+        model_cfg=ModelConfig(gradient_checkpointing=True),
+    )
     assert not learner.batcher.share_prompts
     dropouts = [m for m in learner.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and not any(m.training for m in dropouts)
@@ -129,8 +160,9 @@ def test_system_prompt_comes_first(tiny_dir):
     from unison.setup import build
     from unison.tasks.base import Example
 
-    s = build(ModelConfig(path=str(tiny_dir)), DataConfig(template="plain", system_prompt="Count down."),
-              RolloutConfig())  # fmt: skip
+    s = build(
+        ModelConfig(path=str(tiny_dir)), DataConfig(template="plain", system_prompt="Count down."), RolloutConfig()
+    )
     ids = s.encode([Example("47-9:", "0", id="a")])[0]
     assert build_tokenizer().decode(ids) == "Count down.\n\n47-9:"
 
@@ -146,9 +178,28 @@ def test_pass_at_k_by_hand():
 
 def test_eval_n_and_k(tiny_dir, tmp_path):
     out = tmp_path / "e.json"
-    r = subprocess.run([sys.executable, "-m", "unison.cli", "eval", "--model", str(tiny_dir), "--n", "4", "--k", "1,2",
-                        "--json", str(out), "data.max_prompts=3", "rollout.max_new_tokens=8", "run.progress=false"],
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unison.cli",
+            "eval",
+            "--model",
+            str(tiny_dir),
+            "--n",
+            "4",
+            "--k",
+            "1,2",
+            "--json",
+            str(out),
+            "data.max_prompts=3",
+            "rollout.max_new_tokens=8",
+            "run.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["n"] == 4 and {"avg@4", "pass@1", "pass@2"} <= set(res) and len(res["per_prompt"]) == 3
@@ -159,8 +210,14 @@ def test_eval_n_and_k(tiny_dir, tmp_path):
 
 
 def test_eval_during_training_with_n_samples_and_readable_samples(tiny_dir, tmp_path, prompts):
-    run = train(cfg(tiny_dir, tmp_path / "run", **{"run.eval_every": 1, "run.eval_samples": 2, "run.steps": 2,
-                                                    "run.log_samples": 3}), quiet=True)  # fmt: skip
+    run = train(
+        cfg(
+            tiny_dir,
+            tmp_path / "run",
+            **{"run.eval_every": 1, "run.eval_samples": 2, "run.steps": 2, "run.log_samples": 3},
+        ),
+        quiet=True,
+    )
     m = rows(run)
     assert all({"eval/avg@2", "eval/pass@1", "eval/pass@2"} <= set(r) for r in m)
     lines = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]

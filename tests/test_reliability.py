@@ -20,18 +20,45 @@ REWARD = f"{Path(__file__).parent / 'reward_fixture.py'}:even_length"  # varies,
 
 def train_args(model_dir, prompts, out, precision, steps):
     return [
-        "train", "--model", str(model_dir), "--data", str(prompts), "--out", str(out), "--precision", precision,
-        "--steps", str(steps), f"data.reward={REWARD}", "data.template=plain", "run.eval_every=0",
-        "run.eval_prompts=4", "run.save_every=1", "run.keep_checkpoints=2", "run.progress=false",
-        "run.loggers=[jsonl]", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24",
-        "optim.train_batch_size=4", "optim.micro_batch_size=3", "optim.lr=1e-3", "data.max_prompts=8",
-    ]  # fmt: skip
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(prompts),
+        "--out",
+        str(out),
+        "--precision",
+        precision,
+        "--steps",
+        str(steps),
+        f"data.reward={REWARD}",
+        "data.template=plain",
+        "run.eval_every=0",
+        "run.eval_prompts=4",
+        "run.save_every=1",
+        "run.keep_checkpoints=2",
+        "run.progress=false",
+        "run.loggers=[jsonl]",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=24",
+        "optim.train_batch_size=4",
+        "optim.micro_batch_size=3",
+        "optim.lr=1e-3",
+        "data.max_prompts=8",
+    ]
 
 
 def cli(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run of a comparison uses the same thread count
-    return subprocess.Popen([sys.executable, "-m", "unison.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "unison.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def comparable(run_dir: Path) -> dict:
@@ -44,9 +71,12 @@ def comparable(run_dir: Path) -> dict:
 
 
 def same(a: dict, b: dict) -> bool:
-    return (a["metrics"] == b["metrics"] and a["samples"] == b["samples"]
-            and a["weights"].keys() == b["weights"].keys()
-            and all(torch.equal(a["weights"][n], b["weights"][n]) for n in a["weights"]))  # fmt: skip
+    return (
+        a["metrics"] == b["metrics"]
+        and a["samples"] == b["samples"]
+        and a["weights"].keys() == b["weights"].keys()
+        and all(torch.equal(a["weights"][n], b["weights"][n]) for n in a["weights"])
+    )
 
 
 @pytest.fixture
@@ -84,13 +114,30 @@ def test_same_seed_same_run_every_precision(tiny_dir, tmp_path, prompts, precisi
     from unison.trainer import train
 
     def cfg(out):
-        return load_config(TrainConfig, None, {
-            "model.path": str(tiny_dir), "run.out": str(out), "run.steps": 2, "run.eval_every": 0,
-            "run.eval_prompts": 4, "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2,
-            "rollout.group_size": 4, "rollout.max_new_tokens": 16, "optim.train_batch_size": 4,
-            "optim.lr": 1e-3, "data.max_prompts": 8, "data.reward": REWARD, "data.source": str(prompts),
-            "data.template": "plain", "precision.rollout": precision,
-            "precision.train": precision})  # fmt: skip
+        return load_config(
+            TrainConfig,
+            None,
+            {
+                "model.path": str(tiny_dir),
+                "run.out": str(out),
+                "run.steps": 2,
+                "run.eval_every": 0,
+                "run.eval_prompts": 4,
+                "run.progress": False,
+                "run.loggers": ["jsonl"],
+                "rollout.prompts_per_step": 2,
+                "rollout.group_size": 4,
+                "rollout.max_new_tokens": 16,
+                "optim.train_batch_size": 4,
+                "optim.lr": 1e-3,
+                "data.max_prompts": 8,
+                "data.reward": REWARD,
+                "data.source": str(prompts),
+                "data.template": "plain",
+                "precision.rollout": precision,
+                "precision.train": precision,
+            },
+        )
 
     a, b = (comparable(train(cfg(tmp_path / f"r{i}"), quiet=True)) for i in range(2))
     assert same(a, b)
@@ -100,13 +147,24 @@ def test_resume_after_precision_change_uses_a_fresh_loss_scale(tiny_dir, tmp_pat
     from unison.config import TrainConfig, load_config
     from unison.trainer import train
 
-    base = {"model.path": str(tiny_dir), "run.out": str(tmp_path / "r"), "run.eval_every": 0, "run.eval_prompts": 4,
-            "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2, "rollout.group_size": 4,
-            "rollout.max_new_tokens": 8, "optim.train_batch_size": 4, "data.max_prompts": 8}  # fmt: skip
+    base = {
+        "model.path": str(tiny_dir),
+        "run.out": str(tmp_path / "r"),
+        "run.eval_every": 0,
+        "run.eval_prompts": 4,
+        "run.progress": False,
+        "run.loggers": ["jsonl"],
+        "rollout.prompts_per_step": 2,
+        "rollout.group_size": 4,
+        "rollout.max_new_tokens": 8,
+        "optim.train_batch_size": 4,
+        "data.max_prompts": 8,
+    }
     train(load_config(TrainConfig, None, {**base, "run.steps": 1}), quiet=True)
     saved = (tmp_path / "r" / "config.yaml").read_text()
-    changed = load_config(TrainConfig, None, {**base, "run.steps": 2, "precision.rollout": "bf16",
-                                              "precision.train": "bf16"})  # fmt: skip
+    changed = load_config(
+        TrainConfig, None, {**base, "run.steps": 2, "precision.rollout": "bf16", "precision.train": "bf16"}
+    )
     from unison.errors import UserError
 
     with pytest.raises(UserError, match="would change precision.rollout from 'fp16' to 'bf16'.*--allow-changes"):
@@ -116,8 +174,10 @@ def test_resume_after_precision_change_uses_a_fresh_loss_scale(tiny_dir, tmp_pat
     assert row["step"] == 2 and row["precision/loss_scale"] == 1.0
     assert (run / "config.yaml").read_text() == saved  # the run's config as it was started
     logged = json.loads((run / "resumes.jsonl").read_text())
-    assert logged == {"step": 1,
-                      "changes": {"precision.rollout": ["fp16", "bf16"], "precision.train": ["fp16", "bf16"]}}
+    assert logged == {
+        "step": 1,
+        "changes": {"precision.rollout": ["fp16", "bf16"], "precision.train": ["fp16", "bf16"]},
+    }
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -223,9 +283,14 @@ def test_fp16_overflow_stops_naming_the_layer(engine):
     else:
         learner = Learner(model, PrecisionPolicy(torch.float16, torch.float16))
         guard = OverflowGuard.attach(learner.model, "stop", "learner (full-sequence forward)")
-        ro = Rollouts(prompts, torch.ones(3, 2, dtype=torch.long) * 7, torch.zeros(3, 2),
-                      torch.ones(3, 2, dtype=torch.bool), torch.full((3,), 2),
-                      torch.ones(3, dtype=torch.bool))  # fmt: skip
+        ro = Rollouts(
+            prompts,
+            torch.ones(3, 2, dtype=torch.long) * 7,
+            torch.zeros(3, 2),
+            torch.ones(3, 2, dtype=torch.bool),
+            torch.full((3,), 2),
+            torch.ones(3, dtype=torch.bool),
+        )
         with pytest.raises(ActivationOverflowError, match=r"learner .* layer 2 \(MLP block.*bf16 or fp32"):
             learner.recompute(ro)
     assert guard is not None
@@ -253,8 +318,14 @@ def test_fp16_overflow_in_the_learners_shared_prompt_pass_is_named():
 
     learner.model.model.embed_tokens.register_forward_pre_hook(heal)
     rows = [p for p in _prompts(2, 40) for _ in range(4)]
-    ro = Rollouts(rows, torch.full((8, 3), 7), torch.zeros(8, 3), torch.ones(8, 3, dtype=torch.bool),
-                  torch.full((8,), 3), torch.ones(8, dtype=torch.bool))  # fmt: skip
+    ro = Rollouts(
+        rows,
+        torch.full((8, 3), 7),
+        torch.zeros(8, 3),
+        torch.ones(8, 3, dtype=torch.bool),
+        torch.full((8,), 3),
+        torch.ones(8, dtype=torch.bool),
+    )
     batch = learner.batch(ro)
     assert batch.shared is not None and guard is not None
     with pytest.raises(ActivationOverflowError, match=r"learner .* layer 2 \(MLP block"):
@@ -306,9 +377,25 @@ def overflowing_dir(tmp_path_factory):
 def test_probe_activations_reports_each_layer(overflowing_dir, tmp_path, capsys):
     from unison.cli import main
 
-    code = main(["probe", "--model", str(overflowing_dir), "--precisions", "fp32", "--activations",
-                 "--num-prompts", "2", "--samples", "1", "--max-new-tokens", "8", "--out", str(tmp_path),
-                 "run.progress=false"])  # fmt: skip
+    code = main(
+        [
+            "probe",
+            "--model",
+            str(overflowing_dir),
+            "--precisions",
+            "fp32",
+            "--activations",
+            "--num-prompts",
+            "2",
+            "--samples",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(tmp_path),
+            "run.progress=false",
+        ]
+    )
     assert code == 0
     rows = json.loads((tmp_path / "probe.json").read_text())["activations"]
     assert [r["fp16_safe"] for r in rows] == [True, True, False, True]
@@ -317,10 +404,27 @@ def test_probe_activations_reports_each_layer(overflowing_dir, tmp_path, capsys)
 
 
 def _train_argv(model_dir, out, *extra):
-    return ["train", "--model", str(model_dir), "--out", str(out), "--precision", "fp16", "--steps", "1",
-            "run.eval_every=0", "run.eval_prompts=4", "run.progress=false", "run.loggers=[jsonl]",
-            "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
-            "optim.train_batch_size=4", "data.max_prompts=8", *extra]  # fmt: skip
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--precision",
+        "fp16",
+        "--steps",
+        "1",
+        "run.eval_every=0",
+        "run.eval_prompts=4",
+        "run.progress=false",
+        "run.loggers=[jsonl]",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=8",
+        "optim.train_batch_size=4",
+        "data.max_prompts=8",
+        *extra,
+    ]
 
 
 def test_train_stops_on_activation_overflow_exit_1(overflowing_dir, tmp_path, capsys):

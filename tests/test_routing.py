@@ -53,9 +53,11 @@ def test_engine_and_learner_route_alike_in_fp32(arch, tmp_path):
     engine = NativeEngine(load_model(d, device="cpu", dtype=f32), f32, "cpu", seed=0)
     assert engine.decode_path() == ("fast", "")
     # identical prompts (one prefill for each), and rows that stop early (dropped from the batch)
-    ro = engine.generate([tok("hello world")["input_ids"], tok("a b")["input_ids"]] * 4,
-                         SamplingParams(max_new_tokens=12, stop_token_ids=tuple(range(60, 140))),
-                         keep_routing=True)  # fmt: skip
+    ro = engine.generate(
+        [tok("hello world")["input_ids"], tok("a b")["input_ids"]] * 4,
+        SamplingParams(max_new_tokens=12, stop_token_ids=tuple(range(60, 140))),
+        keep_routing=True,
+    )
     assert (ro.lengths < ro.lengths.max()).sum() >= 2
     logits, idx = ro.routing
     layers = engine.model.config.num_hidden_layers
@@ -99,10 +101,27 @@ def test_two_steps_of_each_moe_architecture(precision, replay, tmp_path):
     for arch in MOE:
         d = save_tiny(arch, tmp_path / arch)
         out = tmp_path / f"run-{arch}"
-        code = main(["train", "--model", str(d), "--precision", precision, "--steps", "2", "--out", str(out),
-                     "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
-                     "optim.train_batch_size=4", "run.eval_prompts=2", "run.progress=false", "data.max_prompts=4",
-                     f"moe.routing_replay={str(replay).lower()}"])  # fmt: skip
+        code = main(
+            [
+                "train",
+                "--model",
+                str(d),
+                "--precision",
+                precision,
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "rollout.prompts_per_step=2",
+                "rollout.group_size=2",
+                "rollout.max_new_tokens=8",
+                "optim.train_batch_size=4",
+                "run.eval_prompts=2",
+                "run.progress=false",
+                "data.max_prompts=4",
+                f"moe.routing_replay={str(replay).lower()}",
+            ]
+        )
         assert code == 0, arch
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(0 <= r["routing/routing_flip_frac"] <= 1 for r in rows)
@@ -128,8 +147,12 @@ def test_replay_makes_the_learner_route_as_the_engine_did(arch, tmp_path):
     assert [len(r) for r in ro.replay] == [len(p) + int(n) for p, n in zip(ro.prompt_ids, ro.lengths)]
     got = {}
     for replay in (False, True):
-        learner = Learner(load_model(d, device="cpu", dtype=torch.float32), PrecisionPolicy(bf16, bf16),
-                          model_cfg=ModelConfig(matmul="native"), moe=MoeConfig(routing_replay=replay))
+        learner = Learner(
+            load_model(d, device="cpu", dtype=torch.float32),
+            PrecisionPolicy(bf16, bf16),
+            model_cfg=ModelConfig(matmul="native"),
+            moe=MoeConfig(routing_replay=replay),
+        )
         m = routing_metrics(*ro.routing, *learner.routing(ro), ro.mask)
         got[replay] = (m["routing_flip_frac"], mismatch_metrics(learner.recompute(ro), ro.logprobs, ro.mask)["k3"])
         if replay:  # the learner's chosen experts are the engine's, to the last token fed

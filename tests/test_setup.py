@@ -39,12 +39,19 @@ def test_stop_string_end_and_cut_by_hand():
     assert stop_string_end(ids, decode, ("</s>",)) == 6  # the token that completes it is kept
     assert stop_string_end(ids, decode, ("zz",)) is None
     assert stop_string_end(ids, decode, ("cd", "b<")) == 3  # the first occurrence of any
-    ro = Rollouts([[1], [1]], torch.tensor([ids, [ord(c) for c in "xxxxxxxx"]]), torch.full((2, 8), -0.5),
-                  torch.ones(2, 8, dtype=torch.bool), torch.tensor([8, 8]), torch.tensor([False, False]))  # fmt: skip
+    ro = Rollouts(
+        [[1], [1]],
+        torch.tensor([ids, [ord(c) for c in "xxxxxxxx"]]),
+        torch.full((2, 8), -0.5),
+        torch.ones(2, 8, dtype=torch.bool),
+        torch.tensor([8, 8]),
+        torch.tensor([False, False]),
+    )
     cut = cut_at_stop_strings(ro, lambda prompt, part: decode(part), ("</s>",), pad_token_id=0)
     assert cut.lengths.tolist() == [6, 8] and cut.finished.tolist() == [True, False]
-    assert (cut.mask.sum(1).tolist() == [6, 8] and cut.logprobs[0, 6:].eq(0).all()
-            and cut.response_ids[0, 6:].eq(0).all())
+    assert (
+        cut.mask.sum(1).tolist() == [6, 8] and cut.logprobs[0, 6:].eq(0).all() and cut.response_ids[0, 6:].eq(0).all()
+    )
 
 
 def test_response_text_keeps_the_leading_space_a_tokenizer_drops_on_its_own():
@@ -107,10 +114,13 @@ def test_attention_implementation(tmp_path):
 
     d = save_tiny("gemma2", tmp_path / "gemma2")
     assert _setup(d).attn_implementation == "eager"  # Gemma2: sdpa has no attention softcapping
-    assert build(ModelConfig(path=str(d), attn_implementation="eager"), DataConfig(),
-                 RolloutConfig()).attn_implementation == "eager"
-    with pytest.raises(UserError,
-                       match="cannot run model.attn_implementation=sdpa: SDPA does not apply its attention soft"):
+    assert (
+        build(ModelConfig(path=str(d), attn_implementation="eager"), DataConfig(), RolloutConfig()).attn_implementation
+        == "eager"
+    )
+    with pytest.raises(
+        UserError, match="cannot run model.attn_implementation=sdpa: SDPA does not apply its attention soft"
+    ):
         build(ModelConfig(path=str(d), attn_implementation="sdpa"), DataConfig(), RolloutConfig())
     assert _setup(save_tiny("qwen2", tmp_path / "qwen2")).attn_implementation == "sdpa"
 
@@ -120,14 +130,31 @@ def test_the_first_line_says_which_decode_path_the_engine_runs(tmp_path, capsys)
     from unison.config import TrainConfig, load_config
     from unison.trainer import train
 
-    for name, path in (("qwen2", "fast path"), ("mistral-window", "fast path"),
-                       ("gpt2", "fallback to the model's own forward (gpt2 is not a fast-path family")):  # fmt: skip
+    for name, path in (
+        ("qwen2", "fast path"),
+        ("mistral-window", "fast path"),
+        ("gpt2", "fallback to the model's own forward (gpt2 is not a fast-path family"),
+    ):
         d = save_tiny(name, tmp_path / name)
-        cfg = load_config(TrainConfig, None, {
-            "model.path": str(d), "run.out": str(tmp_path / f"run-{name}"), "run.steps": 1, "run.eval_every": 0,
-            "run.eval_prompts": 2, "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2,
-            "rollout.group_size": 2, "rollout.max_new_tokens": 4, "optim.train_batch_size": 4,
-            "precision.rollout": "fp32", "precision.train": "fp32"})  # fmt: skip
+        cfg = load_config(
+            TrainConfig,
+            None,
+            {
+                "model.path": str(d),
+                "run.out": str(tmp_path / f"run-{name}"),
+                "run.steps": 1,
+                "run.eval_every": 0,
+                "run.eval_prompts": 2,
+                "run.progress": False,
+                "run.loggers": ["jsonl"],
+                "rollout.prompts_per_step": 2,
+                "rollout.group_size": 2,
+                "rollout.max_new_tokens": 4,
+                "optim.train_batch_size": 4,
+                "precision.rollout": "fp32",
+                "precision.train": "fp32",
+            },
+        )
         train(cfg)
         first = capsys.readouterr().out.splitlines()[0]
         assert first.startswith("unison train: ") and path in first and "float32" in first, first
@@ -138,11 +165,24 @@ def _run(tmp_path, model_dir, **extra):
     from unison.config import TrainConfig, load_config
     from unison.trainer import train
 
-    overrides = {"model.path": str(model_dir), "run.out": str(tmp_path / "run"), "run.steps": 2, "run.eval_every": 0,
-                 "run.eval_prompts": 2, "run.save_every": 1, "run.progress": False, "run.loggers": ["jsonl"],
-                 "rollout.prompts_per_step": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 12,
-                 "optim.train_batch_size": 8, "optim.lr": 1e-3, "precision.rollout": "fp16", "precision.train": "fp16",
-                 **extra}  # fmt: skip
+    overrides = {
+        "model.path": str(model_dir),
+        "run.out": str(tmp_path / "run"),
+        "run.steps": 2,
+        "run.eval_every": 0,
+        "run.eval_prompts": 2,
+        "run.save_every": 1,
+        "run.progress": False,
+        "run.loggers": ["jsonl"],
+        "rollout.prompts_per_step": 2,
+        "rollout.group_size": 4,
+        "rollout.max_new_tokens": 12,
+        "optim.train_batch_size": 8,
+        "optim.lr": 1e-3,
+        "precision.rollout": "fp16",
+        "precision.train": "fp16",
+        **extra,
+    }
     return load_config(TrainConfig, None, overrides), train
 
 
@@ -207,8 +247,7 @@ def test_overrides_stand_anywhere_among_the_flags():
     from unison.cli import _overrides, parse
 
     args = parse(["train", "rollout.group_size=4", "--steps", "1", "optim.lr=0.5", "--seed", "3"])
-    assert dict(_overrides(args, "train")) == {"run.steps": 1, "run.seed": 3, "rollout.group_size": 4,
-                                               "optim.lr": 0.5}  # fmt: skip
+    assert dict(_overrides(args, "train")) == {"run.steps": 1, "run.seed": 3, "rollout.group_size": 4, "optim.lr": 0.5}
     with pytest.raises(UserError, match="'stray' is not key=value"):
         _overrides(parse(["train", "--steps", "1", "stray"]), "train")
     with pytest.raises(SystemExit):
@@ -237,7 +276,9 @@ def test_precision_names_are_case_insensitive():
     cfg = load_config(TrainConfig, None, ["precision.rollout=BF16", "precision.train=FP16"])
     assert (cfg.precision.rollout, cfg.precision.train) == ("bf16", "fp16")
     assert load_config(ProbeConfig, None, ["probe.precisions=[FP32, BF16/FP16]"]).settings_names() == [
-        ("fp32", "fp32"), ("bf16", "fp16")]
+        ("fp32", "fp32"),
+        ("bf16", "fp16"),
+    ]
 
 
 def test_valid_choices_come_from_the_tables_that_define_them():

@@ -227,8 +227,11 @@ def test_file_task_parquet_keys_and_test_path(tmp_path):
     pq.write_table(table, tmp_path / "train.parquet")
     write_jsonl(tmp_path / "test.jsonl", [{"question": "9-1?", "solution": "8"}])
     task = load_task(
-        str(tmp_path / "train.parquet"), prompt_key="question", answer_key="solution",
-        test_path=tmp_path / "test.jsonl", reward="exact",
+        str(tmp_path / "train.parquet"),
+        prompt_key="question",
+        answer_key="solution",
+        test_path=tmp_path / "test.jsonl",
+        reward="exact",
     )
     assert {e.prompt for e in task.examples("train")} == {"1+1?", "2+3?"}
     (test,) = task.examples("test")
@@ -275,16 +278,25 @@ def _bad(tmp_path, name, content):
     [
         ("empty.jsonl", "\n\n", "has no rows"),
         ("bad.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "b",\n', "line 2 is not valid JSON"),
-        ("latin.jsonl", b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "1"}\n',
-         "line 2 is not UTF-8"),
-        ("cols.jsonl", '{"question": "a", "answer": "1"}\n',
-         "no column 'prompt' (columns: question, answer); set data.prompt_key"),
+        (
+            "latin.jsonl",
+            b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "1"}\n',
+            "line 2 is not UTF-8",
+        ),
+        (
+            "cols.jsonl",
+            '{"question": "a", "answer": "1"}\n',
+            "no column 'prompt' (columns: question, answer); set data.prompt_key",
+        ),
         ("noans.jsonl", '{"prompt": "a"}\n', "line 1 has no answer column 'answer'"),
-        ("emptyans.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": " "}\n',
-         "line 2 has an empty answer"),
+        (
+            "emptyans.jsonl",
+            '{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": " "}\n',
+            "line 2 has an empty answer",
+        ),
         ("num.jsonl", '{"prompt": 5, "answer": "1"}\n', "prompt in 'prompt' is a int"),
         ("msgs.jsonl", '{"prompt": [{"role": "user"}], "answer": "1"}\n', "message 0"),
-        ("list.jsonl", '[1, 2]\n', "not an object"),
+        ("list.jsonl", "[1, 2]\n", "not an object"),
         ("data.csv", "prompt,answer\n", "extension '.csv'"),
         ("junk.parquet", "not parquet", "not a readable Parquet file"),
     ],

@@ -12,11 +12,22 @@ from unison.trainer import train
 
 def tiny_cfg(model_dir, out, **extra):
     overrides = {
-        "model.path": str(model_dir), "run.out": str(out), "run.steps": 2, "run.eval_every": 0, "run.eval_prompts": 4,
-        "run.save_every": 0, "run.progress": False, "run.loggers": ["jsonl"], "rollout.prompts_per_step": 2,
-        "rollout.group_size": 4, "rollout.max_new_tokens": 24, "optim.train_batch_size": 4, "optim.micro_batch_size": 3,
-        "optim.lr": 1e-3, "data.max_prompts": 8,
-    }  # fmt: skip
+        "model.path": str(model_dir),
+        "run.out": str(out),
+        "run.steps": 2,
+        "run.eval_every": 0,
+        "run.eval_prompts": 4,
+        "run.save_every": 0,
+        "run.progress": False,
+        "run.loggers": ["jsonl"],
+        "rollout.prompts_per_step": 2,
+        "rollout.group_size": 4,
+        "rollout.max_new_tokens": 24,
+        "optim.train_batch_size": 4,
+        "optim.micro_batch_size": 3,
+        "optim.lr": 1e-3,
+        "data.max_prompts": 8,
+    }
     overrides.update(extra)
     return load_config(TrainConfig, None, overrides)
 
@@ -33,17 +44,27 @@ def test_every_preset_every_precision_runs(tiny_dir, tmp_path, preset, precision
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(f'{{"prompt": "{i}-3:", "answer": "0"}}\n' for i in range(10, 30)))
     reward = f"{Path(__file__).parent / 'reward_fixture.py'}:even_length"  # varies, so advantages are non-zero
-    cfg = tiny_cfg(tiny_dir, tmp_path / "run", **{"algorithm.preset": preset, "precision.rollout": precision,
-                                                    "precision.train": precision, "data.source": str(prompts),
-                                                    "data.reward": reward, "data.template": "plain"})  # fmt: skip
+    cfg = tiny_cfg(
+        tiny_dir,
+        tmp_path / "run",
+        **{
+            "algorithm.preset": preset,
+            "precision.rollout": precision,
+            "precision.train": precision,
+            "data.source": str(prompts),
+            "data.reward": reward,
+            "data.template": "plain",
+        },
+    )
     run = train(cfg, quiet=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
         for key, value in row.items():
             assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
-    before = {n: t for n, t in
-              __import__("unison.models", fromlist=["load_model"]).load_model(tiny_dir).named_parameters()}
+    before = {
+        n: t for n, t in __import__("unison.models", fromlist=["load_model"]).load_model(tiny_dir).named_parameters()
+    }
     after = params_of(run)
     assert max(row["rollout/advantage_abs_mean"] for row in rows) > 0  # a step of 8 samples may draw one reward
     changed = sum(not torch.equal(before[n].float(), after[n]) for n in after)
@@ -52,8 +73,11 @@ def test_every_preset_every_precision_runs(tiny_dir, tmp_path, preset, precision
 
 
 def test_parameters_change_when_rewards_vary(builtin_dir, tmp_path):
-    cfg = tiny_cfg(builtin_dir, tmp_path / "run", **{"rollout.max_new_tokens": 160, "rollout.prompts_per_step": 4,
-                                                      "optim.train_batch_size": 16, "run.steps": 1})  # fmt: skip
+    cfg = tiny_cfg(
+        builtin_dir,
+        tmp_path / "run",
+        **{"rollout.max_new_tokens": 160, "rollout.prompts_per_step": 4, "optim.train_batch_size": 16, "run.steps": 1},
+    )
     run = train(cfg, quiet=True)
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["rollout/advantage_abs_mean"] > 0
@@ -65,8 +89,13 @@ def test_parameters_change_when_rewards_vary(builtin_dir, tmp_path):
 
 
 def test_same_seed_same_run_bit_for_bit(tiny_dir, tmp_path):
-    runs = [train(tiny_cfg(tiny_dir, tmp_path / f"r{i}", **{"precision.rollout": "fp16", "precision.train": "fp16"}),
-                  quiet=True) for i in range(2)]  # fmt: skip
+    runs = [
+        train(
+            tiny_cfg(tiny_dir, tmp_path / f"r{i}", **{"precision.rollout": "fp16", "precision.train": "fp16"}),
+            quiet=True,
+        )
+        for i in range(2)
+    ]
     a, b = (params_of(r) for r in runs)
     assert all(torch.equal(a[n], b[n]) for n in a)
     ma = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
@@ -158,9 +187,14 @@ def test_learner_micro_batches_count_prompt_tokens_within_the_device_budget(buil
     assert Learner.from_pretrained(builtin_dir, policy).batcher.token_budget == 2**18 // 128  # hidden 128
     learner = Learner.from_pretrained(builtin_dir, policy, optim=OptimConfig(micro_batch_tokens=100))
     n = torch.tensor([10, 40, 20, 30])  # with prompts of 30, 0, 20, 10 tokens: 40 each
-    r = Rollouts(prompt_ids=[[5] * 30, [], [5] * 20, [5] * 10], response_ids=torch.zeros(4, 40, dtype=torch.long),
-                 logprobs=torch.zeros(4, 40), mask=torch.arange(40)[None] < n[:, None], lengths=n,
-                 finished=torch.ones(4, dtype=torch.bool))  # fmt: skip
+    r = Rollouts(
+        prompt_ids=[[5] * 30, [], [5] * 20, [5] * 10],
+        response_ids=torch.zeros(4, 40, dtype=torch.long),
+        logprobs=torch.zeros(4, 40),
+        mask=torch.arange(40)[None] < n[:, None],
+        lengths=n,
+        finished=torch.ones(4, dtype=torch.bool),
+    )
     assert [b.tolist() for b in learner.batcher.plan(r, 64)] == [[0, 1], [2, 3]]  # 2 x 40 <= 100 < 3 x 40
     assert [b.tolist() for b in learner.batcher.plan(r, 64, rows=torch.tensor([3, 1]))] == [[0, 1]]
 
@@ -170,12 +204,20 @@ def test_one_update_per_batch_takes_pi_old_from_its_own_forward(builtin_dir, tmp
     import unison.step as step
 
     extra = {"rollout.max_new_tokens": 96, "optim.train_batch_size": 8, "optim.micro_batch_size": 8, "run.steps": 2}
-    fast = [json.loads(x) for x in (train(tiny_cfg(builtin_dir, tmp_path / "a", **extra), quiet=True)
-                                     / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    fast = [
+        json.loads(x)
+        for x in (train(tiny_cfg(builtin_dir, tmp_path / "a", **extra), quiet=True) / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     assert "perf/recompute_tokens_per_s" not in fast[0]
     monkeypatch.setattr(step, "needs_recompute", lambda optim, batch: True)
-    slow = [json.loads(x) for x in (train(tiny_cfg(builtin_dir, tmp_path / "b", **extra), quiet=True)
-                                     / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    slow = [
+        json.loads(x)
+        for x in (train(tiny_cfg(builtin_dir, tmp_path / "b", **extra), quiet=True) / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     assert "perf/recompute_tokens_per_s" in slow[0]
     for a, b in zip(fast, slow):
         for key in ("mismatch/k3", "mismatch/abs_log_ratio_mean", "policy/loss", "rollout/entropy", "rollout/accuracy"):
@@ -194,8 +236,14 @@ def _group_rollouts(prompt_lengths, group, T, lengths=None, seed=0):
         lengths[0], lengths[1] = T, 1
     lengths = torch.as_tensor(lengths)
     mask = torch.arange(T)[None] < lengths[:, None]
-    return Rollouts(prompt_ids=rows, response_ids=torch.randint(5, 261, (B, T), generator=g).masked_fill(~mask, 0),
-                    logprobs=torch.zeros(B, T), mask=mask, lengths=lengths, finished=torch.ones(B, dtype=torch.bool))
+    return Rollouts(
+        prompt_ids=rows,
+        response_ids=torch.randint(5, 261, (B, T), generator=g).masked_fill(~mask, 0),
+        logprobs=torch.zeros(B, T),
+        mask=mask,
+        lengths=lengths,
+        finished=torch.ones(B, dtype=torch.bool),
+    )
 
 
 def test_shared_prompts_give_the_one_forward_logprobs_and_gradients(tiny_dir):
@@ -270,13 +318,23 @@ def test_shared_prompts_train_like_one_forward_per_row(tiny_dir, tmp_path, monke
     rows = [{"prompt": f"{shots}{a}-{b}:", "answer": str(a % b)} for a, b in zip(starts, steps)]
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    extra = {"data.source": str(data), "data.reward": "countdown", "data.template": "plain", "run.save_every": 2,
-             "optim.share_prompts": True, "precision.rollout": "fp32", "precision.train": "fp32"}
+    extra = {
+        "data.source": str(data),
+        "data.reward": "countdown",
+        "data.template": "plain",
+        "run.save_every": 2,
+        "optim.share_prompts": True,
+        "precision.rollout": "fp32",
+        "precision.train": "fp32",
+    }
 
     passes = []
     shared_logits = PolicyForward.shared_prompt_logits
-    monkeypatch.setattr(PolicyForward, "shared_prompt_logits",
-                        lambda self, batch: passes.append(len(batch.shared.ids)) or shared_logits(self, batch))
+    monkeypatch.setattr(
+        PolicyForward,
+        "shared_prompt_logits",
+        lambda self, batch: passes.append(len(batch.shared.ids)) or shared_logits(self, batch),
+    )
     runs = {}
     for share in (True, False):
         passes.clear()

@@ -45,8 +45,9 @@ def engines(dirs):
 
     def get(dtype):
         if dtype not in started:
-            started[dtype] = make_engine("vllm", dirs[0], dtype=dtype, device="cpu", seed=0,
-                                         kv_cache_memory_bytes=KV_BYTES)
+            started[dtype] = make_engine(
+                "vllm", dirs[0], dtype=dtype, device="cpu", seed=0, kv_cache_memory_bytes=KV_BYTES
+            )
         return started[dtype]
 
     yield get
@@ -59,8 +60,9 @@ def learner(model_dir, dtype):
 
 
 def sample(engine, max_new_tokens=64, stop=(1,), temperature=1.0, **kw):
-    return engine.generate(PROMPTS, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                   stop_token_ids=stop, **kw))
+    return engine.generate(
+        PROMPTS, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stop, **kw)
+    )
 
 
 def test_fp32_logprobs_agree_with_the_learner(engines, dirs):
@@ -208,8 +210,9 @@ def test_vllm_engine_equals_the_models_own_forward(name, tmp_path):
     from unison.conformance import MAX_TOL, MEAN_TOL, default_prompts, measure
 
     d = save_tiny(name, tmp_path / name, **VLLM_SHAPE)
-    r = measure(d, default_prompts(), max_new_tokens=24, precisions=("bf16",), engine="vllm",
-                kv_cache_memory_bytes=KV_BYTES)  # fmt: skip
+    r = measure(
+        d, default_prompts(), max_new_tokens=24, precisions=("bf16",), engine="vllm", kv_cache_memory_bytes=KV_BYTES
+    )
     assert r.engine_vs_hf[0] <= MEAN_TOL and r.engine_vs_hf[1] <= MAX_TOL, (name, r.engine_vs_hf)
     assert r.learner_vs_hf[0] <= MEAN_TOL and r.learner_vs_hf[1] <= MAX_TOL, (name, r.learner_vs_hf)
     assert r.mismatch["fp32"] < r.mismatch["bf16"] < 1.0, r.mismatch
@@ -261,8 +264,12 @@ def test_lora_merged_weights_sync_verified(engines, dirs):
     from unison.models import load_model
 
     e = engines(torch.float16)
-    lora = Learner(load_model(dirs[0]), PrecisionPolicy(torch.float16, torch.float16), "cpu",
-                   lora=LoraConfig(enabled=True, rank=4, alpha=8.0))  # fmt: skip
+    lora = Learner(
+        load_model(dirs[0]),
+        PrecisionPolicy(torch.float16, torch.float16),
+        "cpu",
+        lora=LoraConfig(enabled=True, rank=4, alpha=8.0),
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in lora.weights.named_master():

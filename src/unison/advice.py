@@ -37,61 +37,104 @@ def advise(activations: list[dict], gradients: dict, mismatch: dict[str, dict]) 
     max_abs, where), `gradients` of `gradient_stats` (underflow_frac, max_abs, scale), `mismatch` by precision
     name (fp16, bf16) of probe metrics (abs_log_ratio_mean, exact_kl_mu_pi). -> {"recommendation", "settings",
     "reasons", "checks"}"""
-    checks, reasons = [], []
     near = [r for r in activations if r["max_abs"] > 0 and FP16_MAX / r["max_abs"] < HEADROOM_MIN]
+    under = gradients.get("underflow_frac", 0.0)
+    checks, ratio = _checks(activations, near, gradients, mismatch)
+    range_fails = (len(near) > MANY_LAYERS * max(len(activations), 1)) or under > UNDERFLOW_MAX
+    rec, settings, reasons = _recommend(activations, near, gradients, range_fails)
+    if ratio is not None and not range_fails:
+        reasons.append(
+            f"bf16's mismatch is {ratio:.3g}x fp16's" + (" (little difference at this length)" if ratio < 2 else "")
+        )
+    return {
+        "recommendation": rec,
+        "settings": settings,
+        "reasons": reasons,
+        "checks": checks,
+        "layers_near_limit": [r["layer"] for r in near],
+    }
+
+
+def _checks(activations: list[dict], near: list[dict], gradients: dict, mismatch: dict) -> tuple[list, float | None]:
+    """The measured checks behind a recommendation, and the bf16/fp16 mismatch ratio (None without both)."""
+    checks = []
     worst = max(activations, key=lambda r: r["max_abs"]) if activations else None
     if worst is not None:
         headroom = FP16_MAX / worst["max_abs"] if worst["max_abs"] else math.inf
-        checks.append({"check": "fp16 activation headroom", "measured": f"{headroom:.3g}x (layer {worst['layer']} "
-                       f"{worst['where']}, {worst['max_abs']:.4g})", "limit": f">= {HEADROOM_MIN:g}x",
-                       "ok": not near})  # fmt: skip
+        checks.append(
+            {
+                "check": "fp16 activation headroom",
+                "measured": f"{headroom:.3g}x (layer {worst['layer']} {worst['where']}, {worst['max_abs']:.4g})",
+                "limit": f">= {HEADROOM_MIN:g}x",
+                "ok": not near,
+            }
+        )
     scaled_max = gradients.get("max_abs", 0.0) * gradients.get("scale", 1.0)
     under = gradients.get("underflow_frac", 0.0)
     if gradients:
-        checks.append({"check": "fp16 gradients at the initial loss scale", "measured":
-                       f"{under:.2e} of values below 2^-24, largest scaled {scaled_max:.3g}",
-                       "limit": f"<= {UNDERFLOW_MAX:g} flushed", "ok": under <= UNDERFLOW_MAX})  # fmt: skip
+        checks.append(
+            {
+                "check": "fp16 gradients at the initial loss scale",
+                "measured": f"{under:.2e} of values below 2^-24, largest scaled {scaled_max:.3g}",
+                "limit": f"<= {UNDERFLOW_MAX:g} flushed",
+                "ok": under <= UNDERFLOW_MAX,
+            }
+        )
     ratio = None
     if "fp16" in mismatch and "bf16" in mismatch:
         key = "exact_kl_mu_pi" if "exact_kl_mu_pi" in mismatch["fp16"] else "abs_log_ratio_mean"
         a, b = mismatch["bf16"].get(key, math.nan), mismatch["fp16"].get(key, math.nan)
         ratio = a / b if b else math.inf
-        checks.append({"check": f"mismatch bf16 / fp16 ({key})", "measured": f"{ratio:.3g}x ({a:.3g} / {b:.3g})",
-                       "limit": "", "ok": True})  # fmt: skip
-    range_fails = (len(near) > MANY_LAYERS * max(len(activations), 1)) or under > UNDERFLOW_MAX
+        checks.append(
+            {
+                "check": f"mismatch bf16 / fp16 ({key})",
+                "measured": f"{ratio:.3g}x ({a:.3g} / {b:.3g})",
+                "limit": "",
+                "ok": True,
+            }
+        )
+    return checks, ratio
+
+
+def _recommend(activations: list[dict], near: list[dict], gradients: dict, range_fails: bool):
+    """-> (recommendation, settings, reasons)"""
+    under, reasons = gradients.get("underflow_frac", 0.0), []
     if range_fails:
-        rec = "bf16 + correction"
-        settings = {"precision.rollout": "bf16", "precision.train": "bf16", "algorithm.preset": "grpo-seq-mis",
-                    "precision.lm_head": "fp32"}  # fmt: skip
+        settings = {
+            "precision.rollout": "bf16",
+            "precision.train": "bf16",
+            "algorithm.preset": "grpo-seq-mis",
+            "precision.lm_head": "fp32",
+        }
         if len(near) > MANY_LAYERS * max(len(activations), 1):
             reasons.append(f"{len(near)} of {len(activations)} layers come within {HEADROOM_MIN:g}x of fp16's limit")
         if under > UNDERFLOW_MAX:
-            reasons.append(f"{under:.2e} of the gradient values flush to zero in fp16 even at the loss scale "
-                           f"{gradients.get('scale', 1.0):g}")  # fmt: skip
+            reasons.append(
+                f"{under:.2e} of the gradient values flush to zero in fp16 even at the loss scale "
+                f"{gradients.get('scale', 1.0):g}"
+            )
         reasons.append("bf16's range holds them; its larger mismatch needs the sequence-level correction")
-    elif near:
-        rec = "fp16 + fp32 layers"
+        return "bf16 + correction", settings, reasons
+    if near:
         names = ", ".join(f"layer {r['layer']} ({r['where']})" for r in near)
-        settings = {"precision.rollout": "fp16", "precision.train": "fp16",
-                    "precision.on_activation_overflow": "fp32_layers"}  # fmt: skip
         reasons.append(f"activations near fp16's limit in {names}: run those in fp32")
-    else:
-        rec = "fp16"
-        settings = {"precision.rollout": "fp16", "precision.train": "fp16"}
-        reasons.append("fp16's range holds every layer's activations and the scaled gradients")
-    if ratio is not None and not range_fails:
-        reasons.append(f"bf16's mismatch is {ratio:.3g}x fp16's" + (" (little difference at this length)"
-                                                                    if ratio < 2 else ""))  # fmt: skip
-    return {"recommendation": rec, "settings": settings, "reasons": reasons, "checks": checks,
-            "layers_near_limit": [r["layer"] for r in near]}  # fmt: skip
+        settings = {
+            "precision.rollout": "fp16",
+            "precision.train": "fp16",
+            "precision.on_activation_overflow": "fp32_layers",
+        }
+        return "fp16 + fp32 layers", settings, reasons
+    reasons.append("fp16's range holds every layer's activations and the scaled gradients")
+    return "fp16", {"precision.rollout": "fp16", "precision.train": "fp16"}, reasons
 
 
 def format_advice(advice: dict) -> str:
     lines = [f"{'check':42s}{'measured':60s}{'limit':>18s}  ok"]
     for c in advice["checks"]:
         lines.append(f"{c['check']:42s}{c['measured']:60s}{c['limit']:>18s}  {'yes' if c['ok'] else 'NO'}")
-    lines.append(f"recommendation: {advice['recommendation']}: "
-                 + " ".join(f"{k}={v}" for k, v in advice["settings"].items()))  # fmt: skip
+    lines.append(
+        f"recommendation: {advice['recommendation']}: " + " ".join(f"{k}={v}" for k, v in advice["settings"].items())
+    )
     lines += [f"  - {r}" for r in advice["reasons"]]
     return "\n".join(lines)
 

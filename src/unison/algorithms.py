@@ -37,8 +37,10 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if group_size < 2:
         raise UserError(f"group size {group_size} is too small; sample at least 2 responses per prompt")
     if rewards.numel() % group_size:
-        raise UserError(f"{rewards.numel()} rewards do not split into groups of {group_size}; "
-                        "give every prompt exactly group_size responses")  # fmt: skip
+        raise UserError(
+            f"{rewards.numel()} rewards do not split into groups of {group_size}; "
+            "give every prompt exactly group_size responses"
+        )
     return rewards.float().view(-1, group_size)  # [N/G, G], groups are contiguous
 
 
@@ -148,8 +150,9 @@ def seq_mis(logp_base: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor, 
     return _finish(w, mask, ~keep, torch.zeros_like(mask))
 
 
-def icepop(logp_base: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor, *, alpha: float = 0.5,
-           beta: float = 5.0):  # fmt: skip
+def icepop(
+    logp_base: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor, *, alpha: float = 0.5, beta: float = 5.0
+):
     """IcePop (Ling team 2025, paper "related corrections"): w_t = rho_t * 1{alpha <= rho_t <= beta}."""
     mask = mask.bool()
     log_a, log_b = _log_cap("alpha", alpha), _log_cap("beta", beta)
@@ -345,8 +348,10 @@ class Preset:
         if self.ratio_base not in RATIO_BASES:
             raise UserError(f"unknown ratio_base {self.ratio_base!r}; choose one of: {', '.join(RATIO_BASES)}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
-            raise UserError(f"clip range needs 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, "
-                            f"{self.clip_high}; e.g. clip_low 0.2, clip_high 0.28")  # fmt: skip
+            raise UserError(
+                f"clip range needs 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, "
+                f"{self.clip_high}; e.g. clip_low 0.2, clip_high 0.28"
+            )
         params = [p for p in inspect.signature(correct).parameters.values() if p.kind is p.KEYWORD_ONLY]
         unknown = sorted(set(self.correction_params) - {p.name for p in params})
         if unknown:
@@ -367,7 +372,7 @@ PRESETS = {
     "pg-seq-is": Preset("grpo", "pg", "seq_tis", "token_mean", correction_params={"cap": _INF}, ratio_base=_CUR),
     "pg-seq-mis": Preset("grpo", "pg", "seq_mis", "token_mean", correction_params={"cap": 3.0}, ratio_base=_CUR),
     "pg-token-is": Preset("grpo", "pg", "token_tis", "token_mean", correction_params={"cap": _INF}, ratio_base=_CUR),
-}  # fmt: skip
+}
 # pg-token-is: per-token ratios sg(pi_theta,t) / mu_t, untruncated (C = infinity) like PG-Seq-IS; the pg presets
 # aggregate by token mean, which the paper does not state.
 
@@ -387,8 +392,18 @@ class KLTerm:
     logp_ref: torch.Tensor
 
 
-def policy_loss(preset: Preset | str | Mapping, logp, logp_old, logp_mu, advantages, mask, max_len=None,
-                total_tokens=None, total_seqs=None, kl: KLTerm | None = None):  # fmt: skip
+def policy_loss(
+    preset: Preset | str | Mapping,
+    logp,
+    logp_old,
+    logp_mu,
+    advantages,
+    mask,
+    max_len=None,
+    total_tokens=None,
+    total_seqs=None,
+    kl: KLTerm | None = None,
+):
     """The one call site of every policy loss: correction -> objective -> aggregation (+ the KL term). Returns
     (loss, metrics).
 
@@ -412,9 +427,15 @@ def policy_loss(preset: Preset | str | Mapping, logp, logp_old, logp_mu, advanta
         logp_base = logp_old
     weights, metrics = CORRECTIONS[preset.correction](logp_base, logp_mu, mask, **preset.correction_params)
     per_token, obj_metrics = OBJECTIVES[preset.objective](
-        logp, logp_base if logp_old is None else logp_old, logp_mu, advantages, mask, weights,
-        clip_low=preset.clip_low, clip_high=preset.clip_high,
-    )  # fmt: skip
+        logp,
+        logp_base if logp_old is None else logp_old,
+        logp_mu,
+        advantages,
+        mask,
+        weights,
+        clip_low=preset.clip_low,
+        clip_high=preset.clip_high,
+    )
     aggregate = AGGREGATIONS[preset.aggregation]
     loss = aggregate(per_token, mask, max_len, total_tokens=total_tokens, total_seqs=total_seqs)
     metrics = metrics | obj_metrics

@@ -45,8 +45,9 @@ def run_in(module: torch.nn.Module, compute: torch.dtype, out: torch.dtype | Non
     the way in, and its floating outputs cast to `out` on the way out (None: left as computed)."""
 
     cast_module(module, compute)
-    module.register_forward_pre_hook(lambda m, args, kwargs: (_cast(args, compute), _cast(kwargs, compute)),
-                                     with_kwargs=True)  # fmt: skip
+    module.register_forward_pre_hook(
+        lambda m, args, kwargs: (_cast(args, compute), _cast(kwargs, compute)), with_kwargs=True
+    )
     if out is not None:
         module.register_forward_hook(lambda m, args, output: _cast(output, out))
 
@@ -54,8 +55,11 @@ def run_in(module: torch.nn.Module, compute: torch.dtype, out: torch.dtype | Non
 def _norms(layer: torch.nn.Module) -> list[torch.nn.Module]:
     """The norms of a decoder layer outside its attention and MLP blocks."""
     inner = {id(m) for block in (layer.self_attn, layer.mlp) for m in block.modules()}
-    return [m for m in layer.modules() if id(m) not in inner and m is not layer
-            and type(m).__name__.endswith(("RMSNorm", "LayerNorm"))]  # fmt: skip
+    return [
+        m
+        for m in layer.modules()
+        if id(m) not in inner and m is not layer and type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+    ]
 
 
 def check_supported(model) -> None:
@@ -63,11 +67,11 @@ def check_supported(model) -> None:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or not all(hasattr(la, "self_attn") and hasattr(la, "mlp") for la in layers):
-        raise UserError(f"--attribute needs decoder layers with self_attn and mlp blocks; {type(model).__name__} "
-                        "has none")  # fmt: skip
+        raise UserError(
+            f"--attribute needs decoder layers with self_attn and mlp blocks; {type(model).__name__} has none"
+        )
     if getattr(inner, "norm", None) is None or getattr(inner, "embed_tokens", None) is None:
-        raise UserError(f"--attribute needs the model's embed_tokens and final norm; {type(model).__name__} "
-                        "lacks one")  # fmt: skip
+        raise UserError(f"--attribute needs the model's embed_tokens and final norm; {type(model).__name__} lacks one")
 
 
 def upcast(model: torch.nn.Module, dtype: torch.dtype, components) -> None:

@@ -70,10 +70,12 @@ SHARE_MIN_PROMPT = 32
 def prefer_shared(groups: torch.Tensor, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor) -> bool:
     """Whether a micro-batch runs each distinct prompt once (`SharedPrompts`): some rows share a prompt, the prompts
     average SHARE_MIN_PROMPT tokens, and that layout costs at most SHARE_GAIN of the tokens of one forward."""
-    return (len(torch.unique(groups)) < len(groups)
-            and int(prompt_lengths.sum()) >= SHARE_MIN_PROMPT * len(groups)
-            and shared_cost(groups, prompt_lengths, response_lengths)
-            <= SHARE_GAIN * plain_cost(prompt_lengths, response_lengths))  # fmt: skip
+    return (
+        len(torch.unique(groups)) < len(groups)
+        and int(prompt_lengths.sum()) >= SHARE_MIN_PROMPT * len(groups)
+        and shared_cost(groups, prompt_lengths, response_lengths)
+        <= SHARE_GAIN * plain_cost(prompt_lengths, response_lengths)
+    )
 
 
 # Hidden activation values per forward/backward on a CPU (padded tokens x hidden size): the learner step per token is
@@ -90,7 +92,6 @@ def split_to(buckets: list[torch.Tensor], count: int) -> list[torch.Tensor]:
         half = len(buckets[i]) // 2
         buckets[i : i + 1] = [buckets[i][:half], buckets[i][half:]]
     return buckets
-
 
 
 @dataclass
@@ -151,12 +152,14 @@ class SequenceBatch:
             for i, r in enumerate(rollouts.replay):
                 plan[i, : len(r)] = r
             replay = [plan[:, :, layer].reshape(-1, plan.shape[-1]).to(device) for layer in range(plan.shape[2])]
-        return cls(ids.to(device), gather.to(device), rollouts.response_ids.to(device), rollouts.mask.to(device),
-                   replay=replay)  # fmt: skip
+        return cls(
+            ids.to(device), gather.to(device), rollouts.response_ids.to(device), rollouts.mask.to(device), replay=replay
+        )
 
     @classmethod
-    def shared_layout(cls, rollouts: Rollouts, prompts: list[tuple], groups: torch.Tensor, pad_token_id: int,
-                      device) -> SequenceBatch:
+    def shared_layout(
+        cls, rollouts: Rollouts, prompts: list[tuple], groups: torch.Tensor, pad_token_id: int, device
+    ) -> SequenceBatch:
         P = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), P), dtype=torch.long)
@@ -165,9 +168,13 @@ class SequenceBatch:
             mask[u, P - len(p) :] = 1
         lengths = torch.tensor([len(p) for p in rollouts.prompt_ids])
         shared = SharedPrompts(ids.to(device), mask.to(device), groups.to(device), lengths.to(device))
-        return cls(rollouts.response_ids[:, :-1].to(device), None, rollouts.response_ids.to(device),
-                   rollouts.mask.to(device), shared)
-
+        return cls(
+            rollouts.response_ids[:, :-1].to(device),
+            None,
+            rollouts.response_ids.to(device),
+            rollouts.mask.to(device),
+            shared,
+        )
 
 
 @dataclass
@@ -188,7 +195,6 @@ class MicroBatch:
     entropy: torch.Tensor | None = None
 
 
-
 @dataclass
 class MicroBatcher:
     """Which rows of a rollout batch go into each forward/backward.
@@ -206,8 +212,15 @@ class MicroBatcher:
     world: World = SINGLE
 
     @classmethod
-    def for_model(cls, config, device: torch.device, micro_batch_tokens: int = 0, share_prompts: bool = True,
-                  world: World = SINGLE, unshareable: bool = False) -> MicroBatcher:
+    def for_model(
+        cls,
+        config,
+        device: torch.device,
+        micro_batch_tokens: int = 0,
+        share_prompts: bool = True,
+        world: World = SINGLE,
+        unshareable: bool = False,
+    ) -> MicroBatcher:
         """The batcher of a learner on a model of `config` on `device`: on a CPU (one rank) the automatic budget
         CPU_MICRO_BATCH_VALUES / hidden size unless `micro_batch_tokens` sets one, no limit elsewhere nor with several
         ranks (each micro-batch there gathers every weight from the ranks twice, which a cache-sized one does not
@@ -215,8 +228,9 @@ class MicroBatcher:
         the same forwards, whose all-gathers pair up), and not where `unshareable` (gradient checkpointing, whose
         recomputed prompt pass would append its keys and values again; routing replay)."""
         hidden = getattr(config, "hidden_size", 0) or 0
-        auto = (max(CPU_MICRO_BATCH_VALUES // hidden, 1) if device.type == "cpu" and hidden
-                and not world.distributed else 0)
+        auto = (
+            max(CPU_MICRO_BATCH_VALUES // hidden, 1) if device.type == "cpu" and hidden and not world.distributed else 0
+        )
         share = bool(share_prompts and shares_prompts(config) and not unshareable and not world.distributed)
         return cls(micro_batch_tokens or auto, bool(auto and not micro_batch_tokens), share, world)
 

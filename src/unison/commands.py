@@ -33,10 +33,12 @@ from unison.setup import Setup, build
 
 @dataclass
 class EvalSection:
-    split: str = doc("test", "split of the built-in task (a prompt file is one split: its rows)",
-                     choices=("test", "train"))
-    k: list = doc([], "the k of each pass@k, estimated without bias from the n = rollout.group_size samples per "
-                      "prompt (empty: n)")
+    split: str = doc(
+        "test", "split of the built-in task (a prompt file is one split: its rows)", choices=("test", "train")
+    )
+    k: list = doc(
+        [], "the k of each pass@k, estimated without bias from the n = rollout.group_size samples per prompt (empty: n)"
+    )
 
 
 @dataclass
@@ -54,10 +56,17 @@ class EvalConfig:
     def validate(self):
         validate_sections(self)
         n = self.rollout.group_size
-        check(all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.eval.k), "eval.k",
-              "must be a list of positive integers, e.g. --k 1,4,8")  # fmt: skip
-        check(max(self.eval.k, default=1) <= n, "eval.k", f"pass@{max(self.eval.k, default=1)} needs at least that "
-              f"many samples per prompt, but n = rollout.group_size is {n}; raise --n or lower --k")  # fmt: skip
+        check(
+            all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.eval.k),
+            "eval.k",
+            "must be a list of positive integers, e.g. --k 1,4,8",
+        )
+        check(
+            max(self.eval.k, default=1) <= n,
+            "eval.k",
+            f"pass@{max(self.eval.k, default=1)} needs at least that "
+            f"many samples per prompt, but n = rollout.group_size is {n}; raise --n or lower --k",
+        )
         return self
 
 
@@ -104,10 +113,18 @@ def run_eval(cfg: EvalConfig) -> dict:
     n = cfg.rollout.group_size
     with s.engine(dtype) as engine:
         print(f"unison eval: {s.describe(engine)} | {len(examples)} prompts x {n} samples", flush=True)
-        result = evaluate(engine, s.task, s.tokenizer, examples, prompts, s.sampling(), n=n, ks=cfg.eval.k,
-                          progress=cfg.run.progress)  # fmt: skip
-    result = {"model": cfg.model.path, "data": cfg.data.source, "n": n, "temperature": cfg.rollout.temperature,
-              "top_p": cfg.rollout.top_p, "precision": cfg.precision.rollout, **result}  # fmt: skip
+        result = evaluate(
+            engine, s.task, s.tokenizer, examples, prompts, s.sampling(), n=n, ks=cfg.eval.k, progress=cfg.run.progress
+        )
+    result = {
+        "model": cfg.model.path,
+        "data": cfg.data.source,
+        "n": n,
+        "temperature": cfg.rollout.temperature,
+        "top_p": cfg.rollout.top_p,
+        "precision": cfg.precision.rollout,
+        **result,
+    }
     if cfg.run.out:
         Path(cfg.run.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.run.out).write_text(json.dumps(result, indent=1))
@@ -129,21 +146,26 @@ def run_filter(cfg: FilterConfig, batch_size: int = 256) -> list[dict]:
         bar = tqdm(total=len(rows), desc="filter", unit="seq", disable=not cfg.run.progress)
         for start in range(0, len(rows), batch_size):
             threads.adapt()
-            part = rows[start: start + batch_size]
+            part = rows[start : start + batch_size]
             ro = engine.generate([prompts[i] for i in part], params)
             rewards, _ = score(s.task, s.tokenizer, ro, [examples[i] for i in part])
             for i, r in zip(part, rewards.tolist()):
                 solved[i] += r / k
             bar.update(len(part))
         bar.close()
-    kept = [{"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "solve_rate": rate}
-            for ex, rate in zip(examples, solved) if lo <= rate <= hi]  # fmt: skip
+    kept = [
+        {"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "solve_rate": rate}
+        for ex, rate in zip(examples, solved)
+        if lo <= rate <= hi
+    ]
     out = Path(cfg.run.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
     tmp.replace(out)
     mean = sum(solved) / max(len(solved), 1)
-    print(f"kept {len(kept)} of {len(examples)} prompts solved in [{lo}, {hi}] of {k} samples "
-          f"(mean solve rate {mean:.3f}); wrote {out}")  # fmt: skip
+    print(
+        f"kept {len(kept)} of {len(examples)} prompts solved in [{lo}, {hi}] of {k} samples "
+        f"(mean solve rate {mean:.3f}); wrote {out}"
+    )
     return kept

@@ -83,64 +83,112 @@ CONTEXT_LIMITS = ("error", "clamp")
 
 @dataclass
 class ModelConfig:
-    path: str = doc("builtin", "a local Hugging Face checkpoint directory (a run's checkpoints/step-N works), a .gguf "
-                               "file (converted once into the cache), a model fetched by `unison fetch NAME` (its "
-                               "NAME), or 'builtin' for the built-in tiny model, 'builtin-moe' for its "
-                               "mixture-of-experts variant, 'builtin-long' for its warm start on countdown-long")
+    path: str = doc(
+        "builtin",
+        "a local Hugging Face checkpoint directory (a run's checkpoints/step-N works), a .gguf "
+        "file (converted once into the cache), a model fetched by `unison fetch NAME` (its "
+        "NAME), or 'builtin' for the built-in tiny model, 'builtin-moe' for its "
+        "mixture-of-experts variant, 'builtin-long' for its warm start on countdown-long",
+    )
     device: str = doc("auto", "auto (cuda where a GPU is visible), cpu, cuda or cuda:N")
-    matmul: str = doc("auto", "fp16/bf16 matrix products: native kernels, or fp32-accumulate (auto: native where fast)",
-                      choices=_matmul_modes, what="matmul mode")
-    attn_implementation: str = doc("auto", "attention kernels of the Hugging Face model (learner, and the native "
-                                           "engine's fallback); auto: sdpa where the model supports it, else eager",
-                                   choices=_attn_implementations, what="attention implementation")
-    gradient_checkpointing: bool = doc(False, "recompute each decoder layer's activations in the backward pass instead "
-                                              "of keeping them (less memory, about one more forward of time)")
+    matmul: str = doc(
+        "auto",
+        "fp16/bf16 matrix products: native kernels, or fp32-accumulate (auto: native where fast)",
+        choices=_matmul_modes,
+        what="matmul mode",
+    )
+    attn_implementation: str = doc(
+        "auto",
+        "attention kernels of the Hugging Face model (learner, and the native "
+        "engine's fallback); auto: sdpa where the model supports it, else eager",
+        choices=_attn_implementations,
+        what="attention implementation",
+    )
+    gradient_checkpointing: bool = doc(
+        False,
+        "recompute each decoder layer's activations in the backward pass instead "
+        "of keeping them (less memory, about one more forward of time)",
+    )
 
     def validate(self) -> None:
         d = self.device
-        check(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()), "model.device",
-              f"unknown device {d!r}; choose one of: auto, cpu, cuda, cuda:N")  # fmt: skip
+        check(
+            d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()),
+            "model.device",
+            f"unknown device {d!r}; choose one of: auto, cpu, cuda, cuda:N",
+        )
 
 
 @dataclass
 class PrecisionConfig:
-    rollout: str = doc("fp16", "dtype of the rollout engine's weights and compute", choices=_precisions,
-                       what="precision", lower=True)
-    train: str = doc("fp16", "dtype of the learner's forward and backward (master weights stay fp32)",
-                     choices=_precisions, what="precision", lower=True)
+    rollout: str = doc(
+        "fp16", "dtype of the rollout engine's weights and compute", choices=_precisions, what="precision", lower=True
+    )
+    train: str = doc(
+        "fp16",
+        "dtype of the learner's forward and backward (master weights stay fp32)",
+        choices=_precisions,
+        what="precision",
+        lower=True,
+    )
     init_scale: float = doc(65536.0, "fp16 dynamic loss scale at the start")
     growth_interval: int = doc(400, "finite steps in a row after which the loss scale doubles")
     min_scale: float = doc(1.0, "the run stops if the loss scale falls below this")
-    loss_scaling: str = doc("auto", "auto (dynamic scaling for fp16 training), on, or off",
-                            choices=("auto", "on", "off"), what="choice")
-    lm_head: str = doc("same", "the LM head's dtype in both engines: same (the rollout and train dtypes), or fp32 "
-                               "(fp32 weights and logits; native engine, one rank)",
-                       choices=("same", "fp32"), what="choice", lower=True)
-    on_activation_overflow: str = doc("stop", "an fp16 activation beyond 65504 in either engine (checked where that "
-                                              "engine runs in fp16): stop (naming the layer), fp32_layers (run that "
-                                              "layer's MLP in fp32 from then on), or off (no checks)",
-                                      choices=_overflow_modes, what="action")
+    loss_scaling: str = doc(
+        "auto", "auto (dynamic scaling for fp16 training), on, or off", choices=("auto", "on", "off"), what="choice"
+    )
+    lm_head: str = doc(
+        "same",
+        "the LM head's dtype in both engines: same (the rollout and train dtypes), or fp32 "
+        "(fp32 weights and logits; native engine, one rank)",
+        choices=("same", "fp32"),
+        what="choice",
+        lower=True,
+    )
+    on_activation_overflow: str = doc(
+        "stop",
+        "an fp16 activation beyond 65504 in either engine (checked where that "
+        "engine runs in fp16): stop (naming the layer), fp32_layers (run that "
+        "layer's MLP in fp32 from then on), or off (no checks)",
+        choices=_overflow_modes,
+        what="action",
+    )
 
     def validate(self) -> None:
-        check(math.isfinite(self.init_scale) and self.init_scale >= self.min_scale > 0, "precision.init_scale",
-              "must be finite and >= precision.min_scale > 0")  # fmt: skip
+        check(
+            math.isfinite(self.init_scale) and self.init_scale >= self.min_scale > 0,
+            "precision.init_scale",
+            "must be finite and >= precision.min_scale > 0",
+        )
         check(self.growth_interval >= 1, "precision.growth_interval", "must be at least 1")
 
 
 @dataclass
 class DataConfig:
-    source: str = doc("builtin", "'builtin' (the countdown task), 'countdown-long' (its variant with responses of "
-                                 "300 to 1,300 tokens) or a JSONL/Parquet prompt file")
+    source: str = doc(
+        "builtin",
+        "'builtin' (the countdown task), 'countdown-long' (its variant with responses of "
+        "300 to 1,300 tokens) or a JSONL/Parquet prompt file",
+    )
     prompt_key: str = doc("prompt", "column holding the prompt (a string or a list of chat messages)")
     answer_key: str = doc("answer", "column holding the reference answer")
     reward: str = doc("", "reward: math, exact, countdown, or a dotted path module:function (empty: the task's own)")
-    template: str = doc("auto", "prompt template: plain, chat, or auto (chat when the tokenizer has a chat template)",
-                        choices=_templates)
+    template: str = doc(
+        "auto",
+        "prompt template: plain, chat, or auto (chat when the tokenizer has a chat template)",
+        choices=_templates,
+    )
     test_source: str = doc("", "a held-out prompt file for evaluation (the built-in task has its own test split)")
-    subset: str = doc("", "a JSONL file of prompt ids to use (from `unison filter`); 'builtin': the shipped "
-                          "perfectible set of the built-in task; empty: all prompts")
-    system_prompt: str = doc("", "a system message put before every prompt (the chat template's system turn; with the "
-                                 "plain template, a paragraph before the prompt); a prompt file's own system turn wins")
+    subset: str = doc(
+        "",
+        "a JSONL file of prompt ids to use (from `unison filter`); 'builtin': the shipped "
+        "perfectible set of the built-in task; empty: all prompts",
+    )
+    system_prompt: str = doc(
+        "",
+        "a system message put before every prompt (the chat template's system turn; with the "
+        "plain template, a paragraph before the prompt); a prompt file's own system turn wins",
+    )
     max_prompts: int = doc(0, "use at most this many prompts (0: all)")
 
     def validate(self) -> None:
@@ -156,11 +204,18 @@ class RolloutConfig:
     temperature: float = doc(1.0, "sampling temperature")
     top_p: float = doc(1.0, "nucleus sampling threshold (1: off)")
     top_k: int = doc(0, "top-k truncation (0: off)")
-    stop: list = doc([], "extra stop strings: a response ends with the token that completes one (besides the EOS "
-                         "ids of the tokenizer, generation_config.json and config.json)")
-    context_limit: str = doc("error", "a prompt + max_new_tokens beyond the model's context: error (say which "
-                                      "prompt), or clamp (lower max_new_tokens to fit, with a warning)",
-                             choices=CONTEXT_LIMITS, what="choice")
+    stop: list = doc(
+        [],
+        "extra stop strings: a response ends with the token that completes one (besides the EOS "
+        "ids of the tokenizer, generation_config.json and config.json)",
+    )
+    context_limit: str = doc(
+        "error",
+        "a prompt + max_new_tokens beyond the model's context: error (say which "
+        "prompt), or clamp (lower max_new_tokens to fit, with a warning)",
+        choices=CONTEXT_LIMITS,
+        what="choice",
+    )
     tensor_parallel_size: int = doc(1, "GPUs one vLLM engine spreads its model over (vLLM on CUDA only)")
 
     def validate(self) -> None:
@@ -174,8 +229,11 @@ class RolloutConfig:
         check(math.isfinite(self.temperature) and self.temperature >= 0, "rollout.temperature", "must be >= 0")
         check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         check(self.top_k >= 0, "rollout.top_k", "must be >= 0")
-        check(all(isinstance(x, str) and x for x in self.stop), "rollout.stop",
-              "must be a list of non-empty strings, e.g. rollout.stop=['</answer>']")  # fmt: skip
+        check(
+            all(isinstance(x, str) and x for x in self.stop),
+            "rollout.stop",
+            "must be a list of non-empty strings, e.g. rollout.stop=['</answer>']",
+        )
 
 
 @dataclass
@@ -191,34 +249,50 @@ class AlgorithmConfig:
     icepop_alpha: float = doc(0.5, "IcePop: tokens with pi_old/mu below this are masked")
     icepop_beta: float = doc(5.0, "IcePop: tokens with pi_old/mu above this are masked")
     kl_coef: float = doc(0.0, "weight of a KL penalty to the frozen starting policy (0: none, as in the paper)")
-    kl_estimator: str = doc("k3", "the KL estimator on the sampled tokens", choices=_table("KL_ESTIMATORS"),
-                            what="estimator")
-    kl_in: str = doc("loss", "where the penalty goes: loss (added to the policy loss, aggregated like it) or reward "
-                             "(subtracted from each response's reward, summed over its tokens)",
-                     choices=("loss", "reward"), what="place")
+    kl_estimator: str = doc(
+        "k3", "the KL estimator on the sampled tokens", choices=_table("KL_ESTIMATORS"), what="estimator"
+    )
+    kl_in: str = doc(
+        "loss",
+        "where the penalty goes: loss (added to the policy loss, aggregated like it) or reward "
+        "(subtracted from each response's reward, summed over its tokens)",
+        choices=("loss", "reward"),
+        what="place",
+    )
 
 
 @dataclass
 class OptimConfig:
     lr: float = doc(2e-5, "AdamW learning rate (the peak, under a schedule)")
-    schedule: str = doc("constant", "learning-rate schedule over the run's steps, after optim.warmup_steps of "
-                                    "linear warm-up: constant, linear (to optim.min_lr_ratio x lr at the last step) or "
-                                    "cosine (likewise)", choices=_table("LR_SCHEDULES", "unison.schedules"))
+    schedule: str = doc(
+        "constant",
+        "learning-rate schedule over the run's steps, after optim.warmup_steps of "
+        "linear warm-up: constant, linear (to optim.min_lr_ratio x lr at the last step) or "
+        "cosine (likewise)",
+        choices=_table("LR_SCHEDULES", "unison.schedules"),
+    )
     warmup_steps: int = doc(0, "RL steps of linear warm-up from 0 to optim.lr")
-    min_lr_ratio: float = doc(0.0, "the learning rate at the last step of a linear or cosine schedule, as a share of "
-                                   "optim.lr")
+    min_lr_ratio: float = doc(
+        0.0, "the learning rate at the last step of a linear or cosine schedule, as a share of optim.lr"
+    )
     weight_decay: float = doc(0.0, "AdamW weight decay")
     beta1: float = doc(0.9, "AdamW beta1")
     beta2: float = doc(0.999, "AdamW beta2")
     max_grad_norm: float = doc(1.0, "clip the gradient norm to this (0: no clipping)")
     train_batch_size: int = doc(32, "sequences per optimizer step (prompts_per_step x group_size must be a multiple)")
     micro_batch_size: int = doc(32, "sequences per forward/backward (memory only; the step is the same)")
-    micro_batch_tokens: int = doc(0, "padded tokens per forward/backward at most (speed only; 0: on a CPU 2^18 / "
-                                     "hidden size, 2048 for the built-in model, so activations stay in cache; no "
-                                     "limit on a GPU)")
-    share_prompts: bool = doc(True, "run each distinct prompt of a micro-batch once and the responses sampled from it "
-                                    "on its keys and values, where that costs fewer tokens (Qwen2, Qwen3, Llama; speed "
-                                    "only: the same step up to rounding)")
+    micro_batch_tokens: int = doc(
+        0,
+        "padded tokens per forward/backward at most (speed only; 0: on a CPU 2^18 / "
+        "hidden size, 2048 for the built-in model, so activations stay in cache; no "
+        "limit on a GPU)",
+    )
+    share_prompts: bool = doc(
+        True,
+        "run each distinct prompt of a micro-batch once and the responses sampled from it "
+        "on its keys and values, where that costs fewer tokens (Qwen2, Qwen3, Llama; speed "
+        "only: the same step up to rounding)",
+    )
     epochs: int = doc(1, "passes over each rollout batch")
 
 
@@ -226,16 +300,23 @@ class OptimConfig:
 class RunBase:
     """What every command's run has: where its output goes, its seed, its progress bars."""
 
-    out: str = doc("runs/unison", "output: the run folder (train, demo), the probe's folder, the eval JSON, the "
-                                  "filter's JSONL")
+    out: str = doc(
+        "runs/unison", "output: the run folder (train, demo), the probe's folder, the eval JSON, the filter's JSONL"
+    )
     seed: int = doc(0, "seed for prompt choice, sampling and initialisation")
     progress: bool = doc(True, "show progress bars")
-    threads: str = doc("auto", "PyTorch CPU threads: auto (the cores other processes leave free, re-read every step; "
-                               "OMP_NUM_THREADS, where set, wins) or a number")
+    threads: str = doc(
+        "auto",
+        "PyTorch CPU threads: auto (the cores other processes leave free, re-read every step; "
+        "OMP_NUM_THREADS, where set, wins) or a number",
+    )
 
     def validate(self) -> None:
-        check(self.threads == "auto" or (self.threads.isdigit() and int(self.threads) >= 1), "run.threads",
-              f"must be auto or a positive number, not {self.threads!r}")  # fmt: skip
+        check(
+            self.threads == "auto" or (self.threads.isdigit() and int(self.threads) >= 1),
+            "run.threads",
+            f"must be auto or a positive number, not {self.threads!r}",
+        )
 
 
 @dataclass
@@ -243,47 +324,77 @@ class RunConfig(RunBase):
     steps: int = doc(40, "RL steps (one rollout batch each)")
     eval_every: int = doc(10, "held-out evaluation every N steps (0: only at the end)")
     eval_prompts: int = doc(64, "held-out prompts per evaluation")
-    eval_samples: int = doc(1, "responses per held-out prompt at each evaluation (avg@n, and pass@1 and pass@n "
-                               "from them)")
+    eval_samples: int = doc(
+        1, "responses per held-out prompt at each evaluation (avg@n, and pass@1 and pass@n from them)"
+    )
     save_every: int = doc(10, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = doc(2, "complete checkpoints kept")
-    shard_size: str = doc("5GB", "largest weights file of a checkpoint (bigger models are saved in shards with a "
-                                 "safetensors index), e.g. 5GB or 500MB")
-    loggers: list = doc([], "metric sinks: jsonl (metrics.jsonl, always written), tensorboard, wandb (offline unless "
-                            "WANDB_MODE says otherwise), mlflow (a file store in the run folder unless "
-                            "MLFLOW_TRACKING_URI is set); empty: jsonl, and tensorboard where it is installed",
-                        choices=_table("LOGGERS", "unison.report"), what="logger")
-    log_samples: int = doc(4, "decoded samples per step in samples.jsonl (prompt, response, reward, length, mismatch) "
-                              "and in the trackers; `unison samples RUN` prints them")
-    self_test: bool = doc(True, "before the first step, sample a few tokens and recompute them with the learner; "
-                                "stop if the mismatch is far outside the band its precisions allow")
+    shard_size: str = doc(
+        "5GB",
+        "largest weights file of a checkpoint (bigger models are saved in shards with a "
+        "safetensors index), e.g. 5GB or 500MB",
+    )
+    loggers: list = doc(
+        [],
+        "metric sinks: jsonl (metrics.jsonl, always written), tensorboard, wandb (offline unless "
+        "WANDB_MODE says otherwise), mlflow (a file store in the run folder unless "
+        "MLFLOW_TRACKING_URI is set); empty: jsonl, and tensorboard where it is installed",
+        choices=_table("LOGGERS", "unison.report"),
+        what="logger",
+    )
+    log_samples: int = doc(
+        4,
+        "decoded samples per step in samples.jsonl (prompt, response, reward, length, mismatch) "
+        "and in the trackers; `unison samples RUN` prints them",
+    )
+    self_test: bool = doc(
+        True,
+        "before the first step, sample a few tokens and recompute them with the learner; "
+        "stop if the mismatch is far outside the band its precisions allow",
+    )
 
 
 @dataclass
 class MetricsConfig:
-    exact_divergence: bool = doc(False, "every step, the exact per-position KL(mu||pi), KL(pi||mu) and total "
-                                        "variation from both engines' whole distributions (an extra forward; the "
-                                        "engine keeps [samples, tokens, vocabulary] floats): native engine only")
-    routing: bool = doc(True, "for MoE models, every step: the share of tokens the two engines route to other "
-                              "experts and the router-probability gap, per layer (an extra forward; native engine)")
+    exact_divergence: bool = doc(
+        False,
+        "every step, the exact per-position KL(mu||pi), KL(pi||mu) and total "
+        "variation from both engines' whole distributions (an extra forward; the "
+        "engine keeps [samples, tokens, vocabulary] floats): native engine only",
+    )
+    routing: bool = doc(
+        True,
+        "for MoE models, every step: the share of tokens the two engines route to other "
+        "experts and the router-probability gap, per layer (an extra forward; native engine)",
+    )
 
 
 @dataclass
 class MoeConfig:
-    routing_replay: bool = doc(False, "routing replay (R3): the learner routes each token with the experts the "
-                                      "rollout engine chose for it (MoE models, native engine)")
+    routing_replay: bool = doc(
+        False,
+        "routing replay (R3): the learner routes each token with the experts the "
+        "rollout engine chose for it (MoE models, native engine)",
+    )
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = doc(False, "train low-rank adapters (peft LoRA) on the frozen base instead of every weight; the "
-                               "engine gets the merged weights")
+    enabled: bool = doc(
+        False,
+        "train low-rank adapters (peft LoRA) on the frozen base instead of every weight; the "
+        "engine gets the merged weights",
+    )
     rank: int = doc(8, "the adapters' rank r")
     alpha: float = doc(16.0, "the adapters' alpha: the update is alpha / rank x B A")
-    target_modules: str = doc("auto", "comma-separated names of the linear layers to adapt (q_proj,v_proj, ...); "
-                                      "auto: every linear layer of the decoder blocks (not an MoE router)")
-    dropout: float = doc(0.0, "dropout on the adapters' input in the learner (0: the policy trained is the one "
-                              "that samples)")
+    target_modules: str = doc(
+        "auto",
+        "comma-separated names of the linear layers to adapt (q_proj,v_proj, ...); "
+        "auto: every linear layer of the decoder blocks (not an MoE router)",
+    )
+    dropout: float = doc(
+        0.0, "dropout on the adapters' input in the learner (0: the policy trained is the one that samples)"
+    )
 
     def validate(self) -> None:
         check(self.rank >= 1, "lora.rank", f"must be at least 1 (got {self.rank}); 8 to 64 are usual")
@@ -297,8 +408,9 @@ class GuardConfig:
     seq_kl_stop: float = doc(0.0, "stop the run when mismatch/seq_kl exceeds this for guard.patience steps (0: off)")
     k3_warn: float = doc(0.0, "warn when the per-token KL estimate mismatch/k3 exceeds this (0: off)")
     k3_stop: float = doc(0.0, "stop the run when mismatch/k3 exceeds this for guard.patience steps (0: off)")
-    masked_warn: float = doc(0.0, "warn when the share of tokens the correction masks (is/masked_frac) exceeds "
-                                  "this (0: off)")
+    masked_warn: float = doc(
+        0.0, "warn when the share of tokens the correction masks (is/masked_frac) exceeds this (0: off)"
+    )
     masked_stop: float = doc(0.0, "stop the run when is/masked_frac exceeds this for guard.patience steps (0: off)")
     patience: int = doc(1, "steps in a row above a stop threshold before the run stops")
 
@@ -307,11 +419,13 @@ class GuardConfig:
             warn, stop = getattr(self, f"{key}_warn"), getattr(self, f"{key}_stop")
             for level, v in (("warn", warn), ("stop", stop)):
                 check(math.isfinite(v) and v >= 0, f"guard.{key}_{level}", "must be a number >= 0 (0: off)")
-            check(not (warn and stop and warn > stop), f"guard.{key}_warn",
-                  f"is above guard.{key}_stop ({warn:g} > {stop:g}): warnings come before the stop; lower it or "
-                  "raise the stop threshold")  # fmt: skip
-        check(self.masked_warn <= 1 and self.masked_stop <= 1, "guard.masked_stop",
-              "is a share of tokens: at most 1")  # fmt: skip
+            check(
+                not (warn and stop and warn > stop),
+                f"guard.{key}_warn",
+                f"is above guard.{key}_stop ({warn:g} > {stop:g}): warnings come before the stop; lower it or "
+                "raise the stop threshold",
+            )
+        check(self.masked_warn <= 1 and self.masked_stop <= 1, "guard.masked_stop", "is a share of tokens: at most 1")
         check(self.patience >= 1, "guard.patience", "must be at least 1")
 
 
@@ -334,15 +448,22 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         r, o = self.rollout, self.optim
         validate_sections(self)
-        needs = {"fp32_lm_head": self.precision.lm_head == "fp32", "routing": self.moe.routing_replay,
-                 "distributions": self.metrics.exact_divergence}  # fmt: skip
-        settings = {"fp32_lm_head": "precision.lm_head=fp32", "routing": "moe.routing_replay=true",
-                    "distributions": "metrics.exact_divergence=true"}  # fmt: skip
+        needs = {
+            "fp32_lm_head": self.precision.lm_head == "fp32",
+            "routing": self.moe.routing_replay,
+            "distributions": self.metrics.exact_divergence,
+        }
+        settings = {
+            "fp32_lm_head": "precision.lm_head=fp32",
+            "routing": "moe.routing_replay=true",
+            "distributions": "metrics.exact_divergence=true",
+        }
         for capability, asked in needs.items():
             if asked:
                 check_capability(r.engine, capability, settings[capability])
-        check(r.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare responses within a "
-              "group)")  # fmt: skip
+        check(
+            r.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare responses within a group)"
+        )
         check(r.temperature > 0, "rollout.temperature", "must be > 0 for RL sampling")
         check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")
         check(o.train_batch_size >= 1, "optim.train_batch_size", "must be at least 1")
@@ -353,8 +474,11 @@ class TrainConfig:
         check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "AdamW betas must be in [0, 1)")
         check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         a = self.algorithm
-        check(a.clip_low < 1 and a.clip_high < 10, "algorithm.clip_low", "clip ranges are fractions: clip_low < 1, "
-              "clip_high < 10 (negative: the preset's)")  # fmt: skip
+        check(
+            a.clip_low < 1 and a.clip_high < 10,
+            "algorithm.clip_low",
+            "clip ranges are fractions: clip_low < 1, clip_high < 10 (negative: the preset's)",
+        )
         check(0 <= a.icepop_alpha < a.icepop_beta, "algorithm.icepop_alpha", "need 0 <= icepop_alpha < icepop_beta")
         batch = r.prompts_per_step * r.group_size
         check(
@@ -539,13 +663,15 @@ def _set_dotted(data: dict, cls, key: str, value) -> None:
         typ = types_[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(typ):
-                raise UserError(f"config key {key!r} is a section; set one of its fields, "
-                                f"e.g. {key}.{next(iter(_field_types(typ)))}=...")
+                raise UserError(
+                    f"config key {key!r} is a section; set one of its fields, "
+                    f"e.g. {key}.{next(iter(_field_types(typ)))}=..."
+                )
             node[part] = value
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"config key {'.'.join(parts[:i + 1])!r} must be a section")
+                raise UserError(f"config key {'.'.join(parts[: i + 1])!r} must be a section")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -556,8 +682,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise UserError(f"key {key!r} appears twice in one section (line {key_node.start_mark.line + 1}); "
-                                "keep one")  # fmt: skip
+                raise UserError(
+                    f"key {key!r} appears twice in one section (line {key_node.start_mark.line + 1}); keep one"
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -580,8 +707,9 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
         except UnicodeDecodeError:
             raise UserError(f"config file {str(p)!r} is not UTF-8 text; save it as UTF-8") from None
         if not isinstance(data, dict):
-            raise UserError(f"config file {str(p)!r} must hold a mapping of sections (e.g. 'rollout:'), "
-                            f"not {type(data).__name__}")
+            raise UserError(
+                f"config file {str(p)!r} must hold a mapping of sections (e.g. 'rollout:'), not {type(data).__name__}"
+            )
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
     for key, value in items:
         _set_dotted(data, cls, key, value)

@@ -48,8 +48,9 @@ class DemoConfig(TrainConfig):
     def validate(self) -> DemoConfig:
         check(len(self.compare) >= 1, "compare", "list at least one precision, e.g. [fp16, bf16]")
         for name in self.compare:
-            check(str(name).lower() in PRECISIONS, "compare",
-                  f"unknown precision {name!r}; choose from fp32, bf16, fp16")
+            check(
+                str(name).lower() in PRECISIONS, "compare", f"unknown precision {name!r}; choose from fp32, bf16, fp16"
+            )
         super().validate()
         return self
 
@@ -81,9 +82,15 @@ def summarize(run_dir: Path, seconds: float) -> dict:
 def format_summary(summary: dict[str, dict]) -> str:
     names = list(summary)
     lines = [f"{'':24s}" + "".join(f"{n:>14s}" for n in names)]
-    fmt = {"final_train_accuracy": ".3f", "heldout_accuracy": ".3f", "first_train_accuracy": ".3f",
-           "mismatch_k3_mean": ".2e", "mismatch_k3_last": ".2e", "skipped_steps": ".0f",
-           "steps_per_s": ".3f"}  # fmt: skip
+    fmt = {
+        "final_train_accuracy": ".3f",
+        "heldout_accuracy": ".3f",
+        "first_train_accuracy": ".3f",
+        "mismatch_k3_mean": ".2e",
+        "mismatch_k3_last": ".2e",
+        "skipped_steps": ".0f",
+        "steps_per_s": ".3f",
+    }
     for key, f in fmt.items():
         lines.append(f"{key:24s}" + "".join(f"{format(summary[n][key], f):>14s}" for n in names))
     return "\n".join(lines)
@@ -102,10 +109,14 @@ def run_demo(cfg: DemoConfig, resume: bool = False, overwrite: bool = False, all
         train(sub, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
         summary[name] = summarize(Path(sub.run.out), time.perf_counter() - t0)
     print(format_summary(summary))
-    fig = plot_runs([r.run.out for r in runs.values()],
-                    ["rollout/accuracy", "mismatch/k3", "mismatch/abs_log_ratio_mean"],
-                    root / "comparison.png", labels=list(runs), smooth=3,
-                    log_scale=["mismatch/k3", "mismatch/abs_log_ratio_mean"])  # fmt: skip
+    fig = plot_runs(
+        [r.run.out for r in runs.values()],
+        ["rollout/accuracy", "mismatch/k3", "mismatch/abs_log_ratio_mean"],
+        root / "comparison.png",
+        labels=list(runs),
+        smooth=3,
+        log_scale=["mismatch/k3", "mismatch/abs_log_ratio_mean"],
+    )
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {fig} and {root / 'summary.json'}")
     return summary

@@ -184,15 +184,21 @@ def check_world(size: int, prompts_per_step: int, train_groups: int, devices: in
     if size < 1:
         raise UserError(f"--nproc must be at least 1 (got {size})")
     if devices is not None and size > devices:
-        raise UserError(f"--nproc {size} asks for more ranks than the {devices} devices (GPUs, or CPU cores) this "
-                        f"machine has; use --nproc {devices} or fewer")  # fmt: skip
+        raise UserError(
+            f"--nproc {size} asks for more ranks than the {devices} devices (GPUs, or CPU cores) this "
+            f"machine has; use --nproc {devices} or fewer"
+        )
     if prompts_per_step % size:
-        raise UserError(f"{size} ranks cannot share rollout.prompts_per_step={prompts_per_step} prompts evenly (each "
-                        "rank samples whole groups); choose a number of ranks that divides it")  # fmt: skip
+        raise UserError(
+            f"{size} ranks cannot share rollout.prompts_per_step={prompts_per_step} prompts evenly (each "
+            "rank samples whole groups); choose a number of ranks that divides it"
+        )
     if train_groups % size:
-        raise UserError(f"{size} ranks cannot share the {train_groups} groups of each update "
-                        "(optim.train_batch_size / rollout.group_size) evenly; choose a number of ranks that divides "
-                        "it")  # fmt: skip
+        raise UserError(
+            f"{size} ranks cannot share the {train_groups} groups of each update "
+            "(optim.train_batch_size / rollout.group_size) evenly; choose a number of ranks that divides "
+            "it"
+        )
 
 
 def launch(nproc: int, argv: list[str]) -> int:
@@ -200,15 +206,20 @@ def launch(nproc: int, argv: list[str]) -> int:
     `torchrun --standalone --nproc-per-node N` does); returns the exit code of the first rank that failed (0 when
     every rank succeeded). Each rank gets an equal share of the cores unless OMP_NUM_THREADS is set."""
 
-
-
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
     os.environ[LAUNCHER_PID] = str(os.getpid())
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.ERROR)  # each rank says what went wrong in its own words
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.1)  # fmt: skip
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "unison", *argv)
     except ChildFailedError as exc:

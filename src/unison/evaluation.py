@@ -21,8 +21,9 @@ def encode_all(tokenizer, examples: list[Example], template: str = "auto", syste
     for ex in examples:
         ids = encode_prompt(tokenizer, ex, template, system_prompt or None)
         if not ids:
-            raise UserError(f"prompt {ex.id or ex.prompt[:40]!r} is empty after templating; "
-                            "remove it from the prompt file")
+            raise UserError(
+                f"prompt {ex.id or ex.prompt[:40]!r} is empty after templating; remove it from the prompt file"
+            )
         out.append(ids)
     return out
 
@@ -42,11 +43,15 @@ def reward_of(task, text: str, example: Example, finished: bool) -> float:
         raise UserError(f"{exc} ({where})") from None
     except Exception as exc:  # noqa: BLE001 - the user's reward function may raise anything
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"reward function {name!r} raised {type(exc).__name__}{': ' + first if first else ''} {where}; "
-                        "fix it so that it returns a float for every response") from None  # fmt: skip
+        raise UserError(
+            f"reward function {name!r} raised {type(exc).__name__}{': ' + first if first else ''} {where}; "
+            "fix it so that it returns a float for every response"
+        ) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= FP32_MAX:
-        raise UserError(f"reward function {name!r} returned {value!r} {where}; make it return a finite float within "
-                        f"fp32's range (|r| <= {FP32_MAX:.3g})")  # fmt: skip
+        raise UserError(
+            f"reward function {name!r} returned {value!r} {where}; make it return a finite float within "
+            f"fp32's range (|r| <= {FP32_MAX:.3g})"
+        )
     return float(value)
 
 
@@ -71,8 +76,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 SOLVED = 0.5  # a response counts as solved where its reward is above this
 
 
-def evaluate(engine, task, tokenizer, examples: list[Example], prompts: list[list[int]], params: SamplingParams,
-             n: int = 1, ks: list[int] | None = None, batch_size: int = 256, progress: bool = False) -> dict:
+def evaluate(
+    engine,
+    task,
+    tokenizer,
+    examples: list[Example],
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int = 1,
+    ks: list[int] | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict:
     """avg@n (the mean reward over n samples per prompt) and the unbiased pass@k for each k of `ks` (default: n),
     with each prompt's result; `prompts` are the examples' encoded prompts (`Setup.encode`)."""
 
@@ -82,20 +97,24 @@ def evaluate(engine, task, tokenizer, examples: list[Example], prompts: list[lis
     lengths = torch.zeros(len(rows))
     for start in range(0, len(rows), batch_size):
         threads.adapt()
-        part = rows[start: start + batch_size]
+        part = rows[start : start + batch_size]
         ro = engine.generate([p for _, p in part], params, progress=progress)
         r, _ = score(task, tokenizer, ro, [examples[i] for i, _ in part])
-        rewards[start: start + len(part)] = r
-        lengths[start: start + len(part)] = ro.lengths.float()
+        rewards[start : start + len(part)] = r
+        lengths[start : start + len(part)] = ro.lengths.float()
     per_prompt = rewards.view(len(examples), n)  # [prompts, n]
     solved = (per_prompt > SOLVED).sum(1).tolist()
     out = {f"avg@{n}": per_prompt.mean().item()}
     out.update({f"pass@{k}": sum(pass_at_k(n, c, k) for c in solved) / len(solved) for k in ks})
-    out.update({
-        "num_prompts": len(examples),
-        "samples_per_prompt": n,
-        "response_length_mean": lengths.mean().item(),
-        "per_prompt": [{"id": ex.id, "solved": c, "n": n, "mean_reward": float(m)}
-                       for ex, c, m in zip(examples, solved, per_prompt.mean(1).tolist())],
-    })  # fmt: skip
+    out.update(
+        {
+            "num_prompts": len(examples),
+            "samples_per_prompt": n,
+            "response_length_mean": lengths.mean().item(),
+            "per_prompt": [
+                {"id": ex.id, "solved": c, "n": n, "mean_reward": float(m)}
+                for ex, c, m in zip(examples, solved, per_prompt.mean(1).tolist())
+            ],
+        }
+    )
     return out

@@ -178,7 +178,6 @@ def read_config(path: Path, info: dict):
     """The config transformers reads from a GGUF file, its quantization_config dropped; an architecture it cannot
     read, and a model that is not a causal LM, are UserErrors."""
 
-
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds

@@ -56,8 +56,9 @@ class Guard:
         patience = self.limits.patience
         if stops and self.streak >= patience:
             steps = f"{self.streak} steps in a row" if self.streak > 1 else "this step"
-            raise MismatchGuardStop(f"mismatch guard at step {step}: {'; '.join(stops)}, {steps}; "
-                                    f"{advice or advice_for('', '', '')}")  # fmt: skip
+            raise MismatchGuardStop(
+                f"mismatch guard at step {step}: {'; '.join(stops)}, {steps}; {advice or advice_for('', '', '')}"
+            )
         return warnings + [f"{s} (stop threshold; {self.streak} of {patience} steps)" for s in stops]
 
     def state_dict(self) -> dict:
@@ -75,5 +76,8 @@ def advice_for(precision_rollout: str, precision_train: str, preset: str) -> str
     if "seq" not in preset:
         parts.append("add a sequence-level correction (--preset grpo-seq-mis)")
     parts.append("lower optim.lr")
-    return ("the policy being trained is drifting from the one that samples: " + ", or ".join(parts)
-            + "; then resume with --resume --allow-changes")  # fmt: skip
+    return (
+        "the policy being trained is drifting from the one that samples: "
+        + ", or ".join(parts)
+        + "; then resume with --resume --allow-changes"
+    )

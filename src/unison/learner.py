@@ -94,19 +94,29 @@ class PolicyForward:
         and values given to every row of them, then the responses on top."""
         model, sp = self.model, batch.shared
         positions = (sp.mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=sp.ids, attention_mask=sp.mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)  # fmt: skip
+        out = model(input_ids=sp.ids, attention_mask=sp.mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
         cache.batch_select_indices(sp.inverse)  # one copy per row; the backward sums the rows' gradients per prompt
         B, T1 = batch.input_ids.shape
         attention = torch.cat((sp.mask[sp.inverse], sp.mask.new_ones(B, T1)), 1)
         positions = sp.lengths[:, None] + torch.arange(T1, device=sp.lengths.device)[None, :]
-        logits = model(input_ids=batch.input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                       **{cache_kwarg(model): cache}).logits  # fmt: skip
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_kwarg(model): cache},
+        ).logits
         return torch.cat((out.logits[sp.inverse], logits), 1)
 
-    def logprobs(self, batch: SequenceBatch, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 with_entropy: bool = False):
+    def logprobs(
+        self,
+        batch: SequenceBatch,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        with_entropy: bool = False,
+    ):
         """log pi of each response token (fp32, 0 on padding), with gradient where the model has one.
         -> [B, T] (and the entropy [B, T], without gradient, with `with_entropy`)"""
         logits = self.response_logits(batch)
@@ -145,9 +155,18 @@ class Learner:
     world          the ranks (FSDP2 sharding with several)
     """
 
-    def __init__(self, model, policy: PrecisionPolicy, *, pad_token_id: int = 0, optim: OptimConfig | None = None,
-                 precision: PrecisionConfig | None = None, model_cfg: ModelConfig | None = None,
-                 moe: MoeConfig | None = None, world: World = SINGLE):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        policy: PrecisionPolicy,
+        *,
+        pad_token_id: int = 0,
+        optim: OptimConfig | None = None,
+        precision: PrecisionConfig | None = None,
+        model_cfg: ModelConfig | None = None,
+        moe: MoeConfig | None = None,
+        world: World = SINGLE,
+    ):
         optim, precision = optim or OptimConfig(), precision or PrecisionConfig()
         model_cfg, moe = model_cfg or ModelConfig(), moe or MoeConfig()
         self.peft = model if is_peft(model) else None  # peft's wrapper, whose checkpoint is its adapter
@@ -158,8 +177,14 @@ class Learner:
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
         self.matmul = matmul_mode(model_cfg.matmul, self.device, policy.train)
-        self.batcher = MicroBatcher.for_model(model.config, self.device, optim.micro_batch_tokens, optim.share_prompts,
-                                              world, model_cfg.gradient_checkpointing or moe.routing_replay)
+        self.batcher = MicroBatcher.for_model(
+            model.config,
+            self.device,
+            optim.micro_batch_tokens,
+            optim.share_prompts,
+            world,
+            model_cfg.gradient_checkpointing or moe.routing_replay,
+        )
         self._cast(policy, world)
         install_replay(self.model)  # an MoE model's routers: inert without a plan (routing replay, the self-test)
         self.forward = PolicyForward(self.model, replay=moe.routing_replay)
@@ -186,12 +211,19 @@ class Learner:
         """PyTorch's fused AdamW (one kernel over all master weights, the same update to an ulp as the per-tensor
         loop) where it has one; the loss scaler (dynamic for fp16 training unless precision.loss_scaling says)."""
         fused = self.device.type in ("cpu", "cuda") or None
-        self.optimizer = torch.optim.AdamW(self.weights.params, lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                                           eps=1e-8, weight_decay=optim.weight_decay, fused=fused)  # fmt: skip
+        self.optimizer = torch.optim.AdamW(
+            self.weights.params,
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=1e-8,
+            weight_decay=optim.weight_decay,
+            fused=fused,
+        )
         p = precision
         enabled = self.policy.needs_loss_scaling if p.loss_scaling == "auto" else p.loss_scaling == "on"
-        self.scaler = LossScaler(enabled=enabled, init_scale=p.init_scale, growth_interval=p.growth_interval,
-                                 min_scale=p.min_scale)  # fmt: skip
+        self.scaler = LossScaler(
+            enabled=enabled, init_scale=p.init_scale, growth_interval=p.growth_interval, min_scale=p.min_scale
+        )
         self.max_grad_norm = optim.max_grad_norm or None
 
     @classmethod
@@ -225,14 +257,28 @@ class Learner:
         share = self.batcher.share_prompts if share is None else share
         return SequenceBatch.from_rollouts(rollouts, self.pad_token_id, self.device, share=share)
 
-    def logprobs(self, batch: SequenceBatch, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 with_entropy: bool = False):
+    def logprobs(
+        self,
+        batch: SequenceBatch,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        with_entropy: bool = False,
+    ):
         """log pi_theta of each response token (fp32, 0 on padding), with gradient. -> [B, T] (and entropy)"""
         return self.forward.logprobs(batch, temperature, top_k, top_p, with_entropy)
 
     @torch.no_grad()
-    def recompute(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, with_entropy: bool = False, policy: PolicyForward | None = None):
+    def recompute(
+        self,
+        rollouts: Rollouts,
+        micro_batch_size: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        with_entropy: bool = False,
+        policy: PolicyForward | None = None,
+    ):
         """log pi_old for a whole rollout batch without gradient (with `policy`, that policy's: the reference), in
         micro-batches of similar length. -> [B, T] fp32 on the CPU (and the entropy [B, T] with `with_entropy`)"""
         policy = policy or self.forward
@@ -245,8 +291,14 @@ class Learner:
         return out if with_entropy else out[0]
 
     @torch.no_grad()
-    def distributions(self, rollouts: Rollouts, micro_batch_size: int = 64, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    def distributions(
+        self,
+        rollouts: Rollouts,
+        micro_batch_size: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> torch.Tensor:
         """log pi(.) at every response position: the learner's whole distribution (the same processing as the
         sampler's, -inf outside a top-k/top-p support, 0 after the end). -> [B, T, V] fp32 on the CPU"""
 
@@ -279,9 +331,17 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def update(self, rollouts: Rollouts, rows: torch.Tensor, loss_fn, micro_batch_size: int = 64,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, with_entropy: bool = False,
-               ) -> StepResult:  # fmt: skip
+    def update(
+        self,
+        rollouts: Rollouts,
+        rows: torch.Tensor,
+        loss_fn,
+        micro_batch_size: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        with_entropy: bool = False,
+    ) -> StepResult:
         """One optimizer step on the rows `rows` of `rollouts`, in micro-batches of similar length.
 
         For each micro-batch the learner computes log pi_theta, `loss_fn(MicroBatch)` returns its loss (weighted so
@@ -306,11 +366,14 @@ class Learner:
         """(name, master weight cast to `dtype`) for every parameter; the rollout dtype by default."""
         dtype = dtype or self.policy.rollout
         if self.peft is not None:  # W + scale * B A for the adapted layers
-            out = merged_weights(self.model, dict(self.weights.named_master()), dtype, self.policy.train,
-                                 self.fp32_names)  # fmt: skip
+            out = merged_weights(
+                self.model, dict(self.weights.named_master()), dtype, self.policy.train, self.fp32_names
+            )
         else:
-            out = [(name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype)))
-                   for name, t in self.weights.named_master()]  # cast, then gather  # fmt: skip
+            out = [
+                (name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype)))
+                for name, t in self.weights.named_master()
+            ]  # cast, then gather
         # a value that rounds to -0.0 sent as +0.0 (x + 0.0): vLLM's loader stores every zero as +0.0, and the two
         # holders must agree to the bit; a zero's sign changes no product or sum the engine computes
         return [(name, t + 0.0) for name, t in out]
@@ -341,15 +404,16 @@ class Learner:
         """The optimizer's state: the whole of it in one process; this rank's shard of it (plain tensors) with
         several ranks."""
         state = self.optimizer.state_dict()
-        return {"state": {k: {n: local_tensor(v) for n, v in st.items()} for k, st in state["state"].items()},
-                "param_groups": state["param_groups"]}  # fmt: skip
+        return {
+            "state": {k: {n: local_tensor(v) for n, v in st.items()} for k, st in state["state"].items()},
+            "param_groups": state["param_groups"],
+        }
 
     def state_dict(self) -> dict:
         return {"master": self.master_state(), "optimizer": self.optimizer_state(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if self.world.distributed:  # each rank's shard of the full master weights
-
             with torch.no_grad():
                 for name, p in zip(self.weights.names, self.weights.params):
                     full = state["master"][name].to(device=p.device, dtype=p.dtype)
@@ -367,6 +431,8 @@ class Learner:
         out = {}
         for k, st in optimizer_state["state"].items():
             p = self.weights.params[int(k)]
-            out[k] = {n: DTensor.from_local(v, p.device_mesh, p.placements) if torch.is_tensor(v) and v.dim() else v
-                      for n, v in st.items()}  # fmt: skip
+            out[k] = {
+                n: DTensor.from_local(v, p.device_mesh, p.placements) if torch.is_tensor(v) and v.dim() else v
+                for n, v in st.items()
+            }
         return {"state": out, "param_groups": optimizer_state["param_groups"]}

@@ -55,13 +55,17 @@ def read_adapter_config(path) -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path / ADAPTER_CONFIG} cannot be read ({exc}); re-save the adapter") from None
     if not isinstance(data, dict) or str(data.get("peft_type", "")).upper() != "LORA":
-        raise UserError(f"{path} holds a {data.get('peft_type') if isinstance(data, dict) else 'broken'} adapter; "
-                        "unison trains and loads LoRA adapters only")  # fmt: skip
+        raise UserError(
+            f"{path} holds a {data.get('peft_type') if isinstance(data, dict) else 'broken'} adapter; "
+            "unison trains and loads LoRA adapters only"
+        )
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; re-save the adapter")
     if not data.get("base_model_name_or_path"):
-        raise UserError(f"{path / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path); add the "
-                        "base model's local folder there")  # fmt: skip
+        raise UserError(
+            f"{path / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path); add the "
+            "base model's local folder there"
+        )
     return data
 
 
@@ -72,9 +76,11 @@ def adapter_base(path) -> Path:
     if not base.is_absolute():
         base = (Path(path) / base).resolve() if (Path(path) / base).exists() else base
     if not (base / "config.json").is_file():
-        raise UserError(f"the adapter in {str(path)!r} was trained on the base model {str(base)!r}, which is not a "
-                        f"local model folder here; copy the base model there, or set base_model_name_or_path in "
-                        f"{Path(path) / ADAPTER_CONFIG} to its folder")  # fmt: skip
+        raise UserError(
+            f"the adapter in {str(path)!r} was trained on the base model {str(base)!r}, which is not a "
+            f"local model folder here; copy the base model there, or set base_model_name_or_path in "
+            f"{Path(path) / ADAPTER_CONFIG} to its folder"
+        )
     return base
 
 
@@ -82,8 +88,11 @@ def adapter_shape(data: dict) -> dict:
     """What makes two LoRA adapters interchangeable: rank, alpha and the modules adapted."""
     targets = data.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
-    return {"rank": int(data.get("r", 0)), "alpha": float(data.get("lora_alpha", 0)),
-            "target_modules": ",".join(sorted(targets))}  # fmt: skip
+    return {
+        "rank": int(data.get("r", 0)),
+        "alpha": float(data.get("lora_alpha", 0)),
+        "target_modules": ",".join(sorted(targets)),
+    }
 
 
 # ---- targets ------------------------------------------------------------------------------------------------------
@@ -120,15 +129,19 @@ def resolve_targets(model, requested: str) -> list[str]:
     found = decoder_linears(model)
     kind = getattr(getattr(model, "config", None), "model_type", "this")
     if not found:
-        raise UserError(f"this {kind} model has no linear layers in its decoder blocks for LoRA to adapt; train it "
-                        "without LoRA (lora.enabled=false)")  # fmt: skip
+        raise UserError(
+            f"this {kind} model has no linear layers in its decoder blocks for LoRA to adapt; train it "
+            "without LoRA (lora.enabled=false)"
+        )
     if requested.strip().lower() in ("auto", "all-linear", ""):
         return sorted(found)
     names = [n.strip() for n in requested.split(",") if n.strip()]
     for n in names:
         if n not in found:
-            raise UserError(f"lora.target_modules: {n!r} matches no linear layer of this {kind} model's decoder "
-                            f"blocks; choose among {', '.join(sorted(found))} (or auto)")  # fmt: skip
+            raise UserError(
+                f"lora.target_modules: {n!r} matches no linear layer of this {kind} model's decoder "
+                f"blocks; choose among {', '.join(sorted(found))} (or auto)"
+            )
     return sorted(set(names))
 
 
@@ -139,9 +152,11 @@ def check_rank(model, targets: list[str], rank: int) -> None:
     for t in targets:
         for name, (fan_in, fan_out) in found[t]:
             if rank > min(fan_in, fan_out):
-                raise UserError(f"lora.rank={rank} is larger than the layer {name} ({fan_in} -> {fan_out}): a "
-                                f"rank-{rank} update of it is no low-rank update; use lora.rank <= "
-                                f"{min(fan_in, fan_out)}")  # fmt: skip
+                raise UserError(
+                    f"lora.rank={rank} is larger than the layer {name} ({fan_in} -> {fan_out}): a "
+                    f"rank-{rank} update of it is no low-rank update; use lora.rank <= "
+                    f"{min(fan_in, fan_out)}"
+                )
 
 
 def wrap(model, rank: int, alpha: float, targets: list[str], dropout: float = 0.0):
@@ -190,8 +205,10 @@ def describe(wrapped) -> str:
     c = wrapped.peft_config["default"]
     trained = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in wrapped.parameters())
-    return (f"LoRA rank {c.r}, alpha {c.lora_alpha:g} on {','.join(sorted(c.target_modules))} "
-            f"({trained:,} of {total:,} parameters trained)")  # fmt: skip
+    return (
+        f"LoRA rank {c.r}, alpha {c.lora_alpha:g} on {','.join(sorted(c.target_modules))} "
+        f"({trained:,} of {total:,} parameters trained)"
+    )
 
 
 # ---- weights ------------------------------------------------------------------------------------------------------
@@ -200,8 +217,9 @@ def plain_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def merged_weights(model, masters: dict[str, torch.Tensor], dtype: torch.dtype, train: torch.dtype,
-                   fp32: set[str] = frozenset()):
+def merged_weights(
+    model, masters: dict[str, torch.Tensor], dtype: torch.dtype, train: torch.dtype, fp32: set[str] = frozenset()
+):
     """(name, weight) for every parameter of the plain model: W + scale * B A in fp32 for adapted layers (base W as
     the learner computes with it, in the `train` dtype; A and B from the fp32 `masters` by name), every
     other weight as the learner holds it; cast to `dtype` (fp32 for the plain names in `fp32`). Sharded tensors are
@@ -246,13 +264,17 @@ def read_adapter(path, params: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         if key not in stored:
             raise UserError(f"the adapter in {str(path)!r} has no {key}: it adapts other layers than lora.* asks for")
         if tuple(stored[key].shape) != tuple(shapes[n]):
-            raise UserError(f"the adapter in {str(path)!r} holds {key} in shape {tuple(stored[key].shape)}, not "
-                            f"{tuple(shapes[n])}: it was trained with another lora.rank")  # fmt: skip
+            raise UserError(
+                f"the adapter in {str(path)!r} holds {key} in shape {tuple(stored[key].shape)}, not "
+                f"{tuple(shapes[n])}: it was trained with another lora.rank"
+            )
         out[n] = stored[key].float()
     extra = set(stored) - {saved_name(n) for n in names}
     if extra:
-        raise UserError(f"the adapter in {str(path)!r} adapts layers lora.* does not ask for (such as "
-                        f"{sorted(extra)[0]}); set lora.target_modules to the adapter's")  # fmt: skip
+        raise UserError(
+            f"the adapter in {str(path)!r} adapts layers lora.* does not ask for (such as "
+            f"{sorted(extra)[0]}); set lora.target_modules to the adapter's"
+        )
     return out
 
 
@@ -262,8 +284,11 @@ def save_adapter(folder: Path, config, masters: dict[str, torch.Tensor], dtype: 
 
     folder = Path(folder)
     config.save_pretrained(str(folder))
-    save_file({saved_name(n): t.detach().to(dtype).cpu().contiguous() for n, t in masters.items()},
-              str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {saved_name(n): t.detach().to(dtype).cpu().contiguous() for n, t in masters.items()},
+        str(folder / ADAPTER_WEIGHTS),
+        metadata={"format": "pt"},
+    )
 
 
 def check_same_shape(path, rank: int, alpha: float, targets: list[str]) -> None:
@@ -272,8 +297,9 @@ def check_same_shape(path, rank: int, alpha: float, targets: list[str]) -> None:
     want = {"rank": rank, "alpha": float(alpha), "target_modules": ",".join(sorted(targets))}
     if have != want:
         key = next(k for k in want if want[k] != have[k])
-        raise UserError(f"model.path {str(path)!r} holds a LoRA adapter with {key} {have[key]!r}, and lora.* asks "
-                        f"for {want[key]!r}: to go on training it, set lora.rank={have['rank']} "
-                        f"lora.alpha={have['alpha']:g} lora.target_modules={have['target_modules']}; to train a new "
-                        "adapter on it, export it merged first (unison export PATH --out DIR) and train on DIR")
-        # fmt: skip
+        raise UserError(
+            f"model.path {str(path)!r} holds a LoRA adapter with {key} {have[key]!r}, and lora.* asks "
+            f"for {want[key]!r}: to go on training it, set lora.rank={have['rank']} "
+            f"lora.alpha={have['alpha']:g} lora.target_modules={have['target_modules']}; to train a new "
+            "adapter on it, export it merged first (unison export PATH --out DIR) and train on DIR"
+        )

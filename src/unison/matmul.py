@@ -51,8 +51,9 @@ def _register_fp32_sdpa() -> str:
     """Register fp32-accumulate attention with transformers' attention interface (once)."""
 
     def forward(module, query, key, value, attention_mask, **kwargs):
-        mask = (attention_mask if attention_mask is None or attention_mask.dtype == torch.bool
-                else attention_mask.float())
+        mask = (
+            attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask.float()
+        )
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
         return out.to(query.dtype), weights
 

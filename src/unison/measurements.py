@@ -46,8 +46,9 @@ class ExactDivergences:
     def before_update(self, learner, rollouts: Rollouts, micro_batch_size: int, sampling: tuple) -> None:
         t0 = time.perf_counter()
         self.acc = ExactAccumulator()
-        self.acc.add(learner.distributions(rollouts, micro_batch_size, *sampling), rollouts.distributions,
-                     rollouts.mask)  # fmt: skip
+        self.acc.add(
+            learner.distributions(rollouts, micro_batch_size, *sampling), rollouts.distributions, rollouts.mask
+        )
         rollouts.distributions = None  # (not gathered nor kept)
         self.acc.merge(self.world.gather_others(self.acc))
         self.seconds = time.perf_counter() - t0

@@ -23,18 +23,34 @@ from collections.abc import Sequence
 import torch
 
 METRIC_KEYS = (
-    "prob_abs_diff_mean", "prob_abs_diff_max", "prob_diff_max", "prob_diff_min",
-    "log_ratio_mean", "log_ratio_min", "log_ratio_max", "abs_log_ratio_mean",
-    "k1", "k2", "k3", "chi2_token",
-    "seq_log_ratio_mean", "seq_log_ratio_abs_mean", "seq_log_ratio_min", "seq_log_ratio_max", "seq_kl", "chi2_seq",
-    "num_tokens", "num_seqs",
-)  # fmt: skip
+    "prob_abs_diff_mean",
+    "prob_abs_diff_max",
+    "prob_diff_max",
+    "prob_diff_min",
+    "log_ratio_mean",
+    "log_ratio_min",
+    "log_ratio_max",
+    "abs_log_ratio_mean",
+    "k1",
+    "k2",
+    "k3",
+    "chi2_token",
+    "seq_log_ratio_mean",
+    "seq_log_ratio_abs_mean",
+    "seq_log_ratio_min",
+    "seq_log_ratio_max",
+    "seq_kl",
+    "chi2_seq",
+    "num_tokens",
+    "num_seqs",
+)
 
 
 def _prepare(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor):
     if logp_pi.shape != logp_mu.shape or logp_pi.shape != mask.shape:
-        raise ValueError(f"shapes differ: logp_pi {tuple(logp_pi.shape)}, logp_mu {tuple(logp_mu.shape)}, "
-                         f"mask {tuple(mask.shape)}")  # fmt: skip
+        raise ValueError(
+            f"shapes differ: logp_pi {tuple(logp_pi.shape)}, logp_mu {tuple(logp_mu.shape)}, mask {tuple(mask.shape)}"
+        )
     return logp_pi.detach().double(), logp_mu.detach().double(), mask.bool()
 
 
@@ -128,11 +144,22 @@ class MismatchAccumulator:
         lp, lm = lp[m], lm[m]  # [N]
         r = lp - lm  # [N]
         pdiff = lp.exp() - lm.exp()  # [N]
-        values = torch.stack([
-            torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
-            pdiff.abs().sum(), r.sum(), r.abs().sum(), r.square().sum(), (torch.expm1(r) - r).sum(),
-            pdiff.abs().max(), pdiff.max(), r.max(), pdiff.min(), r.min(), torch.logsumexp(2.0 * r, dim=0),
-        ]).tolist()  # fmt: skip
+        values = torch.stack(
+            [
+                torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
+                pdiff.abs().sum(),
+                r.sum(),
+                r.abs().sum(),
+                r.square().sum(),
+                (torch.expm1(r) - r).sum(),
+                pdiff.abs().max(),
+                pdiff.max(),
+                r.max(),
+                pdiff.min(),
+                r.min(),
+                torch.logsumexp(2.0 * r, dim=0),
+            ]
+        ).tolist()
         batch = dict(zip(_SUMS + _MAXES + _MINS, values[:-1]))
         for key in _SUMS:
             self.stats[key] += batch[key]
@@ -198,9 +225,16 @@ def mismatch_metrics(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.T
 
 # ---- exact divergences from the whole distributions ------------------------------------------------------------
 EXACT_KEYS = (
-    "exact_kl_mu_pi", "exact_kl_pi_mu", "exact_tv", "exact_seq_kl_mu_pi", "exact_seq_kl_pi_mu", "exact_seq_tv",
-    "support_mismatch_frac", "k3_vs_exact", "seq_kl_vs_exact",
-)  # fmt: skip
+    "exact_kl_mu_pi",
+    "exact_kl_pi_mu",
+    "exact_tv",
+    "exact_seq_kl_mu_pi",
+    "exact_seq_kl_pi_mu",
+    "exact_seq_tv",
+    "support_mismatch_frac",
+    "k3_vs_exact",
+    "seq_kl_vs_exact",
+)
 
 
 def token_divergences(logq_pi: torch.Tensor, logq_mu: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -276,8 +310,9 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and math.isfinite(b) else float("nan")
 
 
-def exact_metrics(logq_pi: torch.Tensor, logq_mu: torch.Tensor, mask: torch.Tensor,
-                  estimated: dict | None = None) -> dict[str, float]:  # fmt: skip
+def exact_metrics(
+    logq_pi: torch.Tensor, logq_mu: torch.Tensor, mask: torch.Tensor, estimated: dict | None = None
+) -> dict[str, float]:
     """`ExactAccumulator` over one batch."""
     acc = ExactAccumulator()
     acc.add(logq_pi, logq_mu, mask)

@@ -39,11 +39,16 @@ BUILTIN_DIR = ASSETS / "countdown-tiny"
 # to the long-response task (`countdown-long`, a context of 2048 positions)
 BUILTINS = {
     BUILTIN: (BUILTIN_DIR, "python -m unison.warmstart"),
-    "builtin-moe": (ASSETS / "countdown-tiny-moe",
-                    "python -m unison.warmstart --arch qwen3-moe --out src/unison/assets/countdown-tiny-moe"),
-    "builtin-long": (ASSETS / "countdown-tiny-long", "python -m unison.warmstart --long --batch-size 8 --lr 1e-3 "
-                     "--phase2-lr 5e-4 --target 0.25 --phase2-steps 200 --out src/unison/assets/countdown-tiny-long"),
-}  # fmt: skip
+    "builtin-moe": (
+        ASSETS / "countdown-tiny-moe",
+        "python -m unison.warmstart --arch qwen3-moe --out src/unison/assets/countdown-tiny-moe",
+    ),
+    "builtin-long": (
+        ASSETS / "countdown-tiny-long",
+        "python -m unison.warmstart --long --batch-size 8 --lr 1e-3 "
+        "--phase2-lr 5e-4 --target 0.25 --phase2-steps 200 --out src/unison/assets/countdown-tiny-long",
+    ),
+}
 
 PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, EOS, UNK, "<|im_start|>", "<|im_end|>"]
@@ -129,8 +134,9 @@ def resolve_model_dir(name: str | Path) -> Path:
         adapter_base(path)
         return path
     if not (path / "config.json").exists():
-        raise UserError(f"{str(path)!r} has no config.json, so it is not a Hugging Face checkpoint; "
-                        "give the checkpoint's directory")
+        raise UserError(
+            f"{str(path)!r} has no config.json, so it is not a Hugging Face checkpoint; give the checkpoint's directory"
+        )
     try:
         config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -153,8 +159,10 @@ def load_tokenizer(model_dir: str | Path):
     if not any((path / n).exists() for n in names):
         path = base_model_dir(path)  # an adapter saved without one: its base model's
     if not any((path / n).exists() for n in names):
-        raise UserError(f"{str(path)!r} has no tokenizer (tokenizer.json or tokenizer_config.json); "
-                        "save it beside the model with tokenizer.save_pretrained")
+        raise UserError(
+            f"{str(path)!r} has no tokenizer (tokenizer.json or tokenizer_config.json); "
+            "save it beside the model with tokenizer.save_pretrained"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
@@ -179,27 +187,37 @@ def resolve_attn_implementation(config, requested: str = "auto", device: torch.d
     if requested == "auto":
         return "sdpa" if sdpa_ok else "eager"
     if requested == "sdpa" and not sdpa_ok:
-        why = (f"SDPA does not apply its attention soft-capping ({softcap})" if softcap
-               else "this transformers has no SDPA for it")
+        why = (
+            f"SDPA does not apply its attention soft-capping ({softcap})"
+            if softcap
+            else "this transformers has no SDPA for it"
+        )
         raise UserError(f"{kind} models cannot run model.attn_implementation=sdpa: {why}; use auto or eager")
     if requested == "flash_attention_2":
-
         if importlib.util.find_spec("flash_attn") is None:
-            raise UserError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
-                            "installed (pip install flash-attn on a CUDA machine); use auto")  # fmt: skip
+            raise UserError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+                "installed (pip install flash-attn on a CUDA machine); use auto"
+            )
         if torch.device(device).type != "cuda":
-            raise UserError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only; "
-                            "use auto on this device")
+            raise UserError(
+                "model.attn_implementation=flash_attention_2 runs on CUDA GPUs only; use auto on this device"
+            )
         if not getattr(cls, "_supports_flash_attn", getattr(cls, "_supports_flash_attn_2", False)):
             raise UserError(f"{kind} models do not support flash_attention_2; use auto")
     if requested not in ATTN_IMPLEMENTATIONS:
-        raise UserError(f"unknown attention implementation {requested!r}; "
-                        f"choose one of: {', '.join(ATTN_IMPLEMENTATIONS)}")
+        raise UserError(
+            f"unknown attention implementation {requested!r}; choose one of: {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
     return requested
 
 
-def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "auto"):
+def load_model(
+    model_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "auto",
+):
     """A causal LM from a local checkpoint directory (offline), on `device`, in `dtype`, in eval mode.
 
     The weights are loaded as fp32, whatever `config.json`'s dtype says, then cast once to `dtype`. A weight the files
@@ -213,8 +231,12 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         attn = resolve_attn_implementation(config, attn_implementation, device)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation=attn, output_loading_info=True,
-        )  # fmt: skip
+            str(path),
+            local_files_only=True,
+            dtype=torch.float32,
+            attn_implementation=attn,
+            output_loading_info=True,
+        )
     except ValueError as exc:
         raise UserError(f"cannot load {str(path)!r} as a causal LM: {str(exc).splitlines()[0]}") from None
     except (OSError, RuntimeError, KeyError, SafetensorError) as exc:
@@ -225,8 +247,10 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
         found = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            raise UserError(f"{str(path)!r} {what} {found[0]}{more} that its config.json calls for; re-save the "
-                            "checkpoint, or fix config.json to match its weights")  # fmt: skip
+            raise UserError(
+                f"{str(path)!r} {what} {found[0]}{more} that its config.json calls for; re-save the "
+                "checkpoint, or fix config.json to match its weights"
+            )
     return finish_loading(model, path, device, dtype)
 
 
@@ -235,8 +259,10 @@ def finish_loading(model, path, device, dtype: torch.dtype):
     in eval mode."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
-            raise UserError(f"{str(path)!r}: weight {name} holds NaN or inf values; use another checkpoint (a run's "
-                            "earlier one) or re-save it")  # fmt: skip
+            raise UserError(
+                f"{str(path)!r}: weight {name} holds NaN or inf values; use another checkpoint (a run's "
+                "earlier one) or re-save it"
+            )
     cast_module(model, dtype)
     return model.to(device).eval()
 
@@ -280,6 +306,8 @@ def load_merged(path, device="cpu", dtype: torch.dtype = torch.float32, attn_imp
             warnings.simplefilter("ignore", FutureWarning)
             merged = PeftModel.from_pretrained(base, str(path), is_trainable=False).merge_and_unload()
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise UserError(f"cannot load the adapter in {str(path)!r} onto its base model: "
-                        f"{str(exc).splitlines()[0]}; re-save the adapter") from None  # fmt: skip
+        raise UserError(
+            f"cannot load the adapter in {str(path)!r} onto its base model: "
+            f"{str(exc).splitlines()[0]}; re-save the adapter"
+        ) from None
     return finish_loading(merged, path, device, dtype)

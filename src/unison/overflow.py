@@ -183,8 +183,11 @@ class OverflowGuard:
         if layer not in self.upcast:
             run_in_fp32(mlp)
             self.upcast.append(layer)
-            print(f"unison: layer {layer}'s MLP overflowed fp16 in the {self.where}; it runs in fp32 from now on",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"unison: layer {layer}'s MLP overflowed fp16 in the {self.where}; it runs in fp32 from now on",
+                file=sys.stderr,
+                flush=True,
+            )
         x = self.saved.pop(layer)
         self._busy = True
         try:
@@ -211,16 +214,24 @@ class OverflowGuard:
         site = f"layer {layer} ({'attention' if block == 'attention' else 'MLP'} block, model.layers.{layer})"
         head = f"activations left the FP16 range (|x| > {FP16_MAX:g}, or inf/NaN) in the {self.where} at {site}"
         if fp32_failed:
-            return (f"{head}, and its output stays beyond the FP16 range even computed in fp32; run this model in bf16 "
-                    "or fp32 (e.g. --precision bf16)")  # fmt: skip
+            return (
+                f"{head}, and its output stays beyond the FP16 range even computed in fp32; run this model in bf16 "
+                "or fp32 (e.g. --precision bf16)"
+            )
         if self.mode == "fp32_layers" and block == "mlp" and layer in self.upcast:
-            return (f"{head}, after its MLP was already moved to fp32 (the residual stream overflows); "
-                    "run this model in bf16 or fp32 (e.g. --precision bf16)")
+            return (
+                f"{head}, after its MLP was already moved to fp32 (the residual stream overflows); "
+                "run this model in bf16 or fp32 (e.g. --precision bf16)"
+            )
         if self.mode == "fp32_layers":
-            return (f"{head}; fp32 layers cannot cure overflow in attention or the residual stream: "
-                    "run this model in bf16 or fp32 (e.g. --precision bf16)")
-        return (f"{head}; run this model in bf16 or fp32 (e.g. --precision bf16), or set "
-                "precision.on_activation_overflow=fp32_layers to compute overflowing MLPs in fp32")  # fmt: skip
+            return (
+                f"{head}; fp32 layers cannot cure overflow in attention or the residual stream: "
+                "run this model in bf16 or fp32 (e.g. --precision bf16)"
+            )
+        return (
+            f"{head}; run this model in bf16 or fp32 (e.g. --precision bf16), or set "
+            "precision.on_activation_overflow=fp32_layers to compute overflowing MLPs in fp32"
+        )
 
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -309,8 +320,16 @@ def activation_stats(model: torch.nn.Module, batches: list[torch.Tensor]) -> lis
     rows = []
     for i, p in enumerate(peak):
         block = max(p, key=p.get)
-        rows.append({"layer": i, **p, "max_abs": p[block], "where": block, "fp16_fraction": p[block] / FP16_MAX,
-                     "fp16_safe": p[block] <= FP16_MAX})  # fmt: skip
+        rows.append(
+            {
+                "layer": i,
+                **p,
+                "max_abs": p[block],
+                "where": block,
+                "fp16_fraction": p[block] / FP16_MAX,
+                "fp16_safe": p[block] <= FP16_MAX,
+            }
+        )
     return rows
 
 
@@ -319,11 +338,15 @@ def format_activation_table(rows: list[dict]) -> str:
     head = f"{'layer':>5s}" + "".join(f"{b:>12s}" for b in BLOCKS) + f"{'max/65504':>11s}  fp16"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['layer']:>5d}" + "".join(f"{r[b]:>12.4g}" for b in BLOCKS)
-                     + f"{r['fp16_fraction']:>11.2e}  {'ok' if r['fp16_safe'] else 'OVERFLOW'}")  # fmt: skip
+        lines.append(
+            f"{r['layer']:>5d}"
+            + "".join(f"{r[b]:>12.4g}" for b in BLOCKS)
+            + f"{r['fp16_fraction']:>11.2e}  {'ok' if r['fp16_safe'] else 'OVERFLOW'}"
+        )
     worst = max(rows, key=lambda r: r["max_abs"]) if rows else None
     if worst is not None:
         verdict = "fits FP16" if worst["fp16_safe"] else "exceeds FP16: run it in bf16 or fp32"
-        lines.append(f"largest |activation| {worst['max_abs']:.4g} at layer {worst['layer']} "
-                     f"({worst['where']}): {verdict}")
+        lines.append(
+            f"largest |activation| {worst['max_abs']:.4g} at layer {worst['layer']} ({worst['where']}): {verdict}"
+        )
     return "\n".join(lines)

@@ -70,8 +70,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
     """Fail with a clear message when `device` cannot run matrix products in `dtype`."""
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) cannot run bf16; "
-                        "use --precision fp16 or fp32")
+        raise UserError(
+            f"this GPU ({torch.cuda.get_device_name(device)}) cannot run bf16; use --precision fp16 or fp32"
+        )
     try:
         a = torch.ones(4, 4, dtype=dtype, device=device)
         (a @ a).sum().item()
@@ -293,9 +294,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def step(weights: MasterWeights, optimizer: torch.optim.Optimizer, scaler: LossScaler,
-         max_grad_norm: float | None = 1.0, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         ) -> StepResult:  # fmt: skip
+def step(
+    weights: MasterWeights,
+    optimizer: torch.optim.Optimizer,
+    scaler: LossScaler,
+    max_grad_norm: float | None = 1.0,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> StepResult:
     """After the backward passes of a step: unscale the fp32 gradients, take their norm, and step or skip.
 
     If the norm is inf/NaN the step is skipped (master weights untouched), the scale backs off and the skip is
@@ -323,8 +328,13 @@ def step(weights: MasterWeights, optimizer: torch.optim.Optimizer, scaler: LossS
     return StepResult(skipped=False, grad_norm=norm, loss_scale=scale)
 
 
-def backward_and_step(losses: Iterable[torch.Tensor], weights: MasterWeights, optimizer: torch.optim.Optimizer,
-                      scaler: LossScaler, max_grad_norm: float | None = 1.0) -> StepResult:  # fmt: skip
+def backward_and_step(
+    losses: Iterable[torch.Tensor],
+    weights: MasterWeights,
+    optimizer: torch.optim.Optimizer,
+    scaler: LossScaler,
+    max_grad_norm: float | None = 1.0,
+) -> StepResult:
     """One optimizer step over micro-batch losses: `backward` each (a generator computes each loss after the
     previous one's backward, so one micro-batch's graph is held at a time), then `step`."""
     weights.zero_grad()
@@ -341,7 +351,7 @@ _WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 def _position_weights(device: torch.device) -> torch.Tensor:
     if device not in _WEIGHTS:
-        _WEIGHTS[device] = (2 * (torch.arange(_CHUNK, device=device, dtype=torch.int32) % _PERIOD) + 1)
+        _WEIGHTS[device] = 2 * (torch.arange(_CHUNK, device=device, dtype=torch.int32) % _PERIOD) + 1
     return _WEIGHTS[device]
 
 

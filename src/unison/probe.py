@@ -45,24 +45,45 @@ from unison.setup import Setup, build
 
 @dataclass
 class ProbeSection:
-    precisions: list = doc(["fp32", "fp16", "bf16"], "settings to probe: a precision for rollout and train alike, or "
-                                                     "rollout/train (e.g. fp32/bf16)")
+    precisions: list = doc(
+        ["fp32", "fp16", "bf16"],
+        "settings to probe: a precision for rollout and train alike, or rollout/train (e.g. fp32/bf16)",
+    )
     batch_size: int = doc(256, "sequences per generate call")
-    activations: bool = doc(False, "also measure each layer's largest |activation| (fp32 forward) against the FP16 "
-                                   "limit 65504")
+    activations: bool = doc(
+        False, "also measure each layer's largest |activation| (fp32 forward) against the FP16 limit 65504"
+    )
     json: str = doc("", "also write the results JSON here")
-    advise: bool = doc(False, "also recommend a precision from what the probe measures (activation headroom, fp16 "
-                              "gradient underflow, fp16 and bf16 mismatch); implies probe.activations")
-    routing_replay: bool = doc(False, "MoE models: also recompute with the learner routing each token with the "
-                                      "engine's experts (routing replay), the mismatch with it as replay_*")
-    attribute: bool = doc(False, "also repeat each fp16/bf16 setting with one component (lm_head, attention, mlp, "
-                                 "norms, residual) in fp32 in both engines, then all: the share of the mismatch "
-                                 "each removes (native engine)")
-    lm_head: str = doc("same", "the LM head's dtype in both engines: same (each setting's), or fp32 (native engine)",
-                       choices=("same", "fp32"), what="choice", lower=True)
-    exact: str = doc("auto", "the exact per-position KL(mu||pi), KL(pi||mu) and total variation from both engines' "
-                             "whole distributions: on, off, or auto (on with the native engine)",
-                     choices=("auto", "on", "off"), what="choice")
+    advise: bool = doc(
+        False,
+        "also recommend a precision from what the probe measures (activation headroom, fp16 "
+        "gradient underflow, fp16 and bf16 mismatch); implies probe.activations",
+    )
+    routing_replay: bool = doc(
+        False,
+        "MoE models: also recompute with the learner routing each token with the "
+        "engine's experts (routing replay), the mismatch with it as replay_*",
+    )
+    attribute: bool = doc(
+        False,
+        "also repeat each fp16/bf16 setting with one component (lm_head, attention, mlp, "
+        "norms, residual) in fp32 in both engines, then all: the share of the mismatch "
+        "each removes (native engine)",
+    )
+    lm_head: str = doc(
+        "same",
+        "the LM head's dtype in both engines: same (each setting's), or fp32 (native engine)",
+        choices=("same", "fp32"),
+        what="choice",
+        lower=True,
+    )
+    exact: str = doc(
+        "auto",
+        "the exact per-position KL(mu||pi), KL(pi||mu) and total variation from both engines' "
+        "whole distributions: on, off, or auto (on with the native engine)",
+        choices=("auto", "on", "off"),
+        what="choice",
+    )
 
 
 @dataclass
@@ -86,16 +107,21 @@ class ProbeConfig:
             check_capability(engine, "fp32_lm_head", "probe.lm_head=fp32")
         if self.probe.attribute:
             check_capability(engine, "attribution", "probe.attribute=true")
-        check(not self.probe.attribute or self.probe.lm_head == "same", "probe.attribute",
-              "varies the LM head's dtype itself; leave probe.lm_head=same")  # fmt: skip
+        check(
+            not self.probe.attribute or self.probe.lm_head == "same",
+            "probe.attribute",
+            "varies the LM head's dtype itself; leave probe.lm_head=same",
+        )
         if self.probe.exact == "on":
             check_capability(engine, "distributions", "probe.exact=on")
         self.probe.precisions = [str(name).lower() for name in self.probe.precisions]
         for name in self.probe.precisions:
             parts = str(name).split("/")
-            check(len(parts) in (1, 2) and all(x in PRECISIONS for x in parts), "probe.precisions",
-                  f"unknown setting {name!r}; give a precision ({', '.join(sorted(PRECISIONS))}) "
-                  "or rollout/train")  # fmt: skip
+            check(
+                len(parts) in (1, 2) and all(x in PRECISIONS for x in parts),
+                "probe.precisions",
+                f"unknown setting {name!r}; give a precision ({', '.join(sorted(PRECISIONS))}) or rollout/train",
+            )
         return self
 
     def settings_names(self) -> list[tuple[str, str]]:
@@ -122,8 +148,56 @@ def exact_on(cfg: ProbeConfig) -> bool:
     return cfg.probe.exact == "on" or (cfg.probe.exact == "auto" and capable(cfg.rollout.engine, "distributions"))
 
 
-def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_ids,
-                  components: tuple | None = None) -> ProbeResult:  # fmt: skip
+class SettingAccumulators:
+    """What the probe of one setting adds up over its batches: the mismatch estimators, the exact divergences, an
+    MoE model's routing mismatch and the mismatch with routing replay, and the pi/mu pairs of the figures."""
+
+    def __init__(self, exact: bool, sampling: dict):
+        self.exact, self.sampling = exact, sampling
+        self.acc, self.exact_acc, self.routing_acc = MismatchAccumulator(), ExactAccumulator(), RoutingAccumulator()
+        self.replay_acc = MismatchAccumulator()
+        self.pis, self.mus = [], []
+
+    def add(self, ro, learner, replayer) -> None:
+        logp_pi = learner.recompute(ro, micro_batch_size=64, **self.sampling)
+        self.acc.add(logp_pi, ro.logprobs, ro.mask)
+        if self.exact:
+            logq = learner.distributions(ro, micro_batch_size=64, **self.sampling)
+            self.exact_acc.add(logq, ro.distributions, ro.mask)
+        if learner.moe and ro.routing is not None:
+            self.routing_acc.add(*ro.routing, *learner.routing(ro), ro.mask)
+            if replayer is not None:
+                self.replay_acc.add(replayer.recompute(ro, micro_batch_size=64, **self.sampling), ro.logprobs, ro.mask)
+        self.pis.append(logp_pi[ro.mask].exp())
+        self.mus.append(ro.logprobs[ro.mask].exp())
+
+    def metrics(self) -> dict:
+        metrics = self.acc.result()
+        if self.exact:
+            metrics.update(self.exact_acc.result(metrics))
+        if self.routing_acc.flip:
+            metrics.update(self.routing_acc.result())
+        if self.replay_acc.lengths:
+            replayed = self.replay_acc.result()
+            metrics.update({f"replay_{k}": replayed[k] for k in ("abs_log_ratio_mean", "k3", "seq_kl")})
+        return metrics
+
+    def points(self) -> dict:
+        """Up to 20,000 (pi, mu) pairs of sampled tokens (a seeded choice), and every sequence's log-ratio."""
+        pi, mu = torch.cat(self.pis), torch.cat(self.mus)
+        keep = torch.randperm(len(pi), generator=torch.Generator().manual_seed(0))[:20000]
+        return {
+            "pi": pi[keep].tolist(),
+            "mu": mu[keep].tolist(),
+            "seq_log_ratio": list(self.acc.seq_log_ratios),
+            "lengths": list(self.acc.lengths),
+            "intercept": self.acc.length_slope()[1],
+        }
+
+
+def probe_setting(
+    cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_ids, components: tuple | None = None
+) -> ProbeResult:
     """One setting: sample, recompute, every metric. With `components` (a tuple, maybe empty), those computed in
     fp32 in both engines, which run the model's own modules (`unison.attribution`)."""
     t0 = time.perf_counter()
@@ -135,52 +209,29 @@ def probe_setting(cfg: ProbeConfig, policy: PrecisionPolicy, s: Setup, prompt_id
     batch = cfg.probe.batch_size
     if exact:  # rows whose two [tokens, vocabulary] distributions fit the budget
         batch = max(1, min(batch, EXACT_BATCH_BYTES // (8 * s.max_new_tokens * s.config.vocab_size)))
+    params = s.sampling()
+    acc = SettingAccumulators(exact, {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p})
     with s.engine(policy.rollout, lm_head=cfg.probe.lm_head) as engine:
         learner.sync(engine)  # the engine holds exactly the learner's weights cast to the rollout dtype
         if components is not None:  # then both run the same components in fp32 (the weights' values unchanged)
             engine.upcast_components(components)
             upcast(learner.model, policy.train, components)
         print(f"probe {label}: {s.describe(engine)}", flush=True)
-        params = s.sampling()
-        rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
-        acc, exact_acc, routing_acc = MismatchAccumulator(), ExactAccumulator(), RoutingAccumulator()
         moe = learner.moe  # then the routing mismatch too (`unison.routing`)
         replayer = s.learner(policy, moe=MoeConfig(routing_replay=True)) if moe and cfg.probe.routing_replay else None
-        replay_acc = MismatchAccumulator()
-        pis, mus = [], []
+        rows = [p for p in prompt_ids for _ in range(cfg.rollout.group_size)]
         bar = tqdm(total=len(rows), desc=f"probe {label}", unit="seq", disable=not cfg.run.progress)
-        sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
         for start in range(0, len(rows), batch):
             threads.adapt()
-            ro = engine.generate(rows[start: start + batch], params, keep_distributions=exact,
-                                 **({"keep_routing": True} if moe else {}))  # fmt: skip
-            logp_pi = learner.recompute(ro, micro_batch_size=64, **sampling)
-            acc.add(logp_pi, ro.logprobs, ro.mask)
-            if exact:
-                exact_acc.add(learner.distributions(ro, micro_batch_size=64, **sampling), ro.distributions, ro.mask)
-            if moe and ro.routing is not None:
-                routing_acc.add(*ro.routing, *learner.routing(ro), ro.mask)
-                if replayer is not None:
-                    replay_acc.add(replayer.recompute(ro, micro_batch_size=64, **sampling), ro.logprobs, ro.mask)
-            pis.append(logp_pi[ro.mask].exp())
-            mus.append(ro.logprobs[ro.mask].exp())
+            ro = engine.generate(
+                rows[start : start + batch], params, keep_distributions=exact, **({"keep_routing": True} if moe else {})
+            )
+            acc.add(ro, learner, replayer)
             bar.update(len(ro))
         bar.close()
-    metrics = acc.result()
-    if exact:
-        metrics.update(exact_acc.result(metrics))
-    if routing_acc.flip:
-        metrics.update(routing_acc.result())
-    if replay_acc.lengths:
-        replayed = replay_acc.result()
-        metrics.update({f"replay_{k}": replayed[k] for k in ("abs_log_ratio_mean", "k3", "seq_kl")})
-    slope, intercept = acc.length_slope()
-    pi, mu = torch.cat(pis), torch.cat(mus)
-    keep = torch.randperm(len(pi), generator=torch.Generator().manual_seed(0))[:20000]
-    points = {"pi": pi[keep].tolist(), "mu": mu[keep].tolist(), "seq_log_ratio": list(acc.seq_log_ratios),
-              "lengths": list(acc.lengths), "intercept": intercept}  # fmt: skip
-    return ProbeResult(precision_name(policy.rollout), precision_name(policy.train), metrics, slope,
-                       time.perf_counter() - t0, points)  # fmt: skip
+    slope = acc.acc.length_slope()[0]
+    rollout, train = precision_name(policy.rollout), precision_name(policy.train)
+    return ProbeResult(rollout, train, acc.metrics(), slope, time.perf_counter() - t0, acc.points())
 
 
 def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
@@ -195,7 +246,6 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     examples = s.examples(split, cfg.data.max_prompts)
     prompt_ids = s.encode(examples)
     if cfg.probe.attribute:  # before any sampling: the model's structure, built without its weights
-
         with torch.device("meta"):
             check_supported(AutoModelForCausalLM.from_config(s.config))
     results = [probe_setting(cfg, pol, s, prompt_ids) for pol in policies]
@@ -234,11 +284,21 @@ def attribute(cfg: ProbeConfig, policies: list[PrecisionPolicy], s: Setup, promp
             r = probe_setting(cfg, pol, s, prompt_ids, components=comps)
             measured["+".join(comps) or "baseline"] = {k: r.metrics.get(k, float("nan")) for k in ATTRIBUTION_KEYS}
         base = measured["baseline"]
-        rows = [{"components": name, **values,
-                 "share_removed": {k: (1 - values[k] / base[k]) if base[k] else float("nan") for k in ATTRIBUTION_KEYS}}
-                for name, values in measured.items()]  # fmt: skip
-        out.append({"rollout_precision": precision_name(pol.rollout), "train_precision": precision_name(pol.train),
-                    "runs": rows})  # fmt: skip
+        rows = [
+            {
+                "components": name,
+                **values,
+                "share_removed": {k: (1 - values[k] / base[k]) if base[k] else float("nan") for k in ATTRIBUTION_KEYS},
+            }
+            for name, values in measured.items()
+        ]
+        out.append(
+            {
+                "rollout_precision": precision_name(pol.rollout),
+                "train_precision": precision_name(pol.train),
+                "runs": rows,
+            }
+        )
     return out
 
 
@@ -251,8 +311,10 @@ def format_attribution(attribution: list[dict]) -> str:
         lines.append(f"  {'in fp32':36s}{'|log pi/mu|':>13s}{'removes':>9s}{'exact KL':>12s}{'removes':>9s}")
         for r in setting["runs"]:
             share = r["share_removed"]
-            lines.append(f"  {r['components']:36s}{r['abs_log_ratio_mean']:>13.3e}{share['abs_log_ratio_mean']:>9.0%}"
-                         f"{r['exact_kl_mu_pi']:>12.3e}{share['exact_kl_mu_pi']:>9.0%}")  # fmt: skip
+            lines.append(
+                f"  {r['components']:36s}{r['abs_log_ratio_mean']:>13.3e}{share['abs_log_ratio_mean']:>9.0%}"
+                f"{r['exact_kl_mu_pi']:>12.3e}{share['exact_kl_mu_pi']:>9.0%}"
+            )
     return "\n".join(lines)
 
 
@@ -275,8 +337,10 @@ def probe_activations(cfg: ProbeConfig, s: Setup, prompt_ids) -> list[dict]:
 
     with s.engine(torch.float32) as engine:
         ro = engine.generate(prompt_ids, s.sampling())
-    seqs = [torch.tensor([p + ro.response_ids[i, : int(ro.lengths[i])].tolist()], device=s.device)
-            for i, p in enumerate(prompt_ids)]  # fmt: skip
+    seqs = [
+        torch.tensor([p + ro.response_ids[i, : int(ro.lengths[i])].tolist()], device=s.device)
+        for i, p in enumerate(prompt_ids)
+    ]
     return activation_stats(s.load_model(), seqs)
 
 
@@ -285,24 +349,51 @@ def results_json(cfg: ProbeConfig, results: list[ProbeResult], max_new_tokens: i
         return v if not isinstance(v, float) or math.isfinite(v) else str(v)
 
     return {
-        "model": cfg.model.path, "engine": cfg.rollout.engine, "prompts": cfg.data.source,
-        "num_prompts": cfg.data.max_prompts, "samples": cfg.rollout.group_size,
-        "max_new_tokens": max_new_tokens, "temperature": cfg.rollout.temperature,
+        "model": cfg.model.path,
+        "engine": cfg.rollout.engine,
+        "prompts": cfg.data.source,
+        "num_prompts": cfg.data.max_prompts,
+        "samples": cfg.rollout.group_size,
+        "max_new_tokens": max_new_tokens,
+        "temperature": cfg.rollout.temperature,
         "results": [
-            {"rollout_precision": r.rollout_precision, "train_precision": r.train_precision,
-             "metrics": {k: clean(v) for k, v in {**r.metrics, "seq_slope_per_1k_tokens": r.slope_per_1k}.items()},
-             "seconds": r.seconds}
+            {
+                "rollout_precision": r.rollout_precision,
+                "train_precision": r.train_precision,
+                "metrics": {k: clean(v) for k, v in {**r.metrics, "seq_slope_per_1k_tokens": r.slope_per_1k}.items()},
+                "seconds": r.seconds,
+            }
             for r in results
         ],
-    }  # fmt: skip
+    }
 
 
 TABLE_KEYS = [
-    "abs_log_ratio_mean", "prob_abs_diff_mean", "prob_abs_diff_max", "log_ratio_mean", "log_ratio_min", "log_ratio_max",
-    "k1", "k2", "k3", "chi2_token", "seq_log_ratio_mean", "seq_log_ratio_abs_mean", "seq_log_ratio_min",
-    "seq_log_ratio_max", "seq_kl", "chi2_seq", "seq_slope_per_1k_tokens", "num_tokens", "num_seqs", *EXACT_KEYS,
-    "routing_flip_frac", "router_prob_gap", "replay_abs_log_ratio_mean", "replay_k3",
-]  # fmt: skip
+    "abs_log_ratio_mean",
+    "prob_abs_diff_mean",
+    "prob_abs_diff_max",
+    "log_ratio_mean",
+    "log_ratio_min",
+    "log_ratio_max",
+    "k1",
+    "k2",
+    "k3",
+    "chi2_token",
+    "seq_log_ratio_mean",
+    "seq_log_ratio_abs_mean",
+    "seq_log_ratio_min",
+    "seq_log_ratio_max",
+    "seq_kl",
+    "chi2_seq",
+    "seq_slope_per_1k_tokens",
+    "num_tokens",
+    "num_seqs",
+    *EXACT_KEYS,
+    "routing_flip_frac",
+    "router_prob_gap",
+    "replay_abs_log_ratio_mean",
+    "replay_k3",
+]
 
 
 def format_table(results: list[ProbeResult]) -> str:
@@ -311,8 +402,11 @@ def format_table(results: list[ProbeResult]) -> str:
     values = [{**r.metrics, "seq_slope_per_1k_tokens": r.slope_per_1k} for r in results]
     by = {c: v for c, v in zip(cols, values)}
     ratio = "bf16/bf16" in by and "fp16/fp16" in by
-    head = (f"{'metric (rollout/train)':26s}" + "".join(f"{c:>13s}" for c in cols)
-            + (f"{'bf16÷fp16':>12s}" if ratio else ""))
+    head = (
+        f"{'metric (rollout/train)':26s}"
+        + "".join(f"{c:>13s}" for c in cols)
+        + (f"{'bf16÷fp16':>12s}" if ratio else "")
+    )
     lines = [head, "-" * len(head)]
     for key in TABLE_KEYS:
         if not any(key in v for v in values):  # the exact divergences, where they were not computed
@@ -339,8 +433,11 @@ def plot_token_scatter(results: list[ProbeResult], path: Path) -> None:
     for ax, r in zip(axes[0], results):
         ax.scatter(r.points["mu"], r.points["pi"], s=2, alpha=0.3, color=_colors().get(r.train_precision, "k"))
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set_title(f"{r.rollout_precision} rollout / {r.train_precision} train\n"
-                     f"mean |log pi - log mu| = {r.metrics['abs_log_ratio_mean']:.2e}", fontsize=9)  # fmt: skip
+        ax.set_title(
+            f"{r.rollout_precision} rollout / {r.train_precision} train\n"
+            f"mean |log pi - log mu| = {r.metrics['abs_log_ratio_mean']:.2e}",
+            fontsize=9,
+        )
         ax.set_xlabel("mu(y_t)  (rollout engine)")
         ax.set_ylabel("pi(y_t)  (learner)")
         ax.set_xlim(0, 1)
@@ -360,8 +457,10 @@ def plot_sequence_drift(results: list[ProbeResult], path: Path) -> None:
     for r in results:
         c = _colors().get(r.train_precision, None) if r.rollout_precision == r.train_precision else None
         xs, ys = r.points["lengths"], r.points["seq_log_ratio"]
-        label = (f"{r.rollout_precision}/{r.train_precision}: slope {r.slope_per_1k:+.3f} per 1K tokens, "
-                 f"KL {r.metrics['seq_kl']:.2e}")  # fmt: skip
+        label = (
+            f"{r.rollout_precision}/{r.train_precision}: slope {r.slope_per_1k:+.3f} per 1K tokens, "
+            f"KL {r.metrics['seq_kl']:.2e}"
+        )
         ax.scatter(xs, ys, s=4, alpha=0.4, color=c)
         if xs:
             x0, x1 = min(xs), max(xs)

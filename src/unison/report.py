@@ -33,13 +33,19 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def samples_markdown(rows: list[dict]) -> str:
     """Decoded samples as a Markdown table (TensorBoard's text panel renders it)."""
+
     def cell(text) -> str:
         return str(text).replace("|", "\\|").replace("\n", "<br>")
 
-    lines = ["| id | reward | length | finished | mismatch | prompt | response |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {cell(r['id'])} | {r['reward']:.3g} | {r['length']} | {r['finished']} | {r['mismatch']:.2e} | "
-              f"{cell(r['prompt'])} | {cell(r['response'])} |" for r in rows]  # fmt: skip
+    lines = [
+        "| id | reward | length | finished | mismatch | prompt | response |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {cell(r['id'])} | {r['reward']:.3g} | {r['length']} | {r['finished']} | {r['mismatch']:.2e} | "
+        f"{cell(r['prompt'])} | {cell(r['response'])} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -71,9 +77,15 @@ class WandbSink:
 
         self.wandb = wandb
         ids.setdefault("wandb", uuid.uuid4().hex[:8])
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "unison"), dir=str(run_dir),
-                              name=Path(run_dir).name, id=ids["wandb"], resume="allow", config=flatten(config),
-                              mode=os.environ.get("WANDB_MODE", "offline"))  # fmt: skip
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "unison"),
+            dir=str(run_dir),
+            name=Path(run_dir).name,
+            id=ids["wandb"],
+            resume="allow",
+            config=flatten(config),
+            mode=os.environ.get("WANDB_MODE", "offline"),
+        )
 
     def scalars(self, step: int, metrics: dict) -> None:
         self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -100,16 +112,20 @@ class MlflowSink:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store opt-in
             mlflow.set_tracking_uri((Path(run_dir) / "mlruns").absolute().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "unison"))
-        self.run = mlflow.start_run(run_id=ids.get("mlflow"),
-                                    run_name=None if ids.get("mlflow") else Path(run_dir).name)
+        self.run = mlflow.start_run(
+            run_id=ids.get("mlflow"), run_name=None if ids.get("mlflow") else Path(run_dir).name
+        )
         if "mlflow" not in ids:
             ids["mlflow"] = self.run.info.run_id
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
 
     def scalars(self, step: int, metrics: dict) -> None:
         # MLflow names take letters, digits and _ - . : / and spaces: `eval/pass@4` is logged as `eval/pass_at_4`
-        clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(v)}  # fmt: skip
+        clean = {
+            k.replace("@", "_at_"): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        }
         self.mlflow.log_metrics(clean, step=step)
 
     def samples(self, step: int, rows: list[dict]) -> None:
@@ -132,16 +148,17 @@ def resolve_loggers(names: list[str]) -> list[str]:
     """The loggers to start: those asked for, each installed (a UserError naming the extra otherwise); none asked
     for: tensorboard where it is installed."""
 
-
     if not names:
         return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
     names = [n for n in names if n != "jsonl"]
     for name in names:
         _, module, extra = LOGGERS[name]
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"run.loggers asks for {name}, which is not installed; install it with: "
-                            f"pip install 'unison[{extra}]' (or pip install {module}), "
-                            "or drop it from run.loggers")  # fmt: skip
+            raise UserError(
+                f"run.loggers asks for {name}, which is not installed; install it with: "
+                f"pip install 'unison[{extra}]' (or pip install {module}), "
+                "or drop it from run.loggers"
+            )
     return list(dict.fromkeys(names))
 
 
@@ -193,9 +210,11 @@ def format_samples(step: int, rows: list[dict]) -> str:
     """A step's decoded samples as text, one block per sample."""
     blocks = [f"step {step}: {len(rows)} samples"]
     for r in rows:
-        blocks.append(f"--- {r['id'] or 'sample'} | reward {r['reward']:.3g} | {r['length']} tokens | "
-                      f"{'finished' if r['finished'] else 'cut at max_new_tokens'} | mismatch {r['mismatch']:.2e}\n"
-                      f"[prompt]\n{r['prompt']}\n[response]\n{r['response']}")  # fmt: skip
+        blocks.append(
+            f"--- {r['id'] or 'sample'} | reward {r['reward']:.3g} | {r['length']} tokens | "
+            f"{'finished' if r['finished'] else 'cut at max_new_tokens'} | mismatch {r['mismatch']:.2e}\n"
+            f"[prompt]\n{r['prompt']}\n[response]\n{r['response']}"
+        )
     return "\n".join(blocks)
 
 
@@ -211,6 +230,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def console_line(step: int, total: int, m: dict) -> str:
     """A compact one-line summary of a step."""
+
     def g(key, fmt):
         v = m.get(key)
         return "-" if v is None else format(v, fmt)
@@ -223,8 +243,14 @@ def console_line(step: int, total: int, m: dict) -> str:
     )
 
 
-def plot_runs(run_dirs: list[str | Path], metrics: list[str], out: str | Path, labels: list[str] | None = None,
-              smooth: int = 1, log_scale: list[str] | None = None) -> Path:
+def plot_runs(
+    run_dirs: list[str | Path],
+    metrics: list[str],
+    out: str | Path,
+    labels: list[str] | None = None,
+    smooth: int = 1,
+    log_scale: list[str] | None = None,
+) -> Path:
     """One panel per metric, one curve per run, against step. Saves a PNG and returns its path."""
     import matplotlib
 
@@ -242,8 +268,10 @@ def plot_runs(run_dirs: list[str | Path], metrics: list[str], out: str | Path, l
                 continue
             xs, ys = zip(*pts)
             if smooth > 1:
-                ys = [sum(ys[max(0, j - smooth + 1): j + 1]) / len(ys[max(0, j - smooth + 1): j + 1])
-                      for j in range(len(ys))]
+                ys = [
+                    sum(ys[max(0, j - smooth + 1) : j + 1]) / len(ys[max(0, j - smooth + 1) : j + 1])
+                    for j in range(len(ys))
+                ]
             ax.plot(xs, ys, label=label)
     for ax, key in zip(axes[0], metrics):
         ax.set_title(key)

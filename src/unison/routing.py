@@ -55,6 +55,7 @@ class RoutingRecorder:
 
     def __enter__(self) -> RoutingRecorder:
         for i, r in enumerate(self.routers):
+
             def hook(module, args, out, i=i):
                 logits, _, indices = out
                 self.calls[i].append((logits.detach().float(), indices.detach()))
@@ -77,6 +78,7 @@ def _gather_rows(x: torch.Tensor, source: torch.Tensor, per_row: int) -> torch.T
 
 def flips(idx_a: torch.Tensor, idx_b: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Whether each token's expert set differs: idx [..., k] -> bool [...]."""
+
     def as_set(idx):
         return torch.zeros(*idx.shape[:-1], num_experts, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
 
@@ -106,8 +108,9 @@ class RoutingAccumulator:
         return _summary(torch.cat(self.flip), torch.cat(self.gap))
 
 
-def routing_metrics(logits_a: torch.Tensor, idx_a: torch.Tensor, logits_b: torch.Tensor, idx_b: torch.Tensor,
-                    mask: torch.Tensor) -> dict[str, float]:  # fmt: skip
+def routing_metrics(
+    logits_a: torch.Tensor, idx_a: torch.Tensor, logits_b: torch.Tensor, idx_b: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
     """Routing mismatch between two engines' router logits [B, T, L, E] and chosen experts [B, T, L, k] on the
     positions of `mask` [B, T]: overall and per layer (`routing_flip_frac/layer_<i>`, ...)."""
     acc = RoutingAccumulator()
@@ -177,8 +180,9 @@ def install_replay(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def replay_rows(prefill_idx: torch.Tensor, decode_idx: torch.Tensor, prompt_lengths: list[int],
-                lengths: list[int]) -> list[torch.Tensor]:  # fmt: skip
+def replay_rows(
+    prefill_idx: torch.Tensor, decode_idx: torch.Tensor, prompt_lengths: list[int], lengths: list[int]
+) -> list[torch.Tensor]:
     """Each row's experts per position in the learner's layout [prompt, response] ([n + len, L, k]): the prompt's
     from the engine's prefill (left-padded [rows, P, L, k]), the response tokens' from its decode steps
     (`decode_idx` [rows, T, L, k], position t = the token fed at step t), and -1 for the last response token, which
@@ -187,5 +191,5 @@ def replay_rows(prefill_idx: torch.Tensor, decode_idx: torch.Tensor, prompt_leng
     out = []
     for i, (n, m) in enumerate(zip(prompt_lengths, lengths)):
         tail = torch.full((1, *decode_idx.shape[2:]), -1, dtype=decode_idx.dtype)
-        out.append(torch.cat([prefill_idx[i, P - n:], decode_idx[i, 1:m], tail]) if m else prefill_idx[i, P - n:])
+        out.append(torch.cat([prefill_idx[i, P - n :], decode_idx[i, 1:m], tail]) if m else prefill_idx[i, P - n :])
     return out

@@ -66,8 +66,10 @@ def check_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
             "(deletes it), or choose another run.out"
         )
     if exists and overwrite and not is_run_folder(run_dir):
-        raise UserError(f"--overwrite refused: {str(run_dir)!r} holds files but is not a unison run folder (no "
-                        f"{MARKER}); choose another run.out, or empty it yourself")  # fmt: skip
+        raise UserError(
+            f"--overwrite refused: {str(run_dir)!r} holds files but is not a unison run folder (no "
+            f"{MARKER}); choose another run.out, or empty it yourself"
+        )
     parent = nearest_existing(run_dir)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write into {str(parent)!r} (Permission denied); choose a writable run.out")
@@ -96,7 +98,6 @@ def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> tuple[Pat
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     marker = run_dir / MARKER
     if not marker.exists():
-
         marker.write_text(json.dumps({"unison": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     return run_dir, lock
 
@@ -136,9 +137,11 @@ class RunLock:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     info = self._read()
-                    return (f"run folder {str(self.path.parent)!r} is in use by pid {info.get('pid', '?')} on "
-                            f"{info.get('host', '?')} (since {info.get('since', '?')}); wait for it to finish, stop "
-                            "it, or choose another run.out")  # fmt: skip
+                    return (
+                        f"run folder {str(self.path.parent)!r} is in use by pid {info.get('pid', '?')} on "
+                        f"{info.get('host', '?')} (since {info.get('since', '?')}); wait for it to finish, stop "
+                        "it, or choose another run.out"
+                    )
                 fcntl.flock(f, fcntl.LOCK_UN)
         except OSError:
             return None
@@ -151,13 +154,17 @@ class RunLock:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise UserError(self.holder()
-                            or f"run folder {str(self.path.parent)!r} is in use by another process") from None
+            raise UserError(
+                self.holder() or f"run folder {str(self.path.parent)!r} is in use by another process"
+            ) from None
         left = self._read()
         host = socket.gethostname()
         if left.get("pid") and not (left.get("host") == host and _alive(int(left["pid"]))):
-            print(f"unison: took over the lock of {self.path.parent} left by pid {left['pid']} on {left.get('host')} "
-                  "(no longer running)", file=sys.stderr)  # fmt: skip
+            print(
+                f"unison: took over the lock of {self.path.parent} left by pid {left['pid']} on {left.get('host')} "
+                "(no longer running)",
+                file=sys.stderr,
+            )
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
@@ -190,8 +197,11 @@ def resume_changes(run_dir: Path, cfg_dict: dict) -> dict[str, tuple]:
             d = d.get(part) if isinstance(d, dict) else None
         return d
 
-    return {k: (get(saved, k), get(cfg_dict, k)) for k in RESUME_KEYS
-            if get(saved, k) is not None and get(saved, k) != get(cfg_dict, k)}  # fmt: skip
+    return {
+        k: (get(saved, k), get(cfg_dict, k))
+        for k in RESUME_KEYS
+        if get(saved, k) is not None and get(saved, k) != get(cfg_dict, k)
+    }
 
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}

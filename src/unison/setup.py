@@ -59,8 +59,9 @@ def load_model_config(model_dir):
     if getattr(config, "is_encoder_decoder", False) or (
         kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
     ):
-        raise UserError(f"{str(model_dir)!r} holds a {kind!r} model, an encoder, not a decoder-only causal LM; "
-                        f"{HOW_DECODER}")
+        raise UserError(
+            f"{str(model_dir)!r} holds a {kind!r} model, an encoder, not a decoder-only causal LM; {HOW_DECODER}"
+        )
     return config
 
 
@@ -70,14 +71,18 @@ def refuse_inexact(config, model_dir) -> None:
     quant = getattr(config, "quantization_config", None)
     if quant:
         method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else type(quant).__name__
-        raise UserError(f"{where!r} holds {method} quantized weights, which the learner cannot train with fp32 master "
-                        "weights; give the checkpoint in fp32, bf16 or fp16")  # fmt: skip
+        raise UserError(
+            f"{where!r} holds {method} quantized weights, which the learner cannot train with fp32 master "
+            "weights; give the checkpoint in fp32, bf16 or fp16"
+        )
     varying = sorted(rope_types(config) & LENGTH_DEPENDENT_ROPE_TYPES)
     if varying:
         rope = varying[0]
-        raise UserError(f"{where!r} uses {rope!r} rotary scaling, whose angles change with the sequence length, so a "
-                        "decode with a cache and the learner's full-sequence forward cannot agree; use a checkpoint "
-                        "with static rotary scaling (default, linear, llama3 or yarn)")  # fmt: skip
+        raise UserError(
+            f"{where!r} uses {rope!r} rotary scaling, whose angles change with the sequence length, so a "
+            "decode with a cache and the learner's full-sequence forward cannot agree; use a checkpoint "
+            "with static rotary scaling (default, linear, llama3 or yarn)"
+        )
 
 
 @dataclass
@@ -112,8 +117,10 @@ class Setup:
             keep = read_subset(self.data.subset)
             found = [e for e in found if e.id in keep]
             if not found:
-                raise UserError(f"data.subset {self.data.subset!r} matches no prompt of the task; build it with "
-                                "`unison filter` on the same data")  # fmt: skip
+                raise UserError(
+                    f"data.subset {self.data.subset!r} matches no prompt of the task; build it with "
+                    "`unison filter` on the same data"
+                )
         return found[:n] if n else found
 
     def encode(self, examples: list[Example]) -> list[list[int]]:
@@ -128,31 +135,45 @@ class Setup:
                 name = ex.id or ex.prompt[:40]
                 room = ctx - n
                 if self.rollout.context_limit == "clamp" and room >= 1:
-                    warnings.warn(f"rollout.max_new_tokens lowered from {self.max_new_tokens} to {room}: prompt "
-                                  f"{name!r} has {n} tokens and the model's context is {ctx}",
-                                  stacklevel=2)  # fmt: skip
+                    warnings.warn(
+                        f"rollout.max_new_tokens lowered from {self.max_new_tokens} to {room}: prompt "
+                        f"{name!r} has {n} tokens and the model's context is {ctx}",
+                        stacklevel=2,
+                    )
                     self.max_new_tokens = room
                 elif room < 1:
-                    raise UserError(f"prompt {name!r} has {n} tokens, leaving no room for a response in the model's "
-                                    f"context of {ctx}; shorten it or drop it from the prompt file")  # fmt: skip
+                    raise UserError(
+                        f"prompt {name!r} has {n} tokens, leaving no room for a response in the model's "
+                        f"context of {ctx}; shorten it or drop it from the prompt file"
+                    )
                 else:
-                    raise UserError(f"prompt {name!r} has {n} tokens, and with rollout.max_new_tokens="
-                                    f"{self.max_new_tokens} a response could reach {n + self.max_new_tokens}, beyond "
-                                    f"the model's context of {ctx} (max_position_embeddings); lower "
-                                    f"rollout.max_new_tokens to {room}, shorten the prompt, or set "
-                                    "rollout.context_limit=clamp")  # fmt: skip
+                    raise UserError(
+                        f"prompt {name!r} has {n} tokens, and with rollout.max_new_tokens="
+                        f"{self.max_new_tokens} a response could reach {n + self.max_new_tokens}, beyond "
+                        f"the model's context of {ctx} (max_position_embeddings); lower "
+                        f"rollout.max_new_tokens to {room}, shorten the prompt, or set "
+                        "rollout.context_limit=clamp"
+                    )
         self.prompt_ids.update({id(e): p for e, p in zip(examples, ids)})
         return ids
 
-    def sampling(self, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                 max_new_tokens: int | None = None) -> SamplingParams:
+    def sampling(
+        self,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> SamplingParams:
         """The rollout section's sampling, with the stop ids and strings; arguments override its fields."""
         r = self.rollout
         return SamplingParams(
-            max_new_tokens or self.max_new_tokens, r.temperature if temperature is None else temperature,
-            r.top_p if top_p is None else top_p, r.top_k if top_k is None else top_k,
-            stop_token_ids=self.stop_token_ids, stop_strings=tuple(r.stop),
-        )  # fmt: skip
+            max_new_tokens or self.max_new_tokens,
+            r.temperature if temperature is None else temperature,
+            r.top_p if top_p is None else top_p,
+            r.top_k if top_k is None else top_k,
+            stop_token_ids=self.stop_token_ids,
+            stop_strings=tuple(r.stop),
+        )
 
     # ---- engines and learners -----------------------------------------------------------------------------
     def engine(self, dtype: torch.dtype, seed: int | None = None, name: str | None = None, **kwargs):
@@ -160,12 +181,21 @@ class Setup:
         spreads over rollout.tensor_parallel_size GPUs."""
         if self.rollout.tensor_parallel_size > 1 and capable(name or self.rollout.engine, "tensor_parallel"):
             if self.device.type != "cuda":
-                raise UserError(f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size} needs CUDA GPUs; "
-                                "on a CPU use rollout.tensor_parallel_size=1")  # fmt: skip
+                raise UserError(
+                    f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size} needs CUDA GPUs; "
+                    "on a CPU use rollout.tensor_parallel_size=1"
+                )
             kwargs.setdefault("tensor_parallel_size", self.rollout.tensor_parallel_size)
-        return make_engine(name or self.rollout.engine, self.model_dir, dtype=dtype, device=self.device,
-                           seed=self.seed if seed is None else seed, matmul=self.model.matmul,
-                           attn_implementation=self.attn_implementation, **kwargs)  # fmt: skip
+        return make_engine(
+            name or self.rollout.engine,
+            self.model_dir,
+            dtype=dtype,
+            device=self.device,
+            seed=self.seed if seed is None else seed,
+            matmul=self.model.matmul,
+            attn_implementation=self.attn_implementation,
+            **kwargs,
+        )
 
     @property
     def adapter(self) -> Path | None:
@@ -194,8 +224,10 @@ class Setup:
         model = self.policy_model() if model is None else model
         moe = sections.get("moe")
         if moe is not None and moe.routing_replay and not routers(model):
-            raise UserError("moe.routing_replay needs a mixture-of-experts model (Qwen2-MoE, Qwen3-MoE, Mixtral); "
-                            f"this {self.config.model_type} has no routers")  # fmt: skip
+            raise UserError(
+                "moe.routing_replay needs a mixture-of-experts model (Qwen2-MoE, Qwen3-MoE, Mixtral); "
+                f"this {self.config.model_type} has no routers"
+            )
         return Learner(model, policy, pad_token_id=self.tokenizer.pad_token_id or 0, model_cfg=self.model, **sections)
 
     def describe(self, engine=None) -> str:
@@ -210,8 +242,15 @@ class Setup:
         return text
 
 
-def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtypes=(), seed: int = 0,
-          require_answer: bool = True) -> Setup:
+def build(
+    model: ModelConfig,
+    data: DataConfig,
+    rollout: RolloutConfig,
+    *,
+    dtypes=(),
+    seed: int = 0,
+    require_answer: bool = True,
+) -> Setup:
     """Resolve and check the shared sections: device, dtypes on it, model folder and config, attention
     implementation, tokenizer, stop ids, task. Nothing is written but, on a GGUF model's first use, its converted
     folder in the cache (`unison.gguf`); for such a model the last thing done is one line to stderr saying so."""
@@ -226,14 +265,32 @@ def build(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, *, dtype
     attn = resolve_attn_implementation(config, model.attn_implementation, device)
     tokenizer = load_tokenizer(model_dir)
     stops = eos_token_ids(tokenizer, model_dir)
-    task = load_task(data.source, prompt_key=data.prompt_key, answer_key=data.answer_key, reward=data.reward or None,
-                     test_path=data.test_source or None, require_answer=require_answer)  # fmt: skip
+    task = load_task(
+        data.source,
+        prompt_key=data.prompt_key,
+        answer_key=data.answer_key,
+        reward=data.reward or None,
+        test_path=data.test_source or None,
+        require_answer=require_answer,
+    )
     converted = gguf.note(base)
     if converted and distributed.rank() == 0:  # every check passed: the first line the command prints
         names = " and ".join(dict.fromkeys(precision_name(d) for d in dtypes)) or "fp32"
         print(f"unison: {converted}; loaded in {names}", file=sys.stderr, flush=True)
-    return Setup(device, model_dir, config, model, rollout, data, attn, tokenizer, stops, task, seed=seed,
-                 max_new_tokens=rollout.max_new_tokens)  # fmt: skip
+    return Setup(
+        device,
+        model_dir,
+        config,
+        model,
+        rollout,
+        data,
+        attn,
+        tokenizer,
+        stops,
+        task,
+        seed=seed,
+        max_new_tokens=rollout.max_new_tokens,
+    )
 
 
 def read_subset(path: str) -> set[str]:
@@ -248,6 +305,7 @@ def read_subset(path: str) -> set[str]:
             try:
                 ids.add(str(json.loads(line)["id"]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{n} is not a JSON object with an 'id'; "
-                                "build the subset with `unison filter`") from None
+                raise UserError(
+                    f"{path}:{n} is not a JSON object with an 'id'; build the subset with `unison filter`"
+                ) from None
     return ids

@@ -69,8 +69,16 @@ class RLStep:
     """The RL step of a run: its config, its learner and engine, the reference policy of a KL penalty (or None),
     its optional measurements and its ranks."""
 
-    def __init__(self, cfg: TrainConfig, run, learner, engine, reference=None,
-                 measurements: list[Measurement] = (), world: World = SINGLE):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run,
+        learner,
+        engine,
+        reference=None,
+        measurements: list[Measurement] = (),
+        world: World = SINGLE,
+    ):
         self.cfg, self.run, self.learner, self.engine = cfg, run, learner, engine
         self.reference, self.measurements, self.world = reference, list(measurements), world
         r, a = cfg.rollout, cfg.algorithm
@@ -129,8 +137,9 @@ class RLStep:
         prompts = stream.take(r.prompts_per_step)
         share = r.prompts_per_step // w.size
         examples = [e for e in prompts[w.rank * share : (w.rank + 1) * share] for _ in range(r.group_size)]
-        rollouts = self.engine.generate([s.prompt_ids[id(e)] for e in examples], self.run.sampling,
-                                        **self.asks)  # groups contiguous  # fmt: skip
+        rollouts = self.engine.generate(
+            [s.prompt_ids[id(e)] for e in examples], self.run.sampling, **self.asks
+        )  # groups contiguous
         rewards, texts = score(s.task, s.tokenizer, rollouts, examples)
         return Batch(rollouts, rewards, texts, examples), prompts
 
@@ -140,16 +149,18 @@ class RLStep:
         if self.single_update:
             batch.logp_old, batch.entropy = torch.zeros(shape), torch.zeros(shape)
             return
-        batch.logp_old, batch.entropy = self.learner.recompute(batch.rollouts, self.cfg.optim.micro_batch_size,
-                                                               *self.sampling, with_entropy=True)  # fmt: skip
+        batch.logp_old, batch.entropy = self.learner.recompute(
+            batch.rollouts, self.cfg.optim.micro_batch_size, *self.sampling, with_entropy=True
+        )
 
     def advantages(self, batch: Batch) -> None:
         """Per group (whole groups on each rank), from the rewards, less beta x sum_t KL_t(pi_old || ref) where the
         KL penalty goes into the reward."""
         a, ro, shaped = self.cfg.algorithm, batch.rollouts, batch.rewards
         if self.kl_reward:  # r_i - beta * sum_t KL_t(pi_old || ref)
-            logp_ref = self.learner.recompute(ro, self.cfg.optim.micro_batch_size, *self.sampling,
-                                              policy=self.reference)  # fmt: skip
+            logp_ref = self.learner.recompute(
+                ro, self.cfg.optim.micro_batch_size, *self.sampling, policy=self.reference
+            )
             kl = kl_penalty(a.kl_estimator, batch.logp_old, logp_ref, ro.mask)  # [B, T]
             batch.kl = {"kl/ref": kl.sum() / ro.mask.sum().clamp(min=1), "kl/ref_seq": kl.sum(1).mean()}
             shaped = batch.rewards - a.kl_coef * kl.sum(1)
@@ -161,16 +172,34 @@ class RLStep:
         if not w.distributed:
             return batch
         b = batch
-        parts = w.gather((b.rollouts, b.rewards, b.logp_old, b.entropy, b.advantages, b.texts,
-                          {k: float(v) for k, v in b.kl.items()}))  # fmt: skip
+        parts = w.gather(
+            (
+                b.rollouts,
+                b.rewards,
+                b.logp_old,
+                b.entropy,
+                b.advantages,
+                b.texts,
+                {k: float(v) for k, v in b.kl.items()},
+            )
+        )
         rollouts = Rollouts.concat([p[0] for p in parts], self.run.setup.tokenizer.pad_token_id or 0)
         T = rollouts.response_ids.shape[1]
-        logp_old, entropy = (torch.cat([torch.nn.functional.pad(p[i], (0, T - p[i].shape[1])) for p in parts])
-                             for i in (2, 3))  # fmt: skip
+        logp_old, entropy = (
+            torch.cat([torch.nn.functional.pad(p[i], (0, T - p[i].shape[1])) for p in parts]) for i in (2, 3)
+        )
         examples = [e for e in prompts for _ in range(self.cfg.rollout.group_size)]
         kl = {k: sum(p[6][k] for p in parts) / w.size for k in b.kl}
-        return Batch(rollouts, torch.cat([p[1] for p in parts]), [t for p in parts for t in p[5]], examples,
-                     logp_old, entropy, torch.cat([p[4] for p in parts]), kl)  # fmt: skip
+        return Batch(
+            rollouts,
+            torch.cat([p[1] for p in parts]),
+            [t for p in parts for t in p[5]],
+            examples,
+            logp_old,
+            entropy,
+            torch.cat([p[4] for p in parts]),
+            kl,
+        )
 
     # ---- metrics ---------------------------------------------------------------------------------------------
     def mismatch(self, batch: Batch) -> dict:
@@ -182,19 +211,31 @@ class RLStep:
         return out
 
     def precision_metrics(self) -> dict:
-        return {"precision/loss_scale": self.learner.scaler.scale,
-                "precision/skipped_steps": self.learner.scaler.skipped_steps}  # fmt: skip
+        return {
+            "precision/loss_scale": self.learner.scaler.scale,
+            "precision/skipped_steps": self.learner.scaler.skipped_steps,
+        }
 
     def perf_metrics(self, batch: Batch, times: dict, step_seconds: float) -> dict:
         """Tokens per second of each part, the step's time, threads and memory (the largest rank's)."""
         tokens = int(batch.rollouts.lengths.sum())
         out = {"perf/rollout_tokens_per_s": tokens / max(times["rollout"], 1e-9)}
         if times["recompute"] is not None:
-            out.update({"perf/recompute_tokens_per_s": tokens / max(times["recompute"], 1e-9),
-                        "perf/recompute_seconds": times["recompute"]})  # fmt: skip
-        out.update({"perf/learner_tokens_per_s": tokens * self.cfg.optim.epochs / max(times["learn"], 1e-9),
-                    "perf/rollout_seconds": times["rollout"], "perf/learn_seconds": times["learn"],
-                    "perf/step_seconds": step_seconds, "perf/threads": torch.get_num_threads()})  # fmt: skip
+            out.update(
+                {
+                    "perf/recompute_tokens_per_s": tokens / max(times["recompute"], 1e-9),
+                    "perf/recompute_seconds": times["recompute"],
+                }
+            )
+        out.update(
+            {
+                "perf/learner_tokens_per_s": tokens * self.cfg.optim.epochs / max(times["learn"], 1e-9),
+                "perf/rollout_seconds": times["rollout"],
+                "perf/learn_seconds": times["learn"],
+                "perf/step_seconds": step_seconds,
+                "perf/threads": torch.get_num_threads(),
+            }
+        )
         peak, now = zip(*self.world.gather((peak_rss_mib(), rss_mib())))
         out["perf/peak_rss_mib"], out["perf/rss_mib"] = max(peak), max(now)
         if self.world.distributed:
@@ -227,9 +268,17 @@ def readable_samples(n: int, batch: Batch, tokenizer) -> list[dict]:
     for i in picks:
         length = int(ro.lengths[i])
         gap = (batch.logp_old[i, :length] - ro.logprobs[i, :length]).abs().mean().item() if length else 0.0
-        rows.append({"id": batch.examples[i].id, "prompt": tokenizer.decode(ro.prompt_ids[i]),
-                     "response": batch.texts[i], "reward": float(batch.rewards[i]), "length": length,
-                     "finished": bool(ro.finished[i]), "mismatch": gap})  # fmt: skip
+        rows.append(
+            {
+                "id": batch.examples[i].id,
+                "prompt": tokenizer.decode(ro.prompt_ids[i]),
+                "response": batch.texts[i],
+                "reward": float(batch.rewards[i]),
+                "length": length,
+                "finished": bool(ro.finished[i]),
+                "mismatch": gap,
+            }
+        )
     return rows
 
 
@@ -266,12 +315,17 @@ class LossTotals:
     def result(self, world: World) -> dict:
         """The loss and its terms averaged over the updates (and summed over the ranks), the mean finite norm."""
         n, keys = len(self.losses), sorted(self.sums)
-        totals = world.all_reduce_sum(torch.tensor([sum(self.losses)] + [self.sums[k] for k in keys],
-                                                   dtype=torch.float64))  # fmt: skip
+        totals = world.all_reduce_sum(
+            torch.tensor([sum(self.losses)] + [self.sums[k] for k in keys], dtype=torch.float64)
+        )
         finite = [x for x in self.norms if math.isfinite(x)]
-        return {"policy/loss": float(totals[0]) / n, **{k: float(v) / n for k, v in zip(keys, totals[1:])},
-                "learner/grad_norm": sum(finite) / len(finite) if finite else float("nan"),
-                "learner/updates": n, "precision/skipped_this_step": self.skipped}  # fmt: skip
+        return {
+            "policy/loss": float(totals[0]) / n,
+            **{k: float(v) / n for k, v in zip(keys, totals[1:])},
+            "learner/grad_norm": sum(finite) / len(finite) if finite else float("nan"),
+            "learner/updates": n,
+            "precision/skipped_this_step": self.skipped,
+        }
 
 
 class PolicyUpdate:
@@ -280,8 +334,15 @@ class PolicyUpdate:
     `single_update`, the update's own forward gives log pi_old and the entropy (written into the batch's); with a
     KL penalty in the loss, `reference` is the policy it is measured against."""
 
-    def __init__(self, cfg: TrainConfig, learner, world: World = SINGLE, reference=None, single_update: bool = False,
-                 max_new_tokens: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        learner,
+        world: World = SINGLE,
+        reference=None,
+        single_update: bool = False,
+        max_new_tokens: int | None = None,
+    ):
         self.cfg, self.learner, self.world, self.reference = cfg, learner, world, reference
         self.preset, self.single_update = cfg.algorithm_fields(), single_update
         self.max_new_tokens = cfg.rollout.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -311,8 +372,9 @@ class PolicyUpdate:
         def loss_fn(mb: MicroBatch) -> torch.Tensor:
             return self.loss(mb, len(rows), total_tokens, total_seqs)
 
-        result = self.learner.update(ro, rows, loss_fn, self.cfg.optim.micro_batch_size, *self.sampling,
-                                     with_entropy=self.single_update)  # fmt: skip
+        result = self.learner.update(
+            ro, rows, loss_fn, self.cfg.optim.micro_batch_size, *self.sampling, with_entropy=self.single_update
+        )
         self.totals.skipped += int(result.skipped)
         self.totals.norms.append(result.grad_norm)
 
@@ -328,8 +390,17 @@ class PolicyUpdate:
         if self.kl_loss:
             with torch.no_grad():
                 kl = KLTerm(a.kl_coef, a.kl_estimator, self.reference.logprobs(mb.batch, *self.sampling))
-        loss, terms = policy_loss(self.preset, logp, b.logp_old[mb.rows, :T].to(dev), mb.rollouts.logprobs.to(dev),
-                                  b.advantages[mb.rows].to(dev), mb.rollouts.mask.to(dev), self.max_new_tokens,
-                                  total_tokens=total_tokens, total_seqs=total_seqs, kl=kl)  # fmt: skip
+        loss, terms = policy_loss(
+            self.preset,
+            logp,
+            b.logp_old[mb.rows, :T].to(dev),
+            mb.rollouts.logprobs.to(dev),
+            b.advantages[mb.rows].to(dev),
+            mb.rollouts.mask.to(dev),
+            self.max_new_tokens,
+            total_tokens=total_tokens,
+            total_seqs=total_seqs,
+            kl=kl,
+        )
         self.totals.add(len(mb.rows) / (update_rows * self.world.size), terms, float(loss.detach()))
         return loss

@@ -113,14 +113,22 @@ def find_resume(cfg: TrainConfig, world: World, resume: bool, allow_changes: boo
     changes = resume_changes(out, to_dict(cfg))
     if changes and not allow_changes:
         k, (was, now) = next(iter(changes.items()))
-        raise UserError(f"--resume would change {k} from {was!r} to {now!r} (the run saved in {out / 'config.yaml'}); "
-                        "resume with the same settings, or pass --allow-changes to continue with the new "
-                        "ones")  # fmt: skip
+        raise UserError(
+            f"--resume would change {k} from {was!r} to {now!r} (the run saved in {out / 'config.yaml'}); "
+            "resume with the same settings, or pass --allow-changes to continue with the new "
+            "ones"
+        )
     return ResumePoint(latest, None, changes)
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False,
-          allow_changes: bool = False, backend: str = "auto") -> Path:  # fmt: skip
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    allow_changes: bool = False,
+    backend: str = "auto",
+) -> Path:
     """Run RL fine-tuning as configured; returns the run folder. Nothing is locked, cleared (--overwrite) or written
     before every input has been built and checked."""
     if allow_changes and not resume:
@@ -154,8 +162,9 @@ def run_with_faults(run: Run, point: ResumePoint, resume: bool, overwrite: bool,
     """The run folder locked and prepared, then the run, with its faults (SIGTERM, SIGINT, a failed write, the
     mismatch guard's stop) turned into `RunFault`."""
     run_dir, lock = _prepare(run.world, Path(run.cfg.run.out), resume, overwrite)
-    previous = (signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread()
-                else None)  # fmt: skip
+    previous = (
+        signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    )
     run.current = point.step  # the step being run, for the message of a fault
     try:
         return run(run_dir, point, loggers)
@@ -165,8 +174,11 @@ def run_with_faults(run: Run, point: ResumePoint, resume: bool, overwrite: bool,
         raise _stop(run_dir, "terminated (SIGTERM)", run.current, SIGTERM_CODE) from None
     except MismatchGuardStop as exc:
         latest_saved = ckpt.latest_checkpoint(run_dir)
-        where = (f"the newest complete checkpoint is {latest_saved}" if latest_saved is not None
-                 else "no checkpoint was saved yet (start over with the changes)")  # fmt: skip
+        where = (
+            f"the newest complete checkpoint is {latest_saved}"
+            if latest_saved is not None
+            else "no checkpoint was saved yet (start over with the changes)"
+        )
         raise RunFault(f"{exc}; {where}", 1) from None
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
@@ -181,11 +193,17 @@ def run_with_faults(run: Run, point: ResumePoint, resume: bool, overwrite: bool,
 
 def check_world_settings(cfg: TrainConfig, size: int, device: torch.device) -> None:
     """The settings a run of `size` ranks needs (`distributed.check_world`), and what it cannot do yet."""
-    distributed.check_world(size, cfg.rollout.prompts_per_step, cfg.optim.train_batch_size // cfg.rollout.group_size,
-                            distributed.devices_for(device))  # fmt: skip
+    distributed.check_world(
+        size,
+        cfg.rollout.prompts_per_step,
+        cfg.optim.train_batch_size // cfg.rollout.group_size,
+        distributed.devices_for(device),
+    )
     if size > 1 and cfg.precision.lm_head != "same":
-        raise UserError("precision.lm_head=fp32 with several ranks is not supported yet; train on one rank or leave "
-                        "precision.lm_head=same")  # fmt: skip
+        raise UserError(
+            "precision.lm_head=fp32 with several ranks is not supported yet; train on one rank or leave "
+            "precision.lm_head=same"
+        )
     if size > 1:
         check_capability(cfg.rollout.engine, "ranks", f"--nproc {size}")
 
@@ -194,18 +212,22 @@ def check_resume_kind(latest: Path, lora: bool) -> None:
     """A LoRA run resumes from an adapter, a full fine-tuning run from whole weights."""
     if is_adapter(latest) != lora:
         saved = "a LoRA adapter" if is_adapter(latest) else "whole weights (full fine-tuning)"
-        raise UserError(f"{latest} holds {saved}, and this run has lora.enabled={str(lora).lower()}; resume with "
-                        f"lora.enabled={str(not lora).lower()} (or start a new run with --overwrite or another "
-                        "run.out)")  # fmt: skip
+        raise UserError(
+            f"{latest} holds {saved}, and this run has lora.enabled={str(lora).lower()}; resume with "
+            f"lora.enabled={str(not lora).lower()} (or start a new run with --overwrite or another "
+            "run.out)"
+        )
 
 
 def check_resume_world(latest: Path, size: int) -> None:
     """A run resumes bit-exactly on the number of ranks it was saved with, and on no other."""
     saved = ckpt.checkpoint_world_size(latest)
     if saved != size:
-        raise UserError(f"{latest} was saved by {saved} rank(s) and this run has {size}: the optimizer state is "
-                        f"sharded and each rank's sampler state is its own, so resume with --nproc {saved} (or start "
-                        "a new run with --overwrite or another run.out)")  # fmt: skip
+        raise UserError(
+            f"{latest} was saved by {saved} rank(s) and this run has {size}: the optimizer state is "
+            f"sharded and each rank's sampler state is its own, so resume with --nproc {saved} (or start "
+            "a new run with --overwrite or another run.out)"
+        )
 
 
 def _prepare(world: World, out: Path, resume: bool, overwrite: bool):
@@ -235,10 +257,16 @@ def _on_sigterm(signum, frame):
 
 def _stop(run_dir: Path, what: str, step: int, code: int) -> RunFault:
     latest = ckpt.latest_checkpoint(run_dir)
-    where = (f"the newest complete checkpoint is {latest}" if latest is not None else
-             "no checkpoint was saved yet (resuming starts over)")  # fmt: skip
-    return RunFault(f"{what} during step {step + 1}; {where}; resume with: unison train --config "
-                    f"{run_dir / 'config.yaml'} --resume", code)  # fmt: skip
+    where = (
+        f"the newest complete checkpoint is {latest}"
+        if latest is not None
+        else "no checkpoint was saved yet (resuming starts over)"
+    )
+    return RunFault(
+        f"{what} during step {step + 1}; {where}; resume with: unison train --config "
+        f"{run_dir / 'config.yaml'} --resume",
+        code,
+    )
 
 
 class Run:
@@ -288,8 +316,12 @@ class Run:
         self.guard.load_state_dict(state.get("guard", {}))
         if self.world.rank:
             own = ckpt.load_rank_state(point.latest, self.world.rank)
-            state = {**state, "learner": {**state["learner"], **own["learner"]}, "rng": {**state["rng"], **own["rng"]},
-                     "overflow": own["overflow"]}  # fmt: skip
+            state = {
+                **state,
+                "learner": {**state["learner"], **own["learner"]},
+                "rng": {**state["rng"], **own["rng"]},
+                "overflow": own["overflow"],
+            }
         learner_state = {**state["learner"], "master": point.master}
         policy = self.inputs.policy
         if state.get("precision") != {"rollout": precision_name(policy.rollout), "train": precision_name(policy.train)}:
@@ -309,26 +341,42 @@ class Run:
         """Settings changed on resume (--allow-changes): in resumes.jsonl and one line on stderr."""
         if not changes or not self.world.main:
             return
-        ckpt.append_jsonl(self.run_dir / "resumes.jsonl",
-                          {"step": start, "changes": {k: list(v) for k, v in changes.items()}})  # fmt: skip
-        print(f"unison train: resumed at step {start} with changed settings (--allow-changes): "
-              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)  # fmt: skip
+        ckpt.append_jsonl(
+            self.run_dir / "resumes.jsonl", {"step": start, "changes": {k: list(v) for k, v in changes.items()}}
+        )
+        print(
+            f"unison train: resumed at step {start} with changed settings (--allow-changes): "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+            file=sys.stderr,
+        )
 
     def banner(self, start: int, checked: dict) -> str:
         """The run's first line: model and engine, precisions, preset, prompts, folder, LoRA, ranks, self-test."""
         s, w = self.inputs.setup, self.world
-        return (f"unison train: {s.describe(self.engine)} | {self.inputs.policy.describe()} | preset "
-                f"{self.cfg.algorithm.preset} | {len(self.inputs.train_examples)} prompts | run folder {self.run_dir}"
-                + (f" | {describe_lora(self.learner.peft)}" if self.learner.peft is not None else "")
-                + (f" | {w.size} ranks ({w.backend})" if w.distributed else "")
-                + (f" | resumed at step {start}" if start else "")
-                + (f" | engine self-test {checked['self_test/abs_log_ratio_mean']:.1e} "
-                   f"(band {checked['self_test/band']:g})" if checked else ""))  # fmt: skip
+        return (
+            f"unison train: {s.describe(self.engine)} | {self.inputs.policy.describe()} | preset "
+            f"{self.cfg.algorithm.preset} | {len(self.inputs.train_examples)} prompts | run folder {self.run_dir}"
+            + (f" | {describe_lora(self.learner.peft)}" if self.learner.peft is not None else "")
+            + (f" | {w.size} ranks ({w.backend})" if w.distributed else "")
+            + (f" | resumed at step {start}" if start else "")
+            + (
+                f" | engine self-test {checked['self_test/abs_log_ratio_mean']:.1e} "
+                f"(band {checked['self_test/band']:g})"
+                if checked
+                else ""
+            )
+        )
 
     def loop(self, start: int) -> None:
         cfg = self.cfg
-        bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train", unit="step",
-                   disable=self.quiet or not cfg.run.progress)  # fmt: skip
+        bar = tqdm(
+            range(start, cfg.run.steps),
+            initial=start,
+            total=cfg.run.steps,
+            desc="train",
+            unit="step",
+            disable=self.quiet or not cfg.run.progress,
+        )
         try:
             for step in bar:
                 self.current = step
@@ -370,8 +418,11 @@ class Run:
         if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
             metrics.update(self.evaluate())
         self.log.write(done, metrics)
-        bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}", k3=f"{metrics['mismatch/k3']:.1e}",
-                        skip=metrics["precision/skipped_steps"])  # fmt: skip
+        bar.set_postfix(
+            acc=f"{metrics['rollout/accuracy']:.2f}",
+            k3=f"{metrics['mismatch/k3']:.1e}",
+            skip=metrics["precision/skipped_steps"],
+        )
         if not self.quiet and not cfg.run.progress:
             print(console_line(done, cfg.run.steps, metrics), flush=True)
 
@@ -382,8 +433,16 @@ class Run:
         s, tests, n = self.inputs.setup, self.inputs.test_examples, self.cfg.run.eval_samples
         state = self.engine.rng_state()
         try:
-            ev = evaluate(self.engine, s.task, s.tokenizer, tests, [s.prompt_ids[id(e)] for e in tests],
-                          self.inputs.sampling, n=n, ks=[1, n])  # fmt: skip
+            ev = evaluate(
+                self.engine,
+                s.task,
+                s.tokenizer,
+                tests,
+                [s.prompt_ids[id(e)] for e in tests],
+                self.inputs.sampling,
+                n=n,
+                ks=[1, n],
+            )
         finally:
             self.engine.set_rng_state(state)
         return {f"eval/{k}": v for k, v in ev.items() if k.startswith(("avg@", "pass@"))}
@@ -398,17 +457,24 @@ class Run:
             "learner": {"optimizer": learner.optimizer_state()},
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "engine": self.engine.rng_state()},
             "overflow": {name: g.state_dict() for name, g in self.overflow.items() if g is not None},
-        }  # fmt: skip
+        }
         ranks = world.gather_to_main(own)
         if not world.main:
             world.barrier()  # until rank 0 has written the checkpoint
             return None
         model = learner.peft if learner.peft is not None else learner.model  # LoRA: the adapter is saved
         try:
-            return ckpt.save_checkpoint(self.run_dir, step, model, self.inputs.setup.tokenizer,
-                                        master, self.trainer_state(step, own), keep=self.cfg.run.keep_checkpoints,
-                                        shard_size=parse_size(self.cfg.run.shard_size, "run.shard_size"),
-                                        rank_states=ranks[1:])  # fmt: skip
+            return ckpt.save_checkpoint(
+                self.run_dir,
+                step,
+                model,
+                self.inputs.setup.tokenizer,
+                master,
+                self.trainer_state(step, own),
+                keep=self.cfg.run.keep_checkpoints,
+                shard_size=parse_size(self.cfg.run.shard_size, "run.shard_size"),
+                rank_states=ranks[1:],
+            )
         finally:
             world.barrier()
 
@@ -423,7 +489,7 @@ class Run:
             "precision": {"rollout": precision_name(policy.rollout), "train": precision_name(policy.train)},
             "overflow": own["overflow"],
             "guard": self.guard.state_dict(),
-        }  # fmt: skip
+        }
 
 
 def overflow_guards(cfg: TrainConfig, policy: PrecisionPolicy, learner: Learner, engine) -> dict:
@@ -433,5 +499,7 @@ def overflow_guards(cfg: TrainConfig, policy: PrecisionPolicy, learner: Learner,
     def watch(dtype):
         return cfg.precision.on_activation_overflow if dtype == torch.float16 else "off"
 
-    return {"learner": OverflowGuard.attach(learner.model, watch(policy.train), "learner (full-sequence forward)"),
-            "engine": engine.overflow_guard(watch(policy.rollout), "rollout engine (decode)")}
+    return {
+        "learner": OverflowGuard.attach(learner.model, watch(policy.train), "learner (full-sequence forward)"),
+        "engine": engine.overflow_guard(watch(policy.rollout), "rollout engine (decode)"),
+    }

@@ -68,8 +68,9 @@ def sampled_accuracy(model, tokenizer, task, examples, seed: int, max_new_tokens
 
     engine = NativeEngine(copy.deepcopy(model), torch.float32, "cpu", seed=seed, pad_token_id=tokenizer.pad_token_id)
     prompts = [tokenizer(e.prompt, add_special_tokens=False).input_ids for e in examples]
-    ro = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens,
-                                                 stop_token_ids=(tokenizer.eos_token_id,)))  # fmt: skip
+    ro = engine.generate(
+        prompts, SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,))
+    )
     texts = tokenizer.batch_decode(ro.responses(), skip_special_tokens=True)
     answers = [task.reward(t, e, bool(f)) for t, e, f in zip(texts, examples, ro.finished.tolist())]
     chains = [t.split("\n")[0] == task.reference(e).split("\n")[0] for t, e in zip(texts, examples)]
@@ -79,10 +80,23 @@ def sampled_accuracy(model, tokenizer, task, examples, seed: int, max_new_tokens
 # the mixture-of-experts variant of the built-in model (`--arch qwen3-moe`): the built-in model's attention and
 # size, each dense MLP replaced by 4 experts of a third of its width, 2 chosen per token (two thirds of its active
 # MLP compute per token)
-MOE_CONFIG = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                  max_position_embeddings=1024, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
-                  intermediate_size=384, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
-                  initializer_range=0.02, tie_word_embeddings=True)  # fmt: skip
+MOE_CONFIG = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+    max_position_embeddings=1024,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    intermediate_size=384,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    norm_topk_prob=True,
+    initializer_range=0.02,
+    tie_word_embeddings=True,
+)
 
 
 def initial_model(arch: str, seed: int):
@@ -95,8 +109,9 @@ def initial_model(arch: str, seed: int):
 class _Phases:
     """Supervised fine-tuning on the task's worked responses, with the sampled accuracy measured as it goes."""
 
-    def __init__(self, task, tokenizer, seed: int, batch_size: int, eval_every: int, eval_prompts: int,
-                 max_new_tokens: int, log):  # fmt: skip
+    def __init__(
+        self, task, tokenizer, seed: int, batch_size: int, eval_every: int, eval_prompts: int, max_new_tokens: int, log
+    ):
         self.task, self.tokenizer, self.seed, self.log = task, tokenizer, seed, log
         self.batch_size, self.eval_every, self.max_new_tokens = batch_size, eval_every, max_new_tokens
         self.train = task.examples("train", seed=seed)
@@ -111,8 +126,9 @@ class _Phases:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
         acc = chain_acc = 0.0
         for step in range(1, steps + 1):
-            batch = [(e.prompt, training_response(self.task, e, rng, noise))
-                     for e in rng.sample(self.train, self.batch_size)]  # fmt: skip
+            batch = [
+                (e.prompt, training_response(self.task, e, rng, noise)) for e in rng.sample(self.train, self.batch_size)
+            ]
             ids, labels = sft_batch(self.tokenizer, batch, "cpu")
             loss = model(input_ids=ids, labels=labels).loss
             opt.zero_grad()
@@ -134,15 +150,31 @@ class _Phases:
         acc, chain_acc = sampled_accuracy(model, self.tokenizer, self.task, self.probe, self.seed, self.max_new_tokens)
         model.train()
         self.history.append((step, loss, acc, chain_acc))
-        self.log(f"step {step}  loss {loss:.4f}  sampled accuracy {acc:.3f}  chain {chain_acc:.3f}  "
-                 f"{time.time() - self.t0:.0f}s")  # fmt: skip
+        self.log(
+            f"step {step}  loss {loss:.4f}  sampled accuracy {acc:.3f}  chain {chain_acc:.3f}  "
+            f"{time.time() - self.t0:.0f}s"
+        )
         return acc, chain_acc
 
 
-def warm_start(out: Path, seed: int = 0, target: float = 0.35, phase2_steps: int = 600, answer_noise: float = 0.5,
-               batch_size: int = 32, lr: float = 3e-3, phase2_lr: float = 1e-3, max_steps: int = 3000,
-               eval_every: int = 50, eval_prompts: int = 64, init: Path | None = None, log=print,
-               arch: str = "qwen2", long: bool = False, start: Path | None = None) -> dict:
+def warm_start(
+    out: Path,
+    seed: int = 0,
+    target: float = 0.35,
+    phase2_steps: int = 600,
+    answer_noise: float = 0.5,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    phase2_lr: float = 1e-3,
+    max_steps: int = 3000,
+    eval_every: int = 50,
+    eval_prompts: int = 64,
+    init: Path | None = None,
+    log=print,
+    arch: str = "qwen2",
+    long: bool = False,
+    start: Path | None = None,
+) -> dict:
     """The two phases (see the module docstring); `long`: on the long-response variant (`countdown-long`), with a
     context of 2048 positions; `start`: phase 1 begins from this checkpoint's weights instead of a random model."""
     torch.manual_seed(seed)
@@ -170,22 +202,39 @@ def main(argv=None) -> None:
     ap.add_argument("--phase2-steps", type=int, default=600)
     ap.add_argument("--answer-noise", type=float, default=0.5)
     ap.add_argument("--init", default=None, help="skip phase 1: start phase 2 from this checkpoint (phase 1's output)")
-    ap.add_argument("--arch", default="qwen2", choices=("qwen2", "qwen3-moe"),
-                    help="qwen2: the built-in model; qwen3-moe: its variant with 4 experts, 2 per token")
+    ap.add_argument(
+        "--arch",
+        default="qwen2",
+        choices=("qwen2", "qwen3-moe"),
+        help="qwen2: the built-in model; qwen3-moe: its variant with 4 experts, 2 per token",
+    )
     ap.add_argument("--long", action="store_true", help="the long-response variant (countdown-long), from --start")
-    ap.add_argument("--start", default=None, help="phase 1 begins from this checkpoint (default: a random model; "
-                    "with --long: the built-in model)")  # fmt: skip
+    ap.add_argument(
+        "--start",
+        default=None,
+        help="phase 1 begins from this checkpoint (default: a random model; with --long: the built-in model)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-steps", type=int, default=3000, help="phase 1 stops here at the latest")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--phase2-lr", type=float, default=1e-3)
     args = ap.parse_args(argv)
     start = args.start or (str(BUILTIN_DIR) if args.long else None)
-    result = warm_start(Path(args.out), seed=args.seed, target=args.target, phase2_steps=args.phase2_steps,
-                        answer_noise=args.answer_noise, init=Path(args.init) if args.init else None,
-                        arch=args.arch, long=args.long, start=Path(start) if start else None,
-                        batch_size=args.batch_size, lr=args.lr, phase2_lr=args.phase2_lr,
-                        max_steps=args.max_steps)  # fmt: skip
+    result = warm_start(
+        Path(args.out),
+        seed=args.seed,
+        target=args.target,
+        phase2_steps=args.phase2_steps,
+        answer_noise=args.answer_noise,
+        init=Path(args.init) if args.init else None,
+        arch=args.arch,
+        long=args.long,
+        start=Path(start) if start else None,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        phase2_lr=args.phase2_lr,
+        max_steps=args.max_steps,
+    )
     print(f"saved {args.out}: {result}")
 
 

@@ -15,8 +15,16 @@ from unison.rollout.base import RolloutEngine, Rollouts, SamplingParams
 from unison.rollout.native import NativeEngine
 from unison.rollout.vllm import VLLMEngine
 
-__all__ = ["CAPABILITIES", "ENGINES", "RolloutEngine", "Rollouts", "SamplingParams", "capable", "check_capability",
-           "make_engine"]  # fmt: skip
+__all__ = [
+    "CAPABILITIES",
+    "ENGINES",
+    "RolloutEngine",
+    "Rollouts",
+    "SamplingParams",
+    "capable",
+    "check_capability",
+    "make_engine",
+]
 
 # what an engine may be able to do beyond sampling, as a setting that needs it says it
 CAPABILITIES = {
@@ -64,8 +72,10 @@ def check_capability(name: str, capability: str, setting: str) -> None:
     if capable(name, capability):
         return
     able = [n for n, kind in ENGINES.items() if capability in kind.can]
-    raise UserError(f"{setting} needs a rollout engine that {CAPABILITIES[capability]}; rollout.engine={name} does "
-                    f"not (use rollout.engine={' or '.join(able)})")  # fmt: skip
+    raise UserError(
+        f"{setting} needs a rollout engine that {CAPABILITIES[capability]}; rollout.engine={name} does "
+        f"not (use rollout.engine={' or '.join(able)})"
+    )
 
 
 def make_engine(name: str, model_dir, *, dtype, device, seed: int = 0, **kwargs) -> RolloutEngine:

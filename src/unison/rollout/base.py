@@ -100,10 +100,15 @@ class Rollouts:
             mask=torch.cat([pad(p.mask, False) for p in parts]),
             lengths=torch.cat([p.lengths for p in parts]),
             finished=torch.cat([p.finished for p in parts]),
-            distributions=(torch.cat([torch.nn.functional.pad(p.distributions, (0, 0, 0, T - p.distributions.shape[1]))
-                                      for p in parts]) if all(p.distributions is not None for p in parts) else None),
+            distributions=(
+                torch.cat(
+                    [torch.nn.functional.pad(p.distributions, (0, 0, 0, T - p.distributions.shape[1])) for p in parts]
+                )
+                if all(p.distributions is not None for p in parts)
+                else None
+            ),
             replay=[r for p in parts for r in p.replay] if all(p.replay is not None for p in parts) else None,
-        )  # fmt: skip
+        )
 
     def truncated(self, lengths: torch.Tensor, finished: torch.Tensor, pad_token_id: int = 0) -> Rollouts:
         """The same rows cut to `lengths` (each at most its own), with `finished` flags; trimmed to the longest."""
@@ -116,12 +121,16 @@ class Rollouts:
             mask=mask,
             lengths=lengths,
             finished=finished,
-            distributions=None if self.distributions is None else self.distributions[:, :T].masked_fill(
-                ~mask[..., None], 0.0),
-            replay=None if self.replay is None else [
+            distributions=None
+            if self.distributions is None
+            else self.distributions[:, :T].masked_fill(~mask[..., None], 0.0),
+            replay=None
+            if self.replay is None
+            else [
                 torch.cat([r[: len(p) + int(n) - 1], torch.full_like(r[:1], -1)]) if n else r[: len(p)]
-                for r, p, n in zip(self.replay, self.prompt_ids, lengths)],
-        )  # fmt: skip
+                for r, p, n in zip(self.replay, self.prompt_ids, lengths)
+            ],
+        )
 
 
 def stop_string_end(ids: list[int], decode, strings: tuple[str, ...]) -> int | None:
@@ -145,7 +154,7 @@ def response_text(tokenizer, prompt: list[int], ids: list[int]) -> str:
     when it decodes a sequence on its own (SentencePiece) keeps the response's."""
     whole = tokenizer.decode(list(prompt) + list(ids), skip_special_tokens=True)
     head = tokenizer.decode(list(prompt), skip_special_tokens=True)
-    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(ids), skip_special_tokens=True)
+    return whole[len(head) :] if whole.startswith(head) else tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def cut_at_stop_strings(rollouts: Rollouts, text_of, strings: tuple[str, ...], pad_token_id: int = 0) -> Rollouts:
@@ -180,8 +189,13 @@ class RolloutEngine(Protocol):
 
     dtype: torch.dtype
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False,
-                 keep_distributions: bool = False) -> Rollouts:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        progress: bool = False,
+        keep_distributions: bool = False,
+    ) -> Rollouts:
         """Sample one response per prompt (repeat a prompt G times for a group); with `keep_distributions`, keep
         the whole distribution sampled from at each position (`Rollouts.distributions`) where the engine can."""
         ...

@@ -110,6 +110,7 @@ def _packed(compute: torch.dtype, *linears) -> tuple[torch.Tensor, torch.Tensor 
     On a CPU the weight [out, in] is a view of a copy laid out [in, out], the order in which `x @ W.T` reads it
     (decode steps, whose weights come back from memory every token, are faster so). Elsewhere a single layer's own
     tensor is used where it already is in `compute`."""
+
     def stacked(tensors):
         return (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(compute)
 
@@ -136,15 +137,22 @@ class DecodeWeights:
             a, m = layer.self_attn, layer.mlp
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             sparse = is_sparse_moe(m)
-            self.layers.append({
-                "qkv": _packed(compute, a.q_proj, a.k_proj, a.v_proj), "o": _packed(compute, a.o_proj),
-                "gate_up": None if sparse else _packed(compute, m.gate_proj, m.up_proj),
-                "down": None if sparse else _packed(compute, m.down_proj),
-                "ln1": (ln1.weight.float(), ln1.variance_epsilon), "ln2": (ln2.weight.float(), ln2.variance_epsilon),
-                "qk_norm": (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
-                "scaling": a.scaling, "mlp": m, "sparse": sparse,
-                "act_fn": None if sparse else m.act_fn, "window": window,
-            })  # fmt: skip
+            self.layers.append(
+                {
+                    "qkv": _packed(compute, a.q_proj, a.k_proj, a.v_proj),
+                    "o": _packed(compute, a.o_proj),
+                    "gate_up": None if sparse else _packed(compute, m.gate_proj, m.up_proj),
+                    "down": None if sparse else _packed(compute, m.down_proj),
+                    "ln1": (ln1.weight.float(), ln1.variance_epsilon),
+                    "ln2": (ln2.weight.float(), ln2.variance_epsilon),
+                    "qk_norm": (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
+                    "scaling": a.scaling,
+                    "mlp": m,
+                    "sparse": sparse,
+                    "act_fn": None if sparse else m.act_fn,
+                    "window": window,
+                }
+            )
         norm = model.model.norm
         self.norm = (norm.weight.float(), norm.variance_epsilon)
         self.head = _packed(torch.float32 if head_fp32 else compute, model.lm_head)
@@ -153,8 +161,17 @@ class DecodeWeights:
 class NativeEngine:
     """Samples from a copy of the policy held in the rollout dtype."""
 
-    def __init__(self, model, dtype: torch.dtype, device: torch.device, seed: int = 0, pad_token_id: int = 0,
-                 matmul: str = "auto", tokenizer=None, lm_head: str = "same"):
+    def __init__(
+        self,
+        model,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int = 0,
+        pad_token_id: int = 0,
+        matmul: str = "auto",
+        tokenizer=None,
+        lm_head: str = "same",
+    ):
         self.tokenizer = tokenizer  # decodes responses for stop strings
         self.model = cast_module(model, dtype).to(device).eval()
         self.matmul = matmul_mode(matmul, torch.device(device), dtype)
@@ -179,13 +196,29 @@ class NativeEngine:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype: torch.dtype, device, seed: int = 0, matmul: str = "auto",
-                        attn_implementation: str = "auto", lm_head: str = "same"):
+    def from_pretrained(
+        cls,
+        model_dir,
+        dtype: torch.dtype,
+        device,
+        seed: int = 0,
+        matmul: str = "auto",
+        attn_implementation: str = "auto",
+        lm_head: str = "same",
+    ):
 
         tok = load_tokenizer(model_dir)
         model = load_model(model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
-        return cls(model, dtype=dtype, device=device, seed=seed, pad_token_id=tok.pad_token_id or 0, matmul=matmul,
-                   tokenizer=tok, lm_head=lm_head)  # fmt: skip
+        return cls(
+            model,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            pad_token_id=tok.pad_token_id or 0,
+            matmul=matmul,
+            tokenizer=tok,
+            lm_head=lm_head,
+        )
 
     def close(self) -> None:
         """Nothing to free beyond what the garbage collector takes (here for the `RolloutEngine` protocol)."""
@@ -261,7 +294,7 @@ class NativeEngine:
         if self.checks is not None:
             self.checks.attention_input(index, x)
         qkv = self._linear(x, w["qkv"]).view(B, S, H + 2 * Hkv, D)
-        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv:]
+        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
         if w["qk_norm"] is not None:  # Qwen3
             q_norm, k_norm = w["qk_norm"]
             qk = torch.cat((fused_rms_norm(q_norm, qk[:, :, :H]), fused_rms_norm(k_norm, qk[:, :, H:])), 2)
@@ -282,8 +315,9 @@ class NativeEngine:
             scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
             out = (scores.softmax(-1).to(cdt) @ values).to(self.dtype).view(B, 1, H * D)
         else:
-            out = F.scaled_dot_product_attention(q.to(cdt), keys, values, attn_mask=mask, scale=w["scaling"],
-                                                 enable_gqa=True)  # fmt: skip
+            out = F.scaled_dot_product_attention(
+                q.to(cdt), keys, values, attn_mask=mask, scale=w["scaling"], enable_gqa=True
+            )
             out = out.to(self.dtype).transpose(1, 2).reshape(B, S, H * D)
         return self._linear(out, w["o"])
 
@@ -315,8 +349,9 @@ class NativeEngine:
         return self._linear(x, weights.head)[:, -1]  # [B, V] in the rollout dtype
 
     # ---- sampling ------------------------------------------------------------------------------------------
-    def _completed_stop_string(self, tokens: torch.Tensor, done: torch.Tensor, prompts: list[list[int]], strings,
-                               tail: int) -> torch.Tensor:
+    def _completed_stop_string(
+        self, tokens: torch.Tensor, done: torch.Tensor, prompts: list[list[int]], strings, tail: int
+    ) -> torch.Tensor:
         """Rows not yet done whose tokens so far [B, t] hold a stop string: found in the decoded last `tail` tokens,
         then confirmed on the whole response after its prompt (a row dropped from the batch must be cut where
         `cut_at_stop_strings` will cut it). A stop string the tail misses is cut at the end all the same. -> [B] bool"""
@@ -331,10 +366,15 @@ class NativeEngine:
                 hit[row] = stop_string_end(tokens[row].tolist(), text_of, strings) is not None
         return hit
 
-
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False,
-                 keep_distributions: bool = False, keep_routing: bool = False) -> Rollouts:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        progress: bool = False,
+        keep_distributions: bool = False,
+        keep_routing: bool = False,
+    ) -> Rollouts:
         """Sample one response per prompt; with `keep_distributions`, also every distribution sampled from
         (`Rollouts.distributions`, [B, T, V] fp32 on the CPU: mind the memory for a large vocabulary); with
         `keep_routing`, an MoE model's router decisions (`Rollouts.routing`, `Rollouts.replay`), recorded on the
@@ -348,12 +388,19 @@ class NativeEngine:
         calls = rec.by_row(B)  # the fast path's deduplicated prefill and compacted steps, in row order
         logits, idx = stack_decode(calls, B, T)
         out.routing = (logits.cpu(), idx.cpu())
-        out.replay = replay_rows(prefill_experts(calls, B).cpu(), idx.cpu(), [len(p) for p in prompt_ids],
-                                 out.lengths.tolist())  # fmt: skip
+        out.replay = replay_rows(
+            prefill_experts(calls, B).cpu(), idx.cpu(), [len(p) for p in prompt_ids], out.lengths.tolist()
+        )
         return out
 
-    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool,
-                  keep_distributions: bool, sources: list | None = None) -> Rollouts:
+    def _generate(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        progress: bool,
+        keep_distributions: bool,
+        sources: list | None = None,
+    ) -> Rollouts:
         """`generate` without routing; `sources`, where given, receives each forward's row layout
         (`RoutingRecorder.sources`)."""
         check_prompts(prompt_ids)
@@ -363,7 +410,7 @@ class NativeEngine:
         P = max(len(p) for p in prompt_ids)
         prompts = torch.full((B, P), self.pad_token_id, dtype=torch.long)
         for i, p in enumerate(prompt_ids):
-            prompts[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            prompts[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
         pad_left = torch.tensor([P - len(p) for p in prompt_ids], device=dev)  # [B]
         stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=dev)
         decoder = (_StaticDecode if self.decode_path()[0] == "fast" else _HFDecode)(self, prompts.to(dev), pad_left, N)
@@ -375,8 +422,16 @@ class NativeEngine:
         slots.finish(T)
         return self._rollouts(prompt_ids, slots, stop, T, params.stop_strings)
 
-    def _decode(self, decoder, logits: torch.Tensor, slots: _Slots, params: SamplingParams, stop: torch.Tensor,
-                prompt_ids: list[list[int]], progress: bool) -> int:
+    def _decode(
+        self,
+        decoder,
+        logits: torch.Tensor,
+        slots: _Slots,
+        params: SamplingParams,
+        stop: torch.Tensor,
+        prompt_ids: list[list[int]],
+        progress: bool,
+    ) -> int:
         """Sample token after token until every row is done or max_new_tokens is reached. -> the steps taken"""
         N, strings, dev = params.max_new_tokens, params.stop_strings, self.device
         tail = 8 + 4 * max(map(len, strings), default=0)  # tokens enough to hold a stop string completed lately
@@ -394,8 +449,9 @@ class NativeEngine:
                 slots.done |= torch.isin(tok, stop)
             if strings and t % 8 == 7:  # stop early where a stop string appeared (the exact cut is made below)
                 live_prompts = [prompt_ids[i] for i in slots.rows.tolist()]
-                slots.done |= self._completed_stop_string(slots.slot_tokens[:, : t + 1], slots.done, live_prompts,
-                                                          strings, tail)  # fmt: skip
+                slots.done |= self._completed_stop_string(
+                    slots.slot_tokens[:, : t + 1], slots.done, live_prompts, strings, tail
+                )
             bar.update(1)
             if t == N - 1:
                 break
@@ -517,12 +573,14 @@ class _StaticDecode:
         if self.sources is not None:
             self.sources.append(None if len(first) == len(inverse) else inverse)
         if len(first) == len(inverse):
-            return e._forward(self.weights, self.prompts, self.cos[positions], self.sin[positions], self.cache, 0,
-                              mask[:, None])  # fmt: skip
+            return e._forward(
+                self.weights, self.prompts, self.cos[positions], self.sin[positions], self.cache, 0, mask[:, None]
+            )
         cache = StaticKVCache(e.num_layers, len(first), e.kv_heads, P, e.head_dim, self.cache.dtype, dev)
         pos = positions[first]
-        logits = e._forward(self.weights, self.prompts[first], self.cos[pos], self.sin[pos], cache, 0,
-                            mask[first, None])
+        logits = e._forward(
+            self.weights, self.prompts[first], self.cos[pos], self.sin[pos], cache, 0, mask[first, None]
+        )
         self.cache.kv[:, :, :, :, :P] = cache.kv[:, :, inverse]  # in place: the decode step holds views of the cache
         return logits[inverse]
 
@@ -572,12 +630,21 @@ class _FlatStep:
         self.layers = []
         for w in weights.layers:
             mlp, act = w["mlp"], w["act_fn"]
-            self.layers.append((
-                w["ln1"], w["ln2"], _transposed(w["qkv"]), _transposed(w["o"]),
-                None if w["sparse"] else _transposed(w["gate_up"]), None if w["sparse"] else _transposed(w["down"]),
-                mlp, w["qk_norm"], w["scaling"],
-                F.silu if type(act) is torch.nn.SiLU else act, w["window"],
-            ))  # fmt: skip
+            self.layers.append(
+                (
+                    w["ln1"],
+                    w["ln2"],
+                    _transposed(w["qkv"]),
+                    _transposed(w["o"]),
+                    None if w["sparse"] else _transposed(w["gate_up"]),
+                    None if w["sparse"] else _transposed(w["down"]),
+                    mlp,
+                    w["qk_norm"],
+                    w["scaling"],
+                    F.silu if type(act) is torch.nn.SiLU else act,
+                    w["window"],
+                )
+            )
         self.norm = weights.norm
         self.head = _transposed(weights.head)
         self.head_fp32 = engine.lm_head_fp32
@@ -600,10 +667,14 @@ class _FlatStep:
         kv = self.cache.kv
         B, Lmax = kv.shape[2], kv.shape[4]
         self.views = [
-            (kv[i, 0], kv[i, 1], kv[i, 0].view(B * self.Hkv, Lmax, self.D).transpose(1, 2),
-             kv[i, 1].view(B * self.Hkv, Lmax, self.D))
+            (
+                kv[i, 0],
+                kv[i, 1],
+                kv[i, 0].view(B * self.Hkv, Lmax, self.D).transpose(1, 2),
+                kv[i, 1].view(B * self.Hkv, Lmax, self.D),
+            )
             for i in range(kv.shape[0])
-        ]  # fmt: skip
+        ]
 
     def rnd(self, x: torch.Tensor) -> torch.Tensor:
         """x rounded to the rollout dtype, kept in fp32."""
@@ -631,9 +702,7 @@ class _FlatStep:
         rnd, linear, checks = self.rnd, self.linear, self.checks
         x = F.embedding(tok, self.embed)  # [B, hidden] fp32
         bias = self.bias[:, :, :L]
-        for i, (
-            ln1, ln2, qkv_w, o_w, gu_w, down_w, mlp, qk_norm, scaling, act, window
-        ) in enumerate(self.layers):
+        for i, (ln1, ln2, qkv_w, o_w, gu_w, down_w, mlp, qk_norm, scaling, act, window) in enumerate(self.layers):
             h = rnd(F.rms_norm(x, (x.shape[-1],), *ln1))
             if checks is not None:
                 checks.attention_input(i, h)
@@ -691,19 +760,24 @@ class _HFDecode:
 
     def prefill(self) -> torch.Tensor:
         last = {"logits_to_keep": 1} if takes_logits_to_keep(self.model) else {}
-        out = self.model(input_ids=self.prompts, attention_mask=self.attn, position_ids=self.positions, use_cache=True,
-                         **last)  # fmt: skip
+        out = self.model(
+            input_ids=self.prompts, attention_mask=self.attn, position_ids=self.positions, use_cache=True, **last
+        )
         self.past = output_cache(out)
         return out.logits[:, -1]
 
     def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
         self.attn = torch.cat([self.attn, self.attn.new_ones(len(tok), 1)], dim=1)
         pos = self.positions[:, -1:] + t + 1
-        out = self.model(input_ids=tok[:, None], attention_mask=self.attn, position_ids=pos, use_cache=True,
-                         **{self.cache_kw: self.past})  # fmt: skip
+        out = self.model(
+            input_ids=tok[:, None],
+            attention_mask=self.attn,
+            position_ids=pos,
+            use_cache=True,
+            **{self.cache_kw: self.past},
+        )
         self.past = output_cache(out)
         return out.logits[:, -1]
 
     def compact(self, keep: torch.Tensor) -> bool:
         return False
-

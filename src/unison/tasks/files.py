@@ -62,8 +62,9 @@ def _read_json_array(path: Path, data: bytes) -> list[tuple[str, object]]:
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: byte {exc.start} is not UTF-8; re-save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: line {exc.lineno} is not valid JSON ({exc.msg}, column {exc.colno}); "
-                        "fix it") from None
+        raise UserError(
+            f"{path}: line {exc.lineno} is not valid JSON ({exc.msg}, column {exc.colno}); fix it"
+        ) from None
     if not isinstance(rows, list):
         raise UserError(f"{path} holds one JSON {type(rows).__name__}; give a list of objects or one object per line")
     return [(f"item {i}", row) for i, row in enumerate(rows, 1)]
@@ -102,8 +103,9 @@ def _read_parquet(path: Path, prompt_key: str) -> list[tuple[str, object]]:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is not a readable Parquet file ({first}); "
-                        "re-write it with pyarrow or pandas") from None
+        raise UserError(
+            f"{path} is not a readable Parquet file ({first}); re-write it with pyarrow or pandas"
+        ) from None
     if table.num_rows and prompt_key not in table.column_names:
         raise UserError(
             f"{path} has no column {prompt_key!r} (columns: {_columns(table.column_names)}); "
@@ -132,8 +134,9 @@ def _messages(value: list, where: str, path: Path, key: str) -> str:
     how = f'give a list of {{"role": ..., "content": ...}} objects in {key!r}'
     for i, msg in enumerate(value):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise UserError(f"{path}: {where}: message {i} of {key!r} is not a {{role, content}} pair of strings; "
-                            f"{how}")
+            raise UserError(
+                f"{path}: {where}: message {i} of {key!r} is not a {{role, content}} pair of strings; {how}"
+            )
     users = [m["content"] for m in value if m["role"] == "user"]
     if not users:
         raise UserError(f"{path}: {where}: the messages in {key!r} have no 'user' message; add one")

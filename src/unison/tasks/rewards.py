@@ -122,8 +122,10 @@ def load_reward(spec: str | RewardFn = "math") -> RewardFn:
     if callable(spec):
         return wrap_reward(spec, getattr(spec, "__name__", repr(spec)))
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"reward {spec!r} is not a name; give one of {', '.join(sorted(BUILTIN_REWARDS))} "
-                        "or 'package.module:function'")
+        raise UserError(
+            f"reward {spec!r} is not a name; give one of {', '.join(sorted(BUILTIN_REWARDS))} "
+            "or 'package.module:function'"
+        )
     spec = spec.strip()
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]

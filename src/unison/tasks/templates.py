@@ -51,8 +51,10 @@ def _ids(out) -> list[int]:
 
 def _chat(tokenizer, example: Example, system_prompt: str | None) -> list[int]:
     if not has_chat_template(tokenizer):
-        raise UserError("the tokenizer has no chat template, so data.template=chat cannot be used; "
-                        "set data.template=plain (or auto)")
+        raise UserError(
+            "the tokenizer has no chat template, so data.template=chat cannot be used; "
+            "set data.template=plain (or auto)"
+        )
     try:
         out = tokenizer.apply_chat_template(
             messages_of(example, system_prompt), add_generation_prompt=True, tokenize=True
