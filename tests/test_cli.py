@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run(*args, cwd=None):
@@ -191,3 +192,44 @@ def test_eval_and_filter_and_plot(tiny_dir, tmp_path):
     )
     r = run("plot", run_dir, "--metrics", "rollout/accuracy", "--out", tmp_path / "p.png")
     assert r.returncode == 0, r.stderr and (tmp_path / "p.png").exists()
+
+
+DEMO = ["--steps", "2", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24",
+        "optim.train_batch_size=8", "run.eval_prompts=4", "run.save_every=0", "run.progress=false"]  # fmt: skip
+
+
+def test_demo_arms_side_by_side_compute_what_they_compute_one_after_the_other(tmp_path):
+    # each arm in its own one-thread process, at once, gives the rows of the arms trained in this process one after
+    # the other (one thread); the summary, the table and the figure as before
+    import os
+
+    runs = {}
+    for side, out in ((True, tmp_path / "side"), (False, tmp_path / "seq")):
+        r = subprocess.run([sys.executable, "-m", "unison.cli", "demo", *DEMO, f"side_by_side={str(side).lower()}",
+                            "--out", str(out)], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert ("side by side" in r.stdout) == side and "final_train_accuracy" in r.stdout
+        assert (out / "comparison.png").is_file() and set(json.loads((out / "summary.json").read_text())) == {
+            "fp16",
+            "bf16",
+        }
+        runs[side] = {
+            arm: [
+                {k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
+                for x in (out / arm / "metrics.jsonl").read_text().splitlines()
+            ]
+            for arm in ("fp16", "bf16")
+        }
+    assert runs[True] == runs[False] and len(runs[True]["fp16"]) == 2
+
+
+def test_a_demo_arm_that_fails_stops_the_demo_with_its_own_line(tmp_path):
+    reward = f"{Path(__file__).parent / 'reward_fixture.py'}:raises"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(8)))
+    data = [f"data.source={prompts}", "data.subset=", "data.template=plain", f"data.reward={reward}"]
+    r = run("demo", *DEMO, *data, "--out", tmp_path / "d")
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "arm stopped" in lines[0] and "reward function" in lines[0], lines

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
 
 from unison.config import (
     AlgorithmConfig,
@@ -23,10 +30,13 @@ from unison.config import (
     TrainConfig,
     check,
     doc,
+    to_dict,
 )
+from unison.errors import RunFault
 from unison.precision import PRECISIONS
 from unison.report import plot_runs, read_metrics
 from unison.runfolder import check_run_dir
+from unison.threads import cores
 from unison.trainer import train
 
 
@@ -35,6 +45,11 @@ class DemoConfig(TrainConfig):
     """`unison demo`: the fields of `unison train`, with small defaults, plus the precisions to compare."""
 
     compare: list = doc(["fp16", "bf16"], "precisions trained side by side (each for rollout and training alike)")
+    side_by_side: bool = doc(
+        True,
+        "train the arms at once, each in its own process with one thread, where the "
+        "machine has a core for each (else one after the other)",
+    )
     data: DataConfig = field(default_factory=lambda: DataConfig(subset="builtin"))
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(prompts_per_step=8, group_size=8, max_new_tokens=192)
@@ -97,17 +112,23 @@ def format_summary(summary: dict[str, dict]) -> str:
 
 
 def run_demo(cfg: DemoConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict:
-
+    """Train every arm (side by side where the machine has a core for each, one after the other otherwise), then
+    the table, the figure and summary.json."""
     root = Path(cfg.run.out)
     runs = {name: cfg.for_precision(name) for name in cfg.compare}
     for sub in runs.values():  # refuse before training anything if a run folder would be clobbered
         check_run_dir(sub.run.out, resume, overwrite)
-    summary = {}
-    for name, sub in runs.items():
-        print(f"== {name}: rollout {name}, train {name}, preset {sub.algorithm.preset}, {sub.run.steps} steps")
-        t0 = time.perf_counter()
-        train(sub, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
-        summary[name] = summarize(Path(sub.run.out), time.perf_counter() - t0)
+    flags = {"resume": resume, "overwrite": overwrite, "allow_changes": allow_changes}
+    if cfg.side_by_side and len(runs) > 1 and cores() >= len(runs):
+        seconds = train_side_by_side(runs, flags, cfg.run.progress)
+    else:
+        seconds = {}
+        for name, sub in runs.items():
+            print(f"== {name}: rollout {name}, train {name}, preset {sub.algorithm.preset}, {sub.run.steps} steps")
+            t0 = time.perf_counter()
+            train(sub, **flags)
+            seconds[name] = time.perf_counter() - t0
+    summary = {name: summarize(Path(sub.run.out), seconds[name]) for name, sub in runs.items()}
     print(format_summary(summary))
     fig = plot_runs(
         [r.run.out for r in runs.values()],
@@ -120,3 +141,75 @@ def run_demo(cfg: DemoConfig, resume: bool = False, overwrite: bool = False, all
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {fig} and {root / 'summary.json'}")
     return summary
+
+
+def train_side_by_side(runs: dict[str, TrainConfig], flags: dict, progress: bool) -> dict[str, float]:
+    """Each arm as its own `unison train` process with one thread, all at once; a progress bar per arm from its
+    metrics. An arm that fails stops the others (SIGTERM: each saves what it can) and its own one line is raised.
+    -> each arm's wall seconds"""
+    with tempfile.TemporaryDirectory(prefix="unison-demo-") as tmp:
+        arms = {name: _start_arm(name, sub, flags, Path(tmp)) for name, sub in runs.items()}
+        print(f"== {', '.join(runs)} side by side, one process and one thread each: "
+              + ", ".join(f"{name} in {sub.run.out}" for name, sub in runs.items()), flush=True)  # fmt: skip
+        bars = {name: tqdm(total=sub.run.steps, desc=name, unit="step", position=i, disable=not progress)
+                for i, (name, sub) in enumerate(runs.items())}  # fmt: skip
+        try:
+            seconds = _wait(arms, runs, bars)
+        finally:
+            for bar in bars.values():
+                bar.close()
+            for arm in arms.values():
+                if arm.process.poll() is None:
+                    arm.process.terminate()
+                    arm.process.wait()
+    return seconds
+
+
+@dataclass
+class _Arm:
+    process: subprocess.Popen
+    log: Path
+    start: float
+
+
+def _start_arm(name: str, sub: TrainConfig, flags: dict, tmp: Path) -> _Arm:
+    config = tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(to_dict(sub), sort_keys=False))
+    args = [sys.executable, "-m", "unison", "train", "--config", str(config), "run.progress=false", "run.threads=1"]
+    args += [f"--{k.replace('_', '-')}" for k, on in flags.items() if on]
+    log = tmp / f"{name}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return _Arm(process, log, time.perf_counter())
+
+
+def _wait(arms: dict[str, _Arm], runs: dict[str, TrainConfig], bars: dict) -> dict[str, float]:
+    """Until every arm has ended: the bars follow their metrics; the first arm to fail raises its one line."""
+    seconds: dict[str, float] = {}
+    while len(seconds) < len(arms):
+        time.sleep(0.5)
+        for name, arm in arms.items():
+            done = _steps_logged(Path(runs[name].run.out))
+            bars[name].update(done - bars[name].n)
+            code = arm.process.poll()
+            if code is None or name in seconds:
+                continue
+            if code != 0:
+                raise RunFault(f"the {name} arm stopped: {_last_line(arm.log)}", code)
+            seconds[name] = time.perf_counter() - arm.start
+    return seconds
+
+
+def _steps_logged(run_dir: Path) -> int:
+    try:
+        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+def _last_line(log: Path) -> str:
+    """An arm's own message: the last line of its output that says what happened."""
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    said = [x for x in lines if x.startswith("unison ")]
+    return (said or lines or ["(no output)"])[-1]
