@@ -31,7 +31,7 @@ MODEL_FLAGS = [("--model", "model.path", str, "checkpoint directory or 'builtin'
                ("--engine", "rollout.engine", str, "native or vllm")]
 SHORTCUTS = {
     "probe": MODEL_FLAGS + [
-        ("--prompts", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--prompts", "data.source", str, "'builtin', 'word-problems' or a JSONL/Parquet prompt file"),
         ("--samples", "rollout.group_size", int, "responses per prompt"),
         ("--num-prompts", "data.max_prompts", int, "prompts to sample from"),
         ("--max-new-tokens", "rollout.max_new_tokens", int, "longest response"),
@@ -41,13 +41,13 @@ SHORTCUTS = {
         ("--preset", "algorithm.preset", str, "algorithm preset, e.g. grpo, grpo-token-tis, gspo"),
         ("--steps", "run.steps", int, "RL steps"), ("--out", "run.out", str, "run folder"),
         ("--seed", "run.seed", int, "seed"), ("--epochs", "optim.epochs", int, "passes over each rollout batch"),
-        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file")],
+        ("--data", "data.source", str, "'builtin', 'word-problems' or a JSONL/Parquet prompt file")],
     "demo": MODEL_FLAGS + [
         ("--preset", "algorithm.preset", str, "algorithm preset, e.g. grpo, grpo-token-tis, gspo"),
         ("--steps", "run.steps", int, "RL steps"), ("--out", "run.out", str, "output folder"),
         ("--seed", "run.seed", int, "seed")],
     "eval": MODEL_FLAGS + [
-        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--data", "data.source", str, "'builtin', 'word-problems' or a JSONL/Parquet prompt file"),
         ("--n", "rollout.group_size", int, "samples per prompt"),
         ("--k", "eval.k", str, "comma-separated k of pass@k, e.g. 1,4,8 (default: n; alone, it sets n to the largest)"),
         ("--num-prompts", "data.max_prompts", int, "evaluate at most this many prompts"),
@@ -55,7 +55,7 @@ SHORTCUTS = {
         ("--top-p", "rollout.top_p", float, "top-p"), ("--precision", "precision.rollout", str, "sampling dtype"),
         ("--json", "run.out", str, "write the result JSON here")],
     "filter": MODEL_FLAGS + [
-        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--data", "data.source", str, "'builtin', 'word-problems' or a JSONL/Parquet prompt file"),
         ("--k", "rollout.group_size", int, "samples per prompt"),
         ("--num-prompts", "data.max_prompts", int, "consider at most this many prompts"),
         ("--lo", "filter.lo", float, "keep prompts solved at least this often"),
