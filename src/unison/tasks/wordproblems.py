@@ -112,8 +112,8 @@ TEMPLATES = {
             "There are {a} * {b} = {r} {things} on the plates.",
         ),
         (
-            "{name} makes {b} {things} every day for {a} days. How many {things} does {name} make?",
-            "{name} makes {a} * {b} = {r} {things}.",
+            "{name} gets {b} {things} every day for {a} days. How many {things} does {name} get?",
+            "{name} gets {a} * {b} = {r} {things}.",
         ),
     ),
     ("div",): (
