@@ -194,8 +194,17 @@ def test_eval_and_filter_and_plot(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr and (tmp_path / "p.png").exists()
 
 
-DEMO = ["--steps", "2", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24",
-        "optim.train_batch_size=8", "run.eval_prompts=4", "run.save_every=0", "run.progress=false"]  # fmt: skip
+DEMO = [
+    "--steps",
+    "2",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=24",
+    "optim.train_batch_size=8",
+    "run.eval_prompts=4",
+    "run.save_every=0",
+    "run.progress=false",
+]
 
 
 def test_demo_arms_side_by_side_compute_what_they_compute_one_after_the_other(tmp_path):
@@ -205,9 +214,13 @@ def test_demo_arms_side_by_side_compute_what_they_compute_one_after_the_other(tm
 
     runs = {}
     for side, out in ((True, tmp_path / "side"), (False, tmp_path / "seq")):
-        r = subprocess.run([sys.executable, "-m", "unison.cli", "demo", *DEMO, f"side_by_side={str(side).lower()}",
-                            "--out", str(out)], capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "unison.cli", "demo", *DEMO, f"side_by_side={str(side).lower()}", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert ("side by side" in r.stdout) == side and "final_train_accuracy" in r.stdout
         assert (out / "comparison.png").is_file() and set(json.loads((out / "summary.json").read_text())) == {

@@ -365,7 +365,7 @@ def test_builtin_rewards():
     assert load_reward("exact")("yes!", "yes") == 0.0
     assert load_reward("countdown")("9,4\n#4", "4") == 1.0
     assert load_reward("countdown")("9,4\n#3", "4") == 0.0
-    with pytest.raises(UserError, match="unknown reward 'maths'; choose one of: countdown, exact, math"):
+    with pytest.raises(UserError, match="unknown reward 'maths'; choose one of: countdown, exact, last-number, math"):
         load_reward("maths")
 
 

@@ -51,7 +51,7 @@ MODEL_FLAGS = [
 SHORTCUTS = {
     "probe": MODEL_FLAGS
     + [
-        ("--prompts", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--prompts", "data.source", str, "'builtin', 'word-problems' or a JSONL/Parquet prompt file"),
         ("--samples", "rollout.group_size", int, "responses per prompt"),
         ("--num-prompts", "data.max_prompts", int, "prompts to sample from"),
         ("--max-new-tokens", "rollout.max_new_tokens", int, "longest response"),
@@ -65,7 +65,7 @@ SHORTCUTS = {
         ("--out", "run.out", str, "run folder"),
         ("--seed", "run.seed", int, "seed"),
         ("--epochs", "optim.epochs", int, "passes over each rollout batch"),
-        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--data", "data.source", str, "'builtin', 'word-problems' or a JSONL/Parquet prompt file"),
     ],
     "demo": MODEL_FLAGS
     + [
@@ -76,7 +76,7 @@ SHORTCUTS = {
     ],
     "eval": MODEL_FLAGS
     + [
-        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--data", "data.source", str, "'builtin', 'word-problems' or a JSONL/Parquet prompt file"),
         ("--n", "rollout.group_size", int, "samples per prompt"),
         ("--k", "eval.k", str, "comma-separated k of pass@k, e.g. 1,4,8 (default: n; alone, it sets n to the largest)"),
         ("--num-prompts", "data.max_prompts", int, "evaluate at most this many prompts"),
@@ -87,7 +87,7 @@ SHORTCUTS = {
     ],
     "filter": MODEL_FLAGS
     + [
-        ("--data", "data.source", str, "'builtin' or a JSONL/Parquet prompt file"),
+        ("--data", "data.source", str, "'builtin', 'word-problems' or a JSONL/Parquet prompt file"),
         ("--k", "rollout.group_size", int, "samples per prompt"),
         ("--num-prompts", "data.max_prompts", int, "consider at most this many prompts"),
         ("--lo", "filter.lo", float, "keep prompts solved at least this often"),

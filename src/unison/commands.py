@@ -34,7 +34,9 @@ from unison.setup import Setup, build
 @dataclass
 class EvalSection:
     split: str = doc(
-        "test", "split of the built-in task (a prompt file is one split: its rows)", choices=("test", "train")
+        "test",
+        "split of the built-in task or the word problems (a prompt file is one split: its rows)",
+        choices=("test", "train"),
     )
     k: list = doc(
         [], "the k of each pass@k, estimated without bias from the n = rollout.group_size samples per prompt (empty: n)"
@@ -107,7 +109,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.run.out:
         check_output_file(cfg.run.out, "run.out (the eval JSON)")
     s, dtype = open_sampler(cfg)
-    split = cfg.eval.split if cfg.data.source in ("builtin", "countdown") else "train"
+    split = cfg.eval.split if cfg.data.source in ("builtin", "countdown", "word-problems") else "train"
     examples = s.examples(split, cfg.data.max_prompts or None, subset=True)
     prompts = s.encode(examples)
     n = cfg.rollout.group_size

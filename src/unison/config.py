@@ -168,17 +168,22 @@ class DataConfig:
     source: str = doc(
         "builtin",
         "'builtin' (the countdown task), 'countdown-long' (its variant with responses of "
-        "300 to 1,300 tokens) or a JSONL/Parquet prompt file",
+        "300 to 1,300 tokens), 'word-problems' (grade-school arithmetic, with a test split) "
+        "or a JSONL/Parquet prompt file",
     )
     prompt_key: str = doc("prompt", "column holding the prompt (a string or a list of chat messages)")
     answer_key: str = doc("answer", "column holding the reference answer")
-    reward: str = doc("", "reward: math, exact, countdown, or a dotted path module:function (empty: the task's own)")
+    reward: str = doc(
+        "", "reward: math, exact, countdown, last-number, or a dotted path module:function (empty: the task's own)"
+    )
     template: str = doc(
         "auto",
         "prompt template: plain, chat, or auto (chat when the tokenizer has a chat template)",
         choices=_templates,
     )
-    test_source: str = doc("", "a held-out prompt file for evaluation (the built-in task has its own test split)")
+    test_source: str = doc(
+        "", "a held-out prompt file for evaluation (the built-in task and the word problems have their own test split)"
+    )
     subset: str = doc(
         "",
         "a JSONL file of prompt ids to use (from `unison filter`); 'builtin': the shipped "

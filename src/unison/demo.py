@@ -149,10 +149,15 @@ def train_side_by_side(runs: dict[str, TrainConfig], flags: dict, progress: bool
     -> each arm's wall seconds"""
     with tempfile.TemporaryDirectory(prefix="unison-demo-") as tmp:
         arms = {name: _start_arm(name, sub, flags, Path(tmp)) for name, sub in runs.items()}
-        print(f"== {', '.join(runs)} side by side, one process and one thread each: "
-              + ", ".join(f"{name} in {sub.run.out}" for name, sub in runs.items()), flush=True)  # fmt: skip
-        bars = {name: tqdm(total=sub.run.steps, desc=name, unit="step", position=i, disable=not progress)
-                for i, (name, sub) in enumerate(runs.items())}  # fmt: skip
+        print(
+            f"== {', '.join(runs)} side by side, one process and one thread each: "
+            + ", ".join(f"{name} in {sub.run.out}" for name, sub in runs.items()),
+            flush=True,
+        )
+        bars = {
+            name: tqdm(total=sub.run.steps, desc=name, unit="step", position=i, disable=not progress)
+            for i, (name, sub) in enumerate(runs.items())
+        }
         try:
             seconds = _wait(arms, runs, bars)
         finally:

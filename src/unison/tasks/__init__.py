@@ -1,4 +1,5 @@
-"""Prompt sets and verifiable rewards: the built-in countdown task and prompt files (JSONL/Parquet)."""
+"""Prompt sets and verifiable rewards: the built-in countdown task, the shipped word problems and prompt files
+(JSONL/Parquet)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from unison.tasks.files import FileTask
 
 __all__ = ["Example", "Task", "load_task", "BUILTIN_TASKS"]
 
-BUILTIN_TASKS = ("builtin", "countdown", "countdown-long")
+BUILTIN_TASKS = ("builtin", "countdown", "countdown-long", "word-problems")
 
 
 def load_task(
@@ -24,11 +25,17 @@ def load_task(
     test_path: str | Path | None = None,
     require_answer: bool = True,
 ) -> Task:
-    """The built-in countdown task (`builtin` or `countdown`; `countdown-long`: its long-response variant) or a
-    `FileTask` over a JSONL/Parquet prompt file.
+    """The built-in countdown task (`builtin` or `countdown`; `countdown-long`: its long-response variant), the
+    shipped word problems (`word-problems`, a `FileTask` over their two splits) or a `FileTask` over a JSONL/Parquet
+    prompt file.
 
-    `reward` (default `math` for files) picks a file task's reward; the built-in task has its own.
+    `reward` (default `math` for files, `last-number` for the word problems) picks a file task's reward; the built-in
+    task has its own. `test_path` replaces the word problems' shipped test split.
     """
+    if str(source) == "word-problems":
+        from unison.tasks.wordproblems import load
+
+        return load(reward=reward, test_path=test_path)
     if str(source) in BUILTIN_TASKS or source in (None, ""):
         if reward not in (None, "countdown"):
             raise UserError(

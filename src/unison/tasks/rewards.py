@@ -3,6 +3,7 @@
     reward: math                          last \\boxed{} answer against the reference (math-verify)
     reward: exact                         the response, stripped, equals the answer, stripped
     reward: countdown                     the number after the last '#' equals the answer (the built-in task)
+    reward: last-number                   the response's last number equals the answer (the word problems)
     reward: my_pkg.rewards:score          a user function score(response: str, answer: str) -> float
     reward: my_pkg.rewards.score          the same
     reward: ./rewards.py:score            a function in a Python file
@@ -17,7 +18,9 @@ import importlib
 import importlib.util
 import inspect
 import math
+import re
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 from unison.errors import UserError
@@ -42,7 +45,37 @@ def countdown_reward(response: str, answer: str, example: Example | None = None)
     return float(final_answer(response) == str(answer).strip())
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"math": _math_reward, "exact": exact_reward, "countdown": countdown_reward}
+# a number: an optional sign (a hyphen right after a word or a bracket is a minus, not a sign), digits with or
+# without thousands commas (not right after a point or a digit: ".5" is no number), an optional decimal part and an
+# optional fraction bar: "-3", "1,200", "8.0", "16/2"
+NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?(?<![.\d])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?")
+
+
+def final_number(text: str) -> Fraction | None:
+    """The exact value of the last number in `text` (NUMBER_RE), or None (no number, or a fraction over 0)."""
+    found = NUMBER_RE.findall(text or "")
+    try:
+        return Fraction(found[-1].replace(",", "")) if found else None
+    except ZeroDivisionError:  # "3/0"
+        return None
+
+
+def last_number_reward(response: str, answer: str, example: Example | None = None) -> float:
+    """1.0 when the last number of the response equals the answer exactly ("8.0" and "16/2" are 8; "8.5" is not),
+    0.0 otherwise, also for an answer that is no number."""
+    value = final_number(response)
+    try:
+        return float(value is not None and value == Fraction(str(answer).strip().replace(",", "")))
+    except (ValueError, ZeroDivisionError):
+        return 0.0
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "math": _math_reward,
+    "exact": exact_reward,
+    "countdown": countdown_reward,
+    "last-number": last_number_reward,
+}
 
 
 def _accepts_example(fn) -> bool:
