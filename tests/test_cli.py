@@ -246,3 +246,23 @@ def test_a_demo_arm_that_fails_stops_the_demo_with_its_own_line(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "arm stopped" in lines[0] and "reward function" in lines[0], lines
+
+
+def test_sigterm_stops_a_side_by_side_demo_and_its_arms_with_one_line(tmp_path):
+    import signal
+    import time
+
+    from unison.runfolder import RunLock
+
+    out = tmp_path / "d"
+    args = [sys.executable, "-m", "unison.cli", "demo", *DEMO, "--steps", "60", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not all((out / arm / "metrics.jsonl").is_file() for arm in ("fp16", "bf16")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert [x for x in err.splitlines() if x.startswith("unison")][-1].startswith("unison demo: stopped: terminated")
+    assert all(RunLock(out / arm).holder() is None for arm in ("fp16", "bf16"))  # no arm goes on

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -398,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     args.argv = argv
     say = distributed.rank() == 0  # with several ranks, rank 0 says what went wrong (every rank stops)
-    if distributed.launched():
-        distributed.end_with_launcher()
+    if distributed.launched() or os.environ.get(distributed.LAUNCHER_PID):
+        distributed.end_with_launcher()  # a rank, or a demo's arm: it ends with the process that started it
     try:
         try:
             if distributed.launched() and args.command != "train":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,12 +33,13 @@ from unison.config import (
     doc,
     to_dict,
 )
-from unison.errors import RunFault
+from unison.distributed import LAUNCHER_PID
+from unison.errors import SIGTERM_CODE, RunFault
 from unison.precision import PRECISIONS
 from unison.report import plot_runs, read_metrics
 from unison.runfolder import check_run_dir
 from unison.threads import cores
-from unison.trainer import train
+from unison.trainer import Terminated, on_sigterm, train
 
 
 @dataclass
@@ -158,9 +160,13 @@ def train_side_by_side(runs: dict[str, TrainConfig], flags: dict, progress: bool
             name: tqdm(total=sub.run.steps, desc=name, unit="step", position=i, disable=not progress)
             for i, (name, sub) in enumerate(runs.items())
         }
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             seconds = _wait(arms, runs, bars)
+        except Terminated:  # the arms are stopped below, each saving what it can
+            raise RunFault("terminated (SIGTERM); resume with the same command and --resume", SIGTERM_CODE) from None
         finally:
+            signal.signal(signal.SIGTERM, previous)
             for bar in bars.values():
                 bar.close()
             for arm in arms.values():
@@ -183,7 +189,7 @@ def _start_arm(name: str, sub: TrainConfig, flags: dict, tmp: Path) -> _Arm:
     args = [sys.executable, "-m", "unison", "train", "--config", str(config), "run.progress=false", "run.threads=1"]
     args += [f"--{k.replace('_', '-')}" for k, on in flags.items() if on]
     log = tmp / f"{name}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", LAUNCHER_PID: str(os.getpid())}  # the arm ends with the demo
     with open(log, "w") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
     return _Arm(process, log, time.perf_counter())

@@ -110,7 +110,7 @@ def launched() -> bool:
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when the process that started it ends
-LAUNCHER_PID = "UNISON_LAUNCHER_PID"  # set by `launch` for its ranks
+LAUNCHER_PID = "UNISON_LAUNCHER_PID"  # set by `launch` for its ranks, and by `unison demo` for its arms
 
 
 def end_with_launcher() -> None:

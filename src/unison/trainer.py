@@ -163,7 +163,7 @@ def run_with_faults(run: Run, point: ResumePoint, resume: bool, overwrite: bool,
     mismatch guard's stop) turned into `RunFault`."""
     run_dir, lock = _prepare(run.world, Path(run.cfg.run.out), resume, overwrite)
     previous = (
-        signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+        signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
     )
     run.current = point.step  # the step being run, for the message of a fault
     try:
@@ -251,7 +251,7 @@ class Terminated(Exception):
     """SIGTERM arrived; raised in the main thread so that the run unwinds (a checkpoint being written is removed)."""
 
 
-def _on_sigterm(signum, frame):
+def on_sigterm(signum, frame):
     raise Terminated()
 
 
