@@ -1,6 +1,7 @@
 """Mismatch metrics: hand-computed values, a float64 loop reference, the accumulator, edge cases."""
 
 import math
+import struct
 
 import pytest
 import torch
@@ -51,6 +52,8 @@ HAND = {
     "chi2_seq": 1.03125,  # (e^{2L} + e^{-4L}) / 2 - 1 = (4 + 1/16) / 2 - 1
     "num_tokens": 5.0,
     "num_seqs": 2.0,
+    "bit_equal_frac": 0.0,  # no token's log-probs agree
+    "max_abs_log_ratio": LN2,
 }
 
 
@@ -117,6 +120,8 @@ def _reference(logp_pi, logp_mu, mask):
         "chi2_seq": sum(math.exp(2 * s) for s in seqs) / ns - 1,
         "num_tokens": float(n),
         "num_seqs": float(ns),
+        "bit_equal_frac": sum(struct.pack("f", a) == struct.pack("f", b) for a, b in toks) / n,
+        "max_abs_log_ratio": max(abs(x) for x in r),
     }
 
 
@@ -183,7 +188,19 @@ def test_identical_policies_give_zero_mismatch():
     out = mm.mismatch_metrics(logp, logp.clone(), mask)
     for key in mm.METRIC_KEYS:
         if not key.startswith("num_"):
-            assert out[key] == 0.0, key
+            assert out[key] == (1.0 if key == "bit_equal_frac" else 0.0), key
+
+
+def test_bit_equal_frac_counts_tokens_whose_fp32_bits_agree():
+    # 4 response tokens: equal bits, one ulp apart, -0.0 against +0.0 (equal as numbers, not as bits), equal; a
+    # padded position whose bits differ is not counted
+    one_ulp = torch.nextafter(torch.tensor(-1.5), torch.tensor(0.0)).item()
+    logp_pi = torch.tensor([[-1.5, -1.5, -0.0, -2.25, 7.0]])
+    logp_mu = torch.tensor([[-1.5, one_ulp, 0.0, -2.25, 9.0]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    out = mm.mismatch_metrics(logp_pi, logp_mu, mask)
+    assert out["bit_equal_frac"] == 0.5 and out["num_tokens"] == 4.0
+    assert out["max_abs_log_ratio"] == abs(-1.5 - one_ulp)  # the ulp, computed in float64
 
 
 def test_large_batch_is_vectorised_and_fp32_inputs():

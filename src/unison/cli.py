@@ -23,6 +23,7 @@ from unison.config import TrainConfig, _split_override, describe, load_config
 from unison.conformance import SelfTestError
 from unison.demo import DemoConfig, run_demo
 from unison.errors import SIGINT_CODE, WRITE_FAILED, RunFault, UserError
+from unison.exact import BitwiseMismatchError
 from unison.gguf import FETCHABLE, fetch
 from unison.guard import MismatchGuardStop
 from unison.learner import WeightSyncError
@@ -437,7 +438,15 @@ def main(argv: list[str] | None = None) -> int:
         return WRITE_FAILED
     except Exception as exc:  # noqa: BLE001 - errors the run itself raises (loss-scale floor, sync, overflow)
         if isinstance(
-            exc, (LossScaleFloorError, WeightSyncError, ActivationOverflowError, SelfTestError, MismatchGuardStop)
+            exc,
+            (
+                LossScaleFloorError,
+                WeightSyncError,
+                ActivationOverflowError,
+                SelfTestError,
+                MismatchGuardStop,
+                BitwiseMismatchError,
+            ),
         ):
             if say:
                 print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)

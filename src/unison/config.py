@@ -153,6 +153,12 @@ class PrecisionConfig:
         choices=_overflow_modes,
         what="action",
     )
+    bitwise: bool = doc(
+        False,
+        "the rollout engine's and the learner's log-probs of every sampled token equal to the bit, in any precision "
+        "(unison.exact: every product, attention and log-softmax with one reduction layout; the native engine "
+        "decodes with the model's own forward, a group of prompts at a time; docs/exact.md has what it costs)",
+    )
 
     def validate(self) -> None:
         check(
@@ -457,15 +463,31 @@ class TrainConfig:
             "fp32_lm_head": self.precision.lm_head == "fp32",
             "routing": self.moe.routing_replay,
             "distributions": self.metrics.exact_divergence,
+            "bitwise": self.precision.bitwise,
         }
         settings = {
             "fp32_lm_head": "precision.lm_head=fp32",
             "routing": "moe.routing_replay=true",
             "distributions": "metrics.exact_divergence=true",
+            "bitwise": "precision.bitwise=true",
         }
         for capability, asked in needs.items():
             if asked:
                 check_capability(r.engine, capability, settings[capability])
+        p = self.precision
+        check(
+            not p.bitwise or p.rollout == p.train,
+            "precision.bitwise",
+            f"needs one dtype in both engines (precision.rollout={p.rollout}, precision.train={p.train}); set both to "
+            "the same precision",
+        )
+        check(
+            not (self.precision.bitwise and self.lora.enabled),
+            "precision.bitwise",
+            "cannot go with lora.enabled: the engine multiplies by the merged weights W + B A and the learner by W "
+            "and B A apart, which round differently; train the adapter without precision.bitwise, or export the "
+            "merged model (unison export) and train it whole",
+        )
         check(
             r.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare responses within a group)"
         )

@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from unison.batching import MicroBatch, MicroBatcher, SequenceBatch
 from unison.config import ModelConfig, MoeConfig, OptimConfig, PrecisionConfig
 from unison.distributed import SINGLE, World, shard
+from unison.exact import make_exact
 from unison.hf import LogitsAt, cache_kwarg, output_cache
 from unison.lora import is_peft, merged_weights, set_dropout
 from unison.matmul import matmul_mode, set_matmul
@@ -46,7 +47,7 @@ from unison.precision import (
 from unison.rollout.base import Rollouts
 from unison.routing import RoutingRecorder, install_replay, routers
 from unison.sampling import entropy as entropy_of
-from unison.sampling import process_logits, token_logprobs
+from unison.sampling import log_softmax, process_logits, token_logprobs
 
 
 class WeightSyncError(RuntimeError):
@@ -69,11 +70,12 @@ class PolicyForward:
     transforms) at the response positions, upcast to fp32 before the log-softmax. An MoE model's routers, where
     `replay` is on and a batch carries the engine's experts, route each token with them."""
 
-    def __init__(self, model, replay: bool = False):
+    def __init__(self, model, replay: bool = False, exact: bool = False):
         self.model = model
         self.logits_at = LogitsAt(model)
         self.routers = routers(model)
         self.replay = replay
+        self.exact = exact  # precision.bitwise: the log-softmax of `unison.exact`
 
     def response_logits(self, batch: SequenceBatch) -> torch.Tensor:
         """The model's own logits at the response positions, in its dtype. -> [B, T, V]"""
@@ -120,7 +122,8 @@ class PolicyForward:
         """log pi of each response token (fp32, 0 on padding), with gradient where the model has one.
         -> [B, T] (and the entropy [B, T], without gradient, with `with_entropy`)"""
         logits = self.response_logits(batch)
-        logp = token_logprobs(logits, batch.targets, temperature, top_k, top_p).masked_fill(~batch.mask, 0.0)
+        logp = token_logprobs(logits, batch.targets, temperature, top_k, top_p, self.exact)
+        logp = logp.masked_fill(~batch.mask, 0.0)
         if not with_entropy:
             return logp
         with torch.no_grad():
@@ -177,17 +180,20 @@ class Learner:
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
         self.matmul = matmul_mode(model_cfg.matmul, self.device, policy.train)
+        self.bitwise = precision.bitwise  # `unison.exact`: log-probs equal to the bit to the engine's
         self.batcher = MicroBatcher.for_model(
             model.config,
             self.device,
             optim.micro_batch_tokens,
             optim.share_prompts,
             world,
-            model_cfg.gradient_checkpointing or moe.routing_replay,
+            model_cfg.gradient_checkpointing or moe.routing_replay or self.bitwise,
         )
         self._cast(policy, world)
+        if self.bitwise:
+            make_exact(self.model)
         install_replay(self.model)  # an MoE model's routers: inert without a plan (routing replay, the self-test)
-        self.forward = PolicyForward(self.model, replay=moe.routing_replay)
+        self.forward = PolicyForward(self.model, replay=moe.routing_replay, exact=self.bitwise)
         if model_cfg.gradient_checkpointing:
             enable_checkpointing(self.model)
         self._optimizer(optim, precision)
@@ -304,7 +310,10 @@ class Learner:
 
         def compute(part):
             batch = self.batch(part)
-            logq = process_logits(self.forward.response_logits(batch), temperature, top_k, top_p).log_softmax(-1)
+            logits = self.forward.response_logits(batch)
+            logq = log_softmax(
+                process_logits(logits, temperature, top_k, top_p, self.forward.exact), self.forward.exact
+            )
             return (logq.masked_fill(~batch.mask[..., None], 0.0).float().cpu(),)
 
         return self.batcher.per_row(rollouts, micro_batch_size, compute)[0]

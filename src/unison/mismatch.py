@@ -43,6 +43,8 @@ METRIC_KEYS = (
     "chi2_seq",
     "num_tokens",
     "num_seqs",
+    "bit_equal_frac",
+    "max_abs_log_ratio",
 )
 
 
@@ -52,6 +54,11 @@ def _prepare(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor):
             f"shapes differ: logp_pi {tuple(logp_pi.shape)}, logp_mu {tuple(logp_mu.shape)}, mask {tuple(mask.shape)}"
         )
     return logp_pi.detach().double(), logp_mu.detach().double(), mask.bool()
+
+
+def bits_equal(logp_pi: torch.Tensor, logp_mu: torch.Tensor) -> torch.Tensor:
+    """Where the two log-probs have the same fp32 bit pattern (precision.bitwise's promise). bool [B, T]"""
+    return logp_pi.detach().float().view(torch.int32) == logp_mu.detach().float().view(torch.int32)
 
 
 def _expm1_or_inf(x: float) -> float:
@@ -108,7 +115,7 @@ def length_slope(seq_log_ratio: Sequence[float] | torch.Tensor, lengths: Sequenc
 
 
 # Token statistics kept by the accumulator: how each one merges across batches.
-_SUMS = ("n", "abs_pdiff_sum", "r_sum", "abs_r_sum", "r2_sum", "k3_sum")
+_SUMS = ("n", "abs_pdiff_sum", "r_sum", "abs_r_sum", "r2_sum", "k3_sum", "bit_equal")
 _MAXES = ("abs_pdiff_max", "pdiff_max", "r_max")
 _MINS = ("pdiff_min", "r_min")
 
@@ -134,6 +141,7 @@ class MismatchAccumulator:
         self.lengths: list[int] = []
 
     def add(self, logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> None:
+        same_bits = bits_equal(logp_pi, logp_mu)  # [B, T]
         lp, lm, m = _prepare(logp_pi, logp_mu, mask)
         lengths = m.sum(dim=-1)  # [B]
         keep = lengths > 0  # [B]
@@ -152,6 +160,7 @@ class MismatchAccumulator:
                 r.abs().sum(),
                 r.square().sum(),
                 (torch.expm1(r) - r).sum(),
+                same_bits[m].sum().double(),
                 pdiff.abs().max(),
                 pdiff.max(),
                 r.max(),
@@ -193,6 +202,8 @@ class MismatchAccumulator:
                 "k3": st["k3_sum"] / n,
                 "chi2_token": _expm1_or_inf(self.lse_2r - math.log(n)),
                 "num_tokens": float(n),
+                "bit_equal_frac": st["bit_equal"] / n,
+                "max_abs_log_ratio": max(abs(st["r_min"]), abs(st["r_max"])),
             }
         if self.seq_log_ratios:
             s = torch.tensor(self.seq_log_ratios, dtype=torch.float64)  # [n_seqs]

@@ -388,6 +388,8 @@ TABLE_KEYS = [
     "seq_slope_per_1k_tokens",
     "num_tokens",
     "num_seqs",
+    "bit_equal_frac",
+    "max_abs_log_ratio",
     *EXACT_KEYS,
     "routing_flip_frac",
     "router_prob_gap",

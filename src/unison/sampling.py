@@ -3,15 +3,20 @@ recomputes it), so that log mu and log pi refer to the same distribution.
 
     q(. | y_<t) = renormalise( restrict_{top-k, top-p}( softmax(fp32(logits) / temperature) ) )
 
-Logits are always upcast to fp32 before the softmax, in both engines.
+Logits are always upcast to fp32 before the softmax, in both engines. With `exact` (precision.bitwise) every
+softmax over the vocabulary is `unison.exact`'s, whose sums have one layout whatever the number of rows.
 """
 
 from __future__ import annotations
 
 import torch
 
+from unison import exact as exact_ops
 
-def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+
+def process_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, exact: bool = False
+) -> torch.Tensor:
     """fp32 logits / temperature, with tokens outside the top-k and top-p support set to -inf. [..., V] -> [..., V]
 
     Top-p keeps the smallest set of most likely tokens whose probability sum reaches `top_p` (the token that
@@ -25,7 +30,7 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+        probs = exact_ops.softmax(sorted_logits) if exact else sorted_logits.softmax(-1)
         before = probs.cumsum(-1) - probs  # probability mass strictly above each token
         drop_sorted = before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
@@ -33,12 +38,22 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
     return logits
 
 
+def log_softmax(logits: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """fp32 log softmax over the vocabulary (`unison.exact.log_softmax` with `exact`). [..., V] -> [..., V]"""
+    return exact_ops.log_softmax(logits) if exact else logits.float().log_softmax(-1)
+
+
 def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    exact: bool = False,
 ) -> torch.Tensor:
     """log q(token) under the processed distribution. logits [..., V], tokens [...] -> [...] fp32."""
-    processed = process_logits(logits, temperature, top_k, top_p)
-    return processed.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    processed = process_logits(logits, temperature, top_k, top_p, exact)
+    return log_softmax(processed, exact).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -47,13 +62,19 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def sample(logits: torch.Tensor, generator: torch.Generator | None, temperature: float, top_k: int, top_p: float):
+def sample(
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    exact: bool = False,
+):
     """Draw one token per row and return (tokens [B], log q(tokens) [B]); greedy when temperature is 0."""
     if temperature <= 0.0:
-        logp = logits.float().log_softmax(-1)
-        tokens = logp.argmax(-1)
+        tokens = log_softmax(logits, exact).argmax(-1)
         return tokens, torch.zeros_like(tokens, dtype=torch.float32)
-    logp = process_logits(logits, temperature, top_k, top_p).log_softmax(-1)  # [B, V]
+    logp = log_softmax(process_logits(logits, temperature, top_k, top_p, exact), exact)  # [B, V]
     return draw(logp, generator)
 
 

@@ -34,7 +34,7 @@ from unison.config import TrainConfig
 from unison.distributed import SINGLE, World
 from unison.evaluation import score
 from unison.measurements import Measurement
-from unison.mismatch import mismatch_metrics
+from unison.mismatch import bits_equal, mismatch_metrics
 from unison.rollout.base import Rollouts
 from unison.schedules import lr_factor
 
@@ -89,6 +89,8 @@ class RLStep:
         # reward needs log pi_old before the advantages)
         self.single_update = not needs_recompute(cfg.optim, r.prompts_per_step * r.group_size) and not self.kl_reward
         self.update = PolicyUpdate(cfg, learner, world, reference, self.single_update, run.sampling.max_new_tokens)
+        self.divergence: Divergence | None = None  # precision.bitwise: the first token the two engines disagree on
+        self.last_batch: Batch | None = None
         replay = cfg.moe.routing_replay and learner.moe  # the engine's experts, for the learner to route with
         self.asks = {"keep_routing": True} if replay else {}
         for m in self.measurements:
@@ -114,6 +116,9 @@ class RLStep:
         metrics = self.learner.sync(self.engine)  # with its time, perf/sync_seconds
         batch = self.gather(batch, prompts)
         metrics.update(self.mismatch(batch))
+        self.last_batch = batch
+        if self.cfg.precision.bitwise:
+            self.divergence = bitwise_divergence(batch) or self.update.divergence
         metrics.update({**{k: float(v) for k, v in batch.kl.items()}, "learner/lr": lr})
         if samples is not None:
             samples.append(ckpt.rollout_digest(batch.rollouts))
@@ -243,6 +248,35 @@ class RLStep:
         return out
 
 
+@dataclass
+class Divergence:
+    """precision.bitwise: the first sampled token whose log-probs differ (`what`: which two), in a step's batch."""
+
+    row: int
+    position: int
+    what: str
+    values: tuple[float, float]
+
+
+def first_unequal(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[int, int] | None:
+    """(row, position) of the first response token where a and b differ as fp32 bit patterns, or None."""
+    differ = ~bits_equal(a, b) & mask.bool()
+    if not bool(differ.any()):
+        return None
+    row, position = differ.nonzero()[0].tolist()
+    return row, position
+
+
+def bitwise_divergence(batch: Batch) -> Divergence | None:
+    """The first token whose log pi_old differs from log mu (in bits), or None."""
+    at = first_unequal(batch.logp_old, batch.rollouts.logprobs, batch.rollouts.mask)
+    if at is None:
+        return None
+    row, pos = at
+    values = (float(batch.rollouts.logprobs[row, pos]), float(batch.logp_old[row, pos]))
+    return Divergence(row, pos, "log mu (engine) and log pi_old (learner)", values)
+
+
 def rollout_metrics(batch: Batch) -> dict:
     """Rewards, accuracy, lengths, truncation, entropy and advantages of the whole batch."""
     ro, mask = batch.rollouts, batch.rollouts.mask
@@ -349,9 +383,12 @@ class PolicyUpdate:
         self.sampling = (cfg.rollout.temperature, cfg.rollout.top_k, cfg.rollout.top_p)
         a = cfg.algorithm
         self.kl_loss = a.kl_coef > 0 and a.kl_in == "loss"
+        # precision.bitwise with a pass of its own for log pi_old: the first update's forward must equal it
+        self.check_first = cfg.precision.bitwise and not single_update
+        self.divergence: Divergence | None = None
 
     def __call__(self, batch: Batch, shuffle: torch.Generator) -> dict:
-        self.batch, self.totals = batch, LossTotals()
+        self.batch, self.totals, self.divergence = batch, LossTotals(), None
         G, o = self.cfg.rollout.group_size, self.cfg.optim
         groups = len(batch.rollouts) // G
         per_update = o.train_batch_size // G // self.world.size  # groups of this rank in each update
@@ -378,6 +415,16 @@ class PolicyUpdate:
         self.totals.skipped += int(result.skipped)
         self.totals.norms.append(result.grad_norm)
 
+    def compare_first(self, mb: MicroBatch) -> None:
+        """precision.bitwise: the first update's log pi against log pi_old, token by token (in bits)."""
+        T = mb.logp.shape[1]
+        old = self.batch.logp_old[mb.rows, :T]
+        at = first_unequal(mb.logp.detach().float().cpu(), old, mb.rollouts.mask)
+        if at is not None:
+            row, pos = int(mb.rows[at[0]]), at[1]
+            values = (float(old[at]), float(mb.logp[at].detach()))
+            self.divergence = Divergence(row, pos, "log pi_old and log pi at the first update's forward", values)
+
     def loss(self, mb: MicroBatch, update_rows: int, total_tokens: int, total_seqs: int) -> torch.Tensor:
         """One micro-batch's loss: the preset's policy loss (with the KL term where it goes into the loss), weighted
         so that the micro-batch losses sum to the update's; with a single update, its forward gives log pi_old."""
@@ -385,6 +432,8 @@ class PolicyUpdate:
         logp, T = mb.logp, mb.logp.shape[1]
         if self.single_update:
             b.logp_old[mb.rows, :T], b.entropy[mb.rows, :T] = logp.detach().float().cpu(), mb.entropy.float().cpu()
+        elif self.check_first and len(self.totals.losses) == 1 and self.divergence is None:
+            self.compare_first(mb)
         dev = logp.device
         kl = None
         if self.kl_loss:

@@ -31,6 +31,7 @@ from unison.conformance import self_test
 from unison.distributed import World
 from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, UserError
 from unison.evaluation import evaluate
+from unison.exact import BitwiseMismatchError, first_divergence
 from unison.guard import Guard, MismatchGuardStop, advice_for
 from unison.learner import Learner, frozen_copy
 from unison.lora import describe as describe_lora
@@ -152,7 +153,10 @@ def train(
     if point.latest is not None and cfg.lora.enabled:  # the saved adapter's fp32 masters
         point.master = read_adapter(point.latest, dict(zip(learner.weights.names, learner.weights.params)))
     # each rank samples with its own stream
-    with s.engine(run.policy.rollout, seed=cfg.run.seed + world.rank, lm_head=cfg.precision.lm_head) as engine:
+    bitwise = {"bitwise": True} if cfg.precision.bitwise else {}  # (an engine without the capability is refused)
+    with s.engine(
+        run.policy.rollout, seed=cfg.run.seed + world.rank, lm_head=cfg.precision.lm_head, **bitwise
+    ) as engine:
         measurements = measurements_for(cfg, learner.moe, world)
         steps = RLStep(cfg, run, learner, engine, reference, measurements, world)
         return run_with_faults(Run(cfg, run, steps, quiet or not world.main), point, resume, overwrite, loggers)
@@ -206,6 +210,8 @@ def check_world_settings(cfg: TrainConfig, size: int, device: torch.device) -> N
         )
     if size > 1:
         check_capability(cfg.rollout.engine, "ranks", f"--nproc {size}")
+    if size > 1 and cfg.precision.bitwise:
+        raise UserError("precision.bitwise with several ranks is not supported yet; train on one rank")
 
 
 def check_resume_kind(latest: Path, lora: bool) -> None:
@@ -405,9 +411,28 @@ class Run:
             self.report(done, metrics, samples, bar)
         if stop is not None:  # the newest checkpoint is the one before
             raise stop
+        if self.step.divergence is not None:
+            raise BitwiseMismatchError(self.divergence_line(done))
         every = self.cfg.run.save_every
         if (every and done % every == 0) or done == self.cfg.run.steps:
             self.save(done)
+
+    def divergence_line(self, done: int) -> str:
+        """precision.bitwise's stop: where the two engines first disagreed, and the first module that differs when
+        that row is run alone both ways (`unison.exact.first_divergence`)."""
+        d, b = self.step.divergence, self.step.last_batch
+        prompt = list(b.rollouts.prompt_ids[d.row])
+        response = b.rollouts.response_ids[d.row, : int(b.rollouts.lengths[d.row])].tolist()
+        module = first_divergence(self.engine.model, self.learner.model, prompt, response, d.position)
+        where = (
+            f"the first module whose output differs there: {module}"
+            if module
+            else ("every module agrees on that row alone: the rows batched with it made the difference")
+        )
+        return (
+            f"precision.bitwise: at step {done}, row {d.row} (prompt {b.examples[d.row].id!r}), response token "
+            f"{d.position}, {d.what} differ ({d.values[0]!r} and {d.values[1]!r}); {where}"
+        )
 
     def report(self, done: int, metrics: dict, samples: list, bar) -> None:
         """After step `done` (rank 0): its samples and metrics into the run folder and the trackers, the evaluation

@@ -35,6 +35,7 @@ CAPABILITIES = {
     "ranks": "runs as one engine per rank under --nproc",
     "tensor_parallel": "spreads one model over several GPUs",
     "activation_checks": "checks its fp16 activations for overflow as it decodes",
+    "bitwise": "computes with the learner's kernels, so that their log-probs can agree to the bit",
 }
 
 

@@ -107,6 +107,7 @@ class Rollouts:
                 if all(p.distributions is not None for p in parts)
                 else None
             ),
+            routing=_concat_routing([p.routing for p in parts], T),
             replay=[r for p in parts for r in p.replay] if all(p.replay is not None for p in parts) else None,
         )
 
@@ -131,6 +132,17 @@ class Rollouts:
                 for r, p, n in zip(self.replay, self.prompt_ids, lengths)
             ],
         )
+
+
+def _concat_routing(parts: list, T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Routing records ([B, t, L, E] logits, [B, t, L, k] experts) of parts, padded to T positions and joined."""
+    if any(p is None for p in parts):
+        return None
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, 0, 0, 0, T - t.shape[1]))
+
+    return torch.cat([pad(p[0]) for p in parts]), torch.cat([pad(p[1]) for p in parts])
 
 
 def stop_string_end(ids: list[int], decode, strings: tuple[str, ...]) -> int | None:

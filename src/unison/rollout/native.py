@@ -33,9 +33,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from unison.architecture import fast_path_blocker, layer_windows
 from unison.attribution import upcast
+from unison.exact import make_exact
 from unison.hf import cache_kwarg, output_cache, takes_logits_to_keep
 from unison.matmul import compute_dtype, matmul_mode, set_matmul
 from unison.models import load_model, load_tokenizer
@@ -50,7 +52,7 @@ from unison.rollout.base import (
     stop_string_end,
 )
 from unison.routing import RoutingRecorder, prefill_experts, replay_rows, routers, stack_decode
-from unison.sampling import draw, process_logits, sample
+from unison.sampling import draw, log_softmax, process_logits, sample
 
 
 class StaticKVCache:
@@ -171,6 +173,7 @@ class NativeEngine:
         matmul: str = "auto",
         tokenizer=None,
         lm_head: str = "same",
+        bitwise: bool = False,
     ):
         self.tokenizer = tokenizer  # decodes responses for stop strings
         self.model = cast_module(model, dtype).to(device).eval()
@@ -179,6 +182,9 @@ class NativeEngine:
         self.lm_head_fp32 = lm_head == "fp32"  # the LM head in fp32, its logits not rounded (`upcast_lm_head`)
         if self.lm_head_fp32:
             upcast_lm_head(self.model, dtype)
+        self.bitwise = bitwise  # precision.bitwise: the model's own forward in exact mode, a group at a time
+        if bitwise:
+            make_exact(self.model)
         self.checks: OverflowGuard | None = None  # the fp16 activation guard's check points (`overflow_guard`)
         self.forced_fallback = ""  # why the model's own forward decodes where the fast path could (`upcast_components`)
         for p in self.model.parameters():
@@ -205,8 +211,8 @@ class NativeEngine:
         matmul: str = "auto",
         attn_implementation: str = "auto",
         lm_head: str = "same",
+        bitwise: bool = False,
     ):
-
         tok = load_tokenizer(model_dir)
         model = load_model(model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
         return cls(
@@ -218,6 +224,7 @@ class NativeEngine:
             matmul=matmul,
             tokenizer=tok,
             lm_head=lm_head,
+            bitwise=bitwise,
         )
 
     def close(self) -> None:
@@ -246,6 +253,8 @@ class NativeEngine:
 
     def decode_path(self) -> tuple[str, str]:
         """("fast", "") or ("fallback", why)."""
+        if self.bitwise:
+            return "fallback", "precision.bitwise: the model's own forward in exact mode, one group at a time"
         why = fast_path_blocker(self.config) or self.forced_fallback
         return ("fallback", why) if why else ("fast", "")
 
@@ -378,8 +387,17 @@ class NativeEngine:
         """Sample one response per prompt; with `keep_distributions`, also every distribution sampled from
         (`Rollouts.distributions`, [B, T, V] fp32 on the CPU: mind the memory for a large vocabulary); with
         `keep_routing`, an MoE model's router decisions (`Rollouts.routing`, `Rollouts.replay`), recorded on the
-        routers as modules in either decode path."""
+        routers as modules in either decode path. With precision.bitwise, each run of identical prompts (a group)
+        is sampled on its own, so that no row is padded on the left."""
+        if self.bitwise:
+            runs = identical_runs(prompt_ids)
+            if len(runs) > 1:
+                parts = [self.generate(run, params, progress, keep_distributions, keep_routing) for run in runs]
+                return Rollouts.concat(parts, self.pad_token_id)
+        return self._generate_recorded(prompt_ids, params, progress, keep_distributions, keep_routing)
 
+    def _generate_recorded(self, prompt_ids, params, progress, keep_distributions, keep_routing) -> Rollouts:
+        """`_generate`, with an MoE model's routing recorded where asked."""
         if not (keep_routing and routers(self.model)):
             return self._generate(prompt_ids, params, progress, keep_distributions)
         with RoutingRecorder(self.model) as rec:
@@ -439,11 +457,12 @@ class NativeEngine:
         T = N
         for t in range(N):
             if slots.dists is not None:  # the same draw as `sample`, from a distribution kept whole
-                logq = process_logits(logits, params.temperature, params.top_k, params.top_p).log_softmax(-1)
+                logq = process_logits(logits, params.temperature, params.top_k, params.top_p, self.bitwise)
+                logq = log_softmax(logq, self.bitwise)
                 slots.slot_dists[:, t] = logq
                 tok, lp = draw(logq, self.generator)
             else:
-                tok, lp = sample(logits, self.generator, params.temperature, params.top_k, params.top_p)
+                tok, lp = sample(logits, self.generator, params.temperature, params.top_k, params.top_p, self.bitwise)
             slots.slot_tokens[:, t], slots.slot_logprobs[:, t] = tok, lp
             if params.stop_token_ids:
                 slots.done |= torch.isin(tok, stop)
@@ -524,6 +543,17 @@ class _Slots:
         self.logprobs[self.rows, :T] = self.slot_logprobs[:, :T]
         if self.dists is not None:
             self.dists[self.rows, :T] = self.slot_dists[:, :T]
+
+
+def identical_runs(prompt_ids: list[list[int]]) -> list[list[list[int]]]:
+    """The prompts cut into runs of identical consecutive ones (the samples of a group), in order."""
+    runs: list[list[list[int]]] = []
+    for p in prompt_ids:
+        if runs and runs[-1][0] == p:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -756,12 +786,19 @@ class _HFDecode:
         self.prompts = prompts
         self.attn = (torch.arange(prompts.shape[1], device=prompts.device)[None, :] >= pad_left[:, None]).long()
         self.positions = (self.attn.cumsum(-1) - 1).clamp(min=0)
-        self.past = None
+        # bitwise: a cache of every layer's keys at their positions (no sliding-window layer that drops old ones)
+        self.past = DynamicCache() if engine.bitwise else None
 
     def prefill(self) -> torch.Tensor:
         last = {"logits_to_keep": 1} if takes_logits_to_keep(self.model) else {}
+        cache = {self.cache_kw: self.past} if self.past is not None else {}
         out = self.model(
-            input_ids=self.prompts, attention_mask=self.attn, position_ids=self.positions, use_cache=True, **last
+            input_ids=self.prompts,
+            attention_mask=self.attn,
+            position_ids=self.positions,
+            use_cache=True,
+            **last,
+            **cache,
         )
         self.past = output_cache(out)
         return out.logits[:, -1]

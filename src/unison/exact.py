@@ -1,0 +1,251 @@
+"""Exact mode (`precision.exact`): the rollout engine and the learner compute every sampled token's log-prob with
+the same bits.
+
+An engine's decode and a learner's full-sequence forward differ in shape, not in arithmetic: the decode multiplies
+a few rows at a time against a growing cache of keys, the learner whole rows of every length at once, and a
+kernel's reduction order (and so its rounding) can change with the number of rows, the number of keys or the
+threads that split them. Exact mode removes every such dependence from the model's forward, in both engines:
+
+    products        each runs on blocks of exactly ROWS rows (the last padded with zeros): every row is multiplied
+                    by the same kernel with the same split, whatever the batch (`blocked_linear`, which
+                    `torch.nn.functional.linear` becomes inside an exact model's forward, so the linear layers, MoE
+                    experts and routers all take it)
+    attention       scores as an elementwise product summed over the head dimension, the softmax's sum and the
+                    weighted sum of values over the keys in chunks of KEYS keys added one after the other, the
+                    keys of a row at their positions (no left padding): a query sees the same chunks in a decode
+                    step as in the full forward, whatever the number of keys behind it (`exact_attention`,
+                    registered with transformers' attention interface as "unison_exact")
+    log-softmax     over the vocabulary with the sum taken in chunks of VOCAB_CHUNK (`log_softmax`), in the
+                    sampler's distribution and the learner's log-probs alike
+
+Everything else in a transformers forward is elementwise or reduces within a row (norms, rotary, activations).
+The rollout engine decodes with the model's own forward and a cache (its fallback path), one group of identical
+prompts at a time so that no row is padded on the left; the learner runs its rows unshared (no prompt run once for
+several rows). What this costs is in docs/exact.md.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from unison.hf import cache_kwarg, output_cache
+
+ROWS = 32  # rows of every matrix product
+KEYS = 64  # keys per chunk of the attention's sums
+VOCAB_CHUNK = 4096  # vocabulary entries per chunk of the log-softmax's sum
+ATTENTION = "unison_exact"
+
+
+def chunked_sum(x: torch.Tensor, dim: int, chunk: int) -> torch.Tensor:
+    """The sum over `dim` taken in chunks of `chunk` entries (the last padded with zeros), added left to right: the
+    same bits for a prefix of `dim` followed by zeros whatever their number."""
+    n = x.shape[dim]
+    total = None
+    for start in range(0, n, chunk):
+        part = x.narrow(dim, start, min(chunk, n - start))
+        if part.shape[dim] < chunk:
+            shape = list(part.shape)
+            shape[dim] = chunk - part.shape[dim]
+            part = torch.cat((part, part.new_zeros(shape)), dim)
+        s = part.sum(dim)
+        total = s if total is None else total + s
+    return total
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log softmax over the last dimension in fp32, its sum taken in chunks (`chunked_sum`). [..., V] -> [..., V]"""
+    x = logits.float()
+    top = x.amax(-1, keepdim=True)
+    shifted = x - top
+    return shifted - torch.log(chunked_sum(torch.exp(shifted), -1, VOCAB_CHUNK))[..., None]
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension in fp32, from `log_softmax`."""
+    return log_softmax(logits).exp()
+
+
+_linear = F.linear  # PyTorch's own, which the blocked one calls
+_active = threading.local()  # whether the current thread is inside an exact model's forward
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T + b on blocks of exactly ROWS rows (the last padded with zeros). [..., in] -> [..., out]"""
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    if m % ROWS:
+        rows = torch.cat((rows, rows.new_zeros(ROWS - m % ROWS, rows.shape[1])))
+    out = torch.cat([_linear(block, weight, bias) for block in rows.split(ROWS)])[:m]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _dispatch_linear(x, weight, bias=None):
+    """`torch.nn.functional.linear` while unison is imported: blocked inside an exact model's forward (every
+    linear layer, and the products MoE experts and routers compute with the function itself), PyTorch's own
+    elsewhere."""
+    if getattr(_active, "depth", 0):
+        return blocked_linear(x, weight, bias)
+    return _linear(x, weight, bias)
+
+
+F.linear = _dispatch_linear
+
+ELEMENTS = 256  # an elementwise function's input is padded to a multiple of this many entries (`padded_elementwise`)
+_sigmoid = F.sigmoid
+
+
+def padded_elementwise(function, x: torch.Tensor) -> torch.Tensor:
+    """`function` (elementwise) of x, its input padded to a multiple of ELEMENTS entries: PyTorch's CPU kernels
+    compute the bulk of a tensor with vector instructions and its last entries with others, which may round
+    otherwise (sigmoid, exp); padded, every entry takes the vector path, whatever the tensor's size."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if n % ELEMENTS:
+        flat = torch.cat((flat, flat.new_zeros(ELEMENTS - n % ELEMENTS)))
+    return function(flat)[:n].reshape(x.shape)
+
+
+def _dispatch_sigmoid(x):
+    """`torch.nn.functional.sigmoid`: padded (`padded_elementwise`) inside an exact model's forward (the gate of
+    Qwen2-MoE's shared expert has one entry per token), PyTorch's own elsewhere."""
+    return padded_elementwise(_sigmoid, x) if getattr(_active, "depth", 0) else _sigmoid(x)
+
+
+F.sigmoid = _dispatch_sigmoid
+
+
+def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D (W held as [in, out]) as a blocked product."""
+    return blocked_linear(x, self.weight.t(), self.bias)
+
+
+def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """Attention with one fixed reduction layout. query [B, H, Lq, D], key and value [B, Hkv, Lk, D] (the keys of
+    each row at index = position), attention_mask additive [B, 1, Lq, Lk] (causal, windows) or None. In fp32,
+    rounded to the query's dtype. -> ([B, Lq, H, D], None)"""
+    B, H, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    q = query.float().reshape(B, Hkv, H // Hkv, Lq, 1, D)
+    k = key.float()[:, :, None, None]  # [B, Hkv, 1, 1, Lk, D]
+    v = value.float()[:, :, None, None]
+    scores = (q * k).sum(-1) * (D**-0.5 if scaling is None else scaling)  # [B, Hkv, G, Lq, Lk]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :Lk]
+        mask = (
+            mask.float()
+            if mask.dtype != torch.bool
+            else torch.zeros_like(mask, dtype=torch.float32).masked_fill(~mask, float("-inf"))
+        )
+        scores = scores + mask.reshape(mask.shape[0], 1, 1, Lq, Lk)
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    weights = weights / chunked_sum(weights, -1, KEYS)[..., None]
+    out = chunked_sum(weights[..., None] * v, -2, KEYS)  # [B, Hkv, G, Lq, D]
+    return out.reshape(B, H, Lq, D).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, exact_attention)
+AttentionMaskInterface.register(ATTENTION, eager_mask)
+
+
+def make_exact(model: torch.nn.Module) -> torch.nn.Module:
+    """Compute `model` in exact mode: every product of its forward as `blocked_linear` (its linear layers keep
+    their own dtype handling: fp32-accumulate, an fp32 LM head), its attention as `exact_attention`."""
+    if getattr(model, "_unison_exact", False):
+        return model
+    for module in model.modules():
+        if type(module).__name__ == "Conv1D":
+            module.forward = types.MethodType(_conv1d_forward, module)
+    for config in {id(c): c for c in _configs(model)}.values():
+        config._attn_implementation = ATTENTION
+        if getattr(config, "_experts_implementation", None) is not None:
+            config._experts_implementation = "eager"  # a loop over the experts, each product a linear layer's
+    model.register_forward_pre_hook(_enter)
+    model.register_forward_hook(_leave, always_call=True)
+    model._unison_exact = True
+    return model
+
+
+def _enter(module, args):
+    _active.depth = getattr(_active, "depth", 0) + 1
+
+
+def _leave(module, args, output):
+    _active.depth -= 1
+
+
+def _configs(model: torch.nn.Module):
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            yield config
+
+
+class BitwiseMismatchError(RuntimeError):
+    """precision.bitwise: a sampled token's log-prob differs between the rollout engine and the learner."""
+
+
+def first_divergence(engine_model, learner_model, prompt: list[int], response: list[int], position: int) -> str:
+    """The first module (in the model's order) whose output at response token `position` differs between the
+    engine's way (the prompt, then one token at a time with a cache) and the learner's (one full forward), each on
+    this row alone; '' where none does (then the batch around the row made the difference)."""
+    seen = {}
+    for name, model in (("engine", engine_model), ("learner", learner_model)):
+        with _recording(model) as outputs:
+            with torch.no_grad():
+                if name == "engine":
+                    _decode_to(model, prompt, response, position)
+                else:
+                    model(input_ids=torch.tensor([prompt + response[:position]], device=_device(model)))
+        seen[name] = outputs
+    for module, out in seen["learner"].items():
+        other = seen["engine"].get(module)
+        if other is not None and other.shape == out.shape and not torch.equal(other, out):
+            return module
+    return ""
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _decode_to(model, prompt: list[int], response: list[int], position: int) -> None:
+    """The prompt, then response tokens 0..position-1 one at a time, with a cache of every key."""
+    device, kw = _device(model), cache_kwarg(model)
+    cache = output_cache(model(input_ids=torch.tensor([prompt], device=device), use_cache=True, **{kw: DynamicCache()}))
+    for t in range(position):
+        ids = torch.tensor([[response[t]]], device=device)
+        pos = torch.tensor([[len(prompt) + t]], device=device)
+        cache = output_cache(model(input_ids=ids, use_cache=True, position_ids=pos, **{kw: cache}))
+
+
+class _recording:
+    """Within: every module's output at the last position of each forward, by name (the last forward's)."""
+
+    def __init__(self, model):
+        self.model, self.outputs, self.handles = model, {}, []
+
+    def __enter__(self) -> dict:
+        for name, module in self.model.named_modules():
+            if name:
+                self.handles.append(module.register_forward_hook(self._hook(name)))
+        return self.outputs
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if torch.is_tensor(out) and out.dim() == 3 and out.is_floating_point():
+                self.outputs[name] = out[:, -1].detach().clone()
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

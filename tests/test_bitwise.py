@@ -1,0 +1,161 @@
+"""precision.bitwise (`unison.exact`): the rollout engine's log-prob of every sampled token, the learner's recompute
+and the learner's first update's forward are equal as fp32 bit patterns, for every architecture family unison
+accepts, in fp32, fp16 and bf16, whatever the batch; swapping one op of the exact path for the ordinary one breaks
+it; a training run in the mode shows no mismatch, and a divergence stops it with one line."""
+
+import json
+
+import pytest
+import torch
+
+from unison import exact
+from unison.archs import ARCHS, tiny_model
+from unison.batching import MicroBatch
+from unison.config import ModelConfig, OptimConfig, PrecisionConfig
+from unison.errors import UserError
+from unison.learner import Learner
+from unison.mismatch import bits_equal
+from unison.precision import PrecisionPolicy
+from unison.rollout.base import SamplingParams
+from unison.rollout.native import NativeEngine
+from unison.trainer import train
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+g = torch.Generator().manual_seed(1)
+PROMPTS = [torch.randint(5, 260, (n,), generator=g).tolist() for n in (12, 20, 9)]
+
+
+def pair(name: str, precision: str, matmul: str, **sections):
+    dtype = DTYPES[precision]
+    engine = NativeEngine(tiny_model(name, seed=3), dtype, "cpu", seed=0, matmul=matmul, bitwise=True)
+    learner = Learner(
+        tiny_model(name, seed=3),
+        PrecisionPolicy(dtype, dtype),
+        precision=PrecisionConfig(rollout=precision, train=precision, bitwise=True),
+        model_cfg=ModelConfig(matmul=matmul),
+        optim=OptimConfig(lr=1e-3, micro_batch_size=5),
+        **sections,
+    )
+    learner.sync(engine)
+    return engine, learner
+
+
+def first_update_logprobs(learner, ro) -> torch.Tensor:
+    """log pi of every row at the forward of one update (its micro-batches of 5 rows), with gradient."""
+    out = torch.zeros(ro.response_ids.shape)
+
+    def loss_fn(mb: MicroBatch):
+        out[mb.rows, : mb.logp.shape[1]] = mb.logp.detach().float()
+        return -(mb.logp * mb.batch.mask).sum() * 1e-3
+
+    learner.update(ro, torch.arange(len(ro)), loss_fn, micro_batch_size=5)
+    return out
+
+
+def agree(engine, learner, rows: int = 3, tokens: int = 12) -> dict:
+    ro = engine.generate([p for p in PROMPTS for _ in range(rows)], SamplingParams(tokens, 1.0))
+    mu, mask = ro.logprobs, ro.mask
+    pi_old = learner.recompute(ro, micro_batch_size=64)
+    shuffled = torch.randperm(len(ro), generator=torch.Generator().manual_seed(0))
+    again = torch.zeros_like(pi_old)  # other micro-batches: other rows beside each row
+    again[shuffled] = learner.recompute(ro.select(shuffled), micro_batch_size=3)[:, : mu.shape[1]]
+    first = first_update_logprobs(learner, ro)
+    frac = {
+        k: float(bits_equal(v, mu)[mask].float().mean())
+        for k, v in {"pi_old": pi_old, "other batches": again, "first update": first}.items()
+    }
+    return {**frac, "tokens": int(mask.sum())}
+
+
+CASES = [(name, p, "fp32-accumulate" if p != "fp32" else "native") for name in sorted(ARCHS) for p in DTYPES]
+CASES += [(name, p, "native") for name in ("qwen2", "gemma2", "qwen3-moe", "gpt2") for p in ("fp16", "bf16")]
+
+
+@pytest.mark.parametrize("name, precision, matmul", CASES)
+def test_engine_recompute_and_first_update_agree_to_the_bit(name, precision, matmul):
+    engine, learner = pair(name, precision, matmul)
+    r = agree(engine, learner)
+    assert r["tokens"] >= 3 * 3 * 6 and r == {**r, "pi_old": 1.0, "other batches": 1.0, "first update": 1.0}, r
+
+
+def test_each_exact_op_is_needed():
+    # the ordinary attention in the learner alone, or the ordinary products for single rows, and bits differ
+    engine, learner = pair("qwen2", "fp32", "native")
+    learner.model.config._attn_implementation = "eager"
+    assert agree(engine, learner)["pi_old"] < 1.0
+    engine, learner = pair("qwen2", "fp32", "native")
+    exact.F.linear = exact._linear  # PyTorch's own products: a single row takes another kernel than a batch
+    try:
+        r = agree(engine, learner, rows=1)
+    finally:
+        exact.F.linear = exact._dispatch_linear
+    assert r["pi_old"] < 1.0
+
+
+TRAIN = [
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=32",
+    "run.progress=false",
+    "run.eval_prompts=4",
+    "run.steps=2",
+    "data.subset=builtin",
+    "precision.bitwise=true",
+]
+
+
+def run_cfg(tmp_path, *extra):
+    from unison.config import TrainConfig, load_config
+
+    return load_config(TrainConfig, None, [*TRAIN, f"run.out={tmp_path}", *extra])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["precision.rollout=fp16", "precision.train=fp16", "optim.train_batch_size=8"],
+        ["precision.rollout=bf16", "precision.train=bf16", "optim.train_batch_size=4", "optim.epochs=2"],
+    ],
+)
+def test_a_bitwise_run_has_no_mismatch(tmp_path, extra):
+    # one update a step (pi_old from the update's forward), and two updates (its own pass, checked against the
+    # first update's forward) over two epochs
+    run = train(run_cfg(tmp_path, *extra, "model.matmul=fp32-accumulate"), quiet=True)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mismatch/bit_equal_frac"] == 1.0 and r["mismatch/k3"] == 0.0 for r in rows)
+    assert len(rows) == 2 and rows[-1]["learner/updates"] >= 1
+
+
+def test_a_divergence_stops_the_run_naming_step_row_token_and_module(tmp_path, monkeypatch):
+    import unison.learner as learner_module
+
+    def almost(model):  # exact, but for the attention of the learner's last layer
+        exact.make_exact(model)
+        model.model.layers[-1].self_attn.config = type(model.config)(**{**model.config.to_dict()})
+        model.model.layers[-1].self_attn.config._attn_implementation = "eager"
+        return model
+
+    monkeypatch.setattr(learner_module, "make_exact", almost)
+    with pytest.raises(
+        exact.BitwiseMismatchError,
+        match=r"at step 1, row \d+ .* response token \d+, log mu .*"
+        r"differ .*first module whose output differs there: model\.layers\.3\.self_attn",
+    ):
+        train(
+            run_cfg(tmp_path, "precision.rollout=fp32", "precision.train=fp32", "optim.train_batch_size=8"), quiet=True
+        )
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["mismatch/bit_equal_frac"] < 1.0  # its metrics written first
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["precision.rollout=fp16", "precision.train=bf16"], "needs one dtype in both engines"),
+        (["lora.enabled=true"], "cannot go with lora.enabled"),
+        (["rollout.engine=vllm"], "computes with the learner's kernels"),
+    ],
+)
+def test_what_cannot_be_exact_is_refused(tmp_path, extra, says):
+    with pytest.raises(UserError, match=says):
+        run_cfg(tmp_path, *extra)
