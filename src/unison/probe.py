@@ -84,6 +84,11 @@ class ProbeSection:
         choices=("auto", "on", "off"),
         what="choice",
     )
+    bitwise: bool = doc(
+        False,
+        "both engines in precision.bitwise's exact mode (settings with one dtype in both): the mismatch "
+        "metrics then show what is left of it (mismatch bit_equal_frac 1 and every other 0 where it holds)",
+    )
 
 
 @dataclass
@@ -107,6 +112,9 @@ class ProbeConfig:
             check_capability(engine, "fp32_lm_head", "probe.lm_head=fp32")
         if self.probe.attribute:
             check_capability(engine, "attribution", "probe.attribute=true")
+        if self.probe.bitwise:
+            check_capability(engine, "bitwise", "probe.bitwise=true")
+            check(not self.probe.attribute, "probe.bitwise", "cannot go with probe.attribute; probe one at a time")
         check(
             not self.probe.attribute or self.probe.lm_head == "same",
             "probe.attribute",
@@ -201,8 +209,9 @@ def probe_setting(
     """One setting: sample, recompute, every metric. With `components` (a tuple, maybe empty), those computed in
     fp32 in both engines, which run the model's own modules (`unison.attribution`)."""
     t0 = time.perf_counter()
-    learner = s.learner(policy)
-    label = f"{precision_name(policy.rollout)}/{precision_name(policy.train)}"
+    bitwise = cfg.probe.bitwise and policy.rollout == policy.train
+    learner = s.learner(policy, precision=PrecisionConfig(bitwise=bitwise))
+    label = f"{precision_name(policy.rollout)}/{precision_name(policy.train)}" + " bitwise" * bitwise
     if components is not None:
         label += " " + ("+".join(components) or "baseline") + " in fp32" * bool(components)
     exact = exact_on(cfg)
@@ -211,7 +220,7 @@ def probe_setting(
         batch = max(1, min(batch, EXACT_BATCH_BYTES // (8 * s.max_new_tokens * s.config.vocab_size)))
     params = s.sampling()
     acc = SettingAccumulators(exact, {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p})
-    with s.engine(policy.rollout, lm_head=cfg.probe.lm_head) as engine:
+    with s.engine(policy.rollout, lm_head=cfg.probe.lm_head, **({"bitwise": True} if bitwise else {})) as engine:
         learner.sync(engine)  # the engine holds exactly the learner's weights cast to the rollout dtype
         if components is not None:  # then both run the same components in fp32 (the weights' values unchanged)
             engine.upcast_components(components)
