@@ -125,30 +125,48 @@ def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
     return blocked_linear(x, self.weight.t(), self.bias)
 
 
+def padded_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """x [N, M, K] with zero rows added to make M a multiple of `multiple`."""
+    pad = -x.shape[1] % multiple
+    return torch.cat((x, x.new_zeros(x.shape[0], pad, x.shape[2])), 1) if pad else x
+
+
 def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """Attention with one fixed reduction layout. query [B, H, Lq, D], key and value [B, Hkv, Lk, D] (the keys of
-    each row at index = position), attention_mask additive [B, 1, Lq, Lk] (causal, windows) or None. In fp32,
-    rounded to the query's dtype. -> ([B, Lq, H, D], None)"""
+    each row at index = position), attention_mask additive [B, 1, Lq, Lk] (causal, windows) or None. Scores and
+    the weighted values are batched products over chunks of KEYS keys (the query rows padded to a multiple of
+    ROWS), the chunks' products added one after the other; in fp32, rounded to the query's dtype.
+    -> ([B, Lq, H, D], None)"""
     B, H, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
-    q = query.float().reshape(B, Hkv, H // Hkv, Lq, 1, D)
-    k = key.float()[:, :, None, None]  # [B, Hkv, 1, 1, Lk, D]
-    v = value.float()[:, :, None, None]
-    scores = (q * k).sum(-1) * (D**-0.5 if scaling is None else scaling)  # [B, Hkv, G, Lq, Lk]
+    rows = H // Hkv * Lq  # the query rows of the heads that share a key/value head
+    q = padded_rows(query.float().reshape(B * Hkv, rows, D), ROWS)
+    keys = padded_rows(key.float().reshape(B * Hkv, Lk, D), KEYS)
+    values = padded_rows(value.float().reshape(B * Hkv, Lk, D), KEYS)
+    scores = torch.cat([torch.bmm(q, part.transpose(1, 2)) for part in keys.split(KEYS, 1)], 2)[:, :rows]
+    scores = scores * (D**-0.5 if scaling is None else scaling)  # [B * Hkv, rows, Lk padded]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, :Lk]
-        mask = (
-            mask.float()
-            if mask.dtype != torch.bool
-            else torch.zeros_like(mask, dtype=torch.float32).masked_fill(~mask, float("-inf"))
-        )
-        scores = scores + mask.reshape(mask.shape[0], 1, 1, Lq, Lk)
+    scores = scores + _additive(attention_mask, B, Hkv, H // Hkv, Lq, Lk, scores.shape[2])
     weights = torch.exp(scores - scores.amax(-1, keepdim=True))
-    weights = weights / chunked_sum(weights, -1, KEYS)[..., None]
-    out = chunked_sum(weights[..., None] * v, -2, KEYS)  # [B, Hkv, G, Lq, D]
-    return out.reshape(B, H, Lq, D).to(query.dtype).transpose(1, 2).contiguous(), None
+    weights = padded_rows(weights / chunked_sum(weights, -1, KEYS)[..., None], ROWS)
+    out = None
+    for w, v in zip(weights.split(KEYS, 2), values.split(KEYS, 1)):
+        part = torch.bmm(w, v)
+        out = part if out is None else out + part
+    out = out[:, :rows].reshape(B, H, Lq, D)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _additive(mask, B: int, Hkv: int, groups: int, Lq: int, Lk: int, width: int) -> torch.Tensor:
+    """The attention mask as fp32 additions [B * Hkv, groups * Lq, width]: 0 where a query sees a key, -inf where
+    not, and -inf on the padded keys beyond Lk."""
+    out = torch.zeros(B, 1, Lq, width, device=mask.device if mask is not None else None)
+    out[..., Lk:] = float("-inf")
+    if mask is not None:
+        m = mask[:, :, :, :Lk]
+        out[..., :Lk] = m.float() if m.dtype != torch.bool else torch.zeros(m.shape).masked_fill(~m, float("-inf"))
+    return out.expand(B, Hkv, Lq, width).repeat_interleave(groups, 1).reshape(B * Hkv, groups * Lq, width)
 
 
 AttentionInterface.register(ATTENTION, exact_attention)
