@@ -21,6 +21,9 @@ whole run's deadline of 440 s, is stopped and counted as failed), each failure c
     mfu    learner MFU per precision on the 104M-parameter `120m` model against the measured matrix-product rate:
            `bench/mfu.py`'s own measurement (its `main`, imported, with its table written into the temporary
            folder rather than docs/); passes when every MFU lies in (0, 1)
+    bitwise  `unison probe probe.bitwise=true` (exact mode, docs/exact.md) on the built-in model in fp32, fp16 and
+           bf16, 4 prompts x 4 samples of at most 32 tokens; passes when every sampled token's log mu and log pi_old
+           share their fp32 bits (bit_equal_frac 1) in each precision
     nproc  with two or more GPUs visible, `unison train --nproc 2 --device cuda --precision bf16 --steps 3` (two
            ranks under PyTorch's launcher; unison's backend `auto` is NCCL on CUDA); passes when it exits 0 with
            every step logged (perf/ranks 2 where logged) and finite k3; fails, saying so, when `unison train --help`
@@ -59,9 +62,9 @@ QWEN_0_4B = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=4
 )
 # seconds per check, and for the whole run (each check gets at most what the run has left)
-BUDGETS = {"probe-builtin": 90, "probe-0.4b": 180, "train": 90, "mfu": 120, "nproc": 150}
-QUICK_BUDGETS = {"probe-builtin": 60, "train": 45, "mfu": 45}
-DEADLINE, QUICK_DEADLINE = 440, 170
+BUDGETS = {"probe-builtin": 90, "probe-0.4b": 180, "train": 90, "mfu": 120, "nproc": 150, "bitwise": 60}
+QUICK_BUDGETS = {"probe-builtin": 60, "train": 45, "mfu": 45, "bitwise": 45}
+DEADLINE, QUICK_DEADLINE = 500, 215
 
 
 class OutOfTime(Exception):
@@ -251,6 +254,26 @@ def probe_check(args, checks: Checks, work: Path, label: str, model: str, model_
         if outside:
             bands = ", ".join(f"{p} {SELF_TEST_BANDS[parse_precision(p)]:g}" for p in outside)
             raise CheckFailed(f"{text}; beyond the band ({bands})")
+        return f"ok: {text}"
+
+    return fn
+
+
+def bitwise_check(args, checks: Checks, work: Path):
+    """`unison probe probe.bitwise=true` on the built-in model in every precision: every token bit-equal."""
+
+    def fn(seconds: float) -> str:
+        out = work / "probe-bitwise"
+        sizes = ["--num-prompts", "4", "--samples", "4", "--max-new-tokens", "32"]
+        args_ = ["probe", "--device", args.device, "--precisions", ",".join(PRECISIONS), "--out", str(out), *sizes]
+        cli([*args_, "probe.bitwise=true", "run.progress=false"], work / "probe-bitwise.log", seconds)
+        results = json.loads((out / "probe.json").read_text())["results"]
+        equal = {r["rollout_precision"]: float(r["metrics"]["bit_equal_frac"]) for r in results}
+        for p, v in equal.items():
+            checks.numbers[f"bitwise_bit_equal_frac_{p}"] = f"{v:.4f}"
+        text = "bit-equal tokens " + ", ".join(f"{p} {v:.4f}" for p, v in equal.items())
+        if set(equal) != set(PRECISIONS) or any(v != 1.0 for v in equal.values()):
+            raise CheckFailed(text)
         return f"ok: {text}"
 
     return fn
@@ -502,6 +525,7 @@ def main() -> int:
                 budgets["train"],
                 train_check(args, checks, work, precision, steps),
             )
+        checks.run("bitwise", f"builtin, {all_precisions}", budgets["bitwise"], bitwise_check(args, checks, work))
         mfu_model = "builtin" if args.quick else "120m (104M)"
         checks.run("mfu", f"{mfu_model}, {all_precisions}", budgets["mfu"], mfu_check(args, checks, work))
         gpus = torch.cuda.device_count() if args.device == "cuda" else 0
