@@ -40,7 +40,7 @@ def pair(name: str, precision: str, matmul: str, **sections):
     return engine, learner
 
 
-def first_update_logprobs(learner, ro) -> torch.Tensor:
+def first_update_logprobs(learner, ro, sampling: dict) -> torch.Tensor:
     """log pi of every row at the forward of one update (its micro-batches of 5 rows), with gradient."""
     out = torch.zeros(ro.response_ids.shape)
 
@@ -48,18 +48,20 @@ def first_update_logprobs(learner, ro) -> torch.Tensor:
         out[mb.rows, : mb.logp.shape[1]] = mb.logp.detach().float()
         return -(mb.logp * mb.batch.mask).sum() * 1e-3
 
-    learner.update(ro, torch.arange(len(ro)), loss_fn, micro_batch_size=5)
+    learner.update(ro, torch.arange(len(ro)), loss_fn, micro_batch_size=5, **sampling)
     return out
 
 
-def agree(engine, learner, rows: int = 3, tokens: int = 12) -> dict:
-    ro = engine.generate([p for p in PROMPTS for _ in range(rows)], SamplingParams(tokens, 1.0))
+def agree(engine, learner, rows: int = 3, tokens: int = 12, params: SamplingParams | None = None) -> dict:
+    params = params or SamplingParams(tokens, 1.0)
+    sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
+    ro = engine.generate([p for p in PROMPTS for _ in range(rows)], params)
     mu, mask = ro.logprobs, ro.mask
-    pi_old = learner.recompute(ro, micro_batch_size=64)
+    pi_old = learner.recompute(ro, micro_batch_size=64, **sampling)
     shuffled = torch.randperm(len(ro), generator=torch.Generator().manual_seed(0))
     again = torch.zeros_like(pi_old)  # other micro-batches: other rows beside each row
-    again[shuffled] = learner.recompute(ro.select(shuffled), micro_batch_size=3)[:, : mu.shape[1]]
-    first = first_update_logprobs(learner, ro)
+    again[shuffled] = learner.recompute(ro.select(shuffled), micro_batch_size=3, **sampling)[:, : mu.shape[1]]
+    first = first_update_logprobs(learner, ro, sampling)
     frac = {
         k: float(bits_equal(v, mu)[mask].float().mean())
         for k, v in {"pi_old": pi_old, "other batches": again, "first update": first}.items()
@@ -76,6 +78,13 @@ def test_engine_recompute_and_first_update_agree_to_the_bit(name, precision, mat
     engine, learner = pair(name, precision, matmul)
     r = agree(engine, learner)
     assert r["tokens"] >= 3 * 3 * 6 and r == {**r, "pi_old": 1.0, "other batches": 1.0, "first update": 1.0}, r
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_temperature_top_k_and_top_p_keep_the_bits(precision):
+    engine, learner = pair("llama", precision, "native")
+    r = agree(engine, learner, params=SamplingParams(12, temperature=0.7, top_k=40, top_p=0.9))
+    assert r == {**r, "pi_old": 1.0, "other batches": 1.0, "first update": 1.0}, r
 
 
 def test_each_exact_op_is_needed():
