@@ -261,14 +261,13 @@ def test_lora_merged_weights_sync_verified(engines, dirs):
     # a LoRA learner (adapters moved off zero) gives vLLM its merged weights, verified by checksum, and vLLM samples
     # from them with the fp16 mismatch of full fine-tuning
     from unison.config import LoraConfig
+    from unison.lora import adapt
     from unison.models import load_model
 
     e = engines(torch.float16)
     lora = Learner(
-        load_model(dirs[0]),
+        adapt(load_model(dirs[0]), LoraConfig(enabled=True, rank=4, alpha=8.0)),
         PrecisionPolicy(torch.float16, torch.float16),
-        "cpu",
-        lora=LoraConfig(enabled=True, rank=4, alpha=8.0),
     )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
