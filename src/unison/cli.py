@@ -346,11 +346,12 @@ def cmd_samples(args) -> None:
 
     steps = read_samples(args.run)
     if not steps:
-        kept = (load_saved_config(args.run).get("run") or {}).get("log_samples")
-        why = "it was trained with run.log_samples=0" if kept == 0 else "no step with samples was logged yet"
-        raise UserError(
-            f"{args.run!r} holds no decoded samples ({why}); train with run.log_samples=4 (the default) to keep them"
-        )
+        if (load_saved_config(args.run).get("run") or {}).get("log_samples") == 0:
+            raise UserError(
+                f"{args.run!r} holds no decoded samples (it was trained with run.log_samples=0); train with "
+                "run.log_samples=4 (the default) to keep them"
+            )
+        raise UserError(f"{args.run!r} holds no decoded samples yet; ask again once a step has been logged")
     step = args.step if args.step is not None else max(steps)
     if step not in steps:
         shown = ", ".join(map(str, sorted(steps)[-10:]))
