@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import unison.offline  # noqa: F401 - first: the command line's environment (no library progress bars), as in `unison`
+
 sys.path.insert(0, str(Path(__file__).parent))
 from docsection import replace_section  # noqa: E402
 

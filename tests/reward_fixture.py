@@ -15,3 +15,23 @@ def huge(response: str, answer: str) -> float:
 
 def not_a_number(response: str, answer: str):
     return "yes"
+
+
+def slow(response: str, answer: str) -> float:
+    """Says that it was called (a file named by UNISON_TEST_MARK), then takes a minute: a reward a SIGTERM lands in."""
+    import os
+    import pathlib
+    import time
+
+    pathlib.Path(os.environ["UNISON_TEST_MARK"]).touch()
+    time.sleep(60)
+    return 0.0
+
+
+def rank1_raises(response: str, answer: str) -> float:
+    """Raises on rank 1 only (of a run on several ranks)."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise ValueError("bad answer format")
+    return float(len(response) % 2 == 0)

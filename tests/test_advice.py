@@ -9,8 +9,10 @@ import pytest
 from unison.advice import advise, gradient_stats
 
 
-def layers(peaks):
-    return [{"layer": i, "max_abs": v, "where": "residual"} for i, v in enumerate(peaks)]
+def layers(peaks, where="residual", at=()):
+    """Hand-made activation rows: layer i's largest |activation| peaks[i], in `where` for the layers `at` (the
+    residual stream elsewhere)."""
+    return [{"layer": i, "max_abs": v, "where": where if i in at else "residual"} for i, v in enumerate(peaks)]
 
 
 GRADS_OK = {"underflow_frac": 1e-5, "max_abs": 0.02, "scale": 65536.0}
@@ -23,11 +25,32 @@ def test_fp16_throughout_when_everything_fits():
     assert any("100x" in r for r in a["reasons"]) and all(c["ok"] for c in a["checks"])
 
 
-def test_named_layers_in_fp32_when_a_few_come_near_the_limit():
-    a = advise(layers([80, 30000, 95, 60, 70, 50, 40, 20]), GRADS_OK, MISMATCH)  # 65504 / 30000 = 2.2x < 4x
+def test_named_layers_in_fp32_when_a_few_mlps_come_near_the_limit():
+    peaks = [80, 30000, 95, 60, 70, 50, 40, 20]  # 65504 / 30000 = 2.2x < 4x
+    a = advise(layers(peaks, "mlp_hidden", at=[1]), GRADS_OK, MISMATCH)
     assert a["recommendation"] == "fp16 + fp32 layers" and a["layers_near_limit"] == [1]
     assert a["settings"]["precision.on_activation_overflow"] == "fp32_layers"
-    assert "layer 1 (residual)" in a["reasons"][0]
+    assert "layer 1 (mlp_hidden)" in a["reasons"][0]
+
+
+@pytest.mark.parametrize("where", ["attention", "residual", "mlp_out"])
+def test_bf16_when_a_block_fp32_layers_cannot_cure_comes_near_the_limit(where):
+    # fp32 layers recompute an MLP's inner activation in fp32; an attention block (Gemma-style), the residual stream
+    # or an MLP's output near 65504 stays in fp16: only bf16 holds them
+    a = advise(layers([80, 30000, 95, 60, 70, 50, 40, 20], where, at=[1]), GRADS_OK, MISMATCH)
+    assert a["recommendation"] == "bf16 + correction" and a["settings"]["precision.rollout"] == "bf16"
+    assert any(f"layer 1 ({where}, 2.2x)" in r and "cannot keep" in r for r in a["reasons"]), a["reasons"]
+
+
+def test_a_short_activation_sample_is_said():
+    short = advise(layers([80, 120]), GRADS_OK, MISMATCH, tokens=40)
+    assert short["recommendation"] == "fp16"  # what was measured fits, but the advice says how little that was
+    assert any("measured on 40 tokens only: too few to rely on" in r for r in short["reasons"])
+    assert {"check": "activation sample", "measured": "40 tokens", "limit": ">= 1024 tokens", "ok": False} in short[
+        "checks"
+    ]
+    enough = advise(layers([80, 120]), GRADS_OK, MISMATCH, tokens=5000)
+    assert not any("too few" in r for r in enough["reasons"])
 
 
 def test_bf16_with_a_correction_when_fp16_range_does_not_hold():

@@ -136,8 +136,8 @@ def damaged_checkpoint(d: Path, tiny: Path, how: str) -> Path:
 
 
 def model_with(d: Path, tiny: Path, name: str, how: str) -> Path:
-    """A full copy of the tiny checkpoint, then damaged: truncated weights, a config with more layers than its
-    weights, or a NaN weight."""
+    """A full copy of the tiny checkpoint (`copy`), or one then damaged: truncated weights, a config with more
+    layers than its weights, or a NaN weight."""
     import shutil
 
     import torch
@@ -146,6 +146,8 @@ def model_with(d: Path, tiny: Path, name: str, how: str) -> Path:
     out = d / name
     shutil.copytree(tiny, out)
     weights = out / "model.safetensors"
+    if how == "copy":
+        return out
     if how == "truncated":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif how == "layers":
@@ -266,6 +268,93 @@ def read_only(folder: Path):
         yield
     finally:
         pathlib.Path.write_text = real
+
+
+@contextlib.contextmanager
+def env(**values):
+    """Environment variables set (a value None: unset) while the command runs."""
+    before = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, str(v))
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@contextlib.contextmanager
+def broken_import(module: str):
+    """`module` is installed but fails to import, as a broken install does (a dependency built for another
+    version)."""
+    import importlib
+
+    real = importlib.import_module
+
+    def fails(name, *a, **k):
+        if name == module:
+            raise ImportError(f"cannot import name 'Mapping' from 'collections' ({module}'s dependency)")
+        return real(name, *a, **k)
+
+    importlib.import_module = fails
+    try:
+        yield
+    finally:
+        importlib.import_module = real
+
+
+def saved_run(d: Path, tiny: Path, *saved: str, lora: bool = False, base: Path | None = None) -> Path:
+    """A run folder as `unison train` leaves it after one step: its config.yaml (the tiny run's settings and
+    `saved`) and one complete checkpoint, of a LoRA adapter (q_proj, v_proj, rank 4, its base `base` or the tiny
+    model) with `lora`, else of whole weights."""
+    import yaml
+
+    from unison import checkpoint as ckpt
+    from unison.cli import _config, parse
+    from unison.config import TrainConfig, to_dict
+    from unison.lora import wrap
+    from unison.models import build_tokenizer, load_model
+
+    run = d / "run"
+    argv = [str(a) for a in train(tiny, "--out", run, *saved)]
+    cfg = _config(TrainConfig, parse(argv), "train")
+    model = load_model(base or tiny)
+    saved_model = wrap(model, cfg.lora.rank, cfg.lora.alpha, ["q_proj", "v_proj"]) if lora else model
+    masters = {n: p for n, p in model.named_parameters() if p.requires_grad}  # by their names in the adapted model
+    ckpt.save_checkpoint(run, 1, saved_model, build_tokenizer(), masters, {"step": 1})
+    write(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write(run / "unison-run.json", "{}\n")
+    return run
+
+
+LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.target_modules=q_proj,v_proj"]
+
+
+def damaged(folder: Path, name: str) -> Path:
+    """`folder` with the last 64 bytes of its file `name` flipped: the same size, other bytes (a bad copy)."""
+    file = folder / name
+    data = bytearray(file.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])  # (a LoRA adapter's last bytes are zeros: B starts at 0)
+    file.write_bytes(bytes(data))
+    return folder
+
+
+def exported_adapter_cut(d: Path, tiny: Path) -> Path:
+    """An adapter in peft's format (as `unison export --adapter` writes one), its weights cut off half-way."""
+    out = adapter_copy(d, tiny, rank=4)
+    weights = out / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return out
+
+
+def small_vocab(d: Path) -> Path:
+    """A tiny model whose vocabulary (40 tokens) is smaller than its tokenizer's (261)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from unison.models import BUILTIN_CONFIG, build_tokenizer, save_model
+
+    config = Qwen2Config(**{**BUILTIN_CONFIG, "num_hidden_layers": 1}, vocab_size=40, eos_token_id=1, pad_token_id=0)
+    return save_model(Qwen2ForCausalLM(config), build_tokenizer(), d / "small-vocab")
 
 
 C = Case
@@ -980,6 +1069,207 @@ CASES = [
         lambda d, t: train(t, "moe.routing_replay=true"),
         "has no routers",
     ),
+    # ---- resume: every setting that changes what the run computes ------------------------------------------
+    C(
+        "resume-lora-other-base",
+        "resume",
+        "--resume of a LoRA run with another --model (another base)",
+        lambda d, t: train(
+            model_with(d, t, "other", "copy"), "--out", saved_run(d, t, *LORA, lora=True), "--resume", *LORA
+        ),
+        "--resume would change model.path",
+    ),
+    C(
+        "resume-lora-base-replaced",
+        "resume",
+        "--resume of a LoRA run whose model.path now holds another base than its adapter names",
+        lambda d, t: train(
+            t, "--out", saved_run(d, t, *LORA, lora=True, base=model_with(d, t, "old", "copy")), "--resume", *LORA
+        ),
+        "(the LoRA base)",
+    ),
+    C(
+        "resume-lora-alpha",
+        "resume",
+        "--resume of a LoRA run with another lora.alpha",
+        lambda d, t: train(t, "--out", saved_run(d, t, *LORA, lora=True), "--resume", *LORA, "lora.alpha=32"),
+        "would change lora.alpha from 8.0 to 32.0",
+    ),
+    C(
+        "resume-learning-rate",
+        "resume",
+        "--resume with another learning rate",
+        lambda d, t: train(t, "--out", saved_run(d, t), "--resume", "optim.lr=1e-3"),
+        "would change optim.lr from 2e-05 to 0.001",
+    ),
+    C(
+        "resume-max-new-tokens",
+        "resume",
+        "--resume with longer responses",
+        lambda d, t: train(t, "--out", saved_run(d, t), "--resume", "rollout.max_new_tokens=16"),
+        "would change rollout.max_new_tokens from 8 to 16",
+    ),
+    C(
+        "resume-kl-coef",
+        "resume",
+        "--resume with a KL penalty the run did not have",
+        lambda d, t: train(t, "--out", saved_run(d, t), "--resume", "algorithm.kl_coef=0.1"),
+        "would change algorithm.kl_coef from 0.0 to 0.1",
+    ),
+    # ---- LoRA checkpoints and adapters as models ------------------------------------------------------------
+    C(
+        "lora-checkpoint-without-lora",
+        "model",
+        "train --model <a LoRA checkpoint> without lora.*",
+        lambda d, t: train(adapter_copy(d, t, rank=4)),
+        "holds a LoRA adapter, and lora.enabled is false; to go on training the adapter set lora.enabled=true",
+    ),
+    C(
+        "eval-damaged-lora-checkpoint",
+        "model",
+        "eval --model <a LoRA checkpoint whose adapter was damaged, same size>",
+        lambda d, t: [
+            "eval",
+            "--model",
+            damaged(saved_run(d, t, *LORA, lora=True) / "checkpoints" / "step-000001", "adapter_model.safetensors"),
+        ],
+        "is damaged (adapter_model.safetensors does not match its hash",
+    ),
+    C(
+        "probe-damaged-checkpoint",
+        "model",
+        "probe --model <a run's checkpoint whose weights were damaged, same size>",
+        lambda d, t: [
+            "probe",
+            "--model",
+            damaged(saved_run(d, t) / "checkpoints" / "step-000001", "model.safetensors"),
+            "--out",
+            d / "p",
+        ],
+        "is damaged (model.safetensors does not match its hash",
+    ),
+    C(
+        "train-from-damaged-checkpoint",
+        "model",
+        "train --model <a run's checkpoint whose weights were damaged, same size>",
+        lambda d, t: train(
+            damaged(saved_run(d, t) / "checkpoints" / "step-000001", "model.safetensors"), "--out", d / "new"
+        ),
+        "is damaged (model.safetensors does not match its hash",
+    ),
+    C(
+        "eval-exported-adapter-cut",
+        "model",
+        "eval --model <an exported adapter cut off half-way>",
+        lambda d, t: ["eval", "--model", exported_adapter_cut(d, t)],
+        "cannot load the adapter in",
+    ),
+    C(
+        "model-vocab-below-tokenizer",
+        "model",
+        "a model whose vocabulary (40) is smaller than its tokenizer's (261 tokens)",
+        lambda d, t: train(small_vocab(d)),
+        "beyond the model's vocabulary of 40",
+    ),
+    # ---- data, settings, output names -------------------------------------------------------------------------
+    C(
+        "test-source-with-builtin-task",
+        "data",
+        "data.test_source (a missing file) with the built-in task",
+        lambda d, t: train(t, f"data.test_source={d / 'missing.jsonl'}"),
+        "the built-in countdown task has its own test split",
+    ),
+    C(
+        "seed-beyond-64-bits",
+        "config",
+        "run.seed beyond 64 bits",
+        lambda d, t: train(t, f"run.seed={2**64}"),
+        "run.seed: must be below 2**63",
+    ),
+    C(
+        "run-out-name-too-long",
+        "run folder",
+        "a run folder name longer than the file system allows",
+        lambda d, t: train(t, "--out", d / ("r" * 300)),
+        "longer than the file system allows",
+    ),
+    C(
+        "export-out-name-too-long",
+        "run folder",
+        "an export folder name longer than the file system allows",
+        lambda d, t: ["export", checkpoint_of(d, d / "run"), "--out", d / ("e" * 300)],
+        "longer than the file system allows",
+    ),
+    C("unknown-command", "config", "an unknown command", lambda d, t: ["trian"], "invalid choice: 'trian'"),
+    C(
+        "unknown-flag",
+        "config",
+        "an unknown flag",
+        lambda d, t: train(t, "--stepz", "3"),
+        "unrecognized arguments: --stepz",
+    ),
+    C(
+        "flag-without-value",
+        "config",
+        "a flag without its value",
+        lambda d, t: ["train", "--steps"],
+        "expected one argument",
+    ),
+    C(
+        "samples-none-logged",
+        "run folder",
+        "unison samples of a run trained with run.log_samples=0",
+        lambda d, t: [
+            "samples",
+            write(d / "run" / "config.yaml", "run:\n  log_samples: 0\n")
+            and write(d / "run" / "samples.jsonl", '{"step": 1, "responses": "ab"}\n').parent,
+        ],
+        "trained with run.log_samples=0",
+    ),
+    C(
+        "probe-attribute-fp32-only",
+        "config",
+        "probe --attribute with fp32 alone",
+        lambda d, t: ["probe", "--model", t, "--attribute", "--precisions", "fp32", "--out", d / "p"],
+        "add fp16 or bf16",
+    ),
+    # ---- trackers, checked before the run folder is made ------------------------------------------------------
+    C(
+        "mlflow-store-under-file",
+        "trackers",
+        "MLFLOW_TRACKING_URI naming a file store under a regular file",
+        lambda d, t: train(t, "run.loggers=mlflow", "--out", d / "run"),
+        "cannot be made or written",
+        fault=lambda d: env(MLFLOW_TRACKING_URI=(write(d / "f", "x") / "mlruns").as_uri()),
+        check=lambda d: None if not (d / "run").exists() else pytest.fail("the run folder was made"),
+    ),
+    C(
+        "mlflow-server-down",
+        "trackers",
+        "an MLflow tracking server that is down",
+        lambda d, t: train(t, "run.loggers=mlflow", "--out", d / "run"),
+        "does not answer",
+        fault=lambda d: env(MLFLOW_TRACKING_URI="http://127.0.0.1:9"),
+        check=lambda d: None if not (d / "run").exists() else pytest.fail("the run folder was made"),
+    ),
+    C(
+        "wandb-online-without-key",
+        "trackers",
+        "W&B online without an API key",
+        lambda d, t: train(t, "run.loggers=wandb", "--out", d / "run"),
+        "no W&B API key is configured",
+        fault=lambda d: env(WANDB_MODE="online", WANDB_API_KEY=None, NETRC=write(d / "netrc", "")),
+        check=lambda d: None if not (d / "run").exists() else pytest.fail("the run folder was made"),
+    ),
+    C(
+        "wandb-broken-install",
+        "trackers",
+        "a broken wandb install (it fails to import)",
+        lambda d, t: train(t, "run.loggers=[wandb]", "--out", d / "run"),
+        "fails to import",
+        fault=lambda d: broken_import("wandb"),
+        check=lambda d: None if not (d / "run").exists() else pytest.fail("the run folder was made"),
+    ),
 ]
 
 
@@ -1026,7 +1316,7 @@ def test_bad_input(case, tiny_dir, tmp_path):
     assert r["code"] == 2, r
     assert len(r["lines"]) == 1, r["lines"]
     line = r["lines"][0]
-    assert line.startswith(f"unison {r['argv'][0]}: error: "), line
+    assert line.startswith((f"unison {r['argv'][0]}: error: ", "unison: error: ")), line
     assert "Traceback" not in line and case.expect in line, (case.expect, line)
     assert r["untouched"], "a file that existed before was changed"
     if case.check:

@@ -266,3 +266,29 @@ def test_sigterm_stops_a_side_by_side_demo_and_its_arms_with_one_line(tmp_path):
     assert proc.returncode == 143, err
     assert [x for x in err.splitlines() if x.startswith("unison")][-1].startswith("unison demo: stopped: terminated")
     assert all(RunLock(out / arm).holder() is None for arm in ("fp16", "bf16"))  # no arm goes on
+
+
+def test_samples_into_a_closed_pipe_end_quietly(tmp_path):
+    # `unison samples RUN | head -1`: the reader leaves; unison ends without a BrokenPipeError traceback
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    row = {"id": "a", "reward": 1.0, "length": 2, "finished": True, "mismatch": 0.0, "prompt": "1-1:", "response": "0"}
+    (run_dir / "samples.jsonl").write_text(json.dumps({"step": 1, "rows": [row] * 5000}) + "\n")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "unison.cli", "samples", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    p.stdout.readline()
+    p.stdout.close()  # as `head -1` does
+    err = p.stderr.read()
+    p.wait(timeout=120)
+    assert p.returncode == 141 and err == "", (p.returncode, err[-2000:])
+
+
+def test_an_unknown_command_or_flag_is_one_line(tmp_path):
+    for args, says in ((["trian"], "invalid choice: 'trian'"), (["train", "--stepz", "3"], "--stepz")):
+        r = run(*args)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0] and "--help" in lines[0], r.stderr

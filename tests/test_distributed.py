@@ -182,3 +182,67 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
         assert done.returncode == 2 and "saved by 2 rank(s)" in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+RAISES_ON_RANK_1 = f"{Path(__file__).parent / 'reward_fixture.py'}:rank1_raises"
+
+
+def test_an_error_on_one_rank_is_the_one_line_one_rank_prints(tmp_path):
+    # the reward raises on rank 1 alone: rank 0 meets a closed connection in its next collective; the user sees the
+    # reward's own line (not gloo's traceback or the launcher's), with its exit code
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{i}-3:", "answer": "0"}}\n' for i in range(10, 30)))
+    done = unison(
+        "--nproc",
+        "2",
+        f"run.out={tmp_path / 'run'}",
+        f"data.source={prompts}",
+        "data.subset=",
+        "data.template=plain",
+        f"data.reward={RAISES_ON_RANK_1}",
+        "rollout.stop=[a, e, i, o, u, t, n, s, '0', '1', '2', '3']",
+        "rollout.max_new_tokens=8",
+        "run.loggers=[jsonl]",
+    )
+    lines = [x for x in done.stderr.splitlines() if x.strip()]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"unison train: error: reward function '{RAISES_ON_RANK_1}' raised ValueError: bad ")
+
+
+def test_sigterm_to_the_launcher_is_one_line_naming_the_resume_on_as_many_ranks(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unison", "train", *TRAIN, "--nproc", "2", "run.steps=40", f"run.out={run}"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints/step-000001/manifest.json").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert proc.returncode == 143, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("unison train: stopped: terminated (SIGTERM) during step "), lines
+    assert lines[0].endswith(f"resume with: unison train --config {run / 'config.yaml'} --resume --nproc 2"), lines
+
+
+def test_the_launcher_says_the_first_ranks_ending_or_what_it_saw(tmp_path, capsys):
+    # rank 1 failed first (the cause); rank 0's end follows from it; a rank killed before it could say anything
+    # (the OOM killer's SIGKILL) is said by the launcher
+    from unison import distributed
+
+    (tmp_path / "rank-00000.json").write_text(
+        json.dumps({"rank": 0, "code": 1, "text": "gloo: peer gone", "time": 2.0})
+    )
+    (tmp_path / "rank-00001.json").write_text(json.dumps({"rank": 1, "code": 2, "text": "the cause", "time": 1.0}))
+    assert distributed._said(str(tmp_path), 1, "rank 0 ended with exit code 1") == 2
+    assert capsys.readouterr().err == "the cause\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert distributed._said(str(empty), 137, "rank 1 killed by SIGKILL") == 137
+    assert capsys.readouterr().err == "unison train: stopped: rank 1 killed by SIGKILL\n"

@@ -6,6 +6,7 @@ checkpoint and the command that resumes, and its own exit code (`unison.errors.E
 
 import contextlib
 import errno
+import json
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_reliability import cli, comparable, same, train_args
 
 from unison import checkpoint as ckpt
@@ -114,7 +116,7 @@ def tmpfs(path: Path, size: str):
 def check_write_fault(err: list[str], run: Path, what: str, newest: str) -> None:
     assert len(err) == 1, err
     line = err[0]
-    assert line.startswith("unison train: stopped: cannot write into ") and what in line, line
+    assert line.startswith("unison train: stopped: cannot write ") and what in line, line
     assert f"the newest complete checkpoint is {run / 'checkpoints' / newest}" in line, line
     assert f"resume with: unison train --config {run / 'config.yaml'} --resume" in line, line
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the failed save left nothing behind
@@ -192,3 +194,155 @@ def test_the_readme_lists_every_exit_code():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for code in EXIT_CODES.values():
         assert f"\n| {code} | " in readme, code
+
+
+# ---- failed writes of every kind: one path, exit code 3, one line --------------------------------------------------
+def test_a_full_disk_in_torch_save_is_the_os_error_it_met(tmp_path):
+    # torch.save to a path reports a full disk as RuntimeError("... unexpected pos ..."); checkpoints save through a
+    # Python file, so the failure is the OSError (ENOSPC) every write path turns into exit code 3
+    from test_reliability import _Model, _Tok
+
+    with tmpfs(tmp_path / "small", "1m") as mount:
+        big = {"step": 1, "optimizer": torch.zeros(1_000_000)}  # 4 MB of state into 1 MB
+        with pytest.raises(OSError) as caught:
+            ckpt.save_checkpoint(mount, 1, _Model(), _Tok(), {"w": torch.ones(3)}, big)
+        assert caught.value.errno == errno.ENOSPC
+        assert list((mount / "checkpoints").iterdir()) == []  # the failed save left nothing behind
+
+
+def lora_checkpoint(tmp_path, tiny_dir) -> Path:
+    """A LoRA run's checkpoint of the tiny model (q_proj, v_proj, rank 4), written as the trainer writes one."""
+    from unison.lora import wrap
+    from unison.models import build_tokenizer, load_model
+
+    model = load_model(tiny_dir)
+    wrapped = wrap(model, 4, 8.0, ["q_proj", "v_proj"])
+    masters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return ckpt.save_checkpoint(tmp_path / "lora-run", 1, wrapped, build_tokenizer(), masters, {"step": 1})
+
+
+def test_export_of_an_adapter_into_a_full_disk_is_one_line_exit_3(tiny_dir, tmp_path, capsys):
+    step = lora_checkpoint(tmp_path, tiny_dir)
+    with tmpfs(tmp_path / "small", "8k") as mount:  # room for adapter_config.json, not for the weights
+        code, err = run_cli(["export", step, "--adapter", "--out", mount / "adapter"], capsys)
+        assert code == WRITE_FAILED and len(err) == 1, err
+        assert err[0].startswith("unison export: stopped: cannot write") and "No space left on device" in err[0]
+        assert not list(mount.iterdir())  # the half-written folder is removed
+
+
+class FailingTracker:
+    """A tracker that starts, logs step 1, then fails as a tracking server that went away does."""
+
+    def __init__(self, run_dir, config, ids):
+        self.calls = 0
+
+    def scalars(self, step, metrics):
+        if step >= 2:
+            raise ConnectionError("tracking server closed the connection")
+
+    def samples(self, step, rows):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_tracker_that_fails_mid_run_is_a_failed_write(tiny_dir, tmp_path, prompts, capsys, monkeypatch):
+    from unison import report
+
+    monkeypatch.setitem(report.LOGGERS, "tensorboard", (FailingTracker, "tensorboard", "tensorboard"))
+    run = tmp_path / "run"
+    code, err = run_cli(train_args(tiny_dir, prompts, run, "fp32", 3) + ["run.loggers=[tensorboard]"], capsys)
+    assert code == WRITE_FAILED and len(err) == 1, err
+    assert err[0].startswith("unison train: stopped: cannot write to the tensorboard tracker (ConnectionError: ")
+    assert f"the newest complete checkpoint is {run / 'checkpoints' / 'step-000001'}" in err[0]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# ---- run logs with a torn last line (a kill or a full disk mid-append) --------------------------------------------
+TORN = '{"step": 1, "rollout/accuracy": 0.25}\n{"step": 2, "rollout/accuracy": 0.5}\n{"step": 3, "rollout/acc'
+
+
+def test_plot_skips_a_torn_last_line_with_a_notice(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(TORN)
+    code, err = run_cli(["plot", run, "--metrics", "rollout/accuracy", "--out", tmp_path / "p.png"], capsys)
+    assert code == 0 and (tmp_path / "p.png").is_file()
+    assert len(err) == 1 and "line 3, the last, is cut short" in err[0], err
+    (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')  # damage before the end: refused
+    code, err = run_cli(["plot", run, "--metrics", "step"], capsys)
+    assert code == 2 and "line 2 is not a JSON object" in err[0], err
+
+
+def test_samples_and_resume_skip_a_torn_last_line_with_a_notice(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    row = {"id": "a", "reward": 1.0, "length": 2, "finished": True, "mismatch": 0.0, "prompt": "1-1:", "response": "0"}
+    (run / "samples.jsonl").write_text(json.dumps({"step": 1, "rows": [row]}) + '\n{"step": 2, "ro')
+    code, err = run_cli(["samples", run], capsys)
+    assert code == 0 and len(err) == 1 and "cut short" in err[0], err
+    ckpt.truncate_jsonl(run / "samples.jsonl", 5)
+    assert "cut short" in capsys.readouterr().err
+    assert (run / "samples.jsonl").read_text().count("\n") == 1
+
+
+def test_no_held_out_prompts_trains_to_the_end(tiny_dir, tmp_path, prompts, capsys):
+    # run.eval_prompts=0: no held-out evaluation (it had divided by zero at the last step, losing the final
+    # checkpoint and the last metrics)
+    run = tmp_path / "run"
+    argv = [a for a in train_args(tiny_dir, prompts, run, "fp32", 2) if not a.startswith("run.eval_prompts")]
+    assert run_cli(argv + ["run.eval_prompts=0"], capsys)[0] == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and not any(k.startswith("eval/") for r in rows for k in r)
+    assert ckpt.latest_checkpoint(run).name == "step-000002"
+
+
+def test_sigterm_during_a_slow_reward_is_the_sigterm_stop(tiny_dir, tmp_path, prompts, monkeypatch):
+    # the reward function catches what a user's reward raises; SIGTERM arriving inside it is the run's stop, not
+    # the reward raising `Terminated`
+    mark = tmp_path / "reward-called"
+    slow = f"{Path(__file__).parent / 'reward_fixture.py'}:slow"
+    argv = [a for a in train_args(tiny_dir, prompts, tmp_path / "run", "fp32", 2) if not a.startswith("data.reward")]
+    monkeypatch.setenv("UNISON_TEST_MARK", str(mark))
+    victim = cli(argv + [f"data.reward={slow}", "rollout.stop=[a, e, i, o, u, t, n, s, '0', '1', '2', '3']"])
+    wait_for(mark, victim)
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert victim.returncode == SIGTERM_CODE, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("unison train: stopped: terminated (SIGTERM) during step 1"), lines
+
+
+def test_write_error_finds_the_failed_write_however_it_was_wrapped():
+    from safetensors import SafetensorError
+
+    from unison.errors import TrackerError, UserError, write_error
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert write_error(full) is full and write_error(OSError(errno.ENOENT, "No such file")) is None
+    wrapped = write_error(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert wrapped.errno == errno.ENOSPC and wrapped.strerror == "No space left on device"
+    try:  # torch's zip writer, closing after the failed write into a Python file
+        try:
+            raise full
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662") from None
+    except RuntimeError as exc:
+        assert write_error(exc) is None  # `from None`: not a failed write any more
+    try:
+        try:
+            raise full
+        except OSError:
+            raise RuntimeError("unexpected pos 768 vs 662")  # noqa: B904 - as torch raises it
+    except RuntimeError as exc:
+        assert write_error(exc) is full
+    try:
+        try:
+            raise OSError(errno.EACCES, "Permission denied")
+        except OSError:
+            raise UserError("cannot read the adapter") from None
+    except UserError as exc:
+        assert write_error(exc) is None  # bad input, said as such
+    gone = TrackerError("mlflow", ConnectionError("refused"))
+    assert write_error(gone) is gone and gone.filename == "to the mlflow tracker"

@@ -251,6 +251,31 @@ def test_trackers_log_offline(tiny_dir, tmp_path, prompts, logger, monkeypatch):
     assert json.loads((run / "trackers.json").read_text()) if logger != "tensorboard" else True
 
 
+def test_mlflow_logs_into_the_file_store_its_uri_names(tiny_dir, tmp_path, prompts, monkeypatch):
+    # MLflow keeps file stores opt-in (MLFLOW_ALLOW_FILE_STORE); a file:// MLFLOW_TRACKING_URI is one too
+    pytest.importorskip("mlflow", reason="pip install 'unison[mlflow]' to test it")
+    store = tmp_path / "store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    train(cfg(tiny_dir, tmp_path / "run", **{"run.loggers": ["mlflow"], "run.steps": 1}), quiet=True)
+    import mlflow
+
+    mlflow.set_tracking_uri(store.as_uri())
+    found = mlflow.search_runs(experiment_names=["unison"], output_format="list")
+    assert len(found) == 1 and found[0].data.metrics["rollout/accuracy"] >= 0
+
+
+def test_list_settings_take_either_form(tmp_path):
+    # run.loggers=tensorboard,mlflow and lora.target_modules as a YAML list were refused without saying which form
+    # works: both forms are one setting
+    given = load_config(TrainConfig, None, ["run.loggers=tensorboard,mlflow", "lora.target_modules=[q_proj, v_proj]"])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("run:\n  loggers: [tensorboard, mlflow]\nlora:\n  target_modules: q_proj,v_proj\n")
+    written = load_config(TrainConfig, yaml_file)
+    for c in (given, written):
+        assert c.run.loggers == ["tensorboard", "mlflow"] and c.lora.target_modules == "q_proj,v_proj"
+
+
 def test_a_missing_tracker_is_one_line(monkeypatch):
     import importlib.util
 

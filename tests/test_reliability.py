@@ -3,6 +3,7 @@ overflow is caught and named by layer in both engines; same seed, same run in ev
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -446,3 +447,173 @@ def test_train_with_fp32_layers_runs_finite(overflowing_dir, tmp_path):
     state = ckpt.load_trainer_state(ckpt.latest_checkpoint(out))
     assert state["overflow"] == {"learner": {"upcast": [2]}, "engine": {"upcast": [2]}}
     assert all(torch.isfinite(t).all() for t in ckpt.load_master(ckpt.latest_checkpoint(out)).values())
+
+
+# ---- overflow beyond the MLPs: attention (Gemma-style), the final norm, the LM head ---------------------------------
+def _gemma_attention_overflow(factor: float):
+    """A tiny random Gemma3 whose layer-1 attention output projection is scaled by `factor`: its output leaves fp16's
+    range (1e5: about 2.2e5), while its post-attention norm keeps the model's fp32 forward in range, as a real
+    Gemma's is; 2e4 comes within 1.5-2x of the limit (by the tokens sampled) and fits."""
+    from unison.archs import tiny_model
+
+    model = tiny_model("gemma3", seed=0)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(factor)
+    return model
+
+
+@pytest.fixture(scope="module")
+def gemma_overflow_dir(tmp_path_factory):
+    from unison.models import build_tokenizer, save_model
+
+    return save_model(_gemma_attention_overflow(1e5), build_tokenizer(), tmp_path_factory.mktemp("gem") / "model")
+
+
+ATTENTION_STOP = (
+    "activations left the FP16 range (|x| > 65504, or inf/NaN) in the rollout engine (decode) at layer 1 "
+    "(attention block, model.layers.1); run this model in bf16 or fp32 (e.g. --precision bf16): "
+    "precision.on_activation_overflow=fp32_layers computes only MLPs in fp32 and cannot cure overflow in an "
+    "attention block"
+)
+SMALL = ["run.progress=false", "rollout.max_new_tokens=8"]
+
+
+@pytest.mark.parametrize(
+    "command, argv",
+    [
+        ("probe", ["--precisions", "fp16", "--num-prompts", "2", "--samples", "2", "--out", "{tmp}/p"]),
+        ("eval", ["--precision", "fp16", "--num-prompts", "2", "--n", "1"]),
+        ("filter", ["precision.rollout=fp16", "--num-prompts", "2", "--k", "2", "--out", "{tmp}/f.jsonl"]),
+        (
+            "demo",
+            ["--steps", "1", "compare=fp16", "side_by_side=false", "--out", "{tmp}/demo", *_train_argv("", "")[9:]],
+        ),
+        ("train", _train_argv("", "{tmp}/run")[3:]),
+    ],
+)
+def test_fp16_attention_overflow_stops_every_command_with_one_named_line(
+    gemma_overflow_dir, tmp_path, capsys, command, argv
+):
+    from unison.cli import main
+
+    args = [command, "--model", str(gemma_overflow_dir), *[a.format(tmp=tmp_path) for a in argv], *SMALL]
+    assert main(args) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and not x.startswith("unison: warning")]
+    assert err[-1] == f"unison {command}: stopped: {ATTENTION_STOP}", err[-1]
+
+
+def test_bf16_cures_the_attention_overflow(gemma_overflow_dir, tmp_path):
+    from unison.cli import main
+
+    argv = _train_argv(gemma_overflow_dir, tmp_path / "run")
+    argv[argv.index("--precision") + 1] = "bf16"
+    assert main(argv) == 0
+
+
+def test_fp32_layers_names_an_attention_overflow_as_attention():
+    # fp32_layers recomputes an overflowing MLP hidden from its input; where that input is already non-finite the
+    # attention block before it overflowed, and is named (it was named as the MLP)
+    from unison.rollout.base import SamplingParams
+    from unison.rollout.native import NativeEngine
+
+    eng = NativeEngine(_gemma_attention_overflow(1e5), torch.float16, "cpu")
+    guard = eng.overflow_guard("fp32_layers", "rollout engine (decode)")
+    with pytest.raises(ActivationOverflowError, match=r"layer 1 \(attention block.*cannot cure overflow in an atten"):
+        eng.generate(_prompts(), SamplingParams(max_new_tokens=4))
+    assert guard.upcast == []
+
+
+def _tied_head_overflow(factor: float = 3e4):
+    """The tiny (tied) model with its embeddings scaled: the residual stream stays small after each norm, and the
+    tied LM head's logits reach about 9e4, beyond fp16."""
+    from unison.models import random_model
+
+    model = random_model(seed=1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(factor)
+    return model
+
+
+def test_fp16_logits_beyond_range_at_a_tied_head_are_named_and_an_fp32_head_cures_them(tmp_path):
+    # the sampler had drawn from NaN probabilities: "index 272 is out of bounds", a traceback
+    from unison.cli import main
+    from unison.models import build_tokenizer, save_model
+
+    model_dir = save_model(_tied_head_overflow(), build_tokenizer(), tmp_path / "model")
+    for matmul in ("native", "fp32-accumulate"):
+        from unison.rollout.base import SamplingParams
+        from unison.rollout.native import NativeEngine
+
+        eng = NativeEngine(_tied_head_overflow(), torch.float16, "cpu", matmul=matmul)
+        eng.overflow_guard("stop", "rollout engine (decode)")
+        with pytest.raises(ActivationOverflowError, match=r"at the LM head \(its logits\); set precision.lm_head=fp32"):
+            eng.generate(_prompts(), SamplingParams(max_new_tokens=4))
+    assert main(_train_argv(model_dir, tmp_path / "fp32-head", "precision.lm_head=fp32")) == 0
+
+
+@pytest.mark.parametrize("engine", ["learner", "native"])
+def test_an_overflow_in_the_final_norm_is_named_so(engine):
+    # a residual stream in range whose final norm (its weight scaled) leaves fp16's range: it was named as the last
+    # layer's MLP block
+    from unison.learner import Learner
+    from unison.models import random_model
+    from unison.precision import PrecisionPolicy
+    from unison.rollout.base import Rollouts, SamplingParams
+    from unison.rollout.native import NativeEngine
+
+    model = random_model(seed=1)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1e6)
+    match = r"at the final norm \(model.norm, after the last layer\); run this model in bf16 or fp32"
+    if engine == "native":
+        eng = NativeEngine(model, torch.float16, "cpu")
+        eng.overflow_guard("stop", "rollout engine (decode)")
+        with pytest.raises(ActivationOverflowError, match=match):
+            eng.generate(_prompts(), SamplingParams(max_new_tokens=4))
+        return
+    learner = Learner(model, PrecisionPolicy(torch.float16, torch.float16))
+    OverflowGuard.attach(learner.model, "stop", "learner (full-sequence forward)")
+    ro = Rollouts(
+        _prompts(),
+        torch.ones(3, 2, dtype=torch.long) * 7,
+        torch.zeros(3, 2),
+        torch.ones(3, 2, dtype=torch.bool),
+        torch.full((3,), 2),
+        torch.ones(3, dtype=torch.bool),
+    )
+    with pytest.raises(ActivationOverflowError, match=match):
+        learner.recompute(ro)
+
+
+def test_activations_near_the_limit_on_a_short_sample_warn_and_advise_bf16(tmp_path, capsys):
+    # the new user's Gemma3-270M: 59% of the limit on 2 prompts x 8 tokens was "fits FP16"
+    from unison.cli import main
+    from unison.models import build_tokenizer, save_model
+
+    model_dir = save_model(_gemma_attention_overflow(2e4), build_tokenizer(), tmp_path / "model")
+    argv = ["probe", "--model", str(model_dir), "--precisions", "fp32", "--activations", "--advise"]
+    argv += ["--num-prompts", "2", "--samples", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "p")]
+    assert main(argv + ["run.progress=false"]) == 0
+    out = capsys.readouterr().out
+    verdict = [line for line in out.splitlines() if line.startswith("largest |activation|")][-1]
+    assert re.search(r"at layer 1 \(attention\): within [\d.]+x of the FP16 limit, under the 4x margin", verdict)
+    assert "run it in bf16 (fp32 layers compute only MLPs" in verdict and "warning: measured on " in verdict
+    advice = json.loads((tmp_path / "p" / "probe.json").read_text())["advice"]
+    assert advice["recommendation"] == "bf16 + correction"
+    assert any(
+        re.search(r"layer 1 \(attention, [\d.]+x\).*cannot keep an attention block", r) for r in advice["reasons"]
+    )
+    assert any("too few to rely on" in r for r in advice["reasons"])
+
+
+def test_every_train_setting_is_a_resume_key_or_free_and_documented():
+    # a new setting must be decided: does changing it on --resume change what the run computes?
+    from unison.config import TrainConfig, to_dict
+    from unison.report import flatten
+    from unison.runfolder import RESUME_FREE, RESUME_KEYS
+
+    keys = set(flatten(to_dict(TrainConfig())))
+    assert not set(RESUME_KEYS) & set(RESUME_FREE)
+    assert set(RESUME_KEYS) | set(RESUME_FREE) == keys, keys ^ (set(RESUME_KEYS) | set(RESUME_FREE))
+    docs = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
+    assert [k for k in sorted(keys) if f"`{k}`" not in docs] == []

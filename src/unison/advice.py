@@ -12,11 +12,15 @@ Three measurements (`unison probe` makes them; `advise` reads them, so it can be
 The recommendation is one of:
 
     fp16                    fp16 throughout: its activations fit with room, its gradients survive scaling
-    fp16 + fp32 layers      fp16, with the layers whose activations come near the limit run in fp32
+    fp16 + fp32 layers      fp16, with the layers whose MLP's inner activation comes near the limit run in fp32
                             (precision.on_activation_overflow=fp32_layers names and upcasts them as they appear)
     bf16 + correction       bf16 with a sequence-level correction (grpo-seq-mis) and an fp32 LM head, where fp16's
-                            range does not hold the model: activations past the limit in many layers, or gradients
-                            that scaling cannot keep above fp16's smallest value
+                            range does not hold the model: activations near the limit in many layers, or in a block
+                            fp32 layers cannot cure (attention, the residual stream, an MLP's output: Gemma-style
+                            models), or gradients that scaling cannot keep above fp16's smallest value
+
+Activations measured on fewer than 1,024 tokens are too few to rely on: the advice says so among its reasons and
+checks.
 """
 
 from __future__ import annotations
@@ -25,23 +29,40 @@ import math
 
 import torch
 
+from unison.overflow import HEADROOM_MIN, SAMPLE_MIN_TOKENS
+
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # the smallest fp16 subnormal: a smaller scaled gradient flushes to zero
-HEADROOM_MIN = 4.0  # a layer whose activations come within 4x of 65504 is named
 MANY_LAYERS = 0.25  # more than this share of the layers near the limit: fp16's range does not hold the model
 UNDERFLOW_MAX = 1e-3  # more than this share of gradient values flushed to zero at the initial scale
 
 
-def advise(activations: list[dict], gradients: dict, mismatch: dict[str, dict]) -> dict:
+def advise(activations: list[dict], gradients: dict, mismatch: dict[str, dict], tokens: int | None = None) -> dict:
     """The recommendation from hand-made or measured inputs: `activations` rows of `activation_stats` (layer,
     max_abs, where), `gradients` of `gradient_stats` (underflow_frac, max_abs, scale), `mismatch` by precision
-    name (fp16, bf16) of probe metrics (abs_log_ratio_mean, exact_kl_mu_pi). -> {"recommendation", "settings",
-    "reasons", "checks"}"""
+    name (fp16, bf16) of probe metrics (abs_log_ratio_mean, exact_kl_mu_pi), `tokens` the activations were
+    measured on. -> {"recommendation", "settings", "reasons", "checks"}"""
     near = [r for r in activations if r["max_abs"] > 0 and FP16_MAX / r["max_abs"] < HEADROOM_MIN]
+    uncurable = [r for r in near if r["where"] != "mlp_hidden"]  # fp32 layers recompute an MLP's inner activation
     under = gradients.get("underflow_frac", 0.0)
     checks, ratio = _checks(activations, near, gradients, mismatch)
-    range_fails = (len(near) > MANY_LAYERS * max(len(activations), 1)) or under > UNDERFLOW_MAX
+    range_fails = (len(near) > MANY_LAYERS * max(len(activations), 1)) or under > UNDERFLOW_MAX or bool(uncurable)
     rec, settings, reasons = _recommend(activations, near, gradients, range_fails)
+    if tokens is not None:
+        short = tokens < SAMPLE_MIN_TOKENS
+        checks.append(
+            {
+                "check": "activation sample",
+                "measured": f"{tokens} tokens",
+                "limit": f">= {SAMPLE_MIN_TOKENS} tokens",
+                "ok": not short,
+            }
+        )
+        if short:
+            reasons.append(
+                f"the activations were measured on {tokens} tokens only: too few to rely on (a longer response can "
+                "reach larger values); probe more prompts and longer responses (--num-prompts, --max-new-tokens)"
+            )
     if ratio is not None and not range_fails:
         reasons.append(
             f"bf16's mismatch is {ratio:.3g}x fp16's" + (" (little difference at this length)" if ratio < 2 else "")
@@ -108,6 +129,14 @@ def _recommend(activations: list[dict], near: list[dict], gradients: dict, range
         }
         if len(near) > MANY_LAYERS * max(len(activations), 1):
             reasons.append(f"{len(near)} of {len(activations)} layers come within {HEADROOM_MIN:g}x of fp16's limit")
+        uncurable = [r for r in near if r["where"] != "mlp_hidden"]
+        if uncurable:
+            names = ", ".join(f"layer {r['layer']} ({r['where']}, {FP16_MAX / r['max_abs']:.2g}x)" for r in uncurable)
+            reasons.append(
+                f"activations within {HEADROOM_MIN:g}x of fp16's limit in {names}: fp32 layers compute only an MLP's "
+                "inner activation in fp32 and cannot keep an attention block, the residual stream or an MLP's output "
+                "in range"
+            )
         if under > UNDERFLOW_MAX:
             reasons.append(
                 f"{under:.2e} of the gradient values flush to zero in fp16 even at the loss scale "

@@ -18,24 +18,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from unison import gguf
 from unison.config import parse_size
-from unison.errors import UserError
-from unison.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, is_peft, read_adapter_config, save_adapter
+from unison.errors import UserError, write_error
+from unison.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    is_adapter,
+    is_peft,
+    load_adapter_weights,
+    read_adapter_config,
+    save_adapter,
+)
 from unison.models import load_model, load_tokenizer, resolve_model_dir
 from unison.precision import parse_precision
-from unison.runfolder import check_output_folder, fsync_dir, fsync_tree
-
-MANIFEST = "manifest.json"
+from unison.runfolder import (  # noqa: F401 - the manifest's helpers are the checkpoint's
+    MANIFEST,
+    check_output_folder,
+    damaged_file,
+    file_hash,
+    fsync_dir,
+    fsync_tree,
+    is_complete,
+    notice_torn,
+)
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -90,14 +103,14 @@ def save_checkpoint(
             model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=shard_size)
             set_config_dtype(tmp, torch.float32)
         tokenizer.save_pretrained(tmp)
-        torch.save(trainer_state, tmp / "trainer_state.pt")
+        save_state(trainer_state, tmp / "trainer_state.pt")
         for rank, state in enumerate(rank_states or [], start=1):
-            torch.save(state, tmp / rank_file(rank))
+            save_state(state, tmp / rank_file(rank))
         fsync_tree(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save (disk full) leaves the previous checkpoints as they were
-        plain = _as_os_error(exc)
-        if plain is exc:
+        plain = write_error(exc)
+        if plain is None or plain is exc:
             raise
         raise plain from None
     if final.exists():
@@ -112,15 +125,12 @@ def save_checkpoint(
     return final
 
 
-def _as_os_error(exc: BaseException) -> BaseException:
-    """A write error of the safetensors writer (its own exception type) as the OSError it wraps; others as they are."""
-
-    if not isinstance(exc, SafetensorError):
-        return exc
-    found = re.search(r"(.*) \(os error (\d+)\)", str(exc).rsplit("I/O error: ", 1)[-1])
-    if not found:
-        return exc
-    return OSError(int(found.group(2)), found.group(1))
+def save_state(obj, path: Path) -> None:
+    """`torch.save` through a Python file, so that a failed write raises its OSError (disk full: ENOSPC), or a
+    RuntimeError raised while handling it (`write_error` finds it there); saving to a path, torch's own writer
+    reports a full disk as a RuntimeError without the cause ("unexpected pos ...")."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
@@ -136,34 +146,6 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
-
-
-def is_complete(path: Path) -> bool:
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, OSError):
-        return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items())
-
-
-def file_hash(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def damaged_file(path: Path) -> str | None:
-    """The first file of a complete checkpoint whose bytes no longer match the hash its manifest recorded (None:
-    all match, or a manifest from before hashes were recorded)."""
-    hashes = json.loads((Path(path) / MANIFEST).read_text()).get("sha256") or {}
-    for name, digest in sorted(hashes.items()):
-        if file_hash(Path(path) / name) != digest:
-            return name
-    return None
 
 
 def latest_intact_checkpoint(run_dir: Path) -> Path | None:
@@ -317,15 +299,19 @@ def check_compatible(path: Path, model) -> dict[str, torch.Tensor]:
 
 # ---- run logs that survive a kill ---------------------------------------------------------------------------------
 def truncate_jsonl(path: Path, after_step: int) -> None:
-    """Keep the rows of a JSONL run log with step <= `after_step`; drop later ones and lines torn by a kill."""
+    """Keep the rows of a JSONL run log with step <= `after_step`; drop later ones and lines torn by a kill (the
+    last one said on stderr)."""
     path = Path(path)
     if not path.exists():
         return
     keep = []
-    for line in path.read_text(errors="replace").splitlines():
+    lines = path.read_text(errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            if n == len(lines) and line.strip():
+                notice_torn(path, n)
             continue
         if isinstance(row, dict) and row.get("step", 0) <= after_step:
             keep.append(line)
@@ -408,8 +394,7 @@ def export_model(
     model = None if adapter else load_model(ckpt, dtype=torch.float32)
     if adapter:
         read_adapter_config(ckpt)
-
-        weights = load_file(str(ckpt / ADAPTER_WEIGHTS))
+        weights = load_adapter_weights(ckpt)
     tokenizer = load_tokenizer(ckpt)
     converted = gguf.note(ckpt)
     if converted:

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import unison.offline  # noqa: F401 - first: the environment, before any library reads it
@@ -22,7 +23,7 @@ from unison.commands import EvalConfig, FilterConfig, run_eval, run_filter
 from unison.config import TrainConfig, _split_override, describe, load_config
 from unison.conformance import SelfTestError
 from unison.demo import DemoConfig, run_demo
-from unison.errors import SIGINT_CODE, WRITE_FAILED, RunFault, UserError
+from unison.errors import SIGINT_CODE, SIGPIPE_CODE, WRITE_FAILED, RunFault, UserError, describe_write, write_error
 from unison.exact import BitwiseMismatchError
 from unison.gguf import FETCHABLE, fetch
 from unison.guard import MismatchGuardStop
@@ -31,8 +32,8 @@ from unison.models import resolve_model_dir
 from unison.overflow import ActivationOverflowError, format_activation_table
 from unison.precision import LossScaleFloorError, resolve_device
 from unison.probe import ProbeConfig, format_attribution, format_table, run_probe
-from unison.report import format_samples, plot_runs, read_metrics, read_samples
-from unison.runfolder import WRITE_ERRNOS, check_output_file
+from unison.report import check_trackers, format_samples, plot_runs, read_metrics, read_samples, resolve_loggers
+from unison.runfolder import check_output_file, load_saved_config
 from unison.trainer import check_resume_world, check_world_settings, train
 
 
@@ -114,7 +115,8 @@ RUN_FOLDER_FLAGS = [
         "--allow-changes",
         {
             "action": "store_true",
-            "help": "with --resume: continue with a changed preset, seed, data source or precision",
+            "help": "with --resume: continue with changed settings that change what the run computes (model, "
+            "data, sampling, algorithm, optimizer, precision, LoRA, ...)",
         },
     ),
 ]
@@ -154,10 +156,16 @@ EXTRA_FLAGS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors (an unknown command or flag, a flag without its value) are one line, exit code 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="unison", description="RL fine-tuning of LLMs in which the sampler and the learner agree."
-    )
+    ap = Parser(prog="unison", description="RL fine-tuning of LLMs in which the sampler and the learner agree.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, text in HELPS.items():
         p = sub.add_parser(name, help=text)
@@ -258,7 +266,8 @@ def cmd_probe(args) -> None:
     out = Path(cfg.run.out)
     if cfg.probe.activations:
         print("\nlargest |activation| per layer (fp32 forward over the prompts and one sampled response each):")
-        print(format_activation_table(json.loads((out / "probe.json").read_text())["activations"]))
+        found = json.loads((out / "probe.json").read_text())
+        print(format_activation_table(found["activations"], found.get("activations_tokens")))
     if cfg.probe.advise:
         print("\nprecision advice:")
         print(format_advice(json.loads((out / "probe.json").read_text())["advice"]))
@@ -289,12 +298,13 @@ def cmd_train(args) -> None:
 
 def check_launch(cfg, args) -> None:
     """What `--nproc N` needs, checked before any rank starts: N within the devices, the backend for the device,
-    whole groups for every rank, the world size of the checkpoint to resume."""
+    whole groups for every rank, the trackers, the world size of the checkpoint to resume."""
 
     device = resolve_device(cfg.model.device)
     distributed.backend_for(device, args.backend)
     resolve_model_dir(cfg.model.path)  # a GGUF model is converted here once, not by every rank
     check_world_settings(cfg, args.nproc, device)
+    check_trackers(resolve_loggers(cfg.run.loggers), cfg.run.out)
     if args.resume and Path(cfg.run.out).is_dir():
         latest = ckpt.latest_checkpoint(Path(cfg.run.out))
         if latest is not None:
@@ -336,7 +346,14 @@ def cmd_demo(args) -> None:
 def cmd_samples(args) -> None:
 
     steps = read_samples(args.run)
-    step = args.step if args.step is not None else max(steps, default=None)
+    if not steps:
+        if (load_saved_config(args.run).get("run") or {}).get("log_samples") == 0:
+            raise UserError(
+                f"{args.run!r} holds no decoded samples (it was trained with run.log_samples=0); train with "
+                "run.log_samples=4 (the default) to keep them"
+            )
+        raise UserError(f"{args.run!r} holds no decoded samples yet; ask again once a step has been logged")
+    step = args.step if args.step is not None else max(steps)
     if step not in steps:
         shown = ", ".join(map(str, sorted(steps)[-10:]))
         raise UserError(f"{args.run!r} has no samples of step {step}; steps logged: {shown or 'none'}")
@@ -357,13 +374,15 @@ def cmd_fetch(args) -> None:
 def cmd_plot(args) -> None:
 
     known: set[str] = set()
+    rows = []
     for run in args.runs:
         if not (Path(run) / "metrics.jsonl").is_file():
             raise UserError(f"{run!r} has no metrics.jsonl; give run folders written by `unison train`")
         try:
-            known.update(k for row in read_metrics(run) for k in row)
-        except (ValueError, AttributeError):
-            raise UserError(f"{Path(run) / 'metrics.jsonl'} is not JSON lines of metrics; give a run folder") from None
+            rows.append(read_metrics(run))
+        except ValueError as exc:
+            raise UserError(f"{exc}: it is not JSON lines of metrics; give a run folder") from None
+        known.update(k for row in rows[-1] for k in row)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     logs = [m.strip() for m in args.log.split(",") if m.strip()]
     if not metrics:
@@ -377,7 +396,7 @@ def cmd_plot(args) -> None:
     if args.smooth < 1:
         raise UserError(f"--smooth must be at least 1, not {args.smooth}")
     check_output_file(args.out, "--out")
-    path = plot_runs(args.runs, metrics, args.out, smooth=args.smooth, log_scale=logs)
+    path = plot_runs(args.runs, metrics, args.out, smooth=args.smooth, log_scale=logs, rows=rows)
     print(f"wrote {path}")
 
 
@@ -395,64 +414,63 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# what stops a run on its own (exit code 1): the loss-scale floor, a weight-sync mismatch, fp16 activation overflow,
+# the engine self-test, the mismatch guard
+STOPS = (
+    LossScaleFloorError,
+    WeightSyncError,
+    ActivationOverflowError,
+    SelfTestError,
+    MismatchGuardStop,
+    BitwiseMismatchError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     args.argv = argv
-    say = distributed.rank() == 0  # with several ranks, rank 0 says what went wrong (every rank stops)
     if distributed.launched() or os.environ.get(distributed.LAUNCHER_PID):
         distributed.end_with_launcher()  # a rank, or a demo's arm: it ends with the process that started it
+    code, text = run_command(args)
+    # with several ranks, the line is said once: by the `--nproc` launcher (the first rank's), or by rank 0
+    if text and distributed.report_ending(code, text):
+        print(text, file=sys.stderr)
+    distributed.shutdown()
+    return code
+
+
+def run_command(args) -> tuple[int, str]:
+    """Run the command; -> (exit code, the one line that says why it ended, empty when it is done)."""
+    name = f"unison {args.command}"
     try:
-        try:
-            if distributed.launched() and args.command != "train":
-                raise UserError(
-                    f"unison {args.command} runs in one process; start it without torchrun (only "
-                    "`unison train` runs on several ranks)"
-                )
-            globals()[f"cmd_{args.command}"](args)
-        finally:
-            distributed.shutdown()
-    except SystemExit as exc:  # the exit code of ranks started by --nproc
-        return int(exc.code or 0)
+        if distributed.launched() and args.command != "train":
+            raise UserError(
+                f"unison {args.command} runs in one process; start it without torchrun (only "
+                "`unison train` runs on several ranks)"
+            )
+        globals()[f"cmd_{args.command}"](args)
+    except SystemExit as exc:  # the exit code of ranks started by --nproc (the launcher said why)
+        return int(exc.code or 0), ""
     except UserError as exc:
-        if say:
-            print(f"unison {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exc.exit_code, f"{name}: error: {exc}"
     except RunFault as exc:
-        if say:
-            print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exc.exit_code, f"{name}: stopped: {exc}"
     except KeyboardInterrupt:
-        if say:
-            print(f"unison {args.command}: interrupted (SIGINT)", file=sys.stderr)
-        return SIGINT_CODE
-    except OSError as exc:  # a command's output that cannot be written (a run's own faults are RunFault)
-        if exc.errno not in WRITE_ERRNOS:
+        return SIGINT_CODE, f"{name}: interrupted (SIGINT)"
+    except BrokenPipeError:  # its reader went away (`| head`): nothing more to say, to no one
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_CODE, ""
+    except Exception as exc:  # noqa: BLE001 - failed writes and the run's own stops, told apart here
+        failed = write_error(exc)
+        if failed is not None:  # a command's output that cannot be written (a run's own faults are RunFault)
+            return WRITE_FAILED, f"{name}: stopped: {describe_write(failed)}; free space or choose another output"
+        if isinstance(exc, STOPS):
+            return 1, f"{name}: stopped: {exc}"
+        if not distributed.launched():
             raise
-        where = f" {exc.filename}" if exc.filename else ""
-        print(
-            f"unison {args.command}: stopped: cannot write{where} ({exc.strerror}); free space or choose another "
-            "output, then run it again",
-            file=sys.stderr,
-        )
-        return WRITE_FAILED
-    except Exception as exc:  # noqa: BLE001 - errors the run itself raises (loss-scale floor, sync, overflow)
-        if isinstance(
-            exc,
-            (
-                LossScaleFloorError,
-                WeightSyncError,
-                ActivationOverflowError,
-                SelfTestError,
-                MismatchGuardStop,
-                BitwiseMismatchError,
-            ),
-        ):
-            if say:
-                print(f"unison {args.command}: stopped: {exc}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+        return 1, traceback.format_exc().rstrip()  # a rank's own failure, said once for all ranks
+    return 0, ""
 
 
 if __name__ == "__main__":

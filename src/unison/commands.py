@@ -114,6 +114,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     prompts = s.encode(examples)
     n = cfg.rollout.group_size
     with s.engine(dtype) as engine:
+        engine.overflow_guard(cfg.precision.on_activation_overflow, "rollout engine (decode)")
         print(f"unison eval: {s.describe(engine)} | {len(examples)} prompts x {n} samples", flush=True)
         result = evaluate(
             engine, s.task, s.tokenizer, examples, prompts, s.sampling(), n=n, ks=cfg.eval.k, progress=cfg.run.progress
@@ -144,6 +145,7 @@ def run_filter(cfg: FilterConfig, batch_size: int = 256) -> list[dict]:
     rows = [i for i in range(len(examples)) for _ in range(k)]
     solved = [0.0] * len(examples)
     with s.engine(dtype) as engine:
+        engine.overflow_guard(cfg.precision.on_activation_overflow, "rollout engine (decode)")
         print(f"unison filter: {s.describe(engine)} | {len(examples)} prompts x {k} samples", flush=True)
         bar = tqdm(total=len(rows), desc="filter", unit="seq", disable=not cfg.run.progress)
         for start in range(0, len(rows), batch_size):

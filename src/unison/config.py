@@ -323,6 +323,7 @@ class RunBase:
     )
 
     def validate(self) -> None:
+        check(self.seed < 2**63, "run.seed", f"must be below 2**63 = {2**63} (a 64-bit seed), not {self.seed}")
         check(
             self.threads == "auto" or (self.threads.isdigit() and int(self.threads) >= 1),
             "run.threads",
@@ -334,7 +335,7 @@ class RunBase:
 class RunConfig(RunBase):
     steps: int = doc(40, "RL steps (one rollout batch each)")
     eval_every: int = doc(10, "held-out evaluation every N steps (0: only at the end)")
-    eval_prompts: int = doc(64, "held-out prompts per evaluation")
+    eval_prompts: int = doc(64, "held-out prompts per evaluation (0: no held-out evaluation)")
     eval_samples: int = doc(
         1, "responses per held-out prompt at each evaluation (avg@n, and pass@1 and pass@n from them)"
     )
@@ -352,6 +353,7 @@ class RunConfig(RunBase):
         "MLFLOW_TRACKING_URI is set); empty: jsonl, and tensorboard where it is installed",
         choices=_table("LOGGERS", "unison.report"),
         what="logger",
+        separator=",",
     )
     log_samples: int = doc(
         4,
@@ -400,8 +402,9 @@ class LoraConfig:
     alpha: float = doc(16.0, "the adapters' alpha: the update is alpha / rank x B A")
     target_modules: str = doc(
         "auto",
-        "comma-separated names of the linear layers to adapt (q_proj,v_proj, ...); "
+        "comma-separated names of the linear layers to adapt (q_proj,v_proj, ...; a YAML list too); "
         "auto: every linear layer of the decoder blocks (not an MoE router)",
+        separator=",",
     )
     dropout: float = doc(
         0.0, "dropout on the adapters' input in the learner (0: the policy trained is the one that samples)"
@@ -633,6 +636,18 @@ def _coerce(value, typ, name: str):
     return value
 
 
+def _either_form(f: dataclasses.Field, value, typ):
+    """A field with a `separator` takes both forms of a list: "a,b" and [a, b] (each field keeps its own type)."""
+    sep = f.metadata.get("separator")
+    if sep is None:
+        return value
+    if typ is str and isinstance(value, (list, tuple)):
+        return sep.join(str(x).strip() for x in value)
+    if typ is list and isinstance(value, str):
+        return [x.strip() for x in value.split(sep) if x.strip()]
+    return value
+
+
 def choices_of(f: dataclasses.Field) -> list[str] | None:
     """The valid values of a field, from the table that defines them (None: any value of its type)."""
     table = f.metadata.get("choices")
@@ -672,7 +687,7 @@ def _build(cls, data: dict, prefix: str = ""):
             # a section given in part keeps this config's own defaults for the rest (e.g. `unison demo` run.out)
             default = dataclasses.asdict(f.default_factory())
             value = {**{k: v for k, v in default.items() if k not in value}, **value}
-        values[f.name] = _coerce(value, types_[f.name], prefix + f.name)
+        values[f.name] = _coerce(_either_form(f, value, types_[f.name]), types_[f.name], prefix + f.name)
         if f.metadata.get("lower") and isinstance(values[f.name], str):
             values[f.name] = values[f.name].lower()
         _check_choice(f, values[f.name], prefix + f.name)

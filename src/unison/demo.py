@@ -46,7 +46,9 @@ from unison.trainer import Terminated, on_sigterm, train
 class DemoConfig(TrainConfig):
     """`unison demo`: the fields of `unison train`, with small defaults, plus the precisions to compare."""
 
-    compare: list = doc(["fp16", "bf16"], "precisions trained side by side (each for rollout and training alike)")
+    compare: list = doc(
+        ["fp16", "bf16"], "precisions trained side by side (each for rollout and training alike)", separator=","
+    )
     side_by_side: bool = doc(
         True,
         "train the arms at once, each in its own process with one thread, where the "
@@ -223,4 +225,7 @@ def _last_line(log: Path) -> str:
     """An arm's own message: the last line of its output that says what happened."""
     lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
     said = [x for x in lines if x.startswith("unison ")]
-    return (said or lines or ["(no output)"])[-1]
+    last = (said or lines or ["(no output)"])[-1]
+    for prefix in ("unison train: stopped: ", "unison train: error: "):  # said once, as `unison demo`'s
+        last = last.removeprefix(prefix)
+    return last

@@ -8,12 +8,16 @@ where every collective is the identity.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -111,6 +115,47 @@ def launched() -> bool:
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when the process that started it ends
 LAUNCHER_PID = "UNISON_LAUNCHER_PID"  # set by `launch` for its ranks, and by `unison demo` for its arms
+RANK_ENDINGS = "UNISON_RANK_ENDINGS"  # set by `launch`: the folder where each rank leaves how it ended
+
+
+def report_ending(code: int, text: str) -> bool:
+    """How this process ended (its exit code and the one line, or traceback, saying why), where the user will see
+    it: a rank started by `launch` leaves it in the launcher's folder, with the time, and prints nothing (the launcher
+    prints the first rank's: the one that caused the others' ends); a rank under torchrun also leaves it in torch's
+    error file (torchrun names the first failure with it), and only rank 0 prints it; one process prints it.
+    -> whether this process prints it"""
+    if not launched():
+        return True
+    folder = os.environ.get(RANK_ENDINGS)
+    if folder:
+        record = {"rank": rank(), "code": code, "text": text, "time": time.time()}
+        _write_json(Path(folder) / f"rank-{rank():05d}.json", record)
+        return False
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and code:
+        _write_json(Path(error_file), {"message": text, "timestamp": int(time.time())})
+    return rank() == 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the rank's exit code still reaches the launcher
+
+
+def first_ending(folder: Path) -> dict | None:
+    """The rank ending recorded first in a launcher's folder (None: no rank recorded one, e.g. all were killed)."""
+    found = []
+    for path in Path(folder).glob("rank-*.json"):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    failed = [r for r in found if r.get("code")]
+    return min(failed, key=lambda r: (r["time"], r["rank"])) if failed else None
 
 
 def end_with_launcher() -> None:
@@ -203,13 +248,17 @@ def check_world(size: int, prompts_per_step: int, train_groups: int, devices: in
 
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m unison <argv>` as `nproc` ranks on this machine with PyTorch's elastic launcher (what
-    `torchrun --standalone --nproc-per-node N` does); returns the exit code of the first rank that failed (0 when
-    every rank succeeded). Each rank gets an equal share of the cores unless OMP_NUM_THREADS is set."""
+    `torchrun --standalone --nproc-per-node N` does); returns 0 when every rank succeeded. Where a rank fails, the
+    ranks print nothing of their own: each leaves how it ended in a folder of the launcher's (`report_ending`), and
+    the launcher prints the line of the rank that failed first, the cause (the others' ends follow from it: a
+    collective that lost its peer, the launcher's SIGTERM), and returns its exit code. Each rank gets an equal share
+    of the cores unless OMP_NUM_THREADS is set."""
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # each rank says what went wrong in its own words
+    for name in list(logging.root.manager.loggerDict):  # torch's launcher loggers, each with its own level
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)  # each rank's end is said once, in unison's words
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -220,16 +269,38 @@ def launch(nproc: int, argv: list[str]) -> int:
         max_restarts=0,
         monitor_interval=0.1,
     )
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "unison", *argv)
-    except ChildFailedError as exc:
-        codes = {rank: f.exitcode for rank, f in exc.failures.items()}
-        # rank 0's where it stopped on its own (it printed why), else the first rank's that failed
-        code = codes[0] if codes.get(0, 0) > 0 else exc.get_first_failure()[1].exitcode
-        return 128 - code if code < 0 else code or 1  # killed by signal N: 128 + N, as a shell says
-    except SignalException as exc:  # SIGTERM or SIGINT to the launcher: the ranks were stopped with it
-        return 128 + int(exc.sigval)
+    with tempfile.TemporaryDirectory(prefix="unison-ranks-") as folder:
+        os.environ[RANK_ENDINGS] = folder
+        try:
+            elastic_launch(config, entrypoint=sys.executable)("-m", "unison", *argv)
+        except ChildFailedError as exc:
+            rank_, failure = exc.get_first_failure()
+            code = failure.exitcode
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"ended with exit code {code}"
+            return _said(folder, 128 - code if code < 0 else code or 1, f"rank {rank_} {how}")
+        except SignalException as exc:  # SIGTERM or SIGINT to the launcher: the ranks were stopped with it
+            return _said(folder, 128 + int(exc.sigval), f"the launcher got {_signal_name(int(exc.sigval))}")
+        finally:
+            os.environ.pop(RANK_ENDINGS, None)
     return 0
+
+
+def _said(folder: str, code: int, what: str) -> int:
+    """Print the first rank's ending on stderr, or, where no rank recorded one, `what` the launcher saw; -> its exit
+    code."""
+    first = first_ending(Path(folder))
+    if first is not None:
+        print(first["text"], file=sys.stderr, flush=True)
+        return int(first["code"])
+    print(f"unison train: stopped: {what}", file=sys.stderr, flush=True)
+    return code
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def devices_for(device: torch.device) -> int | None:

@@ -91,6 +91,8 @@ def evaluate(
     """avg@n (the mean reward over n samples per prompt) and the unbiased pass@k for each k of `ks` (default: n),
     with each prompt's result; `prompts` are the examples' encoded prompts (`Setup.encode`)."""
 
+    if not examples:
+        raise UserError("there are no prompts to evaluate; give a prompt set with at least one prompt")
     ks = sorted(set(ks or [n]))
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
     rewards = torch.zeros(len(rows))

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from unison.errors import UserError
@@ -256,8 +257,7 @@ def read_adapter(path, params: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """An adapter folder's fp32 weights for the adapter parameters `params` (by their names in the adapted model);
     an adapter of another shape is a UserError."""
     names, shapes = list(params), {n: p.shape for n, p in params.items()}
-
-    stored = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    stored = load_adapter_weights(path)
     out = {}
     for n in names:
         key = saved_name(n)
@@ -276,6 +276,17 @@ def read_adapter(path, params: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             f"{sorted(extra)[0]}); set lora.target_modules to the adapter's"
         )
     return out
+
+
+def load_adapter_weights(path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder's adapter_model.safetensors; a file that cannot be read (cut short, not
+    safetensors) is a UserError."""
+    file = Path(path) / ADAPTER_WEIGHTS
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{file} cannot be read ({first}); re-save or re-export the adapter") from None
 
 
 def save_adapter(folder: Path, config, masters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:

@@ -30,6 +30,7 @@ from unison.architecture import causal_lm_class
 from unison.errors import UserError
 from unison.lora import adapter_base, is_adapter
 from unison.precision import cast_module
+from unison.runfolder import MANIFEST, damaged_file, is_complete
 
 BUILTIN = "builtin"
 ASSETS = Path(__file__).parent / "assets"
@@ -130,6 +131,7 @@ def resolve_model_dir(name: str | Path) -> Path:
     if not path.is_dir():
         how = "give the checkpoint's directory (with config.json) or a .gguf file"
         raise UserError(f"model path {str(path)!r} is a file, not a GGUF one; {how}")
+    check_intact(path)
     if is_adapter(path):  # a LoRA adapter (a LoRA run's checkpoint): checked, with its base model
         adapter_base(path)
         return path
@@ -144,6 +146,19 @@ def resolve_model_dir(name: str | Path) -> Path:
     if not isinstance(config, dict) or "model_type" not in config:
         raise UserError(f"{path / 'config.json'} has no model_type; re-save the checkpoint with save_pretrained")
     return path
+
+
+def check_intact(path: Path) -> None:
+    """A run's checkpoint (a folder with a manifest) given as a model: complete, and every file matching the hash
+    its manifest recorded, or a UserError naming the file."""
+    if not (path / MANIFEST).is_file():
+        return
+    how = "give another checkpoint of the run (its checkpoints/ folder), or restore the file"
+    if not is_complete(path):
+        raise UserError(f"checkpoint {str(path)!r} is incomplete (its files disagree with {MANIFEST}); {how}")
+    bad = damaged_file(path)
+    if bad is not None:
+        raise UserError(f"checkpoint {str(path)!r} is damaged ({bad} does not match its hash in {MANIFEST}); {how}")
 
 
 def base_model_dir(path: Path) -> Path:
@@ -305,7 +320,7 @@ def load_merged(path, device="cpu", dtype: torch.dtype = torch.float32, attn_imp
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             merged = PeftModel.from_pretrained(base, str(path), is_trainable=False).merge_and_unload()
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as exc:
         raise UserError(
             f"cannot load the adapter in {str(path)!r} onto its base model: "
             f"{str(exc).splitlines()[0]}; re-save the adapter"

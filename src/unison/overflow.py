@@ -8,15 +8,18 @@ scaler's business (`unison.precision.backward_and_step`); this module watches th
 (the learner's Hugging Face forward, and the native engine's decode with its fused norms and MLP):
 
     residual after layer i's attention   input of layers[i].mlp.gate_proj (the normed residual)
-    residual after layer i's MLP         input of layers[i+1].self_attn.q_proj, or of the LM head
+    residual after layer i's MLP         input of layers[i+1].self_attn.q_proj, or of the final norm (the last layer)
+    the final norm                       input of the LM head
+    the LM head                          its output: the logits (a tied head's products can leave fp16's range)
     (fp32_layers) layer i's MLP hidden   input of layers[i].mlp.down_proj, and its output (to replace it)
 
 A non-finite residual stays non-finite through the norm (RMSNorm of inf is NaN), so these checks name the first
 block whose values left the FP16 range. Each check is one `isfinite().all()` reduction kept on the device; they are
-read in a pre-hook on the LM head (one host sync per forward, before any token is sampled or any loss formed);
-checks of a pass that does not reach the head are read with the next pass that does. On overflow:
+read in a hook on the LM head's output (one host sync per forward, before any token is sampled or any loss
+formed); checks of a pass that does not reach the head are read with the next pass that does. On overflow:
 
-    stop         raise `ActivationOverflowError` naming the layer and the block, suggesting bf16 or fp32
+    stop         raise `ActivationOverflowError` naming the layer and the block, with the cures that work for that
+                 block: bf16 or fp32 for all; fp32_layers for an MLP; an fp32 LM head for the logits
     fp32_layers  an MLP whose hidden activation overflows is recomputed in fp32 from its saved input (its weights
                  upcast on the fly in that engine's compute copy, the input cast up, the output cast back), and
                  the recomputed output replaces the overflowed one; where the engine calls the MLP as a module it
@@ -31,6 +34,7 @@ layer and block of an fp32 forward, against the FP16 limit.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -40,6 +44,13 @@ from unison.errors import UserError
 from unison.precision import FP16_MAX
 
 MODES = ("stop", "fp32_layers", "off")
+# where a check point sits, in words, by its block
+SITES = {
+    "attention": lambda i: f"layer {i} (attention block, model.layers.{i})",
+    "mlp": lambda i: f"layer {i} (MLP block, model.layers.{i})",
+    "norm": lambda i: "the final norm (model.norm, after the last layer)",
+    "head": lambda i: "the LM head (its logits)",
+}
 
 
 class ActivationOverflowError(RuntimeError):
@@ -59,7 +70,9 @@ class OverflowGuard:
 
         attention_input(i, x)  the normed residual entering layer i's attention (for i > 0: layer i-1's MLP output)
         mlp_input(i, x)        the normed residual entering layer i's MLP (layer i's attention output)
-        head_input(x)          the normed residual entering the LM head; then the checks are read (one sync)
+        final_residual(x)      the residual after the last layer, entering the final norm
+        head_input(x)          the final norm's output, entering the LM head
+        head_output(logits)    the LM head's output; then the checks are read (one sync)
         mlp_as_module(i)       whether layer i's MLP must run as the model's module (fp32_layers: its hooks recompute
                                or replace its output)
 
@@ -88,9 +101,9 @@ class OverflowGuard:
         if head is None or not hasattr(inner, "embed_tokens") or any(m is None for m in mlps):
             return
         self.layers = layers
-        self._hook(layers, head, hooks)
+        self._hook(layers, norm, head, hooks)
 
-    def _hook(self, layers: list, head: torch.nn.Module, hooks: str) -> None:
+    def _hook(self, layers: list, norm: torch.nn.Module, head: torch.nn.Module, hooks: str) -> None:
         add = self.handles.append
         for i, layer in enumerate(layers):
             if self.mode == "fp32_layers":  # in stop mode an overflowed MLP shows in the residual after it
@@ -102,7 +115,9 @@ class OverflowGuard:
                 add(layer.self_attn.q_proj.register_forward_pre_hook(self._point(self.attention_input, i)))
             add(layer.mlp.gate_proj.register_forward_pre_hook(self._point(self.mlp_input, i)))
         if hooks == "all":
+            add(norm.register_forward_pre_hook(self._point(self.final_residual)))
             add(head.register_forward_pre_hook(self._point(self.head_input)))
+            add(head.register_forward_hook(self._head_hook))
 
     @classmethod
     def attach(cls, model, mode: str, where: str, hooks: str = "all") -> OverflowGuard | None:
@@ -128,17 +143,33 @@ class OverflowGuard:
         if self.mode == "fp32_layers":
             self.saved[layer] = x
 
+    def final_residual(self, x: torch.Tensor) -> None:
+        """The residual stream after the last layer (its MLP block's output added)."""
+        if self.active and not self._busy:
+            self._flag(x, len(self.layers) - 1, "mlp")
+
     def head_input(self, x: torch.Tensor) -> None:
-        """The last layer's output, then one sync for all the checks of this forward."""
+        """The final norm's output."""
+        if self.active and not self._busy:
+            self._flag(x, len(self.layers) - 1, "norm")
+
+    def head_output(self, logits: torch.Tensor, fp32_head: bool = False) -> None:
+        """The logits (an fp32 LM head's cannot overflow), then one sync for all the checks of this forward."""
         if not self.active or self._busy:
             return
-        self._flag(x, len(self.layers) - 1, "mlp")
+        if not fp32_head:
+            self._flag(logits, len(self.layers) - 1, "head")
         self._check()
 
     def mlp_as_module(self, layer: int) -> bool:
         return self.active and self.mode == "fp32_layers"
 
     # ---- hooks ----------------------------------------------------------------------------------------------
+    def _head_hook(self, module, args, out):
+        if isinstance(out, torch.Tensor):
+            self.head_output(out, fp32_head=module.weight.dtype == torch.float32)
+        return None
+
     def _flag(self, x, layer: int, block: str):
         self.flags.append(torch.isfinite(x).all())
         self.labels.append((layer, block))
@@ -162,6 +193,7 @@ class OverflowGuard:
                 return
             if bool(torch.isfinite(h).all()) or layer not in self.saved:
                 return
+            self._check()  # the block before (this layer's attention, say) may have overflowed first: named so
             self.cured[layer] = self._recompute(layer)
 
         return hook
@@ -211,26 +243,26 @@ class OverflowGuard:
         raise ActivationOverflowError(self.message(layer, block))
 
     def message(self, layer: int, block: str, fp32_failed: bool = False) -> str:
-        site = f"layer {layer} ({'attention' if block == 'attention' else 'MLP'} block, model.layers.{layer})"
+        """The one line of an overflow: where (the engine, the layer and block), and the cures that work there."""
+        site = SITES[block](layer)
         head = f"activations left the FP16 range (|x| > {FP16_MAX:g}, or inf/NaN) in the {self.where} at {site}"
+        whole = "run this model in bf16 or fp32 (e.g. --precision bf16)"
         if fp32_failed:
+            return f"{head}, and its output stays beyond the FP16 range even computed in fp32; {whole}"
+        if block == "mlp" and self.mode == "fp32_layers" and layer in self.upcast:
+            return f"{head}, after its MLP was already moved to fp32 (the residual stream overflows); {whole}"
+        if block == "head":
+            return f"{head}; set precision.lm_head=fp32 (the LM head and its logits in fp32), or {whole}"
+        if block == "mlp" and self.mode != "fp32_layers":
             return (
-                f"{head}, and its output stays beyond the FP16 range even computed in fp32; run this model in bf16 "
-                "or fp32 (e.g. --precision bf16)"
+                f"{head}; {whole}, or set precision.on_activation_overflow=fp32_layers to compute overflowing MLPs in "
+                "fp32"
             )
-        if self.mode == "fp32_layers" and block == "mlp" and layer in self.upcast:
-            return (
-                f"{head}, after its MLP was already moved to fp32 (the residual stream overflows); "
-                "run this model in bf16 or fp32 (e.g. --precision bf16)"
-            )
-        if self.mode == "fp32_layers":
-            return (
-                f"{head}; fp32 layers cannot cure overflow in attention or the residual stream: "
-                "run this model in bf16 or fp32 (e.g. --precision bf16)"
-            )
+        if block == "mlp":
+            return f"{head}; fp32 layers cannot cure overflow in the residual stream: {whole}"
         return (
-            f"{head}; run this model in bf16 or fp32 (e.g. --precision bf16), or set "
-            "precision.on_activation_overflow=fp32_layers to compute overflowing MLPs in fp32"
+            f"{head}; {whole}: precision.on_activation_overflow=fp32_layers computes only MLPs in fp32 and "
+            f"cannot cure overflow in {'an attention block' if block == 'attention' else 'the final norm'}"
         )
 
     # ---- state --------------------------------------------------------------------------------------------
@@ -300,7 +332,10 @@ def activation_stats(model: torch.nn.Module, batches: list[torch.Tensor]) -> lis
         return hook
 
     for i, layer in enumerate(layers):
-        handles.append(layer.post_attention_layernorm.register_forward_pre_hook(record(i, "residual", True)))
+        # the residual after attention enters the MLP's norm: post_attention_layernorm in Llama-style layers; in
+        # Gemma-style ones that norm scales the attention output, and pre_feedforward_layernorm takes the residual
+        mid = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+        handles.append(mid.register_forward_pre_hook(record(i, "residual", True)))
         after = layers[i + 1].input_layernorm if i + 1 < len(layers) else norm
         handles.append(after.register_forward_pre_hook(record(i, "residual", True)))
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -333,20 +368,52 @@ def activation_stats(model: torch.nn.Module, batches: list[torch.Tensor]) -> lis
     return rows
 
 
-def format_activation_table(rows: list[dict]) -> str:
-    """One line per layer: the largest |activation| of each block and its share of the FP16 limit 65504."""
+HEADROOM_MIN = 4.0  # activations within 4x of 65504 leave too little room for longer responses and other prompts
+SAMPLE_MIN_TOKENS = 1024  # fewer tokens measured say little about the largest activation of a run
+
+
+def headroom_verdict(rows: list[dict], tokens: int | None = None) -> str:
+    """The largest |activation| against fp16's limit in words: past it, within HEADROOM_MIN of it (with the cure
+    that works for its block), or fitting; and, where `tokens` is below SAMPLE_MIN_TOKENS, that the sample is too
+    short to rely on."""
+    worst = max(rows, key=lambda r: r["max_abs"])
+    where = f"at layer {worst['layer']} ({worst['where']})"
+    room = FP16_MAX / worst["max_abs"] if worst["max_abs"] else math.inf
+    cure = (
+        f"keep layer {worst['layer']}'s MLP in fp32 (precision.on_activation_overflow=fp32_layers) or run it in bf16"
+        if worst["where"] == "mlp_hidden"
+        else "run it in bf16 (fp32 layers compute only MLPs in fp32 and cannot keep it in range)"
+    )
+    if not worst["fp16_safe"]:
+        verdict = f"exceeds FP16: {cure}"
+    elif room < HEADROOM_MIN:
+        verdict = (
+            f"within {room:.2g}x of the FP16 limit, under the {HEADROOM_MIN:g}x margin: longer responses and other "
+            f"prompts can overflow; {cure}"
+        )
+    else:
+        verdict = f"fits FP16 ({room:.3g}x headroom)"
+    text = f"largest |activation| {worst['max_abs']:.4g} {where}: {verdict}"
+    if tokens is not None and tokens < SAMPLE_MIN_TOKENS:
+        text += (
+            f"; warning: measured on {tokens} tokens only (fewer than {SAMPLE_MIN_TOKENS}), too few to rely on: "
+            "probe more prompts and longer responses (--num-prompts, --max-new-tokens)"
+        )
+    return text
+
+
+def format_activation_table(rows: list[dict], tokens: int | None = None) -> str:
+    """One line per layer: the largest |activation| of each block and its share of the FP16 limit 65504; then the
+    verdict (`headroom_verdict`) on `tokens` measured."""
     head = f"{'layer':>5s}" + "".join(f"{b:>12s}" for b in BLOCKS) + f"{'max/65504':>11s}  fp16"
     lines = [head, "-" * len(head)]
     for r in rows:
+        near = r["fp16_safe"] and r["fp16_fraction"] > 1 / HEADROOM_MIN
         lines.append(
             f"{r['layer']:>5d}"
             + "".join(f"{r[b]:>12.4g}" for b in BLOCKS)
-            + f"{r['fp16_fraction']:>11.2e}  {'ok' if r['fp16_safe'] else 'OVERFLOW'}"
+            + f"{r['fp16_fraction']:>11.2e}  {'OVERFLOW' if not r['fp16_safe'] else 'near' if near else 'ok'}"
         )
-    worst = max(rows, key=lambda r: r["max_abs"]) if rows else None
-    if worst is not None:
-        verdict = "fits FP16" if worst["fp16_safe"] else "exceeds FP16: run it in bf16 or fp32"
-        lines.append(
-            f"largest |activation| {worst['max_abs']:.4g} at layer {worst['layer']} ({worst['where']}): {verdict}"
-        )
+    if rows:
+        lines.append(headroom_verdict(rows, tokens))
     return "\n".join(lines)

@@ -35,7 +35,7 @@ from unison.config import (
     validate_sections,
 )
 from unison.mismatch import EXACT_KEYS, ExactAccumulator, MismatchAccumulator
-from unison.overflow import activation_stats
+from unison.overflow import OverflowGuard, activation_stats
 from unison.precision import PRECISIONS, PrecisionPolicy, precision_name
 from unison.rollout import capable, check_capability
 from unison.routing import RoutingAccumulator
@@ -48,6 +48,7 @@ class ProbeSection:
     precisions: list = doc(
         ["fp32", "fp16", "bf16"],
         "settings to probe: a precision for rollout and train alike, or rollout/train (e.g. fp32/bf16)",
+        separator=",",
     )
     batch_size: int = doc(256, "sequences per generate call")
     activations: bool = doc(
@@ -130,6 +131,12 @@ class ProbeConfig:
                 "probe.precisions",
                 f"unknown setting {name!r}; give a precision ({', '.join(sorted(PRECISIONS))}) or rollout/train",
             )
+        check(
+            not self.probe.attribute or any(p != ("fp32", "fp32") for p in self.settings_names()),
+            "probe.attribute",
+            "attributes the mismatch of fp16 and bf16 settings, and --precisions has fp32 alone; add fp16 or bf16 "
+            "(e.g. --precisions fp16,bf16)",
+        )
         return self
 
     def settings_names(self) -> list[tuple[str, str]]:
@@ -225,6 +232,9 @@ def probe_setting(
         if components is not None:  # then both run the same components in fp32 (the weights' values unchanged)
             engine.upcast_components(components)
             upcast(learner.model, policy.train, components)
+        # fp16 activations that leave its range stop the probe, named, as they stop a run
+        engine.overflow_guard("stop", "rollout engine (decode)")
+        OverflowGuard.attach(learner.model, "stop" if policy.train == torch.float16 else "off", "learner (recompute)")
         print(f"probe {label}: {s.describe(engine)}", flush=True)
         moe = learner.moe  # then the routing mismatch too (`unison.routing`)
         replayer = s.learner(policy, moe=MoeConfig(routing_replay=True)) if moe and cfg.probe.routing_replay else None
@@ -265,9 +275,9 @@ def run_probe(cfg: ProbeConfig) -> list[ProbeResult]:
     if attribution is not None:
         payload["attribution"] = attribution
     if cfg.probe.activations or cfg.probe.advise:
-        payload["activations"] = probe_activations(cfg, s, prompt_ids)
+        payload["activations"], payload["activations_tokens"] = probe_activations(cfg, s, prompt_ids)
     if cfg.probe.advise:
-        payload["advice"] = probe_advice(cfg, s, prompt_ids, results, payload["activations"])
+        payload["advice"] = probe_advice(cfg, s, prompt_ids, results, payload)
     (out / "probe.json").write_text(json.dumps(payload, indent=1))
     if cfg.probe.json:
         Path(cfg.probe.json).parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +337,7 @@ def format_attribution(attribution: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def probe_advice(cfg: ProbeConfig, s: Setup, prompt_ids, results: list[ProbeResult], activations) -> dict:
+def probe_advice(cfg: ProbeConfig, s: Setup, prompt_ids, results: list[ProbeResult], payload: dict) -> dict:
     """`unison.advice.advise` on this probe: its activations, a few fp32 backward passes on fp32 samples at the
     initial fp16 loss scale, and the fp16 and bf16 settings' mismatch."""
 
@@ -338,11 +348,12 @@ def probe_advice(cfg: ProbeConfig, s: Setup, prompt_ids, results: list[ProbeResu
         rollouts = engine.generate(prompt_ids[:16], s.sampling())
     grads = gradient_stats(learner, rollouts, scale=PrecisionConfig().init_scale)
     mismatch = {r.rollout_precision: r.metrics for r in results if r.rollout_precision == r.train_precision}
-    return advise(activations, grads, mismatch)
+    return advise(payload["activations"], grads, mismatch, tokens=payload["activations_tokens"])
 
 
-def probe_activations(cfg: ProbeConfig, s: Setup, prompt_ids) -> list[dict]:
-    """Largest |activation| per layer over the prompts, each with one response sampled in fp32 (`unison.overflow`)."""
+def probe_activations(cfg: ProbeConfig, s: Setup, prompt_ids) -> tuple[list[dict], int]:
+    """Largest |activation| per layer over the prompts, each with one response sampled in fp32 (`unison.overflow`),
+    and the number of tokens measured."""
 
     with s.engine(torch.float32) as engine:
         ro = engine.generate(prompt_ids, s.sampling())
@@ -350,7 +361,7 @@ def probe_activations(cfg: ProbeConfig, s: Setup, prompt_ids) -> list[dict]:
         torch.tensor([p + ro.response_ids[i, : int(ro.lengths[i])].tolist()], device=s.device)
         for i, p in enumerate(prompt_ids)
     ]
-    return activation_stats(s.load_model(), seqs)
+    return activation_stats(s.load_model(), seqs), sum(x.shape[1] for x in seqs)
 
 
 def results_json(cfg: ProbeConfig, results: list[ProbeResult], max_new_tokens: int) -> dict:

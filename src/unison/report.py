@@ -3,15 +3,21 @@ console lines, and figures."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
+import netrc
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
 from unison.checkpoint import append_jsonl
-from unison.errors import UserError
+from unison.errors import TrackerError, UserError
+from unison.runfolder import nearest_existing, read_jsonl
 
 
 def _clean(value):
@@ -108,9 +114,11 @@ class MlflowSink:
         import mlflow
 
         self.mlflow = mlflow
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        if mlflow_file_store(run_dir) is not None:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store opt-in
-            mlflow.set_tracking_uri((Path(run_dir) / "mlruns").absolute().as_uri())
+        # set each time: MLflow keeps the last one set in the process above the environment's
+        default = (Path(run_dir) / "mlruns").absolute().as_uri()
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default)
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "unison"))
         self.run = mlflow.start_run(
             run_id=ids.get("mlflow"), run_name=None if ids.get("mlflow") else Path(run_dir).name
@@ -162,48 +170,140 @@ def resolve_loggers(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_trackers(names: list[str], run_dir: str | Path) -> None:
+    """What can be known before a tracker starts, checked without writing anything: each imports, W&B online has
+    an API key, MLflow's store (MLFLOW_TRACKING_URI) is a writable folder or a server that answers. A UserError
+    says what to do."""
+    for name in names:
+        _, module, extra = LOGGERS[name]
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - a broken install raises anything
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise UserError(
+                f"run.loggers asks for {name}, which is installed but fails to import ({type(exc).__name__}: "
+                f"{first}); reinstall it (pip install --force-reinstall 'unison[{extra}]') or drop it from "
+                "run.loggers"
+            ) from None
+    if "wandb" in names:
+        check_wandb_key()
+    if "mlflow" in names:
+        check_mlflow_store(run_dir)
+
+
+def check_wandb_key() -> None:
+    """W&B online needs an API key: WANDB_API_KEY, an identity token, or `wandb login`'s entry in ~/.netrc."""
+    if os.environ.get("WANDB_MODE", "offline") not in ("online", "run"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        found = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    if not found:
+        raise UserError(
+            f"run.loggers asks for wandb online (WANDB_MODE={os.environ['WANDB_MODE']}) and no W&B API key is "
+            "configured; run `wandb login` or set WANDB_API_KEY, or unset WANDB_MODE to log offline "
+            "(`wandb sync` uploads later)"
+        )
+
+
+def mlflow_file_store(run_dir: str | Path) -> Path | None:
+    """The folder of MLflow's file store: MLFLOW_TRACKING_URI's (a file:// URI or a path), or the run folder's
+    mlruns/ where it is unset; None for a server or a database."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return Path(run_dir) / "mlruns"
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.path))
+    return Path(uri).expanduser() if not parsed.scheme else None
+
+
+def check_mlflow_store(run_dir: str | Path) -> None:
+    """MLflow's store, before the run starts: a file store whose folder can be made and written, or a tracking
+    server that answers its health check within 5 s (MLflow itself retries for minutes)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    store = mlflow_file_store(run_dir)
+    how = "or unset MLFLOW_TRACKING_URI (a file store in the run folder), or drop mlflow from run.loggers"
+    if store is not None and uri:
+        parent = nearest_existing(store.absolute())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (store.exists() and not store.is_dir()):
+            raise UserError(
+                f"MLFLOW_TRACKING_URI={uri} names the file store {str(store)!r}, which cannot be made or written "
+                f"({str(parent)!r} is {'not a folder' if not parent.is_dir() else 'not writable'}); "
+                f"point it at a writable folder, {how}"
+            )
+    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+                pass
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            why = getattr(exc, "reason", None) or exc
+            raise UserError(
+                f"the MLflow tracking server MLFLOW_TRACKING_URI={uri} does not answer ({why}); start it, {how}"
+            ) from None
+
+
 class MetricsLog:
     """Appends one JSON object per step to `metrics.jsonl`, and sends the same scalars (and each step's decoded
     samples) to the trackers of `run.loggers`, started with the run's config. Tracker run ids are kept in the run
-    folder (`trackers.json`), so that a resumed run goes on logging into the same tracker runs."""
+    folder (`trackers.json`), so that a resumed run goes on logging into the same tracker runs. A tracker that
+    fails, starting or logging, is a failed write (`TrackerError`)."""
 
     def __init__(self, run_dir: Path, loggers: list[str] | None = None, config: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         ids_file = Path(run_dir) / "trackers.json"
         ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
-        self.sinks = [LOGGERS[name][0](Path(run_dir), config or {}, ids) for name in loggers or []]
+        self.sinks: list[tuple[str, object]] = []
+        for name in loggers or []:
+            self.sinks.append((name, _tracked(name, lambda n=name: LOGGERS[n][0](Path(run_dir), config or {}, ids))))
         if ids:
             ids_file.write_text(json.dumps(ids) + "\n")
 
     def write(self, step: int, metrics: dict) -> None:
         append_jsonl(self.path, {"step": step, **{k: _clean(v) for k, v in metrics.items()}})
-        for sink in self.sinks:
-            sink.scalars(step, metrics)
+        for name, sink in self.sinks:
+            _tracked(name, lambda sink=sink: sink.scalars(step, metrics))
 
     def samples(self, step: int, rows: list[dict]) -> None:
-        for sink in self.sinks:
-            sink.samples(step, rows)
+        for name, sink in self.sinks:
+            _tracked(name, lambda sink=sink: sink.samples(step, rows))
 
-    def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+    def close(self, quiet: bool = False) -> None:
+        """Close every tracker; the first that fails is raised after all were closed (not with `quiet`: a run that
+        is already failing keeps its own error)."""
+        failed = None
+        for name, sink in self.sinks:
+            try:
+                _tracked(name, sink.close)
+            except TrackerError as exc:
+                failed = failed or exc
+        if failed is not None and not quiet:
+            raise failed
+
+
+def _tracked(name: str, call):
+    """`call()`, whose failure is the tracker `name`'s failed write."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - each tracker raises its own kinds
+        raise TrackerError(name, exc) from exc
 
 
 def read_samples(run_dir: str | Path) -> dict[int, list[dict]]:
-    """{step: decoded rows} from a run folder's samples.jsonl (steps logged before rows were kept have none)."""
+    """{step: decoded rows} from a run folder's samples.jsonl (steps logged before rows were kept have none); a
+    torn last line is left out with a notice, a line before it that is not JSON is a UserError."""
 
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} has no samples.jsonl; give a run folder written by `unison train`")
-    out = {}
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("rows"):
-            out[int(row["step"])] = row["rows"]
-    return out
+    rows, bad = read_jsonl(path)
+    if bad is not None:
+        raise UserError(f"{path}: line {bad} is not a JSON object; give a run folder written by `unison train`")
+    return {int(row["step"]): row["rows"] for row in rows if row.get("rows") and "step" in row}
 
 
 def format_samples(step: int, rows: list[dict]) -> str:
@@ -219,13 +319,13 @@ def format_samples(step: int, rows: list[dict]) -> str:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of a run folder's metrics.jsonl."""
+    """The rows of a run folder's metrics.jsonl; a torn last line is left out with a notice on stderr, a line before
+    it that is not a JSON object is a ValueError."""
     path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rows.append({k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in json.loads(line).items()})
-    return rows
+    rows, bad = read_jsonl(path)
+    if bad is not None:
+        raise ValueError(f"{path}: line {bad} is not a JSON object")
+    return [{k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in row.items()} for row in rows]
 
 
 def console_line(step: int, total: int, m: dict) -> str:
@@ -250,8 +350,10 @@ def plot_runs(
     labels: list[str] | None = None,
     smooth: int = 1,
     log_scale: list[str] | None = None,
+    rows: list[list[dict]] | None = None,
 ) -> Path:
-    """One panel per metric, one curve per run, against step. Saves a PNG and returns its path."""
+    """One panel per metric, one curve per run, against step (each run's `rows` where given, else its
+    metrics.jsonl). Saves a PNG and returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,10 +362,10 @@ def plot_runs(
     log_scale = log_scale or []
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for i, run in enumerate(run_dirs):
-        rows = read_metrics(run)
+        run_rows = rows[i] if rows is not None else read_metrics(run)
         label = labels[i] if labels else Path(run).name
         for ax, key in zip(axes[0], metrics):
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            pts = [(r["step"], r[key]) for r in run_rows if isinstance(r.get(key), (int, float))]
             if not pts:
                 continue
             xs, ys = zip(*pts)

@@ -127,6 +127,7 @@ class Setup:
         """Token ids of each example's templated prompt, checked against the model's context with max_new_tokens
         (rollout.context_limit: error, or clamp max_new_tokens with a warning); kept in `prompt_ids`."""
         ids = encode_all(self.tokenizer, examples, self.data.template, self.data.system_prompt)
+        self.check_vocabulary(examples, ids)
         ctx = self.context
         if ctx is not None and ids:
             longest = max(range(len(ids)), key=lambda i: len(ids[i]))
@@ -156,6 +157,26 @@ class Setup:
                     )
         self.prompt_ids.update({id(e): p for e, p in zip(examples, ids)})
         return ids
+
+    def check_vocabulary(self, examples: list[Example], ids: list[list[int]]) -> None:
+        """Every token id a prompt (or the padding) takes is one the model's embedding has: a tokenizer with more
+        tokens than the model's vocabulary (another model's, or tokens added without resizing) is refused."""
+        vocab = getattr(self.config, "vocab_size", None) or getattr(
+            getattr(self.config, "text_config", None), "vocab_size", None
+        )
+        if not isinstance(vocab, int) or not ids:
+            return
+        pad = self.tokenizer.pad_token_id
+        worst = max(range(len(ids)), key=lambda i: max(ids[i]))
+        token, where = max(ids[worst]), f"prompt {examples[worst].id or examples[worst].prompt[:40]!r}"
+        if isinstance(pad, int) and pad > token:
+            token, where = pad, "the padding"
+        if token >= vocab:
+            raise UserError(
+                f"{where} takes token id {token}, beyond the model's vocabulary of {vocab} (config.json "
+                f"vocab_size; its tokenizer has {len(self.tokenizer)} tokens); give the tokenizer the model was "
+                "trained with"
+            )
 
     def sampling(
         self,

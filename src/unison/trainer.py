@@ -29,20 +29,21 @@ from unison import distributed, threads
 from unison.config import TrainConfig, parse_size, to_dict
 from unison.conformance import self_test
 from unison.distributed import World
-from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, UserError
+from unison.errors import SIGINT_CODE, SIGTERM_CODE, WRITE_FAILED, RunFault, UserError, describe_write, write_error
 from unison.evaluation import evaluate
 from unison.exact import BitwiseMismatchError, first_divergence
 from unison.guard import Guard, MismatchGuardStop, advice_for
 from unison.learner import Learner, frozen_copy
+from unison.lora import adapter_shape, is_adapter, read_adapter, read_adapter_config
 from unison.lora import describe as describe_lora
-from unison.lora import is_adapter, read_adapter
 from unison.measurements import measurements_for
+from unison.models import base_model_dir, resolve_model_dir
 from unison.overflow import OverflowGuard
 from unison.precision import PrecisionPolicy, precision_name
-from unison.report import MetricsLog, console_line, resolve_loggers
+from unison.report import MetricsLog, check_trackers, console_line, resolve_loggers
 from unison.rollout import check_capability
 from unison.rollout.base import SamplingParams
-from unison.runfolder import WRITE_ERRNOS, check_run_dir, prepare_run_dir, resume_changes
+from unison.runfolder import check_run_dir, prepare_run_dir, resume_changes
 from unison.setup import Setup, build
 from unison.step import RLStep
 
@@ -63,9 +64,25 @@ def build_run(cfg: TrainConfig) -> RunInputs:
     policy = PrecisionPolicy.from_names(cfg.precision.rollout, cfg.precision.train, cfg.precision.lm_head)
     s = build(cfg.model, cfg.data, cfg.rollout, dtypes=(policy.rollout, policy.train), seed=cfg.run.seed)
     train_examples = s.examples("train", cfg.data.max_prompts or None)
-    test_examples = s.task.examples("test", n=cfg.run.eval_prompts, seed=cfg.run.seed)
+    # run.eval_prompts=0: no held-out evaluation (the task's examples with n=0 would be all of them)
+    test_examples = s.task.examples("test", n=cfg.run.eval_prompts, seed=cfg.run.seed) if cfg.run.eval_prompts else []
     s.encode(train_examples + test_examples)
+    check_adapter_model(s, cfg.lora.enabled)
     return RunInputs(s, policy, train_examples, test_examples, s.sampling())
+
+
+def check_adapter_model(s: Setup, lora: bool) -> None:
+    """model.path holding a LoRA adapter (a LoRA run's checkpoint) trains on as LoRA (lora.enabled, of its shape),
+    and is refused without it: the merged model is trained whole only once it is exported as one."""
+    if s.adapter is None or lora:
+        return
+    shape = adapter_shape(read_adapter_config(s.adapter))
+    raise UserError(
+        f"model.path {str(s.adapter)!r} holds a LoRA adapter, and lora.enabled is false; to go on training the "
+        f"adapter set lora.enabled=true lora.rank={shape['rank']} lora.alpha={shape['alpha']:g} "
+        f"lora.target_modules={shape['target_modules']}; to train every weight of the merged model, export it "
+        f"first (unison export {s.adapter} --out DIR) and train on DIR"
+    )
 
 
 class PromptStream:
@@ -111,7 +128,7 @@ def find_resume(cfg: TrainConfig, world: World, resume: bool, allow_changes: boo
         return ResumePoint(changes={})
     check_resume_world(latest, world.size)
     check_resume_kind(latest, cfg.lora.enabled)
-    changes = resume_changes(out, to_dict(cfg))
+    changes = {**lora_base_change(latest, cfg.model.path), **resume_changes(out, to_dict(cfg))}
     if changes and not allow_changes:
         k, (was, now) = next(iter(changes.items()))
         raise UserError(
@@ -145,6 +162,8 @@ def train(
     random.seed(cfg.run.seed)
     point = find_resume(cfg, world, resume, allow_changes)
     loggers = resolve_loggers(cfg.run.loggers)
+    if world.main:
+        check_trackers(loggers, cfg.run.out)
     model = s.policy_model(cfg.lora)  # LoRA: the base, adapted by peft
     if point.latest is not None and not cfg.lora.enabled:
         point.master = ckpt.check_compatible(point.latest, model)
@@ -173,9 +192,9 @@ def run_with_faults(run: Run, point: ResumePoint, resume: bool, overwrite: bool,
     try:
         return run(run_dir, point, loggers)
     except KeyboardInterrupt:
-        raise _stop(run_dir, "interrupted (SIGINT)", run.current, SIGINT_CODE) from None
+        raise _stop(run, run_dir, "interrupted (SIGINT)", SIGINT_CODE) from None
     except Terminated:
-        raise _stop(run_dir, "terminated (SIGTERM)", run.current, SIGTERM_CODE) from None
+        raise _stop(run, run_dir, "terminated (SIGTERM)", SIGTERM_CODE) from None
     except MismatchGuardStop as exc:
         latest_saved = ckpt.latest_checkpoint(run_dir)
         where = (
@@ -184,10 +203,11 @@ def run_with_faults(run: Run, point: ResumePoint, resume: bool, overwrite: bool,
             else "no checkpoint was saved yet (start over with the changes)"
         )
         raise RunFault(f"{exc}; {where}", 1) from None
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRNOS:
+    except Exception as exc:
+        failed = write_error(exc)  # a write that failed (disk full, read-only folder, a tracker), however wrapped
+        if failed is None:
             raise
-        raise _stop(run_dir, f"cannot write into {run_dir} ({exc.strerror})", run.current, WRITE_FAILED) from None
+        raise _stop(run, run_dir, describe_write(failed, f"into {run_dir}"), WRITE_FAILED) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -225,6 +245,18 @@ def check_resume_kind(latest: Path, lora: bool) -> None:
         )
 
 
+def lora_base_change(latest: Path, model_path: str) -> dict[str, tuple]:
+    """A LoRA run's base model as its checkpoint's adapter names it, against the one model.path gives now (the same
+    model.path can name another folder: a relative path, a folder replaced). -> {"model.path": (saved, now)} or {}"""
+    if not is_adapter(latest):
+        return {}
+    saved = Path(read_adapter_config(latest)["base_model_name_or_path"]).expanduser()
+    now = base_model_dir(resolve_model_dir(model_path))
+    if saved.resolve() == now.resolve():
+        return {}
+    return {"model.path": (f"{saved} (the LoRA base)", f"{now.absolute()} (the LoRA base)")}
+
+
 def check_resume_world(latest: Path, size: int) -> None:
     """A run resumes bit-exactly on the number of ranks it was saved with, and on no other."""
     saved = ckpt.checkpoint_world_size(latest)
@@ -253,24 +285,26 @@ def _prepare(world: World, out: Path, resume: bool, overwrite: bool):
     return (result[0] if world.main else out), result[1]
 
 
-class Terminated(Exception):
-    """SIGTERM arrived; raised in the main thread so that the run unwinds (a checkpoint being written is removed)."""
+class Terminated(BaseException):
+    """SIGTERM arrived; raised in the main thread so that the run unwinds (a checkpoint being written is removed).
+    Not an Exception: code that catches what a reward function (or a library) raises lets it through."""
 
 
 def on_sigterm(signum, frame):
     raise Terminated()
 
 
-def _stop(run_dir: Path, what: str, step: int, code: int) -> RunFault:
+def _stop(run: Run, run_dir: Path, what: str, code: int) -> RunFault:
     latest = ckpt.latest_checkpoint(run_dir)
     where = (
         f"the newest complete checkpoint is {latest}"
         if latest is not None
         else "no checkpoint was saved yet (resuming starts over)"
     )
+    ranks = f" --nproc {run.world.size}" if run.world.distributed else ""
     return RunFault(
-        f"{what} during step {step + 1}; {where}; resume with: unison train --config "
-        f"{run_dir / 'config.yaml'} --resume",
+        f"{what} during step {run.current + 1}; {where}; resume with: unison train --config "
+        f"{run_dir / 'config.yaml'} --resume{ranks}",
         code,
     )
 
@@ -310,9 +344,12 @@ class Run:
             print(self.banner(start, checked))
         try:
             self.loop(start)
-        finally:
+        except BaseException:
             if self.log is not None:
-                self.log.close()
+                self.log.close(quiet=True)  # the run's own error is the one said
+            raise
+        if self.log is not None:
+            self.log.close()
         return run_dir
 
     def restore(self, point: ResumePoint) -> int:
@@ -440,7 +477,8 @@ class Run:
         cfg = self.cfg
         ckpt.append_jsonl(self.run_dir / "samples.jsonl", {"step": done, **samples[0], "rows": samples[1]})
         self.log.samples(done, samples[1])
-        if (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps:
+        due = (cfg.run.eval_every and done % cfg.run.eval_every == 0) or done == cfg.run.steps
+        if due and self.inputs.test_examples:
             metrics.update(self.evaluate())
         self.log.write(done, metrics)
         bar.set_postfix(

@@ -349,13 +349,19 @@ class NativeEngine:
         for i, w in enumerate(weights.layers):
             x = x + self._attention(w, rms_norm_fp32(x, *w["ln1"]), cos, sin, cache, i, start, mask)
             x = x + self._mlp(w, rms_norm_fp32(x, *w["ln2"]), i)
+        if self.checks is not None:
+            self.checks.final_residual(x[:, -1:])
         x = rms_norm_fp32(x[:, -1:], *weights.norm)
         if self.checks is not None:
             self.checks.head_input(x)
         if self.lm_head_fp32:  # fp32 logits from the fp32 head, not rounded
             weight, bias = weights.head
-            return F.linear(x.float(), weight, bias)[:, -1]
-        return self._linear(x, weights.head)[:, -1]  # [B, V] in the rollout dtype
+            logits = F.linear(x.float(), weight, bias)[:, -1]
+        else:
+            logits = self._linear(x, weights.head)[:, -1]  # [B, V] in the rollout dtype
+        if self.checks is not None:
+            self.checks.head_output(logits, fp32_head=self.lm_head_fp32)
+        return logits
 
     # ---- sampling ------------------------------------------------------------------------------------------
     def _completed_stop_string(
@@ -761,13 +767,19 @@ class _FlatStep:
                     continue
             gate, up = linear(h, gu_w).chunk(2, dim=-1)
             x = linear(rnd(act(gate) * up), down_w, residual=x)
+        if checks is not None:
+            checks.final_residual(x)
         h = rnd(F.rms_norm(x, (x.shape[-1],), *self.norm))
         if checks is not None:
             checks.head_input(h)
         if self.head_fp32:  # the fp32 head's logits, not rounded
             w_t, b = self.head
-            return torch.mm(h, w_t) if b is None else torch.addmm(b, h, w_t)
-        return linear(h, self.head)
+            logits = torch.mm(h, w_t) if b is None else torch.addmm(b, h, w_t)
+        else:
+            logits = linear(h, self.head)  # fp32 holding rollout-dtype values: inf where they left its range
+        if checks is not None:
+            checks.head_output(logits, fp32_head=self.head_fp32)
+        return logits
 
 
 def _transposed(packed: tuple) -> tuple:

@@ -37,6 +37,12 @@ def load_task(
 
         return load(reward=reward, test_path=test_path)
     if str(source) in BUILTIN_TASKS or source in (None, ""):
+        if test_path is not None:
+            raise UserError(
+                f"data.test_source={str(test_path)!r} names held-out prompts for a prompt file, and the built-in "
+                "countdown task has its own test split; drop data.test_source, or train on a prompt file "
+                "(data.source=FILE.jsonl)"
+            )
         if reward not in (None, "countdown"):
             raise UserError(
                 f"the built-in countdown task has its own reward, so reward={reward!r} cannot be used with it; "
