@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from unison.config import ModelConfig
-from unison.mismatch import ExactAccumulator, exact_metrics, token_divergences
+from unison.mismatch import ExactAccumulator, exact_metrics, masked_divergences, token_divergences
 
 
 def test_token_divergences_by_hand():
@@ -62,6 +62,22 @@ def test_sequence_sums_against_a_float64_loop():
     other = ExactAccumulator()
     other.add(lp[1:], lm[1:], mask[1:])
     assert merged.merge([other]).result() == pytest.approx(acc.result())  # two ranks' parts, as one
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8, 100, 2**22])
+def test_masked_divergences_in_parts_equal_the_whole(chunk):
+    """Computed a few positions at a time (a part of `chunk` vocabulary entries), the divergences are those of the
+    whole batch at once, zero off the mask, and the support check is the same."""
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 3, 4, 8
+    lp = torch.randn(B, T, V, generator=g).log_softmax(-1)
+    lm = (torch.randn(B, T, V, generator=g) * 0.3 + lp).log_softmax(-1)
+    lm[1, 2, 5] = -math.inf  # a truncated support at one position
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    kls, differ = masked_divergences(lp, lm, mask, chunk_elements=chunk)
+    whole = torch.where(mask[..., None], torch.stack(token_divergences(lp, lm), -1), 0.0)
+    assert torch.equal(kls, whole)
+    assert differ.tolist() == [[False] * 4, [False, False, True, False], [False] * 4]
 
 
 def test_native_engine_keeps_the_distributions_it_samples_from():
