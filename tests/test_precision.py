@@ -169,3 +169,14 @@ def test_fp32_accumulate_matches_rounded_fp32_product():
     assert torch.equal(lin(x), want)
     set_matmul(lin, "native")
     assert "forward" not in lin.__dict__
+
+
+def test_auto_is_native_only_for_a_dtype_the_cpu_has_instructions_for():
+    from unison.matmul import cpu_has_instructions_for
+
+    zen4 = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}  # AVX-512 BF16, no FP16
+    sapphire_rapids = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"}
+    avx2 = {"avx2", "fma", "f16c"}
+    assert cpu_has_instructions_for(torch.bfloat16, zen4) and not cpu_has_instructions_for(torch.float16, zen4)
+    assert all(cpu_has_instructions_for(d, sapphire_rapids) for d in (torch.float16, torch.bfloat16))
+    assert not any(cpu_has_instructions_for(d, avx2) for d in (torch.float16, torch.bfloat16))

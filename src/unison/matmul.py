@@ -1,11 +1,11 @@
 """fp16/bf16 matrix products on machines without fast units for them: how a model's linear layers and attention
 multiply (`model.matmul`).
 
-    native            PyTorch's own fp16/bf16 kernels (GPUs; CPUs with AMX or AVX-512 BF16/FP16)
+    native            PyTorch's own fp16/bf16 kernels (GPUs; CPUs with the instructions for that dtype)
     fp32-accumulate   the fp16/bf16 operands multiplied in fp32 and the product rounded back, as a GPU tensor core
-                      does: the default on CPUs with AVX2 only, where PyTorch emulates fp16/bf16 products element by
-                      element, 10 to 50 times slower than fp32
-    auto              native where it is fast, else fp32-accumulate
+                      does: the default where PyTorch would emulate the dtype's products element by element, 10 to
+                      50 times slower than fp32 (CPUs with AVX2 only; fp16 on CPUs with AVX-512 BF16 but no FP16)
+    auto              native where it is fast for the dtype, else fp32-accumulate
 
 Weights and activations stay in the chosen dtype either way; only where the products accumulate changes.
 """
@@ -22,21 +22,34 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from unison.errors import UserError
 
+# the CPU flags under which PyTorch multiplies each 16-bit dtype with its own instructions
+FAST_CPU_FLAGS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
+
 
 @functools.cache
-def native_low_precision_matmul(device_type: str) -> bool:
-    """Whether the device multiplies fp16/bf16 matrices in hardware at least as fast as fp32.
+def native_low_precision_matmul(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the device multiplies `dtype` (fp16 or bf16) matrices in hardware at least as fast as fp32.
 
-    GPUs do. CPUs do with AMX or AVX-512 BF16/FP16; on an AVX2-only CPU PyTorch emulates fp16/bf16 matrix products
-    element by element, 10 to 50 times slower than fp32.
+    GPUs do. A CPU does where it has the instructions for that dtype (`FAST_CPU_FLAGS`): AMX or AVX-512 BF16 for
+    bf16, AMX-FP16 or AVX-512 FP16 for fp16. Elsewhere PyTorch emulates the products element by element, 10 to 50
+    times slower than fp32: on an AVX2-only CPU for both, and on one with AVX-512 BF16 but no FP16 instructions (AMD
+    Zen 4 and 5) for fp16.
     """
-    if device_type != "cpu":
-        return True
+    return device_type != "cpu" or cpu_has_instructions_for(dtype, cpu_flags())
+
+
+def cpu_has_instructions_for(dtype: torch.dtype, flags: set[str]) -> bool:
+    """Whether a CPU with these /proc/cpuinfo `flags` multiplies `dtype` with its own instructions."""
+    return any(f in flags for f in FAST_CPU_FLAGS.get(dtype, ()))
+
+
+@functools.cache
+def cpu_flags() -> set[str]:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
     except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16", "avx512_fp16"))
+        return set()
 
 
 def _fp32_accumulate_linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,12 +99,12 @@ MATMUL_MODES = ("auto", "native", "fp32-accumulate")
 
 
 def matmul_mode(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve `auto` to `native` where the device has fast fp16/bf16 matrix units, else `fp32-accumulate`."""
+    """Resolve `auto` to `native` where the device multiplies `dtype` fast, else `fp32-accumulate`."""
     if requested not in MATMUL_MODES:
         raise UserError(f"unknown matmul mode {requested!r}; choose one of: {', '.join(MATMUL_MODES)}")
     if requested != "auto":
         return requested
-    if dtype == torch.float32 or native_low_precision_matmul(device.type):
+    if dtype == torch.float32 or native_low_precision_matmul(device.type, dtype):
         return "native"
     return "fp32-accumulate"
 
