@@ -89,6 +89,21 @@ def test_learner_agrees_with_engine_in_fp32(tiny_dir):
     assert m["abs_log_ratio_mean"] < 1e-5 and m["num_tokens"] == int(r.lengths.sum())
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch without oneDNN")
+def test_onednn_and_torch_kernels_decode_to_fp32_rounding(tiny_dir):
+    # model.gemm picks the library of the fp32 products; the two round differently, by fp32's rounding alone
+    engines = [
+        NativeEngine.from_pretrained(tiny_dir, torch.float32, "cpu", seed=5, gemm=g) for g in ("torch", "onednn")
+    ]
+    assert [e.gemm for e in engines] == ["torch", "onednn"]
+    greedy = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=())
+    a, b = (e.generate(PROMPTS, greedy) for e in engines)
+    assert torch.equal(a.response_ids, b.response_ids)
+    a, b = (e.generate(PROMPTS, SamplingParams(max_new_tokens=16, stop_token_ids=())) for e in engines)
+    agree = (a.response_ids == b.response_ids).cumprod(1).bool()  # up to the first token the two draw differently
+    assert agree[:, :4].all() and (a.logprobs - b.logprobs)[agree].abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("matmul", ["native", "fp32-accumulate"])
 def test_mismatch_ordering_fp32_fp16_bf16(builtin_dir, matmul):
     prompts = [TOK(p).input_ids for p in ["97-7:", "250-9:", "61-4:", "140-5:"]] * 4

@@ -180,3 +180,62 @@ def test_auto_is_native_only_for_a_dtype_the_cpu_has_instructions_for():
     assert cpu_has_instructions_for(torch.bfloat16, zen4) and not cpu_has_instructions_for(torch.float16, zen4)
     assert all(cpu_has_instructions_for(d, sapphire_rapids) for d in (torch.float16, torch.bfloat16))
     assert not any(cpu_has_instructions_for(d, avx2) for d in (torch.float16, torch.bfloat16))
+
+
+def test_gemm_auto_is_onednn_only_on_avx512_cpus_not_made_by_intel():
+    from unison.matmul import gemm_kernel, onednn_is_faster
+
+    zen5 = {"avx2", "avx512f", "avx512_bf16"}
+    assert onednn_is_faster("AuthenticAMD", zen5)
+    assert not onednn_is_faster("GenuineIntel", zen5 | {"amx_bf16"})  # MKL has its AVX-512 kernels there
+    assert not onednn_is_faster("AuthenticAMD", {"avx2", "fma"})
+    assert gemm_kernel("torch", "cpu") == "torch" and gemm_kernel("auto", "cpu") in ("torch", "onednn")
+    with pytest.raises(UserError, match="choose one of: auto, torch, onednn"):
+        gemm_kernel("mkl", "cpu")
+
+
+def _composite(x, w, b):
+    return torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+
+
+def _run_linear(f, lin, x0):
+    lin.zero_grad()
+    x = x0.clone().requires_grad_()
+    y = f(x, lin.weight, lin.bias)
+    (y.float() * torch.arange(y.numel()).view(y.shape).float().sin()).sum().backward()
+    return [y, x.grad, lin.weight.grad, lin.bias.grad if lin.bias is not None else torch.zeros(())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_linear_is_autograd_through_the_upcasts_to_the_bit_with_torch_kernels(dtype, bias):
+    # the fp32-accumulate linear keeps its 16-bit operands for the backward pass instead of fp32 copies; with
+    # PyTorch's kernels it computes what autograd computes through x.float() and W.float(), bit for bit
+    from unison.matmul import Fp32Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160, bias=bias).to(dtype)
+    for shape in ((37, 96), (3, 11, 96)):
+        x0 = torch.randn(*shape).to(dtype)
+        want = _run_linear(_composite, lin, x0)
+        got = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "torch"), lin, x0)
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(want, got))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp32_linear_with_onednn_agrees_with_torch_to_fp32_rounding_and_is_deterministic(dtype):
+    from unison.matmul import Fp32Linear, set_matmul
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160).to(dtype)
+    x0 = torch.randn(5, 7, 96).to(dtype)
+    want = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "torch"), lin, x0)
+    got = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "onednn"), lin, x0)
+    again = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "onednn"), lin, x0)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for a, b, c in zip(want, got, again):
+        assert torch.equal(b, c) and b.dtype == a.dtype
+        assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+    set_matmul(lin, "native" if dtype == torch.float32 else "fp32-accumulate", "onednn")
+    assert lin.gemm == "onednn" and torch.equal(lin(x0), got[0])

@@ -28,7 +28,7 @@ from unison.config import ModelConfig, MoeConfig, OptimConfig, PrecisionConfig
 from unison.distributed import SINGLE, World, shard
 from unison.hf import LogitsAt, cache_kwarg, output_cache
 from unison.lora import is_peft, merged_weights, set_dropout
-from unison.matmul import matmul_mode, set_matmul
+from unison.matmul import gemm_kernel, matmul_mode, set_matmul
 from unison.models import load_model, load_tokenizer
 from unison.precision import (
     LossScaler,
@@ -128,14 +128,14 @@ class PolicyForward:
         return logp, ent
 
 
-def frozen_copy(model, policy: PrecisionPolicy, matmul: str = "auto") -> PolicyForward:
+def frozen_copy(model, policy: PrecisionPolicy, matmul: str = "auto", gemm: str = "auto") -> PolicyForward:
     """The starting policy of a KL penalty: a frozen copy of `model` (taken before training changes it, and before
     routing replay is installed) in the train dtype, computed as the learner computes."""
     device = next(model.parameters()).device
     reference = cast_module(copy.deepcopy(model), policy.train).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    set_matmul(reference, matmul_mode(matmul, device, policy.train))
+    set_matmul(reference, matmul_mode(matmul, device, policy.train), gemm_kernel(gemm, device))
     forward = PolicyForward(reference)
     if policy.lm_head_fp32:
         upcast_lm_head(reference, policy.train)
@@ -177,6 +177,7 @@ class Learner:
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
         self.matmul = matmul_mode(model_cfg.matmul, self.device, policy.train)
+        self.gemm = gemm_kernel(model_cfg.gemm, self.device)
         self.batcher = MicroBatcher.for_model(
             model.config,
             self.device,
@@ -202,7 +203,7 @@ class Learner:
             self.weights = MasterWeights(self.model, torch.float32)
         else:
             self.weights = MasterWeights(self.model, policy.train)
-        set_matmul(self.model, self.matmul)
+        set_matmul(self.model, self.matmul, self.gemm)
         self.fp32_names: set[str] = set()  # the LM head's parameters when it runs in fp32 (exported in fp32)
         if policy.lm_head_fp32:
             self.fp32_names = upcast_lm_head(self.model, policy.train)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from unison.errors import UserError
+from unison.matmul import Fp32Linear
 
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -86,7 +87,7 @@ LM_HEADS = ("same", "fp32")
 
 
 def _fp32_head_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x.float(), self.weight, self.bias)
+    return Fp32Linear.apply(x.float(), self.weight, self.bias, getattr(self, "gemm", "torch"))
 
 
 def upcast_lm_head(model: torch.nn.Module, dtype: torch.dtype) -> set[str]:
