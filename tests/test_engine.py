@@ -130,6 +130,31 @@ def test_top_p_top_k_logprobs_are_the_truncated_distribution():
     torch.testing.assert_close(lp, p[:, 0].log())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_chunked_logprobs_and_entropy_equal_the_whole_tensors_to_the_bit(dtype, monkeypatch):
+    # the learner's log-probs over a large vocabulary are computed a chunk of positions at a time, forward and
+    # backward; every step is a function of one row, so values and gradients are those of the whole tensor
+    import unison.sampling as sampling
+    from unison.sampling import chunked_entropy, chunked_token_logprobs, entropy
+
+    monkeypatch.setattr(sampling, "CHUNK_VALUES", 1000)  # 3 positions a chunk
+    torch.manual_seed(0)
+    W = torch.randn(300, 32).to(dtype).requires_grad_()
+    h, tok = torch.randn(3, 17, 32).to(dtype), torch.randint(0, 300, (3, 17))
+    for settings in ((1.0, 0, 1.0), (0.7, 20, 0.9)):
+        got = []
+        for f in (token_logprobs, chunked_token_logprobs):
+            W.grad = None
+            lp = f(h @ W.t(), tok, *settings)
+            (lp * torch.arange(lp.numel()).view(lp.shape).cos()).sum().backward()
+            got.append((lp.detach(), W.grad.clone()))
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+        with torch.no_grad():
+            logits = h @ W.t()
+            assert torch.equal(chunked_token_logprobs(logits, tok, *settings), got[0][0])
+            assert torch.equal(chunked_entropy(logits, settings[0]), entropy(logits, settings[0]))
+
+
 def test_sample_draws_from_the_processed_distribution():
     n = 40_000
     g = torch.Generator().manual_seed(0)

@@ -121,6 +121,30 @@ def test_master_weights_fp32_and_model_in_train_dtype():
         assert torch.equal(p, m.to(torch.bfloat16))  # compute copy re-cast from the updated master
 
 
+def test_16bit_gradients_go_into_the_fp32_ones_as_the_backward_pass_finishes_each():
+    # no 16-bit gradient is left beside the fp32 ones (the step's memory), and the sum over micro-batches is the
+    # one the fp16 gradients would give added after each backward pass
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    w = MasterWeights(model, torch.float16)
+    assert all(m.data_ptr() != p.data_ptr() for m, p in zip(w.params, model.parameters()))
+    seen = []
+    model[2].weight.register_hook(lambda g: seen.append([p.grad is None for p in model.parameters()]))
+    xs = [torch.randn(3, 4, dtype=torch.float16) for _ in range(2)]
+    want = [torch.zeros_like(m) for m in w.params]
+    for x in xs:
+        ref = torch.nn.Sequential(*[torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)]).half()
+        ref.load_state_dict(model.state_dict())
+        ref(x).float().sum().backward()
+        for acc, p in zip(want, ref.parameters()):
+            acc.add_(p.grad)
+        model(x).float().sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+    assert seen and all(all(flags) for flags in seen)
+    for m, acc in zip(w.params, want):
+        assert torch.equal(m.grad, acc)
+
+
 def test_micro_batches_sum_like_one_batch():
     x = torch.randn(8, 4)
     m1, m2 = _tiny(), _tiny()

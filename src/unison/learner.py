@@ -45,8 +45,7 @@ from unison.precision import (
 )
 from unison.rollout.base import Rollouts
 from unison.routing import RoutingRecorder, install_replay, routers
-from unison.sampling import entropy as entropy_of
-from unison.sampling import process_logits, token_logprobs
+from unison.sampling import chunked_entropy, chunked_token_logprobs, process_logits
 
 
 class WeightSyncError(RuntimeError):
@@ -120,11 +119,11 @@ class PolicyForward:
         """log pi of each response token (fp32, 0 on padding), with gradient where the model has one.
         -> [B, T] (and the entropy [B, T], without gradient, with `with_entropy`)"""
         logits = self.response_logits(batch)
-        logp = token_logprobs(logits, batch.targets, temperature, top_k, top_p).masked_fill(~batch.mask, 0.0)
+        logp = chunked_token_logprobs(logits, batch.targets, temperature, top_k, top_p).masked_fill(~batch.mask, 0.0)
         if not with_entropy:
             return logp
         with torch.no_grad():
-            ent = entropy_of(logits, temperature).masked_fill(~batch.mask, 0.0)
+            ent = chunked_entropy(logits, temperature).masked_fill(~batch.mask, 0.0)
         return logp, ent
 
 
