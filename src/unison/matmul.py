@@ -111,8 +111,8 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias, gemm: str) -> torch.Tensor:
-    if gemm == "onednn":
-        return onednn_linear(x, weight, bias)
+    if gemm == "onednn":  # oneDNN reads a strided operand (a slice of a batch) far slower than a contiguous copy
+        return onednn_linear(x.contiguous(), weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -139,7 +139,7 @@ class Fp32Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _backward_input(g, weight.float(), ctx.gemm).view(*grad.shape[:-1], -1).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            gw = _backward_weight(g, x.float().reshape(-1, x.shape[-1]), ctx.gemm).to(weight.dtype)
+            gw = _backward_weight(g, x.float().reshape(-1, x.shape[-1]), ctx.gemm, weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             gb = g.sum(0).to(ctx.bias_dtype)
         return gx, gw, gb, None
@@ -147,12 +147,27 @@ class Fp32Linear(torch.autograd.Function):
 
 def _backward_input(g: torch.Tensor, weight: torch.Tensor, gemm: str) -> torch.Tensor:
     """g [N, out] @ W [out, in] -> [N, in]"""
-    return onednn_linear(g, weight.t()) if gemm == "onednn" else g.mm(weight)
+    return onednn_linear(g.contiguous(), weight.t()) if gemm == "onednn" else g.mm(weight)
 
 
-def _backward_weight(g: torch.Tensor, x: torch.Tensor, gemm: str) -> torch.Tensor:
-    """g.T [out, N] @ x [N, in] -> [out, in]"""
-    return onednn_linear(g.t(), x.t()) if gemm == "onednn" else g.t().mm(x)
+# output rows of a 16-bit weight's gradient computed in fp32 at a time by oneDNN: about 32 MB of fp32
+GRAD_CHUNK_VALUES = 2**23
+
+
+def _backward_weight(g: torch.Tensor, x: torch.Tensor, gemm: str, dtype: torch.dtype) -> torch.Tensor:
+    """g.T [out, N] @ x [N, in] in fp32, rounded to `dtype` -> [out, in]. With oneDNN and a 16-bit `dtype`, a chunk
+    of output rows at a time (each row's sum is the same whatever the chunk), so that the fp32 gradient of a large
+    weight (an LM head over a 150K vocabulary) never exists whole beside its rounded copy."""
+    if gemm != "onednn":
+        return g.t().mm(x).to(dtype)
+    g, x = g.contiguous(), x.contiguous()
+    if dtype == torch.float32:
+        return onednn_linear(g.t(), x.t())
+    out = torch.empty((g.shape[1], x.shape[1]), dtype=dtype, device=g.device)
+    rows = max(1, GRAD_CHUNK_VALUES // x.shape[1])
+    for r in range(0, g.shape[1], rows):
+        out[r : r + rows] = onednn_linear(g[:, r : r + rows].t(), x.t())
+    return out
 
 
 def _fp32_accumulate_linear(self, x: torch.Tensor) -> torch.Tensor:
