@@ -4,7 +4,8 @@ On a CUDA GPU (or the CPU with `--device cpu`, or where no GPU is visible), for 
 
     matmul rate  FLOP/s of one large matrix product in the precision the learner multiplies in (a square 8192
                  product on a GPU; on a CPU the learner's [4096, hidden] x [hidden, 4 hidden] shape, and fp16/bf16
-                 in fp32-accumulate mode multiply in fp32)
+                 in fp32-accumulate mode multiply in fp32), by the library the learner's products use
+                 (`model.gemm`: oneDNN where it is the faster, else PyTorch's BLAS)
     recompute    tokens/s and MFU of `Learner.recompute` (forward without gradient, log-probs of the responses)
     step         tokens/s and MFU of one optimizer step: forward and backward of a token-mean policy-gradient loss
                  through `backward_and_step` (fp32 master weights, fp16 loss scaling, clipping, AdamW), then the
@@ -15,7 +16,7 @@ FLOPs count the matrix products of the model on the tokens it processes (2 x wei
 causal context, the LM head on the response tokens only, as the learner runs it); a step counts three forwards (the
 backward costs two). Embedding lookups, norms, the loss and the optimizer are work that MFU does not credit.
 Sequences are `--batch` rows of a `--prompt`-token prompt and a `--response`-token response of random tokens; the
-default model is `120m` (104M parameters, the built-in tokenizer).
+default model is `120m` (104M parameters, the built-in tokenizer); `--model smollm2-135m-instruct` a real one.
 
     python bench/mfu.py [--device auto|cuda|cpu] [--model 120m] [--precisions bf16,fp16,fp32] [--repeats 5]
     python bench/mfu.py --quick       # the built-in model, 8 rows of 8 + 56 tokens, 2 rounds
@@ -40,6 +41,16 @@ from docsection import bench_parser, count, joined, listed, machine_description,
 from flops import forward_flops, matmul_rate, timed  # noqa: E402
 from learner import rollouts, step  # noqa: E402
 
+REAL = ["smollm2-135m-instruct"]  # trained models, fetched (`unison fetch NAME`)
+
+
+def checkpoint(name: str):
+    """The model `name` (bench_models', or a fetched real one) in fp32."""
+    from unison.models import load_model, resolve_model_dir
+
+    return load_model(resolve_model_dir(name)) if name in REAL else build(name)
+
+
 # rows, prompt and response tokens per device when not given: a GPU wants big batches; on a CPU a 104M-model step
 # over 1024 tokens already takes seconds
 SHAPES = {"cuda": (64, 64, 448), "cpu": (8, 8, 120)}
@@ -48,7 +59,7 @@ SHAPES = {"cuda": (64, 64, 448), "cpu": (8, 8, 120)}
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    ap.add_argument("--model", default="120m", choices=NAMES)
+    ap.add_argument("--model", default="120m", choices=[*NAMES, *REAL])
     ap.add_argument("--precisions", type=listed(["fp32", "fp16", "bf16"]), default=["bf16", "fp16", "fp32"])
     ap.add_argument("--batch", type=count, default=None, help="rows (default: 64 on a GPU, 8 on a CPU)")
     ap.add_argument("--prompt", type=count, default=None, help="prompt tokens (default: 64 on a GPU, 8 on a CPU)")
@@ -78,14 +89,14 @@ def main() -> None:
     learners, modes, computes = {}, {}, {}
     for name in args.precisions:
         dtype = parse_precision(name)
-        learner = Learner(build(args.model).to(device), PrecisionPolicy(dtype, dtype), optim=OptimConfig(lr=1e-6))
+        learner = Learner(checkpoint(args.model).to(device), PrecisionPolicy(dtype, dtype), optim=OptimConfig(lr=1e-6))
         learners[name] = learner
-        modes[name] = learner.matmul
-        computes[name] = compute_dtype(learner.matmul, dtype)
+        modes[name] = learner.matmul if learner.gemm == "torch" else f"{learner.matmul}, {learner.gemm}"
+        computes[name] = (compute_dtype(learner.matmul, dtype), learner.gemm)
     hidden = next(iter(learners.values())).model.config.hidden_size
 
     def best_rates(again: bool = False) -> dict:  # the best product rate measured so far, per precision
-        return {k: matmul_rate(device, c, hidden, again=again) for k, c in computes.items()}
+        return {k: matmul_rate(device, c, hidden, again=again, gemm=g) for k, (c, g) in computes.items()}
 
     for name, rate in best_rates().items():
         print(f"{name}: {modes[name]} products, measured rate {rate / 1e12:.3f} TFLOP/s", flush=True)
