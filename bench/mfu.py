@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_models import NAMES, build  # noqa: E402
 from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, write_section  # noqa: E402
-from flops import forward_flops, matmul_rate, timed  # noqa: E402
+from flops import forward_flops, matmul_rate, timed, use_cpu_clock  # noqa: E402
 from learner import rollouts, step  # noqa: E402
 
 REAL = ["smollm2-135m-instruct"]  # trained models, fetched (`unison fetch NAME`)
@@ -68,6 +68,9 @@ def main() -> None:
     )
     ap.add_argument("--micro", type=count, default=None, help="rows per forward/backward (default: all)")
     ap.add_argument("--repeats", type=count, default=5)
+    ap.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="time in wall-clock or CPU seconds (a shared CPU)"
+    )
     args = parse_bench_args(ap, {"model": "builtin", "batch": 8, "prompt": 8, "response": 56, "repeats": 2})
     from unison.config import OptimConfig
     from unison.errors import UserError
@@ -76,6 +79,8 @@ def main() -> None:
     from unison.precision import PrecisionPolicy, parse_precision, resolve_device
 
     machine = machine_description()
+    if args.clock == "cpu":
+        use_cpu_clock()
     try:
         device = resolve_device(args.device)
     except UserError as exc:
@@ -134,12 +139,14 @@ def main() -> None:
     lines = [
         f"Command: `python bench/mfu.py --device {args.device} --model {args.model} --precisions "
         f"{joined(args.precisions)}{extra} --repeats {args.repeats}"
+        f"{' --clock cpu' if args.clock == 'cpu' else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}`"
         f" (device {device}{f', PyTorch threads: {torch.get_num_threads()}' if device.type == 'cpu' else ''}).",
         "",
         f"Model `{args.model}` ({params / 1e6:.1f}M parameters), {rows} sequences of {prompt} + {response} tokens "
         f"({tokens} response tokens), micro-batches of {micro} rows; {forward / 1e9:.1f} GFLOP per forward, three "
-        f"times that per step; median of {args.repeats} rounds, precisions taking turns{memory}.",
+        f"times that per step; median of {args.repeats} rounds, precisions taking turns{memory}"
+        f"{'; every time (products, steps) in CPU seconds of the process' if args.clock == 'cpu' else ''}.",
         "",
         "| precision | products | matmul TFLOP/s | recompute tok/s | recompute MFU | step tok/s | step TFLOP/s "
         "| step MFU | fp16 steps skipped |",
