@@ -7,28 +7,46 @@ import time
 import torch
 import torch.nn.functional as F
 
+from unison.matmul import onednn_linear
+
 _RATES: dict = {}
+# what `timed` reads: wall-clock seconds, or (`use_cpu_clock`) the CPU seconds of the process, which on a machine
+# shared with other processes leave out the time they hold the cores
+CLOCK = {"now": time.perf_counter}
+
+
+def use_cpu_clock() -> None:
+    """Time with the process's CPU seconds from now on (one thread: the work's own seconds)."""
+    CLOCK["now"] = time.process_time
+    _RATES.clear()
 
 
 def matmul_rate(
-    device: torch.device, compute: torch.dtype, hidden: int, repeats: int = 5, again: bool = False
+    device: torch.device,
+    compute: torch.dtype,
+    hidden: int,
+    repeats: int = 5,
+    again: bool = False,
+    gemm: str = "torch",
 ) -> float:
     """FLOP/s of one matrix product in `compute` on `device`, the best of `repeats` (measured once per setting, or
     once more with `again`, keeping the best of all measurements).
 
-    On a CPU, `F.linear` on [4096, hidden] x [hidden, 4 hidden] (the learner's typical shape); on a GPU, a square
-    8192 product, the rate its matrix units reach."""
-    key = (device.type, compute, hidden)
+    On a CPU, [4096, hidden] x [hidden, 4 hidden] (the learner's typical shape) by `gemm` (`F.linear`, or oneDNN's
+    product where the learner multiplies with it, `unison.matmul.gemm_kernel`); on a GPU, a square 8192 product,
+    the rate its matrix units reach."""
+    key = (device.type, compute, hidden, gemm)
     if key in _RATES and not again:
         return _RATES[key]
     m, k, n = (8192, 8192, 8192) if device.type == "cuda" else (4096, hidden, 4 * hidden)
     x, w = torch.randn(m, k, dtype=compute, device=device), torch.randn(n, k, dtype=compute, device=device)
     calls = 20 if device.type == "cuda" else 1
-    F.linear(x, w)
+    product = onednn_linear if gemm == "onednn" and compute == torch.float32 else F.linear
+    product(x, w)
 
     def products():
         for _ in range(calls):
-            F.linear(x, w)
+            product(x, w)
 
     best = min(timed(products, device) for _ in range(repeats)) / calls
     _RATES[key] = max(_RATES.get(key, 0.0), 2 * m * k * n / best)
@@ -38,10 +56,10 @@ def matmul_rate(
 def timed(fn, device: torch.device | None = None) -> float:
     """Seconds `fn()` takes, with the device's queued work waited for before and after (a GPU runs asynchronously)."""
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = CLOCK["now"]()
     fn()
     synchronize(device)
-    return time.perf_counter() - t0
+    return CLOCK["now"]() - t0
 
 
 def synchronize(device: torch.device | None) -> None:

@@ -4,7 +4,8 @@ On a CUDA GPU (or the CPU with `--device cpu`, or where no GPU is visible), for 
 
     matmul rate  FLOP/s of one large matrix product in the precision the learner multiplies in (a square 8192
                  product on a GPU; on a CPU the learner's [4096, hidden] x [hidden, 4 hidden] shape, and fp16/bf16
-                 in fp32-accumulate mode multiply in fp32)
+                 in fp32-accumulate mode multiply in fp32), by the library the learner's products use
+                 (`model.gemm`: oneDNN where it is the faster, else PyTorch's BLAS)
     recompute    tokens/s and MFU of `Learner.recompute` (forward without gradient, log-probs of the responses)
     step         tokens/s and MFU of one optimizer step: forward and backward of a token-mean policy-gradient loss
                  through `backward_and_step` (fp32 master weights, fp16 loss scaling, clipping, AdamW), then the
@@ -15,7 +16,7 @@ FLOPs count the matrix products of the model on the tokens it processes (2 x wei
 causal context, the LM head on the response tokens only, as the learner runs it); a step counts three forwards (the
 backward costs two). Embedding lookups, norms, the loss and the optimizer are work that MFU does not credit.
 Sequences are `--batch` rows of a `--prompt`-token prompt and a `--response`-token response of random tokens; the
-default model is `120m` (104M parameters, the built-in tokenizer).
+default model is `120m` (104M parameters, the built-in tokenizer); `--model smollm2-135m-instruct` a real one.
 
     python bench/mfu.py [--device auto|cuda|cpu] [--model 120m] [--precisions bf16,fp16,fp32] [--repeats 5]
     python bench/mfu.py --quick       # the built-in model, 8 rows of 8 + 56 tokens, 2 rounds
@@ -37,8 +38,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_models import NAMES, build  # noqa: E402
 from docsection import bench_parser, count, joined, listed, machine_description, parse_bench_args, write_section  # noqa: E402
-from flops import forward_flops, matmul_rate, timed  # noqa: E402
+from flops import forward_flops, matmul_rate, timed, use_cpu_clock  # noqa: E402
 from learner import rollouts, step  # noqa: E402
+
+REAL = ["smollm2-135m-instruct"]  # trained models, fetched (`unison fetch NAME`)
+
+
+def checkpoint(name: str):
+    """The model `name` (bench_models', or a fetched real one) in fp32."""
+    from unison.models import load_model, resolve_model_dir
+
+    return load_model(resolve_model_dir(name)) if name in REAL else build(name)
+
 
 # rows, prompt and response tokens per device when not given: a GPU wants big batches; on a CPU a 104M-model step
 # over 1024 tokens already takes seconds
@@ -48,7 +59,7 @@ SHAPES = {"cuda": (64, 64, 448), "cpu": (8, 8, 120)}
 def main() -> None:
     ap = bench_parser(__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    ap.add_argument("--model", default="120m", choices=NAMES)
+    ap.add_argument("--model", default="120m", choices=[*NAMES, *REAL])
     ap.add_argument("--precisions", type=listed(["fp32", "fp16", "bf16"]), default=["bf16", "fp16", "fp32"])
     ap.add_argument("--batch", type=count, default=None, help="rows (default: 64 on a GPU, 8 on a CPU)")
     ap.add_argument("--prompt", type=count, default=None, help="prompt tokens (default: 64 on a GPU, 8 on a CPU)")
@@ -57,6 +68,9 @@ def main() -> None:
     )
     ap.add_argument("--micro", type=count, default=None, help="rows per forward/backward (default: all)")
     ap.add_argument("--repeats", type=count, default=5)
+    ap.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="time in wall-clock or CPU seconds (a shared CPU)"
+    )
     args = parse_bench_args(ap, {"model": "builtin", "batch": 8, "prompt": 8, "response": 56, "repeats": 2})
     from unison.config import OptimConfig
     from unison.errors import UserError
@@ -65,6 +79,8 @@ def main() -> None:
     from unison.precision import PrecisionPolicy, parse_precision, resolve_device
 
     machine = machine_description()
+    if args.clock == "cpu":
+        use_cpu_clock()
     try:
         device = resolve_device(args.device)
     except UserError as exc:
@@ -78,14 +94,14 @@ def main() -> None:
     learners, modes, computes = {}, {}, {}
     for name in args.precisions:
         dtype = parse_precision(name)
-        learner = Learner(build(args.model).to(device), PrecisionPolicy(dtype, dtype), optim=OptimConfig(lr=1e-6))
+        learner = Learner(checkpoint(args.model).to(device), PrecisionPolicy(dtype, dtype), optim=OptimConfig(lr=1e-6))
         learners[name] = learner
-        modes[name] = learner.matmul
-        computes[name] = compute_dtype(learner.matmul, dtype)
+        modes[name] = learner.matmul if learner.gemm == "torch" else f"{learner.matmul}, {learner.gemm}"
+        computes[name] = (compute_dtype(learner.matmul, dtype), learner.gemm)
     hidden = next(iter(learners.values())).model.config.hidden_size
 
     def best_rates(again: bool = False) -> dict:  # the best product rate measured so far, per precision
-        return {k: matmul_rate(device, c, hidden, again=again) for k, c in computes.items()}
+        return {k: matmul_rate(device, c, hidden, again=again, gemm=g) for k, (c, g) in computes.items()}
 
     for name, rate in best_rates().items():
         print(f"{name}: {modes[name]} products, measured rate {rate / 1e12:.3f} TFLOP/s", flush=True)
@@ -123,12 +139,14 @@ def main() -> None:
     lines = [
         f"Command: `python bench/mfu.py --device {args.device} --model {args.model} --precisions "
         f"{joined(args.precisions)}{extra} --repeats {args.repeats}"
+        f"{' --clock cpu' if args.clock == 'cpu' else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}`"
         f" (device {device}{f', PyTorch threads: {torch.get_num_threads()}' if device.type == 'cpu' else ''}).",
         "",
         f"Model `{args.model}` ({params / 1e6:.1f}M parameters), {rows} sequences of {prompt} + {response} tokens "
         f"({tokens} response tokens), micro-batches of {micro} rows; {forward / 1e9:.1f} GFLOP per forward, three "
-        f"times that per step; median of {args.repeats} rounds, precisions taking turns{memory}.",
+        f"times that per step; median of {args.repeats} rounds, precisions taking turns{memory}"
+        f"{'; every time (products, steps) in CPU seconds of the process' if args.clock == 'cpu' else ''}.",
         "",
         "| precision | products | matmul TFLOP/s | recompute tok/s | recompute MFU | step tok/s | step TFLOP/s "
         "| step MFU | fp16 steps skipped |",

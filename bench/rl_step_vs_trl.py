@@ -48,8 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from docsection import bench_parser, count, machine_description, parse_bench_args, whole, write_section  # noqa: E402
+from real_task import QUESTIONS, keyword, write_task  # noqa: E402
 
-MODELS = ["builtin", "30m"]
+REAL = ["smollm2-135m-instruct"]  # trained models, fetched (`unison fetch NAME`), on short chat questions
+MODELS = ["builtin", "30m", *REAL]
 
 
 def model_folder(name: str, tmp: str) -> tuple[Path, int]:
@@ -57,8 +59,11 @@ def model_folder(name: str, tmp: str) -> tuple[Path, int]:
     bench/bench_models.py saved with the built-in tokenizer into `tmp`."""
     from bench_models import build
 
-    from unison.models import build_tokenizer, resolve_model_dir, save_model
+    from unison.models import build_tokenizer, load_model, resolve_model_dir, save_model
 
+    if name in REAL:
+        path = resolve_model_dir(name)
+        return path, sum(t.numel() for t in load_model(path).parameters())
     model = build(name)
     params = sum(p.numel() for p in model.parameters())
     if name == "builtin":
@@ -67,7 +72,10 @@ def model_folder(name: str, tmp: str) -> tuple[Path, int]:
 
 
 def examples(args, seed: int) -> list[dict]:
-    """The perfectible training prompts (with `--shots`, after the few-shot header) and their answers."""
+    """The perfectible training prompts (with `--shots`, after the few-shot header) and their answers; for a real
+    model, bench/real_task.py's questions as chats."""
+    if args.model in REAL:
+        return [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in QUESTIONS]
     from unison.setup import read_subset
     from unison.tasks import load_task
 
@@ -87,7 +95,10 @@ def unison_block(args, warmup: int, steps: int, seed: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = {"data.subset": "builtin"}
-        if args.shots:  # the same prompts as a prompt file, rewarded as the built-in task
+        if args.model in REAL:  # the questions' file, its chat template and the keyword reward
+            path, reward = write_task(tmp)
+            data = {"data.source": str(path), "data.reward": reward, "data.template": "chat"}
+        elif args.shots:  # the same prompts as a prompt file, rewarded as the built-in task
             path = Path(tmp) / "prompts.jsonl"
             path.write_text("".join(json.dumps(row) + "\n" for row in examples(args, seed)))
             data = {"data.source": str(path), "data.reward": "countdown", "data.template": "plain"}
@@ -151,6 +162,9 @@ def trl_block(args, warmup: int, steps: int, seed: int) -> dict:
     data = Dataset.from_list(examples(args, seed))
 
     def correct(completions, answer, **_):
+        if args.model in REAL:  # chats: the keyword reward of bench/real_task.py on each completion's text
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            return [keyword(t, a) for t, a in zip(texts, answer)]
         return [float(final_answer(c) == a) for c, a in zip(completions, answer)]
 
     class Clock(TrainerCallback):
@@ -262,10 +276,14 @@ def main() -> None:
     ratios = [r for _, _, r in rows]
     median = statistics.median(ratios)
     B = args.prompts * args.group
-    described = (
-        "Built-in model"
-        if args.model == "builtin"
-        else f"Random Qwen2 `{args.model}` of bench/bench_models.py with the built-in tokenizer"
+    described = {
+        "builtin": "Built-in model",
+        "30m": f"Random Qwen2 `{args.model}` of bench/bench_models.py with the built-in tokenizer",
+    }.get(args.model, f"Model `{args.model}`")
+    task = (
+        "bench/real_task.py's chat questions and keyword reward"
+        if args.model in REAL
+        else "the built-in task's perfectible prompts"
     )
     shots = ""
     if args.shots:
@@ -284,7 +302,7 @@ def main() -> None:
         f"{f' --threads {args.threads}' if args.threads else ''}` (TRL {trl.__version__}, transformers "
         f"{transformers.__version__}, torch {torch.__version__}, PyTorch threads: {torch.get_num_threads()}).",
         "",
-        f"{described} ({params / 1e6:.1f}M parameters), the built-in task's perfectible prompts{shots}, "
+        f"{described} ({params / 1e6:.1f}M parameters), {task}{shots}, "
         f"{args.prompts} prompts x {args.group} samples = {B} "
         f"completions of at most {args.new_tokens} tokens a step, {args.precision}, one update per step, "
         f"lr {args.lr:g}; {args.steps} timed steps per block after {args.warmup} untimed, blocks alternating "

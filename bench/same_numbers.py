@@ -8,7 +8,8 @@ Each run is `unison train` or `unison demo` on the built-in models, one thread p
 What is recorded of a run: every metric of every step but the timings and memory readings (`perf/*`), every line of
 `samples.jsonl` (the digests of the sampled responses and the decoded rows), and a SHA-256 of each final master
 weight. Two trees compute the same numbers when every recorded value is equal. `--runs` picks runs by name; `demo20`
-(the demo's fp16 and bf16 arms for 20 steps) is the longest.
+(the demo's fp16 and bf16 arms for 20 steps) is the longest. `--set KEY=VALUE` (repeatable) adds a setting to every
+run, e.g. `--set model.gemm=torch` to record a tree with a setting the older tree lacks at the value it had then.
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ RUNS = {
 }
 
 
-def record_run(name: str, src: Path, out: Path) -> dict:
+def record_run(name: str, src: Path, out: Path, settings: list[str]) -> dict:
     command, folders = RUNS[name]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src.resolve())}
-    args = [sys.executable, "-m", "unison.cli", *command, "--out", str(out), *FAST]
+    args = [sys.executable, "-m", "unison.cli", *command, "--out", str(out), *FAST, *settings]
     t0 = time.perf_counter()
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -133,6 +134,7 @@ def main() -> None:
     rec.add_argument("--src", required=True, help="the source tree to run (its src/ folder)")
     rec.add_argument("--out", required=True, help="the JSON to write")
     rec.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names")
+    rec.add_argument("--set", action="append", default=[], help="KEY=VALUE added to every run (repeatable)")
     cmp_ = sub.add_parser("compare")
     cmp_.add_argument("a")
     cmp_.add_argument("b")
@@ -143,7 +145,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs.split(","):
-            results[name] = record_run(name, Path(args.src), Path(tmp) / name)
+            results[name] = record_run(name, Path(args.src), Path(tmp) / name, args.set)
             print(f"{name}: {results[name]['seconds']:.0f} s", flush=True)
             Path(args.out).write_text(json.dumps(results))
 

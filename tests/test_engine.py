@@ -89,6 +89,21 @@ def test_learner_agrees_with_engine_in_fp32(tiny_dir):
     assert m["abs_log_ratio_mean"] < 1e-5 and m["num_tokens"] == int(r.lengths.sum())
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch without oneDNN")
+def test_onednn_and_torch_kernels_decode_to_fp32_rounding(tiny_dir):
+    # model.gemm picks the library of the fp32 products; the two round differently, by fp32's rounding alone
+    engines = [
+        NativeEngine.from_pretrained(tiny_dir, torch.float32, "cpu", seed=5, gemm=g) for g in ("torch", "onednn")
+    ]
+    assert [e.gemm for e in engines] == ["torch", "onednn"]
+    greedy = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=())
+    a, b = (e.generate(PROMPTS, greedy) for e in engines)
+    assert torch.equal(a.response_ids, b.response_ids)
+    a, b = (e.generate(PROMPTS, SamplingParams(max_new_tokens=16, stop_token_ids=())) for e in engines)
+    agree = (a.response_ids == b.response_ids).cumprod(1).bool()  # up to the first token the two draw differently
+    assert agree[:, :4].all() and (a.logprobs - b.logprobs)[agree].abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("matmul", ["native", "fp32-accumulate"])
 def test_mismatch_ordering_fp32_fp16_bf16(builtin_dir, matmul):
     prompts = [TOK(p).input_ids for p in ["97-7:", "250-9:", "61-4:", "140-5:"]] * 4
@@ -113,6 +128,31 @@ def test_top_p_top_k_logprobs_are_the_truncated_distribution():
     assert lp.item() == float("-inf")  # outside the top-1 support
     lp = token_logprobs(logits * 2, torch.tensor([0]), temperature=2.0)
     torch.testing.assert_close(lp, p[:, 0].log())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_chunked_logprobs_and_entropy_equal_the_whole_tensors_to_the_bit(dtype, monkeypatch):
+    # the learner's log-probs over a large vocabulary are computed a chunk of positions at a time, forward and
+    # backward; every step is a function of one row, so values and gradients are those of the whole tensor
+    import unison.sampling as sampling
+    from unison.sampling import chunked_entropy, chunked_token_logprobs, entropy
+
+    monkeypatch.setattr(sampling, "CHUNK_VALUES", 1000)  # 3 positions a chunk
+    torch.manual_seed(0)
+    W = torch.randn(300, 32).to(dtype).requires_grad_()
+    h, tok = torch.randn(3, 17, 32).to(dtype), torch.randint(0, 300, (3, 17))
+    for settings in ((1.0, 0, 1.0), (0.7, 20, 0.9)):
+        got = []
+        for f in (token_logprobs, chunked_token_logprobs):
+            W.grad = None
+            lp = f(h @ W.t(), tok, *settings)
+            (lp * torch.arange(lp.numel()).view(lp.shape).cos()).sum().backward()
+            got.append((lp.detach(), W.grad.clone()))
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+        with torch.no_grad():
+            logits = h @ W.t()
+            assert torch.equal(chunked_token_logprobs(logits, tok, *settings), got[0][0])
+            assert torch.equal(chunked_entropy(logits, settings[0]), entropy(logits, settings[0]))
 
 
 def test_sample_draws_from_the_processed_distribution():

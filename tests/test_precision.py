@@ -121,6 +121,30 @@ def test_master_weights_fp32_and_model_in_train_dtype():
         assert torch.equal(p, m.to(torch.bfloat16))  # compute copy re-cast from the updated master
 
 
+def test_16bit_gradients_go_into_the_fp32_ones_as_the_backward_pass_finishes_each():
+    # no 16-bit gradient is left beside the fp32 ones (the step's memory), and the sum over micro-batches is the
+    # one the fp16 gradients would give added after each backward pass
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    w = MasterWeights(model, torch.float16)
+    assert all(m.data_ptr() != p.data_ptr() for m, p in zip(w.params, model.parameters()))
+    seen = []
+    model[2].weight.register_hook(lambda g: seen.append([p.grad is None for p in model.parameters()]))
+    xs = [torch.randn(3, 4, dtype=torch.float16) for _ in range(2)]
+    want = [torch.zeros_like(m) for m in w.params]
+    for x in xs:
+        ref = torch.nn.Sequential(*[torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)]).half()
+        ref.load_state_dict(model.state_dict())
+        ref(x).float().sum().backward()
+        for acc, p in zip(want, ref.parameters()):
+            acc.add_(p.grad)
+        model(x).float().sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+    assert seen and all(all(flags) for flags in seen)
+    for m, acc in zip(w.params, want):
+        assert torch.equal(m.grad, acc)
+
+
 def test_micro_batches_sum_like_one_batch():
     x = torch.randn(8, 4)
     m1, m2 = _tiny(), _tiny()
@@ -180,3 +204,62 @@ def test_auto_is_native_only_for_a_dtype_the_cpu_has_instructions_for():
     assert cpu_has_instructions_for(torch.bfloat16, zen4) and not cpu_has_instructions_for(torch.float16, zen4)
     assert all(cpu_has_instructions_for(d, sapphire_rapids) for d in (torch.float16, torch.bfloat16))
     assert not any(cpu_has_instructions_for(d, avx2) for d in (torch.float16, torch.bfloat16))
+
+
+def test_gemm_auto_is_onednn_only_on_avx512_cpus_not_made_by_intel():
+    from unison.matmul import gemm_kernel, onednn_is_faster
+
+    zen5 = {"avx2", "avx512f", "avx512_bf16"}
+    assert onednn_is_faster("AuthenticAMD", zen5)
+    assert not onednn_is_faster("GenuineIntel", zen5 | {"amx_bf16"})  # MKL has its AVX-512 kernels there
+    assert not onednn_is_faster("AuthenticAMD", {"avx2", "fma"})
+    assert gemm_kernel("torch", "cpu") == "torch" and gemm_kernel("auto", "cpu") in ("torch", "onednn")
+    with pytest.raises(UserError, match="choose one of: auto, torch, onednn"):
+        gemm_kernel("mkl", "cpu")
+
+
+def _composite(x, w, b):
+    return torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+
+
+def _run_linear(f, lin, x0):
+    lin.zero_grad()
+    x = x0.clone().requires_grad_()
+    y = f(x, lin.weight, lin.bias)
+    (y.float() * torch.arange(y.numel()).view(y.shape).float().sin()).sum().backward()
+    return [y, x.grad, lin.weight.grad, lin.bias.grad if lin.bias is not None else torch.zeros(())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_linear_is_autograd_through_the_upcasts_to_the_bit_with_torch_kernels(dtype, bias):
+    # the fp32-accumulate linear keeps its 16-bit operands for the backward pass instead of fp32 copies; with
+    # PyTorch's kernels it computes what autograd computes through x.float() and W.float(), bit for bit
+    from unison.matmul import Fp32Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160, bias=bias).to(dtype)
+    for shape in ((37, 96), (3, 11, 96)):
+        x0 = torch.randn(*shape).to(dtype)
+        want = _run_linear(_composite, lin, x0)
+        got = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "torch"), lin, x0)
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(want, got))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp32_linear_with_onednn_agrees_with_torch_to_fp32_rounding_and_is_deterministic(dtype):
+    from unison.matmul import Fp32Linear, set_matmul
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160).to(dtype)
+    x0 = torch.randn(5, 7, 96).to(dtype)
+    want = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "torch"), lin, x0)
+    got = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "onednn"), lin, x0)
+    again = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "onednn"), lin, x0)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for a, b, c in zip(want, got, again):
+        assert torch.equal(b, c) and b.dtype == a.dtype
+        assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+    set_matmul(lin, "native" if dtype == torch.float32 else "fp32-accumulate", "onednn")
+    assert lin.gemm == "onednn" and torch.equal(lin(x0), got[0])

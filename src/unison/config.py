@@ -18,7 +18,7 @@ import yaml
 
 from unison.algorithms import PRESETS, get_preset
 from unison.errors import UserError
-from unison.matmul import MATMUL_MODES
+from unison.matmul import GEMMS, MATMUL_MODES
 from unison.models import ATTN_IMPLEMENTATIONS
 from unison.overflow import MODES
 from unison.precision import PRECISIONS
@@ -43,6 +43,11 @@ def _precisions():
 def _matmul_modes():
 
     return MATMUL_MODES
+
+
+def _gemms():
+
+    return GEMMS
 
 
 def _attn_implementations():
@@ -96,6 +101,14 @@ class ModelConfig:
         "fp16/bf16 matrix products: native kernels, or fp32-accumulate (auto: native where fast)",
         choices=_matmul_modes,
         what="matmul mode",
+    )
+    gemm: str = doc(
+        "auto",
+        "which library computes the fp32 matrix products of linear layers on a CPU (fp32 models, and fp16/bf16 "
+        "in fp32-accumulate): torch (PyTorch's BLAS), or onednn (oneDNN; auto: where it is the faster, on CPUs "
+        "with AVX-512 not made by Intel)",
+        choices=_gemms,
+        what="gemm kernel",
     )
     attn_implementation: str = doc(
         "auto",

@@ -29,7 +29,7 @@ from unison.distributed import SINGLE, World, shard
 from unison.exact import make_exact
 from unison.hf import LogitsAt, cache_kwarg, output_cache
 from unison.lora import is_peft, merged_weights, set_dropout
-from unison.matmul import matmul_mode, set_matmul
+from unison.matmul import gemm_kernel, matmul_mode, set_matmul
 from unison.models import load_model, load_tokenizer
 from unison.precision import (
     LossScaler,
@@ -46,8 +46,7 @@ from unison.precision import (
 )
 from unison.rollout.base import Rollouts
 from unison.routing import RoutingRecorder, install_replay, routers
-from unison.sampling import entropy as entropy_of
-from unison.sampling import log_softmax, process_logits, token_logprobs
+from unison.sampling import chunked_entropy, chunked_token_logprobs, log_softmax, process_logits
 
 
 class WeightSyncError(RuntimeError):
@@ -122,23 +121,23 @@ class PolicyForward:
         """log pi of each response token (fp32, 0 on padding), with gradient where the model has one.
         -> [B, T] (and the entropy [B, T], without gradient, with `with_entropy`)"""
         logits = self.response_logits(batch)
-        logp = token_logprobs(logits, batch.targets, temperature, top_k, top_p, self.exact)
+        logp = chunked_token_logprobs(logits, batch.targets, temperature, top_k, top_p, self.exact)
         logp = logp.masked_fill(~batch.mask, 0.0)
         if not with_entropy:
             return logp
         with torch.no_grad():
-            ent = entropy_of(logits, temperature).masked_fill(~batch.mask, 0.0)
+            ent = chunked_entropy(logits, temperature).masked_fill(~batch.mask, 0.0)
         return logp, ent
 
 
-def frozen_copy(model, policy: PrecisionPolicy, matmul: str = "auto") -> PolicyForward:
+def frozen_copy(model, policy: PrecisionPolicy, matmul: str = "auto", gemm: str = "auto") -> PolicyForward:
     """The starting policy of a KL penalty: a frozen copy of `model` (taken before training changes it, and before
     routing replay is installed) in the train dtype, computed as the learner computes."""
     device = next(model.parameters()).device
     reference = cast_module(copy.deepcopy(model), policy.train).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    set_matmul(reference, matmul_mode(matmul, device, policy.train))
+    set_matmul(reference, matmul_mode(matmul, device, policy.train), gemm_kernel(gemm, device))
     forward = PolicyForward(reference)
     if policy.lm_head_fp32:
         upcast_lm_head(reference, policy.train)
@@ -181,6 +180,8 @@ class Learner:
             model.config.use_cache = False
         self.matmul = matmul_mode(model_cfg.matmul, self.device, policy.train)
         self.bitwise = precision.bitwise  # `unison.exact`: log-probs equal to the bit to the engine's
+        # exact mode's products are PyTorch's own, a block of rows at a time (`unison.exact.blocked_linear`)
+        self.gemm = "torch" if self.bitwise else gemm_kernel(model_cfg.gemm, self.device)
         self.batcher = MicroBatcher.for_model(
             model.config,
             self.device,
@@ -208,7 +209,7 @@ class Learner:
             self.weights = MasterWeights(self.model, torch.float32)
         else:
             self.weights = MasterWeights(self.model, policy.train)
-        set_matmul(self.model, self.matmul)
+        set_matmul(self.model, self.matmul, self.gemm)
         self.fp32_names: set[str] = set()  # the LM head's parameters when it runs in fp32 (exported in fp32)
         if policy.lm_head_fp32:
             self.fp32_names = upcast_lm_head(self.model, policy.train)

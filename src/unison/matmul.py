@@ -8,6 +8,17 @@ multiply (`model.matmul`).
     auto              native where it is fast for the dtype, else fp32-accumulate
 
 Weights and activations stay in the chosen dtype either way; only where the products accumulate changes.
+
+Which library multiplies the fp32 products on a CPU (`model.gemm`), those of fp32 models and of fp32-accumulate:
+
+    torch             PyTorch's own (its BLAS, MKL)
+    onednn            oneDNN (`torch.ops.mkldnn._linear_pointwise`): the default on CPUs with AVX-512 not made by
+                      Intel (AMD Zen 4 and 5), where MKL runs its AVX2 kernels and oneDNN its AVX-512 ones, about
+                      twice as fast. Linear layers only; attention keeps PyTorch's kernels.
+    auto              onednn where it is the faster, else torch
+
+Both are deterministic and give the same bits for any thread count; they round differently from each other (the
+order of the sums differs), as two engines' kernels do.
 """
 
 from __future__ import annotations
@@ -52,9 +63,115 @@ def cpu_flags() -> set[str]:
         return set()
 
 
+GEMMS = ("auto", "torch", "onednn")
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def onednn_is_faster(vendor: str, flags: set[str]) -> bool:
+    """Whether oneDNN multiplies fp32 matrices faster than MKL on a CPU of this vendor and these flags: one with
+    AVX-512 that MKL does not give its AVX-512 kernels (a CPU not made by Intel)."""
+    return "avx512f" in flags and vendor != "GenuineIntel"
+
+
+def gemm_kernel(requested: str, device: torch.device | str) -> str:
+    """Resolve `model.gemm`: `auto` to `onednn` on a CPU where oneDNN is the faster (`onednn_is_faster`), else
+    `torch`; anything but a CPU multiplies with PyTorch's kernels."""
+    if requested not in GEMMS:
+        raise UserError(f"unknown gemm kernel {requested!r}; choose one of: {', '.join(GEMMS)}")
+    cpu = torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+    if requested == "onednn" and not cpu:
+        raise UserError("model.gemm=onednn needs a CPU with PyTorch's oneDNN (mkldnn); use model.gemm=auto")
+    if requested != "auto":
+        return requested
+    return "onednn" if cpu and onednn_is_faster(cpu_vendor(), cpu_flags()) else "torch"
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias by oneDNN, fp32 (no autograd). x [..., in], weight [out, in] (or oneDNN's packed form,
+    `pack_weight`) -> [..., out]"""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+
+
+def onednn_linear_add(x: torch.Tensor, weight: torch.Tensor, bias, other: torch.Tensor) -> torch.Tensor:
+    """`onednn_linear(x, weight, bias) + other`, the sum made in the product's fp32 accumulator."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
+
+
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """An fp32 weight [out, in] in oneDNN's own layout for products of about `rows` rows (`onednn_linear`)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias, gemm: str) -> torch.Tensor:
+    if gemm == "onednn":  # oneDNN reads a strided operand (a slice of a batch) far slower than a contiguous copy
+        return onednn_linear(x.contiguous(), weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class Fp32Linear(torch.autograd.Function):
+    """x @ W.T + b with the product computed in fp32 by `gemm` (torch or onednn) and rounded to x's dtype: an fp32
+    linear layer, or a fp16/bf16 one in fp32-accumulate mode. The operands are kept for the backward pass in their
+    own dtype (a 16-bit weight is not kept as an fp32 copy) and upcast there again; the gradients are computed in
+    fp32 and rounded to each operand's dtype, as autograd does through the upcasts.
+
+    x [..., in], weight [out, in], bias [out] or None -> [..., out]"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gemm: str):
+        ctx.save_for_backward(x, weight)
+        ctx.gemm, ctx.bias_dtype = gemm, None if bias is None else bias.dtype
+        b = None if bias is None else bias.float()
+        return _product(x.float(), weight.float(), b, gemm).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.float().reshape(-1, grad.shape[-1])  # [N, out]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _backward_input(g, weight.float(), ctx.gemm).view(*grad.shape[:-1], -1).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = _backward_weight(g, x.float().reshape(-1, x.shape[-1]), ctx.gemm, weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            gb = g.sum(0).to(ctx.bias_dtype)
+        return gx, gw, gb, None
+
+
+def _backward_input(g: torch.Tensor, weight: torch.Tensor, gemm: str) -> torch.Tensor:
+    """g [N, out] @ W [out, in] -> [N, in]"""
+    return onednn_linear(g.contiguous(), weight.t()) if gemm == "onednn" else g.mm(weight)
+
+
+# output rows of a 16-bit weight's gradient computed in fp32 at a time by oneDNN: about 32 MB of fp32
+GRAD_CHUNK_VALUES = 2**23
+
+
+def _backward_weight(g: torch.Tensor, x: torch.Tensor, gemm: str, dtype: torch.dtype) -> torch.Tensor:
+    """g.T [out, N] @ x [N, in] in fp32, rounded to `dtype` -> [out, in]. With oneDNN and a 16-bit `dtype`, a chunk
+    of output rows at a time (each row's sum is the same whatever the chunk), so that the fp32 gradient of a large
+    weight (an LM head over a 150K vocabulary) never exists whole beside its rounded copy."""
+    if gemm != "onednn":
+        return g.t().mm(x).to(dtype)
+    g, x = g.contiguous(), x.contiguous()
+    if dtype == torch.float32:
+        return onednn_linear(g.t(), x.t())
+    out = torch.empty((g.shape[1], x.shape[1]), dtype=dtype, device=g.device)
+    rows = max(1, GRAD_CHUNK_VALUES // x.shape[1])
+    for r in range(0, g.shape[1], rows):
+        out[r : r + rows] = onednn_linear(g[:, r : r + rows].t(), x.t())
+    return out
+
+
 def _fp32_accumulate_linear(self, x: torch.Tensor) -> torch.Tensor:
-    bias = None if self.bias is None else self.bias.float()
-    return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+    return Fp32Linear.apply(x, self.weight, self.bias, self.gemm)
 
 
 FP32_SDPA = "unison_fp32_sdpa"
@@ -75,20 +192,23 @@ def _register_fp32_sdpa() -> str:
     return FP32_SDPA
 
 
-def set_matmul(module: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """Choose how the linear layers of a fp16/bf16 model multiply.
+def set_matmul(module: torch.nn.Module, mode: str, gemm: str = "torch") -> torch.nn.Module:
+    """Choose how the linear layers of a model multiply.
 
     `native`: PyTorch's fp16/bf16 kernels. `fp32-accumulate`: the fp16/bf16 inputs and weights are multiplied in
     fp32 and the result is rounded back to fp16/bf16 — what a GPU tensor core does (low-precision operands, fp32
     accumulation, rounded output), computed with fp32 kernels; used on CPUs without fast fp16/bf16 matrix units.
-    Attention is computed the same way. Weights are stored in the low-precision dtype either way.
+    Attention is computed the same way. Weights are stored in the low-precision dtype either way. The fp32 products
+    (fp32-accumulate's, and an fp32 model's) are computed by `gemm` (a resolved `gemm_kernel`), which each linear
+    layer keeps as its `gemm` attribute.
     """
     config = getattr(module, "config", None)
     if config is not None and getattr(config, "_attn_implementation", None) in ("sdpa", FP32_SDPA):
         config._attn_implementation = _register_fp32_sdpa() if mode == "fp32-accumulate" else "sdpa"
     for m in module.modules():
         if isinstance(m, torch.nn.Linear):
-            if mode == "fp32-accumulate":
+            m.gemm = gemm
+            if mode == "fp32-accumulate" or (gemm == "onednn" and m.weight.dtype == torch.float32):
                 m.forward = types.MethodType(_fp32_accumulate_linear, m)
             elif "forward" in m.__dict__:
                 del m.forward

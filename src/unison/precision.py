@@ -11,6 +11,7 @@ value never reaches the fp32 master weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import types
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from unison.errors import UserError
+from unison.matmul import Fp32Linear
 
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -86,7 +88,7 @@ LM_HEADS = ("same", "fp32")
 
 
 def _fp32_head_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x.float(), self.weight, self.bias)
+    return Fp32Linear.apply(x.float(), self.weight, self.bias, getattr(self, "gemm", "torch"))
 
 
 def upcast_lm_head(model: torch.nn.Module, dtype: torch.dtype) -> set[str]:
@@ -208,9 +210,11 @@ class LossScaler:
 class MasterWeights:
     """fp32 master weights beside a compute copy of the model in the train dtype.
 
-    In fp32 the model's own parameters are the master weights. In fp16/bf16 the model is cast to the train dtype
-    and each trainable parameter gets an fp32 twin that the optimizer updates; gradients are accumulated into the
-    twins in fp32 after every backward, and the twins are cast back into the model after every step.
+    In fp32 the model's own parameters are the master weights. In fp16/bf16 each trainable parameter's fp32 tensor
+    becomes its master (no copy is made) and the model is cast to the train dtype; each 16-bit gradient is added into
+    its master's fp32 gradient as soon as the backward pass has finished it, and dropped (`_take_grad`), so the
+    model's 16-bit gradients never all exist at once beside the fp32 ones; the masters are cast back into the model
+    after every step.
     """
 
     def __init__(self, model: torch.nn.Module, train_dtype: torch.dtype):
@@ -223,26 +227,24 @@ class MasterWeights:
             self.model_params = params
             self.params = params
         else:
-            self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+            # `.data`: the model's fp32 tensor itself, with a version counter of its own
+            self.params = [torch.nn.Parameter(p.data if p.dtype == torch.float32 else p.data.float()) for p in params]
             cast_module(model, train_dtype)
             self.model_params = [p for _, p in model.named_parameters() if p.requires_grad]
+            for p, m in zip(self.model_params, self.params):
+                p.register_post_accumulate_grad_hook(functools.partial(_take_grad, m))
 
     @property
     def shared(self) -> bool:
         return self.params is self.model_params
 
     def accumulate_grads(self) -> None:
-        """Move the model's gradients (train dtype) into the master gradients (fp32), summing micro-batches."""
+        """Move the model's gradients (train dtype) into the master gradients (fp32), summing micro-batches (those the
+        backward pass has not moved already)."""
         if self.shared:
             return
         for p, m in zip(self.model_params, self.params):
-            if p.grad is None:
-                continue
-            if m.grad is None:
-                m.grad = p.grad.float()
-            else:
-                m.grad.add_(p.grad)
-            p.grad = None
+            _take_grad(m, p)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -265,6 +267,17 @@ class MasterWeights:
             for name, p in zip(self.names, self.params):
                 p.copy_(state[name])
         self.copy_to_model()
+
+
+def _take_grad(master: torch.Tensor, p: torch.Tensor) -> None:
+    """Add p's gradient (train dtype) into master's (fp32), then drop it."""
+    if p.grad is None:
+        return
+    if master.grad is None:
+        master.grad = p.grad.float()
+    else:
+        master.grad.add_(p.grad)
+    p.grad = None
 
 
 @dataclass

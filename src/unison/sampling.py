@@ -56,6 +56,80 @@ def token_logprobs(
     return log_softmax(processed, exact).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+# positions per chunk of the chunked log-probs: about 8M vocabulary entries (32 MB in fp32) at a time
+CHUNK_VALUES = 2**23
+
+
+def chunk_rows(vocab: int) -> int:
+    """Positions per chunk for a vocabulary of `vocab` entries."""
+    return max(1, CHUNK_VALUES // max(vocab, 1))
+
+
+def _chunked_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: tuple) -> torch.Tensor:
+    """`token_logprobs(logits, tokens, *sampling)`, one chunk of positions at a time (no gradient)."""
+    flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
+    out = torch.empty(tok.shape, dtype=torch.float32, device=logits.device)
+    rows = chunk_rows(flat.shape[-1])
+    for i in range(0, len(tok), rows):
+        out[i : i + rows] = token_logprobs(flat[i : i + rows], tok[i : i + rows], *sampling)
+    return out.view(tokens.shape)
+
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """`token_logprobs` over chunks of positions, so that the fp32 upcast, the processing and the log-softmax of the
+    logits exist for one chunk at a time, in the forward and in the backward pass (which recomputes them chunk by
+    chunk from the logits, kept in their own dtype). Every step is a function of one position's row alone, so the
+    values and gradients are those of `token_logprobs` over the whole tensor, to the bit.
+
+    logits [..., V] (any float dtype), tokens [...] -> [...] fp32"""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature: float, top_k: int, top_p: float, exact: bool):
+        ctx.save_for_backward(logits, tokens)
+        ctx.sampling = (temperature, top_k, top_p, exact)
+        return _chunked_logprobs(logits, tokens, ctx.sampling)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, tokens = ctx.saved_tensors
+        flat, tok, g = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), grad.reshape(-1)
+        out = torch.empty_like(flat)
+        rows = chunk_rows(flat.shape[-1])
+        for i in range(0, len(tok), rows):
+            with torch.enable_grad():
+                x = flat[i : i + rows].detach().requires_grad_()
+                (out[i : i + rows],) = torch.autograd.grad(
+                    token_logprobs(x, tok[i : i + rows], *ctx.sampling), x, g[i : i + rows]
+                )
+        return out.view(logits.shape), None, None, None, None, None
+
+
+def chunked_token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    exact: bool = False,
+) -> torch.Tensor:
+    """`token_logprobs` computed chunk by chunk (`ChunkedTokenLogprobs`), with gradient where the logits have one.
+    logits [..., V], tokens [...] -> [...] fp32"""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return ChunkedTokenLogprobs.apply(logits, tokens, temperature, top_k, top_p, exact)
+    return _chunked_logprobs(logits, tokens, (temperature, top_k, top_p, exact))
+
+
+def chunked_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`entropy` computed chunk by chunk (no gradient). [..., V] -> [...] fp32"""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    rows = chunk_rows(flat.shape[-1])
+    with torch.no_grad():
+        for i in range(0, flat.shape[0], rows):
+            out[i : i + rows] = entropy(flat[i : i + rows], temperature)
+    return out.view(logits.shape[:-1])
+
+
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(fp32(logits) / temperature). [..., V] -> [...]"""
     logp = (logits.float() / max(temperature, 1e-6)).log_softmax(-1)

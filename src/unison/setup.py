@@ -214,6 +214,7 @@ class Setup:
             device=self.device,
             seed=self.seed if seed is None else seed,
             matmul=self.model.matmul,
+            gemm=self.model.gemm,
             attn_implementation=self.attn_implementation,
             **kwargs,
         )

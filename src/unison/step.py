@@ -18,6 +18,9 @@ batch); the built-in default is smaller so that it runs on a laptop CPU (configs
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
 import resource
@@ -103,6 +106,7 @@ class RLStep:
         lr = self.set_lr(step)
         t_start = time.perf_counter()
         batch, prompts = self.sample(stream)
+        release_free_memory()  # the engine's decode buffers
         t_rollout = time.perf_counter() - t_start
         t0 = time.perf_counter()
         self.old_logprobs(batch)
@@ -112,8 +116,10 @@ class RLStep:
             m.before_update(self.learner, batch.rollouts, self.cfg.optim.micro_batch_size, self.sampling)
         t0 = time.perf_counter()
         updates = self.update(batch, shuffle)
+        release_free_memory()  # the activations and gradients
         t_learn = time.perf_counter() - t0
         metrics = self.learner.sync(self.engine)  # with its time, perf/sync_seconds
+        release_free_memory()  # the exported weights
         batch = self.gather(batch, prompts)
         metrics.update(self.mismatch(batch))
         self.last_batch = batch
@@ -314,6 +320,24 @@ def readable_samples(n: int, batch: Batch, tokenizer) -> list[dict]:
             }
         )
     return rows
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Return the memory the allocator holds free to the system (glibc's `malloc_trim`): what one part of the step
+    freed (the engine's decode buffers, the activations and gradients of the update) then stays out of the resident
+    memory of the next part, where it would otherwise sit in pieces too small for that part's tensors."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def rss_mib() -> float:

@@ -167,7 +167,7 @@ def train(
     model = s.policy_model(cfg.lora)  # LoRA: the base, adapted by peft
     if point.latest is not None and not cfg.lora.enabled:
         point.master = ckpt.check_compatible(point.latest, model)
-    reference = frozen_copy(model, run.policy, cfg.model.matmul) if cfg.algorithm.kl_coef > 0 else None
+    reference = frozen_copy(model, run.policy, cfg.model.matmul, cfg.model.gemm) if cfg.algorithm.kl_coef > 0 else None
     learner = s.learner(run.policy, model=model, optim=cfg.optim, precision=cfg.precision, moe=cfg.moe, world=world)
     if point.latest is not None and cfg.lora.enabled:  # the saved adapter's fp32 masters
         point.master = read_adapter(point.latest, dict(zip(learner.weights.names, learner.weights.params)))

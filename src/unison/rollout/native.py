@@ -39,7 +39,15 @@ from unison.architecture import fast_path_blocker, layer_windows
 from unison.attribution import upcast
 from unison.exact import make_exact
 from unison.hf import cache_kwarg, output_cache, takes_logits_to_keep
-from unison.matmul import compute_dtype, matmul_mode, set_matmul
+from unison.matmul import (
+    compute_dtype,
+    gemm_kernel,
+    matmul_mode,
+    onednn_linear,
+    onednn_linear_add,
+    pack_weight,
+    set_matmul,
+)
 from unison.models import load_model, load_tokenizer
 from unison.overflow import OverflowGuard
 from unison.precision import cast_module, checksum, upcast_lm_head
@@ -107,17 +115,20 @@ def moe_block(mlp, x: torch.Tensor) -> torch.Tensor:
     return mlp(x) if x.dim() == 3 else mlp(x[:, None])[:, 0]
 
 
-def _packed(compute: torch.dtype, *linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _packed(compute: torch.dtype, *linears, rows: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights (and biases, zeros where a layer has none) of `linears` stacked along the output, in `compute`.
-    On a CPU the weight [out, in] is a view of a copy laid out [in, out], the order in which `x @ W.T` reads it
-    (decode steps, whose weights come back from memory every token, are faster so). Elsewhere a single layer's own
-    tensor is used where it already is in `compute`."""
+    With `rows`, the fp32 weight in oneDNN's layout for products of about that many rows (`unison.matmul.
+    pack_weight`). Otherwise, on a CPU the weight [out, in] is a view of a copy laid out [in, out], the order in
+    which `x @ W.T` reads it (decode steps, whose weights come back from memory every token, are faster so);
+    elsewhere a single layer's own tensor is used where it already is in `compute`."""
 
     def stacked(tensors):
         return (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).to(compute)
 
     weight = stacked([m.weight for m in linears])
-    if weight.device.type == "cpu":
+    if rows:
+        weight = pack_weight(weight, rows)
+    elif weight.device.type == "cpu":
         weight = weight.t().contiguous().t()
     if all(m.bias is None for m in linears):
         return weight, None
@@ -126,13 +137,14 @@ def _packed(compute: torch.dtype, *linears) -> tuple[torch.Tensor, torch.Tensor 
 
 class DecodeWeights:
     """The engine's weights packed for decoding: q/k/v and gate/up concatenated, in the compute dtype (fp32 copies
-    of the fp16/bf16 values in `fp32-accumulate` mode), norm weights in fp32, and the modules and constants each
-    layer needs (looked up once, not per token). A sparse MoE layer's MLP is not packed (`gate_up`, `down` and
-    `act_fn` None, `sparse` True): it runs as the model's module. Built from the parameters at the
-    start of every `generate`, so it always holds what `weights_checksum` reads."""
+    of the fp16/bf16 values in `fp32-accumulate` mode; with `rows`, in oneDNN's layout for products of that many
+    rows), norm weights in fp32, and the modules and constants each layer needs (looked up once, not per token). A
+    sparse MoE layer's MLP is not packed (`gate_up`, `down` and `act_fn` None, `sparse` True): it runs as the model's
+    module. Built from the parameters at the start of every `generate`, so it always holds what `weights_checksum`
+    reads."""
 
     @torch.no_grad()
-    def __init__(self, model, compute: torch.dtype, head_fp32: bool = False):
+    def __init__(self, model, compute: torch.dtype, head_fp32: bool = False, rows: int = 0):
         self.layers = []
         windows = layer_windows(model.config)
         for layer, window in zip(model.model.layers, windows):
@@ -141,10 +153,10 @@ class DecodeWeights:
             sparse = is_sparse_moe(m)
             self.layers.append(
                 {
-                    "qkv": _packed(compute, a.q_proj, a.k_proj, a.v_proj),
-                    "o": _packed(compute, a.o_proj),
-                    "gate_up": None if sparse else _packed(compute, m.gate_proj, m.up_proj),
-                    "down": None if sparse else _packed(compute, m.down_proj),
+                    "qkv": _packed(compute, a.q_proj, a.k_proj, a.v_proj, rows=rows),
+                    "o": _packed(compute, a.o_proj, rows=rows),
+                    "gate_up": None if sparse else _packed(compute, m.gate_proj, m.up_proj, rows=rows),
+                    "down": None if sparse else _packed(compute, m.down_proj, rows=rows),
                     "ln1": (ln1.weight.float(), ln1.variance_epsilon),
                     "ln2": (ln2.weight.float(), ln2.variance_epsilon),
                     "qk_norm": (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None,
@@ -157,7 +169,7 @@ class DecodeWeights:
             )
         norm = model.model.norm
         self.norm = (norm.weight.float(), norm.variance_epsilon)
-        self.head = _packed(torch.float32 if head_fp32 else compute, model.lm_head)
+        self.head = _packed(torch.float32 if head_fp32 else compute, model.lm_head, rows=rows)
 
 
 class NativeEngine:
@@ -174,11 +186,16 @@ class NativeEngine:
         tokenizer=None,
         lm_head: str = "same",
         bitwise: bool = False,
+        gemm: str = "auto",
     ):
         self.tokenizer = tokenizer  # decodes responses for stop strings
         self.model = cast_module(model, dtype).to(device).eval()
         self.matmul = matmul_mode(matmul, torch.device(device), dtype)
-        set_matmul(self.model, self.matmul)
+        # oneDNN for the decode's products where they all run in fp32 (`unison.matmul.gemm_kernel`); exact mode's
+        # products are PyTorch's own, a block of rows at a time (`unison.exact.blocked_linear`)
+        fp32_products = compute_dtype(self.matmul, dtype) == torch.float32
+        self.gemm = gemm_kernel(gemm, device) if fp32_products and not bitwise else "torch"
+        set_matmul(self.model, self.matmul, self.gemm)
         self.lm_head_fp32 = lm_head == "fp32"  # the LM head in fp32, its logits not rounded (`upcast_lm_head`)
         if self.lm_head_fp32:
             upcast_lm_head(self.model, dtype)
@@ -212,6 +229,7 @@ class NativeEngine:
         attn_implementation: str = "auto",
         lm_head: str = "same",
         bitwise: bool = False,
+        gemm: str = "auto",
     ):
         tok = load_tokenizer(model_dir)
         model = load_model(model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
@@ -225,6 +243,7 @@ class NativeEngine:
             tokenizer=tok,
             lm_head=lm_head,
             bitwise=bitwise,
+            gemm=gemm,
         )
 
     def close(self) -> None:
@@ -294,6 +313,8 @@ class NativeEngine:
     def _linear(self, x: torch.Tensor, packed: tuple) -> torch.Tensor:
         """x [.., in] in the rollout dtype -> x @ W.T + b, rounded to the rollout dtype once."""
         weight, bias = packed
+        if self.gemm == "onednn":
+            return onednn_linear(x.float(), weight, bias).to(self.dtype)
         return F.linear(x.to(weight.dtype), weight, bias).to(self.dtype)
 
     def _attention(self, w: dict, x, cos, sin, cache: StaticKVCache, index: int, start: int, mask):
@@ -356,7 +377,8 @@ class NativeEngine:
             self.checks.head_input(x)
         if self.lm_head_fp32:  # fp32 logits from the fp32 head, not rounded
             weight, bias = weights.head
-            logits = F.linear(x.float(), weight, bias)[:, -1]
+            product = onednn_linear if self.gemm == "onednn" else F.linear
+            logits = product(x.float(), weight, bias)[:, -1]
         else:
             logits = self._linear(x, weights.head)[:, -1]  # [B, V] in the rollout dtype
         if self.checks is not None:
@@ -582,7 +604,8 @@ class _StaticDecode:
         self.sources: list | None = None
         self.source = None  # the decode steps' (None: every row, in order; -1 for a row dropped)
         self.B, self.rows = B, torch.arange(B, device=dev)  # the rows of `prompts` still decoded
-        self.weights = DecodeWeights(engine.model, engine.compute_dtype, engine.lm_head_fp32)
+        rows = B if engine.gemm == "onednn" else 0
+        self.weights = DecodeWeights(engine.model, engine.compute_dtype, engine.lm_head_fp32, rows)
         L = P + max_new
         self.cache = StaticKVCache(engine.num_layers, B, engine.kv_heads, L, engine.head_dim, engine.compute_dtype, dev)
         self.valid = torch.arange(L, device=dev)[None, :] >= pad_left[:, None]  # [B, P+N] no left padding
@@ -657,23 +680,26 @@ class _FlatStep:
         model = engine.model
         self.dtype = engine.dtype
         self.exact = engine.dtype == torch.float32  # no rounding to emulate
+        self.onednn = engine.gemm == "onednn"  # weights in oneDNN's layout; else laid out for torch.mm (`_transposed`)
         self.H, self.Hkv, self.D = engine.num_heads, engine.kv_heads, engine.head_dim
         self.cache = cache
         embed = model.model.embed_tokens
-        # the weight itself when it is fp32; a head in fp32 tied to it: its values rounded, as the lookup's
-        self.embed = embed.weight.to(engine.dtype).float()
+        # the weight itself in the rollout dtype (a head in fp32 tied to it: its values rounded, as the lookup's),
+        # upcast row by row as tokens are looked up
+        self.embed = embed.weight.to(engine.dtype)
         self.checks = engine.checks
         self.layers = []
+        layout = (lambda packed: packed) if self.onednn else _transposed
         for w in weights.layers:
             mlp, act = w["mlp"], w["act_fn"]
             self.layers.append(
                 (
                     w["ln1"],
                     w["ln2"],
-                    _transposed(w["qkv"]),
-                    _transposed(w["o"]),
-                    None if w["sparse"] else _transposed(w["gate_up"]),
-                    None if w["sparse"] else _transposed(w["down"]),
+                    layout(w["qkv"]),
+                    layout(w["o"]),
+                    None if w["sparse"] else layout(w["gate_up"]),
+                    None if w["sparse"] else layout(w["down"]),
                     mlp,
                     w["qk_norm"],
                     w["scaling"],
@@ -682,7 +708,7 @@ class _FlatStep:
                 )
             )
         self.norm = weights.norm
-        self.head = _transposed(weights.head)
+        self.head = layout(weights.head)
         self.head_fp32 = engine.lm_head_fp32
         self.set_mask(valid)
         self.set_views()
@@ -724,6 +750,11 @@ class _FlatStep:
         """rnd(x @ W.T + b), plus a residual: fused into the product in fp32, or added after rounding (as the
         engine's fp16/bf16 kernels would: product rounded, then the sum rounded)."""
         w_t, b = packed
+        if self.onednn:
+            if residual is not None and self.exact:
+                return onednn_linear_add(x, w_t, b, residual)
+            out = self.rnd(onednn_linear(x, w_t, b))
+            return out if residual is None else self.rnd(residual + out)
         if residual is not None and self.exact:
             out = torch.addmm(residual, x, w_t)
             return out if b is None else out.add_(b)
@@ -736,7 +767,7 @@ class _FlatStep:
         H, Hkv, D = self.H, self.Hkv, self.D
         B, G, L = tok.shape[0], H // Hkv, cur + 1
         rnd, linear, checks = self.rnd, self.linear, self.checks
-        x = F.embedding(tok, self.embed)  # [B, hidden] fp32
+        x = F.embedding(tok, self.embed).float()  # [B, hidden]
         bias = self.bias[:, :, :L]
         for i, (ln1, ln2, qkv_w, o_w, gu_w, down_w, mlp, qk_norm, scaling, act, window) in enumerate(self.layers):
             h = rnd(F.rms_norm(x, (x.shape[-1],), *ln1))
@@ -774,7 +805,10 @@ class _FlatStep:
             checks.head_input(h)
         if self.head_fp32:  # the fp32 head's logits, not rounded
             w_t, b = self.head
-            logits = torch.mm(h, w_t) if b is None else torch.addmm(b, h, w_t)
+            if self.onednn:
+                logits = onednn_linear(h, w_t, b)
+            else:
+                logits = torch.mm(h, w_t) if b is None else torch.addmm(b, h, w_t)
         else:
             logits = linear(h, self.head)  # fp32 holding rollout-dtype values: inf where they left its range
         if checks is not None:

@@ -158,6 +158,7 @@ class VLLMEngine:
         seed: int = 0,
         matmul: str = "auto",
         attn_implementation: str = "auto",
+        gemm: str = "auto",
         **engine_kwargs,
     ) -> VLLMEngine:
         """Start vLLM on a local checkpoint. `engine_kwargs` go to `vllm.LLM` and override unison's defaults:
@@ -165,8 +166,8 @@ class VLLMEngine:
         max_position_embeddings), enable_prefix_caching (on), enable_chunked_prefill (off on CPU), logprobs_mode
         (processed_logprobs),
         kv_cache_memory_bytes (1 GiB on CPU, or UNISON_VLLM_KV_CACHE_GIB; `VLLM_CPU_KVCACHE_SPACE` wins on CPU).
-        `matmul` and `attn_implementation` are settings of the native engine and the learner: vLLM chooses its own
-        kernels, so only `auto` and `native` apply, and the attention implementation is vLLM's own.
+        `matmul`, `gemm` and `attn_implementation` are settings of the native engine and the learner: vLLM chooses
+        its own kernels, so only `auto` and `native` apply, and the attention implementation is vLLM's own.
         """
 
         if dtype not in VLLM_DTYPES:
