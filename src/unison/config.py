@@ -473,8 +473,16 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> TrainConfig:
-        r, o = self.rollout, self.optim
         validate_sections(self)
+        self._check_engine_can()
+        self._check_bitwise()
+        self._check_update()
+        self._check_run()
+        self.algorithm_fields()  # unknown algorithm names fail here, with the valid names
+        return self
+
+    def _check_engine_can(self) -> None:
+        """The rollout engine can do what the settings ask of it (`unison.rollout.CAPABILITIES`)."""
         needs = {
             "fp32_lm_head": self.precision.lm_head == "fp32",
             "routing": self.moe.routing_replay,
@@ -489,7 +497,10 @@ class TrainConfig:
         }
         for capability, asked in needs.items():
             if asked:
-                check_capability(r.engine, capability, settings[capability])
+                check_capability(self.rollout.engine, capability, settings[capability])
+
+    def _check_bitwise(self) -> None:
+        """precision.bitwise: one dtype in both engines and no adapters."""
         p = self.precision
         check(
             not p.bitwise or p.rollout == p.train,
@@ -504,6 +515,10 @@ class TrainConfig:
             "and B A apart, which round differently; train the adapter without precision.bitwise, or export the "
             "merged model (unison export) and train it whole",
         )
+
+    def _check_update(self) -> None:
+        """The sampling, the optimizer, the algorithm's ranges and the batch sizes fit together."""
+        r, o = self.rollout, self.optim
         check(
             r.group_size >= 2, "rollout.group_size", "must be at least 2 (advantages compare responses within a group)"
         )
@@ -536,16 +551,18 @@ class TrainConfig:
             "optim.train_batch_size",
             f"must be a multiple of rollout.group_size ({r.group_size}) so mini-batches hold whole groups",
         )
+        check(self.algorithm.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0 (0: no KL penalty)")
+
+    def _check_run(self) -> None:
+        """The run's length, schedule, evaluation and checkpoints."""
+        o = self.optim
         check(self.run.steps >= 1, "run.steps", "must be at least 1")
         check(self.run.eval_every >= 0 and self.run.save_every >= 0, "run.eval_every", "must be >= 0")
         check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
         check(self.run.eval_samples >= 1, "run.eval_samples", "must be at least 1")
         check(o.warmup_steps <= self.run.steps, "optim.warmup_steps", f"must be at most run.steps ({self.run.steps})")
         check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-        check(self.algorithm.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0 (0: no KL penalty)")
         parse_size(self.run.shard_size, "run.shard_size")
-        self.algorithm_fields()  # unknown algorithm names fail here, with the valid names
-        return self
 
     def algorithm_fields(self):
         """The preset with this config's overrides applied."""

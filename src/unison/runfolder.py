@@ -37,11 +37,13 @@ LOCK = ".unison.lock"
 RESUME_KEYS = (
     "model.path",
     "model.matmul",
+    "model.gemm",
     "precision.rollout",
     "precision.train",
     "precision.loss_scaling",
     "precision.growth_interval",
     "precision.lm_head",
+    "precision.bitwise",
     "data.source",
     "data.prompt_key",
     "data.answer_key",
