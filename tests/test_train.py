@@ -389,6 +389,21 @@ def test_the_learner_keeps_one_logits_tensor_and_no_fp32_weight_copies_for_backw
     logp.sum().backward()
 
 
+def test_take_positions_is_gather_to_the_bit_with_repeated_positions():
+    # the learner's response logits: gather's values and gradient (repeated positions add up), without the logits
+    from unison.hf import TakePositions
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 50, dtype=torch.float16, requires_grad=True)
+    pos = torch.tensor([[0, 1, 2, 8, 8], [3, 4, 5, 6, 7], [1, 2, 3, 8, 8]])
+    g = torch.randn(3, 5, 50, dtype=torch.float16)
+    want = x.gather(1, pos[..., None].expand(-1, -1, 50))
+    got = TakePositions.apply(x, pos[..., None])
+    assert torch.equal(want, got)
+    grads = [torch.autograd.grad(y, x, g)[0] for y in (want, got)]
+    assert torch.equal(*grads) and grads[1][0, 8].abs().sum() > 0  # both repeats reached position 8
+
+
 def test_the_engine_frees_its_decode_weights_after_generate(tiny_dir, monkeypatch):
     import gc
     import weakref

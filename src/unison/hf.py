@@ -78,5 +78,23 @@ class LogitsAt:
             lo, hi = int(positions.min()), int(positions.max()) + 1
             span = torch.arange(lo, hi, device=positions.device)
             logits = self.model(**inputs, use_cache=False, logits_to_keep=span).logits  # [B, hi - lo, V]
-        index = (positions - lo)[..., None].expand(-1, -1, logits.shape[-1])
-        return logits.gather(1, index)
+        return TakePositions.apply(logits, (positions - lo)[..., None])
+
+
+class TakePositions(torch.autograd.Function):
+    """`logits.gather(1, index.expand(..., V))` whose backward pass keeps the index [B, T, 1] and the shape, not the
+    logits [B, S, V] it took from: the gradient is scattered into zeros there, as autograd's own gather backward
+    does (the same sums), so a forward keeps one [B, T, V] tensor.
+
+    logits [B, S, V], index [B, T, 1] (long) -> [B, T, V]"""
+
+    @staticmethod
+    def forward(ctx, logits, index):
+        ctx.save_for_backward(index)
+        ctx.shape = logits.shape
+        return logits.gather(1, index.expand(-1, -1, logits.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).scatter_add_(1, index.expand(-1, -1, grad.shape[-1]), grad), None
