@@ -1,5 +1,6 @@
-"""The fault table of docs/reliability.md: each fault a run can meet, what unison did (exit code, the line it
-printed), what was left on disk, and whether `--resume` then gave the uninterrupted run bit for bit.
+"""The fault table of docs/notes/reliability.md (the long tables of docs/reliability.md): each fault a run can
+meet, what unison did (exit code, the line it printed), what was left on disk, and whether `--resume` then gave the
+uninterrupted run bit for bit.
 
     OMP_NUM_THREADS=1 python bench/faults.py          # as root, for the tmpfs faults (disk full, read-only)
 
@@ -281,7 +282,7 @@ def main() -> int:
         "| --- | --- | --- | --- | --- |",
         *rows,
     ]
-    replace_section("faults", "\n".join(lines), ROOT / "docs" / "reliability.md")
+    replace_section("faults", "\n".join(lines), ROOT / "docs" / "notes" / "reliability.md")
     bad = [r for r in rows if "| NO |" in r or "OLD RUN CHANGED" in r]
     return 1 if bad else 0
 
