@@ -86,15 +86,13 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _dispatch_linear(x, weight, bias=None):
-    """`torch.nn.functional.linear` while unison is imported: blocked inside an exact model's forward (every
-    linear layer, and the products MoE experts and routers compute with the function itself), PyTorch's own
-    elsewhere."""
+    """`torch.nn.functional.linear` once an exact model exists (`make_exact`): blocked inside an exact model's
+    forward (every linear layer, and the products MoE experts and routers compute with the function itself),
+    PyTorch's own elsewhere."""
     if getattr(_active, "depth", 0):
         return blocked_linear(x, weight, bias)
     return _linear(x, weight, bias)
 
-
-F.linear = _dispatch_linear
 
 ELEMENTS = 256  # an elementwise function's input is padded to a multiple of this many entries (`padded_elementwise`)
 _sigmoid = F.sigmoid
@@ -117,7 +115,10 @@ def _dispatch_sigmoid(x):
     return padded_elementwise(_sigmoid, x) if getattr(_active, "depth", 0) else _sigmoid(x)
 
 
-F.sigmoid = _dispatch_sigmoid
+def _route_functions() -> None:
+    """`torch.nn.functional.linear` and `sigmoid` through the dispatchers above, from the first exact model on (a
+    process without one calls PyTorch's own directly)."""
+    F.linear, F.sigmoid = _dispatch_linear, _dispatch_sigmoid
 
 
 def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +179,7 @@ def make_exact(model: torch.nn.Module) -> torch.nn.Module:
     their own dtype handling: fp32-accumulate, an fp32 LM head), its attention as `exact_attention`."""
     if getattr(model, "_unison_exact", False):
         return model
+    _route_functions()
     for module in model.modules():
         if type(module).__name__ == "Conv1D":
             module.forward = types.MethodType(_conv1d_forward, module)
