@@ -35,3 +35,8 @@ def rank1_raises(response: str, answer: str) -> float:
     if os.environ.get("RANK") == "1":
         raise ValueError("bad answer format")
     return float(len(response) % 2 == 0)
+
+
+def odd_first_char(response: str, answer: str) -> float:
+    """1 where the response starts with a character of odd code: varies with what is sampled, not with its length."""
+    return float(bool(response) and ord(response[0]) % 2 == 1)

@@ -184,6 +184,18 @@ def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, clip_low: float, 
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
+def clip_binding_frac(logp, logp_ref, advantages, mask, clip_low: float, clip_high: float) -> float:
+    """The share of response tokens on which PPO's clip would be the binding term for the ratio pi / pi_ref:
+    A > 0 and ratio > 1 + clip_high, or A < 0 and ratio < 1 - clip_low (`_clipped_surrogate`'s test).
+
+    With pi = the learner before its first update and pi_ref = mu (the engine), the policy has not moved and only the
+    mismatch can put a token there: the "phantom clipping" of a run that takes mu as pi_old."""
+    mask = mask.bool()
+    ratio = torch.exp((logp.detach().float() - logp_ref.detach().float()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    _, binding = _clipped_surrogate(ratio, advantages.float().unsqueeze(-1), clip_low, clip_high)
+    return float((binding & mask).sum() / mask.sum().clamp(min=1))
+
+
 def ppo_clip(logp, logp_old, logp_mu, advantages, mask, weights, *, clip_low=0.2, clip_high=0.28):
     """PPO clipped surrogate as GRPO uses it, paper "Algorithms" (clip-higher of DAPO, Yu et al. 2025):
 

@@ -241,8 +241,31 @@ class RolloutConfig:
         what="choice",
     )
     tensor_parallel_size: int = doc(1, "GPUs one vLLM engine spreads its model over (vLLM on CUDA only)")
+    max_staleness: int = doc(
+        0,
+        "sampling while learning: the engine samples the next batches while the learner updates, each with weights "
+        "at most this many updates old (0: sample, then learn; > 0 needs algorithm.staleness_correction)",
+    )
+    engine_threads: str = doc(
+        "auto",
+        "CPU threads of the engine's thread when max_staleness > 0 (auto: half the cores; the learner keeps the rest)",
+    )
+    split_share: float = doc(
+        0.25,
+        "max_staleness > 0: the share of each batch's groups on which the learner is also run at the sampling "
+        "weights, to split the off-policy gap into engine mismatch and policy change (0: off)",
+    )
 
     def validate(self) -> None:
+        check(self.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0: sample, then learn)")
+        check(0 <= self.split_share <= 1, "rollout.split_share", "must be in [0, 1] (0: no split)")
+        check(
+            self.engine_threads == "auto" or (self.engine_threads.isdigit() and int(self.engine_threads) >= 1),
+            "rollout.engine_threads",
+            f"must be auto or a positive number, not {self.engine_threads!r}",
+        )
+        if self.max_staleness > 0:
+            check_capability(self.engine, "ahead", f"rollout.max_staleness={self.max_staleness}")
         check(self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be at least 1")
         if self.tensor_parallel_size > 1:
             size = self.tensor_parallel_size
@@ -275,6 +298,15 @@ class AlgorithmConfig:
     kl_coef: float = doc(0.0, "weight of a KL penalty to the frozen starting policy (0: none, as in the paper)")
     kl_estimator: str = doc(
         "k3", "the KL estimator on the sampled tokens", choices=_table("KL_ESTIMATORS"), what="estimator"
+    )
+    staleness_correction: str = doc(
+        "",
+        "what the update takes as pi_old when batches may be stale (needed with rollout.max_staleness > 0): "
+        "decoupled (pi_old recomputed at the current weights, the clip around it, pi_old / mu weighted by the "
+        "preset's correction) or rollout (the engine's log mu is pi_old: the clip of pi_theta / mu corrects; pg "
+        "presets weight by pi_theta / mu as they are)",
+        choices=("", "decoupled", "rollout"),
+        what="correction",
     )
     kl_in: str = doc(
         "loss",
@@ -476,6 +508,7 @@ class TrainConfig:
         validate_sections(self)
         self._check_engine_can()
         self._check_bitwise()
+        self._check_staleness()
         self._check_update()
         self._check_run()
         self.algorithm_fields()  # unknown algorithm names fail here, with the valid names
@@ -514,6 +547,31 @@ class TrainConfig:
             "cannot go with lora.enabled: the engine multiplies by the merged weights W + B A and the learner by W "
             "and B A apart, which round differently; train the adapter without precision.bitwise, or export the "
             "merged model (unison export) and train it whole",
+        )
+
+    def _check_staleness(self) -> None:
+        """rollout.max_staleness > 0: a correction chosen, one that fits the preset, and no exact mode."""
+        k, c = self.rollout.max_staleness, self.algorithm.staleness_correction
+        check(
+            k == 0 or c,
+            "algorithm.staleness_correction",
+            f"must be chosen with rollout.max_staleness={k} (batches sampled up to {k} update(s) ago): decoupled "
+            "(pi_old recomputed now, pi_old / mu weighted by the preset's correction, e.g. preset grpo-token-tis) "
+            "or rollout (the engine's log mu as pi_old)",
+        )
+        preset = self.algorithm_fields()
+        check(
+            c != "decoupled" or (preset.ratio_base == "old" and preset.correction != "none"),
+            "algorithm.staleness_correction",
+            f"decoupled weights pi_old / mu by the preset's correction, and preset {self.algorithm.preset} has "
+            f"{'no pi_old' if preset.ratio_base != 'old' else 'none'}: choose algorithm.preset=grpo-token-tis or "
+            "grpo-seq-mis (or staleness_correction=rollout)",
+        )
+        check(
+            not (k and self.precision.bitwise),
+            "rollout.max_staleness",
+            "cannot go with precision.bitwise: a stale batch's log mu comes from older weights than the learner's, "
+            "so they cannot agree to the bit; use rollout.max_staleness=0",
         )
 
     def _check_update(self) -> None:

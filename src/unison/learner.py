@@ -144,6 +144,23 @@ def frozen_copy(model, policy: PrecisionPolicy, matmul: str = "auto", gemm: str 
     return forward
 
 
+def load_verified(engine, exported: list) -> dict:
+    """Load `exported` ((name, tensor) in the engine's dtype) into `engine`, then check the engine's checksum against
+    theirs (WeightSyncError where they differ). -> the load's metrics"""
+    t0 = time.perf_counter()
+    engine.load_weights(exported)
+    t1 = time.perf_counter()
+    expected = checksum(exported)
+    got = engine.weights_checksum()
+    if got != expected:
+        raise WeightSyncError(
+            f"weight sync failed: the rollout engine's checksum {got} differs from the learner's {expected} "
+            "(weights cast to the rollout dtype); the engine is not sampling from the policy being trained"
+        )
+    t2 = time.perf_counter()
+    return {"perf/sync_seconds": t2 - t0, "perf/sync_verify_seconds": t2 - t1, "sync/checksum_ok": 1.0}
+
+
 class Learner:
     """Trains a causal LM with fp32 master weights; forward/backward in the train dtype.
 
@@ -392,18 +409,9 @@ class Learner:
         """Load the master weights, cast to the engine's dtype, into the engine, then verify the engine's checksum
         (on every rank: each rank's engine receives the full weights)."""
         t0 = time.perf_counter()
-        exported = self.export_weights(engine.dtype)
-        engine.load_weights(exported)
-        t1 = time.perf_counter()
-        expected = checksum(exported)
-        got = engine.weights_checksum()
-        if got != expected:
-            raise WeightSyncError(
-                f"weight sync failed: the rollout engine's checksum {got} differs from the learner's {expected} "
-                "(weights cast to the rollout dtype); the engine is not sampling from the policy being trained"
-            )
-        t2 = time.perf_counter()
-        return {"perf/sync_seconds": t2 - t0, "perf/sync_verify_seconds": t2 - t1, "sync/checksum_ok": 1.0}
+        metrics = load_verified(engine, self.export_weights(engine.dtype))
+        metrics["perf/sync_seconds"] = time.perf_counter() - t0
+        return metrics
 
     # ---- state ----------------------------------------------------------------------------------------------
     def master_state(self) -> dict[str, torch.Tensor]:

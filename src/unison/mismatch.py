@@ -234,6 +234,27 @@ def mismatch_metrics(logp_pi: torch.Tensor, logp_mu: torch.Tensor, mask: torch.T
     return acc.result()
 
 
+SPLIT_KEYS = ("abs_log_ratio_mean", "log_ratio_mean", "k3", "seq_kl")
+
+
+def staleness_split(
+    logp_now: torch.Tensor, logp_sampled: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """A stale batch's off-policy gap log pi_now - log mu in two parts that add up to it, token by token:
+
+        mismatch  log pi_sampled - log mu       the learner at the weights the batch was sampled with, against
+                                                the engine (the same weights: only the kernels differ)
+        policy    log pi_now - log pi_sampled   the learner now against the learner then (the updates since)
+
+    Each part's `SPLIT_KEYS` and the total's, as `mismatch_*`, `policy_*`, `total_*`."""
+    parts = {
+        "mismatch": mismatch_metrics(logp_sampled, logp_mu, mask),
+        "policy": mismatch_metrics(logp_now, logp_sampled, mask),
+        "total": mismatch_metrics(logp_now, logp_mu, mask),
+    }
+    return {f"{name}_{k}": part[k] for name, part in parts.items() for k in SPLIT_KEYS}
+
+
 # ---- exact divergences from the whole distributions ------------------------------------------------------------
 EXACT_KEYS = (
     "exact_kl_mu_pi",

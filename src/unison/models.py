@@ -87,10 +87,10 @@ def build_tokenizer():
 
 
 def random_model(seed: int = 0, **overrides):
-    """A random-initialised Qwen2 causal LM with the built-in tokenizer's vocabulary (fp32)."""
+    """A random-initialised Qwen2 causal LM (fp32), of the built-in tokenizer's vocabulary unless `vocab_size` says."""
 
-    cfg = dict(BUILTIN_CONFIG, **overrides)
-    config = Qwen2Config(vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=1, pad_token_id=0, **cfg)
+    cfg = {"vocab_size": VOCAB_SIZE, **BUILTIN_CONFIG, **overrides}
+    config = Qwen2Config(bos_token_id=None, eos_token_id=1, pad_token_id=0, **cfg)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = 1

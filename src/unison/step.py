@@ -31,36 +31,17 @@ import torch
 
 from unison import checkpoint as ckpt
 from unison import threads
-from unison.algorithms import ADVANTAGES, KLTerm, aggregation_counts, kl_penalty, policy_loss
+from unison.ahead import AheadSampler
+from unison.algorithms import ADVANTAGES, KLTerm, aggregation_counts, clip_binding_frac, kl_penalty, policy_loss
+from unison.batch import Batch
 from unison.batching import MicroBatch
 from unison.config import TrainConfig
 from unison.distributed import SINGLE, World
 from unison.evaluation import score
 from unison.measurements import Measurement
-from unison.mismatch import bits_equal, mismatch_metrics
+from unison.mismatch import bits_equal, mismatch_metrics, staleness_split
 from unison.rollout.base import Rollouts
 from unison.schedules import lr_factor
-
-
-@dataclass
-class Batch:
-    """What one step sampled and computed, row by row (B rows; on one rank its share, after `gather` the whole).
-
-    rollouts     the engine's samples with log mu                       rewards     [B]
-    texts        the decoded responses                                  examples    each row's prompt
-    logp_old     [B, T] log pi_old (filled by the first update's forward where it has no pass of its own)
-    entropy      [B, T] pi_old's entropy at each position               advantages  [B]
-    kl           the KL-in-the-reward metrics (kl/ref, kl/ref_seq), where it applies
-    """
-
-    rollouts: Rollouts
-    rewards: torch.Tensor
-    texts: list[str]
-    examples: list
-    logp_old: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    kl: dict = field(default_factory=dict)
 
 
 def needs_recompute(optim, rollout_batch: int) -> bool:
@@ -98,14 +79,18 @@ class RLStep:
         self.asks = {"keep_routing": True} if replay else {}
         for m in self.measurements:
             self.asks.update(m.asks)
+        # rollout.max_staleness > 0: the engine samples ahead in its own thread (`unison.ahead`)
+        self.sampler = AheadSampler(self, r.max_staleness) if r.max_staleness > 0 else None
 
     def __call__(self, step: int, stream, shuffle: torch.Generator, samples: list | None = None) -> dict:
         """RL step `step` (0-based). Returns its metrics, and appends a digest of the sampled responses and
         `run.log_samples` decoded rows to `samples` when given."""
-        threads.adapt()  # the cores the machine's other processes leave free
+        if self.sampler is None:
+            threads.adapt()  # the cores the machine's other processes leave free
         lr = self.set_lr(step)
         t_start = time.perf_counter()
-        batch, prompts = self.sample(stream)
+        # the batch: sampled now, or (sampling ahead) by the engine's thread with the weights of step - k
+        batch, prompts = self.sample(stream) if self.sampler is None else self.sampler.next(step, stream)
         release_free_memory()  # the engine's decode buffers
         t_rollout = time.perf_counter() - t_start
         t0 = time.perf_counter()
@@ -118,10 +103,12 @@ class RLStep:
         updates = self.update(batch, shuffle)
         release_free_memory()  # the activations and gradients
         t_learn = time.perf_counter() - t0
-        metrics = self.learner.sync(self.engine)  # with its time, perf/sync_seconds
+        # the new weights into the engine, verified (sampling ahead: the engine's thread loads each job's own)
+        metrics = self.learner.sync(self.engine) if self.sampler is None else dict(batch.sync)
         release_free_memory()  # the exported weights
         batch = self.gather(batch, prompts)
         metrics.update(self.mismatch(batch))
+        metrics.update(self.staleness(step, batch))
         self.last_batch = batch
         if self.cfg.precision.bitwise:
             self.divergence = bitwise_divergence(batch) or self.update.divergence
@@ -144,15 +131,19 @@ class RLStep:
     def sample(self, stream) -> tuple[Batch, list]:
         """This rank's share of the step's prompts (the same on every rank), G responses each, and their rewards.
         -> (the batch, the step's prompts)"""
+        prompts = stream.take(self.cfg.rollout.prompts_per_step)
+        return self.generate(prompts), prompts
+
+    def generate(self, prompts: list) -> Batch:
+        """This rank's share of `prompts`, G responses each (groups contiguous), and their rewards."""
         r, w, s = self.cfg.rollout, self.world, self.run.setup
-        prompts = stream.take(r.prompts_per_step)
         share = r.prompts_per_step // w.size
         examples = [e for e in prompts[w.rank * share : (w.rank + 1) * share] for _ in range(r.group_size)]
-        rollouts = self.engine.generate(
-            [s.prompt_ids[id(e)] for e in examples], self.run.sampling, **self.asks
-        )  # groups contiguous
+        t0 = time.perf_counter()
+        rollouts = self.engine.generate([s.prompt_ids[id(e)] for e in examples], self.run.sampling, **self.asks)
+        t_engine = time.perf_counter() - t0
         rewards, texts = score(s.task, s.tokenizer, rollouts, examples)
-        return Batch(rollouts, rewards, texts, examples), prompts
+        return Batch(rollouts, rewards, texts, examples, sync={"perf/engine_seconds": t_engine})
 
     def old_logprobs(self, batch: Batch) -> None:
         """log pi_old and the entropy: recomputed, or zeros that the first update's forward fills."""
@@ -215,11 +206,41 @@ class RLStep:
     # ---- metrics ---------------------------------------------------------------------------------------------
     def mismatch(self, batch: Batch) -> dict:
         """The estimators on the sampled tokens (pi_old against mu), then the measurements' metrics."""
-        estimated = mismatch_metrics(batch.logp_old, batch.rollouts.logprobs, batch.rollouts.mask)
+        ro = batch.rollouts
+        estimated = mismatch_metrics(batch.logp_old, ro.logprobs, ro.mask)
         out = {f"mismatch/{k}": v for k, v in estimated.items()}
+        p = self.preset
+        if p.objective == "ppo_clip":  # tokens the clip of pi_old / mu would cut where pi_old equals pi_theta
+            frac = clip_binding_frac(batch.logp_old, ro.logprobs, batch.advantages, ro.mask, p.clip_low, p.clip_high)
+            out["mismatch/phantom_clip_frac"] = frac
         for m in self.measurements:
             out.update(m.metrics(estimated))
         return out
+
+    def staleness(self, step: int, batch: Batch) -> dict:
+        """How many updates old the batch's weights are, and (sampling ahead, on the split's rows) its off-policy
+        gap log pi_old - log mu split into engine mismatch and policy change (`mismatch.staleness_split`)."""
+        age = step - batch.version if self.sampler is not None else 0
+        out = {"staleness/mean": float(age), "staleness/max": float(age)}
+        if batch.logp_sampled is None:
+            return out
+        rows, ro = batch.split_rows, batch.rollouts
+        T = batch.logp_sampled.shape[1]
+        now, mu, mask = batch.logp_old[rows, :T], ro.logprobs[rows, :T], ro.mask[rows, :T]
+        out.update({f"staleness/{k}": v for k, v in staleness_split(now, batch.logp_sampled, mu, mask).items()})
+        p = self.preset
+        if p.objective == "ppo_clip":  # the phantom clipping of the mismatch alone
+            adv = batch.advantages[rows]
+            out["staleness/mismatch_clip_frac"] = clip_binding_frac(
+                batch.logp_sampled, mu, adv, mask, p.clip_low, p.clip_high
+            )
+        out["staleness/split_rows"] = len(rows)
+        return out
+
+    def close(self) -> None:
+        """Stop the engine's thread (sampling ahead), after the job it is on."""
+        if self.sampler is not None:
+            self.sampler.close()
 
     def precision_metrics(self) -> dict:
         return {
@@ -410,6 +431,8 @@ class PolicyUpdate:
         # precision.bitwise with a pass of its own for log pi_old: the first update's forward must equal it
         self.check_first = cfg.precision.bitwise and not single_update
         self.divergence: Divergence | None = None
+        # algorithm.staleness_correction=rollout: the engine's log mu stands for pi_old in the loss
+        self.old_is_mu = a.staleness_correction == "rollout"
 
     def __call__(self, batch: Batch, shuffle: torch.Generator) -> dict:
         self.batch, self.totals, self.divergence = batch, LossTotals(), None
@@ -463,10 +486,11 @@ class PolicyUpdate:
         if self.kl_loss:
             with torch.no_grad():
                 kl = KLTerm(a.kl_coef, a.kl_estimator, self.reference.logprobs(mb.batch, *self.sampling))
+        old = mb.rollouts.logprobs if self.old_is_mu else b.logp_old[mb.rows, :T]
         loss, terms = policy_loss(
             self.preset,
             logp,
-            b.logp_old[mb.rows, :T].to(dev),
+            old.to(dev),
             mb.rollouts.logprobs.to(dev),
             b.advantages[mb.rows].to(dev),
             mb.rollouts.mask.to(dev),

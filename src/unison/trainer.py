@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from unison import checkpoint as ckpt
 from unison import distributed, threads
+from unison.ahead import EngineThreadError
 from unison.config import TrainConfig, parse_size, to_dict
 from unison.conformance import self_test
 from unison.distributed import World
@@ -178,7 +179,10 @@ def train(
     ) as engine:
         measurements = measurements_for(cfg, learner.moe, world)
         steps = RLStep(cfg, run, learner, engine, reference, measurements, world)
-        return run_with_faults(Run(cfg, run, steps, quiet or not world.main), point, resume, overwrite, loggers)
+        try:
+            return run_with_faults(Run(cfg, run, steps, quiet or not world.main), point, resume, overwrite, loggers)
+        finally:
+            steps.close()
 
 
 def run_with_faults(run: Run, point: ResumePoint, resume: bool, overwrite: bool, loggers: list[str]) -> Path:
@@ -195,6 +199,8 @@ def run_with_faults(run: Run, point: ResumePoint, resume: bool, overwrite: bool,
         raise _stop(run, run_dir, "interrupted (SIGINT)", SIGINT_CODE) from None
     except Terminated:
         raise _stop(run, run_dir, "terminated (SIGTERM)", SIGTERM_CODE) from None
+    except EngineThreadError as exc:
+        raise _stop(run, run_dir, str(exc), 1) from None
     except MismatchGuardStop as exc:
         latest_saved = ckpt.latest_checkpoint(run_dir)
         where = (
@@ -230,6 +236,11 @@ def check_world_settings(cfg: TrainConfig, size: int, device: torch.device) -> N
         )
     if size > 1:
         check_capability(cfg.rollout.engine, "ranks", f"--nproc {size}")
+    if size > 1 and cfg.rollout.max_staleness > 0:
+        raise UserError(
+            f"rollout.max_staleness={cfg.rollout.max_staleness} with several ranks is not supported yet; train on one "
+            "rank, or sample then learn (rollout.max_staleness=0)"
+        )
     if size > 1 and cfg.precision.bitwise:
         raise UserError("precision.bitwise with several ranks is not supported yet; train on one rank")
 
@@ -378,7 +389,19 @@ class Run:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.engine.set_rng_state(state["rng"]["engine"])
+        self.restore_ahead(state.get("ahead", []), point.latest)
         return state["step"]
+
+    def restore_ahead(self, saved: list, latest: Path) -> None:
+        """The batches a checkpoint saved in flight (sampling ahead), back into the engine's queue."""
+        if not saved:
+            return
+        if self.step.sampler is None:
+            raise UserError(
+                f"{latest} holds {len(saved)} batch(es) sampled ahead (rollout.max_staleness > 0); resume it with "
+                "the rollout.max_staleness it was saved with"
+            )
+        self.step.sampler.restore(saved, self.inputs.train_examples)
 
     def note_changes(self, changes: dict, start: int) -> None:
         """Settings changed on resume (--allow-changes): in resumes.jsonl and one line on stderr."""
@@ -494,20 +517,17 @@ class Run:
         the steps after an evaluation sample what they would without it: a run resumed from one that ended (and so
         evaluated) at its step N goes on as one run of more steps would."""
         s, tests, n = self.inputs.setup, self.inputs.test_examples, self.cfg.run.eval_samples
-        state = self.engine.rng_state()
-        try:
-            ev = evaluate(
-                self.engine,
-                s.task,
-                s.tokenizer,
-                tests,
-                [s.prompt_ids[id(e)] for e in tests],
-                self.inputs.sampling,
-                n=n,
-                ks=[1, n],
-            )
-        finally:
-            self.engine.set_rng_state(state)
+
+        def run(engine) -> dict:
+            state = engine.rng_state()
+            try:
+                ids = [s.prompt_ids[id(e)] for e in tests]
+                return evaluate(engine, s.task, s.tokenizer, tests, ids, self.inputs.sampling, n=n, ks=[1, n])
+            finally:
+                engine.set_rng_state(state)
+
+        # sampling ahead: in the engine's thread, after the jobs before it, at the learner's weights of now
+        ev = run(self.engine) if self.step.sampler is None else self.step.sampler.on_engine(run)
         return {f"eval/{k}": v for k, v in ev.items() if k.startswith(("avg@", "pass@"))}
 
     def save(self, step: int) -> Path | None:
@@ -515,6 +535,8 @@ class Run:
         ranks each other rank's own (its optimizer shard, RNG states, overflow counts) gathered to rank 0, which
         writes the folder (`checkpoint.save_checkpoint`). Returns the folder on rank 0."""
         learner, world = self.learner, self.world
+        # sampling ahead: the batches in flight, finished first (the engine's random state is then theirs)
+        ahead = self.step.sampler.state(self.inputs.train_examples) if self.step.sampler is not None else []
         master = learner.master_state()  # gathered from every rank's shard
         own = {
             "learner": {"optimizer": learner.optimizer_state()},
@@ -533,7 +555,7 @@ class Run:
                 model,
                 self.inputs.setup.tokenizer,
                 master,
-                self.trainer_state(step, own),
+                {**self.trainer_state(step, own), "ahead": ahead},
                 keep=self.cfg.run.keep_checkpoints,
                 shard_size=parse_size(self.cfg.run.shard_size, "run.shard_size"),
                 rank_states=ranks[1:],

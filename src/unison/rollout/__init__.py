@@ -36,6 +36,7 @@ CAPABILITIES = {
     "tensor_parallel": "spreads one model over several GPUs",
     "activation_checks": "checks its fp16 activations for overflow as it decodes",
     "bitwise": "computes with the learner's kernels, so that their log-probs can agree to the bit",
+    "ahead": "samples in a thread of its own while the learner updates (rollout.max_staleness > 0)",
 }
 
 
