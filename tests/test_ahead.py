@@ -28,6 +28,7 @@ def varied(tmp_path, **extra):
         "precision.train": "fp16",
         "rollout.max_staleness": 1,
         "algorithm.staleness_correction": "rollout",
+        "run.threads": "1",  # fixed: with auto the learner's thread count follows the engine's timing
         **extra,
     }
 
@@ -201,3 +202,67 @@ def test_no_engine_state_survives_a_weight_load(tiny_dir):
     used.set_rng_state(fresh.rng_state())
     a, b = used.generate(prompts, params), fresh.generate(prompts, params)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+
+
+def test_lora_samples_ahead_with_the_merged_adapter(tiny_dir, tmp_path):
+    extra = varied(tmp_path, **{"lora.enabled": True, "lora.rank": 4, "run.steps": 3, "optim.lr": 1e-2})
+    rows = rows_of(train(tiny_cfg(tiny_dir, tmp_path / "run", **extra), quiet=True))
+    assert [r["staleness/max"] for r in rows] == [0, 1, 1]
+    assert rows[0]["staleness/policy_abs_log_ratio_mean"] == 0.0 and rows[-1]["staleness/policy_abs_log_ratio_mean"] > 0
+    assert all(r["sync/checksum_ok"] == 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_moe_samples_ahead_with_routing_recorded_at_the_sampling_weights(tmp_path, replay):
+    from unison.archs import save_tiny
+
+    d = save_tiny("qwen2-moe", tmp_path / "moe")
+    cfg = tiny_cfg(
+        d,
+        tmp_path / "run",
+        **varied(tmp_path, **{"run.steps": 3, "moe.routing_replay": replay, "rollout.max_new_tokens": 8}),
+    )
+    rows = rows_of(train(cfg, quiet=True))
+    assert [r["staleness/max"] for r in rows] == [0, 1, 1]
+    assert all(0 <= r["routing/routing_flip_frac"] <= 1 for r in rows)
+    if replay:  # the learner routes with the experts the engine chose, at the weights it sampled with
+        assert all(r["routing/routing_flip_frac"] == 0 for r in rows)
+
+
+def test_several_ranks_are_refused_by_name(tiny_dir, tmp_path):
+    from unison.trainer import check_world_settings
+
+    cfg = tiny_cfg(tiny_dir, tmp_path / "run", **varied(tmp_path, **{"optim.train_batch_size": 8}))
+    with pytest.raises(UserError, match="rollout.max_staleness=1 with several ranks is not supported yet"):
+        check_world_settings(cfg, 2, torch.device("cpu"))
+
+
+def test_the_learner_takes_every_core_while_the_engine_waits():
+    import threading
+
+    from unison import threads
+
+    before = torch.get_num_threads()
+    busy = {"now": True}
+    threads.lend(lambda: 1 if busy["now"] else 3)
+    try:
+        threads.rebalance()
+        assert torch.get_num_threads() == 1
+        busy["now"] = False
+        threads.rebalance()
+        assert torch.get_num_threads() == 3
+        seen = []
+
+        def engine_thread():  # another thread (the engine's) keeps its own count
+            torch.set_num_threads(2)
+            threads.rebalance()
+            seen.append(torch.get_num_threads())
+
+        t = threading.Thread(target=engine_thread)
+        t.start(), t.join()
+        assert seen == [2]
+    finally:
+        threads.lend(None)
+        torch.set_num_threads(before)
+    threads.rebalance()  # nothing lent: nothing changes
+    assert torch.get_num_threads() == before

@@ -1026,6 +1026,29 @@ CASES = [
         lambda d, t: train(t, "rollout.tensor_parallel_size=2"),
         "spreads one model over several GPUs",
     ),
+    C(
+        "staleness-without-correction",
+        "config",
+        "rollout.max_staleness > 0 without a staleness correction",
+        lambda d, t: train(t, "rollout.max_staleness=1"),
+        "algorithm.staleness_correction: must be chosen with rollout.max_staleness=1",
+    ),
+    C(
+        "staleness-decoupled-no-correction",
+        "config",
+        "staleness_correction=decoupled with a preset that has no correction to weight pi_old / mu",
+        lambda d, t: train(t, "rollout.max_staleness=1", "algorithm.staleness_correction=decoupled"),
+        "choose algorithm.preset=grpo-token-tis or grpo-seq-mis",
+    ),
+    C(
+        "staleness-vllm",
+        "config",
+        "rollout.max_staleness > 0 with the vLLM engine",
+        lambda d, t: train(
+            t, "rollout.engine=vllm", "rollout.max_staleness=1", "algorithm.staleness_correction=rollout"
+        ),
+        "samples in a thread of its own while the learner updates",
+    ),
     # ---- LoRA and MoE ----------------------------------------------------------------------------------------
     C(
         "lora-targets-nothing",

@@ -21,6 +21,7 @@ would have. An error in the engine's thread ends the run with one line (`EngineT
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,9 +69,16 @@ class AheadSampler:
         self.next_index = 0  # the step whose job is handed over next
         self.engine_version: int | None = None  # the weights the engine holds (None: not known)
         self.evaluations = 0
-        learner_threads = max(1, threads.cores() - self.engine_threads)
-        if str(step.cfg.run.threads) == "auto":  # the learner keeps the cores the engine's thread leaves
-            threads.configure(learner_threads)
+        device = step.engine.device
+        # on a GPU the engine's kernels go into a stream of their own, beside the learner's
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.busy = 0  # jobs the engine's thread is on (0 or 1)
+        cores = threads.cores()
+        if str(step.cfg.run.threads) == "auto":
+            # the learner takes the cores the engine's thread leaves while it samples, and every core while it waits
+            # (a thread count that changes with timing: a run.threads number keeps runs repeatable to the bit)
+            threads.configure(max(1, cores - self.engine_threads))
+            threads.lend(lambda: cores if not self.busy else max(1, cores - self.engine_threads))
 
     # ---- the learner's side ------------------------------------------------------------------------------------
     def next(self, index: int, stream):
@@ -90,7 +98,10 @@ class AheadSampler:
 
     def export(self) -> list:
         """The learner's weights now, cast for the engine (copies: the learner goes on updating its own)."""
-        return [(n, t.clone()) for n, t in self.step.learner.export_weights(self.step.engine.dtype)]
+        weights = [(n, t.clone()) for n, t in self.step.learner.export_weights(self.step.engine.dtype)]
+        if self.stream is not None:  # the copies made before the engine's stream reads them
+            torch.cuda.current_stream().synchronize()
+        return weights
 
     def snapshot(self):
         """The learner's frozen copy now, for the split (None where none is measured; MoE models route by the
@@ -122,8 +133,9 @@ class AheadSampler:
         version = -self.evaluations  # a version of its own: the next job loads its weights again
 
         def run():
-            self.load(version, weights)
-            return fn(self.step.engine)
+            with self.engine_stream():
+                self.load(version, weights)
+                return fn(self.step.engine)
 
         return self.result(self.pool.submit(run), self.next_index - 1)
 
@@ -139,12 +151,23 @@ class AheadSampler:
         return metrics
 
     def sample(self, job: Job):
-        """One job, in the engine's thread: the weights, the step's batch, and the learner at those weights on the
-        split's rows."""
+        """One job, in the engine's thread (and stream): the weights, the step's batch, and the learner at those
+        weights on the split's rows."""
+        self.busy += 1
+        try:
+            with self.engine_stream():
+                return self._sample(job)
+        finally:
+            self.busy -= 1
+
+    def engine_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _sample(self, job: Job):
         sync = self.load(job.version, job.weights)
         job.weights = None  # the engine holds them now
         batch = self.step.generate(job.prompts)
-        batch.version, batch.sync = job.version, sync
+        batch.version, batch.sync = job.version, {**batch.sync, **sync}
         if job.snapshot is not None:
             batch.split_rows = split_rows(len(batch.rollouts), self.step.cfg.rollout.group_size, self.split_share)
             batch.logp_sampled = self.step.learner.recompute(
@@ -187,6 +210,7 @@ class AheadSampler:
             self.next_index = item["index"] + 1
 
     def close(self) -> None:
+        threads.lend(None)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from unison import threads
 from unison.architecture import shares_prompts
 from unison.distributed import SINGLE, World
 from unison.rollout.base import Rollouts
@@ -268,6 +269,7 @@ class MicroBatcher:
         B, T = rollouts.response_ids.shape
         out = None
         for idx in self.plan(rollouts, size):
+            threads.rebalance()  # (the learner's thread: the cores an engine sampling ahead leaves now)
             got = compute(rollouts.select(idx))
             if out is None:
                 out = tuple(torch.zeros(B, T, *g.shape[2:], dtype=g.dtype) for g in got)

@@ -23,6 +23,7 @@ import time
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from unison import threads
 from unison.batching import MicroBatch, MicroBatcher, SequenceBatch
 from unison.config import ModelConfig, MoeConfig, OptimConfig, PrecisionConfig
 from unison.distributed import SINGLE, World, shard
@@ -377,6 +378,7 @@ class Learner:
         self.weights.zero_grad()
         parts = self.batcher.plan(rollouts, micro_batch_size, rows)
         for i, idx in enumerate(parts):
+            threads.rebalance()  # the cores an engine sampling ahead leaves now
             if self.world.distributed:  # sharded: gradients reduced over the ranks once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(parts) - 1)
             part_rows = rows[idx]
@@ -386,6 +388,7 @@ class Learner:
             logp, ent = res if with_entropy else (res, None)
             backward(loss_fn(MicroBatch(part_rows, part, batch, logp, ent)), self.weights, self.scaler)
         reduce = self.world.all_reduce_sum if self.world.distributed else None
+        threads.rebalance()
         return step(self.weights, self.optimizer, self.scaler, self.max_grad_norm, all_reduce=reduce)
 
     # ---- weight sync ----------------------------------------------------------------------------------------

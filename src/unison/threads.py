@@ -14,7 +14,9 @@ or `run.threads` a number) is kept.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -77,6 +79,7 @@ class ThreadPolicy:
 
 
 _policy: ThreadPolicy | None = None
+_lender: tuple[int, Callable[[], int]] | None = None  # (the thread it applies to, its thread count now)
 
 
 def configure(setting: str | int = "auto") -> ThreadPolicy:
@@ -89,3 +92,22 @@ def configure(setting: str | int = "auto") -> ThreadPolicy:
 def adapt() -> int:
     """The process-wide policy's `adapt` (started as "auto" on first use)."""
     return (_policy or configure()).adapt()
+
+
+def lend(count: Callable[[], int] | None) -> None:
+    """From now on (None: no longer), `rebalance()` in the calling thread sets its thread count to `count()`: the
+    learner's, while the engine samples ahead in a thread of its own (`unison.ahead`), is the cores the engine's
+    thread leaves while it samples and every core while it waits."""
+    global _lender
+    _lender = (threading.get_ident(), count) if count is not None else None
+
+
+def rebalance() -> None:
+    """Where a count was lent to this thread (`lend`), set it; elsewhere nothing. Called between the learner's
+    micro-batches."""
+    lender = _lender
+    if lender is None or lender[0] != threading.get_ident():
+        return
+    n = lender[1]()
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
