@@ -107,6 +107,8 @@ RESUME_FREE = (
     "precision.min_scale",
     "precision.on_activation_overflow",
     "rollout.tensor_parallel_size",
+    "rollout.engine_threads",
+    "rollout.split_share",
     "optim.micro_batch_size",
     "optim.micro_batch_tokens",
     "optim.share_prompts",
