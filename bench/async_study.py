@@ -174,13 +174,14 @@ def split_figure(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    keys = [("total", "total |log pi_now - log mu|"), ("policy", "policy change"), ("mismatch", "engine mismatch")]
-    for (part, label), color in zip(keys, ("black", "tab:blue", "tab:red")):
+    keys = [("policy", "policy change"), ("mismatch", "engine mismatch"), ("total", "total |log pi_now - log mu|")]
+    for (part, label), color in zip(keys, ("tab:blue", "tab:red", "black")):
         key = f"staleness/{part}_abs_log_ratio_mean"
         for i, rows in enumerate(rows for (k, _), rows in sorted(runs.items()) if k == 1):
-            xs = [x["step"] for x in rows if key in x]
-            ys = [x[key] for x in rows if key in x]
-            ax.plot(xs, ys, color=color, alpha=0.7, lw=1, label=label if i == 0 else None)
+            xs = [x["step"] for x in rows if x.get(key, 0) > 0]  # (the first step's policy change is 0)
+            ys = [x[key] for x in rows if x.get(key, 0) > 0]
+            style = {"ls": ":", "lw": 1.2, "alpha": 0.9} if part == "total" else {"lw": 1, "alpha": 0.6}
+            ax.plot(xs, ys, color=color, label=label if i == 0 else None, **style)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("mean |log-ratio| per token")
