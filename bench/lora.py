@@ -2,7 +2,8 @@
 
     python bench/lora.py [--models builtin,30m] [--steps 5] [--rounds 2] [--demo]
 
-Timing (every model of --models: the built-in model, the random 25M-parameter Qwen2 `30m` of bench/bench_models.py):
+Timing (every model of --models: the built-in model, the random 25M-parameter Qwen2 `30m` of bench/bench_models.py,
+or the fetched SmolLM2-135M-Instruct on the word problems, `smollm2-135m-instruct`, written to its own section):
 `unison train` full and with LoRA (lora.rank / lora.alpha, every linear layer of the decoder blocks), in fp16 and
 bf16 (rollout and training alike), taking turns, `--rounds` times; `--prompts` x `--group` samples of at most
 `--new-tokens` tokens, one update a step, one thread, model.matmul=auto. A run's step time is the median of its steps
@@ -33,11 +34,22 @@ from ranks import model_dir, train_rows  # noqa: E402
 DOC = Path(__file__).resolve().parent.parent / "docs/lora.md"
 
 
+# fetched real models, and the data settings they train on
+REAL = {"smollm2-135m-instruct": ["data.source=word-problems", "data.subset="]}
+
+
+def model_path(name: str) -> str:
+    from unison.models import resolve_model_dir
+
+    return str(resolve_model_dir(name)) if name in REAL else model_dir(name)
+
+
 def trainable(name: str, rank: int, alpha: float) -> tuple[int, int]:
     """(parameters, of which LoRA trains) of model `name`."""
     from unison.lora import resolve_targets, wrap
+    from unison.models import load_model
 
-    model = build(name)
+    model = load_model(model_path(name)) if name in REAL else build(name)
     total = sum(p.numel() for p in model.parameters())
     wrapped = wrap(model, rank, alpha, resolve_targets(model, "auto"))
     return total, sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
@@ -47,8 +59,9 @@ def lora_args(args) -> list[str]:
     return ["lora.enabled=true", f"lora.rank={args.rank}", f"lora.alpha={args.alpha}"]
 
 
-def timing(path: str, precision: str, lora: bool, args) -> dict:
+def timing(path: str, precision: str, lora: bool, args, data: list[str] = ()) -> dict:
     extra = [f"precision.rollout={precision}", f"precision.train={precision}", *(lora_args(args) if lora else [])]
+    extra += list(data)
     rows = train_rows(path, args, *extra)
     return {
         "step": statistics.median(r["perf/step_seconds"] for r in rows[1:]),
@@ -96,13 +109,15 @@ def main(argv=None) -> None:
     ]
     summary = []
     for name in models:
-        path = model_dir(name)
+        path = model_path(name)
         total, lora_params = trainable(name, args.rank, args.alpha)
         runs: dict = {}
         for _ in range(args.rounds):
             for precision in ("fp16", "bf16"):
                 for lora in (False, True):  # taking turns
-                    runs.setdefault((precision, lora), []).append(timing(path, precision, lora, args))
+                    runs.setdefault((precision, lora), []).append(
+                        timing(path, precision, lora, args, REAL.get(name, []))
+                    )
         for precision in ("fp16", "bf16"):
             full, lo = (
                 {k: statistics.median(r[k] for r in runs[(precision, flag)]) for k in ("step", "learn", "rss")}
@@ -121,8 +136,9 @@ def main(argv=None) -> None:
         f"{args.prompts} --group {args.group} --new-tokens {args.new_tokens} --rank {args.rank} --alpha "
         f"{args.alpha:g}"
     )
-    if models:
-        replace_section("lora-cost", "\n".join([*lines, "", f"    {command}"]), DOC)
+    if models:  # a real model's table is a section of its own
+        section = "lora-cost" + "".join(f"-{m}" for m in models if m in REAL)
+        replace_section(section, "\n".join([*lines, "", f"    {command}"]), DOC)
     if args.demo:
         from unison.demo import DemoConfig
 

@@ -94,11 +94,11 @@ class AheadSampler:
             self.submit(Job(self.next_index, index, prompts, weights, snapshot))
         j, future = self.jobs.popleft()
         assert j == index, f"the engine's queue is at step {j}, the learner at {index}"
-        return self.result(future, index)
+        return self.result(future, f"sampling the batch of step {index + 1}")
 
     def export(self) -> list:
-        """The learner's weights now, cast for the engine (copies: the learner goes on updating its own)."""
-        weights = [(n, t.clone()) for n, t in self.step.learner.export_weights(self.step.engine.dtype)]
+        """The learner's weights now, cast for the engine (new tensors: the learner goes on updating its own)."""
+        weights = self.step.learner.export_weights(self.step.engine.dtype)
         if self.stream is not None:  # the copies made before the engine's stream reads them
             torch.cuda.current_stream().synchronize()
         return weights
@@ -115,16 +115,14 @@ class AheadSampler:
         self.jobs.append((job.index, self.pool.submit(self.sample, job)))
         self.next_index = job.index + 1
 
-    def result(self, future: Future, index: int):
+    def result(self, future: Future, what: str):
+        """The job's result; its error as one line (`EngineThreadError`), a bad input's as it is."""
         try:
             return future.result()
         except (UserError, EngineThreadError):
             raise
         except Exception as exc:
-            raise EngineThreadError(
-                f"the rollout engine's thread failed sampling the batch of step {index + 1}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise EngineThreadError(f"the rollout engine's thread failed {what}: {type(exc).__name__}: {exc}") from exc
 
     def on_engine(self, fn):
         """fn(engine) in the engine's thread after the jobs before it, with the learner's weights of now."""
@@ -137,7 +135,7 @@ class AheadSampler:
                 self.load(version, weights)
                 return fn(self.step.engine)
 
-        return self.result(self.pool.submit(run), self.next_index - 1)
+        return self.result(self.pool.submit(run), "evaluating the held-out prompts")
 
     # ---- the engine's thread ---------------------------------------------------------------------------------
     def load(self, version: int, weights: list) -> dict:

@@ -1,13 +1,17 @@
 """One RL step, top to bottom (`RLStep.__call__`):
 
-    sample        G responses to each prompt from the rollout engine (rollout dtype), and their rewards
+    sample        G responses to each prompt from the rollout engine (rollout dtype), and their rewards; with
+                  rollout.max_staleness k, the batch the engine's thread sampled with the weights of step - k
+                  (`unison.ahead`)
     old log-probs log pi_old in the train dtype: its own pass only when a batch gives several updates, or when a KL
                   penalty in the reward needs it first; otherwise the first update's forward gives it
     advantages    per group, from the rewards (less the KL penalty to the reference where it goes into the reward)
     measurements  what the optional measurements (`unison.measurements`) need of pi_old before it changes
     update        optim.epochs passes over the batch, one optimizer step per optim.train_batch_size samples
-    sync          the new master weights into the engine, verified by checksum
-    metrics       the whole batch's (gathered from every rank): rollout, mismatch, measurements, loss, precision, perf
+    sync          the new master weights into the engine, verified by checksum (sampling ahead: each job's own, in
+                  the engine's thread)
+    metrics       the whole batch's (gathered from every rank): rollout, mismatch (with the phantom-clip fraction),
+                  staleness, measurements, loss, precision, perf
 
 With several ranks every rank takes the same prompts and samples its own share of the groups; the updates see the
 whole batch through the global token and sequence counts, and the metrics are the whole batch's.
