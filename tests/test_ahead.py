@@ -109,9 +109,27 @@ def test_resume_with_batches_in_flight_is_bit_exact(tiny_dir, tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_rollout_correction_clips_what_the_phantom_clip_fraction_says(tiny_dir, tmp_path):
+def test_rollout_correction_clips_what_the_phantom_clip_fraction_says(tiny_dir, tmp_path, monkeypatch):
     # one update per batch and mu as pi_old: the update's clip of pi_theta / mu binds exactly where the mismatch
-    # alone puts a token outside the (narrow) clip range, on the side its advantage makes binding
+    # alone puts a token outside the (narrow) clip range, on the side its advantage makes binding; the update's
+    # micro-batches are weighed here by their tokens, as the phantom-clip fraction counts them
+    from unison import algorithms
+    from unison.step import PolicyUpdate
+
+    steps: list[list[tuple[float, int]]] = []
+    objective, update = algorithms.OBJECTIVES["ppo_clip"], PolicyUpdate.__call__
+
+    def recording(logp, logp_old, logp_mu, advantages, mask, weights, **kw):
+        loss, metrics = objective(logp, logp_old, logp_mu, advantages, mask, weights, **kw)
+        steps[-1].append((metrics["policy/clip_frac"], int(mask.sum())))
+        return loss, metrics
+
+    def marking(self, *args, **kwargs):
+        steps.append([])
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setitem(algorithms.OBJECTIVES, "ppo_clip", recording)
+    monkeypatch.setattr(PolicyUpdate, "__call__", marking)
     cfg = tiny_cfg(
         tiny_dir,
         tmp_path / "run",
@@ -121,11 +139,10 @@ def test_rollout_correction_clips_what_the_phantom_clip_fraction_says(tiny_dir, 
                 "rollout.max_staleness": 0,
                 "precision.rollout": "bf16",
                 "precision.train": "fp32",
-                "optim.train_batch_size": 8,
-                "optim.micro_batch_size": 8,  # one micro-batch of equal lengths: clip_frac is over the same tokens
-                "rollout.max_new_tokens": 6,
+                "rollout.prompts_per_step": 4,
+                "optim.train_batch_size": 16,
                 "data.reward": f"{Path(__file__).parent / 'reward_fixture.py'}:odd_first_char",
-                "run.steps": 3,
+                "run.steps": 4,
                 "algorithm.clip_low": 0.002,
                 "algorithm.clip_high": 0.002,
             },
@@ -133,8 +150,10 @@ def test_rollout_correction_clips_what_the_phantom_clip_fraction_says(tiny_dir, 
     )
     rows = rows_of(train(cfg, quiet=True))
     assert max(r["mismatch/phantom_clip_frac"] for r in rows) > 0.01
-    for r in rows:
-        assert r["policy/clip_frac"] == pytest.approx(r["mismatch/phantom_clip_frac"], abs=1e-6)
+    assert len(steps) == len(rows)
+    for r, calls in zip(rows, steps):
+        clipped = sum(frac * n for frac, n in calls) / sum(n for _, n in calls)
+        assert clipped == pytest.approx(r["mismatch/phantom_clip_frac"], abs=1e-6)
 
 
 @pytest.mark.parametrize(
