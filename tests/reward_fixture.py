@@ -37,6 +37,6 @@ def rank1_raises(response: str, answer: str) -> float:
     return float(len(response) % 2 == 0)
 
 
-def odd_first_char(response: str, answer: str) -> float:
-    """1 where the response starts with a character of odd code: varies with what is sampled, not with its length."""
-    return float(bool(response) and ord(response[0]) % 2 == 1)
+def odd_char_sum(response: str, answer: str) -> float:
+    """1 where the response's character codes add up to an odd number: any token of it can flip it."""
+    return float(sum(map(ord, response)) % 2 == 1)

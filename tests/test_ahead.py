@@ -22,13 +22,16 @@ def varied(tmp_path, **extra):
     prompts.write_text("".join(f'{{"prompt": "{i}-3:", "answer": "0"}}\n' for i in range(10, 30)))
     return {
         "data.source": str(prompts),
-        "data.reward": f"{Path(__file__).parent / 'reward_fixture.py'}:even_length",
+        "data.reward": f"{Path(__file__).parent / 'reward_fixture.py'}:odd_char_sum",  # any token can flip it
         "data.template": "plain",
         "precision.rollout": "fp16",
         "precision.train": "fp16",
         "rollout.max_staleness": 1,
         "algorithm.staleness_correction": "rollout",
         "run.threads": "1",  # fixed: with auto the learner's thread count follows the engine's timing
+        # a random model seldom samples its EOS, and a response cut at the limit gets reward 0: stop strings end most
+        # responses early, so that the rewards vary (and the weights move) whatever the CPU samples
+        "rollout.stop": list("0123456789abcdefghij"),
         **extra,
     }
 
@@ -141,7 +144,7 @@ def test_rollout_correction_clips_what_the_phantom_clip_fraction_says(tiny_dir, 
                 "precision.train": "fp32",
                 "rollout.prompts_per_step": 4,
                 "optim.train_batch_size": 16,
-                "data.reward": f"{Path(__file__).parent / 'reward_fixture.py'}:odd_first_char",
+                "data.reward": f"{Path(__file__).parent / 'reward_fixture.py'}:odd_char_sum",
                 "run.steps": 4,
                 "algorithm.clip_low": 0.002,
                 "algorithm.clip_high": 0.002,
