@@ -418,3 +418,24 @@ def test_identical_prompts_are_prefilled_once(tiny_dir, monkeypatch):
     with torch.no_grad():  # decoding goes on from the copied cache as from its own
         tok = torch.tensor([50, 51, 52, 53, 54, 55])
         torch.testing.assert_close(shared.step(0, tok), each.step(0, tok))
+
+
+def test_released_weights_come_back_with_the_next_load(tiny_dir):
+    # a synchronous run frees the engine's weights while the learner updates; the load that follows allocates them
+    # again, and the engine then samples what an engine that kept its weights samples, to the bit
+    from unison.models import load_model
+
+    p = SamplingParams(max_new_tokens=10, stop_token_ids=())
+    weights = [(n, t.to(torch.float16)) for n, t in load_model(tiny_dir).named_parameters()]
+    kept, released = engine(tiny_dir, torch.float16, seed=3), engine(tiny_dir, torch.float16, seed=3)
+    released.release_weights()
+    assert all(q.numel() == 0 for q in released.model.parameters())
+    with pytest.raises(RuntimeError, match="load_weights before generate"):
+        released.generate(PROMPTS, p)
+    with pytest.raises(ValueError, match="released parameters empty"):
+        released.load_weights(weights[:1])
+    released.load_weights(weights)
+    kept.load_weights(weights)
+    assert released.weights_checksum() == kept.weights_checksum()
+    a, b = kept.generate(PROMPTS, p), released.generate(PROMPTS, p)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)

@@ -95,7 +95,9 @@ class RLStep:
         t_start = time.perf_counter()
         # the batch: sampled now, or (sampling ahead) by the engine's thread with the weights of step - k
         batch, prompts = self.sample(stream) if self.sampler is None else self.sampler.next(step, stream)
-        release_free_memory()  # the engine's decode buffers
+        if self.sampler is None:  # the engine's copy of the policy is not needed again before the sync
+            self.engine.release_weights()
+        release_free_memory()  # the engine's decode buffers (and its weights)
         t_rollout = time.perf_counter() - t_start
         t0 = time.perf_counter()
         self.old_logprobs(batch)

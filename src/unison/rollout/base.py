@@ -216,6 +216,11 @@ class RolloutEngine(Protocol):
         """Replace the engine's weights in place with `(name, tensor)` pairs, cast to the engine's dtype."""
         ...
 
+    def release_weights(self) -> None:
+        """Free the weights where the engine can until the next `load_weights`, which then gives every parameter (a
+        synchronous run calls it between sampling and the sync, while the learner updates)."""
+        ...
+
     def weights_checksum(self) -> str:
         """A checksum over every parameter the engine holds, as stored (see `unison.precision.checksum`)."""
         ...

@@ -206,6 +206,7 @@ class NativeEngine:
         self.forced_fallback = ""  # why the model's own forward decodes where the fast path could (`upcast_components`)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.released: dict[str, torch.Size] = {}  # parameters freed until the next load (`release_weights`)
         self.dtype = dtype
         self.device = torch.device(device)
         self.pad_token_id = pad_token_id
@@ -289,7 +290,23 @@ class NativeEngine:
     def load_weights(self, named_tensors) -> None:
         params = dict(self.model.named_parameters())
         for name, tensor in named_tensors:
-            params[name].copy_(tensor)
+            p = params[name]
+            if name in self.released:  # freed by `release_weights`: allocated again, then filled
+                p.data = torch.empty(self.released.pop(name), dtype=p.dtype, device=p.device)
+            p.copy_(tensor)
+        if self.released:
+            raise ValueError(
+                f"load_weights left {len(self.released)} released parameters empty (e.g. {next(iter(self.released))})"
+            )
+
+    @torch.no_grad()
+    def release_weights(self) -> None:
+        """Free every parameter's storage until the next `load_weights`, which must then give them all. A synchronous
+        run calls it once the batch is sampled: the engine has nothing to do until the sync, and its copy of the
+        policy would otherwise sit beside the learner's activations, gradients and optimizer state."""
+        for name, p in self.model.named_parameters():  # a tied weight once
+            self.released[name] = p.shape
+            p.data = p.data.new_empty(0)
 
     def weights_checksum(self) -> str:
         return checksum(self.model.named_parameters())
@@ -417,6 +434,8 @@ class NativeEngine:
         `keep_routing`, an MoE model's router decisions (`Rollouts.routing`, `Rollouts.replay`), recorded on the
         routers as modules in either decode path. With precision.bitwise, each run of identical prompts (a group)
         is sampled on its own, so that no row is padded on the left."""
+        if self.released:
+            raise RuntimeError("the engine's weights are released (release_weights): load_weights before generate")
         if self.bitwise:
             runs = identical_runs(prompt_ids)
             if len(runs) > 1:

@@ -262,6 +262,9 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.loaded_names = [name for name, _ in tensors]
 
+    def release_weights(self) -> None:
+        """Nothing: vLLM keeps its weights (its sleep mode, which frees them, needs a GPU)."""
+
     def weights_checksum(self) -> str:
         """`unison.precision.checksum` of the Hugging Face tensors read back from vLLM: the names last loaded (every
         parameter before the first load)."""
