@@ -263,3 +263,24 @@ def test_fp32_linear_with_onednn_agrees_with_torch_to_fp32_rounding_and_is_deter
         assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
     set_matmul(lin, "native" if dtype == torch.float32 else "fp32-accumulate", "onednn")
     assert lin.gemm == "onednn" and torch.equal(lin(x0), got[0])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_large_16_bit_weight_backward_by_row_chunks_agrees_with_the_whole(dtype, monkeypatch):
+    # an LM head's backward upcasts the incoming gradient and the weight a chunk of output rows at a time; the
+    # chunks' input gradients are summed in fp32, so the result is the unchunked one to fp32 rounding, rounded
+    from unison import matmul
+    from unison.matmul import Fp32Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 160).to(dtype)
+    x0 = torch.randn(5, 7, 96).to(dtype)
+    want = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "torch"), lin, x0)
+    monkeypatch.setattr(matmul, "GRAD_CHUNK_VALUES", 4096)  # 160 x 96 weight: 4 chunks of 42 rows
+    calls, add = [], matmul.onednn_linear_add
+    monkeypatch.setattr(matmul, "onednn_linear_add", lambda *a: calls.append(1) or add(*a))
+    got = _run_linear(lambda x, w, b: Fp32Linear.apply(x, w, b, "onednn"), lin, x0)
+    assert len(calls) == 3  # the chunks after the first, added into the input's gradient
+    for a, b in zip(want, got):
+        assert b.dtype == a.dtype and torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)

@@ -134,6 +134,8 @@ class Fp32Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        if ctx.gemm == "onednn" and weight.dtype != torch.float32 and weight.numel() > GRAD_CHUNK_VALUES:
+            return _backward_by_rows(ctx, grad, x, weight) + (None,)
         g = grad.float().reshape(-1, grad.shape[-1])  # [N, out]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
@@ -143,6 +145,34 @@ class Fp32Linear(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             gb = g.sum(0).to(ctx.bias_dtype)
         return gx, gw, gb, None
+
+
+def _backward_by_rows(ctx, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """`Fp32Linear.backward` with oneDNN for a large 16-bit weight (an LM head over a 50-150K vocabulary), a chunk
+    of the weight's output rows at a time: the fp32 upcasts of the incoming gradient [N, out] and of the weight
+    exist for one chunk only. The input's gradient sums the chunks' products in fp32 (the products' own fp32
+    accumulators, in chunk order); each weight row's gradient is one chunk's product, as unchunked.
+    -> (gx, gw, gb) in the operands' dtypes (None where no gradient is asked)"""
+    g16, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # [N, out], [N, in]
+    want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    want_b = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    xf = x2.float().contiguous() if want_w else None
+    gx = None
+    gw = torch.empty_like(weight) if want_w else None
+    gb = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+    rows = max(1, GRAD_CHUNK_VALUES // max(weight.shape[1], g16.shape[0]))
+    for r in range(0, weight.shape[0], rows):
+        g = g16[:, r : r + rows].float()  # [N, rows], contiguous
+        if want_x:
+            w = weight[r : r + rows].float()  # [rows, in]
+            gx = onednn_linear(g, w.t()) if gx is None else onednn_linear_add(g, w.t(), None, gx)
+        if want_w:
+            gw[r : r + rows] = onednn_linear(g.t(), xf.t())
+        if want_b:
+            gb[r : r + rows] = g.sum(0)
+    if gx is not None:
+        gx = gx.view(*grad.shape[:-1], -1).to(x.dtype)
+    return gx, gw, None if gb is None else gb.to(ctx.bias_dtype)
 
 
 def _backward_input(g: torch.Tensor, weight: torch.Tensor, gemm: str) -> torch.Tensor:
