@@ -439,3 +439,15 @@ def test_released_weights_come_back_with_the_next_load(tiny_dir):
     assert released.weights_checksum() == kept.weights_checksum()
     a, b = kept.generate(PROMPTS, p), released.generate(PROMPTS, p)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+
+
+def test_a_released_engine_takes_the_tensors_it_is_given(tiny_dir):
+    from unison.models import load_model
+
+    e = engine(tiny_dir, torch.float32)
+    weights = [(n, t.detach().clone()) for n, t in load_model(tiny_dir).named_parameters()]
+    e.release_weights()
+    e.load_weights(weights)
+    held = dict(e.model.named_parameters())
+    assert all(held[n].data_ptr() == t.data_ptr() for n, t in weights)  # no second copy during the sync
+    assert not any(q.requires_grad for q in e.model.parameters())

@@ -291,8 +291,12 @@ class NativeEngine:
         params = dict(self.model.named_parameters())
         for name, tensor in named_tensors:
             p = params[name]
-            if name in self.released:  # freed by `release_weights`: allocated again, then filled
-                p.data = torch.empty(self.released.pop(name), dtype=p.dtype, device=p.device)
+            if name in self.released:  # freed by `release_weights`: the tensor given becomes the parameter's own
+                shape = self.released.pop(name)
+                if (tensor.shape, tensor.dtype, tensor.device) == (shape, p.dtype, p.device) and tensor.is_contiguous():
+                    p.data = tensor.detach()
+                    continue
+                p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
             p.copy_(tensor)
         if self.released:
             raise ValueError(
@@ -301,9 +305,11 @@ class NativeEngine:
 
     @torch.no_grad()
     def release_weights(self) -> None:
-        """Free every parameter's storage until the next `load_weights`, which must then give them all. A synchronous
-        run calls it once the batch is sampled: the engine has nothing to do until the sync, and its copy of the
-        policy would otherwise sit beside the learner's activations, gradients and optimizer state."""
+        """Free every parameter's storage until the next `load_weights`, which must then give them all and whose
+        tensors (in the engine's dtype, contiguous) become the parameters themselves, not copied: the caller hands
+        them over (`Learner.sync` exports fresh ones). A synchronous run calls it once the batch is sampled: the
+        engine has nothing to do until the sync, and its copy of the policy would otherwise sit beside the learner's
+        activations, gradients and optimizer state."""
         for name, p in self.model.named_parameters():  # a tied weight once
             self.released[name] = p.shape
             p.data = p.data.new_empty(0)
