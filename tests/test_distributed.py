@@ -246,3 +246,41 @@ def test_the_launcher_says_the_first_ranks_ending_or_what_it_saw(tmp_path, capsy
     empty.mkdir()
     assert distributed._said(str(empty), 137, "rank 1 killed by SIGKILL") == 137
     assert capsys.readouterr().err == "unison train: stopped: rank 1 killed by SIGKILL\n"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_precision_bitwise_holds_on_two_ranks(tmp_path, precision):
+    # each rank's engine and its shard of the learner: log mu == log pi_old (its own pass, two updates a step) ==
+    # log pi at the first update's forward, to the bit, for the rows of both ranks
+    out = tmp_path / "run"
+    done = unison(
+        "--nproc",
+        "2",
+        f"--precision={precision}",
+        "precision.bitwise=true",
+        "model.matmul=fp32-accumulate",
+        "optim.train_batch_size=8",
+        "run.steps=2",
+        "run.save_every=0",
+        f"run.out={out}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["perf/ranks"] == 2 and r["learner/updates"] == 2 for r in rows)
+    assert all(r["mismatch/bit_equal_frac"] == 1.0 and r["mismatch/max_abs_log_ratio"] == 0.0 for r in rows)
+
+
+def test_a_rank_s_first_update_divergence_is_every_rank_s_numbered_in_the_gathered_batch():
+    from unison.step import Divergence, first_of_ranks
+
+    class Ranks:  # what `World.gather` gives on every rank: each rank's value, in rank order
+        def __init__(self, values):
+            self.values = values
+
+        def gather(self, obj):
+            return self.values
+
+    d = Divergence(3, 7, "log pi_old and log pi at the first update's forward", (-1.0, -1.5))
+    assert first_of_ranks(Ranks([(None, 8), (d, 8)]), None, 8) == Divergence(11, 7, d.what, d.values)
+    assert first_of_ranks(Ranks([(d, 8), (None, 8)]), d, 8) == d
+    assert first_of_ranks(Ranks([(None, 8), (None, 8)]), None, 8) is None

@@ -29,7 +29,7 @@ import math
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -112,12 +112,13 @@ class RLStep:
         # the new weights into the engine, verified (sampling ahead: the engine's thread loads each job's own)
         metrics = self.learner.sync(self.engine) if self.sampler is None else dict(batch.sync)
         release_free_memory()  # the exported weights
+        rows = len(batch.rollouts)  # this rank's
         batch = self.gather(batch, prompts)
         metrics.update(self.mismatch(batch))
         metrics.update(self.staleness(step, batch))
         self.last_batch = batch
-        if self.cfg.precision.bitwise:
-            self.divergence = bitwise_divergence(batch) or self.update.divergence
+        if self.cfg.precision.bitwise:  # the same on every rank: the gathered batch, and every rank's update
+            self.divergence = bitwise_divergence(batch) or first_of_ranks(self.world, self.update.divergence, rows)
         metrics.update({**{k: float(v) for k, v in batch.kl.items()}, "learner/lr": lr})
         if samples is not None:
             samples.append(ckpt.rollout_digest(batch.rollouts))
@@ -298,6 +299,17 @@ def first_unequal(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple
         return None
     row, position = differ.nonzero()[0].tolist()
     return row, position
+
+
+def first_of_ranks(world: World, divergence: Divergence | None, rows: int) -> Divergence | None:
+    """The first rank's `divergence` (found in its own `rows` rows), its row numbered in the gathered batch (each
+    rank's rows in rank order), on every rank; None where no rank has one."""
+    offset = 0
+    for found, n in world.gather((divergence, rows)):
+        if found is not None:
+            return replace(found, row=offset + found.row)
+        offset += n
+    return None
 
 
 def bitwise_divergence(batch: Batch) -> Divergence | None:

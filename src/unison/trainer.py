@@ -241,8 +241,6 @@ def check_world_settings(cfg: TrainConfig, size: int, device: torch.device) -> N
             f"rollout.max_staleness={cfg.rollout.max_staleness} with several ranks is not supported yet; train on one "
             "rank, or sample then learn (rollout.max_staleness=0)"
         )
-    if size > 1 and cfg.precision.bitwise:
-        raise UserError("precision.bitwise with several ranks is not supported yet; train on one rank")
 
 
 def check_resume_kind(latest: Path, lora: bool) -> None:
