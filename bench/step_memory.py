@@ -16,7 +16,8 @@ peak resident set, reset between parts through /proc/self/clear_refs):
 bytes/param is (the step's peak - baseline) / parameters. What full fine-tuning needs, per parameter: fp32 master 4,
 AdamW's two moments 8, fp32 gradient 4, the learner's 16-bit copy 2 and the engine's 16-bit copy 2 (fp16/bf16; in
 fp32 the model is its master and the engine holds fp32: 4 + 8 + 4 + 4), so the budget is 20 x parameters plus the
-micro-batch.
+micro-batch. A synchronous run frees the engine's copy from the end of sampling to the sync (`release_weights`), so
+the update itself holds 18 (fp16/bf16) or 16 (fp32) of those bytes per parameter.
 
     python bench/step_memory.py [--runs smollm2-135m-instruct:fp32,smollm2-135m-instruct:fp16]
         [--prompts 4] [--group 4] [--new-tokens 128] [--steps 2]
