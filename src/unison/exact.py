@@ -12,16 +12,17 @@ threads that split them. Exact mode removes every such dependence from the model
                     experts and routers all take it)
     attention       scores as an elementwise product summed over the head dimension, the softmax's sum and the
                     weighted sum of values over the keys in chunks of KEYS keys added one after the other, the
-                    keys of a row at their positions (no left padding): a query sees the same chunks in a decode
-                    step as in the full forward, whatever the number of keys behind it (`exact_attention`,
-                    registered with transformers' attention interface as "unison_exact")
+                    keys of a row at their positions (a row padded on the left is moved to start at index 0 first,
+                    `left_padding`): a query sees the same chunks in a decode step as in the full forward,
+                    whatever the number of keys behind it or the rows beside it (`exact_attention`, registered
+                    with transformers' attention interface as "unison_exact")
     log-softmax     over the vocabulary with the sum taken in chunks of VOCAB_CHUNK (`log_softmax`), in the
                     sampler's distribution and the learner's log-probs alike
 
 Everything else in a transformers forward is elementwise or reduces within a row (norms, rotary, activations).
-The rollout engine decodes with the model's own forward and a cache (its fallback path), one group of identical
-prompts at a time so that no row is padded on the left; the learner runs its rows unshared (no prompt run once for
-several rows). What this costs is in docs/exact.md.
+The rollout engine decodes with the model's own forward and a cache (its fallback path), every row of the batch
+at once, each prompt padded on the left to the longest and realigned inside the attention; the learner runs its
+rows unshared (no prompt run once for several rows). What this costs is in docs/exact.md.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from unison.hf import cache_kwarg, output_cache
+from unison.matmul import backward_input, backward_weight, gemm_kernel, onednn_linear
 
 ROWS = 32  # rows of every matrix product
 KEYS = 64  # keys per chunk of the attention's sums
@@ -76,12 +78,55 @@ _active = threading.local()  # whether the current thread is inside an exact mod
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T + b on blocks of exactly ROWS rows (the last padded with zeros). [..., in] -> [..., out]"""
+    """x @ W.T + b on blocks of exactly ROWS rows (the last padded with zeros); with gradient, the backward pass
+    is PyTorch's linear backward over all the rows at once (`_BlockedLinear`). [..., in] -> [..., out]"""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _BlockedLinear.apply(x, weight, bias)
+    return _blocked(x, weight, bias)
+
+
+class _BlockedLinear(torch.autograd.Function):
+    """`_blocked` forward; the backward of an ordinary linear layer (grad @ W, grad.T @ x and the sum of grad, each
+    one product over every row): only the forward's bits must not depend on the rows beside a row, so the gradient
+    needs no blocks."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias = bias is not None
+        return _blocked(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gemm = _gemm(g)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = backward_input(g, weight, gemm).view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            gw = backward_weight(g, x.reshape(-1, x.shape[-1]), gemm, weight.dtype)
+        if ctx.bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
+def _gemm(t: torch.Tensor) -> str:
+    """The products' kernel for `t`'s dtype and device: oneDNN for fp32 on a CPU where it is the faster
+    (`unison.matmul.gemm_kernel`), PyTorch's otherwise; the same in both engines."""
+    fp32_cpu = t.dtype == torch.float32 and t.device.type == "cpu"
+    return "onednn" if fp32_cpu and gemm_kernel("auto", "cpu") == "onednn" else "torch"
+
+
+def _blocked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
     if m % ROWS:
         rows = torch.cat((rows, rows.new_zeros(ROWS - m % ROWS, rows.shape[1])))
-    out = torch.cat([_linear(block, weight, bias) for block in rows.split(ROWS)])[:m]
+    product = _linear
+    if _gemm(rows) == "onednn":
+        product, weight = onednn_linear, weight.contiguous()
+    out = torch.cat([product(block, weight, bias) for block in rows.split(ROWS)])[:m]
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -126,6 +171,38 @@ def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
     return blocked_linear(x, self.weight.t(), self.bias)
 
 
+_LEFT = threading.local()  # the left padding of each row of the forward running in this thread (`left_padding`)
+
+
+class left_padding:
+    """`with left_padding(pad):` the exact forwards run inside see row b's keys from index pad[b] on: the attention
+    moves each row's keys, values and mask left by its padding (the padding to the end, masked), so that the key of
+    position j sits at index j as in an unpadded forward. The engine's batched decode of prompts of several
+    lengths runs so; the learner's rows, never padded on the left, run without it. pad [B] long."""
+
+    def __init__(self, pad: torch.Tensor):
+        self.pad = pad if bool(pad.any()) else None
+
+    def __enter__(self):
+        self.before, _LEFT.pad = getattr(_LEFT, "pad", None), self.pad
+
+    def __exit__(self, *exc) -> None:
+        _LEFT.pad = self.before
+
+
+def _aligned(pad: torch.Tensor, key, value, mask):
+    """key, value [B, Hkv, Lk, D] and the additive mask [B, 1, Lq, Lk] with each row rolled left by pad[b] along
+    the keys."""
+    Lk = key.shape[2]
+    index = (torch.arange(Lk, device=key.device)[None, :] + pad.to(key.device)[:, None]) % Lk  # [B, Lk]
+    kv_index = index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+    key, value = key.gather(2, kv_index), value.gather(2, kv_index)
+    if mask is not None:
+        mask = mask[..., :Lk].expand(key.shape[0], -1, -1, -1)
+        mask = mask.gather(3, index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+    return key, value, mask
+
+
 def padded_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """x [N, M, K] with zero rows added to make M a multiple of `multiple`."""
     pad = -x.shape[1] % multiple
@@ -138,6 +215,9 @@ def exact_attention(module, query, key, value, attention_mask, scaling=None, dro
     the weighted values are batched products over chunks of KEYS keys (the query rows padded to a multiple of
     ROWS), the chunks' products added one after the other; in fp32, rounded to the query's dtype.
     -> ([B, Lq, H, D], None)"""
+    pad = getattr(_LEFT, "pad", None)
+    if pad is not None:
+        key, value, attention_mask = _aligned(pad, key, value, attention_mask)
     B, H, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
     rows = H // Hkv * Lq  # the query rows of the heads that share a key/value head
@@ -149,8 +229,10 @@ def exact_attention(module, query, key, value, attention_mask, scaling=None, dro
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores + _additive(attention_mask, B, Hkv, H // Hkv, Lq, Lk, scores.shape[2])
-    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
-    weights = padded_rows(weights / chunked_sum(weights, -1, KEYS)[..., None], ROWS)
+    top = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - top.masked_fill(top == float("-inf"), 0.0))  # a query seeing no key: weights 0
+    total = chunked_sum(weights, -1, KEYS)[..., None]
+    weights = padded_rows(weights / total.masked_fill(total == 0, 1.0), ROWS)  # (and output 0, not NaN)
     out = None
     for w, v in zip(weights.split(KEYS, 2), values.split(KEYS, 1)):
         part = torch.bmm(w, v)

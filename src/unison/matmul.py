@@ -139,9 +139,9 @@ class Fp32Linear(torch.autograd.Function):
         g = grad.float().reshape(-1, grad.shape[-1])  # [N, out]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _backward_input(g, weight.float(), ctx.gemm).view(*grad.shape[:-1], -1).to(x.dtype)
+            gx = backward_input(g, weight.float(), ctx.gemm).view(*grad.shape[:-1], -1).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            gw = _backward_weight(g, x.float().reshape(-1, x.shape[-1]), ctx.gemm, weight.dtype)
+            gw = backward_weight(g, x.float().reshape(-1, x.shape[-1]), ctx.gemm, weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             gb = g.sum(0).to(ctx.bias_dtype)
         return gx, gw, gb, None
@@ -175,7 +175,7 @@ def _backward_by_rows(ctx, grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     return gx, gw, None if gb is None else gb.to(ctx.bias_dtype)
 
 
-def _backward_input(g: torch.Tensor, weight: torch.Tensor, gemm: str) -> torch.Tensor:
+def backward_input(g: torch.Tensor, weight: torch.Tensor, gemm: str) -> torch.Tensor:
     """g [N, out] @ W [out, in] -> [N, in]"""
     return onednn_linear(g.contiguous(), weight.t()) if gemm == "onednn" else g.mm(weight)
 
@@ -184,7 +184,7 @@ def _backward_input(g: torch.Tensor, weight: torch.Tensor, gemm: str) -> torch.T
 GRAD_CHUNK_VALUES = 2**23
 
 
-def _backward_weight(g: torch.Tensor, x: torch.Tensor, gemm: str, dtype: torch.dtype) -> torch.Tensor:
+def backward_weight(g: torch.Tensor, x: torch.Tensor, gemm: str, dtype: torch.dtype) -> torch.Tensor:
     """g.T [out, N] @ x [N, in] in fp32, rounded to `dtype` -> [out, in]. With oneDNN and a 16-bit `dtype`, a chunk
     of output rows at a time (each row's sum is the same whatever the chunk), so that the fp32 gradient of a large
     weight (an LM head over a 150K vocabulary) never exists whole beside its rounded copy."""

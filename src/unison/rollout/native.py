@@ -30,6 +30,9 @@ prefill once and their cache copied to each. Finished rows are dropped from the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -37,7 +40,7 @@ from transformers import DynamicCache
 
 from unison.architecture import fast_path_blocker, layer_windows
 from unison.attribution import upcast
-from unison.exact import make_exact
+from unison.exact import left_padding, make_exact
 from unison.hf import cache_kwarg, output_cache, takes_logits_to_keep
 from unison.matmul import (
     compute_dtype,
@@ -199,7 +202,7 @@ class NativeEngine:
         self.lm_head_fp32 = lm_head == "fp32"  # the LM head in fp32, its logits not rounded (`upcast_lm_head`)
         if self.lm_head_fp32:
             upcast_lm_head(self.model, dtype)
-        self.bitwise = bitwise  # precision.bitwise: the model's own forward in exact mode, a group at a time
+        self.bitwise = bitwise  # precision.bitwise: the model's own forward in exact mode
         if bitwise:
             make_exact(self.model)
         self.checks: OverflowGuard | None = None  # the fp16 activation guard's check points (`overflow_guard`)
@@ -274,7 +277,7 @@ class NativeEngine:
     def decode_path(self) -> tuple[str, str]:
         """("fast", "") or ("fallback", why)."""
         if self.bitwise:
-            return "fallback", "precision.bitwise: the model's own forward in exact mode, one group at a time"
+            return "fallback", "precision.bitwise: the model's own forward in exact mode, every row at once"
         why = fast_path_blocker(self.config) or self.forced_fallback
         return ("fallback", why) if why else ("fast", "")
 
@@ -438,15 +441,10 @@ class NativeEngine:
         """Sample one response per prompt; with `keep_distributions`, also every distribution sampled from
         (`Rollouts.distributions`, [B, T, V] fp32 on the CPU: mind the memory for a large vocabulary); with
         `keep_routing`, an MoE model's router decisions (`Rollouts.routing`, `Rollouts.replay`), recorded on the
-        routers as modules in either decode path. With precision.bitwise, each run of identical prompts (a group)
-        is sampled on its own, so that no row is padded on the left."""
+        routers as modules in either decode path. With precision.bitwise, every row decodes in one batch, each
+        prompt padded on the left and realigned inside the exact attention (`unison.exact.left_padding`)."""
         if self.released:
             raise RuntimeError("the engine's weights are released (release_weights): load_weights before generate")
-        if self.bitwise:
-            runs = identical_runs(prompt_ids)
-            if len(runs) > 1:
-                parts = [self.generate(run, params, progress, keep_distributions, keep_routing) for run in runs]
-                return Rollouts.concat(parts, self.pad_token_id)
         return self._generate_recorded(prompt_ids, params, progress, keep_distributions, keep_routing)
 
     def _generate_recorded(self, prompt_ids, params, progress, keep_distributions, keep_routing) -> Rollouts:
@@ -596,17 +594,6 @@ class _Slots:
         self.logprobs[self.rows, :T] = self.slot_logprobs[:, :T]
         if self.dists is not None:
             self.dists[self.rows, :T] = self.slot_dists[:, :T]
-
-
-def identical_runs(prompt_ids: list[list[int]]) -> list[list[list[int]]]:
-    """The prompts cut into runs of identical consecutive ones (the samples of a group), in order."""
-    runs: list[list[list[int]]] = []
-    for p in prompt_ids:
-        if runs and runs[-1][0] == p:
-            runs[-1].append(p)
-        else:
-            runs.append([p])
-    return runs
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -857,33 +844,37 @@ class _HFDecode:
         self.prompts = prompts
         self.attn = (torch.arange(prompts.shape[1], device=prompts.device)[None, :] >= pad_left[:, None]).long()
         self.positions = (self.attn.cumsum(-1) - 1).clamp(min=0)
-        # bitwise: a cache of every layer's keys at their positions (no sliding-window layer that drops old ones)
+        # bitwise: a cache of every layer's keys at their positions (no sliding-window layer that drops old ones),
+        # each row's realigned by its left padding inside the exact attention
         self.past = DynamicCache() if engine.bitwise else None
+        self.padding = functools.partial(left_padding, pad_left) if engine.bitwise else contextlib.nullcontext
 
     def prefill(self) -> torch.Tensor:
         last = {"logits_to_keep": 1} if takes_logits_to_keep(self.model) else {}
         cache = {self.cache_kw: self.past} if self.past is not None else {}
-        out = self.model(
-            input_ids=self.prompts,
-            attention_mask=self.attn,
-            position_ids=self.positions,
-            use_cache=True,
-            **last,
-            **cache,
-        )
+        with self.padding():
+            out = self.model(
+                input_ids=self.prompts,
+                attention_mask=self.attn,
+                position_ids=self.positions,
+                use_cache=True,
+                **last,
+                **cache,
+            )
         self.past = output_cache(out)
         return out.logits[:, -1]
 
     def step(self, t: int, tok: torch.Tensor) -> torch.Tensor:
         self.attn = torch.cat([self.attn, self.attn.new_ones(len(tok), 1)], dim=1)
         pos = self.positions[:, -1:] + t + 1
-        out = self.model(
-            input_ids=tok[:, None],
-            attention_mask=self.attn,
-            position_ids=pos,
-            use_cache=True,
-            **{self.cache_kw: self.past},
-        )
+        with self.padding():
+            out = self.model(
+                input_ids=tok[:, None],
+                attention_mask=self.attn,
+                position_ids=pos,
+                use_cache=True,
+                **{self.cache_kw: self.past},
+            )
         self.past = output_cache(out)
         return out.logits[:, -1]
 
