@@ -542,11 +542,10 @@ class TrainConfig:
             "the same precision",
         )
         check(
-            not (self.precision.bitwise and self.lora.enabled),
+            not (self.precision.bitwise and self.lora.enabled and self.lora.dropout > 0),
             "precision.bitwise",
-            "cannot go with lora.enabled: the engine multiplies by the merged weights W + B A and the learner by W "
-            "and B A apart, which round differently; train the adapter without precision.bitwise, or export the "
-            "merged model (unison export) and train it whole",
+            f"with LoRA needs lora.dropout=0 (it is {self.lora.dropout}): in exact mode the learner computes with "
+            "the merged weights W + B A, as the engine does, and the adapter's dropout has no place there",
         )
 
     def _check_staleness(self) -> None:

@@ -29,7 +29,7 @@ from unison.config import ModelConfig, MoeConfig, OptimConfig, PrecisionConfig
 from unison.distributed import SINGLE, World, shard
 from unison.exact import make_exact
 from unison.hf import LogitsAt, cache_kwarg, output_cache
-from unison.lora import is_peft, merged_weights, set_dropout
+from unison.lora import is_peft, merge_in_forward, merged_weights, set_dropout
 from unison.matmul import gemm_kernel, matmul_mode, set_matmul
 from unison.models import load_model, load_tokenizer
 from unison.precision import (
@@ -211,6 +211,8 @@ class Learner:
         self._cast(policy, world)
         if self.bitwise:
             make_exact(self.model)
+            if self.peft is not None:  # the engine's merged weights, to the bit (`unison.lora.merged_forward`)
+                merge_in_forward(self.model)
         install_replay(self.model)  # an MoE model's routers: inert without a plan (routing replay, the self-test)
         self.forward = PolicyForward(self.model, replay=moe.routing_replay, exact=self.bitwise)
         if model_cfg.gradient_checkpointing:
@@ -395,10 +397,9 @@ class Learner:
     def export_weights(self, dtype: torch.dtype | None = None):
         """(name, master weight cast to `dtype`) for every parameter; the rollout dtype by default."""
         dtype = dtype or self.policy.rollout
-        if self.peft is not None:  # W + scale * B A for the adapted layers
-            out = merged_weights(
-                self.model, dict(self.weights.named_master()), dtype, self.policy.train, self.fp32_names
-            )
+        if self.peft is not None:  # W + scale * B A for the adapted layers (exact mode: from the learner's copies)
+            adapters = self.model.named_parameters() if self.bitwise else self.weights.named_master()
+            out = merged_weights(self.model, dict(adapters), dtype, self.policy.train, self.fp32_names)
         else:
             out = [
                 (name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype)))

@@ -21,6 +21,7 @@ command: `unison.models.load_merged` gives the plain model with the adapter merg
 from __future__ import annotations
 
 import json
+import types
 import warnings
 from pathlib import Path
 
@@ -218,15 +219,53 @@ def plain_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+def lora_delta(layer, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """scale * B A of a peft LoRA layer, in fp32 from its A [r, in] and B [out, r] (any float dtype), laid out as
+    the base layer's weight. The one formula of the merged weight, for the export to the engine and for the
+    learner's merged forward in exact mode (`merged_forward`), so that both round alike."""
+    from peft.utils.other import transpose
+
+    return transpose(b.float() @ a.float(), layer.fan_in_fan_out) * layer.scaling["default"]
+
+
+class _WithWeight:
+    """A module seen with another weight (every other attribute its own)."""
+
+    def __init__(self, module, weight: torch.Tensor):
+        self.module, self.weight = module, weight
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
+def merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A peft LoRA layer's forward as one product with the merged weight (W + scale * B A, rounded to W's dtype):
+    what the engine, which holds the merged weights, computes, so that precision.bitwise holds with LoRA. The
+    gradient reaches A and B through the merge. The base layer's own forward runs (its matmul mode, its exact
+    products) with the merged weight in place of W."""
+    base = self.base_layer
+    a, b = self.lora_A["default"].weight, self.lora_B["default"].weight
+    weight = (base.weight.float() + lora_delta(self, a, b)).to(base.weight.dtype)
+    return base.forward.__func__(_WithWeight(base, weight), x)
+
+
+def merge_in_forward(model) -> None:
+    """Every LoRA layer of `model` computes with its merged weight (`merged_forward`)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.forward = types.MethodType(merged_forward, module)
+
+
 def merged_weights(
     model, masters: dict[str, torch.Tensor], dtype: torch.dtype, train: torch.dtype, fp32: set[str] = frozenset()
 ):
     """(name, weight) for every parameter of the plain model: W + scale * B A in fp32 for adapted layers (base W as
-    the learner computes with it, in the `train` dtype; A and B from the fp32 `masters` by name), every
-    other weight as the learner holds it; cast to `dtype` (fp32 for the plain names in `fp32`). Sharded tensors are
-    gathered first."""
+    the learner computes with it, in the `train` dtype; A and B from `masters` by name: the fp32 masters, or in
+    exact mode the learner's own copies), every other weight as the learner holds it; cast to `dtype` (fp32 for the
+    plain names in `fp32`). Sharded tensors are gathered first."""
     from peft.tuners.lora import LoraLayer
-    from peft.utils.other import transpose
 
     adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
     out = []
@@ -242,8 +281,7 @@ def merged_weights(
             layer = adapted[owner]
             a = full_tensor(masters[f"{owner}.lora_A.default.weight"])
             b = full_tensor(masters[f"{owner}.lora_B.default.weight"])
-            delta = transpose(b @ a, layer.fan_in_fan_out) * layer.scaling["default"]
-            w = w.float() + delta
+            w = w.float() + lora_delta(layer, a, b)
         out.append((plain, w.to(torch.float32 if plain in fp32 else dtype)))
     return out
 
