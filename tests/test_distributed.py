@@ -248,12 +248,14 @@ def test_the_launcher_says_the_first_ranks_ending_or_what_it_saw(tmp_path, capsy
     assert capsys.readouterr().err == "unison train: stopped: rank 1 killed by SIGKILL\n"
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_precision_bitwise_holds_on_two_ranks(tmp_path, precision):
+@pytest.mark.parametrize("precision, extra", [("fp16", []), ("bf16", ["lora.enabled=true", "optim.lr=1e-2"])])
+def test_precision_bitwise_holds_on_two_ranks(tmp_path, precision, extra):
     # each rank's engine and its shard of the learner: log mu == log pi_old (its own pass, two updates a step) ==
-    # log pi at the first update's forward, to the bit, for the rows of both ranks
+    # log pi at the first update's forward, to the bit, for the rows of both ranks (with LoRA: the merged weights
+    # from the adapters in the train dtype, as FSDP2 casts them for the forward)
     out = tmp_path / "run"
     done = unison(
+        *extra,
         "--nproc",
         "2",
         f"--precision={precision}",

@@ -248,7 +248,9 @@ def _additive(mask, B: int, Hkv: int, groups: int, Lq: int, Lk: int, width: int)
     out[..., Lk:] = float("-inf")
     if mask is not None:
         m = mask[:, :, :, :Lk]
-        out[..., :Lk] = m.float() if m.dtype != torch.bool else torch.zeros(m.shape).masked_fill(~m, float("-inf"))
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, device=m.device).masked_fill(~m, float("-inf"))
+        out[..., :Lk] = m.float()
     return out.expand(B, Hkv, Lq, width).repeat_interleave(groups, 1).reshape(B * Hkv, groups * Lq, width)
 
 

@@ -397,9 +397,11 @@ class Learner:
     def export_weights(self, dtype: torch.dtype | None = None):
         """(name, master weight cast to `dtype`) for every parameter; the rollout dtype by default."""
         dtype = dtype or self.policy.rollout
-        if self.peft is not None:  # W + scale * B A for the adapted layers (exact mode: from the learner's copies)
-            adapters = self.model.named_parameters() if self.bitwise else self.weights.named_master()
-            out = merged_weights(self.model, dict(adapters), dtype, self.policy.train, self.fp32_names)
+        if self.peft is not None:  # W + scale * B A for the adapted layers
+            adapters = dict(self.weights.named_master())
+            if self.bitwise:  # A and B as the learner's forward holds them, in the train dtype (`merged_forward`)
+                adapters = {n: t.to(self.policy.train) for n, t in adapters.items()}
+            out = merged_weights(self.model, adapters, dtype, self.policy.train, self.fp32_names)
         else:
             out = [
                 (name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype)))

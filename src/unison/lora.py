@@ -243,10 +243,13 @@ def merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     what the engine, which holds the merged weights, computes, so that precision.bitwise holds with LoRA. The
     gradient reaches A and B through the merge. The base layer's own forward runs (its matmul mode, its exact
     products) with the merged weight in place of W."""
+    if self.merged:
+        raise RuntimeError("merged_forward on a LoRA layer whose adapter is already merged into its base weight")
     base = self.base_layer
     a, b = self.lora_A["default"].weight, self.lora_B["default"].weight
     weight = (base.weight.float() + lora_delta(self, a, b)).to(base.weight.dtype)
-    return base.forward.__func__(_WithWeight(base, weight), x)
+    forward = getattr(base.forward, "__func__", None) or type(base).forward  # its own (matmul mode, exact)
+    return forward(_WithWeight(base, weight), x)
 
 
 def merge_in_forward(model) -> None:

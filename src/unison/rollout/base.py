@@ -218,7 +218,10 @@ class RolloutEngine(Protocol):
 
     def release_weights(self) -> None:
         """Free the weights where the engine can until the next `load_weights`, which then gives every parameter (a
-        synchronous run calls it between sampling and the sync, while the learner updates)."""
+        synchronous run calls it between sampling and the sync, while the learner updates). An engine may keep the
+        tensors that load gives it as its own (the native engine does): the caller hands them over and writes them
+        no more (`Learner.sync` exports fresh ones); the checksum after the load then confirms every parameter
+        arrived under its name, in its shape and dtype."""
         ...
 
     def weights_checksum(self) -> str:
