@@ -1013,6 +1013,13 @@ CASES = [
         "lm_head=fp32 with several ranks",
     ),
     C(
+        "bitwise-lora-dropout",
+        "config",
+        "exact mode with LoRA and adapter dropout",
+        lambda d, t: train(t, "precision.bitwise=true", "lora.enabled=true", "lora.dropout=0.1"),
+        "with LoRA needs lora.dropout=0",
+    ),
+    C(
         "attribute-vllm",
         "config",
         "component attribution asked of the vLLM engine",
