@@ -149,6 +149,10 @@ def test_chunked_logprobs_and_entropy_equal_the_whole_tensors_to_the_bit(dtype, 
             (lp * torch.arange(lp.numel()).view(lp.shape).cos()).sum().backward()
             got.append((lp.detach(), W.grad.clone()))
         assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+        logits, seen = h @ W.t(), []
+        logits.register_hook(lambda g, seen=seen: seen.append(g.data_ptr()))
+        chunked_token_logprobs(logits, tok, *settings).sum().backward()
+        assert seen == [logits.data_ptr()]  # the gradient written over the logits, no second such tensor
         with torch.no_grad():
             logits = h @ W.t()
             assert torch.equal(chunked_token_logprobs(logits, tok, *settings), got[0][0])

@@ -78,8 +78,9 @@ def _chunked_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: tupl
 class ChunkedTokenLogprobs(torch.autograd.Function):
     """`token_logprobs` over chunks of positions, so that the fp32 upcast, the processing and the log-softmax of the
     logits exist for one chunk at a time, in the forward and in the backward pass (which recomputes them chunk by
-    chunk from the logits, kept in their own dtype). Every step is a function of one position's row alone, so the
-    values and gradients are those of `token_logprobs` over the whole tensor, to the bit.
+    chunk from the logits, kept in their own dtype, and writes the gradient over them). Every step is a function of
+    one position's row alone, so the values and gradients are those of `token_logprobs` over the whole tensor, to
+    the bit.
 
     logits [..., V] (any float dtype), tokens [...] -> [...] fp32"""
 
@@ -93,14 +94,16 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad):
         logits, tokens = ctx.saved_tensors
         flat, tok, g = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), grad.reshape(-1)
-        out = torch.empty_like(flat)
+        # each chunk's gradient overwrites its logits once computed from them: the logits are needed by this
+        # backward alone, so their memory holds the gradient and a second [positions, vocabulary] tensor never exists
+        out = flat
         rows = chunk_rows(flat.shape[-1])
         for i in range(0, len(tok), rows):
+            x = flat[i : i + rows].detach()
             with torch.enable_grad():
-                x = flat[i : i + rows].detach().requires_grad_()
-                (out[i : i + rows],) = torch.autograd.grad(
-                    token_logprobs(x, tok[i : i + rows], *ctx.sampling), x, g[i : i + rows]
-                )
+                x.requires_grad_()
+                (part,) = torch.autograd.grad(token_logprobs(x, tok[i : i + rows], *ctx.sampling), x, g[i : i + rows])
+            out[i : i + rows] = part
         return out.view(logits.shape), None, None, None, None, None
 
 
