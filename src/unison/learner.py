@@ -402,14 +402,15 @@ class Learner:
             if self.bitwise:  # A and B as the learner's forward holds them, in the train dtype (`merged_forward`)
                 adapters = {n: t.to(self.policy.train) for n, t in adapters.items()}
             out = merged_weights(self.model, adapters, dtype, self.policy.train, self.fp32_names)
-        else:
-            out = [
-                (name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype)))
-                for name, t in self.weights.named_master()
-            ]  # cast, then gather
-        # a value that rounds to -0.0 sent as +0.0 (x + 0.0): vLLM's loader stores every zero as +0.0, and the two
-        # holders must agree to the bit; a zero's sign changes no product or sum the engine computes
-        return [(name, t + 0.0) for name, t in out]
+            # a value that rounds to -0.0 sent as +0.0 (x + 0.0): vLLM's loader stores every zero as +0.0, and the two
+            # holders must agree to the bit; a zero's sign changes no product or sum the engine computes
+            return [(name, t + 0.0) for name, t in out]
+        # each a copy made once (cast, then gathered), so +0.0 is added in place: no second copy of the weights in
+        # flight during the sync
+        return [
+            (name, full_tensor(t.to(torch.float32 if name in self.fp32_names else dtype, copy=True)).add_(0.0))
+            for name, t in self.weights.named_master()
+        ]
 
     def sync(self, engine) -> dict:
         """Load the master weights, cast to the engine's dtype, into the engine, then verify the engine's checksum
