@@ -10,7 +10,8 @@ evaluation every 20 steps. Runs are resumable: one stopped is continued with --r
 script can be started again at any time (in the background, across sessions) and goes on where it stopped. Writes
 the section `bitwise-study` of docs/exact.md (per arm: first, final and peak training accuracy, held-out accuracy,
 the gradient norm and the mismatch, means over the seeds finished, with their number) and
-docs/figures/bitwise_study.png (accuracy and gradient norm against step, every arm and seed).
+docs/figures/bitwise_study.png (accuracy and gradient norm against step, every arm and seed; with `--long`, the
+section `bitwise-study-long` and docs/figures/bitwise_study_long.png).
 """
 
 from __future__ import annotations
@@ -126,11 +127,12 @@ def write(args, seeds: list[int]) -> None:
             f"{mean['grad_norm']:.3f} | {mean['k3']:.2e} | {mean['bits']:.3f} |"
         )
     present = [r for r in runs if (r / "metrics.jsonl").exists()]
+    figure = FIGURE.with_name(f"{FIGURE.stem}_long.png") if args.long else FIGURE
     if present:
         plot_runs(
             [str(r) for r in present],
             ["rollout/accuracy", "learner/grad_norm"],
-            FIGURE,
+            figure,
             labels=[r.name for r in present],
             smooth=5,
         )
@@ -138,7 +140,7 @@ def write(args, seeds: list[int]) -> None:
     text = (
         f"Command: `OMP_NUM_THREADS=1 python bench/bitwise_study.py --seeds {','.join(map(str, seeds))} --steps "
         f"{args.steps}{' --long' if args.long else ''}`, on {where}; means over the seeds finished so far. "
-        f"Machine: {machine_description()}. Figure: figures/bitwise_study.png.\n\n" + "\n".join(lines)
+        f"Machine: {machine_description()}. Figure: figures/{figure.name}.\n\n" + "\n".join(lines)
     )
     replace_section("bitwise-study-long" if args.long else "bitwise-study", text, DOC)
 
