@@ -83,7 +83,8 @@ def run_one(arm: tuple[str, bool], seed: int, args) -> Path:
         "run.progress=false",
         "run.threads=1",
         *(LONG if args.long else []),
-        *(["--resume"] if (run_dir / "checkpoints").exists() else []),
+        # a run stopped before its first checkpoint starts over
+        *(["--resume"] if (run_dir / "checkpoints").exists() else ["--overwrite"] if run_dir.exists() else []),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
