@@ -27,6 +27,7 @@ rows unshared (no prompt run once for several rows). What this costs is in docs/
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 
@@ -115,7 +116,13 @@ def _gemm(t: torch.Tensor) -> str:
     """The products' kernel for `t`'s dtype and device: oneDNN for fp32 on a CPU where it is the faster
     (`unison.matmul.gemm_kernel`), PyTorch's otherwise; the same in both engines."""
     fp32_cpu = t.dtype == torch.float32 and t.device.type == "cpu"
-    return "onednn" if fp32_cpu and gemm_kernel("auto", "cpu") == "onednn" else "torch"
+    return "onednn" if fp32_cpu and _cpu_gemm() == "onednn" else "torch"
+
+
+@functools.cache
+def _cpu_gemm() -> str:
+    """`model.gemm=auto` on this machine's CPU, resolved once (every product of an exact forward asks)."""
+    return gemm_kernel("auto", "cpu")
 
 
 def _blocked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
