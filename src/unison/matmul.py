@@ -134,7 +134,7 @@ class Fp32Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        if ctx.gemm == "onednn" and weight.dtype != torch.float32 and weight.numel() > GRAD_CHUNK_VALUES:
+        if ctx.gemm == "onednn" and weight.dtype != torch.float32:
             return _backward_by_rows(ctx, grad, x, weight) + (None,)
         g = grad.float().reshape(-1, grad.shape[-1])  # [N, out]
         gx = gw = gb = None
@@ -148,9 +148,10 @@ class Fp32Linear(torch.autograd.Function):
 
 
 def _backward_by_rows(ctx, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple:
-    """`Fp32Linear.backward` with oneDNN for a large 16-bit weight (an LM head over a 50-150K vocabulary), a chunk
-    of the weight's output rows at a time: the fp32 upcasts of the incoming gradient [N, out] and of the weight
-    exist for one chunk only. The input's gradient sums the chunks' products in fp32 (the products' own fp32
+    """`Fp32Linear.backward` with oneDNN for a 16-bit weight, a chunk of the weight's output rows at a time (about
+    GRAD_CHUNK_VALUES of the weight each, whatever the number of rows N: one chunk for most layers, several for an
+    LM head over a 50-150K vocabulary): the fp32 upcasts of the incoming gradient [N, out] and of the weight exist
+    for one chunk only. The input's gradient sums the chunks' products in fp32 (the products' own fp32
     accumulators, in chunk order); each weight row's gradient is one chunk's product, as unchunked.
     -> (gx, gw, gb) in the operands' dtypes (None where no gradient is asked)"""
     g16, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # [N, out], [N, in]
@@ -160,7 +161,7 @@ def _backward_by_rows(ctx, grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     gx = None
     gw = torch.empty_like(weight) if want_w else None
     gb = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
-    rows = max(1, GRAD_CHUNK_VALUES // max(weight.shape[1], g16.shape[0]))
+    rows = max(1, GRAD_CHUNK_VALUES // weight.shape[1])
     for r in range(0, weight.shape[0], rows):
         g = g16[:, r : r + rows].float()  # [N, rows], contiguous
         if want_x:
@@ -180,24 +181,16 @@ def backward_input(g: torch.Tensor, weight: torch.Tensor, gemm: str) -> torch.Te
     return onednn_linear(g.contiguous(), weight.t()) if gemm == "onednn" else g.mm(weight)
 
 
-# output rows of a 16-bit weight's gradient computed in fp32 at a time by oneDNN: about 32 MB of fp32
+# the values of a 16-bit weight whose gradients oneDNN computes in fp32 at a time: about 32 MB of fp32
 GRAD_CHUNK_VALUES = 2**23
 
 
 def backward_weight(g: torch.Tensor, x: torch.Tensor, gemm: str, dtype: torch.dtype) -> torch.Tensor:
-    """g.T [out, N] @ x [N, in] in fp32, rounded to `dtype` -> [out, in]. With oneDNN and a 16-bit `dtype`, a chunk
-    of output rows at a time (each row's sum is the same whatever the chunk), so that the fp32 gradient of a large
-    weight (an LM head over a 150K vocabulary) never exists whole beside its rounded copy."""
+    """g.T [out, N] @ x [N, in] in fp32, rounded to `dtype` -> [out, in] (a 16-bit weight's gradient with oneDNN is
+    computed a chunk of output rows at a time by `_backward_by_rows`)."""
     if gemm != "onednn":
         return g.t().mm(x).to(dtype)
-    g, x = g.contiguous(), x.contiguous()
-    if dtype == torch.float32:
-        return onednn_linear(g.t(), x.t())
-    out = torch.empty((g.shape[1], x.shape[1]), dtype=dtype, device=g.device)
-    rows = max(1, GRAD_CHUNK_VALUES // x.shape[1])
-    for r in range(0, g.shape[1], rows):
-        out[r : r + rows] = onednn_linear(g[:, r : r + rows].t(), x.t())
-    return out
+    return onednn_linear(g.contiguous().t(), x.contiguous().t()).to(dtype)
 
 
 def _fp32_accumulate_linear(self, x: torch.Tensor) -> torch.Tensor:
